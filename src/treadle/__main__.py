@@ -1,0 +1,3 @@
+from treadle.cli.main import main
+
+main()

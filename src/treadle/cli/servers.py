@@ -1,0 +1,255 @@
+"""The server commands: `up` (Weaver + one local Shuttle), `weaver`, `shuttle`.
+
+Server modules are imported inside the commands so client commands stay quick to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from treadle.weaver.core import Weaver
+    from treadle.weaver.settings import WeaverSettings
+
+__all__ = ["register"]
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--home", help="Data directory (default $TREADLE_HOME or ~/.local/share/treadle)."
+    ),
+]
+PortOption = Annotated[int | None, typer.Option("--port", help="Port to listen on (default 8700).")]
+HostOption = Annotated[
+    str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1).")
+]
+
+
+def _weaver_settings(
+    home: Path | None, host: str | None, port: int | None, **extra: object
+) -> WeaverSettings:
+    from treadle.weaver.settings import WeaverSettings
+
+    overrides: dict[str, Any] = {"home": home, "host": host, "port": port, **extra}
+    return WeaverSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _require_free_port(host: str, port: int) -> None:
+    if not _port_free(host, port):
+        typer.secho(
+            f"error: {host}:{port} is already in use (another treadle? pick one with --port)",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+def weaver_command(
+    home: HomeOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", help="SQLAlchemy URL (default: SQLite file).")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """Run the control plane (API, state, scheduler)."""
+    from treadle.weaver.server import serve
+
+    settings = _weaver_settings(home, host, port, database_url=database_url, log_level=log_level)
+    _require_free_port(settings.host, settings.port)
+    asyncio.run(serve(settings))
+
+
+def _parse_labels(values: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--label")
+        labels[key] = value
+    return labels
+
+
+def shuttle_command(
+    weaver: Annotated[str, typer.Option("--weaver", help="Weaver URL, e.g. http://host:8700.")],
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="TREADLE_SHUTTLE_TOKEN", help="Join token (first start)."),
+    ] = None,
+    home: Annotated[
+        Path | None, typer.Option("--home", help="State directory (default $TREADLE_HOME/shuttle).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Node name (default hostname).")
+    ] = None,
+    label: Annotated[list[str], typer.Option("--label", help="KEY=VALUE, repeatable.")] = [],  # noqa: B006
+    region: Annotated[str | None, typer.Option("--region")] = None,
+    zone: Annotated[str | None, typer.Option("--zone")] = None,
+    provider: Annotated[str | None, typer.Option("--provider")] = None,
+    price: Annotated[float | None, typer.Option("--price", help="Price per hour.")] = None,
+    cpu: Annotated[int | None, typer.Option("--cpu", help="CPU millicores to offer.")] = None,
+    memory: Annotated[int | None, typer.Option("--memory", help="Memory MiB to offer.")] = None,
+    allow_process_runtime: Annotated[
+        bool,
+        typer.Option(
+            "--allow-process-runtime",
+            help="Offer the 'process' tier, which isolates nothing: development only.",
+        ),
+    ] = False,
+) -> None:
+    """Run a node agent that dials out to Weaver and runs the work it is given."""
+    from treadle.shuttle.agent import Shuttle
+    from treadle.shuttle.errors import ShuttleError
+    from treadle.shuttle.settings import ShuttleSettings
+
+    overrides: dict[str, Any] = {
+        "weaver_url": weaver,
+        "token": token,
+        "home": home,
+        "name": name,
+        "region": region,
+        "zone": zone,
+        "provider": provider,
+        "price_per_hour": price,
+        "cpu_millicores": cpu,
+        "memory_mib": memory,
+    }
+    if label:
+        overrides["labels"] = _parse_labels(label)
+    if allow_process_runtime:
+        overrides["allow_process_runtime"] = True
+    settings = ShuttleSettings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(Shuttle(settings).run())
+    except ShuttleError as exc:
+        typer.secho(f"error: {exc.message}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def up_command(home: HomeOption = None, host: HostOption = None, port: PortOption = None) -> None:
+    """Run a Weaver and one local Shuttle, with embedded defaults (SQLite, in-process events)."""
+    from treadle.weaver.core import Weaver
+
+    settings = _weaver_settings(home, host, port)
+    _require_free_port(settings.host, settings.port)
+    weaver = Weaver(settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_up(settings, weaver))
+
+
+def _spawn_shuttle(settings: WeaverSettings, url: str) -> subprocess.Popen[bytes]:
+    home = settings.home / "shuttle"
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    # The token travels in the environment, not argv, where every local user could read it.
+    env["TREADLE_SHUTTLE_TOKEN"] = (settings.home / "join.token").read_text().strip()
+    log = (settings.home / "shuttle.log").open("ab")
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "treadle",
+            "shuttle",
+            "--weaver",
+            url,
+            "--home",
+            str(home),
+            "--name",
+            f"{socket.gethostname()}-local",
+            "--allow-process-runtime",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def _up(settings: WeaverSettings, weaver: Weaver) -> None:
+    from treadle.weaver.server import serve
+
+    ready = asyncio.Event()
+    server = asyncio.create_task(serve(settings, on_ready=ready.set, weaver=weaver))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({server, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if server.done():
+        waiter.cancel()
+        await server
+        return
+    url = f"http://{settings.host}:{settings.port}"
+    shuttle = _spawn_shuttle(settings, url)
+    supervisor = asyncio.create_task(_supervise(settings, url, shuttle, weaver))
+    try:
+        await server
+    finally:
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
+
+
+async def _supervise(
+    settings: WeaverSettings, url: str, shuttle: subprocess.Popen[bytes], weaver: Weaver
+) -> None:
+    """Print where things are once the local node has joined; restart it if it dies."""
+    try:
+        deadline = time.monotonic() + 30
+        while not weaver.registry.sessions() and time.monotonic() < deadline:
+            if shuttle.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        sessions = weaver.registry.sessions()
+        tiers = ", ".join(t.value for t in sessions[0].hello.runtimes) if sessions else "none"
+        typer.echo(f"treadle is up at {url}")
+        typer.echo(
+            f"  runtime tier:  {tiers}"
+            + (" (no isolation: development only)" if tiers == "process" else "")
+        )
+        typer.echo(f"  admin key:     {settings.home / 'admin.key'}")
+        typer.echo(f"  join token:    {settings.home / 'join.token'}")
+        typer.echo(f"  shuttle log:   {settings.home / 'shuttle.log'}")
+        if not sessions:
+            typer.secho("  warning: the local shuttle has not joined; see its log", fg="yellow")
+        typer.echo("Press Ctrl-C to stop.")
+        backoff = 0.5
+        while True:
+            code = await asyncio.to_thread(shuttle.wait)
+            typer.secho(f"local shuttle exited ({code}); restarting", fg="yellow", err=True)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+            shuttle = _spawn_shuttle(settings, url)
+    finally:
+        if shuttle.poll() is None:
+            shuttle.terminate()
+            try:
+                await asyncio.to_thread(shuttle.wait, 10)
+            except subprocess.TimeoutExpired:
+                shuttle.kill()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the server commands to `app`."""
+    app.command("up")(up_command)
+    app.command("weaver")(weaver_command)
+    app.command("shuttle")(shuttle_command)

@@ -1,0 +1,208 @@
+"""The blocking client: `Client`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+
+from treadle.client import _api
+from treadle.client._api import Call, JSONObject
+from treadle.client.config import ClientConfig, load_config
+
+if TYPE_CHECKING:
+    from treadle.domain.function import FunctionSpec
+
+__all__ = ["DEFAULT_TIMEOUT", "Client"]
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+# How long opening the output WebSocket may take; reading from it has no timeout, since an
+# execution may stay silent for as long as its timeout allows (pings keep the link alive).
+STREAM_OPEN_TIMEOUT_S = 10.0
+
+
+class Client:
+    """A blocking client for the treadle REST API.
+
+    Settings not given here come from the environment (see `treadle.client.config`).
+    Every method returns the API's JSON as plain dicts, and raises `TreadleAPIError` for a
+    non-2xx answer and `TreadleConnectionError` when the API cannot be reached.
+
+        with Client() as treadle:
+            treadle.create_function({"name": "add", "command": ["python3", "-c", "print(4 + 9)"]})
+            execution = treadle.invoke("add", wait=30)
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.config: ClientConfig = load_config(url, api_key)
+        self._timeout = httpx.Timeout(timeout)
+        self._http = httpx.Client(
+            base_url=self.config.url, timeout=self._timeout, transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _headers(self, call: Call[Any]) -> dict[str, str]:
+        if not call.auth:
+            return {}
+        return {"Authorization": f"Bearer {self.config.require_api_key()}"}
+
+    def _send(self, call: Call[T]) -> T:
+        timeout = _api.timeout_for(call, self._timeout)
+        try:
+            response = self._http.request(
+                call.method,
+                call.path,
+                params=call.params,
+                json=call.json,
+                headers=self._headers(call),
+                timeout=timeout,
+            )
+        except httpx.TransportError as exc:
+            raise _api.connection_error(self.config.url, exc) from exc
+        return call.parse(response)
+
+    # functions
+
+    def create_function(self, spec: Mapping[str, Any] | FunctionSpec) -> JSONObject:
+        return self._send(_api.create_function(spec))
+
+    def list_functions(self) -> JSONObject:
+        return self._send(_api.list_functions())
+
+    def get_function(self, name: str, version: int | None = None) -> JSONObject:
+        return self._send(_api.get_function(name, version))
+
+    def delete_function(self, name: str) -> None:
+        self._send(_api.delete_function(name))
+
+    # executions
+
+    def invoke(
+        self,
+        name: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        stdin: str | None = None,
+        idempotency_key: str | None = None,
+        wait: float | None = None,
+        version: int | None = None,
+    ) -> JSONObject:
+        """Start an execution; with `wait`, block up to that many seconds for it to end."""
+        call = _api.invoke(
+            name, args, stdin=stdin, idempotency_key=idempotency_key, wait=wait, version=version
+        )
+        return self._send(call)
+
+    def get_execution(self, execution_id: str) -> JSONObject:
+        return self._send(_api.get_execution(execution_id))
+
+    def list_executions(
+        self,
+        state: str | None = None,
+        function: str | None = None,
+        node_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JSONObject:
+        """One page, newest first: `{"items": [...], "next_cursor": str | None}`."""
+        call = _api.list_executions(
+            state=state, function=function, node_id=node_id, limit=limit, cursor=cursor
+        )
+        return self._send(call)
+
+    def iter_executions(
+        self,
+        state: str | None = None,
+        function: str | None = None,
+        node_id: str | None = None,
+        page_size: int = 100,
+    ) -> Iterator[JSONObject]:
+        """Every matching execution, newest first, fetching pages as it goes."""
+        cursor: str | None = None
+        while True:
+            page = self.list_executions(state, function, node_id, page_size, cursor)
+            yield from page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def cancel(self, execution_id: str) -> JSONObject:
+        return self._send(_api.cancel(execution_id))
+
+    def output(self, execution_id: str, after_seq: int | None = None) -> JSONObject:
+        return self._send(_api.output(execution_id, after_seq))
+
+    def follow(self, execution_id: str, after_seq: int | None = None) -> Iterator[JSONObject]:
+        """Stream the output live: `chunk` messages, then one `end` message with the execution.
+
+        Raises `TreadleConnectionError` when the stream cannot be opened or breaks off before
+        `end`; resume with `after_seq` set to the last chunk's `seq`.
+        """
+        from websockets.sync.client import connect
+
+        url = _api.output_stream_url(self.config.url, execution_id, after_seq)
+        headers = {"Authorization": f"Bearer {self.config.require_api_key()}"}
+        try:
+            websocket = connect(
+                url,
+                additional_headers=headers,
+                open_timeout=STREAM_OPEN_TIMEOUT_S,
+                max_size=None,
+            )
+        except _api.STREAM_ERRORS as exc:
+            raise _api.stream_error(url, exc) from exc
+        with websocket:
+            try:
+                for raw in websocket:
+                    message = _api.decode_stream_message(raw, url)
+                    yield message
+                    if message["type"] == "end":
+                        return
+            except _api.STREAM_ERRORS as exc:
+                raise _api.stream_error(url, exc) from exc
+        raise _api.stream_error(url)
+
+    # nodes, tenants, health
+
+    def nodes(self) -> JSONObject:
+        return self._send(_api.nodes())
+
+    def get_node(self, node_id: str) -> JSONObject:
+        return self._send(_api.get_node(node_id))
+
+    def drain_node(self, node_id: str) -> JSONObject:
+        return self._send(_api.drain_node(node_id))
+
+    def create_tenant(self, name: str) -> JSONObject:
+        """Create a tenant: `{"tenant": {"id", "name"}, "api_key": "tk_…"}` (shown once)."""
+        return self._send(_api.create_tenant(name))
+
+    def create_api_key(self, tenant_id: str, *, admin: bool = False) -> JSONObject:
+        return self._send(_api.create_api_key(tenant_id, admin=admin))
+
+    def healthz(self) -> JSONObject:
+        return self._send(_api.healthz())

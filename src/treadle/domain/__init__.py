@@ -1,0 +1,1 @@
+"""Pure domain model: entities, state machines and errors. Imports nothing else of treadle."""

@@ -1,0 +1,73 @@
+"""The one exception root of treadle.
+
+TreadleError
+ ├── InvalidRequest      (422)  a request names something impossible; `details` says what
+ │    └── PayloadTooLarge (413) a body, args or stdin over its configured limit
+ ├── Unauthenticated     (401)  missing or unknown credential
+ ├── Forbidden           (403)  credential lacks the scope for this action
+ ├── NotFound            (404)  no such resource for this tenant (also: another tenant's)
+ ├── Conflict            (409)  the resource is in a state where the action is not allowed
+ │    └── InvalidTransition      an execution event that is not valid in its current state
+ └── ProtocolError               a Weaver/Shuttle frame that is not part of the protocol
+
+Each carries a stable machine-readable `code`; the API maps the class to its HTTP status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "Conflict",
+    "Forbidden",
+    "InvalidRequest",
+    "InvalidTransition",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "TreadleError",
+    "Unauthenticated",
+]
+
+
+class TreadleError(Exception):
+    code = "error"
+
+    def __init__(self, message: str, *, details: Any = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(TreadleError):
+    code = "invalid_request"
+
+
+class PayloadTooLarge(InvalidRequest):
+    code = "payload_too_large"
+
+
+class Unauthenticated(TreadleError):
+    code = "unauthenticated"
+
+
+class Forbidden(TreadleError):
+    code = "forbidden"
+
+
+class NotFound(TreadleError):
+    code = "not_found"
+
+
+class Conflict(TreadleError):
+    code = "conflict"
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+
+
+class ProtocolError(TreadleError):
+    code = "protocol_error"

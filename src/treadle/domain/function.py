@@ -1,0 +1,117 @@
+"""Functions: what to run, validated once when registered; and rendering a command with args."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from treadle.domain.errors import InvalidRequest
+from treadle.domain.resources import Resources, Tier
+
+__all__ = [
+    "FunctionSpec",
+    "PlacementSpec",
+    "placeholders",
+    "render_command",
+]
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Only bare identifiers: str.format would also allow `{x.__class__}` style attribute walks.
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_RESERVED_ENV_PREFIX = "TREADLE_"
+
+
+class PlacementSpec(BaseModel):
+    """Hard placement constraints (the scoring strategies arrive with the full scheduler)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    regions: list[str] = Field(default_factory=list, max_length=64)
+
+
+class FunctionSpec(BaseModel):
+    """The body of `POST /v1/functions`; immutable once stored as a version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    command: list[str] = Field(min_length=1, max_length=4096)
+    source: str | None = Field(default=None, max_length=1_048_576)
+    source_name: str = Field(default="main", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    image: str | None = Field(default=None, max_length=512)
+    env: dict[str, str] = Field(default_factory=dict, max_length=1024)
+    resources: Resources = Field(default_factory=Resources)
+    timeout_s: float = Field(default=300.0, gt=0, le=7 * 24 * 3600)
+    isolation: Tier | None = None
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
+
+    @field_validator("command")
+    @classmethod
+    def _command_is_argv(cls, value: list[str]) -> list[str]:
+        if not value[0]:
+            raise ValueError("command[0] must name a program")
+        for arg in value:
+            if "\x00" in arg:
+                raise ValueError("command arguments cannot contain NUL bytes")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, val in value.items():
+            if not _ENV_KEY.match(key):
+                raise ValueError(f"env name {key!r} is not a valid variable name")
+            if key.startswith(_RESERVED_ENV_PREFIX):
+                raise ValueError(f"env name {key!r} uses the reserved prefix TREADLE_")
+            if "\x00" in val:
+                raise ValueError(f"env value of {key!r} contains a NUL byte")
+        return value
+
+
+def placeholders(command: list[str]) -> set[str]:
+    """The `{name}` placeholders used in a command."""
+    names: set[str] = set()
+    for arg in command:
+        for match in _PLACEHOLDER.finditer(arg):
+            if match.group(1):
+                names.add(match.group(1))
+    return names
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+def render_command(command: list[str], args: dict[str, Any]) -> list[str]:
+    """Substitute `{name}` with args[name] (strings as-is, other values as JSON).
+
+    `{{` and `}}` stand for literal braces. A placeholder without a matching arg is an
+    InvalidRequest naming the missing args.
+    """
+    missing = sorted(name for name in placeholders(command) if name not in args)
+    if missing:
+        raise InvalidRequest(
+            f"args missing for command placeholders: {', '.join(missing)}",
+            details=[
+                {"loc": ["body", "args", name], "msg": "required by the command"}
+                for name in missing
+            ],
+        )
+
+    def substitute(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token == "{{":
+            return "{"
+        if token == "}}":
+            return "}"
+        return _as_text(args[match.group(1)])
+
+    return [_PLACEHOLDER.sub(substitute, arg) for arg in command]

@@ -1,0 +1,292 @@
+"""Shuttle, the node agent: keeps one WebSocket to Weaver and runs what Weaver assigns.
+
+Shuttle always dials out (hosts may sit behind NAT) and never gives up on the link: it
+reconnects with jittered exponential backoff, and executions keep running meanwhile. Their
+output and exit reports are held by the Supervisor until Weaver acknowledges them, and are
+replayed on the next link. Only conditions retrying cannot fix end `run()`: no runtime, no
+credential at all, or a Weaver speaking another protocol version.
+
+Authentication: the first registration uses the operator's join token; Weaver answers with a
+node credential that is stored in `home/node.json` and used from then on. If Weaver refuses
+that credential (the node was deleted, say) and a join token is configured, Shuttle
+registers again with the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from treadle.domain.errors import ProtocolError
+from treadle.domain.resources import Resources, Tier
+from treadle.protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Assign,
+    Cancel,
+    Heartbeat,
+    Hello,
+    Welcome,
+    decode_from_weaver,
+    encode,
+)
+from treadle.shuttle import reaper
+from treadle.shuttle.backoff import Backoff
+from treadle.shuttle.capacity import detect_capacity
+from treadle.shuttle.credentials import NodeCredential, load_credential, save_credential
+from treadle.shuttle.errors import ShuttleError
+from treadle.shuttle.runtimes import Runtime, available_runtimes
+from treadle.shuttle.settings import ShuttleSettings
+from treadle.shuttle.supervisor import Supervisor
+
+__all__ = ["Shuttle"]
+
+log = logging.getLogger(__name__)
+
+_WELCOME_TIMEOUT_S = 10.0
+_OPEN_TIMEOUT_S = 10.0
+# An Assign carries the function's source (up to 1 MiB) and args, JSON-escaped.
+_MAX_FRAME_BYTES = 16 * 1024 * 1024
+_REFUSED = (401, 403)
+
+
+class Shuttle:
+    """`await Shuttle(settings).run()` runs until cancelled; on the way out it kills every
+    execution it still runs. `runtimes` replaces the detected ones (tests, embedding)."""
+
+    def __init__(
+        self, settings: ShuttleSettings, *, runtimes: Mapping[Tier, Runtime] | None = None
+    ) -> None:
+        self._settings = settings
+        self._runtimes = dict(runtimes) if runtimes is not None else None
+        self._node_credential_refused = False
+
+    async def run(self) -> None:
+        settings = self._settings
+        runtimes = self._runtimes
+        if runtimes is None:
+            runtimes = available_runtimes(settings)
+        if not runtimes:
+            raise ShuttleError(
+                "no isolation runtime is available on this host. For development only, "
+                "pass --allow-process-runtime (TREADLE_SHUTTLE_ALLOW_PROCESS_RUNTIME=1) to run "
+                "code as plain processes, without any isolation."
+            )
+        if settings.token is None and load_credential(settings.home) is None:
+            raise ShuttleError(
+                "no credential to join Weaver: pass --token (TREADLE_SHUTTLE_TOKEN) with the "
+                "join token that Weaver wrote to $TREADLE_HOME/join.token. After the first "
+                f"registration the node credential is kept in {settings.home}/node.json."
+            )
+        settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with _exclusive(settings.home):
+            await self._run(settings, runtimes)
+
+    async def _run(self, settings: ShuttleSettings, runtimes: dict[Tier, Runtime]) -> None:
+        work_root = settings.home / "work"
+        # Left over by a previous run that died: Weaver has given up on those attempts.
+        shutil.rmtree(work_root, ignore_errors=True)
+        work_root.mkdir(mode=0o700)
+        reaper.become_subreaper()
+        capacity = await asyncio.to_thread(detect_capacity, settings)
+        tiers = sorted(runtimes, key=lambda tier: tier.strength)
+        supervisor = Supervisor(runtimes, work_root, max_unacked=settings.max_unacked_bytes)
+        log.info(
+            "shuttle %s: runtimes %s, capacity %s, Weaver at %s",
+            settings.name,
+            ",".join(tiers),
+            capacity,
+            settings.agent_url,
+        )
+        try:
+            await self._stay_connected(supervisor, capacity, tiers)
+        finally:
+            await supervisor.shutdown()
+
+    async def _stay_connected(
+        self, supervisor: Supervisor, capacity: Resources, tiers: list[Tier]
+    ) -> None:
+        url = self._settings.agent_url
+        backoff = Backoff()
+        while True:
+            bearer, what = self._credential()
+            try:
+                async with connect(
+                    url,
+                    additional_headers={"Authorization": f"Bearer {bearer}"},
+                    compression=None,  # latency over bandwidth; output is small or incompressible
+                    max_size=_MAX_FRAME_BYTES,
+                    open_timeout=_OPEN_TIMEOUT_S,
+                ) as ws:
+                    await self._session(ws, supervisor, capacity, tiers, backoff)
+                log.warning("Weaver closed the link; reconnecting")
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status not in _REFUSED:
+                    log.warning("Weaver answered the handshake with HTTP %d", status)
+                elif what == "node credential" and self._settings.token is not None:
+                    log.warning(
+                        "Weaver refused the node credential (HTTP %d); registering again with "
+                        "the join token",
+                        status,
+                    )
+                    self._node_credential_refused = True
+                    continue
+                else:
+                    self._node_credential_refused = False
+                    delay = backoff.longest()
+                    log.error(
+                        "Weaver refused the %s (HTTP %d): check --token; retrying in %.1fs",
+                        what,
+                        status,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+            except ConnectionClosed as exc:
+                log.warning("link to Weaver lost: %s", exc)
+            except (OSError, TimeoutError, WebSocketException, ProtocolError) as exc:
+                log.warning("cannot reach Weaver at %s: %s", url, exc)
+            await asyncio.sleep(backoff.next())
+
+    def _credential(self) -> tuple[str, str]:
+        """The bearer to present and what it is, for log messages."""
+        stored = load_credential(self._settings.home)
+        token = self._settings.token
+        if stored is not None and not (self._node_credential_refused and token is not None):
+            return stored.bearer, "node credential"
+        if token is not None:
+            return token, "join token"
+        # run() checked that one existed; the file has been removed since.
+        return "", "missing credential"
+
+    async def _session(
+        self,
+        ws: ClientConnection,
+        supervisor: Supervisor,
+        capacity: Resources,
+        tiers: list[Tier],
+        backoff: Backoff,
+    ) -> None:
+        settings = self._settings
+        hello = Hello(
+            protocol=PROTOCOL_VERSION,
+            name=settings.name,
+            capacity=capacity,
+            runtimes=tiers,
+            labels=settings.labels,
+            region=settings.region,
+            zone=settings.zone,
+            provider=settings.provider,
+            price_per_hour=settings.price_per_hour,
+            running=supervisor.held(),
+        )
+        await ws.send(encode(hello))
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the frame does, and Shuttle would then outlive its own cancellation.
+        async with asyncio.timeout(_WELCOME_TIMEOUT_S):
+            welcome = decode_from_weaver(await ws.recv())
+        if not isinstance(welcome, Welcome):
+            raise ProtocolError(f"Weaver sent {welcome.type!r} before welcome")
+        if welcome.protocol != PROTOCOL_VERSION:
+            raise ShuttleError(
+                f"Weaver speaks agent protocol {welcome.protocol}, this Shuttle speaks "
+                f"{PROTOCOL_VERSION}: upgrade the older of the two"
+            )
+        if welcome.node_secret is not None:
+            save_credential(settings.home, NodeCredential(welcome.node_id, welcome.node_secret))
+            self._node_credential_refused = False
+        log.info("connected to Weaver as node %s", welcome.node_id)
+        backoff.reset()
+
+        link = _Link(ws)
+        supervisor.attach(link.send)
+        heartbeat = asyncio.create_task(self._heartbeat(link, supervisor, welcome.heartbeat_s))
+        try:
+            async for raw in ws:
+                self._dispatch(supervisor, raw)
+        finally:
+            supervisor.detach()
+            heartbeat.cancel()
+            await link.close()
+            await asyncio.wait([heartbeat])
+
+    @staticmethod
+    def _dispatch(supervisor: Supervisor, raw: str | bytes) -> None:
+        try:
+            message = decode_from_weaver(raw)
+        except ProtocolError as exc:
+            log.warning("ignoring a frame outside the protocol: %s", exc.details)
+            return
+        if isinstance(message, Assign):
+            supervisor.assign(message.spec)
+        elif isinstance(message, Ack):
+            supervisor.ack(message)
+        elif isinstance(message, Cancel):
+            supervisor.cancel(message.id, message.attempt)
+        else:
+            log.warning("ignoring an unexpected %r frame", message.type)
+
+    @staticmethod
+    async def _heartbeat(link: _Link, supervisor: Supervisor, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            link.send(encode(Heartbeat(running=supervisor.held())))
+            # Orphans that outlived their execution by more than the runtime's own sweep.
+            reaper.reap_orphans()
+
+
+@contextlib.contextmanager
+def _exclusive(home: Path) -> Iterator[None]:
+    """Hold `home/lock` while running: two Shuttles on one home would share a node identity
+    and delete each other's work directories."""
+    fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ShuttleError(
+                f"another Shuttle is running with home {home}; give each one its own --home"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class _Link:
+    """Frames go out in the order they are queued, through one writer task, so that callers
+    never wait for the network (and never interleave)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._queue: deque[str] = deque()
+        self._ready = asyncio.Event()
+        self._pump = asyncio.create_task(self._run())
+
+    def send(self, frame: str) -> None:
+        self._queue.append(frame)
+        self._ready.set()
+
+    async def close(self) -> None:
+        self._pump.cancel()
+        await asyncio.wait([self._pump])
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                while self._queue:
+                    await self._ws.send(self._queue.popleft())
+        except ConnectionClosed:
+            pass  # what was queued is replayed on the next link; the reader sees the close

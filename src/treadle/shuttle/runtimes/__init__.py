@@ -1,0 +1,35 @@
+"""Isolation runtimes, one per tier (DESIGN §4), behind the interface in `base`."""
+
+from __future__ import annotations
+
+import logging
+
+from treadle.domain.resources import Tier
+from treadle.shuttle.runtimes._spawn import unsupported_reason
+from treadle.shuttle.runtimes.base import ExitStatus, Runtime, RuntimeHandle, SpawnFailed, Stream
+from treadle.shuttle.runtimes.process import ProcessRuntime
+from treadle.shuttle.settings import ShuttleSettings
+
+__all__ = [
+    "ExitStatus",
+    "ProcessRuntime",
+    "Runtime",
+    "RuntimeHandle",
+    "SpawnFailed",
+    "Stream",
+    "available_runtimes",
+]
+
+log = logging.getLogger(__name__)
+
+
+def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:
+    """The runtimes this host can run and the operator allows, weakest tier first."""
+    runtimes: dict[Tier, Runtime] = {}
+    if settings.allow_process_runtime:
+        reason = unsupported_reason()
+        if reason is None:
+            runtimes[Tier.PROCESS] = ProcessRuntime()
+        else:
+            log.warning("process runtime unavailable: %s", reason)
+    return runtimes

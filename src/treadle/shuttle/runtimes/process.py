@@ -1,0 +1,453 @@
+"""The `process` tier: a plain subprocess in a session of its own.
+
+It isolates nothing (the code runs as Shuttle's user, on Shuttle's filesystem), so it exists
+for development and tests only and Shuttle refuses it unless the operator opts in.
+
+Everything here is driven by the event loop without threads or polling: the pipes and a
+pidfd of the child are registered with the loop, so an execution costs a handful of file
+descriptors and callbacks and nothing while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from treadle.domain.resources import Tier
+from treadle.protocol.messages import AssignSpec, Usage
+from treadle.shuttle import reaper
+from treadle.shuttle.runtimes._spawn import resolve_program, spawn
+from treadle.shuttle.runtimes.base import ExitStatus, RuntimeHandle, SpawnFailed, Stream
+
+__all__ = ["ARGS_FILE", "BASE_PATH", "RESULT_FD", "ProcessHandle", "ProcessRuntime"]
+
+ARGS_FILE = "args.json"
+BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+RESULT_FD = 3
+
+_READ_SIZE = 64 * 1024
+_RESULT_LINE_LIMIT = 1024 * 1024
+# Output read but not yet taken by the consumer: above HIGH the pipes are no longer read
+# (the program blocks on write), below LOW reading resumes.
+_BUFFER_HIGH = 256 * 1024
+_BUFFER_LOW = 64 * 1024
+# After the program exited and its group was killed, only a process that escaped the group
+# can still hold the pipes open; do not let it delay the exit report for longer than this.
+_DRAIN_TIMEOUT_S = 1.0
+# Orphans die a moment after the leader we reap; sweep for their zombies shortly after.
+_SWEEP_DELAY_S = 0.1
+
+
+class ProcessRuntime:
+    """Runs an AssignSpec as a child process. Creating one makes this process a child
+    subreaper (see `treadle.shuttle.reaper`)."""
+
+    def __init__(self, *, drain_timeout_s: float = _DRAIN_TIMEOUT_S) -> None:
+        self._drain_timeout_s = drain_timeout_s
+        self._sweep: asyncio.TimerHandle | None = None
+        reaper.become_subreaper()
+
+    @property
+    def tier(self) -> Tier:
+        return Tier.PROCESS
+
+    async def start(self, spec: AssignSpec, workdir: Path) -> RuntimeHandle:
+        # Synchronous on purpose: writing two small files and one posix_spawn take ~0.1 ms,
+        # less than the hop to a worker thread would.
+        return self._start(asyncio.get_running_loop(), spec, workdir)
+
+    def _start(
+        self, loop: asyncio.AbstractEventLoop, spec: AssignSpec, workdir: Path
+    ) -> RuntimeHandle:
+        workdir = workdir.absolute()
+        try:
+            _prepare_workdir(spec, workdir)
+            env = _environment(spec, workdir)
+            program = resolve_program(spec.argv[0], env.get("PATH", ""), workdir)
+            return ProcessHandle.spawn(
+                loop,
+                program=program,
+                spec=spec,
+                env=env,
+                workdir=workdir,
+                drain_timeout_s=self._drain_timeout_s,
+                on_exit=self._schedule_sweep,
+            )
+        except (OSError, ValueError) as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
+            return SpawnFailed(f"treadle: cannot run {spec.argv[0]!r}: {_describe(exc)}\n")
+
+    def _schedule_sweep(self) -> None:
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(_SWEEP_DELAY_S, self._do_sweep)
+
+    def _do_sweep(self) -> None:
+        self._sweep = None
+        reaper.reap_orphans()
+
+
+class ProcessHandle:
+    """One running program. Its output iterator is the handle itself."""
+
+    @classmethod
+    def spawn(
+        cls,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        program: str,
+        spec: AssignSpec,
+        env: dict[str, str],
+        workdir: Path,
+        drain_timeout_s: float,
+        on_exit: Callable[[], None],
+    ) -> ProcessHandle:
+        parent: list[int] = []  # our ends, closed here if anything fails
+        child: list[int] = []  # the child's ends, closed here once it has them
+        try:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            res_r, res_w = os.pipe()
+            parent += (out_r, err_r, res_r)
+            child += (out_w, err_w, res_w)
+            stdin_data = spec.stdin.encode() if spec.stdin else b""
+            stdin_w: int | None = None
+            if stdin_data:
+                stdin_r, stdin_w = os.pipe()
+                parent.append(stdin_w)
+            else:
+                stdin_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            child.append(stdin_r)
+            fds = {0: stdin_r, 1: out_w, 2: err_w, RESULT_FD: res_w}
+            pid = spawn(program, spec.argv, env, workdir, fds)
+            started = time.monotonic()
+            reaper.track(pid)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                _kill_group(pid)
+                os.waitpid(pid, 0)
+                reaper.untrack(pid)
+                raise
+        except BaseException:
+            for fd in parent:
+                os.close(fd)
+            raise
+        finally:
+            for fd in child:
+                os.close(fd)
+        return cls(
+            loop,
+            pid=pid,
+            pidfd=pidfd,
+            stdout=out_r,
+            stderr=err_r,
+            result=res_r,
+            stdin=stdin_w,
+            stdin_data=stdin_data,
+            timeout_s=spec.timeout_s,
+            workdir=workdir,
+            started=started,
+            drain_timeout_s=drain_timeout_s,
+            on_exit=on_exit,
+        )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        pid: int,
+        pidfd: int,
+        stdout: int,
+        stderr: int,
+        result: int,
+        stdin: int | None,
+        stdin_data: bytes,
+        timeout_s: float,
+        workdir: Path,
+        started: float,
+        drain_timeout_s: float,
+        on_exit: Callable[[], None],
+    ) -> None:
+        self.pid = pid
+        self._loop = loop
+        self._pidfd = pidfd
+        self._workdir = workdir
+        self._started = started
+        self._drain_timeout_s = drain_timeout_s
+        self._on_exit_hook = on_exit
+        # Open read ends: fd -> the stream it carries (None for the result pipe).
+        self._fds: dict[int, Stream | None] = {stdout: "stdout", stderr: "stderr", result: None}
+        self._streams_open = 2
+        self._queue: deque[tuple[Stream, bytes]] = deque()
+        self._queued = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._result = _ResultLines(_RESULT_LINE_LIMIT)
+        self._kill_reason: str | None = None
+        self._wait_status: int | None = None
+        self._usage = Usage()
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._done: asyncio.Future[ExitStatus] = loop.create_future()
+        self._stdin = stdin
+        self._stdin_data = memoryview(stdin_data)
+        self._stdin_watched = False
+
+        for fd in self._fds:
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, self._on_readable, fd)
+        loop.add_reader(pidfd, self._on_exit)
+        self._timer = loop.call_later(timeout_s, self._kill, "timeout")
+        if stdin is not None:
+            os.set_blocking(stdin, False)
+            self._write_stdin()
+
+    # RuntimeHandle
+
+    def output(self) -> ProcessHandle:
+        return self
+
+    def __aiter__(self) -> ProcessHandle:
+        return self
+
+    async def __anext__(self) -> tuple[Stream, bytes]:
+        while not self._queue:
+            if not self._streams_open:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._queue.popleft()
+        self._queued -= len(item[1])
+        if self._paused and self._queued <= _BUFFER_LOW:
+            self._resume()
+        return item
+
+    async def wait(self) -> ExitStatus:
+        return await asyncio.shield(self._done)
+
+    def kill(self) -> None:
+        self._kill("cancelled")
+
+    # Event loop callbacks
+
+    def _on_readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(fd)
+            return
+        stream = self._fds[fd]
+        if stream is None:
+            self._result.feed(data)
+            return
+        self._queue.append((stream, data))
+        self._queued += len(data)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        # Once the program is gone, pausing would only leave its last output in the pipe.
+        if self._queued >= _BUFFER_HIGH and self._wait_status is None:
+            self._pause()
+
+    def _on_exit(self) -> None:
+        # The leader is a zombie until wait4 below, so its pid (which is also the process
+        # group id) cannot be reused yet: kill what is left of the group first.
+        _kill_group(self.pid)
+        try:
+            pid, status, rusage = os.wait4(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped behind our back; nothing better to report
+            pid, status, rusage = self.pid, 255 << 8, None
+        if pid == 0:
+            return  # spurious wake-up: stay registered
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        reaper.untrack(self.pid)
+        self._timer.cancel()
+        self._wait_status = status
+        self._usage = Usage(
+            wall_ms=(time.monotonic() - self._started) * 1000,
+            cpu_ms=(rusage.ru_utime + rusage.ru_stime) * 1000 if rusage else None,
+            # ru_maxrss is not reported: the child shared Shuttle's memory until exec (vfork),
+            # and Linux counts that high-water mark as the child's.
+        )
+        if self._paused:
+            self._resume()
+        self._drain_timer = self._loop.call_later(self._drain_timeout_s, self._abandon_pipes)
+        self._on_exit_hook()
+        self._maybe_finish()
+
+    def _write_stdin(self) -> None:
+        assert self._stdin is not None
+        try:
+            written = os.write(self._stdin, self._stdin_data)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the program closed its stdin: the rest is not wanted
+            self._close_stdin()
+            return
+        self._stdin_data = self._stdin_data[written:]
+        if not self._stdin_data:
+            self._close_stdin()
+        elif not self._stdin_watched:
+            self._loop.add_writer(self._stdin, self._write_stdin)
+            self._stdin_watched = True
+
+    # Internals
+
+    def _kill(self, reason: str) -> None:
+        if self._wait_status is not None or self._kill_reason is not None:
+            return
+        self._kill_reason = reason
+        _kill_group(self.pid)
+
+    def _pause(self) -> None:
+        self._paused = True
+        for fd, stream in self._fds.items():
+            if stream is not None:
+                self._loop.remove_reader(fd)
+
+    def _resume(self) -> None:
+        self._paused = False
+        for fd, stream in self._fds.items():
+            if stream is not None:
+                self._loop.add_reader(fd, self._on_readable, fd)
+
+    def _close(self, fd: int) -> None:
+        self._loop.remove_reader(fd)
+        os.close(fd)
+        if self._fds.pop(fd) is not None:
+            self._streams_open -= 1
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+        self._maybe_finish()
+
+    def _close_stdin(self) -> None:
+        if self._stdin is None:
+            return
+        if self._stdin_watched:
+            self._loop.remove_writer(self._stdin)
+            self._stdin_watched = False
+        os.close(self._stdin)
+        self._stdin = None
+        self._stdin_data = memoryview(b"")
+
+    def _abandon_pipes(self) -> None:
+        for fd in list(self._fds):
+            self._close(fd)
+
+    def _maybe_finish(self) -> None:
+        if self._wait_status is None or self._fds or self._done.done():
+            return
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self._close_stdin()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        code = os.waitstatus_to_exitcode(self._wait_status)
+        reason = self._kill_reason
+        if reason is None and code < 0:
+            reason = f"killed:{_signal_name(-code)}"
+        self._done.set_result(ExitStatus(code, reason, self._result.value, self._usage))
+
+
+class _ResultLines:
+    """Keeps the last complete line of fd 3 that parses as JSON. Lines longer than the limit
+    are skipped (and not buffered); reading goes on so the program never blocks on fd 3."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._partial = bytearray()
+        self._skipping = False
+        self.value: Any = None
+
+    def feed(self, data: bytes) -> None:
+        start = 0
+        while (end := data.find(b"\n", start)) != -1:
+            if self._skipping:
+                self._skipping = False
+            else:
+                self._partial += data[start:end]
+                self._take(bytes(self._partial))
+            self._partial.clear()
+            start = end + 1
+        if not self._skipping:
+            self._partial += data[start:]
+            if len(self._partial) > self._limit:
+                self._partial.clear()
+                self._skipping = True
+
+    def _take(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        with contextlib.suppress(ValueError):
+            self.value = json.loads(line, parse_constant=_reject_constant)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _prepare_workdir(spec: AssignSpec, workdir: Path) -> None:
+    if workdir.exists():  # left over by a crash, or a retried assignment
+        shutil.rmtree(workdir)
+    workdir.mkdir(mode=0o700, parents=True)
+    _write(workdir / ARGS_FILE, json.dumps(spec.args).encode(), 0o600)
+    if spec.source is not None:
+        name = spec.source_name
+        if name in ("", ".", "..") or "/" in name or name == ARGS_FILE:
+            raise ValueError(f"invalid source_name {name!r}")
+        mode = 0o700 if spec.source.startswith("#!") else 0o600
+        _write(workdir / name, spec.source.encode(), mode)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _environment(spec: AssignSpec, workdir: Path) -> dict[str, str]:
+    # Built from scratch: Shuttle's own environment may hold its join token.
+    env = {"PATH": BASE_PATH, "HOME": str(workdir), "LANG": "C.UTF-8", "TMPDIR": str(workdir)}
+    env.update(spec.env)
+    env.update(
+        TREADLE_EXECUTION_ID=spec.id,
+        TREADLE_ATTEMPT=str(spec.attempt),
+        TREADLE_FUNCTION=spec.function,
+        TREADLE_ARGS_FILE=str(workdir / ARGS_FILE),
+        TREADLE_RESULT_FD=str(RESULT_FD),
+    )
+    return env
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

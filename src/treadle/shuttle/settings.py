@@ -1,0 +1,60 @@
+"""Typed Shuttle settings, layered by pydantic-settings (defaults < env `TREADLE_SHUTTLE_*`
+< explicit values, which is where the CLI puts its flags)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ShuttleSettings", "default_home"]
+
+_MIB = 1024 * 1024
+_AGENT_PATH = "/v1/agent"
+_WS_SCHEME = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+
+
+def default_home() -> Path:
+    """`$TREADLE_HOME/shuttle`, with TREADLE_HOME defaulting to ~/.local/share/treadle."""
+    root = os.environ.get("TREADLE_HOME") or Path.home() / ".local" / "share" / "treadle"
+    return Path(root) / "shuttle"
+
+
+class ShuttleSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TREADLE_SHUTTLE_", extra="ignore", frozen=True)
+
+    weaver_url: str
+    # Kept out of repr so that logging the settings never prints the join token.
+    token: str | None = Field(default=None, repr=False)
+    home: Path = Field(default_factory=default_home)
+    name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=253)
+    labels: dict[str, str] = Field(default_factory=dict)
+    region: str | None = None
+    zone: str | None = None
+    provider: str = "local"
+    price_per_hour: float = Field(default=0.0, ge=0)
+    allow_process_runtime: bool = False
+    cpu_millicores: int | None = Field(default=None, ge=1)
+    memory_mib: int | None = Field(default=None, ge=1)
+    max_unacked_bytes: int = Field(default=8 * _MIB, ge=1)
+
+    @field_validator("weaver_url")
+    @classmethod
+    def _weaver_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in _WS_SCHEME or not parts.netloc:
+            raise ValueError("weaver_url must be an http(s):// or ws(s):// URL with a host")
+        return value
+
+    @property
+    def agent_url(self) -> str:
+        """The WebSocket address of Weaver's agent endpoint, derived from `weaver_url`."""
+        parts = urlsplit(self.weaver_url)
+        path = parts.path.rstrip("/")
+        if not path.endswith(_AGENT_PATH):
+            path += _AGENT_PATH
+        return urlunsplit((_WS_SCHEME[parts.scheme], parts.netloc, path, parts.query, ""))

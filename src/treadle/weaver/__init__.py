@@ -1,0 +1,1 @@
+"""Weaver: the control plane (API, state, scheduler loop, metering ledger)."""

@@ -1,0 +1,1 @@
+"""REST and WebSocket API under /v1 (FastAPI)."""

@@ -1,0 +1,160 @@
+"""/v1/agent: the socket every Shuttle dials out to (DESIGN §3).
+
+The handshake is refused (HTTP 403) unless it carries a valid join token or node credential.
+Reports are handed to the writer without waiting for their commit, so one node's frames are
+applied in order and pipelined; replies (acks, fencing cancels) go out once committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from treadle.domain.errors import ProtocolError
+from treadle.domain.node import NodeState
+from treadle.protocol import (
+    PROTOCOL_VERSION,
+    Exited,
+    Heartbeat,
+    Hello,
+    Output,
+    ShuttleMessage,
+    Started,
+    WeaverMessage,
+    Welcome,
+    decode_from_shuttle,
+    encode,
+)
+from treadle.weaver.api.deps import bearer, get_weaver
+from treadle.weaver.core import Weaver
+from treadle.weaver.services.nodes import NodeSession
+from treadle.weaver.store.writer import Tx
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+_HELLO_TIMEOUT_S = 10.0
+# Reports handed to the writer but not yet committed, per node: past this the socket stops
+# reading, so a node that outruns the database is slowed down instead of buffered forever.
+_MAX_IN_FLIGHT = 2048
+
+
+async def _credential(weaver: Weaver, websocket: WebSocket) -> tuple[bool, str | None]:
+    """(accepted, node_id): a node credential `node_id:secret` or a join token."""
+    token = bearer(websocket.headers)
+    if token is None:
+        return False, None
+    if ":" in token:
+        node_id, _, secret = token.partition(":")
+        return await weaver.auth.node_credential_valid(node_id, secret), node_id
+    return await weaver.auth.join_token_valid(token), None
+
+
+@router.websocket("/v1/agent")
+async def agent(websocket: WebSocket) -> None:
+    weaver = get_weaver(websocket)
+    accepted, node_id = await _credential(weaver, websocket)
+    if not accepted:
+        await websocket.close(code=1008)
+        return
+    await websocket.accept()
+    try:
+        async with asyncio.timeout(_HELLO_TIMEOUT_S):
+            raw = await websocket.receive_text()
+        hello = decode_from_shuttle(raw)
+    except (TimeoutError, ProtocolError, WebSocketDisconnect, KeyError):
+        with contextlib.suppress(Exception):
+            await websocket.close(code=1002, reason="expected hello")
+        return
+    if not isinstance(hello, Hello) or hello.protocol != PROTOCOL_VERSION:
+        await websocket.close(code=1002, reason=f"expected hello with protocol {PROTOCOL_VERSION}")
+        return
+    node_id, secret = await weaver.nodes.register(hello, node_id)
+    session = NodeSession(node_id=node_id, hello=hello)
+    session.draining = await weaver.nodes.is_draining(node_id)
+    await websocket.send_text(
+        encode(
+            Welcome(
+                protocol=PROTOCOL_VERSION,
+                node_id=node_id,
+                node_secret=secret,
+                heartbeat_s=weaver.settings.heartbeat_s,
+            )
+        )
+    )
+    for reply in await weaver.writer.run(
+        lambda tx: weaver.reports.hello(tx, session, hello.running)
+    ):
+        session.send(reply)
+    weaver.registry.add(session)
+    sender = asyncio.create_task(_send_loop(websocket, session))
+    try:
+        await _receive_loop(websocket, weaver, session)
+    except WebSocketDisconnect:
+        pass
+    except ProtocolError as exc:
+        log.warning("node %s sent an invalid frame: %s %s", node_id, exc.message, exc.details)
+        with contextlib.suppress(Exception):
+            await websocket.close(code=1002, reason="invalid frame")
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        if weaver.registry.remove(session):
+            with contextlib.suppress(Exception):
+                await weaver.nodes.set_state(node_id, NodeState.DISCONNECTED)
+
+
+async def _send_loop(websocket: WebSocket, session: NodeSession) -> None:
+    while True:
+        message = await session.outbox.get()
+        if message is None:  # replaced by a newer connection of the same node
+            await websocket.close(code=1000, reason="superseded")
+            return
+        await websocket.send_text(encode(message))
+
+
+Handler = Callable[[Tx], Awaitable[list[WeaverMessage]]]
+
+
+def _handler(weaver: Weaver, session: NodeSession, message: ShuttleMessage) -> Handler | None:
+    reports = weaver.reports
+    if isinstance(message, Started):
+        return lambda tx: reports.started(tx, session, message)
+    if isinstance(message, Output):
+        return lambda tx: reports.output(tx, session, message)
+    if isinstance(message, Exited):
+        return lambda tx: reports.exited(tx, session, message)
+    return None
+
+
+async def _receive_loop(websocket: WebSocket, weaver: Weaver, session: NodeSession) -> None:
+    in_flight = asyncio.Semaphore(_MAX_IN_FLIGHT)
+
+    def replied(future: asyncio.Future[Any]) -> None:
+        in_flight.release()
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            log.error("report from node %s failed", session.node_id, exc_info=future.exception())
+            return
+        for reply in future.result():
+            session.send(reply)
+
+    while True:
+        message = decode_from_shuttle(await websocket.receive_text())
+        if isinstance(message, Heartbeat):
+            session.last_heartbeat = time.time()
+            continue
+        handler = _handler(weaver, session, message)
+        if handler is None:
+            raise ProtocolError(f"unexpected {message.type} frame after hello")
+        await in_flight.acquire()
+        weaver.writer.submit(handler).add_done_callback(replied)

@@ -1,0 +1,48 @@
+"""The ASGI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from treadle import __version__
+from treadle.weaver.api import agent, executions, functions, nodes
+from treadle.weaver.api.errors import install_error_handlers
+from treadle.weaver.api.limits import BodyLimit
+from treadle.weaver.core import Weaver
+from treadle.weaver.settings import WeaverSettings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAPI:
+    core = weaver or Weaver(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await core.start()
+        app.state.weaver = core
+        try:
+            yield
+        finally:
+            await core.stop()
+
+    app = FastAPI(
+        title="treadle",
+        version=__version__,
+        description="Run other people's code safely on a fleet of machines.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    for module in (functions, executions, nodes, agent):
+        app.include_router(module.router)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness")
+    async def healthz() -> Any:
+        return {"status": "ok", "version": __version__}
+
+    return app

@@ -1,0 +1,51 @@
+"""Request dependencies: the Weaver, and the caller's principal from its bearer key."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
+
+from treadle.domain.errors import Forbidden, Unauthenticated
+from treadle.weaver.core import Weaver
+from treadle.weaver.services.auth import Principal
+
+__all__ = ["Admin", "Caller", "bearer", "get_weaver", "principal_of"]
+
+
+def get_weaver(conn: HTTPConnection) -> Weaver:
+    weaver: Weaver = conn.app.state.weaver
+    return weaver
+
+
+def bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def principal_of(conn: HTTPConnection) -> Principal:
+    token = bearer(conn.headers)
+    if token is None:
+        raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+    return await get_weaver(conn).auth.authenticate(token)
+
+
+async def _caller(request: Request) -> Principal:
+    return await principal_of(request)
+
+
+async def _admin(principal: Annotated[Principal, Depends(_caller)]) -> Principal:
+    if not principal.admin:
+        raise Forbidden("this action needs an admin key")
+    return principal
+
+
+Caller = Annotated[Principal, Depends(_caller)]
+Admin = Annotated[Principal, Depends(_admin)]

@@ -1,0 +1,116 @@
+"""/v1/executions: read, list, cancel, output (fetch and follow)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+
+from treadle.domain.errors import TreadleError
+from treadle.domain.execution import ExecutionState, is_terminal
+from treadle.weaver.api.deps import Caller, get_weaver, principal_of
+from treadle.weaver.api.errors import error_body
+from treadle.weaver.core import Weaver
+from treadle.weaver.services.executions import output_complete
+from treadle.weaver.views import execution_view
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/executions", tags=["executions"])
+WeaverDep = Annotated[Weaver, Depends(get_weaver)]
+
+# A cancelled execution's node reports the end of its output shortly after the kill; a
+# follower waits this long for that report before it ends the stream anyway.
+_SETTLE_S = 5.0
+
+
+@router.get("", summary="List executions, newest first")
+async def list_executions(
+    caller: Caller,
+    weaver: WeaverDep,
+    state: ExecutionState | None = None,
+    function: str | None = None,
+    node_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> Any:
+    items, next_cursor = await weaver.executions.page(
+        caller.tenant_id,
+        state=state,
+        function=function,
+        node_id=node_id,
+        limit=limit,
+        cursor=cursor,
+    )
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/{execution_id}", summary="One execution")
+async def get_execution(execution_id: str, caller: Caller, weaver: WeaverDep) -> Any:
+    return execution_view(await weaver.executions.get(caller.tenant_id, execution_id))
+
+
+@router.post("/{execution_id}/cancel", summary="Cancel an execution")
+async def cancel_execution(execution_id: str, caller: Caller, weaver: WeaverDep) -> Any:
+    return execution_view(await weaver.executions.cancel(caller.tenant_id, execution_id))
+
+
+@router.get("/{execution_id}/output", summary="Output of the latest attempt")
+async def get_output(
+    execution_id: str,
+    caller: Caller,
+    weaver: WeaverDep,
+    after_seq: Annotated[int | None, Query(ge=-1)] = None,
+) -> Any:
+    row = await weaver.executions.get(caller.tenant_id, execution_id)
+    return await weaver.executions.output(row, after_seq)
+
+
+@router.websocket("/{execution_id}/output")
+async def follow_output(websocket: WebSocket, execution_id: str, after_seq: int = -1) -> None:
+    weaver = get_weaver(websocket)
+    try:
+        principal = await principal_of(websocket)
+    except TreadleError:
+        await websocket.close(code=1008)
+        return
+    await websocket.accept()
+    try:
+        await _follow(websocket, weaver, principal.tenant_id, execution_id, after_seq)
+    except TreadleError as exc:
+        await websocket.send_json(error_body(exc.code, exc.message, exc.details))
+        await websocket.close(code=4000 + (404 if exc.code == "not_found" else 400))
+    except WebSocketDisconnect:
+        pass
+
+
+async def _follow(
+    websocket: WebSocket, weaver: Weaver, tenant_id: str, execution_id: str, last: int
+) -> None:
+    executions = weaver.executions
+    subscription = weaver.bus.subscribe([f"output.{execution_id}", f"execution.{execution_id}"])
+    try:
+        row = await executions.get(tenant_id, execution_id)
+        attempt = row.attempt
+        ended_at: float | None = None
+        while True:
+            if row.attempt != attempt:
+                attempt, last = row.attempt, -1
+                await websocket.send_json({"type": "attempt", "attempt": attempt})
+            for chunk in await executions.chunks_after(row, last):
+                await websocket.send_json(
+                    {"type": "chunk", "stream": chunk.stream, "seq": chunk.seq, "data": chunk.data}
+                )
+                last = chunk.seq
+            if is_terminal(ExecutionState(row.state)):
+                ended_at = ended_at or time.monotonic()
+                if output_complete(row, last + 1) or time.monotonic() - ended_at > _SETTLE_S:
+                    await websocket.send_json({"type": "end", "execution": execution_view(row)})
+                    await websocket.close(code=1000)
+                    return
+            # The timeout only bounds how long a missed notification could delay us.
+            await subscription.get(within=1.0)
+            row = await executions.get(tenant_id, execution_id)
+    finally:
+        subscription.close()

@@ -1,0 +1,78 @@
+"""The Weaver process's parts, wired together, with their start/stop order."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from treadle.protocol import Cancel
+from treadle.weaver.events.bus import EventBus, InProcessBus
+from treadle.weaver.services.auth import AuthService
+from treadle.weaver.services.dispatcher import Dispatcher, Pending
+from treadle.weaver.services.executions import ExecutionService, InvokeRequest
+from treadle.weaver.services.functions import FunctionService
+from treadle.weaver.services.nodes import NodeRegistry, NodeService
+from treadle.weaver.services.reports import ReportService
+from treadle.weaver.settings import WeaverSettings
+from treadle.weaver.store import migrate
+from treadle.weaver.store.database import Database
+from treadle.weaver.store.writer import Writer
+
+__all__ = ["Weaver"]
+
+
+class Weaver:
+    def __init__(self, settings: WeaverSettings, bus: EventBus | None = None) -> None:
+        self.settings = settings
+        self.db = Database(settings.resolved_database_url())
+        self.bus: EventBus = bus or InProcessBus()
+        self.writer = Writer(self.db, self.bus)
+        self.auth = AuthService(self.db, self.writer)
+        self.functions = FunctionService(self.db, self.writer)
+        self.registry = NodeRegistry(on_change=self._capacity_changed)
+        self.nodes = NodeService(self.db, self.writer, self.registry)
+        self.executions = ExecutionService(
+            self.db, self.writer, self.bus, self.functions, settings, on_cancel=self._cancelled
+        )
+        self.dispatcher = Dispatcher(self.writer, self.registry, self.executions, self.functions)
+        self.reports = ReportService(
+            on_capacity=self._capacity_changed, on_requeue=self.dispatcher.scan_soon
+        )
+
+    async def start(self) -> None:
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(migrate.upgrade, self.db.url)
+        self.writer.start()
+        await self.auth.bootstrap(self.settings.home)
+        self.dispatcher.start()
+
+    async def stop(self) -> None:
+        for session in self.registry.sessions():
+            session.close()
+        await self.dispatcher.stop()
+        await self.writer.stop()
+        await self.bus.close()
+        await self.db.close()
+
+    async def invoke(
+        self,
+        tenant_id: str,
+        name: str,
+        body: InvokeRequest,
+        version: int | None,
+        wait: float | None,
+    ) -> Any:
+        invoked = await self.executions.invoke(tenant_id, name, body, version)
+        if invoked.created:
+            self.dispatcher.enqueue(Pending.from_row(invoked.row, invoked.function))
+        if wait:
+            return await self.executions.wait(tenant_id, invoked.row.id, wait)
+        return invoked.row
+
+    def _capacity_changed(self) -> None:
+        self.dispatcher.wake()
+
+    def _cancelled(self, before: Any) -> None:
+        self.dispatcher.forget(before.id)
+        if before.node_id:
+            self.registry.send(before.node_id, Cancel(id=before.id, attempt=before.attempt))

@@ -1,0 +1,2 @@
+"""Services: the business rules between the API and the store (Prefect's schema → service →
+route layering)."""

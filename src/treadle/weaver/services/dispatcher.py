@@ -1,0 +1,251 @@
+"""Places open executions on connected nodes.
+
+New executions arrive in memory from invoke; a periodic scan of the store picks up anything
+else that is open and unassigned (after a restart, a lost assignment, a requeue). One task
+places everything pending per round, commits all assignments in one transaction
+(compare-and-swap on state, attempt and an empty node), and only then sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import update
+
+from treadle.domain.execution import ExecutionState
+from treadle.domain.function import render_command
+from treadle.domain.resources import Tier
+from treadle.protocol import Assign, AssignSpec
+from treadle.scheduler import Placement, Request, Unschedulable, place
+from treadle.weaver.services.executions import ExecutionService
+from treadle.weaver.services.functions import FunctionRecord, FunctionService
+from treadle.weaver.services.nodes import NodeRegistry, NodeSession
+from treadle.weaver.store import tables
+from treadle.weaver.store.writer import Tx, Writer
+
+__all__ = ["Dispatcher", "Pending"]
+
+log = logging.getLogger(__name__)
+_E = tables.executions
+_SCAN_INTERVAL_S = 2.0
+
+
+@dataclass(slots=True)
+class Pending:
+    id: str
+    tenant_id: str
+    attempt: int
+    function: FunctionRecord
+    args: dict[str, Any]
+    stdin: str | None
+    reason: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Any, function: FunctionRecord) -> Pending:
+        return cls(
+            id=row.id,
+            tenant_id=row.tenant_id,
+            attempt=row.attempt,
+            function=function,
+            args=row.args,
+            stdin=row.stdin,
+            reason=row.pending_reason,
+        )
+
+    @property
+    def request(self) -> Request:
+        spec = self.function.spec
+        return Request(
+            resources=spec.resources,
+            isolation=spec.isolation,
+            labels=spec.placement.labels,
+            regions=tuple(spec.placement.regions),
+        )
+
+    def assignment(self, tier: Tier) -> Assign:
+        spec = self.function.spec
+        return Assign(
+            spec=AssignSpec(
+                id=self.id,
+                attempt=self.attempt,
+                tenant_id=self.tenant_id,
+                function=spec.name,
+                version=self.function.version,
+                argv=render_command(spec.command, self.args),
+                env=spec.env,
+                source=spec.source,
+                source_name=spec.source_name,
+                args=self.args,
+                stdin=self.stdin,
+                timeout_s=spec.timeout_s,
+                resources=spec.resources,
+                isolation=tier,
+            )
+        )
+
+
+@dataclass(slots=True)
+class _Decision:
+    pending: Pending
+    session: NodeSession
+    placement: Placement
+    tier: Tier
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        writer: Writer,
+        registry: NodeRegistry,
+        executions: ExecutionService,
+        functions: FunctionService,
+    ) -> None:
+        self._writer = writer
+        self._registry = registry
+        self._executions = executions
+        self._functions = functions
+        self._pending: dict[str, Pending] = {}
+        self._wake = asyncio.Event()
+        self._scan_due = True
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._loop(), name="treadle-dispatcher"),
+            asyncio.create_task(self._scan_timer(), name="treadle-dispatch-scan"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def enqueue(self, pending: Pending) -> None:
+        self._pending.setdefault(pending.id, pending)
+        self._wake.set()
+
+    def forget(self, execution_id: str) -> None:
+        self._pending.pop(execution_id, None)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def scan_soon(self) -> None:
+        self._scan_due = True
+        self._wake.set()
+
+    async def _scan_timer(self) -> None:
+        while True:
+            await asyncio.sleep(_SCAN_INTERVAL_S)
+            self.scan_soon()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                if self._scan_due:
+                    self._scan_due = False
+                    await self._scan()
+                await self._round()
+            except Exception:
+                log.exception("dispatch round failed; retrying on the next wake-up")
+                self.scan_soon()
+
+    async def _scan(self) -> None:
+        for row in await self._executions.open_unassigned(exclude=set(self._pending)):
+            try:
+                function = await self._functions.get(
+                    row.tenant_id, row.function, row.version, include_deleted=True
+                )
+            except Exception:
+                log.exception("execution %s names a function that cannot be loaded", row.id)
+                continue
+            self._pending.setdefault(row.id, Pending.from_row(row, function))
+
+    async def _round(self) -> None:
+        if not self._pending:
+            return
+        sessions = {s.node_id: s for s in self._registry.sessions()}
+        views = {node_id: s.view() for node_id, s in sessions.items()}
+        decisions: list[_Decision] = []
+        reasons: list[Pending] = []
+        # Within a round, what did not fit for one function version fits no better for the
+        # next execution of it: remember the answer instead of scanning every node again.
+        unschedulable: dict[tuple[str, str, int], Unschedulable] = {}
+        for pending in list(self._pending.values()):
+            shape = (pending.tenant_id, pending.function.spec.name, pending.function.version)
+            result = unschedulable.get(shape) or place(pending.request, views.values())
+            if isinstance(result, Unschedulable):
+                unschedulable[shape] = result
+            if isinstance(result, Placement):
+                session = sessions[result.node_id]
+                tier = pending.function.spec.isolation or session.default_tier()
+                session.reserve((pending.id, pending.attempt), pending.function.spec.resources)
+                views[session.node_id] = session.view()
+                del self._pending[pending.id]
+                decisions.append(_Decision(pending, session, result, tier))
+            elif pending.reason != result.message:
+                pending.reason = result.message
+                reasons.append(pending)
+        if not decisions and not reasons:
+            return
+        try:
+            assigned = await self._writer.run(self._record(decisions, reasons))
+        except Exception:
+            for decision in decisions:
+                decision.session.release((decision.pending.id, decision.pending.attempt))
+                self._pending.setdefault(decision.pending.id, decision.pending)
+            raise
+        for decision in decisions:
+            key = (decision.pending.id, decision.pending.attempt)
+            if decision.pending.id in assigned:
+                decision.session.send(decision.pending.assignment(decision.tier))
+            else:
+                decision.session.release(key)
+
+    @staticmethod
+    def _record(decisions: list[_Decision], reasons: list[Pending]) -> Any:
+        async def write(tx: Tx) -> set[str]:
+            assigned: set[str] = set()
+            for d in decisions:
+                placement = {
+                    "node_id": d.placement.node_id,
+                    "score": d.placement.score,
+                    "breakdown": dict(d.placement.breakdown),
+                    "rejected": dict(d.placement.rejected),
+                    "tier": d.tier.value,
+                }
+                result = await tx.conn.execute(
+                    update(_E)
+                    .where(
+                        _E.c.id == d.pending.id,
+                        _E.c.attempt == d.pending.attempt,
+                        _E.c.state == ExecutionState.OPEN.value,
+                        _E.c.node_id.is_(None),
+                    )
+                    .values(
+                        node_id=d.session.node_id,
+                        placement=placement,
+                        isolation=d.tier.value,
+                        pending_reason=None,
+                    )
+                )
+                if result.rowcount == 1:
+                    assigned.add(d.pending.id)
+            for pending in reasons:
+                await tx.conn.execute(
+                    update(_E)
+                    .where(_E.c.id == pending.id, _E.c.attempt == pending.attempt)
+                    .values(pending_reason=pending.reason)
+                )
+            return assigned
+
+        return write

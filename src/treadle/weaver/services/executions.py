@@ -1,0 +1,287 @@
+"""Executions as users see them: invoke, read, list, cancel, output, wait."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import and_, func, select
+
+from treadle.domain.errors import InvalidRequest, InvalidTransition, NotFound, PayloadTooLarge
+from treadle.domain.execution import Event, ExecutionState, is_terminal
+from treadle.domain.function import render_command
+from treadle.weaver.events.bus import EventBus
+from treadle.weaver.ids import new_id
+from treadle.weaver.services.functions import FunctionRecord, FunctionService
+from treadle.weaver.services.transitions import load_execution, transition
+from treadle.weaver.settings import WeaverSettings
+from treadle.weaver.store import tables
+from treadle.weaver.store.database import Database
+from treadle.weaver.store.writer import Tx, Writer
+from treadle.weaver.views import execution_view
+
+__all__ = ["ExecutionService", "InvokeRequest", "Invoked", "output_complete"]
+
+_E = tables.executions
+_O = tables.output_chunks
+
+
+_INSERT = _E.insert()
+# What a fresh row holds besides the values invoke writes.
+_UNSET = {c.name: None for c in _E.columns}
+
+
+def _new_row(values: dict[str, Any]) -> Any:
+    return SimpleNamespace(**{**_UNSET, **values})
+
+
+class InvokeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    args: dict[str, Any] = Field(default_factory=dict)
+    stdin: str | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+
+@dataclass(frozen=True, slots=True)
+class Invoked:
+    row: Any
+    function: FunctionRecord
+    created: bool
+
+
+def _encode_cursor(row: Any) -> str:
+    return base64.urlsafe_b64encode(row.id.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        value = base64.b64decode(cursor.encode(), altchars=b"-_", validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        value = ""
+    if not value.startswith("ex_"):
+        raise InvalidRequest(
+            "cursor is not one this API returned",
+            details=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
+        )
+    return value
+
+
+class ExecutionService:
+    def __init__(
+        self,
+        db: Database,
+        writer: Writer,
+        bus: EventBus,
+        functions: FunctionService,
+        settings: WeaverSettings,
+        on_cancel: Callable[[Any], None],
+    ) -> None:
+        self._db = db
+        self._writer = writer
+        self._bus = bus
+        self._functions = functions
+        self._settings = settings
+        self._on_cancel = on_cancel
+
+    def check_limits(self, body: InvokeRequest) -> None:
+        args_size = len(json.dumps(body.args, separators=(",", ":")))
+        if args_size > self._settings.max_args_bytes:
+            raise PayloadTooLarge(
+                f"args are {args_size} bytes; the limit is {self._settings.max_args_bytes}",
+                details=[{"loc": ["body", "args"], "limit": self._settings.max_args_bytes}],
+            )
+        if body.stdin is not None and len(body.stdin) > self._settings.max_stdin_bytes:
+            raise PayloadTooLarge(
+                f"stdin is over the limit of {self._settings.max_stdin_bytes} bytes",
+                details=[{"loc": ["body", "stdin"], "limit": self._settings.max_stdin_bytes}],
+            )
+
+    async def invoke(
+        self, tenant_id: str, name: str, body: InvokeRequest, version: int | None = None
+    ) -> Invoked:
+        self.check_limits(body)
+        function = await self._functions.get(tenant_id, name, version)
+        spec = function.spec
+        render_command(spec.command, body.args)  # a missing placeholder is a 422 now, not later
+        execution_id = new_id("ex")
+
+        async def write(tx: Tx) -> tuple[Any, bool]:
+            if body.idempotency_key is not None:
+                existing = (
+                    await tx.conn.execute(
+                        select(_E).where(
+                            _E.c.tenant_id == tenant_id,
+                            _E.c.idempotency_key == body.idempotency_key,
+                        )
+                    )
+                ).first()
+                if existing is not None:
+                    return existing, False
+            values = {
+                "id": execution_id,
+                "tenant_id": tenant_id,
+                "function": spec.name,
+                "version": function.version,
+                "state": ExecutionState.OPEN.value,
+                "attempt": 1,
+                "max_attempts": spec.max_attempts,
+                "args": body.args,
+                "stdin": body.stdin,
+                "idempotency_key": body.idempotency_key,
+                "cancel_requested": False,
+                "resources": spec.resources.model_dump(mode="json"),
+                "isolation": spec.isolation.value if spec.isolation else None,
+                "created_at": tx.now,
+            }
+            await tx.conn.execute(_INSERT, values)
+            tx.emit(
+                "execution.open",
+                execution_id,
+                tenant_id,
+                {"state": "open", "attempt": 1, "function": spec.name},
+            )
+            return _new_row(values), True
+
+        row, created = await self._writer.run(write)
+        return Invoked(row=row, function=function, created=created)
+
+    async def get(self, tenant_id: str, execution_id: str) -> Any:
+        async with self._db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(_E).where(_E.c.id == execution_id, _E.c.tenant_id == tenant_id)
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"execution {execution_id!r} not found", details={"id": execution_id})
+        return row
+
+    async def page(
+        self,
+        tenant_id: str,
+        *,
+        state: ExecutionState | None = None,
+        function: str | None = None,
+        node_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        query = select(_E).where(_E.c.tenant_id == tenant_id)
+        if state is not None:
+            query = query.where(_E.c.state == state.value)
+        if function is not None:
+            query = query.where(_E.c.function == function)
+        if node_id is not None:
+            query = query.where(_E.c.node_id == node_id)
+        if cursor is not None:
+            query = query.where(_E.c.id < _decode_cursor(cursor))
+        query = query.order_by(_E.c.id.desc()).limit(limit + 1)
+        async with self._db.read() as conn:
+            rows = list(await conn.execute(query))
+        next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        return [execution_view(row) for row in rows[:limit]], next_cursor
+
+    async def cancel(self, tenant_id: str, execution_id: str) -> Any:
+        async def write(tx: Tx) -> tuple[Any, Any]:
+            while True:
+                row = await load_execution(tx, execution_id, tenant_id)
+                if is_terminal(ExecutionState(row.state)):
+                    raise InvalidTransition(
+                        f"execution {execution_id} already ended ({row.state})",
+                        details={"id": execution_id, "state": row.state},
+                    )
+                if await transition(
+                    tx, row, Event.CANCEL, error="cancelled", cancel_requested=True
+                ):
+                    return row, await load_execution(tx, execution_id)
+
+        before, after = await self._writer.run(write)
+        self._on_cancel(before)
+        return after
+
+    async def wait(self, tenant_id: str, execution_id: str, within: float) -> Any:
+        """The execution once terminal, or as it is when `within` seconds pass."""
+        deadline = time.monotonic() + within
+        subscription = self._bus.subscribe([f"execution.{execution_id}"])
+        try:
+            row = await self.get(tenant_id, execution_id)
+            while not is_terminal(ExecutionState(row.state)):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                event = await subscription.get(within=remaining)
+                if event is None:
+                    break
+                if is_terminal(ExecutionState(event.data["state"])):
+                    row = await self.get(tenant_id, execution_id)
+            return row
+        finally:
+            subscription.close()
+
+    async def output(self, row: Any, after_seq: int | None = None) -> dict[str, Any]:
+        query = select(_O.c.stream, _O.c.seq, _O.c.data).where(
+            _O.c.execution_id == row.id, _O.c.attempt == row.attempt
+        )
+        if after_seq is not None:
+            query = query.where(_O.c.seq > after_seq)
+        async with self._db.read() as conn:
+            chunks = list(await conn.execute(query.order_by(_O.c.seq)))
+            stored = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(_O)
+                    .where(and_(_O.c.execution_id == row.id, _O.c.attempt == row.attempt))
+                )
+            ).scalar_one()
+        stdout = "".join(c.data for c in chunks if c.stream == "stdout")
+        stderr = "".join(c.data for c in chunks if c.stream == "stderr")
+        next_seq = chunks[-1].seq + 1 if chunks else (after_seq + 1 if after_seq is not None else 0)
+        return {
+            "stdout": stdout,
+            "stderr": stderr,
+            "attempt": row.attempt,
+            "complete": output_complete(row, stored),
+            "next_seq": next_seq,
+        }
+
+    async def chunks_after(self, row: Any, after_seq: int) -> list[Any]:
+        async with self._db.read() as conn:
+            return list(
+                await conn.execute(
+                    select(_O.c.stream, _O.c.seq, _O.c.data)
+                    .where(
+                        _O.c.execution_id == row.id,
+                        _O.c.attempt == row.attempt,
+                        _O.c.seq > after_seq,
+                    )
+                    .order_by(_O.c.seq)
+                )
+            )
+
+    async def open_unassigned(self, exclude: set[str], limit: int = 1000) -> list[Any]:
+        query = (
+            select(_E)
+            .where(_E.c.state == ExecutionState.OPEN.value, _E.c.node_id.is_(None))
+            .order_by(_E.c.id)
+            .limit(limit + len(exclude))
+        )
+        async with self._db.read() as conn:
+            rows = [r for r in await conn.execute(query) if r.id not in exclude]
+        return rows[:limit]
+
+
+def output_complete(row: Any, stored: int) -> bool:
+    """All output is stored once the execution ended and its node reported how many chunks it
+    made; an execution that never ran has none to wait for."""
+    if not is_terminal(ExecutionState(row.state)):
+        return False
+    if row.output_chunks is not None:
+        return bool(stored >= row.output_chunks)
+    return row.running_at is None

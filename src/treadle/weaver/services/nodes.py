@@ -1,0 +1,228 @@
+"""Nodes: the live sessions of connected Shuttles (in memory) and their stored records.
+
+What a node holds is tracked per attempt from assignment until the node reports the exit
+(Nomad's observed state), independently of the execution's state: a cancelled execution
+still occupies its node until the node says its process tree is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import case, select, update
+
+from treadle.domain.errors import NotFound
+from treadle.domain.node import NodeState
+from treadle.domain.resources import Resources, Tier
+from treadle.protocol import Hello, WeaverMessage
+from treadle.scheduler import NodeView
+from treadle.weaver.ids import new_id, new_secret
+from treadle.weaver.services.auth import hash_secret
+from treadle.weaver.store import tables
+from treadle.weaver.store.database import Database
+from treadle.weaver.store.writer import Tx, Writer
+from treadle.weaver.views import iso
+
+__all__ = ["NodeRegistry", "NodeService", "NodeSession"]
+
+_N = tables.nodes
+_ZERO = Resources.model_construct(
+    cpu_millicores=0, memory_mib=0, disk_mib=0, gpu_count=0, gpu_type=None
+)
+AttemptKey = tuple[str, int]
+
+
+@dataclass(eq=False)
+class NodeSession:
+    node_id: str
+    hello: Hello
+    outbox: asyncio.Queue[WeaverMessage | None] = field(default_factory=asyncio.Queue)
+    draining: bool = False
+    attempts: dict[AttemptKey, Resources] = field(default_factory=dict)
+    allocated: Resources = _ZERO
+    last_heartbeat: float = field(default_factory=time.time)
+
+    @property
+    def capacity(self) -> Resources:
+        return self.hello.capacity
+
+    def send(self, message: WeaverMessage) -> None:
+        self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
+    def reserve(self, key: AttemptKey, resources: Resources) -> None:
+        if key not in self.attempts:
+            self.attempts[key] = resources
+            self.allocated = self.allocated.plus(resources)
+
+    def release(self, key: AttemptKey) -> bool:
+        resources = self.attempts.pop(key, None)
+        if resources is None:
+            return False
+        self.allocated = self.allocated.minus(resources)
+        return True
+
+    def default_tier(self) -> Tier:
+        return max(self.hello.runtimes, key=lambda tier: tier.strength)
+
+    def view(self) -> NodeView:
+        capacity = self.hello.capacity
+        return NodeView(
+            id=self.node_id,
+            capacity=capacity,
+            free=capacity.minus(self.allocated),
+            runtimes=frozenset(self.hello.runtimes),
+            ready=not self.draining,
+            labels=self.hello.labels,
+            region=self.hello.region,
+        )
+
+
+class NodeRegistry:
+    """Connected sessions by node id; at most one per node (a reconnect replaces the old)."""
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self._sessions: dict[str, NodeSession] = {}
+        self._on_change = on_change
+
+    def add(self, session: NodeSession) -> None:
+        old = self._sessions.get(session.node_id)
+        if old is not None and old is not session:
+            old.close()
+        self._sessions[session.node_id] = session
+        self._on_change()
+
+    def remove(self, session: NodeSession) -> bool:
+        if self._sessions.get(session.node_id) is session:
+            del self._sessions[session.node_id]
+            self._on_change()
+            return True
+        return False
+
+    def get(self, node_id: str | None) -> NodeSession | None:
+        return self._sessions.get(node_id) if node_id else None
+
+    def send(self, node_id: str | None, message: WeaverMessage) -> bool:
+        session = self.get(node_id)
+        if session is None:
+            return False
+        session.send(message)
+        return True
+
+    def sessions(self) -> list[NodeSession]:
+        return list(self._sessions.values())
+
+
+class NodeService:
+    def __init__(self, db: Database, writer: Writer, registry: NodeRegistry) -> None:
+        self._db = db
+        self._writer = writer
+        self._registry = registry
+
+    async def register(self, hello: Hello, node_id: str | None) -> tuple[str, str | None]:
+        """Store what the node said about itself; a new node gets an id and a secret."""
+        secret = None if node_id else new_secret("ns")
+        fields: dict[str, Any] = {
+            "name": hello.name,
+            "state": NodeState.READY.value,
+            "provider": hello.provider,
+            "region": hello.region,
+            "zone": hello.zone,
+            "labels": hello.labels,
+            "capacity": hello.capacity.model_dump(mode="json"),
+            "runtimes": [tier.value for tier in hello.runtimes],
+            "price_per_hour": hello.price_per_hour,
+        }
+
+        async def write(tx: Tx) -> str:
+            if node_id is not None:
+                # A drained node stays drained when it reconnects.
+                fields["state"] = case(
+                    (_N.c.state == NodeState.DRAINING.value, NodeState.DRAINING.value),
+                    else_=NodeState.READY.value,
+                )
+                await tx.conn.execute(
+                    update(_N).where(_N.c.id == node_id).values(last_heartbeat=tx.now, **fields)
+                )
+                tx.emit("node.ready", node_id, None, {"name": hello.name})
+                return node_id
+            new = new_id("nd")
+            assert secret is not None
+            await tx.conn.execute(
+                _N.insert().values(
+                    id=new,
+                    secret_hash=hash_secret(secret),
+                    created_at=tx.now,
+                    last_heartbeat=tx.now,
+                    **fields,
+                )
+            )
+            tx.emit("node.joined", new, None, {"name": hello.name})
+            return new
+
+        return await self._writer.run(write), secret
+
+    async def is_draining(self, node_id: str) -> bool:
+        async with self._db.read() as conn:
+            state = (
+                await conn.execute(select(_N.c.state).where(_N.c.id == node_id))
+            ).scalar_one_or_none()
+        return state == NodeState.DRAINING.value
+
+    async def set_state(self, node_id: str, state: NodeState) -> None:
+        async def write(tx: Tx) -> None:
+            await tx.conn.execute(
+                update(_N)
+                .where(_N.c.id == node_id)
+                .values(state=state.value, last_heartbeat=tx.now)
+            )
+            tx.emit(f"node.{state.value}", node_id, None, {})
+
+        await self._writer.run(write)
+
+    async def list_nodes(self) -> list[dict[str, Any]]:
+        async with self._db.read() as conn:
+            rows = list(await conn.execute(select(_N).order_by(_N.c.created_at)))
+        return [self._view(row) for row in rows]
+
+    async def get(self, node_id: str) -> dict[str, Any]:
+        async with self._db.read() as conn:
+            row = (await conn.execute(select(_N).where(_N.c.id == node_id))).first()
+        if row is None:
+            raise NotFound(f"node {node_id!r} not found", details={"id": node_id})
+        return self._view(row)
+
+    async def drain(self, node_id: str) -> dict[str, Any]:
+        await self.get(node_id)
+        session = self._registry.get(node_id)
+        if session is not None:
+            session.draining = True
+        await self.set_state(node_id, NodeState.DRAINING)
+        return await self.get(node_id)
+
+    def _view(self, row: Any) -> dict[str, Any]:
+        session = self._registry.get(row.id)
+        allocated = session.allocated if session else _ZERO
+        return {
+            "id": row.id,
+            "name": row.name,
+            "state": row.state,
+            "provider": row.provider,
+            "region": row.region,
+            "zone": row.zone,
+            "labels": row.labels,
+            "capacity": row.capacity,
+            "allocated": allocated.model_dump(mode="json"),
+            "runtimes": row.runtimes,
+            "price_per_hour": row.price_per_hour,
+            "last_heartbeat": iso(session.last_heartbeat if session else row.last_heartbeat),
+            "connected": session is not None,
+            "running": len(session.attempts) if session else 0,
+            "created_at": iso(row.created_at),
+        }

@@ -1,0 +1,180 @@
+"""What nodes report: hello (reconcile), started, output, exited.
+
+Each handler runs inside a writer transaction and returns the frames to send back. Every
+report is fenced: one about an attempt that is not the execution's current attempt on this
+node is not applied, and the node is told to kill that attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select, update
+
+from treadle.domain.execution import Event, ExecutionState, exit_outcome, is_terminal
+from treadle.domain.resources import Resources
+from treadle.protocol import Ack, AttemptRef, Cancel, Exited, Output, Started, WeaverMessage
+from treadle.weaver.services.nodes import NodeSession
+from treadle.weaver.services.transitions import transition
+from treadle.weaver.store import tables
+from treadle.weaver.store.statements import (
+    EXECUTION_BY_ID,
+    EXECUTION_FENCE,
+    EXECUTION_UPDATE_ATTEMPT,
+)
+from treadle.weaver.store.writer import Tx
+
+__all__ = ["ReportService"]
+
+_E = tables.executions
+_O = tables.output_chunks
+_ACTIVE = (ExecutionState.OPEN.value, ExecutionState.RUNNING.value)
+
+
+async def _current(tx: Tx, execution_id: str) -> Any:
+    return (await tx.conn.execute(EXECUTION_BY_ID, {"_id": execution_id})).first()
+
+
+def _is_current(row: Any, session: NodeSession, attempt: int) -> bool:
+    return row is not None and row.attempt == attempt and row.node_id == session.node_id
+
+
+def _cost(session: NodeSession, resources: Resources, wall_ms: float) -> float:
+    """The requested share of the node's hourly price for the time the attempt ran."""
+    cap = session.capacity
+    share = max(
+        resources.cpu_millicores / cap.cpu_millicores if cap.cpu_millicores else 0.0,
+        resources.memory_mib / cap.memory_mib if cap.memory_mib else 0.0,
+    )
+    return session.hello.price_per_hour * min(share, 1.0) * wall_ms / 3_600_000
+
+
+class ReportService:
+    def __init__(self, on_capacity: Callable[[], None], on_requeue: Callable[[], None]) -> None:
+        self._on_capacity = on_capacity
+        self._on_requeue = on_requeue
+
+    async def hello(
+        self, tx: Tx, session: NodeSession, running: list[AttemptRef]
+    ) -> list[WeaverMessage]:
+        """Reconcile what the node runs with what Weaver expects of it (DESIGN §3)."""
+        reported = {(ref.id, ref.attempt) for ref in running}
+        expected = list(
+            await tx.conn.execute(
+                select(_E).where(_E.c.node_id == session.node_id, _E.c.state.in_(_ACTIVE))
+            )
+        )
+        requeued = False
+        for row in expected:
+            key = (row.id, row.attempt)
+            if key in reported:
+                session.reserve(key, Resources.model_validate(row.resources))
+                reported.discard(key)
+            elif row.state == ExecutionState.OPEN.value:
+                # Assigned, but the node never got it: place it again.
+                await tx.conn.execute(
+                    update(_E)
+                    .where(_E.c.id == row.id, _E.c.attempt == row.attempt, _E.c.state == row.state)
+                    .values(node_id=None, placement=None)
+                )
+                requeued = True
+            else:
+                requeued |= await self.lose(tx, row)
+        # Still reported but not active here: either it ended on Weaver's side (cancelled)
+        # and its exit report is on the way, or it is stale and must be killed.
+        cancels: list[WeaverMessage] = []
+        for execution_id, attempt in reported:
+            row = await _current(tx, execution_id)
+            if _is_current(row, session, attempt):
+                session.reserve((execution_id, attempt), Resources.model_validate(row.resources))
+            else:
+                cancels.append(Cancel(id=execution_id, attempt=attempt, reason="stale"))
+        if requeued:
+            tx.after_commit.append(self._on_requeue)
+        return cancels
+
+    async def lose(self, tx: Tx, row: Any) -> bool:
+        """The attempt is gone with its node: run it again, or fail when attempts are spent."""
+        if row.attempt < row.max_attempts:
+            return await transition(
+                tx,
+                row,
+                Event.REQUEUE,
+                attempt=row.attempt + 1,
+                node_id=None,
+                placement=None,
+                running_at=None,
+                pending_reason=None,
+            )
+        await transition(tx, row, Event.GIVE_UP, error="node_lost")
+        return False
+
+    async def started(self, tx: Tx, session: NodeSession, msg: Started) -> list[WeaverMessage]:
+        row = await _current(tx, msg.id)
+        if not _is_current(row, session, msg.attempt):
+            return [Cancel(id=msg.id, attempt=msg.attempt, reason="stale")]
+        if row.state == ExecutionState.OPEN.value:
+            await transition(tx, row, Event.START)
+            return []
+        if is_terminal(ExecutionState(row.state)):
+            # Cancelled between assignment and start: make sure the process is killed.
+            return [Cancel(id=msg.id, attempt=msg.attempt, reason=row.error or "cancelled")]
+        return []
+
+    async def output(self, tx: Tx, session: NodeSession, msg: Output) -> list[WeaverMessage]:
+        last = msg.chunks[-1].seq
+        current = (await tx.conn.execute(EXECUTION_FENCE, {"_id": msg.id})).first()
+        ack = Ack(id=msg.id, attempt=msg.attempt, seq=last)
+        if not _is_current(current, session, msg.attempt):
+            return [ack, Cancel(id=msg.id, attempt=msg.attempt, reason="stale")]
+        await tx.conn.execute(
+            tx.db.insert_ignoring_conflicts(_O),
+            [
+                {
+                    "execution_id": msg.id,
+                    "attempt": msg.attempt,
+                    "seq": chunk.seq,
+                    "stream": chunk.stream,
+                    "data": chunk.data,
+                }
+                for chunk in msg.chunks
+            ],
+        )
+        tx.notify(f"output.{msg.id}", msg.id, {"attempt": msg.attempt, "seq": last})
+        return [ack]
+
+    async def exited(self, tx: Tx, session: NodeSession, msg: Exited) -> list[WeaverMessage]:
+        key = (msg.id, msg.attempt)
+
+        def release() -> None:
+            if session.release(key):
+                self._on_capacity()
+
+        tx.after_commit.append(release)
+        ack: list[WeaverMessage] = [Ack(id=msg.id, attempt=msg.attempt, exited=True)]
+        row = await _current(tx, msg.id)
+        if not _is_current(row, session, msg.attempt):
+            return ack
+        resources = Resources.model_validate(row.resources)
+        facts = {
+            "exit_code": msg.exit_code,
+            "output_chunks": msg.chunks,
+            "duration_ms": msg.usage.wall_ms,
+            "cost": _cost(session, resources, msg.usage.wall_ms),
+        }
+        if row.state == ExecutionState.OPEN.value:
+            await transition(tx, row, Event.START)
+            row = await _current(tx, msg.id)
+        if row.state == ExecutionState.RUNNING.value:
+            outcome = exit_outcome(msg.exit_code, msg.reason)
+            await transition(
+                tx, row, outcome.event, result=msg.result, error=outcome.reason, **facts
+            )
+        else:
+            # Already ended (cancelled, or by the backstop): keep what the node observed.
+            await tx.conn.execute(
+                EXECUTION_UPDATE_ATTEMPT, {"_id": msg.id, "_attempt": msg.attempt, **facts}
+            )
+            tx.notify(f"execution.{msg.id}", msg.id, {"state": row.state, "settled": True})
+        return ack

@@ -1,0 +1,56 @@
+"""The one place that changes an execution's state: applies the domain transition table,
+writes with compare-and-swap on (state, attempt), and records the event in the same
+transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treadle.domain.errors import NotFound
+from treadle.domain.execution import Event, ExecutionState, apply, is_terminal
+from treadle.weaver.store import tables
+from treadle.weaver.store.statements import EXECUTION_BY_ID, EXECUTION_CAS
+from treadle.weaver.store.writer import Tx
+
+__all__ = ["load_execution", "transition"]
+
+_E = tables.executions
+
+
+async def load_execution(tx: Tx, execution_id: str, tenant_id: str | None = None) -> Any:
+    row = (await tx.conn.execute(EXECUTION_BY_ID, {"_id": execution_id})).first()
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+        raise NotFound(f"execution {execution_id!r} not found", details={"id": execution_id})
+    return row
+
+
+async def transition(tx: Tx, row: Any, event: Event, **values: Any) -> bool:
+    """Move `row` by `event`; False when another writer changed it first (the caller re-reads).
+
+    Raises InvalidTransition when `event` is not valid in the row's state.
+    """
+    state = apply(ExecutionState(row.state), event)
+    values["state"] = state.value
+    if state is ExecutionState.RUNNING:
+        values.setdefault("running_at", tx.now)
+    if is_terminal(state):
+        values.setdefault("ended_at", tx.now)
+    result = await tx.conn.execute(
+        EXECUTION_CAS, {"_id": row.id, "_state": row.state, "_attempt": row.attempt, **values}
+    )
+    if result.rowcount != 1:
+        return False
+    tx.emit(
+        f"execution.{state.value}",
+        row.id,
+        row.tenant_id,
+        {
+            "state": state.value,
+            "previous": row.state,
+            "attempt": values.get("attempt", row.attempt),
+            "node_id": values.get("node_id", row.node_id),
+            "exit_code": values.get("exit_code"),
+            "error": values.get("error"),
+        },
+    )
+    return True

@@ -1,0 +1,39 @@
+"""Weaver settings: defaults < environment (TREADLE_*) < flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["WeaverSettings", "default_home"]
+
+
+def default_home() -> Path:
+    explicit = os.environ.get("TREADLE_HOME")
+    if explicit:
+        return Path(explicit)
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "treadle"
+
+
+class WeaverSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TREADLE_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home)
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8700
+    heartbeat_s: float = Field(default=1.0, gt=0)
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_args_bytes: int = 256 * 1024
+    max_stdin_bytes: int = 6 * 1024 * 1024
+    max_wait_s: float = 300.0
+    log_level: str = "warning"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'treadle.db'}"

@@ -1,0 +1,1 @@
+"""Persistent state behind one seam: SQLAlchemy Core on SQLite (default) or PostgreSQL."""

@@ -1,0 +1,28 @@
+"""Statements on the hot path, built once: SQLAlchemy then reuses their compiled form and
+cache key instead of rebuilding both on every call."""
+
+from __future__ import annotations
+
+from sqlalchemy import bindparam, select, update
+
+from treadle.weaver.store import tables
+
+__all__ = ["EXECUTION_BY_ID", "EXECUTION_CAS", "EXECUTION_FENCE", "EXECUTION_UPDATE_ATTEMPT"]
+
+_E = tables.executions
+
+EXECUTION_BY_ID = select(_E).where(_E.c.id == bindparam("_id"))
+
+# The attempt and node an execution is on: enough to fence a report without the whole row.
+EXECUTION_FENCE = select(_E.c.attempt, _E.c.node_id).where(_E.c.id == bindparam("_id"))
+
+# Compare-and-swap: the SET columns come from the parameters' other keys.
+EXECUTION_CAS = update(_E).where(
+    _E.c.id == bindparam("_id"),
+    _E.c.state == bindparam("_state"),
+    _E.c.attempt == bindparam("_attempt"),
+)
+
+EXECUTION_UPDATE_ATTEMPT = update(_E).where(
+    _E.c.id == bindparam("_id"), _E.c.attempt == bindparam("_attempt")
+)

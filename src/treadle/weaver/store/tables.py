@@ -1,0 +1,148 @@
+"""The schema, as SQLAlchemy Core tables. Migrations create it; nothing calls create_all.
+
+Times are Unix seconds (REAL/DOUBLE): one representation on every backend, cheap to compare.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+__all__ = [
+    "api_keys",
+    "events",
+    "executions",
+    "functions",
+    "join_tokens",
+    "metadata",
+    "nodes",
+    "output_chunks",
+    "tenants",
+]
+
+metadata = MetaData()
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id"), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("admin", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
+)
+
+join_tokens = Table(
+    "join_tokens",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(253), nullable=False),
+    Column("secret_hash", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("region", String(64)),
+    Column("zone", String(64)),
+    Column("labels", JSON, nullable=False),
+    Column("capacity", JSON, nullable=False),
+    Column("runtimes", JSON, nullable=False),
+    Column("price_per_hour", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_heartbeat", Float),
+)
+
+functions = Table(
+    "functions",
+    metadata,
+    Column("tenant_id", String(40), ForeignKey("tenants.id"), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("spec", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("deleted_at", Float),
+)
+
+executions = Table(
+    "executions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id"), nullable=False),
+    Column("function", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("node_id", String(40)),
+    Column("placement", JSON),
+    Column("resources", JSON, nullable=False),
+    Column("isolation", String(16)),
+    Column("pending_reason", Text),
+    Column("args", JSON, nullable=False),
+    Column("stdin", Text),
+    Column("idempotency_key", String(255)),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("exit_code", Integer),
+    Column("result", JSON),
+    Column("error", String(128)),
+    Column("output_chunks", Integer),
+    Column("created_at", Float, nullable=False),
+    Column("running_at", Float),
+    Column("ended_at", Float),
+    Column("duration_ms", Float),
+    Column("cost", Float),
+    UniqueConstraint("tenant_id", "idempotency_key", name="uq_executions_idempotency"),
+)
+Index("ix_executions_tenant_id", executions.c.tenant_id, executions.c.id)
+Index("ix_executions_state", executions.c.state, executions.c.node_id)
+
+output_chunks = Table(
+    "output_chunks",
+    metadata,
+    Column("execution_id", String(40), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("stream", String(8), nullable=False),
+    Column("data", Text, nullable=False),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("type", String(64), nullable=False),
+    Column("tenant_id", String(40)),
+    Column("subject_id", String(40), nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+Index("ix_events_subject", events.c.subject_id)

@@ -1,0 +1,145 @@
+"""Group commit: every write goes through one queue; the writer runs whatever is queued in
+one transaction, records the events it emitted in the same transaction (outbox), commits, and
+only then publishes them and resolves the callers.
+
+A batch that raises is rolled back and its writes are retried one transaction each, so one
+bad write fails alone and never takes its neighbours with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from treadle.weaver.events.bus import BusEvent, EventBus
+from treadle.weaver.ids import new_id
+from treadle.weaver.store import tables
+from treadle.weaver.store.database import Conn, Database
+
+__all__ = ["Tx", "WriteFn", "Writer"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Tx:
+    """What a write function gets: the connection of the open transaction, and a place to
+    emit events (stored with the transaction) or notifications (published only)."""
+
+    conn: Conn
+    db: Database
+    now: float
+    events: list[BusEvent] = field(default_factory=list)
+    stored: list[dict[str, Any]] = field(default_factory=list)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    def emit(self, type: str, subject_id: str, tenant_id: str | None, data: dict[str, Any]) -> None:
+        event = BusEvent(
+            id=new_id("ev"),
+            type=type,
+            topic=f"{type.split('.', 1)[0]}.{subject_id}",
+            subject_id=subject_id,
+            tenant_id=tenant_id,
+            data=data,
+            created_at=self.now,
+        )
+        self.events.append(event)
+        self.stored.append(
+            {
+                "id": event.id,
+                "type": type,
+                "tenant_id": tenant_id,
+                "subject_id": subject_id,
+                "data": data,
+                "created_at": self.now,
+            }
+        )
+
+    def notify(self, topic: str, subject_id: str, data: dict[str, Any]) -> None:
+        self.events.append(
+            BusEvent(
+                id=new_id("nt"),
+                type="notify",
+                topic=topic,
+                subject_id=subject_id,
+                data=data,
+                created_at=self.now,
+            )
+        )
+
+
+WriteFn = Callable[[Tx], Awaitable[T]]
+_Item = tuple[WriteFn[Any], "asyncio.Future[Any]"]
+
+
+class Writer:
+    def __init__(self, db: Database, bus: EventBus, max_batch: int = 512) -> None:
+        self._db = db
+        self._bus = bus
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="treadle-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def submit(self, fn: WriteFn[T]) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((fn, future))
+        return future
+
+    async def run(self, fn: WriteFn[T]) -> T:
+        return await self.submit(fn)
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            except Exception as exc:
+                if len(batch) == 1:
+                    self._fail(batch[0], exc)
+                    continue
+                for item in batch:
+                    try:
+                        await self._commit([item])
+                    except Exception as item_exc:
+                        self._fail(item, item_exc)
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        tx: Tx | None = None
+        results: list[Any] = []
+        async with self._db.transaction() as conn:
+            tx = Tx(conn=conn, db=self._db, now=time.time())
+            for fn, _future in batch:
+                results.append(await fn(tx))
+            if tx.stored:
+                await conn.execute(tables.events.insert(), tx.stored)
+        for callback in tx.after_commit:
+            callback()
+        if tx.events:
+            await self._bus.publish(tx.events)
+        for (_fn, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    @staticmethod
+    def _fail(item: _Item, exc: BaseException) -> None:
+        future = item[1]
+        if not future.done():
+            future.set_exception(exc)

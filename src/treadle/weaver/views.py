@@ -1,0 +1,49 @@
+"""Rows as the API shows them. Times become ISO 8601 UTC strings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from treadle.domain.execution import ExecutionState, is_terminal
+
+__all__ = ["execution_view", "iso"]
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def execution_view(row: Any) -> dict[str, Any]:
+    state = ExecutionState(row.state)
+    timestamps: dict[str, str | None] = {"open": iso(row.created_at)}
+    if row.running_at is not None:
+        timestamps["running"] = iso(row.running_at)
+    if is_terminal(state):
+        timestamps[state.value] = iso(row.ended_at)
+    return {
+        "id": row.id,
+        "tenant_id": row.tenant_id,
+        "function": row.function,
+        "version": row.version,
+        "state": state.value,
+        "attempt": row.attempt,
+        "max_attempts": row.max_attempts,
+        "node_id": row.node_id,
+        "exit_code": row.exit_code,
+        "result": row.result,
+        "error": row.error,
+        "pending_reason": row.pending_reason,
+        "args": row.args,
+        "idempotency_key": row.idempotency_key,
+        "cancel_requested": bool(row.cancel_requested),
+        "isolation": row.isolation,
+        "resources": row.resources,
+        "placement": row.placement,
+        "timestamps": timestamps,
+        "created_at": iso(row.created_at),
+        "duration_ms": row.duration_ms,
+        "cost": row.cost,
+    }

@@ -1,0 +1,434 @@
+"""The contract every isolation runtime honours (DESIGN §4).
+
+Parametrized over `available_runtimes()`, so each new tier joins this suite by being
+available. Programs that need to be stepped from the test wait on a FIFO "gate" the test
+opens: the test releases them after it has seen their previous output, which makes ordering
+observable without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import select
+import stat
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from treadle.domain.resources import Resources, Tier
+from treadle.protocol.messages import AssignSpec
+from treadle.shuttle.output import OutputDecoder
+from treadle.shuttle.reaper import reap_orphans
+from treadle.shuttle.runtimes import (
+    ExitStatus,
+    Runtime,
+    RuntimeHandle,
+    Stream,
+    available_runtimes,
+)
+from treadle.shuttle.settings import ShuttleSettings
+
+PY = "/usr/bin/python3"  # not the PATH `python3`, which may be a slow pyenv shim
+
+
+def _settings(home: Path) -> ShuttleSettings:
+    return ShuttleSettings(
+        weaver_url="http://127.0.0.1:9", home=home, allow_process_runtime=True, token=None
+    )
+
+
+TIERS = sorted(available_runtimes(_settings(Path("/nonexistent"))), key=lambda t: t.strength)
+
+
+@pytest.fixture(params=TIERS, ids=str)
+def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> Runtime:
+    return available_runtimes(_settings(tmp_path / "home"))[request.param]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path / "home" / "work" / "ex_1-1"
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Gate]:
+    path = tmp_path / "gate"
+    os.mkfifo(path)
+    # O_RDWR: opening does not block, and the program's open for reading finds a writer.
+    fd = os.open(path, os.O_RDWR)
+    try:
+        yield Gate(path, fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Gate:
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        os.write(self.fd, b"x")
+
+
+# The program side of the gate: `wait()` returns once per `Gate.release()`.
+GATED = """
+import json, os, sys
+args = json.load(open(os.environ["TREADLE_ARGS_FILE"]))
+gate = open(args["gate"], "rb", buffering=0)
+def wait():
+    gate.read(1)
+"""
+
+
+def spec(argv: list[str], **overrides: Any) -> AssignSpec:
+    fields: dict[str, Any] = {
+        "id": "ex_1",
+        "attempt": 1,
+        "tenant_id": "tn_1",
+        "function": "fn",
+        "version": 1,
+        "argv": argv,
+        "timeout_s": 30,
+        "resources": Resources(),
+        "isolation": Tier.PROCESS,
+    }
+    fields.update(overrides)
+    return AssignSpec(**fields)
+
+
+def gone(path: str | Path) -> bool:
+    return not Path(path).exists()
+
+
+@dataclass
+class Run:
+    output: list[tuple[Stream, bytes]]
+    status: ExitStatus
+
+    def text(self, stream: str) -> str:
+        return b"".join(data for s, data in self.output if s == stream).decode()
+
+
+async def run(runtime: Runtime, s: AssignSpec, workdir: Path) -> Run:
+    async with asyncio.timeout(20):
+        handle = await runtime.start(s, workdir)
+        output = [item async for item in handle.output()]
+        return Run(output, await handle.wait())
+
+
+@contextlib.asynccontextmanager
+async def started(runtime: Runtime, s: AssignSpec, workdir: Path) -> AsyncIterator[RuntimeHandle]:
+    async with asyncio.timeout(20):
+        handle = await runtime.start(s, workdir)
+        try:
+            yield handle
+        finally:
+            handle.kill()
+            async for _ in handle.output():
+                pass
+            await handle.wait()
+
+
+async def test_runs_a_program_and_reports_its_output(runtime: Runtime, workdir: Path) -> None:
+    result = await run(runtime, spec(["/bin/echo", "13"]), workdir)
+
+    assert result.output == [("stdout", b"13\n")]
+    assert result.status.exit_code == 0
+    assert result.status.reason is None
+    assert result.status.result is None
+    assert result.status.usage.wall_ms > 0
+
+
+async def test_args_env_and_stdin_reach_the_code(runtime: Runtime, workdir: Path) -> None:
+    code = """
+import json, os, sys
+print(json.dumps({
+    "args": json.load(open(os.environ["TREADLE_ARGS_FILE"])),
+    "args_file": os.environ["TREADLE_ARGS_FILE"],
+    "env": {k: v for k, v in os.environ.items() if k != "PWD"},
+    "cwd": os.getcwd(),
+    "stdin": sys.stdin.read(),
+}))
+"""
+    s = spec(
+        [PY, "-c", code],
+        args={"x": 4, "names": ["a", "b"]},
+        env={"GREETING": "hello"},
+        stdin="line one\nline two é\n",
+        id="ex_abc",
+        attempt=2,
+        function="adder",
+    )
+
+    result = await run(runtime, s, workdir)
+
+    assert result.status.exit_code == 0, result.text("stderr")
+    seen = json.loads(result.text("stdout"))
+    assert seen["args"] == {"x": 4, "names": ["a", "b"]}
+    assert Path(seen["args_file"]).is_absolute()
+    assert seen["stdin"] == "line one\nline two é\n"
+    env = seen["env"]
+    assert env["GREETING"] == "hello"
+    assert env["TREADLE_EXECUTION_ID"] == "ex_abc"
+    assert env["TREADLE_ATTEMPT"] == "2"
+    assert env["TREADLE_FUNCTION"] == "adder"
+    assert env["TREADLE_RESULT_FD"] == "3"
+    assert env["HOME"] == env["TMPDIR"] == seen["cwd"]
+    assert env["LANG"] == "C.UTF-8"
+
+
+async def test_stdin_is_empty_when_not_given(runtime: Runtime, workdir: Path) -> None:
+    # `cat` would block forever on an inherited terminal or an open pipe.
+    result = await run(runtime, spec(["cat"]), workdir)
+
+    assert result.output == []
+    assert result.status.exit_code == 0
+
+
+async def test_shuttle_environment_is_not_visible(
+    runtime: Runtime, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TREADLE_SHUTTLE_TOKEN", "join-secret-1234")
+    monkeypatch.setenv("LEAKY", "leak")
+
+    result = await run(runtime, spec(["/usr/bin/env"]), workdir)
+
+    env = result.text("stdout")
+    assert "join-secret-1234" not in env
+    assert "TREADLE_SHUTTLE_TOKEN" not in env
+    assert "LEAKY" not in env
+    assert "TREADLE_EXECUTION_ID=ex_1" in env
+
+
+async def test_stdout_and_stderr_arrive_in_order_of_production(
+    runtime: Runtime, workdir: Path, gate: Gate
+) -> None:
+    code = (
+        GATED
+        + """
+for i, stream in enumerate([sys.stdout, sys.stderr, sys.stdout, sys.stderr]):
+    stream.write(f"{i}\\n")
+    stream.flush()
+    wait()
+"""
+    )
+    async with started(
+        runtime, spec([PY, "-c", code], args={"gate": str(gate.path)}), workdir
+    ) as h:
+        seen = []
+        async for item in h.output():
+            seen.append(item)
+            gate.release()
+        status = await h.wait()
+
+    assert seen == [("stdout", b"0\n"), ("stderr", b"1\n"), ("stdout", b"2\n"), ("stderr", b"3\n")]
+    assert status.exit_code == 0
+
+
+async def test_a_character_split_across_writes_arrives_intact(
+    runtime: Runtime, workdir: Path, gate: Gate
+) -> None:
+    code = (
+        GATED
+        + """
+os.write(1, b"caf\\xc3")
+wait()
+os.write(1, b"\\xa9\\n")
+"""
+    )
+    decoder = OutputDecoder()
+    text = []
+    reads = []
+    async with started(
+        runtime, spec([PY, "-c", code], args={"gate": str(gate.path)}), workdir
+    ) as h:
+        async for stream, data in h.output():
+            reads.append(data)
+            text += decoder.feed(stream, data)
+            gate.release()
+    text += [t for _, t in decoder.finish()]
+
+    assert reads == [b"caf\xc3", b"\xa9\n"]  # the split really happened
+    assert "".join(text) == "café\n"
+
+
+async def test_non_zero_exit_code_is_reported(runtime: Runtime, workdir: Path) -> None:
+    result = await run(runtime, spec(["/bin/sh", "-c", "echo oops >&2; exit 3"]), workdir)
+
+    assert result.status.exit_code == 3
+    assert result.status.reason is None
+    assert result.output == [("stderr", b"oops\n")]
+
+
+async def test_death_by_a_foreign_signal_names_it(runtime: Runtime, workdir: Path) -> None:
+    result = await run(runtime, spec(["/bin/sh", "-c", "kill -TERM $$"]), workdir)
+
+    assert result.status.exit_code == -15
+    assert result.status.reason == "killed:SIGTERM"
+
+
+async def test_timeout_kills_and_reports_timeout(runtime: Runtime, workdir: Path) -> None:
+    result = await run(runtime, spec(["sleep", "30"], timeout_s=0.2), workdir)
+
+    assert result.status.reason == "timeout"
+    assert result.status.exit_code == -9
+    assert 200 <= result.status.usage.wall_ms < 10_000
+
+
+async def test_kill_takes_the_whole_tree_down(runtime: Runtime, workdir: Path) -> None:
+    code = """
+import subprocess, sys, time
+child = subprocess.Popen(["sleep", "30"])
+print(child.pid, flush=True)
+time.sleep(30)
+"""
+    handle = await runtime.start(spec([PY, "-c", code]), workdir)
+    async with asyncio.timeout(20):
+        line = b""
+        output = handle.output()
+        while not line.endswith(b"\n"):
+            _, data = await anext(output)
+            line += data
+        grandchild = int(line)
+        pidfd = os.pidfd_open(grandchild)
+        try:
+            handle.kill()
+            async for _ in output:
+                pass
+            status = await handle.wait()
+            # A pidfd turns readable when its process has ended.
+            await asyncio.to_thread(select.select, [pidfd], [], [], 10)
+            assert select.select([pidfd], [], [], 0)[0] == [pidfd]
+        finally:
+            os.close(pidfd)
+
+    assert status.reason == "cancelled"
+    reap_orphans()  # its zombie was re-parented to us: nothing may linger
+    assert gone(f"/proc/{grandchild}")
+
+
+async def wait_ended(pid: int) -> bool:
+    """Whether `pid` ends within 10 s (a pidfd turns readable when its process ends)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = await asyncio.to_thread(select.select, [pidfd], [], [], 10)
+        return bool(ready)
+    finally:
+        os.close(pidfd)
+
+
+async def test_exit_kills_what_is_left_of_the_group(runtime: Runtime, workdir: Path) -> None:
+    # The background child keeps no pipe open, so only the kill after exit can end it.
+    code = "sleep 30 >/dev/null 2>&1 3>&- & echo $!"
+
+    result = await run(runtime, spec(["/bin/sh", "-c", code]), workdir)
+
+    assert result.status.exit_code == 0
+    assert await wait_ended(int(result.text("stdout")))
+
+
+async def test_an_escaped_process_cannot_hold_back_the_exit(
+    runtime: Runtime, workdir: Path
+) -> None:
+    # A new session leaves the group (and escapes the kill) but keeps stdout open.
+    code = """
+import os, time
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    time.sleep(30)
+    os._exit(0)
+print(pid, flush=True)
+"""
+
+    result = await run(runtime, spec([PY, "-c", code]), workdir)
+
+    escaped = int(result.text("stdout"))
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(escaped, 9)
+    assert result.status.exit_code == 0
+    assert await wait_ended(escaped)
+
+
+async def test_work_dir_holds_the_source_and_is_removed_after_exit(
+    runtime: Runtime, workdir: Path
+) -> None:
+    source = '#!/bin/sh\necho "from source in $(pwd)"\nls\n'
+    s = spec(["./main.sh"], source=source, source_name="main.sh")
+
+    result = await run(runtime, s, workdir)
+
+    assert result.status.exit_code == 0, result.text("stderr")
+    assert result.text("stdout") == f"from source in {workdir}\nargs.json\nmain.sh\n"
+    assert gone(workdir)
+
+
+async def test_a_source_without_shebang_is_not_executable(runtime: Runtime, workdir: Path) -> None:
+    s = spec(["/bin/sh", "-c", "stat -c %a prog.py"], source="print(1)\n", source_name="prog.py")
+
+    result = await run(runtime, s, workdir)
+
+    mode = int(result.text("stdout"), 8)
+    assert not mode & (stat.S_IXUSR | stat.S_IRWXG | stat.S_IRWXO)
+
+
+async def test_result_is_the_last_json_line_on_fd_3(runtime: Runtime, workdir: Path) -> None:
+    code = """
+import os
+for line in [b'{"a": 1}\\n', b'[2, "two"]\\n', b'not json\\n', b'\\n', b'{"torn": ']:
+    os.write(3, line)
+"""
+    result = await run(runtime, spec([PY, "-c", code]), workdir)
+
+    assert result.status.result == [2, "two"]
+
+
+async def test_result_is_null_without_fd_3_output(runtime: Runtime, workdir: Path) -> None:
+    result = await run(runtime, spec(["/bin/sh", "-c", "echo 1 >&3"]), workdir)
+
+    assert result.status.result == 1
+    result = await run(runtime, spec(["/bin/true"]), workdir)
+    assert result.status.result is None
+
+
+async def test_a_missing_program_is_spawn_failed_with_a_reason(
+    runtime: Runtime, workdir: Path
+) -> None:
+    result = await run(runtime, spec(["treadle-no-such-program", "x"]), workdir)
+
+    assert result.status.exit_code is None
+    assert result.status.reason == "spawn_failed"
+    assert "treadle-no-such-program" in result.text("stderr")
+    assert "not found" in result.text("stderr")
+    assert gone(workdir)
+
+
+async def test_a_program_that_cannot_be_executed_is_spawn_failed(
+    runtime: Runtime, workdir: Path
+) -> None:
+    s = spec(["./data"], source="just text\n", source_name="data")  # mode 0600
+
+    result = await run(runtime, s, workdir)
+
+    assert result.status.reason == "spawn_failed"
+    assert "Permission denied" in result.text("stderr")
+
+
+async def test_large_output_arrives_complete(runtime: Runtime, workdir: Path) -> None:
+    code = "import sys\nfor i in range(20000): sys.stdout.write(f'{i:07d}' * 12 + '\\n')"
+
+    result = await run(runtime, spec([PY, "-c", code]), workdir)
+
+    lines = result.text("stdout").splitlines()
+    assert lines == [f"{i:07d}" * 12 for i in range(20000)]
+    assert all(len(data) <= 64 * 1024 for _, data in result.output)

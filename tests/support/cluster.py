@@ -1,0 +1,181 @@
+"""Real Weaver and Shuttle processes on loopback, for integration and end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+T = TypeVar("T")
+PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def eventually(check: Callable[[], T | None], timeout: float = 20.0, what: str = "") -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.02)
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str]) -> None:
+        self.args, self.log, self.env = args, log, env
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        handle = self.log.open("ab")
+        self.popen = subprocess.Popen(
+            self.args,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+        )
+        handle.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(sig)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Cluster:
+    """One Weaver with any number of Shuttles, each a separate process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "weaver"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.weaver: Proc | None = None
+        self.shuttles: list[Proc] = []
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TREADLE_")}
+        self.env["PYTHONUNBUFFERED"] = "1"
+
+    # processes
+
+    def start_weaver(self) -> Proc:
+        self.weaver = Proc(
+            [
+                sys.executable,
+                "-m",
+                "treadle",
+                "weaver",
+                "--home",
+                str(self.home),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            self.root / "weaver.log",
+            self.env,
+        ).start()
+        eventually(self._healthy, what=f"weaver on {self.url}\n{self.weaver.output()}")
+        return self.weaver
+
+    def _healthy(self) -> bool:
+        assert self.weaver is not None
+        if not self.weaver.alive():
+            raise AssertionError(f"weaver exited:\n{self.weaver.output()}")
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_shuttle(self, name: str | None = None, *extra: str, wait: bool = True) -> Proc:
+        name = name or f"node{len(self.shuttles)}"
+        env = dict(self.env, TREADLE_SHUTTLE_TOKEN=self.join_token)
+        proc = Proc(
+            [
+                sys.executable,
+                "-m",
+                "treadle",
+                "shuttle",
+                "--weaver",
+                self.url,
+                "--home",
+                str(self.root / name),
+                "--name",
+                name,
+                "--allow-process-runtime",
+                *extra,
+            ],
+            self.root / f"{name}.log",
+            env,
+        ).start()
+        self.shuttles.append(proc)
+        if wait:
+            eventually(
+                lambda: self.node_named(name, connected=True),
+                what=f"shuttle {name} to join\n{proc.output()}",
+            )
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.shuttles:
+            proc.stop()
+        if self.weaver is not None:
+            self.weaver.stop()
+
+    # credentials and API
+
+    @property
+    def admin_key(self) -> str:
+        return (self.home / "admin.key").read_text().strip()
+
+    @property
+    def join_token(self) -> str:
+        return (self.home / "join.token").read_text().strip()
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            timeout=60,
+            headers={"Authorization": f"Bearer {key or self.admin_key}"},
+        )
+
+    def node_named(self, name: str, connected: bool | None = None) -> dict[str, Any] | None:
+        with self.client() as api:
+            for item in api.get("/v1/nodes").json()["items"]:
+                if item["name"] == name and (connected is None or item["connected"] == connected):
+                    return dict(item)
+        return None

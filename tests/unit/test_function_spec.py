@@ -1,0 +1,58 @@
+"""Function specs are validated once, at registration; commands render args safely."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from treadle.domain.errors import InvalidRequest
+from treadle.domain.function import FunctionSpec, placeholders, render_command
+from treadle.domain.resources import Resources
+
+
+def test_minimal_spec_gets_defaults() -> None:
+    spec = FunctionSpec(name="add", command=["python3", "-c", "print(4 + 9)"])
+    assert spec.timeout_s == 300
+    assert spec.max_attempts == 3
+    assert spec.resources == Resources()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "Bad Name", "command": ["x"]}, "name"),
+        ({"name": "ok", "command": []}, "command"),
+        ({"name": "ok", "command": [""]}, "command"),
+        ({"name": "ok", "command": ["x"], "env": {"1BAD": "v"}}, "env"),
+        ({"name": "ok", "command": ["x"], "env": {"TREADLE_ARGS_FILE": "v"}}, "env"),
+        ({"name": "ok", "command": ["x"], "timeout_s": 0}, "timeout_s"),
+        ({"name": "ok", "command": ["x"], "isolation": "chroot"}, "isolation"),
+        ({"name": "ok", "command": ["x"], "surprise": 1}, "surprise"),
+        ({"name": "ok", "command": ["x"], "resources": {"gpu_type": "h100"}}, "resources"),
+        ({"name": "ok", "command": ["x"], "source_name": "../escape"}, "source_name"),
+    ],
+)
+def test_bad_specs_name_the_field(body: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        FunctionSpec.model_validate(body)
+    assert any(err["loc"][0] == field for err in info.value.errors())
+
+
+def test_render_substitutes_strings_as_is_and_other_values_as_json() -> None:
+    argv = render_command(
+        ["echo", "{a}", "x={b}", "{c}", "{{literal}}"], {"a": "hi there", "b": 4, "c": [1, 2]}
+    )
+    assert argv == ["echo", "hi there", "x=4", "[1,2]", "{literal}"]
+
+
+def test_render_names_every_missing_arg() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        render_command(["echo", "{a}", "{b}", "{c}"], {"b": 1})
+    assert "a, c" in info.value.message
+    assert [d["loc"][-1] for d in info.value.details] == ["a", "c"]
+
+
+def test_render_does_not_evaluate_attribute_or_index_lookups() -> None:
+    # str.format would walk `{a.__class__}`; only bare identifiers are placeholders.
+    assert placeholders(["{a.__class__}", "{a[0]}", "{a}"]) == {"a"}
+    assert render_command(["{a.__class__}", "{a}"], {"a": "x"}) == ["{a.__class__}", "x"]

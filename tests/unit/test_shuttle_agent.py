@@ -1,0 +1,364 @@
+"""Shuttle against a small real WebSocket server playing Weaver's part."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from treadle.domain.resources import Resources, Tier
+from treadle.protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Assign,
+    AssignSpec,
+    AttemptRef,
+    Cancel,
+    Chunk,
+    Exited,
+    Heartbeat,
+    Hello,
+    Output,
+    ShuttleMessage,
+    Started,
+    Welcome,
+    decode_from_shuttle,
+    encode,
+)
+from treadle.shuttle import Shuttle, ShuttleError, ShuttleSettings
+from treadle.shuttle.credentials import NodeCredential, save_credential
+
+PY = "/usr/bin/python3"
+TOKEN = "join-123"
+M = TypeVar("M")
+
+
+class FakeWeaver:
+    def __init__(self) -> None:
+        self.connections: asyncio.Queue[ServerConnection] = asyncio.Queue()
+        self.bearers: list[str] = []  # every handshake's Authorization, refused ones included
+        self.refuse: set[str] = set()
+        self.url = ""
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        bearer = request.headers.get("Authorization", "")
+        self.bearers.append(bearer)
+        if bearer in self.refuse:
+            return connection.respond(HTTPStatus.FORBIDDEN, "refused\n")
+        return None
+
+    async def handler(self, ws: ServerConnection) -> None:
+        await self.connections.put(ws)
+        await ws.wait_closed()
+
+    async def accept(self) -> ServerConnection:
+        return await asyncio.wait_for(self.connections.get(), 10)
+
+
+@pytest.fixture
+async def weaver() -> AsyncIterator[FakeWeaver]:
+    fake = FakeWeaver()
+    async with serve(
+        fake.handler, "127.0.0.1", 0, process_request=fake.process_request, compression=None
+    ) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        fake.url = f"http://127.0.0.1:{port}"
+        yield fake
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+async def start_shuttle(
+    weaver: FakeWeaver, home: Path
+) -> AsyncIterator[Callable[..., asyncio.Task[None]]]:
+    tasks: list[asyncio.Task[None]] = []
+
+    def start(**overrides: Any) -> asyncio.Task[None]:
+        fields: dict[str, Any] = {
+            "weaver_url": weaver.url,
+            "token": TOKEN,
+            "home": home,
+            "name": "node-a",
+            "allow_process_runtime": True,
+        }
+        fields.update(overrides)
+        task = asyncio.create_task(Shuttle(ShuttleSettings(**fields)).run())
+        tasks.append(task)
+        return task
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def receive(ws: ServerConnection, kind: type[M]) -> M:
+    """The next frame, which must be a `kind` (heartbeats are skipped unless asked for)."""
+    while True:
+        message: ShuttleMessage = decode_from_shuttle(await asyncio.wait_for(ws.recv(), 10))
+        if isinstance(message, Heartbeat) and kind is not Heartbeat:
+            continue
+        assert isinstance(message, kind), message
+        return message
+
+
+async def welcome(
+    weaver: FakeWeaver, *, secret: str | None = "s3cret", heartbeat_s: float = 60
+) -> tuple[ServerConnection, Hello]:
+    ws = await weaver.accept()
+    hello = await receive(ws, Hello)
+    await ws.send(
+        encode(
+            Welcome(
+                protocol=PROTOCOL_VERSION,
+                node_id="nd_1",
+                node_secret=secret,
+                heartbeat_s=heartbeat_s,
+            )
+        )
+    )
+    return ws, hello
+
+
+def assign(argv: list[str], *, id: str = "ex_1", attempt: int = 1, **extra: Any) -> str:
+    spec = AssignSpec(
+        id=id,
+        attempt=attempt,
+        tenant_id="tn_1",
+        function="fn",
+        version=1,
+        argv=argv,
+        timeout_s=30,
+        resources=Resources(),
+        isolation=Tier.PROCESS,
+        **extra,
+    )
+    return encode(Assign(spec=spec))
+
+
+async def test_registers_runs_echo_and_reports(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]], home: Path
+) -> None:
+    start_shuttle()
+    ws, hello = await welcome(weaver)
+
+    assert ws.request is not None
+    assert ws.request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert hello.protocol == PROTOCOL_VERSION
+    assert hello.name == "node-a"
+    assert hello.runtimes == [Tier.PROCESS]
+    assert hello.running == []
+    assert hello.capacity.cpu_millicores >= 1000
+
+    await ws.send(assign(["/bin/echo", "13"]))
+    assert await receive(ws, Started) == Started(id="ex_1", attempt=1)
+    output = await receive(ws, Output)
+    assert output.chunks == [Chunk(stream="stdout", seq=0, data="13\n")]
+    exited = await receive(ws, Exited)
+    assert (exited.exit_code, exited.reason, exited.chunks) == (0, None, 1)
+
+    credential = home / "node.json"
+    assert json.loads(credential.read_text()) == {"node_id": "nd_1", "node_secret": "s3cret"}
+    assert stat.S_IMODE(credential.stat().st_mode) == 0o600
+
+    # Acked in full: forgotten, so the next Hello no longer lists it.
+    await ws.send(encode(Ack(id="ex_1", attempt=1, seq=0, exited=True)))
+    await ws.close()
+    ws, hello = await welcome(weaver)
+    assert hello.running == []
+
+
+async def test_unacked_output_and_exit_are_replayed_after_reconnect(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]]
+) -> None:
+    start_shuttle()
+    ws, _ = await welcome(weaver)
+    await ws.send(assign(["/bin/echo", "13"]))
+    await receive(ws, Started)
+    first = await receive(ws, Output)
+    first_exit = await receive(ws, Exited)
+    await ws.close()  # before any ack
+
+    ws, hello = await welcome(weaver, secret=None)
+
+    assert ws.request is not None
+    assert ws.request.headers["Authorization"] == "Bearer nd_1:s3cret"
+    assert hello.running == [AttemptRef(id="ex_1", attempt=1)]
+    assert await receive(ws, Output) == first
+    assert await receive(ws, Exited) == first_exit
+
+
+async def test_only_unacked_frames_are_replayed(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]]
+) -> None:
+    start_shuttle()
+    ws, _ = await welcome(weaver)
+    # More than one read's worth (64 KiB), so at least two chunks.
+    await ws.send(assign([PY, "-c", "print('x' * 100_000)"]))
+    await receive(ws, Started)
+    chunks: list[Chunk] = []
+    while True:
+        message = decode_from_shuttle(await asyncio.wait_for(ws.recv(), 10))
+        if isinstance(message, Output):
+            chunks += message.chunks
+        elif isinstance(message, Exited):
+            exited = message
+            break
+    assert "".join(c.data for c in chunks) == "x" * 100_000 + "\n"
+    assert len(chunks) >= 2
+    assert [c.seq for c in chunks] == list(range(exited.chunks))
+    await ws.send(encode(Ack(id="ex_1", attempt=1, seq=0)))
+    await ws.close()
+
+    ws, hello = await welcome(weaver)
+
+    assert hello.running == [AttemptRef(id="ex_1", attempt=1)]
+    replayed = await receive(ws, Output)
+    assert replayed.chunks == chunks[1:]
+    assert await receive(ws, Exited) == exited
+
+
+async def test_cancel_kills_a_running_attempt(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]]
+) -> None:
+    start_shuttle()
+    ws, _ = await welcome(weaver)
+    await ws.send(assign(["sleep", "30"]))
+    await receive(ws, Started)
+
+    await ws.send(encode(Cancel(id="ex_1", attempt=1)))
+    await ws.send(encode(Cancel(id="ex_unknown", attempt=1)))  # ignored
+
+    exited = await receive(ws, Exited)
+    assert exited.reason == "cancelled"
+    assert exited.exit_code == -9
+    assert exited.chunks == 0
+
+
+async def test_duplicate_assign_is_ignored(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]]
+) -> None:
+    start_shuttle()
+    ws, _ = await welcome(weaver)
+    await ws.send(assign(["/bin/echo", "once"]))
+    await ws.send(assign(["/bin/echo", "once"]))
+    await ws.send(assign(["/bin/echo", "other"], id="ex_2"))
+
+    seen: list[str] = []
+    while seen.count("exited") < 2:
+        message = decode_from_shuttle(await asyncio.wait_for(ws.recv(), 10))
+        seen.append(message.type)
+    assert seen.count("started") == 2
+
+
+async def test_refused_node_credential_falls_back_to_join_token(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]], home: Path
+) -> None:
+    save_credential(home, NodeCredential("nd_old", "stale"))
+    weaver.refuse.add("Bearer nd_old:stale")
+    start_shuttle()
+
+    ws, _ = await welcome(weaver, secret="fresh")
+    await ws.send(assign(["/bin/true"]))
+    await receive(ws, Started)  # so the Welcome has been handled
+
+    assert weaver.bearers == ["Bearer nd_old:stale", f"Bearer {TOKEN}"]
+    assert json.loads((home / "node.json").read_text())["node_secret"] == "fresh"
+
+
+async def test_heartbeats_list_what_the_node_holds(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]]
+) -> None:
+    start_shuttle()
+    ws, _ = await welcome(weaver, heartbeat_s=0.05)
+    await ws.send(assign(["sleep", "30"]))
+    await receive(ws, Started)
+
+    beat = await receive(ws, Heartbeat)
+
+    assert beat.running == [AttemptRef(id="ex_1", attempt=1)]
+
+
+async def test_output_beyond_the_unacked_window_waits_for_acks(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]]
+) -> None:
+    window = 64 * 1024
+    start_shuttle(max_unacked_bytes=window)
+    ws, _ = await welcome(weaver)
+    total = 1024 * 1024
+    await ws.send(assign([PY, "-c", f"import sys; sys.stdout.write('x' * {total})"]))
+    await receive(ws, Started)
+
+    received = 0
+    last_seq = -1
+    while received <= window:
+        output = await receive(ws, Output)
+        received += sum(len(c.data) for c in output.chunks)
+        last_seq = output.chunks[-1].seq
+    # Without acks nothing more comes: the program is blocked on its pipe.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(ws.recv(), 0.3)
+    assert received < 2 * window + 64 * 1024
+
+    seqs = []
+    while True:
+        await ws.send(encode(Ack(id="ex_1", attempt=1, seq=last_seq)))
+        message = decode_from_shuttle(await asyncio.wait_for(ws.recv(), 10))
+        if isinstance(message, Exited):
+            break
+        assert isinstance(message, Output)
+        received += sum(len(c.data) for c in message.chunks)
+        seqs += [c.seq for c in message.chunks]
+        last_seq = message.chunks[-1].seq
+    assert received == total
+    assert message.exit_code == 0
+    assert message.chunks == last_seq + 1
+    assert seqs == sorted(seqs)
+
+
+async def test_protocol_mismatch_is_a_clear_error(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]]
+) -> None:
+    task = start_shuttle()
+    ws = await weaver.accept()
+    await receive(ws, Hello)
+    await ws.send(encode(Welcome(protocol=PROTOCOL_VERSION + 1, node_id="nd_1", heartbeat_s=1)))
+
+    with pytest.raises(ShuttleError, match="protocol"):
+        await asyncio.wait_for(task, 10)
+
+
+async def test_refuses_to_start_without_a_credential(weaver: FakeWeaver, home: Path) -> None:
+    settings = ShuttleSettings(
+        weaver_url=weaver.url, token=None, home=home, allow_process_runtime=True
+    )
+    with pytest.raises(ShuttleError, match="--token"):
+        await Shuttle(settings).run()
+
+
+async def test_refuses_to_start_without_a_runtime(weaver: FakeWeaver, home: Path) -> None:
+    settings = ShuttleSettings(weaver_url=weaver.url, token=TOKEN, home=home)
+    with pytest.raises(ShuttleError, match="--allow-process-runtime"):
+        await Shuttle(settings).run()
+
+
+async def test_refuses_a_second_shuttle_on_the_same_home(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]]
+) -> None:
+    start_shuttle()
+    await welcome(weaver)
+
+    with pytest.raises(ShuttleError, match="another Shuttle"):
+        await start_shuttle()
