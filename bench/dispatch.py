@@ -7,8 +7,11 @@ Measures, for a function running `/bin/echo 13`:
   * sequential: N invocations one after another with `?wait`, client-side round trip
     (invoke → success, HTTP included) and server-side open→running / open→success from the
     execution's own timestamps;
-  * sustained throughput: C clients each invoking with `?wait` in a closed loop until
-    `total` executions have completed.
+  * sustained throughput: C connections each invoking with `?wait` in a closed loop. The
+    load comes from `wrk` (Debian package `wrk`) when it is installed, since a Python HTTP
+    client needs more CPU per request than the server it measures; otherwise from httpx
+    until `total` executions have completed. Afterwards the executions' final states are
+    counted through the API, so a lost or failed execution shows.
 
 Prints p50/p99 and executions/s; writes the raw figures as JSON under bench/results/.
 """
@@ -19,8 +22,12 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import statistics
+import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -78,16 +85,31 @@ async def throughput(
 ) -> dict[str, Any]:
     remaining = total
     failures = 0
+    transport_errors: list[str] = []
     latencies: list[float] = []
+
+    async def invoke_once() -> dict[str, Any]:
+        # An idempotency key makes a retry after a dropped connection safe: it returns the
+        # execution the first try created instead of creating another.
+        body = {"idempotency_key": uuid.uuid4().hex}
+        for attempt in range(3):
+            try:
+                response = await api.post(f"/v1/functions/{function}/invoke?wait=60", json=body)
+                return dict(response.json())
+            except httpx.TransportError as exc:
+                transport_errors.append(f"{time.monotonic():.3f} {type(exc).__name__} {exc}")
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def worker() -> None:
         nonlocal remaining, failures
         while remaining > 0:
             remaining -= 1
             start = time.perf_counter()
-            response = await api.post(f"/v1/functions/{function}/invoke?wait=60", json={})
+            execution = await invoke_once()
             latencies.append((time.perf_counter() - start) * 1000)
-            if response.json().get("state") != "success":
+            if execution.get("state") != "success":
                 failures += 1
 
     start = time.perf_counter()
@@ -97,9 +119,99 @@ async def throughput(
         "concurrency": concurrency,
         "executions": total,
         "failures": failures,
+        "transport_errors": transport_errors,
         "seconds": round(elapsed, 3),
         "executions_per_s": round(total / elapsed, 1),
         "latency": summary(latencies),
+    }
+
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = "{}"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "%s"
+"""
+
+
+async def count_states(api: httpx.AsyncClient, function: str) -> dict[str, int]:
+    states: dict[str, int] = {}
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"function": function, "limit": 500}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await api.get("/v1/executions", params=params)).json()
+        for item in page["items"]:
+            states[item["state"]] = states.get(item["state"], 0) + 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return states
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+async def round_trip_wrk(url: str, headers: dict[str, str], function: str) -> dict[str, Any]:
+    """One connection, one invocation at a time: invoke → success as a lean client sees it."""
+    result = await _wrk(url, headers, function, connections=1, seconds=10)
+    return {"load": "wrk -c1", **result}
+
+
+async def _wrk(
+    url: str, headers: dict[str, str], function: str, connections: int, seconds: int
+) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(_WRK_SCRIPT % headers["Authorization"])
+        script.flush()
+        wrk = await asyncio.create_subprocess_exec(
+            "wrk",
+            f"-t{min(2, connections)}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            script.name,
+            f"{url}/v1/functions/{function}/invoke?wait=60",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out = (await wrk.communicate())[0].decode()
+    percentiles = re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)", out, re.M)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    requests = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return {
+        "requests_per_s": float(requests.group(1)) if requests else 0.0,
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "latency": {f"p{q}_ms": _ms(value, unit) for q, value, unit in percentiles},
+    }
+
+
+async def throughput_wrk(
+    api: httpx.AsyncClient,
+    url: str,
+    headers: dict[str, str],
+    function: str,
+    concurrency: int,
+    seconds: int,
+) -> dict[str, Any]:
+    before = await count_states(api, function)
+    result = await _wrk(url, headers, function, concurrency, seconds)
+    # wrk stops with requests in flight: let them end before counting what happened.
+    deadline = time.monotonic() + 60
+    while True:
+        after = await count_states(api, function)
+        if not (after.get("open") or after.get("running")) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    made = {state: after.get(state, 0) - before.get(state, 0) for state in after}
+    return {
+        "load": "wrk",
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "executions_per_s": round(made.get("success", 0) / seconds, 1),
+        "final_states": made,
+        **result,
     }
 
 
@@ -109,14 +221,17 @@ async def main() -> None:
     parser.add_argument("--sequential", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--total", type=int, default=3000)
+    parser.add_argument("--total", type=int, default=3000, help="executions (httpx load)")
+    parser.add_argument("--seconds", type=int, default=15, help="duration (wrk load)")
+    parser.add_argument("--load", choices=["auto", "wrk", "httpx"], default="auto")
     parser.add_argument("--command", default="/bin/echo 13")
     parser.add_argument("--cpu", type=int, default=10, help="millicores each execution asks for")
     args = parser.parse_args()
 
     config = load_config(args.url)
+    use_wrk = args.load == "wrk" or (args.load == "auto" and shutil.which("wrk") is not None)
     headers = {"Authorization": f"Bearer {config.require_api_key()}"}
-    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    limits = httpx.Limits(max_connections=args.concurrency + 4, keepalive_expiry=15)
     async with httpx.AsyncClient(
         base_url=config.url, headers=headers, timeout=120, limits=limits
     ) as api:
@@ -141,7 +256,14 @@ async def main() -> None:
             "command": args.command,
             "cpus": os.cpu_count(),
             "sequential": await sequential(api, function, args.sequential),
-            "throughput": await throughput(api, function, args.concurrency, args.total),
+            "round_trip": (
+                await round_trip_wrk(config.url, headers, function) if use_wrk else None
+            ),
+            "throughput": await (
+                throughput_wrk(api, config.url, headers, function, args.concurrency, args.seconds)
+                if use_wrk
+                else throughput(api, function, args.concurrency, args.total)
+            ),
         }
     print(json.dumps(results, indent=2))
     out = Path(__file__).parent / "results"

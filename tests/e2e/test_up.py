@@ -25,7 +25,10 @@ def _shuttle_pids(home: Path) -> list[int]:
     return pids
 
 
-def test_up_runs_the_quickstart_and_stops_cleanly(tmp_path: Path) -> None:
+def _start_up(
+    tmp_path: Path,
+) -> tuple[subprocess.Popen[bytes], Path, int, dict[str, str], Path]:
+    """`treadle up` on a free port with its own home, once it says it is ready."""
     home, port = tmp_path / "home", free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TREADLE_")}
     env.update(TREADLE_HOME=str(home), TREADLE_URL=f"http://127.0.0.1:{port}")
@@ -38,11 +41,16 @@ def test_up_runs_the_quickstart_and_stops_cleanly(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
         )
     try:
-        eventually(
-            lambda: "Press Ctrl-C" in log.read_text(),
-            timeout=60,
-            what=f"treadle up to be ready: {log.read_text()}",
-        )
+        eventually(lambda: "Press Ctrl-C" in log.read_text(), timeout=60, what="treadle up")
+    except AssertionError:
+        up.kill()
+        raise AssertionError(log.read_text()) from None
+    return up, home, port, env, log
+
+
+def test_up_runs_the_quickstart_and_stops_cleanly(tmp_path: Path) -> None:
+    up, home, port, env, log = _start_up(tmp_path)
+    try:
         banner = log.read_text()
         assert f"http://127.0.0.1:{port}" in banner
         assert "runtime tier:  process" in banner
@@ -87,3 +95,15 @@ def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert "already in use" in result.stderr
+
+
+def test_local_shuttle_ends_with_up_even_when_up_is_killed(tmp_path: Path) -> None:
+    up, home, _port, _env, _log = _start_up(tmp_path)
+    try:
+        assert _shuttle_pids(home)
+        up.send_signal(signal.SIGKILL)
+        up.wait(timeout=30)
+        eventually(lambda: not _shuttle_pids(home), timeout=30, what="the shuttle to exit")
+    finally:
+        if up.poll() is None:
+            up.kill()

@@ -258,6 +258,8 @@ def test_code_does_not_see_shuttle_environment(cluster: Cluster) -> None:
         register(api, "env", ["/usr/bin/env"], env={"MINE": "yes"})
         out = output(api, run(api, "env")["id"])["stdout"]
         assert "MINE=yes" in out
+        # it asked for no GPU, so it is shown none
+        assert "CUDA_VISIBLE_DEVICES=\n" in out
         assert "TREADLE_SHUTTLE" not in out
         assert cluster.join_token not in out
         home = next(line for line in out.splitlines() if line.startswith("HOME="))

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from treadle.shuttle.backoff import Backoff
 from treadle.shuttle.capacity import detect_capacity
 from treadle.shuttle.credentials import NodeCredential, load_credential, save_credential
+from treadle.shuttle.gpus import Gpu
 from treadle.shuttle.output import CHUNK_MAX_CHARS, OutputDecoder
 from treadle.shuttle.settings import ShuttleSettings
 
@@ -104,12 +105,15 @@ def test_decoder_caps_chunk_size() -> None:
 
 
 def test_capacity_is_detected_and_overrides_win(tmp_path: Path) -> None:
-    detected = detect_capacity(ShuttleSettings(weaver_url="http://w", home=tmp_path / "new"))
+    detected = detect_capacity(ShuttleSettings(weaver_url="http://w", home=tmp_path / "new"), [])
     assert detected.cpu_millicores == (os.cpu_count() or 1) * 1000
     assert detected.memory_mib > 1
     assert detected.disk_mib > 0
+    assert (detected.gpu_count, detected.gpu_type) == (0, None)
 
     forced = detect_capacity(
-        ShuttleSettings(weaver_url="http://w", home=tmp_path, cpu_millicores=500, memory_mib=64)
+        ShuttleSettings(weaver_url="http://w", home=tmp_path, cpu_millicores=500, memory_mib=64),
+        [Gpu(0, "GPU-a", "NVIDIA H100 80GB HBM3", 81559), Gpu(1, "GPU-b", "NVIDIA H100", 1)],
     )
     assert (forced.cpu_millicores, forced.memory_mib) == (500, 64)
+    assert (forced.gpu_count, forced.gpu_type) == (2, "h100")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from treadle.weaver.settings import WeaverSettings
 
 __all__ = ["register"]
+
+_PARENT_ENV = "TREADLE_SHUTTLE_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
 
 HomeOption = Annotated[
     Path | None,
@@ -140,6 +144,7 @@ def shuttle_command(
     if allow_process_runtime:
         overrides["allow_process_runtime"] = True
     settings = ShuttleSettings(**{k: v for k, v in overrides.items() if v is not None})
+    _exit_with_parent()
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(Shuttle(settings).run())
@@ -165,26 +170,34 @@ def _spawn_shuttle(settings: WeaverSettings, url: str) -> subprocess.Popen[bytes
     env = dict(os.environ)
     # The token travels in the environment, not argv, where every local user could read it.
     env["TREADLE_SHUTTLE_TOKEN"] = (settings.home / "join.token").read_text().strip()
-    log = (settings.home / "shuttle.log").open("ab")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "treadle",
-            "shuttle",
-            "--weaver",
-            url,
-            "--home",
-            str(home),
-            "--name",
-            f"{socket.gethostname()}-local",
-            "--allow-process-runtime",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    env[_PARENT_ENV] = str(os.getpid())
+    # Its own session: a signal meant for `up`'s process group (Ctrl-C, `timeout`) must not
+    # reach the Shuttle first, or `up` would see it die and restart it while stopping.
+    argv = [sys.executable, "-m", "treadle", "shuttle", "--weaver", url, "--home", str(home)]
+    argv += ["--name", f"{socket.gethostname()}-local", "--allow-process-runtime"]
+    with (settings.home / "shuttle.log").open("ab") as log:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def _exit_with_parent() -> None:
+    """A Shuttle started by `up` ends when `up` does, even if `up` is killed outright: a
+    leftover one would keep the node's identity and fight the next one for it."""
+    expected = os.environ.pop(_PARENT_ENV, None)
+    if expected is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(expected):  # the parent died before prctl took effect
+        raise typer.Exit(0)
 
 
 async def _up(settings: WeaverSettings, weaver: Weaver) -> None:

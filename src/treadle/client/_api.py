@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from treadle.domain.function import FunctionSpec
 
 __all__ = [
+    "POOL_LIMITS",
     "STREAM_ERRORS",
     "Call",
     "JSONObject",
@@ -49,6 +50,10 @@ __all__ = [
     "stream_error",
     "timeout_for",
 ]
+
+# Idle connections are dropped by the client well before Weaver closes them (30 s), so a
+# request never goes out on a connection the server is closing at that instant.
+POOL_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=15)
 
 T = TypeVar("T")
 JSONObject = dict[str, Any]

@@ -39,7 +39,10 @@ class AsyncClient:
         self.config: ClientConfig = load_config(url, api_key)
         self._timeout = httpx.Timeout(timeout)
         self._http = httpx.AsyncClient(
-            base_url=self.config.url, timeout=self._timeout, transport=transport
+            base_url=self.config.url,
+            timeout=self._timeout,
+            transport=transport,
+            limits=_api.POOL_LIMITS,
         )
 
     async def __aenter__(self) -> AsyncClient:

@@ -48,7 +48,10 @@ class Client:
         self.config: ClientConfig = load_config(url, api_key)
         self._timeout = httpx.Timeout(timeout)
         self._http = httpx.Client(
-            base_url=self.config.url, timeout=self._timeout, transport=transport
+            base_url=self.config.url,
+            timeout=self._timeout,
+            transport=transport,
+            limits=_api.POOL_LIMITS,
         )
 
     def __enter__(self) -> Client:

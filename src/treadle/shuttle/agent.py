@@ -45,6 +45,7 @@ from treadle.shuttle.backoff import Backoff
 from treadle.shuttle.capacity import detect_capacity
 from treadle.shuttle.credentials import NodeCredential, load_credential, save_credential
 from treadle.shuttle.errors import ShuttleError
+from treadle.shuttle.gpus import GpuPool, detect_gpus
 from treadle.shuttle.runtimes import Runtime, available_runtimes
 from treadle.shuttle.settings import ShuttleSettings
 from treadle.shuttle.supervisor import Supervisor
@@ -98,9 +99,12 @@ class Shuttle:
         shutil.rmtree(work_root, ignore_errors=True)
         work_root.mkdir(mode=0o700)
         reaper.become_subreaper()
-        capacity = await asyncio.to_thread(detect_capacity, settings)
+        gpus = await asyncio.to_thread(detect_gpus)
+        capacity = detect_capacity(settings, gpus)
         tiers = sorted(runtimes, key=lambda tier: tier.strength)
-        supervisor = Supervisor(runtimes, work_root, max_unacked=settings.max_unacked_bytes)
+        supervisor = Supervisor(
+            runtimes, work_root, max_unacked=settings.max_unacked_bytes, gpus=GpuPool(gpus)
+        )
         log.info(
             "shuttle %s: runtimes %s, capacity %s, Weaver at %s",
             settings.name,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from treadle.domain.resources import Resources
+from treadle.shuttle.gpus import Gpu, gpu_type
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = ["detect_capacity"]
@@ -16,18 +15,16 @@ __all__ = ["detect_capacity"]
 log = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
-_GPU_TYPE_MAX = 64
 
 
-def detect_capacity(settings: ShuttleSettings) -> Resources:
-    """Blocking (it may run `nvidia-smi`): call it once at start-up, off the event loop."""
-    gpu_count, gpu_type = _gpus()
+def detect_capacity(settings: ShuttleSettings, gpus: list[Gpu]) -> Resources:
+    """What to advertise, given the GPUs `detect_gpus` found."""
     return Resources(
         cpu_millicores=settings.cpu_millicores or (os.cpu_count() or 1) * 1000,
         memory_mib=settings.memory_mib or _memory_mib() or 1,
         disk_mib=_disk_mib(settings.home),
-        gpu_count=gpu_count,
-        gpu_type=gpu_type,
+        gpu_count=len(gpus),
+        gpu_type=gpu_type(gpus[0].name) if gpus else None,
     )
 
 
@@ -51,24 +48,3 @@ def _disk_mib(home: Path) -> int:
             continue
         return st.f_bavail * st.f_frsize // _MIB
     return 0
-
-
-def _gpus() -> tuple[int, str | None]:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return 0, None
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("nvidia-smi is installed but failed, advertising no GPUs: %s", exc)
-        return 0, None
-    names = [line.strip() for line in out.splitlines() if line.strip()]
-    if not names:
-        return 0, None
-    return len(names), names[0][:_GPU_TYPE_MAX]

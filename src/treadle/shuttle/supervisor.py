@@ -33,6 +33,7 @@ from treadle.protocol.messages import (
     Started,
     encode,
 )
+from treadle.shuttle.gpus import GpuPool
 from treadle.shuttle.output import OutputDecoder
 from treadle.shuttle.runtimes.base import (
     ExitStatus,
@@ -99,9 +100,15 @@ class Supervisor:
     """
 
     def __init__(
-        self, runtimes: Mapping[Tier, Runtime], work_root: Path, *, max_unacked: int
+        self,
+        runtimes: Mapping[Tier, Runtime],
+        work_root: Path,
+        *,
+        max_unacked: int,
+        gpus: GpuPool | None = None,
     ) -> None:
         self._runtimes = runtimes
+        self._gpus = gpus or GpuPool([])
         self._work_root = work_root
         self._max_unacked = max_unacked
         self._attempts: dict[tuple[str, int], _Attempt] = {}
@@ -209,6 +216,8 @@ class Supervisor:
             if attempt.handle is not None:
                 attempt.handle.kill()
             status = ExitStatus(exit_code=None, reason="node_error")
+        finally:
+            self._gpus.give_back(attempt.key)
         attempt.exited = Exited(
             id=spec.id,
             attempt=spec.attempt,
@@ -226,6 +235,13 @@ class Supervisor:
             return SpawnFailed(f"treadle: this node has no {spec.isolation.value} runtime\n")
         if not _SAFE_ID.fullmatch(spec.id):
             return SpawnFailed(f"treadle: execution id {spec.id!r} is not a safe file name\n")
+        devices = self._gpus.take((spec.id, spec.attempt), spec.resources.gpu_count)
+        if devices is None:
+            return SpawnFailed(
+                f"treadle: this node has fewer than {spec.resources.gpu_count} free GPUs\n"
+            )
+        # The node decides which devices an attempt sees, whatever its env says.
+        spec = spec.model_copy(update={"env": {**spec.env, **GpuPool.env(devices)}})
         try:
             return await runtime.start(spec, self._work_root / f"{spec.id}-{spec.attempt}")
         except Exception as exc:

@@ -49,5 +49,8 @@ async def serve(
         access_log=False,
         lifespan="on",
         ws_max_size=16 * 1024 * 1024,
+        # Longer than clients keep idle connections (the SDK: 15 s), so it is always the
+        # client that closes one: a request can then never race the server's close.
+        timeout_keep_alive=30,
     )
     await _Server(config, on_ready).serve()

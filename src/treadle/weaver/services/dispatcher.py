@@ -14,9 +14,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
-
-from treadle.domain.execution import ExecutionState
 from treadle.domain.function import render_command
 from treadle.domain.resources import Tier
 from treadle.protocol import Assign, AssignSpec
@@ -25,6 +22,7 @@ from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
 from treadle.weaver.services.nodes import NodeRegistry, NodeSession
 from treadle.weaver.store import tables
+from treadle.weaver.store.statements import EXECUTION_ASSIGN, EXECUTION_UPDATE_ATTEMPT
 from treadle.weaver.store.writer import Tx, Writer
 
 __all__ = ["Dispatcher", "Pending"]
@@ -224,27 +222,26 @@ class Dispatcher:
                     "tier": d.tier.value,
                 }
                 result = await tx.conn.execute(
-                    update(_E)
-                    .where(
-                        _E.c.id == d.pending.id,
-                        _E.c.attempt == d.pending.attempt,
-                        _E.c.state == ExecutionState.OPEN.value,
-                        _E.c.node_id.is_(None),
-                    )
-                    .values(
-                        node_id=d.session.node_id,
-                        placement=placement,
-                        isolation=d.tier.value,
-                        pending_reason=None,
-                    )
+                    EXECUTION_ASSIGN,
+                    {
+                        "_id": d.pending.id,
+                        "_attempt": d.pending.attempt,
+                        "node_id": d.session.node_id,
+                        "placement": placement,
+                        "isolation": d.tier.value,
+                        "pending_reason": None,
+                    },
                 )
                 if result.rowcount == 1:
                     assigned.add(d.pending.id)
             for pending in reasons:
                 await tx.conn.execute(
-                    update(_E)
-                    .where(_E.c.id == pending.id, _E.c.attempt == pending.attempt)
-                    .values(pending_reason=pending.reason)
+                    EXECUTION_UPDATE_ATTEMPT,
+                    {
+                        "_id": pending.id,
+                        "_attempt": pending.attempt,
+                        "pending_reason": pending.reason,
+                    },
                 )
             return assigned
 

@@ -23,6 +23,10 @@ from treadle.weaver.services.transitions import load_execution, transition
 from treadle.weaver.settings import WeaverSettings
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
+from treadle.weaver.store.statements import (
+    EXECUTION_BY_IDEMPOTENCY_KEY,
+    EXECUTION_BY_TENANT_AND_ID,
+)
 from treadle.weaver.store.writer import Tx, Writer
 from treadle.weaver.views import execution_view
 
@@ -116,10 +120,8 @@ class ExecutionService:
             if body.idempotency_key is not None:
                 existing = (
                     await tx.conn.execute(
-                        select(_E).where(
-                            _E.c.tenant_id == tenant_id,
-                            _E.c.idempotency_key == body.idempotency_key,
-                        )
+                        EXECUTION_BY_IDEMPOTENCY_KEY,
+                        {"_tenant": tenant_id, "_key": body.idempotency_key},
                     )
                 ).first()
                 if existing is not None:
@@ -156,7 +158,7 @@ class ExecutionService:
         async with self._db.read() as conn:
             row = (
                 await conn.execute(
-                    select(_E).where(_E.c.id == execution_id, _E.c.tenant_id == tenant_id)
+                    EXECUTION_BY_TENANT_AND_ID, {"_id": execution_id, "_tenant": tenant_id}
                 )
             ).first()
         if row is None:

@@ -46,6 +46,7 @@ def _cost(session: NodeSession, resources: Resources, wall_ms: float) -> float:
     share = max(
         resources.cpu_millicores / cap.cpu_millicores if cap.cpu_millicores else 0.0,
         resources.memory_mib / cap.memory_mib if cap.memory_mib else 0.0,
+        resources.gpu_count / cap.gpu_count if cap.gpu_count else 0.0,
     )
     return session.hello.price_per_hour * min(share, 1.0) * wall_ms / 3_600_000
 

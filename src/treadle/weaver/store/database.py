@@ -79,6 +79,7 @@ class Database:
         self._sqlite_write: Engine | None = None
         self._sqlite_read: Engine | None = None
         self._async: AsyncEngine | None = None
+        self._ignoring: dict[str, Any] = {}
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -113,10 +114,12 @@ class Database:
             yield aconn
 
     def insert_ignoring_conflicts(self, table: Table) -> Any:
-        """INSERT … ON CONFLICT DO NOTHING, for idempotent stores."""
-        if self.dialect == "postgresql":
-            return postgresql.insert(table).on_conflict_do_nothing()
-        return sqlite.insert(table).on_conflict_do_nothing()
+        """INSERT … ON CONFLICT DO NOTHING, for idempotent stores (built once per table)."""
+        statement = self._ignoring.get(table.name)
+        if statement is None:
+            dialect = postgresql if self.dialect == "postgresql" else sqlite
+            statement = self._ignoring[table.name] = dialect.insert(table).on_conflict_do_nothing()
+        return statement
 
     async def close(self) -> None:
         for engine in (self._sqlite_write, self._sqlite_read):

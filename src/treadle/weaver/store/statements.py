@@ -7,11 +7,23 @@ from sqlalchemy import bindparam, select, update
 
 from treadle.weaver.store import tables
 
-__all__ = ["EXECUTION_BY_ID", "EXECUTION_CAS", "EXECUTION_FENCE", "EXECUTION_UPDATE_ATTEMPT"]
+__all__ = [
+    "EXECUTION_ASSIGN",
+    "EXECUTION_BY_ID",
+    "EXECUTION_BY_IDEMPOTENCY_KEY",
+    "EXECUTION_BY_TENANT_AND_ID",
+    "EXECUTION_CAS",
+    "EXECUTION_FENCE",
+    "EXECUTION_UPDATE_ATTEMPT",
+]
 
 _E = tables.executions
 
 EXECUTION_BY_ID = select(_E).where(_E.c.id == bindparam("_id"))
+EXECUTION_BY_TENANT_AND_ID = EXECUTION_BY_ID.where(_E.c.tenant_id == bindparam("_tenant"))
+EXECUTION_BY_IDEMPOTENCY_KEY = select(_E).where(
+    _E.c.tenant_id == bindparam("_tenant"), _E.c.idempotency_key == bindparam("_key")
+)
 
 # The attempt and node an execution is on: enough to fence a report without the whole row.
 EXECUTION_FENCE = select(_E.c.attempt, _E.c.node_id).where(_E.c.id == bindparam("_id"))
@@ -21,6 +33,14 @@ EXECUTION_CAS = update(_E).where(
     _E.c.id == bindparam("_id"),
     _E.c.state == bindparam("_state"),
     _E.c.attempt == bindparam("_attempt"),
+)
+
+# Assign an open, unassigned execution to a node (SET columns from the parameters).
+EXECUTION_ASSIGN = update(_E).where(
+    _E.c.id == bindparam("_id"),
+    _E.c.attempt == bindparam("_attempt"),
+    _E.c.state == "open",
+    _E.c.node_id.is_(None),
 )
 
 EXECUTION_UPDATE_ATTEMPT = update(_E).where(

@@ -74,6 +74,7 @@ class Tx:
         )
 
 
+_INSERT_EVENTS = tables.events.insert()
 WriteFn = Callable[[Tx], Awaitable[T]]
 _Item = tuple[WriteFn[Any], "asyncio.Future[Any]"]
 
@@ -129,7 +130,7 @@ class Writer:
             for fn, _future in batch:
                 results.append(await fn(tx))
             if tx.stored:
-                await conn.execute(tables.events.insert(), tx.stored)
+                await conn.execute(_INSERT_EVENTS, tx.stored)
         for callback in tx.after_commit:
             callback()
         if tx.events:
