@@ -92,7 +92,9 @@ class Cluster:
 
     # processes
 
-    def start_weaver(self) -> Proc:
+    def start_weaver(self, **settings: str) -> Proc:
+        """Start Weaver; `settings` become TREADLE_* variables (e.g. node_down_after_s="1")."""
+        env = dict(self.env, **{f"TREADLE_{k.upper()}": v for k, v in settings.items()})
         self.weaver = Proc(
             [
                 sys.executable,
@@ -107,7 +109,7 @@ class Cluster:
                 "warning",
             ],
             self.root / "weaver.log",
-            self.env,
+            env,
         ).start()
         eventually(self._healthy, what=f"weaver on {self.url}\n{self.weaver.output()}")
         return self.weaver

@@ -12,6 +12,7 @@ from treadle.weaver.services.dispatcher import Dispatcher, Pending
 from treadle.weaver.services.executions import ExecutionService, InvokeRequest
 from treadle.weaver.services.functions import FunctionService
 from treadle.weaver.services.nodes import NodeRegistry, NodeService
+from treadle.weaver.services.reconciler import Reconciler
 from treadle.weaver.services.reports import ReportService
 from treadle.weaver.settings import WeaverSettings
 from treadle.weaver.store import migrate
@@ -38,6 +39,15 @@ class Weaver:
         self.reports = ReportService(
             on_capacity=self._capacity_changed, on_requeue=self.dispatcher.scan_soon
         )
+        self.reconciler = Reconciler(
+            self.db,
+            self.writer,
+            self.registry,
+            self.reports,
+            down_after_s=settings.node_down_after_s,
+            startup_grace_s=settings.node_startup_grace_s,
+            on_requeue=self.dispatcher.scan_soon,
+        )
 
     async def start(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)
@@ -45,10 +55,12 @@ class Weaver:
         self.writer.start()
         await self.auth.bootstrap(self.settings.home)
         self.dispatcher.start()
+        self.reconciler.start()
 
     async def stop(self) -> None:
         for session in self.registry.sessions():
             session.close()
+        await self.reconciler.stop()
         await self.dispatcher.stop()
         await self.writer.stop()
         await self.bus.close()

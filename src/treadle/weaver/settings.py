@@ -27,6 +27,9 @@ class WeaverSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8700
     heartbeat_s: float = Field(default=1.0, gt=0)
+    node_down_after_s: float = Field(default=3.0, gt=0)
+    # after a restart, nodes need a few reconnect attempts (with backoff) to find Weaver
+    node_startup_grace_s: float = Field(default=10.0, ge=0)
     max_body_bytes: int = 8 * 1024 * 1024
     max_args_bytes: int = 256 * 1024
     max_stdin_bytes: int = 6 * 1024 * 1024

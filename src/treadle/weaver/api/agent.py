@@ -150,6 +150,7 @@ async def _receive_loop(websocket: WebSocket, weaver: Weaver, session: NodeSessi
 
     while True:
         message = decode_from_shuttle(await websocket.receive_text())
+        session.last_seen = time.monotonic()
         if isinstance(message, Heartbeat):
             session.last_heartbeat = time.time()
             continue

@@ -45,6 +45,8 @@ class NodeSession:
     attempts: dict[AttemptKey, Resources] = field(default_factory=dict)
     allocated: Resources = _ZERO
     last_heartbeat: float = field(default_factory=time.time)
+    # monotonic time of the last frame of any kind: what the reconciler judges silence by
+    last_seen: float = field(default_factory=time.monotonic)
 
     @property
     def capacity(self) -> Resources:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from treadle.domain.execution import Event, ExecutionState, exit_outcome, is_terminal
 from treadle.domain.resources import Resources
@@ -20,6 +20,7 @@ from treadle.weaver.services.transitions import transition
 from treadle.weaver.store import tables
 from treadle.weaver.store.statements import (
     EXECUTION_BY_ID,
+    EXECUTION_CAS,
     EXECUTION_FENCE,
     EXECUTION_UPDATE_ATTEMPT,
 )
@@ -72,16 +73,8 @@ class ReportService:
             if key in reported:
                 session.reserve(key, Resources.model_validate(row.resources))
                 reported.discard(key)
-            elif row.state == ExecutionState.OPEN.value:
-                # Assigned, but the node never got it: place it again.
-                await tx.conn.execute(
-                    update(_E)
-                    .where(_E.c.id == row.id, _E.c.attempt == row.attempt, _E.c.state == row.state)
-                    .values(node_id=None, placement=None)
-                )
-                requeued = True
             else:
-                requeued |= await self.lose(tx, row)
+                requeued |= await self.release_from(tx, row)
         # Still reported but not active here: either it ended on Weaver's side (cancelled)
         # and its exit report is on the way, or it is stale and must be killed.
         cancels: list[WeaverMessage] = []
@@ -94,6 +87,24 @@ class ReportService:
         if requeued:
             tx.after_commit.append(self._on_requeue)
         return cancels
+
+    async def release_from(self, tx: Tx, row: Any) -> bool:
+        """The node no longer holds `row`'s attempt. One that never started is placed again;
+        one that started runs again as a new attempt, or fails when attempts are spent.
+        True when the execution is open again."""
+        if row.state == ExecutionState.OPEN.value:
+            await tx.conn.execute(
+                EXECUTION_CAS,
+                {
+                    "_id": row.id,
+                    "_state": row.state,
+                    "_attempt": row.attempt,
+                    "node_id": None,
+                    "placement": None,
+                },
+            )
+            return True
+        return await self.lose(tx, row)
 
     async def lose(self, tx: Tx, row: Any) -> bool:
         """The attempt is gone with its node: run it again, or fail when attempts are spent."""

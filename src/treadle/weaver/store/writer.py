@@ -9,13 +9,13 @@ bad write fails alone and never takes its neighbours with it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.events.bus import BusEvent, EventBus
 from treadle.weaver.ids import new_id
 from treadle.weaver.store import tables
@@ -91,11 +91,8 @@ class Writer:
         self._task = asyncio.create_task(self._loop(), name="treadle-writer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def submit(self, fn: WriteFn[T]) -> asyncio.Future[T]:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()

@@ -1,0 +1,107 @@
+"""A node that dies takes none of its work with it (DESIGN §3)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from support.cluster import PYTHON, Cluster, eventually
+
+pytestmark = pytest.mark.integration
+
+GATED = (
+    "import os, time\n"
+    "print('attempt', os.environ['TREADLE_ATTEMPT'], flush=True)\n"
+    "open(os.environ['STARTED'] + os.environ['TREADLE_ATTEMPT'], 'w').close()\n"
+    "while not os.path.exists(os.environ['GATE']): time.sleep(0.01)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("fleet"))
+    c.start_weaver(node_down_after_s="1", node_startup_grace_s="0")
+    c.start_shuttle("a")
+    c.start_shuttle("b")
+    yield c
+    c.stop()
+
+
+def _start_gated(
+    api: httpx.Client, tmp_path: Path, name: str, max_attempts: int
+) -> tuple[dict[str, Any], Path]:
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    api.post(
+        "/v1/functions",
+        json={
+            "name": name,
+            "command": [PYTHON, "-c", GATED],
+            "max_attempts": max_attempts,
+            "env": {"GATE": str(gate), "STARTED": str(started)},
+            "resources": {"cpu_millicores": 100},
+        },
+    )
+    execution = api.post(f"/v1/functions/{name}/invoke", json={}).json()
+    eventually(lambda: Path(f"{started}1").exists(), what="attempt 1 to start")
+    return api.get(f"/v1/executions/{execution['id']}").json(), gate
+
+
+def _kill_node(fleet: Cluster, node_id: str) -> str:
+    with fleet.client() as api:
+        nodes = api.get("/v1/nodes").json()["items"]
+    name = next(n["name"] for n in nodes if n["id"] == node_id)
+    proc = next(
+        p for p in fleet.shuttles if p.alive() and p.args[p.args.index("--name") + 1] == name
+    )
+    proc.stop(signal.SIGKILL)
+    return name
+
+
+def test_work_of_a_killed_node_runs_again_on_another(fleet: Cluster, tmp_path: Path) -> None:
+    with fleet.client() as api:
+        running, gate = _start_gated(api, tmp_path, "survivor", max_attempts=3)
+        assert (running["state"], running["attempt"]) == ("running", 1)
+        first_node = running["node_id"]
+        killed = _kill_node(fleet, first_node)
+        eventually(
+            lambda: (tmp_path / "started2").exists(),
+            timeout=30,
+            what="attempt 2 to start on the other node",
+        )
+        gate.touch()
+        final = api.post("/v1/functions/survivor/invoke", params={"wait": 0}, json={}).json()
+        del final
+        done = eventually(
+            lambda: (
+                (e := api.get(f"/v1/executions/{running['id']}").json())["state"] == "success" and e
+            ),
+            timeout=30,
+            what="the execution to succeed",
+        )
+        assert done["attempt"] == 2
+        assert done["node_id"] != first_node
+        assert api.get(f"/v1/executions/{running['id']}/output").json()["stdout"] == "attempt 2\n"
+        nodes = {n["name"]: n for n in api.get("/v1/nodes").json()["items"]}
+        assert nodes[killed]["state"] == "down"
+        # the dead node's own process of attempt 1 was orphaned, not adopted: let it end
+        fleet.start_shuttle(killed)
+
+
+def test_work_fails_node_lost_when_attempts_are_spent(fleet: Cluster, tmp_path: Path) -> None:
+    with fleet.client() as api:
+        running, gate = _start_gated(api, tmp_path, "fragile", max_attempts=1)
+        _kill_node(fleet, running["node_id"])
+        done = eventually(
+            lambda: (
+                (e := api.get(f"/v1/executions/{running['id']}").json())["state"] != "running" and e
+            ),
+            timeout=30,
+            what="the execution to end",
+        )
+        gate.touch()
+        assert (done["state"], done["error"], done["attempt"]) == ("failure", "node_lost", 1)
