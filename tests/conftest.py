@@ -16,7 +16,9 @@ from support.cluster import Cluster
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One Weaver and one Shuttle, real processes on loopback, shared by a module's tests."""
     c = Cluster(tmp_path_factory.mktemp("cluster"))
-    c.start_weaver()
-    c.start_shuttle("node0")
-    yield c
-    c.stop()
+    try:  # a failed start must not leave processes behind
+        c.start_weaver()
+        c.start_shuttle("node0")
+        yield c
+    finally:
+        c.stop()

@@ -25,11 +25,13 @@ GATED = (
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("fleet"))
-    c.start_weaver(node_down_after_s="1", node_startup_grace_s="0")
-    c.start_shuttle("a")
-    c.start_shuttle("b")
-    yield c
-    c.stop()
+    try:  # a failed start must not leave processes behind
+        c.start_weaver(node_down_after_s="1", node_startup_grace_s="0")
+        c.start_shuttle("a")
+        c.start_shuttle("b")
+        yield c
+    finally:
+        c.stop()
 
 
 def _start_gated(

@@ -78,7 +78,10 @@ class Weaver:
         if invoked.created:
             self.dispatcher.enqueue(Pending.from_row(invoked.row, invoked.function))
         if wait:
-            return await self.executions.wait(tenant_id, invoked.row.id, wait)
+            # A fresh execution cannot have ended before it was dispatched, which happens
+            # only after this call subscribes: no need to read it back first.
+            row = invoked.row if invoked.created else None
+            return await self.executions.wait(tenant_id, invoked.row.id, wait, row)
         return invoked.row
 
     def _capacity_changed(self) -> None:

@@ -208,12 +208,14 @@ class ExecutionService:
         self._on_cancel(before)
         return after
 
-    async def wait(self, tenant_id: str, execution_id: str, within: float) -> Any:
-        """The execution once terminal, or as it is when `within` seconds pass."""
+    async def wait(self, tenant_id: str, execution_id: str, within: float, row: Any = None) -> Any:
+        """The execution once terminal, or as it is when `within` seconds pass. `row`, when
+        given, is the execution as the caller last saw it, before it subscribed."""
         deadline = time.monotonic() + within
         subscription = self._bus.subscribe([f"execution.{execution_id}"])
         try:
-            row = await self.get(tenant_id, execution_id)
+            if row is None:
+                row = await self.get(tenant_id, execution_id)
             while not is_terminal(ExecutionState(row.state)):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
