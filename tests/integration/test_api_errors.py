@@ -121,3 +121,57 @@ def test_openapi_is_published(cluster: Cluster) -> None:
     spec = httpx.get(f"{cluster.url}/openapi.json").json()
     assert "/v1/functions/{name}/invoke" in spec["paths"]
     assert "/v1/executions/{execution_id}/cancel" in spec["paths"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"args": {"t": "\\ud800"}}',
+        b'{"args": {"x": NaN}}',
+        b'{"args": {"x": 1e400}}',
+        b'{"stdin": "\\udfff"}',
+        b'{"args": {"x": -Infinity}}',
+    ],
+)
+def test_values_json_cannot_carry_are_422_and_stored_nowhere(
+    cluster: Cluster, content: bytes
+) -> None:
+    with cluster.client() as api:
+        api.post("/v1/functions", json={"name": "strict", "command": ["/bin/true"]})
+        response = api.post("/v1/functions/strict/invoke", content=content)
+        assert response.status_code == 422, response.text
+        assert error_of(response)["code"] == "validation_error"
+        # nothing half-stored: listing still works and shows no execution of it
+        listed = api.get("/v1/executions", params={"function": "strict"})
+        assert listed.status_code == 200 and listed.json()["items"] == []
+
+
+def test_function_with_unrepresentable_text_is_422(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        body = b'{"name": "lone", "command": ["echo", "\\ud800"]}'
+        response = api.post("/v1/functions", content=body)
+        assert response.status_code == 422
+        assert api.get("/v1/functions").status_code == 200
+        assert api.get("/v1/functions/lone").status_code == 404
+
+
+def test_out_of_range_version_is_422(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        for path in ("/v1/functions/x?version=99999999999999999999",):
+            assert api.get(path).status_code == 422
+        response = api.post("/v1/functions/x/invoke?version=99999999999999999999", json={})
+        assert response.status_code == 422
+
+
+def test_out_of_range_output_cursor_is_refused(cluster: Cluster) -> None:
+    import websockets.sync.client as ws_client
+    from websockets.exceptions import InvalidStatus
+
+    with cluster.client() as api:
+        api.post("/v1/functions", json={"name": "cursor", "command": ["/bin/true"]})
+        execution = api.post("/v1/functions/cursor/invoke", params={"wait": 30}).json()
+        path = f"/v1/executions/{execution['id']}/output?after_seq=99999999999999999999"
+        assert api.get(path).status_code == 422
+    url = cluster.url.replace("http", "ws") + path
+    with pytest.raises(InvalidStatus):  # refused at the handshake, not a broken socket
+        ws_client.connect(url, additional_headers={"Authorization": f"Bearer {cluster.admin_key}"})

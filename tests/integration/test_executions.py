@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from support.cluster import PYTHON, Cluster, eventually
+from support.processes import pids_with
 
 pytestmark = pytest.mark.integration
 
@@ -95,21 +96,6 @@ def test_timeout_kills_and_reports_timeout(cluster: Cluster) -> None:
         assert (execution["state"], execution["error"]) == ("timeout", "timeout")
 
 
-def _pids_with(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker.encode() in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
 def test_cancel_kills_the_whole_process_tree(cluster: Cluster, tmp_path: Path) -> None:
     marker = f"treadle-cancel-{uuid.uuid4().hex}"
     started = tmp_path / "started"
@@ -126,11 +112,11 @@ def test_cancel_kills_the_whole_process_tree(cluster: Cluster, tmp_path: Path) -
         )
         execution = api.post("/v1/functions/sleeper/invoke", json={}).json()
         eventually(started.exists, what="the job to start")
-        eventually(lambda: len(_pids_with(marker)) == 2, what="both processes")
+        eventually(lambda: len(pids_with(marker)) == 2, what="both processes")
         response = api.post(f"/v1/executions/{execution['id']}/cancel")
         assert response.status_code == 200, response.text
         assert response.json()["state"] == "cancelled"
-        eventually(lambda: not _pids_with(marker), what="the process tree to be killed")
+        eventually(lambda: not pids_with(marker), what="the process tree to be killed")
         final = api.get(f"/v1/executions/{execution['id']}").json()
         assert final["state"] == "cancelled"
         again = api.post(f"/v1/executions/{execution['id']}/cancel")

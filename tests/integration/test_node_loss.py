@@ -107,3 +107,66 @@ def test_work_fails_node_lost_when_attempts_are_spent(fleet: Cluster, tmp_path: 
         )
         gate.touch()
         assert (done["state"], done["error"], done["attempt"]) == ("failure", "node_lost", 1)
+
+
+def test_work_no_node_can_take_fails_unschedulable_after_the_deadline(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    c = Cluster(tmp_path_factory.mktemp("deadline"))
+    try:
+        c.start_weaver(unschedulable_after_s="1")
+        c.start_shuttle("small")
+        with c.client() as api:
+            api.post(
+                "/v1/functions",
+                json={
+                    "name": "huge",
+                    "command": ["/bin/true"],
+                    "resources": {"memory_mib": 10_000_000},
+                },
+            )
+            execution = api.post("/v1/functions/huge/invoke", json={}).json()
+            done = eventually(
+                lambda: (
+                    (e := api.get(f"/v1/executions/{execution['id']}").json())["state"] != "open"
+                    and e
+                ),
+                timeout=30,
+                what="the deadline to pass",
+            )
+            assert (done["state"], done["error"]) == ("failure", "unschedulable")
+            # work that fits is not affected
+            api.post("/v1/functions", json={"name": "tiny", "command": ["/bin/true"]})
+            ok = api.post("/v1/functions/tiny/invoke", params={"wait": 30}).json()
+            assert ok["state"] == "success"
+    finally:
+        c.stop()
+
+
+def test_a_stopped_shuttle_kills_what_it_runs(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    import uuid
+
+    from support.processes import pids_with
+
+    marker = f"treadle-term-{uuid.uuid4().hex}"
+    c = Cluster(tmp_path_factory.mktemp("term"))
+    try:
+        c.start_weaver()
+        shuttle = c.start_shuttle("stopping")
+        with c.client() as api:
+            api.post(
+                "/v1/functions",
+                json={
+                    "name": "long",
+                    "command": ["/bin/bash", "-c", f"exec -a {marker} sleep 300"],
+                },
+            )
+            api.post("/v1/functions/long/invoke", json={})
+            eventually(lambda: pids_with(marker), what="the job to run")
+            shuttle.stop(signal.SIGTERM)
+            assert not shuttle.alive()
+            eventually(lambda: not pids_with(marker), timeout=10, what="the job to be killed")
+    finally:
+        c.stop()

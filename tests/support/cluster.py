@@ -123,7 +123,10 @@ class Cluster:
         except httpx.HTTPError:
             return False
 
-    def start_shuttle(self, name: str | None = None, *extra: str, wait: bool = True) -> Proc:
+    def start_shuttle(
+        self, name: str | None = None, *extra: str, wait: bool = True, via: str | None = None
+    ) -> Proc:
+        """Start a Shuttle; `via` is another address for Weaver (a proxy)."""
         name = name or f"node{len(self.shuttles)}"
         env = dict(self.env, TREADLE_SHUTTLE_TOKEN=self.join_token)
         proc = Proc(
@@ -133,7 +136,7 @@ class Cluster:
                 "treadle",
                 "shuttle",
                 "--weaver",
-                self.url,
+                via or self.url,
                 "--home",
                 str(self.root / name),
                 "--name",

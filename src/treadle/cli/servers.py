@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -147,7 +148,7 @@ def shuttle_command(
     _exit_with_parent()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(Shuttle(settings).run())
+            asyncio.run(_until_terminated(Shuttle(settings).run()))
     except ShuttleError as exc:
         typer.secho(f"error: {exc.message}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -184,6 +185,15 @@ def _spawn_shuttle(settings: WeaverSettings, url: str) -> subprocess.Popen[bytes
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+
+
+async def _until_terminated(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work`, cancelling it on SIGTERM as Ctrl-C does, so a stopped Shuttle kills what it
+    runs on its way out instead of leaving it to run unsupervised."""
+    task = asyncio.ensure_future(work)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _exit_with_parent() -> None:

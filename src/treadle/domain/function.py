@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from treadle.domain.errors import InvalidRequest
 from treadle.domain.resources import Resources, Tier
@@ -14,6 +14,7 @@ from treadle.domain.resources import Resources, Tier
 __all__ = [
     "FunctionSpec",
     "PlacementSpec",
+    "ensure_json_safe",
     "placeholders",
     "render_command",
 ]
@@ -23,6 +24,16 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Only bare identifiers: str.format would also allow `{x.__class__}` style attribute walks.
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _RESERVED_ENV_PREFIX = "TREADLE_"
+
+
+def ensure_json_safe(value: Any) -> None:
+    """Refuse what standard JSON cannot carry faithfully: NaN and infinities (Python's parser
+    accepts them) and strings that are not valid Unicode (lone surrogates). Stored, they
+    would fail later, when the work is sent to a node, instead of now, with a clear 422."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except ValueError as exc:  # UnicodeEncodeError is a ValueError too
+        raise ValueError(f"not representable in JSON: {exc}") from None
 
 
 class PlacementSpec(BaseModel):
@@ -37,7 +48,7 @@ class PlacementSpec(BaseModel):
 class FunctionSpec(BaseModel):
     """The body of `POST /v1/functions`; immutable once stored as a version."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=NAME_PATTERN)
     command: list[str] = Field(min_length=1, max_length=4096)
@@ -60,6 +71,11 @@ class FunctionSpec(BaseModel):
             if "\x00" in arg:
                 raise ValueError("command arguments cannot contain NUL bytes")
         return value
+
+    @model_validator(mode="after")
+    def _json_safe(self) -> FunctionSpec:
+        ensure_json_safe(self.model_dump(mode="json"))
+        return self
 
     @field_validator("env")
     @classmethod

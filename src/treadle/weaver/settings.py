@@ -30,6 +30,8 @@ class WeaverSettings(BaseSettings):
     node_down_after_s: float = Field(default=3.0, gt=0)
     # after a restart, nodes need a few reconnect attempts (with backoff) to find Weaver
     node_startup_grace_s: float = Field(default=10.0, ge=0)
+    # an execution no node can take fails `unschedulable` after waiting this long
+    unschedulable_after_s: float = Field(default=600.0, gt=0)
     max_body_bytes: int = 8 * 1024 * 1024
     max_args_bytes: int = 256 * 1024
     max_stdin_bytes: int = 6 * 1024 * 1024

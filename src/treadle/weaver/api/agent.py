@@ -76,24 +76,18 @@ async def agent(websocket: WebSocket) -> None:
     if not isinstance(hello, Hello) or hello.protocol != PROTOCOL_VERSION:
         await websocket.close(code=1002, reason=f"expected hello with protocol {PROTOCOL_VERSION}")
         return
-    node_id, secret = await weaver.nodes.register(hello, node_id)
-    session = NodeSession(node_id=node_id, hello=hello)
-    session.draining = await weaver.nodes.is_draining(node_id)
-    await websocket.send_text(
-        encode(
-            Welcome(
-                protocol=PROTOCOL_VERSION,
-                node_id=node_id,
-                node_secret=secret,
-                heartbeat_s=weaver.settings.heartbeat_s,
-            )
-        )
-    )
-    for reply in await weaver.writer.run(
-        lambda tx: weaver.reports.hello(tx, session, hello.running)
-    ):
-        session.send(reply)
-    weaver.registry.add(session)
+    # Until its session is registered the node counts as present, so the reconciler cannot
+    # declare it down while its hello is being reconciled.
+    connecting = weaver.registry.connecting
+    if node_id is not None:
+        connecting.add(node_id)
+    try:
+        node_id, secret = await weaver.nodes.register(hello, node_id)
+        connecting.add(node_id)
+        session = await _join(websocket, weaver, hello, node_id, secret)
+    finally:
+        if node_id is not None:
+            connecting.discard(node_id)
     sender = asyncio.create_task(_send_loop(websocket, session))
     try:
         await _receive_loop(websocket, weaver, session)
@@ -112,13 +106,44 @@ async def agent(websocket: WebSocket) -> None:
                 await weaver.nodes.set_state(node_id, NodeState.DISCONNECTED)
 
 
+async def _join(
+    websocket: WebSocket, weaver: Weaver, hello: Hello, node_id: str, secret: str | None
+) -> NodeSession:
+    """Welcome the node, reconcile what it runs, and make its session the live one."""
+    session = NodeSession(node_id=node_id, hello=hello)
+    session.draining = await weaver.nodes.is_draining(node_id)
+    await websocket.send_text(
+        encode(
+            Welcome(
+                protocol=PROTOCOL_VERSION,
+                node_id=node_id,
+                node_secret=secret,
+                heartbeat_s=weaver.settings.heartbeat_s,
+            )
+        )
+    )
+    for reply in await weaver.writer.run(
+        lambda tx: weaver.reports.hello(tx, session, hello.running)
+    ):
+        session.send(reply)
+    weaver.registry.add(session)
+    return session
+
+
 async def _send_loop(websocket: WebSocket, session: NodeSession) -> None:
     while True:
         message = await session.outbox.get()
         if message is None:  # replaced by a newer connection of the same node
             await websocket.close(code=1000, reason="superseded")
             return
-        await websocket.send_text(encode(message))
+        try:
+            frame = encode(message)
+        except ValueError:
+            # Input is validated so this cannot happen; if it does, losing one frame is
+            # better than losing the node's only sender.
+            log.exception("cannot encode a %s frame for node %s", message.type, session.node_id)
+            continue
+        await websocket.send_text(frame)
 
 
 Handler = Callable[[Tx], Awaitable[list[WeaverMessage]]]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
@@ -18,6 +20,7 @@ from treadle.weaver.views import execution_view
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/executions", tags=["executions"])
+_SEQ_MAX = 2**62  # what every database's 64-bit integers hold
 WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 
 # A cancelled execution's node reports the end of its output shortly after the kill; a
@@ -61,14 +64,18 @@ async def get_output(
     execution_id: str,
     caller: Caller,
     weaver: WeaverDep,
-    after_seq: Annotated[int | None, Query(ge=-1)] = None,
+    after_seq: Annotated[int | None, Query(ge=-1, le=_SEQ_MAX)] = None,
 ) -> Any:
     row = await weaver.executions.get(caller.tenant_id, execution_id)
     return await weaver.executions.output(row, after_seq)
 
 
 @router.websocket("/{execution_id}/output")
-async def follow_output(websocket: WebSocket, execution_id: str, after_seq: int = -1) -> None:
+async def follow_output(
+    websocket: WebSocket,
+    execution_id: str,
+    after_seq: Annotated[int, Query(ge=-1, le=_SEQ_MAX)] = -1,
+) -> None:
     weaver = get_weaver(websocket)
     try:
         principal = await principal_of(websocket)
@@ -77,11 +84,41 @@ async def follow_output(websocket: WebSocket, execution_id: str, after_seq: int 
         return
     await websocket.accept()
     try:
-        await _follow(websocket, weaver, principal.tenant_id, execution_id, after_seq)
+        await _until_gone(
+            websocket, _follow(websocket, weaver, principal.tenant_id, execution_id, after_seq)
+        )
     except TreadleError as exc:
         await websocket.send_json(error_body(exc.code, exc.message, exc.details))
         await websocket.close(code=4000 + (404 if exc.code == "not_found" else 400))
     except WebSocketDisconnect:
+        pass
+
+
+async def _until_gone(websocket: WebSocket, follow: Coroutine[Any, Any, None]) -> None:
+    """Run `follow` until it ends or the client disconnects, whichever comes first.
+
+    The follower only ever sends, and while an execution is silent it sends nothing, so it
+    would not learn that its client left until the execution ended, perhaps days later,
+    polling and holding its subscription all that time. Reading the socket is what reveals
+    the disconnect."""
+    follower = asyncio.create_task(follow)
+    listener = asyncio.create_task(_disconnected(websocket))
+    try:
+        await asyncio.wait((follower, listener), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (follower, listener):
+            task.cancel()
+        # Wait for both, so the follower's subscription is closed before we return.
+        await asyncio.gather(follower, listener, return_exceptions=True)
+    if not follower.cancelled():
+        follower.result()  # its own end, or its error for the caller to report
+    elif not listener.cancelled():
+        listener.result()
+
+
+async def _disconnected(websocket: WebSocket) -> None:
+    # Clients have nothing to say on this socket; anything they send is ignored.
+    while (await websocket.receive())["type"] != "websocket.disconnect":
         pass
 
 
@@ -111,6 +148,9 @@ async def _follow(
                     return
             # The timeout only bounds how long a missed notification could delay us.
             await subscription.get(within=1.0)
+            # Notifications only mean "look again", and the read below sees everything they
+            # announced; those already queued (one per output frame) would only cost reads.
+            subscription.drain()
             row = await executions.get(tenant_id, execution_id)
     finally:
         subscription.close()

@@ -38,7 +38,7 @@ async def get_function(
     name: str,
     caller: Caller,
     weaver: WeaverDep,
-    version: Annotated[int | None, Query(ge=1)] = None,
+    version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
 ) -> Any:
     return (await weaver.functions.get(caller.tenant_id, name, version)).view()
 
@@ -58,7 +58,7 @@ async def invoke(
     wait: Annotated[
         float | None, Query(ge=0, le=300, description="seconds to block for a terminal state")
     ] = None,
-    version: Annotated[int | None, Query(ge=1)] = None,
+    version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
 ) -> Any:
     row = await weaver.invoke(caller.tenant_id, name, body or InvokeRequest(), version, wait)
     done = is_terminal(ExecutionState(row.state))

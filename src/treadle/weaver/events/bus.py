@@ -26,6 +26,9 @@ class Subscription(Protocol):
     async def get(self, within: float | None = None) -> BusEvent | None:
         """The next event, or None when `within` seconds pass first."""
 
+    def drain(self) -> int:
+        """Discard the events already waiting; how many there were."""
+
     def close(self) -> None: ...
 
 
@@ -37,11 +40,25 @@ class EventBus(Protocol):
     async def close(self) -> None: ...
 
 
+# A subscriber that falls behind (a follower whose client reads slowly gets one event per
+# output frame) must not grow its queue without bound. Subscribers read the current state
+# after an event rather than rely on every event's contents, so losing the oldest is
+# harmless; the newest, which carries the latest state, is always kept.
+MAX_QUEUED = 256
+
+
 class _QueueSubscription:
-    def __init__(self, bus: InProcessBus, topics: frozenset[str]) -> None:
+    def __init__(self, bus: InProcessBus, topics: frozenset[str], maxsize: int) -> None:
         self._bus = bus
         self.topics = topics
-        self.queue: asyncio.Queue[BusEvent] = asyncio.Queue()
+        self.queue: asyncio.Queue[BusEvent] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def put(self, event: BusEvent) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(event)
 
     async def get(self, within: float | None = None) -> BusEvent | None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -51,6 +68,13 @@ class _QueueSubscription:
                 return await self.queue.get()
         except TimeoutError:
             return None
+
+    def drain(self) -> int:
+        count = 0
+        while not self.queue.empty():
+            self.queue.get_nowait()
+            count += 1
+        return count
 
     def close(self) -> None:
         self._bus._remove(self)
@@ -65,19 +89,24 @@ class _QueueSubscription:
 class InProcessBus:
     """Delivers to subscribers of the same process; the default for a single Weaver."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_queued: int = MAX_QUEUED) -> None:
         self._by_topic: dict[str, set[_QueueSubscription]] = {}
+        self._max_queued = max_queued
 
     async def publish(self, events: Sequence[BusEvent]) -> None:
         for event in events:
             for sub in self._by_topic.get(event.topic, ()):
-                sub.queue.put_nowait(event)
+                sub.put(event)
 
     def subscribe(self, topics: Iterable[str]) -> _QueueSubscription:
-        sub = _QueueSubscription(self, frozenset(topics))
+        sub = _QueueSubscription(self, frozenset(topics), self._max_queued)
         for topic in sub.topics:
             self._by_topic.setdefault(topic, set()).add(sub)
         return sub
+
+    def subscriber_count(self, topic: str) -> int:
+        """Open subscriptions to `topic`; lets tests see that a subscriber has let go."""
+        return len(self._by_topic.get(topic, ()))
 
     def _remove(self, sub: _QueueSubscription) -> None:
         for topic in sub.topics:

@@ -92,6 +92,17 @@ class _Decision:
     session: NodeSession
     placement: Placement
     tier: Tier
+    # False when the node already held this attempt (it was placed twice): then this
+    # decision must not release what the first placement reserved.
+    reserved: bool
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.pending.id, self.pending.attempt
+
+    def undo(self) -> None:
+        if self.reserved:
+            self.session.release(self.key)
 
 
 class Dispatcher:
@@ -182,10 +193,12 @@ class Dispatcher:
             if isinstance(result, Placement):
                 session = sessions[result.node_id]
                 tier = pending.function.spec.isolation or session.default_tier()
-                session.reserve((pending.id, pending.attempt), pending.function.spec.resources)
+                reserved = session.reserve(
+                    (pending.id, pending.attempt), pending.function.spec.resources
+                )
                 views[session.node_id] = session.view()
                 del self._pending[pending.id]
-                decisions.append(_Decision(pending, session, result, tier))
+                decisions.append(_Decision(pending, session, result, tier, reserved))
             elif pending.reason != result.message:
                 pending.reason = result.message
                 reasons.append(pending)
@@ -195,15 +208,21 @@ class Dispatcher:
             assigned = await self._writer.run(self._record(decisions, reasons))
         except Exception:
             for decision in decisions:
-                decision.session.release((decision.pending.id, decision.pending.attempt))
+                decision.undo()
                 self._pending.setdefault(decision.pending.id, decision.pending)
             raise
         for decision in decisions:
-            key = (decision.pending.id, decision.pending.attempt)
-            if decision.pending.id in assigned:
-                decision.session.send(decision.pending.assignment(decision.tier))
-            else:
-                decision.session.release(key)
+            if decision.pending.id not in assigned:
+                decision.undo()
+                continue
+            current = self._registry.get(decision.session.node_id)
+            if current is None:
+                continue  # gone while this was committed: the reconciler moves the work
+            if current is not decision.session:
+                # The node reconnected meanwhile; its new session must hold and send it.
+                decision.undo()
+                current.reserve(decision.key, decision.pending.function.spec.resources)
+            current.send(decision.pending.assignment(decision.tier))
 
     @staticmethod
     def _record(decisions: list[_Decision], reasons: list[Pending]) -> Any:

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import and_, func, select
 
 from treadle.domain.errors import InvalidRequest, InvalidTransition, NotFound, PayloadTooLarge
 from treadle.domain.execution import Event, ExecutionState, is_terminal
-from treadle.domain.function import render_command
+from treadle.domain.function import ensure_json_safe, render_command
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
@@ -51,6 +51,11 @@ class InvokeRequest(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
     stdin: str | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_validator(mode="after")
+    def _json_safe(self) -> InvokeRequest:
+        ensure_json_safe([self.args, self.stdin, self.idempotency_key])
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,7 @@ class ExecutionService:
                 "resources": spec.resources.model_dump(mode="json"),
                 "isolation": spec.isolation.value if spec.isolation else None,
                 "created_at": tx.now,
+                "queued_at": tx.now,
             }
             await tx.conn.execute(_INSERT, values)
             tx.emit(
@@ -270,15 +276,48 @@ class ExecutionService:
             )
 
     async def open_unassigned(self, exclude: set[str], limit: int = 1000) -> list[Any]:
-        query = (
-            select(_E)
+        """Open executions on no node, oldest first, except `exclude`. Only ids are read for
+        the excluded ones: rows carry args and stdin, which may be megabytes each."""
+        ids_query = (
+            select(_E.c.id)
             .where(_E.c.state == ExecutionState.OPEN.value, _E.c.node_id.is_(None))
             .order_by(_E.c.id)
             .limit(limit + len(exclude))
         )
         async with self._db.read() as conn:
-            rows = [r for r in await conn.execute(query) if r.id not in exclude]
-        return rows[:limit]
+            ids = [i for i in (await conn.execute(ids_query)).scalars() if i not in exclude]
+            if not ids:
+                return []
+            rows = await conn.execute(select(_E).where(_E.c.id.in_(ids[:limit])).order_by(_E.c.id))
+            return list(rows)
+
+    async def unschedulable(self, older_than: float, limit: int = 100) -> list[str]:
+        """Open executions on no node that have waited since before `older_than`."""
+        query = (
+            select(_E.c.id)
+            .where(
+                _E.c.state == ExecutionState.OPEN.value,
+                _E.c.node_id.is_(None),
+                _E.c.queued_at < older_than,
+            )
+            .limit(limit)
+        )
+        async with self._db.read() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def give_up(self, execution_ids: list[str], reason: str) -> list[str]:
+        """End open, unplaced executions in failure with `reason`; the ids that ended."""
+
+        async def write(tx: Tx) -> list[str]:
+            ended = []
+            for execution_id in execution_ids:
+                row = await load_execution(tx, execution_id)
+                unplaced = row.state == ExecutionState.OPEN.value and row.node_id is None
+                if unplaced and await transition(tx, row, Event.GIVE_UP, error=reason):
+                    ended.append(execution_id)
+            return ended
+
+        return await self._writer.run(write)
 
 
 def output_complete(row: Any, stored: int) -> bool:

@@ -58,10 +58,13 @@ class NodeSession:
     def close(self) -> None:
         self.outbox.put_nowait(None)
 
-    def reserve(self, key: AttemptKey, resources: Resources) -> None:
-        if key not in self.attempts:
-            self.attempts[key] = resources
-            self.allocated = self.allocated.plus(resources)
+    def reserve(self, key: AttemptKey, resources: Resources) -> bool:
+        """Hold `resources` for the attempt; False when it already held them."""
+        if key in self.attempts:
+            return False
+        self.attempts[key] = resources
+        self.allocated = self.allocated.plus(resources)
+        return True
 
     def release(self, key: AttemptKey) -> bool:
         resources = self.attempts.pop(key, None)
@@ -92,6 +95,11 @@ class NodeRegistry:
     def __init__(self, on_change: Callable[[], None]) -> None:
         self._sessions: dict[str, NodeSession] = {}
         self._on_change = on_change
+        # Nodes whose hello is being reconciled: present, though not yet in `_sessions`.
+        self.connecting: set[str] = set()
+
+    def present(self, node_id: str) -> bool:
+        return node_id in self._sessions or node_id in self.connecting
 
     def add(self, session: NodeSession) -> None:
         old = self._sessions.get(session.node_id)

@@ -23,6 +23,7 @@ from sqlalchemy import distinct, select, update
 from treadle.domain.execution import ExecutionState
 from treadle.domain.node import NodeState
 from treadle.weaver.background import cancel_and_wait
+from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.nodes import NodeRegistry
 from treadle.weaver.services.reports import ReportService
 from treadle.weaver.store import tables
@@ -46,6 +47,9 @@ class Reconciler:
         down_after_s: float,
         startup_grace_s: float,
         on_requeue: Callable[[], None],
+        executions: ExecutionService,
+        unschedulable_after_s: float,
+        forget: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
@@ -54,6 +58,9 @@ class Reconciler:
         self._reports = reports
         self._down_after_s = down_after_s
         self._startup_grace_s = startup_grace_s
+        self._executions = executions
+        self._unschedulable_after_s = unschedulable_after_s
+        self._forget = forget
         self._on_requeue = on_requeue
         self._clock = clock
         self._started = clock()
@@ -78,6 +85,16 @@ class Reconciler:
                 log.exception("reconcile pass failed; trying again")
 
     async def tick(self) -> None:
+        await self._nodes()
+        await self._expire_unschedulable()
+
+    async def _expire_unschedulable(self) -> None:
+        stale = await self._executions.unschedulable(time.time() - self._unschedulable_after_s)
+        if stale:
+            for execution_id in await self._executions.give_up(stale, "unschedulable"):
+                self._forget(execution_id)
+
+    async def _nodes(self) -> None:
         now = self._clock()
         for session in self._registry.sessions():
             if now - session.last_seen > self._down_after_s:
@@ -95,6 +112,7 @@ class Reconciler:
                 ).scalars()
             )
         connected = {session.node_id for session in self._registry.sessions()}
+        connected |= self._registry.connecting
         grace = max(self._down_after_s, self._startup_grace_s - (now - self._started))
         for node_id in list(self._silent_since):
             if node_id in connected or node_id not in holding:
@@ -107,7 +125,7 @@ class Reconciler:
 
     def _node_down(self, node_id: str) -> Callable[[Tx], Awaitable[None]]:
         async def write(tx: Tx) -> None:
-            if self._registry.get(node_id) is None:  # unless it came back meanwhile
+            if not self._registry.present(node_id):  # unless it came back meanwhile
                 await self._mark_down(tx, node_id)
 
         return write

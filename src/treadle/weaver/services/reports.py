@@ -31,6 +31,7 @@ __all__ = ["ReportService"]
 _E = tables.executions
 _O = tables.output_chunks
 _ACTIVE = (ExecutionState.OPEN.value, ExecutionState.RUNNING.value)
+_REASON_MAX = 255  # the width of executions.error
 
 
 async def _current(tx: Tx, execution_id: str) -> Any:
@@ -75,13 +76,17 @@ class ReportService:
                 reported.discard(key)
             else:
                 requeued |= await self.release_from(tx, row)
-        # Still reported but not active here: either it ended on Weaver's side (cancelled)
-        # and its exit report is on the way, or it is stale and must be killed.
+        # Still reported but not active here: it ended on Weaver's side (cancelled, perhaps
+        # while the link was down, so the node never heard) or it is stale. Either way the
+        # node must kill it; one that already exited just replays its exit report.
         cancels: list[WeaverMessage] = []
         for execution_id, attempt in reported:
             row = await _current(tx, execution_id)
             if _is_current(row, session, attempt):
                 session.reserve((execution_id, attempt), Resources.model_validate(row.resources))
+                cancels.append(
+                    Cancel(id=execution_id, attempt=attempt, reason=row.error or "ended")
+                )
             else:
                 cancels.append(Cancel(id=execution_id, attempt=attempt, reason="stale"))
         if requeued:
@@ -113,6 +118,7 @@ class ReportService:
                 tx,
                 row,
                 Event.REQUEUE,
+                queued_at=tx.now,
                 attempt=row.attempt + 1,
                 node_id=None,
                 placement=None,
@@ -183,7 +189,7 @@ class ReportService:
             await transition(tx, row, Event.START)
             row = await _current(tx, msg.id)
         if row.state == ExecutionState.RUNNING.value:
-            outcome = exit_outcome(msg.exit_code, msg.reason)
+            outcome = exit_outcome(msg.exit_code, msg.reason and msg.reason[:_REASON_MAX])
             await transition(
                 tx, row, outcome.event, result=msg.result, error=outcome.reason, **facts
             )

@@ -112,9 +112,12 @@ executions = Table(
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("exit_code", Integer),
     Column("result", JSON),
-    Column("error", String(128)),
+    Column("error", String(255)),
     Column("output_chunks", Integer),
     Column("created_at", Float, nullable=False),
+    # when it last became open (created, or requeued): the unschedulable deadline counts
+    # from here
+    Column("queued_at", Float),
     Column("running_at", Float),
     Column("ended_at", Float),
     Column("duration_ms", Float),
@@ -141,7 +144,7 @@ events = Table(
     Column("id", String(40), nullable=False, unique=True),
     Column("type", String(64), nullable=False),
     Column("tenant_id", String(40)),
-    Column("subject_id", String(40), nullable=False),
+    Column("subject_id", String(128), nullable=False),
     Column("data", JSON, nullable=False),
     Column("created_at", Float, nullable=False),
 )

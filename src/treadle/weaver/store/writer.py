@@ -120,7 +120,6 @@ class Writer:
                         self._fail(item, item_exc)
 
     async def _commit(self, batch: list[_Item]) -> None:
-        tx: Tx | None = None
         results: list[Any] = []
         async with self._db.transaction() as conn:
             tx = Tx(conn=conn, db=self._db, now=time.time())
@@ -128,10 +127,21 @@ class Writer:
                 results.append(await fn(tx))
             if tx.stored:
                 await conn.execute(_INSERT_EVENTS, tx.stored)
+        await self._settle(batch, results, tx)
+
+    async def _settle(self, batch: list[_Item], results: list[Any], tx: Tx) -> None:
+        """After the commit: a failure here must not fail the batch, or its writes, already
+        stored, would be retried."""
         for callback in tx.after_commit:
-            callback()
+            try:
+                callback()
+            except Exception:
+                log.exception("an after-commit callback failed")
         if tx.events:
-            await self._bus.publish(tx.events)
+            try:
+                await self._bus.publish(tx.events)
+            except Exception:
+                log.exception("publishing %d events failed", len(tx.events))
         for (_fn, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
