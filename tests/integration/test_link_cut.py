@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support.cluster import Cluster, eventually
+from support.cluster import PYTHON, Cluster, eventually
 from support.processes import pids_with
 from support.proxy import Proxy
 
@@ -71,3 +71,41 @@ def test_cancel_issued_while_the_link_is_down_reaches_the_node(
             what="the node's capacity to be released",
         )
         del node
+
+
+def test_output_cut_mid_stream_arrives_complete_in_order_once(
+    cut_cluster: tuple[Cluster, Proxy], tmp_path: Path
+) -> None:
+    cluster, proxy = cut_cluster
+    half, gate = tmp_path / "half", tmp_path / "gate"
+    script = (
+        "import os, sys, time\n"
+        "for i in range(50000): print(i)\n"
+        "sys.stdout.flush()\n"
+        f"open({str(half)!r}, 'w').close()\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+        "for i in range(50000, 100000): print(i)\n"
+    )
+    with cluster.client() as api:
+        api.post("/v1/functions", json={"name": "stream", "command": [PYTHON, "-c", script]})
+        execution = api.post("/v1/functions/stream/invoke", json={}).json()
+        eventually(half.exists, what="the first half to be printed")
+        proxy.cut()
+        gate.touch()  # the second half and the exit happen while the link is down
+        eventually(
+            lambda: not cluster.node_named("behind-proxy", connected=True),
+            what="Weaver to notice the cut",
+        )
+        proxy.restore()
+        done = eventually(
+            lambda: (
+                (e := api.get(f"/v1/executions/{execution['id']}").json())["state"] == "success"
+                and e
+            ),
+            timeout=60,
+            what="the exit report to be replayed",
+        )
+        assert done["attempt"] == 1  # the node came back in time: no second run
+        out = api.get(f"/v1/executions/{execution['id']}/output").json()
+        assert out["complete"] is True
+        assert out["stdout"].splitlines() == [str(i) for i in range(100000)]
