@@ -1,0 +1,31 @@
+"""What a node holds, per attempt, from placement until it reports the exit."""
+
+from __future__ import annotations
+
+from treadle.domain.resources import Resources, Tier
+from treadle.protocol import Hello
+from treadle.weaver.services.nodes import NodeSession
+
+
+def session() -> NodeSession:
+    capacity = Resources(cpu_millicores=2000, memory_mib=1024)
+    hello = Hello(protocol=1, name="n", capacity=capacity, runtimes=[Tier.PROCESS])
+    return NodeSession(node_id="nd_1", hello=hello)
+
+
+def test_a_second_reservation_of_the_same_attempt_holds_nothing_more() -> None:
+    s = session()
+    need = Resources(cpu_millicores=500, memory_mib=100)
+    assert s.reserve(("ex_1", 1), need) is True
+    assert s.reserve(("ex_1", 1), need) is False  # placed twice: the first still holds it
+    assert s.allocated.cpu_millicores == 500
+    assert s.view().free.cpu_millicores == 1500
+
+
+def test_release_frees_exactly_once() -> None:
+    s = session()
+    s.reserve(("ex_1", 1), Resources(cpu_millicores=500, memory_mib=100))
+    s.reserve(("ex_2", 1), Resources(cpu_millicores=700, memory_mib=100))
+    assert s.release(("ex_1", 1)) is True
+    assert s.release(("ex_1", 1)) is False
+    assert (s.allocated.cpu_millicores, s.allocated.memory_mib) == (700, 100)
