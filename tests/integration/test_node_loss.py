@@ -34,10 +34,19 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Path]:
+    """The file a gated job waits for; opened at teardown in any case, so a failed test leaves
+    no job polling for it (the attempt of a killed node is nobody's child any more)."""
+    path = tmp_path / "gate"
+    yield path
+    path.touch()
+
+
 def _start_gated(
-    api: httpx.Client, tmp_path: Path, name: str, max_attempts: int
-) -> tuple[dict[str, Any], Path]:
-    gate, started = tmp_path / "gate", tmp_path / "started"
+    api: httpx.Client, tmp_path: Path, gate: Path, name: str, max_attempts: int
+) -> dict[str, Any]:
+    started = tmp_path / "started"
     api.post(
         "/v1/functions",
         json={
@@ -50,7 +59,7 @@ def _start_gated(
     )
     execution = api.post(f"/v1/functions/{name}/invoke", json={}).json()
     eventually(lambda: Path(f"{started}1").exists(), what="attempt 1 to start")
-    return api.get(f"/v1/executions/{execution['id']}").json(), gate
+    return dict(api.get(f"/v1/executions/{execution['id']}").json())
 
 
 def _kill_node(fleet: Cluster, node_id: str) -> str:
@@ -64,9 +73,11 @@ def _kill_node(fleet: Cluster, node_id: str) -> str:
     return name
 
 
-def test_work_of_a_killed_node_runs_again_on_another(fleet: Cluster, tmp_path: Path) -> None:
+def test_work_of_a_killed_node_runs_again_on_another(
+    fleet: Cluster, tmp_path: Path, gate: Path
+) -> None:
     with fleet.client() as api:
-        running, gate = _start_gated(api, tmp_path, "survivor", max_attempts=3)
+        running = _start_gated(api, tmp_path, gate, "survivor", max_attempts=3)
         assert (running["state"], running["attempt"]) == ("running", 1)
         first_node = running["node_id"]
         killed = _kill_node(fleet, first_node)
@@ -94,9 +105,11 @@ def test_work_of_a_killed_node_runs_again_on_another(fleet: Cluster, tmp_path: P
         fleet.start_shuttle(killed)
 
 
-def test_work_fails_node_lost_when_attempts_are_spent(fleet: Cluster, tmp_path: Path) -> None:
+def test_work_fails_node_lost_when_attempts_are_spent(
+    fleet: Cluster, tmp_path: Path, gate: Path
+) -> None:
     with fleet.client() as api:
-        running, gate = _start_gated(api, tmp_path, "fragile", max_attempts=1)
+        running = _start_gated(api, tmp_path, gate, "fragile", max_attempts=1)
         _kill_node(fleet, running["node_id"])
         done = eventually(
             lambda: (

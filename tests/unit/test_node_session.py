@@ -16,16 +16,16 @@ def session() -> NodeSession:
 def test_a_second_reservation_of_the_same_attempt_holds_nothing_more() -> None:
     s = session()
     need = Resources(cpu_millicores=500, memory_mib=100)
-    assert s.reserve(("ex_1", 1), need) is True
-    assert s.reserve(("ex_1", 1), need) is False  # placed twice: the first still holds it
+    assert s.reserve(("ex_1", 1), need, "tn_a") is True
+    assert s.reserve(("ex_1", 1), need, "tn_a") is False  # placed twice: the first still holds it
     assert s.allocated.cpu_millicores == 500
     assert s.view().free.cpu_millicores == 1500
 
 
 def test_release_frees_exactly_once() -> None:
     s = session()
-    s.reserve(("ex_1", 1), Resources(cpu_millicores=500, memory_mib=100))
-    s.reserve(("ex_2", 1), Resources(cpu_millicores=700, memory_mib=100))
+    s.reserve(("ex_1", 1), Resources(cpu_millicores=500, memory_mib=100), "tn_a")
+    s.reserve(("ex_2", 1), Resources(cpu_millicores=700, memory_mib=100), "tn_b")
     assert s.release(("ex_1", 1)) is True
     assert s.release(("ex_1", 1)) is False
     assert (s.allocated.cpu_millicores, s.allocated.memory_mib) == (700, 100)

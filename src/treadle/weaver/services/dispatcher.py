@@ -194,7 +194,9 @@ class Dispatcher:
                 session = sessions[result.node_id]
                 tier = pending.function.spec.isolation or session.default_tier()
                 reserved = session.reserve(
-                    (pending.id, pending.attempt), pending.function.spec.resources
+                    (pending.id, pending.attempt),
+                    pending.function.spec.resources,
+                    pending.tenant_id,
                 )
                 views[session.node_id] = session.view()
                 del self._pending[pending.id]
@@ -221,7 +223,11 @@ class Dispatcher:
             if current is not decision.session:
                 # The node reconnected meanwhile; its new session must hold and send it.
                 decision.undo()
-                current.reserve(decision.key, decision.pending.function.spec.resources)
+                current.reserve(
+                    decision.key,
+                    decision.pending.function.spec.resources,
+                    decision.pending.tenant_id,
+                )
             current.send(decision.pending.assignment(decision.tier))
 
     @staticmethod

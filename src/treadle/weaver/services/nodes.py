@@ -27,7 +27,7 @@ from treadle.weaver.store.database import Database
 from treadle.weaver.store.writer import Tx, Writer
 from treadle.weaver.views import iso
 
-__all__ = ["NodeRegistry", "NodeService", "NodeSession"]
+__all__ = ["Held", "NodeRegistry", "NodeService", "NodeSession"]
 
 _N = tables.nodes
 _ZERO = Resources.model_construct(
@@ -36,13 +36,21 @@ _ZERO = Resources.model_construct(
 AttemptKey = tuple[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """An attempt placed on a node and not yet reported ended by it."""
+
+    resources: Resources
+    tenant_id: str
+
+
 @dataclass(eq=False)
 class NodeSession:
     node_id: str
     hello: Hello
     outbox: asyncio.Queue[WeaverMessage | None] = field(default_factory=asyncio.Queue)
     draining: bool = False
-    attempts: dict[AttemptKey, Resources] = field(default_factory=dict)
+    attempts: dict[AttemptKey, Held] = field(default_factory=dict)
     allocated: Resources = _ZERO
     last_heartbeat: float = field(default_factory=time.time)
     # monotonic time of the last frame of any kind: what the reconciler judges silence by
@@ -58,19 +66,19 @@ class NodeSession:
     def close(self) -> None:
         self.outbox.put_nowait(None)
 
-    def reserve(self, key: AttemptKey, resources: Resources) -> bool:
+    def reserve(self, key: AttemptKey, resources: Resources, tenant_id: str) -> bool:
         """Hold `resources` for the attempt; False when it already held them."""
         if key in self.attempts:
             return False
-        self.attempts[key] = resources
+        self.attempts[key] = Held(resources, tenant_id)
         self.allocated = self.allocated.plus(resources)
         return True
 
     def release(self, key: AttemptKey) -> bool:
-        resources = self.attempts.pop(key, None)
-        if resources is None:
+        held = self.attempts.pop(key, None)
+        if held is None:
             return False
-        self.allocated = self.allocated.minus(resources)
+        self.allocated = self.allocated.minus(held.resources)
         return True
 
     def default_tier(self) -> Tier:

@@ -16,7 +16,7 @@ from treadle.domain.execution import Event, ExecutionState, exit_outcome, is_ter
 from treadle.domain.resources import Resources
 from treadle.protocol import Ack, AttemptRef, Cancel, Exited, Output, Started, WeaverMessage
 from treadle.weaver.services.nodes import NodeSession
-from treadle.weaver.services.transitions import transition
+from treadle.weaver.services.transitions import Expected, transition
 from treadle.weaver.store import tables
 from treadle.weaver.store.statements import (
     EXECUTION_BY_ID,
@@ -72,7 +72,7 @@ class ReportService:
         for row in expected:
             key = (row.id, row.attempt)
             if key in reported:
-                session.reserve(key, Resources.model_validate(row.resources))
+                session.reserve(key, Resources.model_validate(row.resources), row.tenant_id)
                 reported.discard(key)
             else:
                 requeued |= await self.release_from(tx, row)
@@ -83,7 +83,9 @@ class ReportService:
         for execution_id, attempt in reported:
             row = await _current(tx, execution_id)
             if _is_current(row, session, attempt):
-                session.reserve((execution_id, attempt), Resources.model_validate(row.resources))
+                session.reserve(
+                    (execution_id, attempt), Resources.model_validate(row.resources), row.tenant_id
+                )
                 cancels.append(
                     Cancel(id=execution_id, attempt=attempt, reason=row.error or "ended")
                 )
@@ -129,6 +131,12 @@ class ReportService:
         return False
 
     async def started(self, tx: Tx, session: NodeSession, msg: Started) -> list[WeaverMessage]:
+        held = session.attempts.get((msg.id, msg.attempt))
+        if held is not None:
+            # The usual case, decided without reading the row: open on this node, now running.
+            expected = Expected(msg.id, held.tenant_id, "open", msg.attempt, session.node_id)
+            if await transition(tx, expected, Event.START):
+                return []
         row = await _current(tx, msg.id)
         if not _is_current(row, session, msg.attempt):
             return [Cancel(id=msg.id, attempt=msg.attempt, reason="stale")]
@@ -166,6 +174,16 @@ class ReportService:
         tx.notify(f"output.{msg.id}", msg.id, {"attempt": msg.attempt, "seq": last})
         return [ack]
 
+    @staticmethod
+    def _facts(session: NodeSession, resources: Resources, msg: Exited) -> dict[str, Any]:
+        """What the node observed of an ended attempt, kept whatever the execution's state."""
+        return {
+            "exit_code": msg.exit_code,
+            "output_chunks": msg.chunks,
+            "duration_ms": msg.usage.wall_ms,
+            "cost": _cost(session, resources, msg.usage.wall_ms),
+        }
+
     async def exited(self, tx: Tx, session: NodeSession, msg: Exited) -> list[WeaverMessage]:
         key = (msg.id, msg.attempt)
 
@@ -175,21 +193,26 @@ class ReportService:
 
         tx.after_commit.append(release)
         ack: list[WeaverMessage] = [Ack(id=msg.id, attempt=msg.attempt, exited=True)]
+        outcome = exit_outcome(msg.exit_code, msg.reason and msg.reason[:_REASON_MAX])
+        held = session.attempts.get(key)
+        if held is not None:
+            # The usual case, decided without reading the row: running on this node, now ended.
+            expected = Expected(msg.id, held.tenant_id, "running", msg.attempt, session.node_id)
+            ending = {
+                "result": msg.result,
+                "error": outcome.reason,
+                **self._facts(session, held.resources, msg),
+            }
+            if await transition(tx, expected, outcome.event, **ending):
+                return ack
         row = await _current(tx, msg.id)
         if not _is_current(row, session, msg.attempt):
             return ack
-        resources = Resources.model_validate(row.resources)
-        facts = {
-            "exit_code": msg.exit_code,
-            "output_chunks": msg.chunks,
-            "duration_ms": msg.usage.wall_ms,
-            "cost": _cost(session, resources, msg.usage.wall_ms),
-        }
+        facts = self._facts(session, Resources.model_validate(row.resources), msg)
         if row.state == ExecutionState.OPEN.value:
             await transition(tx, row, Event.START)
             row = await _current(tx, msg.id)
         if row.state == ExecutionState.RUNNING.value:
-            outcome = exit_outcome(msg.exit_code, msg.reason and msg.reason[:_REASON_MAX])
             await transition(
                 tx, row, outcome.event, result=msg.result, error=outcome.reason, **facts
             )

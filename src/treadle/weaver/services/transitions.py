@@ -4,15 +4,20 @@ transaction."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from treadle.domain.errors import NotFound
 from treadle.domain.execution import Event, ExecutionState, apply, is_terminal
 from treadle.weaver.store import tables
-from treadle.weaver.store.statements import EXECUTION_BY_ID, EXECUTION_CAS
+from treadle.weaver.store.statements import (
+    EXECUTION_BY_ID,
+    EXECUTION_CAS,
+    EXECUTION_CAS_ON_NODE,
+)
 from treadle.weaver.store.writer import Tx
 
-__all__ = ["load_execution", "transition"]
+__all__ = ["Expected", "load_execution", "transition"]
 
 _E = tables.executions
 
@@ -24,8 +29,21 @@ async def load_execution(tx: Tx, execution_id: str, tenant_id: str | None = None
     return row
 
 
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What a caller knows an execution to be without reading it: enough to attempt a
+    transition. If the execution is not like that any more, `transition` returns False."""
+
+    id: str
+    tenant_id: str
+    state: str
+    attempt: int
+    node_id: str
+
+
 async def transition(tx: Tx, row: Any, event: Event, **values: Any) -> bool:
-    """Move `row` by `event`; False when another writer changed it first (the caller re-reads).
+    """Move `row` (a stored row, or an `Expected`) by `event`; False when it is not in that
+    state and attempt (and, for an `Expected`, on that node) any more: the caller re-reads.
 
     Raises InvalidTransition when `event` is not valid in the row's state.
     """
@@ -35,9 +53,11 @@ async def transition(tx: Tx, row: Any, event: Event, **values: Any) -> bool:
         values.setdefault("running_at", tx.now)
     if is_terminal(state):
         values.setdefault("ended_at", tx.now)
-    result = await tx.conn.execute(
-        EXECUTION_CAS, {"_id": row.id, "_state": row.state, "_attempt": row.attempt, **values}
-    )
+    params = {"_id": row.id, "_state": row.state, "_attempt": row.attempt, **values}
+    if isinstance(row, Expected):
+        result = await tx.conn.execute(EXECUTION_CAS_ON_NODE, {"_node": row.node_id, **params})
+    else:
+        result = await tx.conn.execute(EXECUTION_CAS, params)
     if result.rowcount != 1:
         return False
     tx.emit(

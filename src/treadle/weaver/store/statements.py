@@ -13,6 +13,7 @@ __all__ = [
     "EXECUTION_BY_IDEMPOTENCY_KEY",
     "EXECUTION_BY_TENANT_AND_ID",
     "EXECUTION_CAS",
+    "EXECUTION_CAS_ON_NODE",
     "EXECUTION_FENCE",
     "EXECUTION_UPDATE_ATTEMPT",
 ]
@@ -42,6 +43,9 @@ EXECUTION_ASSIGN = update(_E).where(
     _E.c.state == "open",
     _E.c.node_id.is_(None),
 )
+
+# The same, for an attempt known to be on one node (fencing without reading the row first).
+EXECUTION_CAS_ON_NODE = EXECUTION_CAS.where(_E.c.node_id == bindparam("_node"))
 
 EXECUTION_UPDATE_ATTEMPT = update(_E).where(
     _E.c.id == bindparam("_id"), _E.c.attempt == bindparam("_attempt")
