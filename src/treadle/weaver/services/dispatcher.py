@@ -165,15 +165,18 @@ class Dispatcher:
                 self.scan_soon()
 
     async def _scan(self) -> None:
+        # After a restart every open execution comes through here: read each function
+        # version once, not once per execution.
+        versions: dict[tuple[str, str, int], FunctionRecord] = {}
         for row in await self._executions.open_unassigned(exclude=set(self._pending)):
-            try:
-                function = await self._functions.get(
-                    row.tenant_id, row.function, row.version, include_deleted=True
-                )
-            except Exception:
-                log.exception("execution %s names a function that cannot be loaded", row.id)
-                continue
-            self._pending.setdefault(row.id, Pending.from_row(row, function))
+            key = (row.tenant_id, row.function, row.version)
+            if key not in versions:
+                try:
+                    versions[key] = await self._functions.get(*key, include_deleted=True)
+                except Exception:
+                    log.exception("execution %s names a function that cannot be loaded", row.id)
+                    continue
+            self._pending.setdefault(row.id, Pending.from_row(row, versions[key]))
 
     async def _round(self) -> None:
         if not self._pending:
