@@ -10,19 +10,11 @@ import sys
 from pathlib import Path
 
 from support.cluster import eventually, free_port
+from support.processes import pids_with
 
 
 def _shuttle_pids(home: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"shuttle" in cmdline and str(home).encode() in cmdline:
-                pids.append(int(entry.name))
-    return pids
+    return pids_with(str(home / "shuttle"))
 
 
 def _start_up(

@@ -17,6 +17,7 @@ from enum import StrEnum
 from treadle.domain.errors import InvalidTransition
 
 __all__ = [
+    "ACTIVE_STATES",
     "TERMINAL_STATES",
     "Event",
     "ExecutionState",
@@ -54,6 +55,9 @@ TERMINAL_STATES = frozenset(
         ExecutionState.CANCELLED,
     }
 )
+
+# Not ended: open (waiting or assigned) or running. What a node can be holding.
+ACTIVE_STATES = frozenset({ExecutionState.OPEN, ExecutionState.RUNNING})
 
 _S = ExecutionState
 _TABLE: dict[tuple[ExecutionState, Event], ExecutionState] = {

@@ -46,7 +46,6 @@ class Weaver:
             self.reports,
             down_after_s=settings.node_down_after_s,
             startup_grace_s=settings.node_startup_grace_s,
-            on_requeue=self.dispatcher.scan_soon,
             executions=self.executions,
             unschedulable_after_s=settings.unschedulable_after_s,
             forget=self.dispatcher.forget,

@@ -32,6 +32,7 @@ from treadle.protocol import (
     encode,
 )
 from treadle.weaver.api.deps import bearer, get_weaver
+from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.nodes import NodeSession
 from treadle.weaver.store.writer import Tx
@@ -82,8 +83,9 @@ async def agent(websocket: WebSocket) -> None:
     if node_id is not None:
         connecting.add(node_id)
     try:
+        # A node new to Weaver holds no work yet, so only a known one needs to count as
+        # present from the start.
         node_id, secret = await weaver.nodes.register(hello, node_id)
-        connecting.add(node_id)
         session = await _join(websocket, weaver, hello, node_id, secret)
     finally:
         if node_id is not None:
@@ -98,9 +100,7 @@ async def agent(websocket: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await websocket.close(code=1002, reason="invalid frame")
     finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
+        await cancel_and_wait(sender)
         if weaver.registry.remove(session):
             with contextlib.suppress(Exception):
                 await weaver.nodes.set_state(node_id, NodeState.DISCONNECTED)

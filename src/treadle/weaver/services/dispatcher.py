@@ -167,7 +167,7 @@ class Dispatcher:
     async def _scan(self) -> None:
         # After a restart every open execution comes through here: read each function
         # version once, not once per execution.
-        versions: dict[tuple[str, str, int], FunctionRecord] = {}
+        versions: dict[tuple[str, str, int], FunctionRecord | None] = {}
         for row in await self._executions.open_unassigned(exclude=set(self._pending)):
             key = (row.tenant_id, row.function, row.version)
             if key not in versions:
@@ -175,8 +175,10 @@ class Dispatcher:
                     versions[key] = await self._functions.get(*key, include_deleted=True)
                 except Exception:
                     log.exception("execution %s names a function that cannot be loaded", row.id)
-                    continue
-            self._pending.setdefault(row.id, Pending.from_row(row, versions[key]))
+                    versions[key] = None
+            function = versions[key]
+            if function is not None:
+                self._pending.setdefault(row.id, Pending.from_row(row, function))
 
     async def _round(self) -> None:
         if not self._pending:

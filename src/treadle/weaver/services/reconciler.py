@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy import distinct, select, update
 
-from treadle.domain.execution import ExecutionState
+from treadle.domain.execution import ACTIVE_STATES
 from treadle.domain.node import NodeState
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.services.executions import ExecutionService
@@ -34,7 +34,7 @@ __all__ = ["Reconciler"]
 
 log = logging.getLogger(__name__)
 _E, _N = tables.executions, tables.nodes
-_ACTIVE = (ExecutionState.OPEN.value, ExecutionState.RUNNING.value)
+_ACTIVE = sorted(state.value for state in ACTIVE_STATES)
 
 
 class Reconciler:
@@ -46,11 +46,9 @@ class Reconciler:
         reports: ReportService,
         down_after_s: float,
         startup_grace_s: float,
-        on_requeue: Callable[[], None],
         executions: ExecutionService,
         unschedulable_after_s: float,
         forget: Callable[[str], None],
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
         self._writer = writer
@@ -61,14 +59,13 @@ class Reconciler:
         self._executions = executions
         self._unschedulable_after_s = unschedulable_after_s
         self._forget = forget
-        self._on_requeue = on_requeue
-        self._clock = clock
-        self._started = clock()
+        self._started = time.monotonic()
+        self._next_expiry = 0.0
         self._silent_since: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._started = self._clock()
+        self._started = time.monotonic()
         self._task = asyncio.create_task(self._loop(), name="treadle-reconciler")
 
     async def stop(self) -> None:
@@ -86,7 +83,12 @@ class Reconciler:
 
     async def tick(self) -> None:
         await self._nodes()
-        await self._expire_unschedulable()
+        # Node silence is judged in fractions of a second; a deadline of minutes needs a
+        # look only every tenth of it.
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            self._next_expiry = now + self._unschedulable_after_s / 10
+            await self._expire_unschedulable()
 
     async def _expire_unschedulable(self) -> None:
         stale = await self._executions.unschedulable(time.time() - self._unschedulable_after_s)
@@ -95,7 +97,7 @@ class Reconciler:
                 self._forget(execution_id)
 
     async def _nodes(self) -> None:
-        now = self._clock()
+        now = time.monotonic()
         for session in self._registry.sessions():
             if now - session.last_seen > self._down_after_s:
                 log.warning("node %s went silent; closing its link", session.node_id)
@@ -111,13 +113,13 @@ class Reconciler:
                     )
                 ).scalars()
             )
-        connected = {session.node_id for session in self._registry.sessions()}
-        connected |= self._registry.connecting
         grace = max(self._down_after_s, self._startup_grace_s - (now - self._started))
         for node_id in list(self._silent_since):
-            if node_id in connected or node_id not in holding:
+            if self._registry.present(node_id) or node_id not in holding:
                 del self._silent_since[node_id]
-        for node_id in holding - connected:
+        for node_id in holding:
+            if self._registry.present(node_id):
+                continue
             since = self._silent_since.setdefault(node_id, now)
             if now - since >= grace:
                 await self._writer.run(self._node_down(node_id))
@@ -136,9 +138,4 @@ class Reconciler:
             update(_N).where(_N.c.id == node_id).values(state=NodeState.DOWN.value)
         )
         tx.emit("node.down", node_id, None, {})
-        rows = await tx.conn.execute(
-            select(_E).where(_E.c.node_id == node_id, _E.c.state.in_(_ACTIVE))
-        )
-        for row in list(rows):
-            await self._reports.release_from(tx, row)
-        tx.after_commit.append(self._on_requeue)
+        await self._reports.release_node(tx, node_id)

@@ -12,7 +12,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from treadle.domain.execution import Event, ExecutionState, exit_outcome, is_terminal
+from treadle.domain.execution import (
+    ACTIVE_STATES,
+    Event,
+    ExecutionState,
+    exit_outcome,
+    is_terminal,
+)
 from treadle.domain.resources import Resources
 from treadle.protocol import Ack, AttemptRef, Cancel, Exited, Output, Started, WeaverMessage
 from treadle.weaver.services.nodes import NodeSession
@@ -30,7 +36,7 @@ __all__ = ["ReportService"]
 
 _E = tables.executions
 _O = tables.output_chunks
-_ACTIVE = (ExecutionState.OPEN.value, ExecutionState.RUNNING.value)
+_ACTIVE = sorted(state.value for state in ACTIVE_STATES)
 _REASON_MAX = 255  # the width of executions.error
 
 
@@ -63,13 +69,8 @@ class ReportService:
     ) -> list[WeaverMessage]:
         """Reconcile what the node runs with what Weaver expects of it (DESIGN §3)."""
         reported = {(ref.id, ref.attempt) for ref in running}
-        expected = list(
-            await tx.conn.execute(
-                select(_E).where(_E.c.node_id == session.node_id, _E.c.state.in_(_ACTIVE))
-            )
-        )
         requeued = False
-        for row in expected:
+        for row in await self._active_on(tx, session.node_id):
             key = (row.id, row.attempt)
             if key in reported:
                 session.reserve(key, Resources.model_validate(row.resources), row.tenant_id)
@@ -94,6 +95,20 @@ class ReportService:
         if requeued:
             tx.after_commit.append(self._on_requeue)
         return cancels
+
+    @staticmethod
+    async def _active_on(tx: Tx, node_id: str) -> list[Any]:
+        """The executions Weaver believes `node_id` holds."""
+        query = select(_E).where(_E.c.node_id == node_id, _E.c.state.in_(_ACTIVE))
+        return list(await tx.conn.execute(query))
+
+    async def release_node(self, tx: Tx, node_id: str) -> None:
+        """`node_id` holds nothing any more (it is down): its work runs again elsewhere."""
+        requeued = False
+        for row in await self._active_on(tx, node_id):
+            requeued |= await self.release_from(tx, row)
+        if requeued:
+            tx.after_commit.append(self._on_requeue)
 
     async def release_from(self, tx: Tx, row: Any) -> bool:
         """The node no longer holds `row`'s attempt. One that never started is placed again;
