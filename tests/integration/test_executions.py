@@ -250,3 +250,21 @@ def test_code_does_not_see_shuttle_environment(cluster: Cluster) -> None:
         assert cluster.join_token not in out
         home = next(line for line in out.splitlines() if line.startswith("HOME="))
         assert home != f"HOME={os.environ.get('HOME')}"
+
+
+def test_nul_in_output_is_stored_on_every_backend(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        register(api, "nul", ["/usr/bin/printf", "a\\000b\\n"])
+        execution = run(api, "nul")
+        assert execution["state"] == "success"
+        out = output(api, execution["id"])
+        assert out["complete"] is True
+        assert out["stdout"] == "a\ufffdb\n"  # documented: NUL becomes U+FFFD
+
+
+def test_nul_in_stdin_is_refused_on_every_backend(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        register(api, "cat", ["/bin/cat"])
+        response = api.post("/v1/functions/cat/invoke", json={"stdin": "a\u0000b"})
+        assert response.status_code == 422
+        assert "stdin" in response.json()["error"]["message"]

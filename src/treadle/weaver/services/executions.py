@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import and_, func, select
 
 from treadle.domain.errors import InvalidRequest, InvalidTransition, NotFound, PayloadTooLarge
@@ -56,6 +56,13 @@ class InvokeRequest(BaseModel):
     def _json_safe(self) -> InvokeRequest:
         ensure_json_safe([self.args, self.stdin, self.idempotency_key])
         return self
+
+    @field_validator("stdin")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("stdin is text and cannot contain NUL characters")
+        return value
 
 
 @dataclass(frozen=True, slots=True)

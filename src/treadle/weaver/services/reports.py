@@ -181,7 +181,8 @@ class ReportService:
                     "attempt": msg.attempt,
                     "seq": chunk.seq,
                     "stream": chunk.stream,
-                    "data": chunk.data,
+                    # PostgreSQL text cannot hold NUL; every store gets the same replacement.
+                    "data": chunk.data.replace("\x00", "\ufffd"),
                 }
                 for chunk in msg.chunks
             ],
