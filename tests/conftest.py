@@ -28,15 +28,29 @@ def postgres() -> Iterator[Postgres]:
     server.stop()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+STORES = ["sqlite", "postgresql"]
+
+
+def store_settings(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Weaver settings for the store a fixture parametrized over STORES was given."""
+    if request.param == "postgresql":
+        return {"database_url": request.getfixturevalue("postgres").create_database()}
+    return {}
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest) -> dict[str, str]:
+    """For tests that start their own cluster: once on each store."""
+    return store_settings(request)
+
+
+@pytest.fixture(scope="module", params=STORES)
 def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     """One Weaver and one Shuttle, real processes on loopback, shared by a module's tests;
     once on each store."""
-    settings: dict[str, str] = {}
-    if request.param == "postgresql":
-        settings["database_url"] = request.getfixturevalue("postgres").create_database()
+    settings = store_settings(request)
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     try:  # a failed start must not leave processes behind
         c.start_weaver(**settings)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import STORES, store_settings
 from support.cluster import PYTHON, Cluster, eventually
 from support.processes import pids_with
 from support.proxy import Proxy
@@ -15,13 +16,15 @@ from support.proxy import Proxy
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def cut_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Proxy]]:
+@pytest.fixture(scope="module", params=STORES)
+def cut_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Cluster, Proxy]]:
     c = Cluster(tmp_path_factory.mktemp("cut"))
     proxy: Proxy | None = None
     try:
         # a long down-after, so a cut link is a reconnect within the grace, not a lost node
-        c.start_weaver(node_down_after_s="30")
+        c.start_weaver(node_down_after_s="30", **store_settings(request))
         proxy = Proxy(c.port)
         c.start_shuttle("behind-proxy", via=proxy.url)
         yield c, proxy

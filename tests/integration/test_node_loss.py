@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from conftest import STORES, store_settings
 from support.cluster import PYTHON, Cluster, eventually
 
 pytestmark = pytest.mark.integration
@@ -22,11 +23,13 @@ GATED = (
 )
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@pytest.fixture(scope="module", params=STORES)
+def fleet(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("fleet"))
     try:  # a failed start must not leave processes behind
-        c.start_weaver(node_down_after_s="1", node_startup_grace_s="0")
+        c.start_weaver(node_down_after_s="1", node_startup_grace_s="0", **store_settings(request))
         c.start_shuttle("a")
         c.start_shuttle("b")
         yield c
@@ -123,11 +126,11 @@ def test_work_fails_node_lost_when_attempts_are_spent(
 
 
 def test_work_no_node_can_take_fails_unschedulable_after_the_deadline(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, store: dict[str, str]
 ) -> None:
     c = Cluster(tmp_path_factory.mktemp("deadline"))
     try:
-        c.start_weaver(unschedulable_after_s="1")
+        c.start_weaver(unschedulable_after_s="1", **store)
         c.start_shuttle("small")
         with c.client() as api:
             api.post(

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_sigkilled_weaver_comes_back_with_everything(
-    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, store: dict[str, str]
 ) -> None:
     gate, started = tmp_path / "gate", tmp_path / "started"
     script = (
@@ -25,7 +25,7 @@ def test_sigkilled_weaver_comes_back_with_everything(
     )
     c = Cluster(tmp_path_factory.mktemp("restart"))
     try:
-        c.start_weaver()
+        c.start_weaver(**store)
         c.start_shuttle("steady", "--cpu", "1000")
         with c.client() as api:
             api.post(
@@ -56,7 +56,7 @@ def test_sigkilled_weaver_comes_back_with_everything(
         assert c.weaver is not None
         c.weaver.stop(signal.SIGKILL)
         gate.touch()  # the job ends while Weaver is gone; the node keeps its exit report
-        c.start_weaver()
+        c.start_weaver(**store)
 
         with c.client() as api:
 
