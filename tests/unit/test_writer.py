@@ -79,3 +79,34 @@ async def test_one_failing_write_fails_alone(db: Database) -> None:
     async with db.read() as conn:
         events = (await conn.execute(select(func.count()).select_from(tables.events))).scalar_one()
     assert events == 2  # the rolled-back batch left no event behind
+
+
+async def test_a_write_waits_for_a_lock_held_elsewhere_and_reads_go_on(
+    db: Database, tmp_path: Path
+) -> None:
+    import asyncio
+    import sqlite3
+
+    writer = Writer(db, InProcessBus())
+    writer.start()
+    calls: list[str] = []
+    # as in a running Weaver: both connections open (the file is in WAL mode from then on)
+    assert await writer.submit(_insert("early", calls)) == "early"
+    assert await _tenants(db) == 1
+    other = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        pending = writer.submit(_insert("late", calls))
+        for _ in range(2000):  # until the writer has found the lock taken
+            if writer.busy_waits:
+                break
+            await asyncio.sleep(0.005)
+        assert writer.busy_waits
+        assert await _tenants(db) == 1  # the loop is free: reads go on
+        assert not pending.done()
+        other.execute("ROLLBACK")
+        assert await pending == "late"
+    finally:
+        other.close()
+        await writer.stop()
+    assert await _tenants(db) == 2

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, Executable, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -51,7 +52,14 @@ def sync_url(url: str) -> str:
     return url.replace("sqlite+aiosqlite", "sqlite").replace("+asyncpg", "+psycopg")
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        _set_pragmas(dbapi_connection, busy_timeout_ms)
+
+    return on_connect
+
+
+def _set_pragmas(dbapi_connection: Any, busy_timeout_ms: int) -> None:
     # Manual transaction control, so that BEGIN IMMEDIATE below is what starts them.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
@@ -60,7 +68,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     for pragma in (
         "journal_mode=WAL",
         "synchronous=NORMAL",
-        "busy_timeout=5000",
+        f"busy_timeout={busy_timeout_ms}",
         "foreign_keys=ON",
     ):
         cursor.execute(f"PRAGMA {pragma}")
@@ -86,8 +94,11 @@ class Database:
             plain = sync_url(url)
             self._sqlite_write = create_engine(plain, poolclass=StaticPool)
             self._sqlite_read = create_engine(plain, poolclass=StaticPool)
-            for engine in (self._sqlite_write, self._sqlite_read):
-                event.listen(engine, "connect", _sqlite_pragmas)
+            # The writer must not wait inside SQLite for a lock another process holds: that
+            # wait would stop the whole event loop. It is told at once and retries with
+            # asyncio.sleep (Writer). Readers in WAL mode are rarely locked out at all.
+            event.listen(self._sqlite_write, "connect", _sqlite_pragmas(busy_timeout_ms=10))
+            event.listen(self._sqlite_read, "connect", _sqlite_pragmas(busy_timeout_ms=5000))
             event.listen(self._sqlite_write, "begin", _begin_immediate)
         else:
             self._async = create_async_engine(url, pool_size=8, max_overflow=8)
@@ -112,6 +123,13 @@ class Database:
         assert self._async is not None
         async with self._async.begin() as aconn:
             yield aconn
+
+    def is_busy(self, exc: BaseException) -> bool:
+        """Whether `exc` says another connection holds the lock (so trying again may work)."""
+        if self.dialect != "sqlite" or not isinstance(exc, OperationalError):
+            return False
+        message = str(exc.orig).lower()
+        return "locked" in message or "busy" in message
 
     def insert_ignoring_conflicts(self, table: Table) -> Any:
         """INSERT … ON CONFLICT DO NOTHING, for idempotent stores (built once per table)."""

@@ -75,6 +75,8 @@ class Tx:
 
 
 _INSERT_EVENTS = tables.events.insert()
+# How long a write waits for a lock another process holds before it fails.
+_BUSY_LIMIT_S = 30.0
 WriteFn = Callable[[Tx], Awaitable[T]]
 _Item = tuple[WriteFn[Any], "asyncio.Future[Any]"]
 
@@ -86,6 +88,8 @@ class Writer:
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        # how often a commit waited for a lock held by another process
+        self.busy_waits = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="treadle-writer")
@@ -108,16 +112,30 @@ class Writer:
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._commit(batch)
+                await self._commit_when_free(batch)
             except Exception as exc:
                 if len(batch) == 1:
                     self._fail(batch[0], exc)
                     continue
                 for item in batch:
                     try:
-                        await self._commit([item])
+                        await self._commit_when_free([item])
                     except Exception as item_exc:
                         self._fail(item, item_exc)
+
+    async def _commit_when_free(self, batch: list[_Item]) -> None:
+        """Commit, waiting (without blocking the loop) while another process holds the lock."""
+        delay, deadline = 0.005, time.monotonic() + _BUSY_LIMIT_S
+        while True:
+            try:
+                await self._commit(batch)
+                return
+            except Exception as exc:
+                if not self._db.is_busy(exc) or time.monotonic() > deadline:
+                    raise
+            self.busy_waits += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     async def _commit(self, batch: list[_Item]) -> None:
         results: list[Any] = []
