@@ -27,7 +27,7 @@ from treadle.weaver.store.database import Database
 from treadle.weaver.store.writer import Tx, Writer
 from treadle.weaver.views import iso
 
-__all__ = ["Held", "NodeRegistry", "NodeService", "NodeSession"]
+__all__ = ["Held", "NodeRegistry", "NodeService", "NodeSession", "record_node_state"]
 
 _N = tables.nodes
 _ZERO = Resources.model_construct(
@@ -137,6 +137,12 @@ class NodeRegistry:
         return list(self._sessions.values())
 
 
+async def record_node_state(tx: Tx, node_id: str, state: NodeState, **values: Any) -> None:
+    """Store a node's new state (and `values`) with its `node.<state>` event."""
+    await tx.conn.execute(update(_N).where(_N.c.id == node_id).values(state=state.value, **values))
+    tx.emit(f"node.{state.value}", node_id, None, {})
+
+
 class NodeService:
     def __init__(self, db: Database, writer: Writer, registry: NodeRegistry) -> None:
         self._db = db
@@ -195,12 +201,7 @@ class NodeService:
 
     async def set_state(self, node_id: str, state: NodeState) -> None:
         async def write(tx: Tx) -> None:
-            await tx.conn.execute(
-                update(_N)
-                .where(_N.c.id == node_id)
-                .values(state=state.value, last_heartbeat=tx.now)
-            )
-            tx.emit(f"node.{state.value}", node_id, None, {})
+            await record_node_state(tx, node_id, state, last_heartbeat=tx.now)
 
         await self._writer.run(write)
 

@@ -18,23 +18,22 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import distinct, select, update
+from sqlalchemy import distinct, select
 
-from treadle.domain.execution import ACTIVE_STATES
 from treadle.domain.node import NodeState
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.services.executions import ExecutionService
-from treadle.weaver.services.nodes import NodeRegistry
+from treadle.weaver.services.nodes import NodeRegistry, record_node_state
 from treadle.weaver.services.reports import ReportService
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
+from treadle.weaver.store.statements import ACTIVE_STATE_VALUES
 from treadle.weaver.store.writer import Tx, Writer
 
 __all__ = ["Reconciler"]
 
 log = logging.getLogger(__name__)
-_E, _N = tables.executions, tables.nodes
-_ACTIVE = sorted(state.value for state in ACTIVE_STATES)
+_E = tables.executions
 
 
 class Reconciler:
@@ -59,7 +58,7 @@ class Reconciler:
         self._executions = executions
         self._unschedulable_after_s = unschedulable_after_s
         self._forget = forget
-        self._started = time.monotonic()
+        self._started = 0.0  # set by start(): the startup grace counts from there
         self._next_expiry = 0.0
         self._silent_since: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -108,7 +107,7 @@ class Reconciler:
                 (
                     await conn.execute(
                         select(distinct(_E.c.node_id)).where(
-                            _E.c.state.in_(_ACTIVE), _E.c.node_id.is_not(None)
+                            _E.c.state.in_(ACTIVE_STATE_VALUES), _E.c.node_id.is_not(None)
                         )
                     )
                 ).scalars()
@@ -134,8 +133,5 @@ class Reconciler:
 
     async def _mark_down(self, tx: Tx, node_id: str) -> None:
         log.warning("node %s is down; its work runs again elsewhere", node_id)
-        await tx.conn.execute(
-            update(_N).where(_N.c.id == node_id).values(state=NodeState.DOWN.value)
-        )
-        tx.emit("node.down", node_id, None, {})
+        await record_node_state(tx, node_id, NodeState.DOWN)
         await self._reports.release_node(tx, node_id)

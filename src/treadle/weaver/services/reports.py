@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import select
 
 from treadle.domain.execution import (
-    ACTIVE_STATES,
     Event,
     ExecutionState,
     exit_outcome,
@@ -25,6 +24,7 @@ from treadle.weaver.services.nodes import NodeSession
 from treadle.weaver.services.transitions import Expected, transition
 from treadle.weaver.store import tables
 from treadle.weaver.store.statements import (
+    ACTIVE_STATE_VALUES,
     EXECUTION_BY_ID,
     EXECUTION_CAS,
     EXECUTION_FENCE,
@@ -36,7 +36,6 @@ __all__ = ["ReportService"]
 
 _E = tables.executions
 _O = tables.output_chunks
-_ACTIVE = sorted(state.value for state in ACTIVE_STATES)
 _REASON_MAX = 255  # the width of executions.error
 
 
@@ -99,7 +98,7 @@ class ReportService:
     @staticmethod
     async def _active_on(tx: Tx, node_id: str) -> list[Any]:
         """The executions Weaver believes `node_id` holds."""
-        query = select(_E).where(_E.c.node_id == node_id, _E.c.state.in_(_ACTIVE))
+        query = select(_E).where(_E.c.node_id == node_id, _E.c.state.in_(ACTIVE_STATE_VALUES))
         return list(await tx.conn.execute(query))
 
     async def release_node(self, tx: Tx, node_id: str) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from sqlalchemy import bindparam, select, update
 
+from treadle.domain.execution import ACTIVE_STATES
 from treadle.weaver.store import tables
 
 __all__ = [
+    "ACTIVE_STATE_VALUES",
     "EXECUTION_ASSIGN",
     "EXECUTION_BY_ID",
     "EXECUTION_BY_IDEMPOTENCY_KEY",
@@ -19,6 +21,9 @@ __all__ = [
 ]
 
 _E = tables.executions
+
+# The states of executions a node can hold, as stored (for `state IN (...)`).
+ACTIVE_STATE_VALUES = sorted(state.value for state in ACTIVE_STATES)
 
 EXECUTION_BY_ID = select(_E).where(_E.c.id == bindparam("_id"))
 EXECUTION_BY_TENANT_AND_ID = EXECUTION_BY_ID.where(_E.c.tenant_id == bindparam("_tenant"))

@@ -114,8 +114,11 @@ class Writer:
             try:
                 await self._commit_when_free(batch)
             except Exception as exc:
-                if len(batch) == 1:
-                    self._fail(batch[0], exc)
+                # One item at a time only finds a bad item; a lock held past the limit is
+                # nobody's fault and would just be waited out again, item by item.
+                if len(batch) == 1 or self._db.is_busy(exc):
+                    for item in batch:
+                        self._fail(item, exc)
                     continue
                 for item in batch:
                     try:
