@@ -34,6 +34,20 @@ def cut_cluster(
         c.stop()
 
 
+def _wait_until_weaver_notices_the_cut(cluster: Cluster) -> None:
+    try:
+        eventually(lambda: not cluster.node_named("behind-proxy", connected=True))
+    except AssertionError:
+        # Seen once under a full run and not reproduced since: keep what explains it.
+        weaver = cluster.weaver.output()[-4000:] if cluster.weaver else ""
+        shuttle = cluster.shuttles[0].output()[-4000:] if cluster.shuttles else ""
+        raise AssertionError(
+            f"Weaver still has the node connected after the cut\n"
+            f"node: {cluster.node_named('behind-proxy')}\n"
+            f"weaver log:\n{weaver}\nshuttle log:\n{shuttle}"
+        ) from None
+
+
 def test_cancel_issued_while_the_link_is_down_reaches_the_node(
     cut_cluster: tuple[Cluster, Proxy], tmp_path: Path
 ) -> None:
@@ -51,10 +65,7 @@ def test_cancel_issued_while_the_link_is_down_reaches_the_node(
         execution = api.post("/v1/functions/long/invoke", json={}).json()
         eventually(lambda: pids_with(marker), what="the job to run")
         proxy.cut()
-        eventually(
-            lambda: not cluster.node_named("behind-proxy", connected=True),
-            what="Weaver to notice the cut",
-        )
+        _wait_until_weaver_notices_the_cut(cluster)
         cancelled = api.post(f"/v1/executions/{execution['id']}/cancel").json()
         assert cancelled["state"] == "cancelled"
         assert pids_with(marker), "the node cannot have heard of the cancel yet"
@@ -95,10 +106,7 @@ def test_output_cut_mid_stream_arrives_complete_in_order_once(
         eventually(half.exists, what="the first half to be printed")
         proxy.cut()
         gate.touch()  # the second half and the exit happen while the link is down
-        eventually(
-            lambda: not cluster.node_named("behind-proxy", connected=True),
-            what="Weaver to notice the cut",
-        )
+        _wait_until_weaver_notices_the_cut(cluster)
         proxy.restore()
         done = eventually(
             lambda: (

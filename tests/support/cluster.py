@@ -106,7 +106,7 @@ class Cluster:
                 "--port",
                 str(self.port),
                 "--log-level",
-                "warning",
+                "info",  # WebSocket open and close lines: what a failed test needs
             ],
             self.root / "weaver.log",
             env,
