@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from support.cluster import Cluster
+from support.nats import NatsServer, nats_binary
 from support.postgres import Postgres, postgres_binaries
 
 
@@ -24,6 +25,19 @@ def postgres() -> Iterator[Postgres]:
             pytest.fail("PostgreSQL is not installed; scripts/test installs it")
         pytest.skip("PostgreSQL is not installed (scripts/test installs it)")
     server = Postgres(binaries).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """A real NATS server with JetStream, started once; required in CI like PostgreSQL."""
+    binary = nats_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("nats-server is not installed; scripts/test installs it")
+        pytest.skip("nats-server is not installed (scripts/test installs it)")
+    server = NatsServer(binary).start()
     yield server
     server.stop()
 

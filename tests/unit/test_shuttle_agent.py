@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import stat
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
@@ -362,3 +363,15 @@ async def test_refuses_a_second_shuttle_on_the_same_home(
 
     with pytest.raises(ShuttleError, match="another Shuttle"):
         await start_shuttle()
+
+
+async def test_a_node_given_several_replicas_tries_the_next_when_one_is_gone(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]]
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening
+        start_shuttle(weaver_url=f"{gone},{weaver.url}")
+        ws, hello = await welcome(weaver)
+    assert hello.name == "node-a"
+    await ws.close()

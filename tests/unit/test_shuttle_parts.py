@@ -117,3 +117,15 @@ def test_capacity_is_detected_and_overrides_win(tmp_path: Path) -> None:
     )
     assert (forced.cpu_millicores, forced.memory_mib) == (500, 64)
     assert (forced.gpu_count, forced.gpu_type) == (2, "h100")
+
+
+def test_several_weaver_replicas_are_comma_separated() -> None:
+    settings = ShuttleSettings(weaver_url="http://a:8700, https://b/ ,")
+    assert settings.agent_urls == ["ws://a:8700/v1/agent", "wss://b/v1/agent"]
+    assert settings.agent_url == "ws://a:8700/v1/agent"
+
+
+@pytest.mark.parametrize("url", [",", "http://a:1,ftp://b"])
+def test_every_replica_address_must_be_valid(url: str) -> None:
+    with pytest.raises(ValidationError):
+        ShuttleSettings(weaver_url=url)

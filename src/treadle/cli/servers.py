@@ -76,12 +76,23 @@ def weaver_command(
     database_url: Annotated[
         str | None, typer.Option("--database-url", help="SQLAlchemy URL (default: SQLite file).")
     ] = None,
+    nats_url: Annotated[
+        str | None,
+        typer.Option(
+            "--nats-url",
+            help="NATS JetStream server for events between Weaver replicas "
+            "(with a PostgreSQL --database-url), e.g. nats://host:4222.",
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
 ) -> None:
-    """Run the control plane (API, state, scheduler)."""
+    """Run the control plane (API, state, scheduler). Several replicas share one fleet when
+    they share a PostgreSQL database and a NATS server."""
     from treadle.weaver.server import serve
 
-    settings = _weaver_settings(home, host, port, database_url=database_url, log_level=log_level)
+    settings = _weaver_settings(
+        home, host, port, database_url=database_url, nats_url=nats_url, log_level=log_level
+    )
     _require_free_port(settings.host, settings.port)
     asyncio.run(serve(settings))
 
@@ -97,7 +108,13 @@ def _parse_labels(values: list[str]) -> dict[str, str]:
 
 
 def shuttle_command(
-    weaver: Annotated[str, typer.Option("--weaver", help="Weaver URL, e.g. http://host:8700.")],
+    weaver: Annotated[
+        str,
+        typer.Option(
+            "--weaver",
+            help="Weaver URL, e.g. http://host:8700; several comma-separated for replicas.",
+        ),
+    ],
     token: Annotated[
         str | None,
         typer.Option("--token", envvar="TREADLE_SHUTTLE_TOKEN", help="Join token (first start)."),

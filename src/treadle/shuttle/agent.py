@@ -110,7 +110,7 @@ class Shuttle:
             settings.name,
             ",".join(tiers),
             capacity,
-            settings.agent_url,
+            ", ".join(settings.agent_urls),
         )
         try:
             await self._stay_connected(supervisor, capacity, tiers)
@@ -120,9 +120,13 @@ class Shuttle:
     async def _stay_connected(
         self, supervisor: Supervisor, capacity: Resources, tiers: list[Tier]
     ) -> None:
-        url = self._settings.agent_url
+        urls = self._settings.agent_urls
         backoff = Backoff()
+        turn = -1
         while True:
+            # Each new try goes to the next replica: the last one may be what went away.
+            turn += 1
+            url = urls[turn % len(urls)]
             bearer, what = self._credential()
             try:
                 async with connect(
@@ -145,6 +149,7 @@ class Shuttle:
                         status,
                     )
                     self._node_credential_refused = True
+                    turn -= 1  # the same replica, with the other credential
                     continue
                 else:
                     self._node_credential_refused = False

@@ -27,6 +27,7 @@ def default_home() -> Path:
 class ShuttleSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TREADLE_SHUTTLE_", extra="ignore", frozen=True)
 
+    # one address, or several comma-separated (Weaver replicas), tried in turn
     weaver_url: str
     # Kept out of repr so that logging the settings never prints the join token.
     token: str | None = Field(default=None, repr=False)
@@ -45,16 +46,34 @@ class ShuttleSettings(BaseSettings):
     @field_validator("weaver_url")
     @classmethod
     def _weaver_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in _WS_SCHEME or not parts.netloc:
-            raise ValueError("weaver_url must be an http(s):// or ws(s):// URL with a host")
+        for url in _split(value):
+            parts = urlsplit(url)
+            if parts.scheme not in _WS_SCHEME or not parts.netloc:
+                raise ValueError(
+                    "weaver_url must be http(s):// or ws(s):// URLs with a host, "
+                    f"comma-separated; got {url!r}"
+                )
+        if not _split(value):
+            raise ValueError("weaver_url names no address")
         return value
 
     @property
+    def agent_urls(self) -> list[str]:
+        """The WebSocket addresses of Weaver's agent endpoint, one per `weaver_url` entry."""
+        return [_agent_url(url) for url in _split(self.weaver_url)]
+
+    @property
     def agent_url(self) -> str:
-        """The WebSocket address of Weaver's agent endpoint, derived from `weaver_url`."""
-        parts = urlsplit(self.weaver_url)
-        path = parts.path.rstrip("/")
-        if not path.endswith(_AGENT_PATH):
-            path += _AGENT_PATH
-        return urlunsplit((_WS_SCHEME[parts.scheme], parts.netloc, path, parts.query, ""))
+        return self.agent_urls[0]
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _agent_url(url: str) -> str:
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    if not path.endswith(_AGENT_PATH):
+        path += _AGENT_PATH
+    return urlunsplit((_WS_SCHEME[parts.scheme], parts.netloc, path, parts.query, ""))

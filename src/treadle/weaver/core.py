@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from treadle.protocol import Cancel
 from treadle.weaver.events.bus import EventBus, InProcessBus
+from treadle.weaver.events.nats import NatsBus
 from treadle.weaver.services.auth import AuthService
 from treadle.weaver.services.dispatcher import Dispatcher, Pending
 from treadle.weaver.services.executions import ExecutionService, InvokeRequest
+from treadle.weaver.services.fleet import FleetListener
 from treadle.weaver.services.functions import FunctionService
+from treadle.weaver.services.leadership import leadership_for
 from treadle.weaver.services.nodes import NodeRegistry, NodeService
 from treadle.weaver.services.reconciler import Reconciler
 from treadle.weaver.services.reports import ReportService
@@ -26,12 +28,20 @@ class Weaver:
     def __init__(self, settings: WeaverSettings, bus: EventBus | None = None) -> None:
         self.settings = settings
         self.db = Database(settings.resolved_database_url())
+        self._nats: NatsBus | None = None
+        if bus is None and settings.nats_url:
+            prefix = settings.nats_stream.lower()
+            bus = self._nats = NatsBus(
+                settings.nats_url, stream=settings.nats_stream, prefix=prefix
+            )
         self.bus: EventBus = bus or InProcessBus()
         self.writer = Writer(self.db, self.bus)
         self.auth = AuthService(self.db, self.writer)
         self.functions = FunctionService(self.db, self.writer)
         self.registry = NodeRegistry(on_change=self._capacity_changed)
-        self.nodes = NodeService(self.db, self.writer, self.registry)
+        self.nodes = NodeService(
+            self.db, self.writer, self.registry, down_after_s=settings.node_down_after_s
+        )
         self.executions = ExecutionService(
             self.db, self.writer, self.bus, self.functions, settings, on_cancel=self._cancelled
         )
@@ -49,11 +59,18 @@ class Weaver:
             executions=self.executions,
             unschedulable_after_s=settings.unschedulable_after_s,
             forget=self.dispatcher.forget,
+            leadership=leadership_for(self.db.url, self.db.dialect),
+        )
+        self.fleet = FleetListener(
+            self.bus, self.registry, on_remote_open=self.dispatcher.scan_soon
         )
 
     async def start(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(migrate.upgrade, self.db.url)
+        if self._nats is not None:
+            await self._nats.connect()
+        self.fleet.start()
         self.writer.start()
         await self.auth.bootstrap(self.settings.home)
         self.dispatcher.start()
@@ -65,6 +82,7 @@ class Weaver:
         await self.reconciler.stop()
         await self.dispatcher.stop()
         await self.writer.stop()
+        await self.fleet.stop()
         await self.bus.close()
         await self.db.close()
 
@@ -90,6 +108,10 @@ class Weaver:
         self.dispatcher.wake()
 
     def _cancelled(self, before: Any) -> None:
+        # The node, wherever its link is, hears of it through the fleet order the cancel
+        # published (fleet.py).
         self.dispatcher.forget(before.id)
-        if before.node_id:
-            self.registry.send(before.node_id, Cancel(id=before.id, attempt=before.attempt))
+
+    @property
+    def leads(self) -> bool:
+        return self.reconciler.leading_since is not None

@@ -32,6 +32,9 @@ class WeaverSettings(BaseSettings):
     node_startup_grace_s: float = Field(default=10.0, ge=0)
     # an execution no node can take fails `unschedulable` after waiting this long
     unschedulable_after_s: float = Field(default=600.0, gt=0)
+    # NATS JetStream for events between Weaver replicas (with PostgreSQL); none: in-process
+    nats_url: str | None = None
+    nats_stream: str = Field(default="TREADLE", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     max_body_bytes: int = 8 * 1024 * 1024
     max_args_bytes: int = 256 * 1024
     max_stdin_bytes: int = 6 * 1024 * 1024

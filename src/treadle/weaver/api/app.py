@@ -43,6 +43,7 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     async def healthz() -> Any:
-        return {"status": "ok", "version": __version__}
+        # `leader`: whether this replica is the one reconciling the fleet now.
+        return {"status": "ok", "version": __version__, "leader": core.leads}
 
     return app

@@ -20,6 +20,8 @@ class BusEvent:
     tenant_id: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
+    # the replica that published it, when another one did; empty for this process's own
+    origin: str = ""
 
 
 class Subscription(Protocol):
@@ -35,7 +37,9 @@ class Subscription(Protocol):
 class EventBus(Protocol):
     async def publish(self, events: Sequence[BusEvent]) -> None: ...
 
-    def subscribe(self, topics: Iterable[str]) -> Subscription: ...
+    def subscribe(self, topics: Iterable[str], max_queued: int | None = None) -> Subscription:
+        """`max_queued`: how many undelivered events to keep before dropping the oldest;
+        None for the bus's default, 0 for no limit."""
 
     async def close(self) -> None: ...
 
@@ -55,7 +59,7 @@ class _QueueSubscription:
         self.dropped = 0
 
     def put(self, event: BusEvent) -> None:
-        if self.queue.full():
+        if self.queue.maxsize and self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
         self.queue.put_nowait(event)
@@ -98,8 +102,9 @@ class InProcessBus:
             for sub in self._by_topic.get(event.topic, ()):
                 sub.put(event)
 
-    def subscribe(self, topics: Iterable[str]) -> _QueueSubscription:
-        sub = _QueueSubscription(self, frozenset(topics), self._max_queued)
+    def subscribe(self, topics: Iterable[str], max_queued: int | None = None) -> _QueueSubscription:
+        limit = self._max_queued if max_queued is None else max_queued
+        sub = _QueueSubscription(self, frozenset(topics), limit)
         for topic in sub.topics:
             self._by_topic.setdefault(topic, set()).add(sub)
         return sub

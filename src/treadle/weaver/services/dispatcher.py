@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import bindparam, select
+
 from treadle.domain.function import render_command
 from treadle.domain.resources import Tier
 from treadle.protocol import Assign, AssignSpec
@@ -22,7 +24,7 @@ from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
 from treadle.weaver.services.nodes import NodeRegistry, NodeSession
 from treadle.weaver.store import tables
-from treadle.weaver.store.statements import EXECUTION_ASSIGN, EXECUTION_UPDATE_ATTEMPT
+from treadle.weaver.store.statements import EXECUTION_ASSIGN
 from treadle.weaver.store.writer import Tx, Writer
 
 __all__ = ["Dispatcher", "Pending"]
@@ -30,6 +32,17 @@ __all__ = ["Dispatcher", "Pending"]
 log = logging.getLogger(__name__)
 _E = tables.executions
 _SCAN_INTERVAL_S = 2.0
+# Replicas placing the same open work (PostgreSQL): each assigns only the rows it could
+# lock, and skips those another replica is assigning instead of waiting for its commit.
+_CLAIM = (
+    select(_E.c.id)
+    .where(
+        _E.c.id.in_(bindparam("ids", expanding=True)),
+        _E.c.state == "open",
+        _E.c.node_id.is_(None),
+    )
+    .with_for_update(skip_locked=True)
+)
 
 
 @dataclass(slots=True)
@@ -239,7 +252,13 @@ class Dispatcher:
     def _record(decisions: list[_Decision], reasons: list[Pending]) -> Any:
         async def write(tx: Tx) -> set[str]:
             assigned: set[str] = set()
+            claimed: set[str] | None = None
+            if decisions and tx.db.dialect == "postgresql":
+                ids = [d.pending.id for d in decisions]
+                claimed = set((await tx.conn.execute(_CLAIM, {"ids": ids})).scalars())
             for d in decisions:
+                if claimed is not None and d.pending.id not in claimed:
+                    continue
                 placement = {
                     "node_id": d.placement.node_id,
                     "score": d.placement.score,
@@ -261,8 +280,9 @@ class Dispatcher:
                 if result.rowcount == 1:
                     assigned.add(d.pending.id)
             for pending in reasons:
+                # Only while still unplaced: another replica may have placed it meanwhile.
                 await tx.conn.execute(
-                    EXECUTION_UPDATE_ATTEMPT,
+                    EXECUTION_ASSIGN,
                     {
                         "_id": pending.id,
                         "_attempt": pending.attempt,

@@ -18,6 +18,7 @@ from treadle.domain.execution import Event, ExecutionState, is_terminal
 from treadle.domain.function import ensure_json_safe, render_command
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
+from treadle.weaver.services.fleet import announce_open, order_cancel
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
 from treadle.weaver.services.transitions import load_execution, transition
 from treadle.weaver.settings import WeaverSettings
@@ -37,6 +38,7 @@ _O = tables.output_chunks
 
 
 _INSERT = _E.insert()
+_RECHECK_S = 1.0
 # What a fresh row holds besides the values invoke writes.
 _UNSET = {c.name: None for c in _E.columns}
 
@@ -128,16 +130,15 @@ class ExecutionService:
         render_command(spec.command, body.args)  # a missing placeholder is a 422 now, not later
         execution_id = new_id("ex")
 
+        key = body.idempotency_key
+
+        async def by_key(tx: Tx) -> Any:
+            params = {"_tenant": tenant_id, "_key": key}
+            return (await tx.conn.execute(EXECUTION_BY_IDEMPOTENCY_KEY, params)).first()
+
         async def write(tx: Tx) -> tuple[Any, bool]:
-            if body.idempotency_key is not None:
-                existing = (
-                    await tx.conn.execute(
-                        EXECUTION_BY_IDEMPOTENCY_KEY,
-                        {"_tenant": tenant_id, "_key": body.idempotency_key},
-                    )
-                ).first()
-                if existing is not None:
-                    return existing, False
+            if key is not None and (existing := await by_key(tx)) is not None:
+                return existing, False
             values = {
                 "id": execution_id,
                 "tenant_id": tenant_id,
@@ -148,20 +149,35 @@ class ExecutionService:
                 "max_attempts": spec.max_attempts,
                 "args": body.args,
                 "stdin": body.stdin,
-                "idempotency_key": body.idempotency_key,
+                "idempotency_key": key,
                 "cancel_requested": False,
                 "resources": spec.resources.model_dump(mode="json"),
                 "isolation": spec.isolation.value if spec.isolation else None,
                 "created_at": tx.now,
                 "queued_at": tx.now,
             }
-            await tx.conn.execute(_INSERT, values)
+            if key is None:
+                await tx.conn.execute(_INSERT, values)
+            else:
+                # Another replica may be inserting the same key right now: the loser of that
+                # race returns the winner's execution instead of failing. RETURNING, not
+                # rowcount, tells whether this statement stored the row: with psycopg the
+                # rowcount of a skipped row was seen to read 1.
+                statement = tx.db.insert_ignoring_conflicts(_E).returning(_E.c.id)
+                if (await tx.conn.execute(statement, values)).first() is None:
+                    if (existing := await by_key(tx)) is not None:
+                        return existing, False
+                    raise InvalidTransition(
+                        "the execution with this idempotency key could not be read; try again",
+                        details={"idempotency_key": key},
+                    )
             tx.emit(
                 "execution.open",
                 execution_id,
                 tenant_id,
                 {"state": "open", "attempt": 1, "function": spec.name},
             )
+            announce_open(tx)
             return _new_row(values), True
 
         row, created = await self._writer.run(write)
@@ -215,6 +231,8 @@ class ExecutionService:
                 if await transition(
                     tx, row, Event.CANCEL, error="cancelled", cancel_requested=True
                 ):
+                    if row.node_id:
+                        order_cancel(tx, row.node_id, row.id, row.attempt, "cancelled")
                     return row, await load_execution(tx, execution_id)
 
         before, after = await self._writer.run(write)
@@ -233,10 +251,10 @@ class ExecutionService:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                event = await subscription.get(within=remaining)
-                if event is None:
-                    break
-                if is_terminal(ExecutionState(event.data["state"])):
+                # Events only say "look again"; one from another replica that never crossed
+                # must not leave the caller waiting until the deadline.
+                event = await subscription.get(within=min(remaining, _RECHECK_S))
+                if event is None or is_terminal(ExecutionState(event.data["state"])):
                     row = await self.get(tenant_id, execution_id)
             return row
         finally:

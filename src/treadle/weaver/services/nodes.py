@@ -22,6 +22,7 @@ from treadle.protocol import Hello, WeaverMessage
 from treadle.scheduler import NodeView
 from treadle.weaver.ids import new_id, new_secret
 from treadle.weaver.services.auth import hash_secret
+from treadle.weaver.services.fleet import order_drain
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
 from treadle.weaver.store.writer import Tx, Writer
@@ -144,10 +145,13 @@ async def record_node_state(tx: Tx, node_id: str, state: NodeState, **values: An
 
 
 class NodeService:
-    def __init__(self, db: Database, writer: Writer, registry: NodeRegistry) -> None:
+    def __init__(
+        self, db: Database, writer: Writer, registry: NodeRegistry, down_after_s: float
+    ) -> None:
         self._db = db
         self._writer = writer
         self._registry = registry
+        self._down_after_s = down_after_s
 
     async def register(self, hello: Hello, node_id: str | None) -> tuple[str, str | None]:
         """Store what the node said about itself; a new node gets an id and a secret."""
@@ -219,11 +223,24 @@ class NodeService:
 
     async def drain(self, node_id: str) -> dict[str, Any]:
         await self.get(node_id)
+
+        async def write(tx: Tx) -> None:
+            await record_node_state(tx, node_id, NodeState.DRAINING)
+            order_drain(tx, node_id)  # to the replica holding its link, this one or another
+
+        await self._writer.run(write)
         session = self._registry.get(node_id)
         if session is not None:
             session.draining = True
-        await self.set_state(node_id, NodeState.DRAINING)
         return await self.get(node_id)
+
+    def _linked_elsewhere(self, row: Any) -> bool:
+        """Whether another replica heard from the node lately (it records that twice a
+        node-down period)."""
+        if row.state not in (NodeState.READY.value, NodeState.DRAINING.value):
+            return False
+        heard: float | None = row.last_heartbeat
+        return heard is not None and time.time() - heard <= self._down_after_s
 
     def _view(self, row: Any) -> dict[str, Any]:
         session = self._registry.get(row.id)
@@ -241,7 +258,7 @@ class NodeService:
             "runtimes": row.runtimes,
             "price_per_hour": row.price_per_hour,
             "last_heartbeat": iso(session.last_heartbeat if session else row.last_heartbeat),
-            "connected": session is not None,
+            "connected": session is not None or self._linked_elsewhere(row),
             "running": len(session.attempts) if session else 0,
             "created_at": iso(row.created_at),
         }

@@ -7,8 +7,14 @@ Its executions that never started are placed again; those that started run again
 attempt when attempts are left, else they fail with `node_lost`. A node that comes back in
 time re-attaches to its attempts through the reconcile of its hello instead.
 
-Right after Weaver starts, nodes get a longer grace: they need a few reconnect attempts with
-backoff to find the new process, and their work is still running.
+Every replica closes the links that went silent and records, twice a node-down period, when
+it last heard from each node it holds (`nodes.last_heartbeat`). One replica, the leader
+(see leadership.py), judges from those records which nodes are down, whichever replica they
+were connected to, and expires work that waited too long for a node.
+
+When a replica starts leading (at start, or when the previous leader died), nodes it has not
+heard from since get a longer grace: they need a few reconnect attempts with backoff to find
+a live Weaver, and their work is still running.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import distinct, select
+from sqlalchemy import bindparam, case, distinct, select, update
 
 from treadle.domain.node import NodeState
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.services.executions import ExecutionService
+from treadle.weaver.services.fleet import order_disconnect
+from treadle.weaver.services.leadership import Leadership
 from treadle.weaver.services.nodes import NodeRegistry, record_node_state
 from treadle.weaver.services.reports import ReportService
 from treadle.weaver.store import tables
@@ -34,6 +42,20 @@ __all__ = ["Reconciler"]
 
 log = logging.getLogger(__name__)
 _E = tables.executions
+_N = tables.nodes
+# A node's old replica may record its disconnect after the node already joined another one:
+# the replica that hears from it sets it straight.
+_HEARD = (
+    update(_N)
+    .where(_N.c.id == bindparam("_id"))
+    .values(
+        last_heartbeat=bindparam("seen"),
+        state=case(
+            (_N.c.state == NodeState.DISCONNECTED.value, NodeState.READY.value),
+            else_=_N.c.state,
+        ),
+    )
+)
 
 
 class Reconciler:
@@ -48,6 +70,7 @@ class Reconciler:
         executions: ExecutionService,
         unschedulable_after_s: float,
         forget: Callable[[str], None],
+        leadership: Leadership,
     ) -> None:
         self._db = db
         self._writer = writer
@@ -58,18 +81,20 @@ class Reconciler:
         self._executions = executions
         self._unschedulable_after_s = unschedulable_after_s
         self._forget = forget
-        self._started = 0.0  # set by start(): the startup grace counts from there
+        self._leadership = leadership
+        # wall-clock time this replica began to lead; None while it follows
+        self.leading_since: float | None = None
         self._next_expiry = 0.0
-        self._silent_since: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._started = time.monotonic()
         self._task = asyncio.create_task(self._loop(), name="treadle-reconciler")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        await self._leadership.release()
+        self.leading_since = None
 
     async def _loop(self) -> None:
         interval = max(0.05, self._down_after_s / 6)
@@ -81,7 +106,17 @@ class Reconciler:
                 log.exception("reconcile pass failed; trying again")
 
     async def tick(self) -> None:
-        await self._nodes()
+        await self._local_links()
+        if not await self._leadership.held():
+            if self.leading_since is not None:
+                log.warning("this replica no longer reconciles the fleet")
+            self.leading_since = None
+            return
+        if self.leading_since is None:
+            self.leading_since = time.time()
+            self._next_expiry = 0.0
+            log.info("this replica now reconciles the fleet")
+        await self._nodes_down(self.leading_since)
         # Node silence is judged in fractions of a second; a deadline of minutes needs a
         # look only every tenth of it.
         now = time.monotonic()
@@ -95,43 +130,59 @@ class Reconciler:
             for execution_id in await self._executions.give_up(stale, "unschedulable"):
                 self._forget(execution_id)
 
-    async def _nodes(self) -> None:
-        now = time.monotonic()
+    async def _local_links(self) -> None:
+        """Close the links that went silent; record when the others were last heard from."""
+        mono, wall = time.monotonic(), time.time()
+        heard: list[dict[str, object]] = []
         for session in self._registry.sessions():
-            if now - session.last_seen > self._down_after_s:
+            if mono - session.last_seen > self._down_after_s:
                 log.warning("node %s went silent; closing its link", session.node_id)
                 session.close()
                 self._registry.remove(session)
+            else:
+                heard.append({"_id": session.node_id, "seen": wall - (mono - session.last_seen)})
+        if heard:
+
+            async def write(tx: Tx) -> None:
+                await tx.conn.execute(_HEARD, heard)
+
+            await self._writer.run(write)
+
+    async def _nodes_down(self, leading_since: float) -> None:
+        holding = (
+            select(distinct(_E.c.node_id))
+            .where(_E.c.state.in_(ACTIVE_STATE_VALUES), _E.c.node_id.is_not(None))
+            .scalar_subquery()
+        )
         async with self._db.read() as conn:
-            holding = set(
-                (
-                    await conn.execute(
-                        select(distinct(_E.c.node_id)).where(
-                            _E.c.state.in_(ACTIVE_STATE_VALUES), _E.c.node_id.is_not(None)
-                        )
-                    )
-                ).scalars()
+            rows = list(
+                await conn.execute(select(_N.c.id, _N.c.last_heartbeat).where(_N.c.id.in_(holding)))
             )
-        grace = max(self._down_after_s, self._startup_grace_s - (now - self._started))
-        for node_id in list(self._silent_since):
-            if self._registry.present(node_id) or node_id not in holding:
-                del self._silent_since[node_id]
-        for node_id in holding:
+        now = time.time()
+        for row in rows:
+            node_id: str = row.id
             if self._registry.present(node_id):
                 continue
-            since = self._silent_since.setdefault(node_id, now)
-            if now - since >= grace:
-                await self._writer.run(self._node_down(node_id))
-                del self._silent_since[node_id]
+            seen: float = row.last_heartbeat or 0.0
+            unheard_since_leading = seen < leading_since
+            if unheard_since_leading and now - leading_since < self._startup_grace_s:
+                continue
+            if now - max(seen, leading_since) >= self._down_after_s:
+                await self._writer.run(self._node_down(node_id, seen))
 
-    def _node_down(self, node_id: str) -> Callable[[Tx], Awaitable[None]]:
+    def _node_down(self, node_id: str, seen: float) -> Callable[[Tx], Awaitable[None]]:
         async def write(tx: Tx) -> None:
-            if not self._registry.present(node_id):  # unless it came back meanwhile
-                await self._mark_down(tx, node_id)
+            # Unless it came back meanwhile, here or to another replica.
+            if self._registry.present(node_id):
+                return
+            latest = (
+                await tx.conn.execute(select(_N.c.last_heartbeat).where(_N.c.id == node_id))
+            ).scalar_one_or_none()
+            if latest is not None and latest > seen:
+                return
+            log.warning("node %s is down; its work runs again elsewhere", node_id)
+            await record_node_state(tx, node_id, NodeState.DOWN)
+            order_disconnect(tx, node_id)
+            await self._reports.release_node(tx, node_id)
 
         return write
-
-    async def _mark_down(self, tx: Tx, node_id: str) -> None:
-        log.warning("node %s is down; its work runs again elsewhere", node_id)
-        await record_node_state(tx, node_id, NodeState.DOWN)
-        await self._reports.release_node(tx, node_id)

@@ -20,6 +20,7 @@ from treadle.domain.execution import (
 )
 from treadle.domain.resources import Resources
 from treadle.protocol import Ack, AttemptRef, Cancel, Exited, Output, Started, WeaverMessage
+from treadle.weaver.services.fleet import announce_open
 from treadle.weaver.services.nodes import NodeSession
 from treadle.weaver.services.transitions import Expected, transition
 from treadle.weaver.store import tables
@@ -124,13 +125,14 @@ class ReportService:
                     "placement": None,
                 },
             )
+            announce_open(tx)
             return True
         return await self.lose(tx, row)
 
     async def lose(self, tx: Tx, row: Any) -> bool:
         """The attempt is gone with its node: run it again, or fail when attempts are spent."""
         if row.attempt < row.max_attempts:
-            return await transition(
+            requeued = await transition(
                 tx,
                 row,
                 Event.REQUEUE,
@@ -141,6 +143,9 @@ class ReportService:
                 running_at=None,
                 pending_reason=None,
             )
+            if requeued:
+                announce_open(tx)
+            return requeued
         await transition(tx, row, Event.GIVE_UP, error="node_lost")
         return False
 

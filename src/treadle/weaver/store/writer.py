@@ -38,6 +38,7 @@ class Tx:
     events: list[BusEvent] = field(default_factory=list)
     stored: list[dict[str, Any]] = field(default_factory=list)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    notified_once: set[tuple[str, str]] = field(default_factory=set)
 
     def emit(self, type: str, subject_id: str, tenant_id: str | None, data: dict[str, Any]) -> None:
         event = BusEvent(
@@ -72,6 +73,12 @@ class Tx:
                 created_at=self.now,
             )
         )
+
+    def notify_once(self, topic: str, subject_id: str, data: dict[str, Any]) -> None:
+        """`notify`, unless this transaction already did for the same topic and subject."""
+        if (topic, subject_id) not in self.notified_once:
+            self.notified_once.add((topic, subject_id))
+            self.notify(topic, subject_id, data)
 
 
 _INSERT_EVENTS = tables.events.insert()
