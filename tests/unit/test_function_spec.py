@@ -27,6 +27,11 @@ def test_minimal_spec_gets_defaults() -> None:
         ({"name": "ok", "command": ["x"], "env": {"TREADLE_ARGS_FILE": "v"}}, "env"),
         ({"name": "ok", "command": ["x"], "timeout_s": 0}, "timeout_s"),
         ({"name": "ok", "command": ["x"], "isolation": "chroot"}, "isolation"),
+        ({"name": "ok", "command": ["x"], "min_isolation": "strong"}, "min_isolation"),
+        (
+            {"name": "ok", "command": ["x"], "isolation": "oci", "min_isolation": "namespace"},
+            "min_isolation",
+        ),
         ({"name": "ok", "command": ["x"], "surprise": 1}, "surprise"),
         ({"name": "ok", "command": ["x"], "resources": {"gpu_type": "h100"}}, "resources"),
         ({"name": "ok", "command": ["x"], "source_name": "../escape"}, "source_name"),

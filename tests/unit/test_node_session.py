@@ -29,3 +29,13 @@ def test_release_frees_exactly_once() -> None:
     assert s.release(("ex_1", 1)) is True
     assert s.release(("ex_1", 1)) is False
     assert (s.allocated.cpu_millicores, s.allocated.memory_mib) == (700, 100)
+
+
+def test_work_runs_in_the_weakest_tier_that_meets_its_minimum_else_the_strongest() -> None:
+    capacity = Resources(cpu_millicores=1000, memory_mib=1024)
+    tiers = [Tier.GVISOR, Tier.PROCESS, Tier.NAMESPACE]
+    s = NodeSession("nd_1", Hello(protocol=1, name="n", capacity=capacity, runtimes=tiers))
+    assert s.tier_for(None) is Tier.GVISOR
+    assert s.tier_for(Tier.PROCESS) is Tier.PROCESS
+    assert s.tier_for(Tier.NAMESPACE) is Tier.NAMESPACE
+    assert s.tier_for(Tier.OCI) is Tier.GVISOR

@@ -56,6 +56,21 @@ def test_labels_and_regions_are_hard_constraints() -> None:
     assert isinstance(result, Unschedulable)
 
 
+def test_a_minimum_tier_is_met_by_any_stronger_runtime() -> None:
+    nodes = [
+        node("weak", runtimes=frozenset({Tier.PROCESS, Tier.NAMESPACE})),
+        node("strong", cpu=100, runtimes=frozenset({Tier.GVISOR})),
+        node("middle", cpu=200, runtimes=frozenset({Tier.OCI})),
+    ]
+    request = Request(resources=Resources(cpu_millicores=100), min_isolation=Tier.OCI)
+    result = place(request, nodes)
+    assert isinstance(result, Placement) and result.node_id == "middle"
+    assert result.rejected == {"without a runtime of at least oci": 1}
+    assert place(Request(resources=Resources(), min_isolation=Tier.MICROVM), nodes) == (
+        Unschedulable({"without a runtime of at least microvm": 3})
+    )
+
+
 node_views = st.builds(
     lambda i, cpu, mem, ready, tiers: node(
         f"n{i}", cpu=cpu, mem=mem, ready=ready, runtimes=frozenset(tiers)

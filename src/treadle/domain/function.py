@@ -6,7 +6,14 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from treadle.domain.errors import InvalidRequest
 from treadle.domain.resources import Resources, Tier
@@ -58,7 +65,10 @@ class FunctionSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, max_length=1024)
     resources: Resources = Field(default_factory=Resources)
     timeout_s: float = Field(default=300.0, gt=0, le=7 * 24 * 3600)
+    # An exact tier, or the weakest acceptable one (process < namespace < oci < gvisor <
+    # microvm). With neither, a node runs it in the strongest tier it offers.
     isolation: Tier | None = None
+    min_isolation: Tier | None = None
     max_attempts: int = Field(default=3, ge=1, le=20)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
 
@@ -70,6 +80,13 @@ class FunctionSpec(BaseModel):
         for arg in value:
             if "\x00" in arg:
                 raise ValueError("command arguments cannot contain NUL bytes")
+        return value
+
+    @field_validator("min_isolation")
+    @classmethod
+    def _one_isolation_rule(cls, value: Tier | None, info: ValidationInfo) -> Tier | None:
+        if value is not None and info.data.get("isolation") is not None:
+            raise ValueError("give isolation (an exact tier) or min_isolation, not both")
         return value
 
     @model_validator(mode="after")

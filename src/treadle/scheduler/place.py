@@ -33,6 +33,7 @@ class NodeView:
 class Request:
     resources: Resources
     isolation: Tier | None = None
+    min_isolation: Tier | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     regions: tuple[str, ...] = ()
 
@@ -66,6 +67,9 @@ def _rejection(request: Request, node: NodeView) -> str | None:
         return "not ready"
     if request.isolation is not None and request.isolation not in node.runtimes:
         return f"without runtime {request.isolation.value}"
+    minimum = request.min_isolation
+    if minimum is not None and all(t.strength < minimum.strength for t in node.runtimes):
+        return f"without a runtime of at least {minimum.value}"
     if request.regions and node.region not in request.regions:
         return "outside the allowed regions"
     for key, value in request.labels.items():

@@ -73,6 +73,7 @@ class Pending:
         return Request(
             resources=spec.resources,
             isolation=spec.isolation,
+            min_isolation=spec.min_isolation,
             labels=spec.placement.labels,
             regions=tuple(spec.placement.regions),
         )
@@ -210,7 +211,8 @@ class Dispatcher:
                 unschedulable[shape] = result
             if isinstance(result, Placement):
                 session = sessions[result.node_id]
-                tier = pending.function.spec.isolation or session.default_tier()
+                spec = pending.function.spec
+                tier = spec.isolation or session.tier_for(spec.min_isolation)
                 reserved = session.reserve(
                     (pending.id, pending.attempt),
                     pending.function.spec.resources,

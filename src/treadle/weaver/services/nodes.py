@@ -82,8 +82,13 @@ class NodeSession:
         self.allocated = self.allocated.minus(held.resources)
         return True
 
-    def default_tier(self) -> Tier:
-        return max(self.hello.runtimes, key=lambda tier: tier.strength)
+    def tier_for(self, minimum: Tier | None) -> Tier:
+        """The tier to run work in: the weakest (fastest) one at least `minimum`, or the
+        strongest offered when the work names no minimum."""
+        offered = sorted(self.hello.runtimes, key=lambda tier: tier.strength)
+        if minimum is None:
+            return offered[-1]
+        return next(tier for tier in offered if tier.strength >= minimum.strength)
 
     def view(self) -> NodeView:
         capacity = self.hello.capacity
