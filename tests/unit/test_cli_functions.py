@@ -81,6 +81,11 @@ def test_json_spec_file_with_name_and_options_overriding(tmp_path: Path) -> None
     }
 
 
+def test_min_isolation_option_goes_into_the_spec() -> None:
+    spec = build_spec("f", command="echo hi", min_isolation="oci")
+    assert spec == {"name": "f", "command": ["echo", "hi"], "min_isolation": "oci"}
+
+
 def test_yaml_spec_file(tmp_path: Path) -> None:
     pytest.importorskip("yaml")
     path = tmp_path / "fn.yaml"

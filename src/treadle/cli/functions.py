@@ -78,6 +78,7 @@ def build_spec(
     cpu: int | None = None,
     memory: int | None = None,
     isolation: str | None = None,
+    min_isolation: str | None = None,
     max_attempts: int | None = None,
 ) -> dict[str, Any]:
     """The body of `POST /v1/functions` from the `fn create` options; options win over the file."""
@@ -115,6 +116,8 @@ def build_spec(
         }
     if isolation is not None:
         spec["isolation"] = isolation
+    if min_isolation is not None:
+        spec["min_isolation"] = min_isolation
     if max_attempts is not None:
         spec["max_attempts"] = max_attempts
     return spec
@@ -155,6 +158,12 @@ def create(
             "--isolation", metavar="TIER", help="process, namespace, oci, gvisor or microvm."
         ),
     ] = None,
+    min_isolation: Annotated[
+        str | None,
+        typer.Option(
+            "--min-isolation", metavar="TIER", help="The weakest tier acceptable (see --isolation)."
+        ),
+    ] = None,
     max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the function as JSON.")] = False,
 ) -> None:
@@ -168,6 +177,7 @@ def create(
         cpu=cpu,
         memory=memory,
         isolation=isolation,
+        min_isolation=min_isolation,
         max_attempts=max_attempts,
     )
     function = client_from(ctx).create_function(spec)
