@@ -51,3 +51,18 @@ def test_fn_create_needs_something_to_run() -> None:
     result = CliRunner().invoke(app, ["fn", "create", "add"])
     assert result.exit_code == 2
     assert "--command or --file" in result.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["weaver", "--port", "99999"], "port"),
+        (["shuttle", "--weaver", "ftp://x", "--token", "t"], "weaver_url"),
+        (["shuttle", "--weaver", "http://h:1", "--runtime", "chroot"], "runtimes"),
+    ],
+)
+def test_bad_server_settings_are_one_clear_error(argv: list[str], named: str) -> None:
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2
+    assert f"error: {named}" in result.output
+    assert "Traceback" not in result.output

@@ -375,3 +375,15 @@ async def test_a_node_given_several_replicas_tries_the_next_when_one_is_gone(
         ws, hello = await welcome(weaver)
     assert hello.name == "node-a"
     await ws.close()
+
+
+async def test_offering_only_tiers_that_do_not_work_here_is_a_clear_error(home: Path) -> None:
+    settings = ShuttleSettings(
+        weaver_url="http://127.0.0.1:9",
+        token=TOKEN,
+        home=home,
+        allow_process_runtime=True,
+        runtimes=[Tier.MICROVM],
+    )
+    with pytest.raises(ShuttleError, match=r"asked for \(microvm\).*these do: .*process"):
+        await Shuttle(settings).run()

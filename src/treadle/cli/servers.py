@@ -15,9 +15,10 @@ import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel, ValidationError
 
 if TYPE_CHECKING:
     from treadle.weaver.core import Weaver
@@ -46,7 +47,21 @@ def _weaver_settings(
     from treadle.weaver.settings import WeaverSettings
 
     overrides: dict[str, Any] = {"home": home, "host": host, "port": port, **extra}
-    return WeaverSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return _settings(WeaverSettings, overrides)
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def _settings(cls: type[S], overrides: dict[str, Any]) -> S:
+    """Settings from the given options (None: not given); a bad value is a clear error."""
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            typer.secho(f"error: {where}: {error['msg']}", fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -139,6 +154,14 @@ def shuttle_command(
             help="Offer the 'process' tier, which isolates nothing: development only.",
         ),
     ] = False,
+    runtime: Annotated[
+        list[str],
+        typer.Option(
+            "--runtime",
+            metavar="TIER",
+            help="Offer only this tier (repeatable); default: every tier that works here.",
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Run a node agent that dials out to Weaver and runs the work it is given."""
     from treadle.shuttle.agent import Shuttle
@@ -161,7 +184,9 @@ def shuttle_command(
         overrides["labels"] = _parse_labels(label)
     if allow_process_runtime:
         overrides["allow_process_runtime"] = True
-    settings = ShuttleSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if runtime:
+        overrides["runtimes"] = runtime
+    settings = _settings(ShuttleSettings, overrides)
     _exit_with_parent()
     try:
         with contextlib.suppress(KeyboardInterrupt):

@@ -77,6 +77,15 @@ class Shuttle:
         runtimes = self._runtimes
         if runtimes is None:
             runtimes = available_runtimes(settings)
+        if settings.runtimes is not None:
+            working = ", ".join(sorted(runtimes)) or "none"
+            runtimes = {tier: rt for tier, rt in runtimes.items() if tier in settings.runtimes}
+            if not runtimes:
+                asked = ", ".join(sorted(settings.runtimes))
+                raise ShuttleError(
+                    f"none of the runtimes asked for ({asked}) works on this host; "
+                    f"these do: {working}"
+                )
         if not runtimes:
             raise ShuttleError(
                 "no isolation runtime is available on this host. For development only, "

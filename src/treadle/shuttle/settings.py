@@ -11,6 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from treadle.domain.resources import Tier
+
 __all__ = ["ShuttleSettings", "default_home"]
 
 _MIB = 1024 * 1024
@@ -39,6 +41,8 @@ class ShuttleSettings(BaseSettings):
     provider: str = "local"
     price_per_hour: float = Field(default=0.0, ge=0)
     allow_process_runtime: bool = False
+    # the tiers to offer, of those that work here; None: all of them
+    runtimes: list[Tier] | None = None
     cpu_millicores: int | None = Field(default=None, ge=1)
     memory_mib: int | None = Field(default=None, ge=1)
     max_unacked_bytes: int = Field(default=8 * _MIB, ge=1)

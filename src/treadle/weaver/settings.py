@@ -25,7 +25,7 @@ class WeaverSettings(BaseSettings):
     home: Path = Field(default_factory=default_home)
     database_url: str | None = None
     host: str = "127.0.0.1"
-    port: int = 8700
+    port: int = Field(default=8700, ge=1, le=65535)
     heartbeat_s: float = Field(default=1.0, gt=0)
     node_down_after_s: float = Field(default=3.0, gt=0)
     # after a restart, nodes need a few reconnect attempts (with backoff) to find Weaver
