@@ -126,8 +126,11 @@ class Cluster:
     def start_shuttle(
         self, name: str | None = None, *extra: str, wait: bool = True, via: str | None = None
     ) -> Proc:
-        """Start a Shuttle; `via` is another address for Weaver (a proxy)."""
+        """Start a Shuttle; `via` is another address for Weaver (a proxy). It offers only the
+        process tier unless `extra` names others with --runtime: these tests' programs read
+        and write the test's own files."""
         name = name or f"node{len(self.shuttles)}"
+        tiers = () if "--runtime" in extra else ("--runtime", "process")
         env = dict(self.env, TREADLE_SHUTTLE_TOKEN=self.join_token)
         proc = Proc(
             [
@@ -142,6 +145,7 @@ class Cluster:
                 "--name",
                 name,
                 "--allow-process-runtime",
+                *tiers,
                 *extra,
             ],
             self.root / f"{name}.log",
