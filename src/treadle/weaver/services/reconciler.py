@@ -31,7 +31,7 @@ from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.fleet import order_disconnect
 from treadle.weaver.services.leadership import Leadership
-from treadle.weaver.services.nodes import NodeRegistry, record_node_state
+from treadle.weaver.services.nodes import NodeRegistry, NodeSession, record_node_state
 from treadle.weaver.services.reports import ReportService
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
@@ -133,18 +133,26 @@ class Reconciler:
     async def _local_links(self) -> None:
         """Close the links that went silent; record when the others were last heard from."""
         mono, wall = time.monotonic(), time.time()
-        heard: list[dict[str, object]] = []
+        heard: list[tuple[NodeSession, float]] = []
         for session in self._registry.sessions():
             if mono - session.last_seen > self._down_after_s:
                 log.warning("node %s went silent; closing its link", session.node_id)
                 session.close()
                 self._registry.remove(session)
             else:
-                heard.append({"_id": session.node_id, "seen": wall - (mono - session.last_seen)})
+                heard.append((session, wall - (mono - session.last_seen)))
         if heard:
 
             async def write(tx: Tx) -> None:
-                await tx.conn.execute(_HEARD, heard)
+                # Only links still open when this commits: a disconnect recorded after it
+                # must not be overwritten by an older "heard from".
+                live = [
+                    {"_id": session.node_id, "seen": seen}
+                    for session, seen in heard
+                    if self._registry.get(session.node_id) is session
+                ]
+                if live:
+                    await tx.conn.execute(_HEARD, live)
 
             await self._writer.run(write)
 
