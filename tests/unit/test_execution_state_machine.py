@@ -59,6 +59,7 @@ def test_terminal_states_reject_every_event(state: ExecutionState, event: Event)
         ([E.CANCEL], S.CANCELLED),
         ([E.GIVE_UP], S.FAILURE),
         ([E.START, E.REQUEUE, E.START, E.SUCCEED], S.SUCCESS),
+        ([E.REQUEUE, E.START, E.SUCCEED], S.SUCCESS),
         ([E.START, E.GIVE_UP], S.FAILURE),
     ],
 )
@@ -70,7 +71,7 @@ def test_lifecycle_paths(events: list[Event], final: ExecutionState) -> None:
 
 @pytest.mark.parametrize(
     ("state", "event"),
-    [(S.OPEN, E.SUCCEED), (S.OPEN, E.FAIL), (S.OPEN, E.REQUEUE), (S.RUNNING, E.START)],
+    [(S.OPEN, E.SUCCEED), (S.OPEN, E.FAIL), (S.OPEN, E.TIME_OUT), (S.RUNNING, E.START)],
 )
 def test_events_out_of_phase_are_rejected(state: ExecutionState, event: Event) -> None:
     with pytest.raises(InvalidTransition):

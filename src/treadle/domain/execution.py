@@ -64,6 +64,9 @@ _TABLE: dict[tuple[ExecutionState, Event], ExecutionState] = {
     (_S.OPEN, Event.START): _S.RUNNING,
     (_S.OPEN, Event.CANCEL): _S.CANCELLED,
     (_S.OPEN, Event.GIVE_UP): _S.FAILURE,
+    # Placed on a node that was lost before it reported a start: the report may have been
+    # lost with the link, so the next try is a new attempt, fenced off from the old one.
+    (_S.OPEN, Event.REQUEUE): _S.OPEN,
     (_S.RUNNING, Event.SUCCEED): _S.SUCCESS,
     (_S.RUNNING, Event.FAIL): _S.FAILURE,
     (_S.RUNNING, Event.TIME_OUT): _S.TIMEOUT,

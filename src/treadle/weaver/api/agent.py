@@ -100,7 +100,10 @@ async def agent(websocket: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await websocket.close(code=1002, reason="invalid frame")
     finally:
-        await cancel_and_wait(sender)
+        # The sender may have ended first, with the disconnect as its error: that must not
+        # skip letting go of the session.
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(sender)
         if weaver.registry.remove(session):
             with contextlib.suppress(Exception):
                 await weaver.nodes.set_state(node_id, NodeState.DISCONNECTED)

@@ -75,8 +75,13 @@ class ReportService:
             if key in reported:
                 session.reserve(key, Resources.model_validate(row.resources), row.tenant_id)
                 reported.discard(key)
+                if row.state == ExecutionState.OPEN.value:
+                    # It started: its `started` report was lost with the old link.
+                    await transition(tx, row, Event.START)
             else:
-                requeued |= await self.release_from(tx, row)
+                # The node never got it (an attempt a node started stays in its hello
+                # until Weaver stored its exit), so the same attempt can be placed again.
+                requeued |= await self.release_from(tx, row, may_have_started=False)
         # Still reported but not active here: it ended on Weaver's side (cancelled, perhaps
         # while the link was down, so the node never heard) or it is stale. Either way the
         # node must kill it; one that already exited just replays its exit report.
@@ -106,15 +111,16 @@ class ReportService:
         """`node_id` holds nothing any more (it is down): its work runs again elsewhere."""
         requeued = False
         for row in await self._active_on(tx, node_id):
-            requeued |= await self.release_from(tx, row)
+            requeued |= await self.release_from(tx, row, may_have_started=True)
         if requeued:
             tx.after_commit.append(self._on_requeue)
 
-    async def release_from(self, tx: Tx, row: Any) -> bool:
-        """The node no longer holds `row`'s attempt. One that never started is placed again;
-        one that started runs again as a new attempt, or fails when attempts are spent.
+    async def release_from(self, tx: Tx, row: Any, *, may_have_started: bool) -> bool:
+        """The node no longer holds `row`'s attempt. One that surely never started is placed
+        again; one that started, or may have (its node is lost, and `started` reports can be
+        lost with a link), runs again as a new attempt, or fails when attempts are spent.
         True when the execution is open again."""
-        if row.state == ExecutionState.OPEN.value:
+        if row.state == ExecutionState.OPEN.value and not may_have_started:
             await tx.conn.execute(
                 EXECUTION_CAS,
                 {
