@@ -29,7 +29,6 @@ import itertools
 import json
 import random
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -42,7 +41,7 @@ import httpx
 from sqlalchemy import create_engine, select
 
 from support.cluster import Cluster, Proc, eventually
-from support.proxy import Proxy, _close
+from support.proxy import Proxy
 from treadle.weaver.store import tables
 
 __all__ = [
@@ -50,7 +49,6 @@ __all__ = [
     "QUICK_SETTINGS",
     "ChaosReport",
     "Job",
-    "StallingProxy",
     "make_jobs",
     "run_chaos",
 ]
@@ -196,12 +194,12 @@ def run_chaos(
     jobs = make_jobs(seed, executions)
     down_after = float(settings.get("node_down_after_s", 3.0))
     cluster.start_weaver(**settings)
-    proxies: dict[str, StallingProxy] = {}
+    proxies: dict[str, Proxy] = {}
     try:
         procs: dict[str, Proc] = {}
         for k in range(shuttles):
             name = f"chaos{k}"
-            proxies[name] = StallingProxy(cluster.port)
+            proxies[name] = Proxy(cluster.port)
             procs[name] = cluster.start_shuttle(name, *SHUTTLE_ARGS, via=proxies[name].url)
         with cluster.client() as api:
             api.post(
@@ -267,40 +265,6 @@ def run_chaos(
             proxy.close()
     report.total_s = time.monotonic() - started
     return report
-
-
-class StallingProxy(Proxy):
-    """A Proxy whose link can also stall: bytes stop flowing both ways while the connections
-    stay open, as on a network that drops packets instead of resetting connections. Weaver
-    then only learns of it from the node's silence, and frames in flight are lost when it
-    gives up on the connection."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self._flowing = threading.Event()
-        self._flowing.set()
-        super().__init__(upstream_port)
-
-    def stall(self) -> None:
-        self._flowing.clear()
-
-    def restore(self) -> None:
-        super().restore()
-        self._flowing.set()
-
-    def close(self) -> None:
-        super().close()
-        self._flowing.set()  # so that no pump waits for ever
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]
-        try:
-            while data := source.recv(65536):
-                self._flowing.wait()
-                sink.sendall(data)
-        except OSError:
-            pass  # the other side, or cut(), closed it
-        finally:
-            _close(source)
-            _close(sink)
 
 
 class _Submitter:
@@ -405,7 +369,7 @@ class _Chaos:
         cluster: Cluster,
         settings: dict[str, str],
         rng: random.Random,
-        proxies: dict[str, StallingProxy],
+        proxies: dict[str, Proxy],
         procs: dict[str, Proc],
         down_after: float,
         fault_every_s: tuple[float, float],

@@ -1,4 +1,7 @@
-"""A TCP proxy whose link can be cut and restored, to break Shuttle⇄Weaver connections."""
+"""A TCP proxy whose link can be cut, or stalled, and restored, to break Shuttle⇄Weaver
+connections. A stall stops bytes flowing while the connections stay open, as on a network
+that drops packets instead of resetting connections: the far side learns of it only from
+silence, and frames in flight are lost when it gives up on the connection."""
 
 from __future__ import annotations
 
@@ -16,6 +19,11 @@ class Proxy:
         self._open: list[socket.socket] = []
         self._cut = False
         self._closed = False
+        # set while bytes may flow: towards Weaver (upstream), towards the Shuttle (down)
+        self._up = threading.Event()
+        self._down = threading.Event()
+        self._up.set()
+        self._down.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -30,14 +38,25 @@ class Proxy:
                 _close(conn)
             self._open.clear()
 
+    def stall(self, upstream: bool = True, downstream: bool = True) -> None:
+        """Stop forwarding in the given directions until `restore`."""
+        if upstream:
+            self._up.clear()
+        if downstream:
+            self._down.clear()
+
     def restore(self) -> None:
         with self._lock:
             self._cut = False
+        self._up.set()
+        self._down.set()
 
     def close(self) -> None:
         self.cut()
         self._closed = True
         _close(self._listener)
+        self._up.set()  # so that no pump waits for ever
+        self._down.set()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -55,13 +74,14 @@ class Proxy:
                     _close(client)
                     continue
                 self._open += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, flowing in ((client, server, self._up), (server, client, self._down)):
+                threading.Thread(target=self._pump, args=(a, b, flowing), daemon=True).start()
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(source: socket.socket, sink: socket.socket, flowing: threading.Event) -> None:
         try:
             while data := source.recv(65536):
+                flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass  # the other side, or cut(), closed it
