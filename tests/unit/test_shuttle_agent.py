@@ -93,6 +93,7 @@ async def start_shuttle(
             "home": home,
             "name": "node-a",
             "allow_process_runtime": True,
+            "runtimes": [Tier.PROCESS],
         }
         fields.update(overrides)
         task = asyncio.create_task(Shuttle(ShuttleSettings(**fields)).run())
@@ -349,7 +350,10 @@ async def test_refuses_to_start_without_a_credential(weaver: FakeWeaver, home: P
         await Shuttle(settings).run()
 
 
-async def test_refuses_to_start_without_a_runtime(weaver: FakeWeaver, home: Path) -> None:
+async def test_refuses_to_start_without_a_runtime(
+    weaver: FakeWeaver, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(home))  # no bubblewrap: no sandboxed tier either
     settings = ShuttleSettings(weaver_url=weaver.url, token=TOKEN, home=home)
     with pytest.raises(ShuttleError, match="--allow-process-runtime"):
         await Shuttle(settings).run()

@@ -41,6 +41,11 @@ class ShuttleSettings(BaseSettings):
     provider: str = "local"
     price_per_hour: float = Field(default=0.0, ge=0)
     allow_process_runtime: bool = False
+    # Network for sandboxed executions whose function asks for it (namespace tier and up);
+    # without it, no execution has network.
+    allow_network: bool = False
+    # Processes (and threads) one sandboxed execution may run at once.
+    pids_max: int = Field(default=256, ge=8)
     # the tiers to offer, of those that work here; None: all of them
     runtimes: list[Tier] | None = None
     cpu_millicores: int | None = Field(default=None, ge=1)

@@ -7,11 +7,13 @@ import logging
 from treadle.domain.resources import Tier
 from treadle.shuttle.runtimes._spawn import unsupported_reason
 from treadle.shuttle.runtimes.base import ExitStatus, Runtime, RuntimeHandle, SpawnFailed, Stream
+from treadle.shuttle.runtimes.namespace import NamespaceRuntime, Unavailable
 from treadle.shuttle.runtimes.process import ProcessRuntime
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = [
     "ExitStatus",
+    "NamespaceRuntime",
     "ProcessRuntime",
     "Runtime",
     "RuntimeHandle",
@@ -32,4 +34,23 @@ def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:
             runtimes[Tier.PROCESS] = ProcessRuntime()
         else:
             log.warning("process runtime unavailable: %s", reason)
+    namespace = _namespace_runtime(settings)
+    if namespace is not None:
+        runtimes[Tier.NAMESPACE] = namespace
     return runtimes
+
+
+def _namespace_runtime(settings: ShuttleSettings) -> NamespaceRuntime | None:
+    """The namespace tier, if a trial run in a sandbox works here (a bwrap binary alone
+    proves nothing: user namespaces may be disabled, or seccomp missing)."""
+    try:
+        runtime = NamespaceRuntime(settings)
+    except Unavailable as exc:
+        log.info("namespace runtime unavailable: %s", exc)
+        return None
+    reason = runtime.probe()
+    if reason is not None:
+        log.warning("namespace runtime unavailable: %s", reason)
+        return None
+    log.info("namespace runtime available; limits through %s", runtime.limits)
+    return runtime

@@ -1,5 +1,5 @@
 """The isolation runtime interface (DESIGN §4). Every tier implements it and passes the same
-contract suite (tests/contract/test_process_runtime.py).
+contract suite (tests/contract/test_runtime_contract.py).
 
 Life of an attempt, as Shuttle drives it::
 
@@ -37,8 +37,10 @@ class ExitStatus:
 
     `reason` is None for a normal exit (whatever the code), "timeout" or "cancelled" when
     Shuttle killed it, "killed:SIGNAME" when a signal it did not send ended it, and
-    "spawn_failed" (with `exit_code` None) when the program could not be started.
-    `exit_code` is negative (-signal) for a process ended by a signal.
+    "spawn_failed" (with `exit_code` None) when the program could not be started. Tiers
+    that enforce limits say "oom_killed" when the program failed because its memory limit
+    had a process of it killed, and "pids_limit" when it failed after its process limit
+    refused a fork. `exit_code` is negative (-signal) for a process ended by a signal.
     """
 
     exit_code: int | None
@@ -68,9 +70,10 @@ class Runtime(Protocol):
     def tier(self) -> Tier: ...
 
     async def start(self, spec: AssignSpec, workdir: Path) -> RuntimeHandle:
-        """Start `spec` with `workdir` (created here, removed after exit) as its home.
-        Raises only for faults of this node (e.g. the disk is full), never for faults of the
-        program; those end up in the handle's exit status and stderr."""
+        """Start `spec` with `workdir` (created here, removed after exit) as its home; a
+        tier that keeps the work dir inside its sandbox leaves `workdir` unused. Raises only
+        for faults of this node (e.g. the disk is full), never for faults of the program;
+        those end up in the handle's exit status and stderr."""
         ...
 
 

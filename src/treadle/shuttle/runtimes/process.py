@@ -6,6 +6,11 @@ for development and tests only and Shuttle refuses it unless the operator opts i
 Everything here is driven by the event loop without threads or polling: the pipes and a
 pidfd of the child are registered with the loop, so an execution costs a handful of file
 descriptors and callbacks and nothing while it runs.
+
+The same machinery (pipes, stdin, the result pipe, output backpressure, exit watching,
+timeout, group kill) runs the tiers that wrap the program in a tool, such as bubblewrap: a
+`Launcher` decides what to spawn for an attempt and gets hooks into the attempt's life
+(`Attempt`). The process tier's launcher, `HostLauncher`, runs the program itself.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from treadle.domain.resources import Tier
 from treadle.protocol.messages import AssignSpec, Usage
@@ -28,7 +35,23 @@ from treadle.shuttle import reaper
 from treadle.shuttle.runtimes._spawn import resolve_program, spawn
 from treadle.shuttle.runtimes.base import ExitStatus, RuntimeHandle, SpawnFailed, Stream
 
-__all__ = ["ARGS_FILE", "BASE_PATH", "RESULT_FD", "ProcessHandle", "ProcessRuntime"]
+__all__ = [
+    "ARGS_FILE",
+    "BASE_PATH",
+    "RESULT_FD",
+    "Attempt",
+    "HostLauncher",
+    "Launch",
+    "Launcher",
+    "ProcessHandle",
+    "ProcessRuntime",
+    "describe",
+    "environment",
+    "signal_name",
+    "workdir_files",
+]
+
+log = logging.getLogger(__name__)
 
 ARGS_FILE = "args.json"
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -47,44 +70,155 @@ _DRAIN_TIMEOUT_S = 1.0
 _SWEEP_DELAY_S = 0.1
 
 
-class ProcessRuntime:
-    """Runs an AssignSpec as a child process. Creating one makes this process a child
-    subreaper (see `treadle.shuttle.reaper`)."""
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What to spawn for one attempt. `fds` maps child fds above RESULT_FD to parent fds;
+    those stay open in the parent, the attempt's to close."""
 
-    def __init__(self, *, drain_timeout_s: float = _DRAIN_TIMEOUT_S) -> None:
+    program: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: Path
+    fds: Mapping[int, int] = field(default_factory=dict)
+
+
+class Attempt(Protocol):
+    """A launcher's side of one attempt. The runtime and the handle call, in this order:
+    `spawned` once the process runs (or `abandon` when it could not be spawned), `kill`
+    whenever the attempt is killed, `exited` once the spawned process has been reaped, and
+    `finish` last."""
+
+    @property
+    def launch(self) -> Launch: ...
+
+    async def spawned(self, pid: int) -> None:
+        """Runs before `start` returns; raising fails the start (the handle is killed)."""
+        ...
+
+    def kill(self) -> None:
+        """Kill what the attempt runs beyond the spawned process group."""
+        ...
+
+    def exited(self, settled: Callable[[], None]) -> None:
+        """The spawned process is gone: kill what is left and call `settled` once that has
+        ended too."""
+        ...
+
+    def finish(self, status: ExitStatus) -> ExitStatus:
+        """Release all the attempt holds; may refine the exit status (reason, usage)."""
+        ...
+
+    def abandon(self) -> None:
+        """Nothing was spawned: release all the attempt holds."""
+        ...
+
+
+class Launcher(Protocol):
+    @property
+    def tier(self) -> Tier: ...
+
+    def prepare(self, spec: AssignSpec, workdir: Path) -> Attempt:
+        """Get `spec` ready to spawn. Raises OSError or ValueError when it cannot run; the
+        start then ends as "spawn_failed" with the error as the reason."""
+        ...
+
+
+class HostLauncher:
+    """The process tier's launcher: the program itself runs on the host, in `workdir`."""
+
+    @property
+    def tier(self) -> Tier:
+        return Tier.PROCESS
+
+    def prepare(self, spec: AssignSpec, workdir: Path) -> Attempt:
+        try:
+            _prepare_workdir(spec, workdir)
+            env = environment(spec, str(workdir))
+            program = resolve_program(spec.argv[0], env.get("PATH", ""), workdir)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return _HostAttempt(Launch(program, spec.argv, env, workdir), workdir)
+
+
+class _HostAttempt:
+    __slots__ = ("_workdir", "launch")
+
+    def __init__(self, launch: Launch, workdir: Path) -> None:
+        self.launch = launch
+        self._workdir = workdir
+
+    async def spawned(self, pid: int) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    def exited(self, settled: Callable[[], None]) -> None:
+        settled()
+
+    def finish(self, status: ExitStatus) -> ExitStatus:
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        return status
+
+    def abandon(self) -> None:
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+class ProcessRuntime:
+    """Runs an AssignSpec as a child process, spawned as `launcher` says (by default the
+    program itself: the process tier). Creating one makes this process a child subreaper
+    (see `treadle.shuttle.reaper`)."""
+
+    def __init__(
+        self, launcher: Launcher | None = None, *, drain_timeout_s: float = _DRAIN_TIMEOUT_S
+    ) -> None:
+        self._launcher: Launcher = launcher if launcher is not None else HostLauncher()
         self._drain_timeout_s = drain_timeout_s
         self._sweep: asyncio.TimerHandle | None = None
         reaper.become_subreaper()
 
     @property
     def tier(self) -> Tier:
-        return Tier.PROCESS
+        return self._launcher.tier
 
     async def start(self, spec: AssignSpec, workdir: Path) -> RuntimeHandle:
+        started = self._spawn(spec, workdir)
+        if isinstance(started, SpawnFailed):
+            return started
+        handle, attempt = started
+        try:
+            await attempt.spawned(handle.pid)
+        except BaseException:
+            handle.kill()  # the handle cleans up after itself once the kill took effect
+            raise
+        return handle
+
+    def _spawn(
+        self, spec: AssignSpec, workdir: Path
+    ) -> tuple[ProcessHandle, Attempt] | SpawnFailed:
         # Synchronous on purpose: writing two small files and one posix_spawn take ~0.1 ms,
         # less than the hop to a worker thread would.
-        return self._start(asyncio.get_running_loop(), spec, workdir)
-
-    def _start(
-        self, loop: asyncio.AbstractEventLoop, spec: AssignSpec, workdir: Path
-    ) -> RuntimeHandle:
-        workdir = workdir.absolute()
         try:
-            _prepare_workdir(spec, workdir)
-            env = _environment(spec, workdir)
-            program = resolve_program(spec.argv[0], env.get("PATH", ""), workdir)
-            return ProcessHandle.spawn(
-                loop,
-                program=program,
-                spec=spec,
-                env=env,
-                workdir=workdir,
+            attempt = self._launcher.prepare(spec, workdir.absolute())
+        except (OSError, ValueError) as exc:
+            return SpawnFailed(f"treadle: cannot run {spec.argv[0]!r}: {describe(exc)}\n")
+        try:
+            handle = ProcessHandle.spawn(
+                asyncio.get_running_loop(),
+                attempt=attempt,
+                stdin=spec.stdin,
+                timeout_s=spec.timeout_s,
                 drain_timeout_s=self._drain_timeout_s,
                 on_exit=self._schedule_sweep,
             )
         except (OSError, ValueError) as exc:
-            shutil.rmtree(workdir, ignore_errors=True)
-            return SpawnFailed(f"treadle: cannot run {spec.argv[0]!r}: {_describe(exc)}\n")
+            attempt.abandon()
+            return SpawnFailed(f"treadle: cannot run {spec.argv[0]!r}: {describe(exc)}\n")
+        except BaseException:
+            attempt.abandon()
+            raise
+        return handle, attempt
 
     def _schedule_sweep(self) -> None:
         if self._sweep is None:
@@ -103,13 +237,13 @@ class ProcessHandle:
         cls,
         loop: asyncio.AbstractEventLoop,
         *,
-        program: str,
-        spec: AssignSpec,
-        env: dict[str, str],
-        workdir: Path,
+        attempt: Attempt,
+        stdin: str | None,
+        timeout_s: float,
         drain_timeout_s: float,
         on_exit: Callable[[], None],
     ) -> ProcessHandle:
+        launch = attempt.launch
         parent: list[int] = []  # our ends, closed here if anything fails
         child: list[int] = []  # the child's ends, closed here once it has them
         try:
@@ -118,7 +252,7 @@ class ProcessHandle:
             res_r, res_w = os.pipe()
             parent += (out_r, err_r, res_r)
             child += (out_w, err_w, res_w)
-            stdin_data = spec.stdin.encode() if spec.stdin else b""
+            stdin_data = stdin.encode() if stdin else b""
             stdin_w: int | None = None
             if stdin_data:
                 stdin_r, stdin_w = os.pipe()
@@ -126,8 +260,8 @@ class ProcessHandle:
             else:
                 stdin_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             child.append(stdin_r)
-            fds = {0: stdin_r, 1: out_w, 2: err_w, RESULT_FD: res_w}
-            pid = spawn(program, spec.argv, env, workdir, fds)
+            fds = {0: stdin_r, 1: out_w, 2: err_w, RESULT_FD: res_w, **launch.fds}
+            pid = spawn(launch.program, launch.argv, launch.env, launch.cwd, fds)
             started = time.monotonic()
             reaper.track(pid)
             try:
@@ -153,8 +287,8 @@ class ProcessHandle:
             result=res_r,
             stdin=stdin_w,
             stdin_data=stdin_data,
-            timeout_s=spec.timeout_s,
-            workdir=workdir,
+            timeout_s=timeout_s,
+            attempt=attempt,
             started=started,
             drain_timeout_s=drain_timeout_s,
             on_exit=on_exit,
@@ -172,7 +306,7 @@ class ProcessHandle:
         stdin: int | None,
         stdin_data: bytes,
         timeout_s: float,
-        workdir: Path,
+        attempt: Attempt,
         started: float,
         drain_timeout_s: float,
         on_exit: Callable[[], None],
@@ -180,7 +314,8 @@ class ProcessHandle:
         self.pid = pid
         self._loop = loop
         self._pidfd = pidfd
-        self._workdir = workdir
+        self._attempt = attempt
+        self._settled = False  # the attempt's processes beyond the spawned one have ended
         self._started = started
         self._drain_timeout_s = drain_timeout_s
         self._on_exit_hook = on_exit
@@ -288,6 +423,14 @@ class ProcessHandle:
             self._resume()
         self._drain_timer = self._loop.call_later(self._drain_timeout_s, self._abandon_pipes)
         self._on_exit_hook()
+        try:
+            self._attempt.exited(self._settle)
+        except Exception:
+            log.exception("after the exit of process %d", self.pid)
+            self._settle()
+
+    def _settle(self) -> None:
+        self._settled = True
         self._maybe_finish()
 
     def _write_stdin(self) -> None:
@@ -313,6 +456,7 @@ class ProcessHandle:
             return
         self._kill_reason = reason
         _kill_group(self.pid)
+        self._attempt.kill()
 
     def _pause(self) -> None:
         self._paused = True
@@ -350,17 +494,21 @@ class ProcessHandle:
             self._close(fd)
 
     def _maybe_finish(self) -> None:
-        if self._wait_status is None or self._fds or self._done.done():
+        if self._wait_status is None or self._fds or not self._settled or self._done.done():
             return
         if self._drain_timer is not None:
             self._drain_timer.cancel()
         self._close_stdin()
-        shutil.rmtree(self._workdir, ignore_errors=True)
         code = os.waitstatus_to_exitcode(self._wait_status)
         reason = self._kill_reason
         if reason is None and code < 0:
-            reason = f"killed:{_signal_name(-code)}"
-        self._done.set_result(ExitStatus(code, reason, self._result.value, self._usage))
+            reason = f"killed:{signal_name(-code)}"
+        status = ExitStatus(code, reason, self._result.value, self._usage)
+        try:
+            status = self._attempt.finish(status)
+        except Exception:
+            log.exception("cleaning up after process %d", self.pid)
+        self._done.set_result(status)
 
 
 class _ResultLines:
@@ -400,17 +548,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _prepare_workdir(spec: AssignSpec, workdir: Path) -> None:
-    if workdir.exists():  # left over by a crash, or a retried assignment
-        shutil.rmtree(workdir)
-    workdir.mkdir(mode=0o700, parents=True)
-    _write(workdir / ARGS_FILE, json.dumps(spec.args).encode(), 0o600)
+def workdir_files(spec: AssignSpec) -> list[tuple[str, bytes, int]]:
+    """The files an attempt's work dir starts with: (name, content, mode)."""
+    files = [(ARGS_FILE, json.dumps(spec.args).encode(), 0o600)]
     if spec.source is not None:
         name = spec.source_name
         if name in ("", ".", "..") or "/" in name or name == ARGS_FILE:
             raise ValueError(f"invalid source_name {name!r}")
         mode = 0o700 if spec.source.startswith("#!") else 0o600
-        _write(workdir / name, spec.source.encode(), mode)
+        files.append((name, spec.source.encode(), mode))
+    return files
+
+
+def _prepare_workdir(spec: AssignSpec, workdir: Path) -> None:
+    if workdir.exists():  # left over by a crash, or a retried assignment
+        shutil.rmtree(workdir)
+    files = workdir_files(spec)
+    workdir.mkdir(mode=0o700, parents=True)
+    for name, data, mode in files:
+        _write(workdir / name, data, mode)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -421,15 +577,17 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def _environment(spec: AssignSpec, workdir: Path) -> dict[str, str]:
+def environment(spec: AssignSpec, home: str) -> dict[str, str]:
+    """The program's environment, with `home` (its work dir, as the program sees it) as
+    HOME, TMPDIR and the place of the args file."""
     # Built from scratch: Shuttle's own environment may hold its join token.
-    env = {"PATH": BASE_PATH, "HOME": str(workdir), "LANG": "C.UTF-8", "TMPDIR": str(workdir)}
+    env = {"PATH": BASE_PATH, "HOME": home, "LANG": "C.UTF-8", "TMPDIR": home}
     env.update(spec.env)
     env.update(
         TREADLE_EXECUTION_ID=spec.id,
         TREADLE_ATTEMPT=str(spec.attempt),
         TREADLE_FUNCTION=spec.function,
-        TREADLE_ARGS_FILE=str(workdir / ARGS_FILE),
+        TREADLE_ARGS_FILE=f"{home}/{ARGS_FILE}",
         TREADLE_RESULT_FD=str(RESULT_FD),
     )
     return env
@@ -440,14 +598,14 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
     except ValueError:
         return f"SIG{number}"
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)

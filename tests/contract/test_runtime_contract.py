@@ -1,9 +1,11 @@
 """The contract every isolation runtime honours (DESIGN §4).
 
 Parametrized over `available_runtimes()`, so each new tier joins this suite by being
-available. Programs that need to be stepped from the test wait on a FIFO "gate" the test
-opens: the test releases them after it has seen their previous output, which makes ordering
-observable without sleeping.
+available. The tests hold for every tier: the programs use only what a sandbox also offers
+(the host's /usr, their work dir), and the test finds their processes and work dir by a tag
+in their argv (see `support.runtimes`). Programs that need to be stepped from the test wait
+on a FIFO "gate" the test opens: the test releases them after it has seen their previous
+output, which makes ordering observable without sleeping.
 """
 
 from __future__ import annotations
@@ -14,41 +16,33 @@ import json
 import os
 import select
 import stat
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from treadle.domain.resources import Resources, Tier
-from treadle.protocol.messages import AssignSpec
+from support.runtimes import (
+    GATED,
+    PY,
+    Gate,
+    pids_with,
+    run,
+    shuttle_settings,
+    spec,
+    started,
+    tag,
+    wait_ended,
+)
 from treadle.shuttle.output import OutputDecoder
 from treadle.shuttle.reaper import reap_orphans
-from treadle.shuttle.runtimes import (
-    ExitStatus,
-    Runtime,
-    RuntimeHandle,
-    Stream,
-    available_runtimes,
-)
-from treadle.shuttle.settings import ShuttleSettings
+from treadle.shuttle.runtimes import Runtime, available_runtimes
 
-PY = "/usr/bin/python3"  # not the PATH `python3`, which may be a slow pyenv shim
-
-
-def _settings(home: Path) -> ShuttleSettings:
-    return ShuttleSettings(
-        weaver_url="http://127.0.0.1:9", home=home, allow_process_runtime=True, token=None
-    )
-
-
-TIERS = sorted(available_runtimes(_settings(Path("/nonexistent"))), key=lambda t: t.strength)
+TIERS = sorted(available_runtimes(shuttle_settings(Path("/nonexistent"))), key=lambda t: t.strength)
 
 
 @pytest.fixture(params=TIERS, ids=str)
 def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> Runtime:
-    return available_runtimes(_settings(tmp_path / "home"))[request.param]
+    return available_runtimes(shuttle_settings(tmp_path / "home"))[request.param]
 
 
 @pytest.fixture
@@ -57,83 +51,31 @@ def workdir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def gate(tmp_path: Path) -> Iterator[Gate]:
-    path = tmp_path / "gate"
-    os.mkfifo(path)
-    # O_RDWR: opening does not block, and the program's open for reading finds a writer.
-    fd = os.open(path, os.O_RDWR)
+def gate() -> Iterator[Gate]:
+    g = Gate()
     try:
-        yield Gate(path, fd)
+        yield g
     finally:
-        os.close(fd)
-
-
-@dataclass
-class Gate:
-    path: Path
-    fd: int
-
-    def release(self) -> None:
-        os.write(self.fd, b"x")
-
-
-# The program side of the gate: `wait()` returns once per `Gate.release()`.
-GATED = """
-import json, os, sys
-args = json.load(open(os.environ["TREADLE_ARGS_FILE"]))
-gate = open(args["gate"], "rb", buffering=0)
-def wait():
-    gate.read(1)
-"""
-
-
-def spec(argv: list[str], **overrides: Any) -> AssignSpec:
-    fields: dict[str, Any] = {
-        "id": "ex_1",
-        "attempt": 1,
-        "tenant_id": "tn_1",
-        "function": "fn",
-        "version": 1,
-        "argv": argv,
-        "timeout_s": 30,
-        "resources": Resources(),
-        "isolation": Tier.PROCESS,
-    }
-    fields.update(overrides)
-    return AssignSpec(**fields)
+        g.close()
 
 
 def gone(path: str | Path) -> bool:
     return not Path(path).exists()
 
 
-@dataclass
-class Run:
-    output: list[tuple[Stream, bytes]]
-    status: ExitStatus
-
-    def text(self, stream: str) -> str:
-        return b"".join(data for s, data in self.output if s == stream).decode()
-
-
-async def run(runtime: Runtime, s: AssignSpec, workdir: Path) -> Run:
-    async with asyncio.timeout(20):
-        handle = await runtime.start(s, workdir)
-        output = [item async for item in handle.output()]
-        return Run(output, await handle.wait())
-
-
-@contextlib.asynccontextmanager
-async def started(runtime: Runtime, s: AssignSpec, workdir: Path) -> AsyncIterator[RuntimeHandle]:
-    async with asyncio.timeout(20):
-        handle = await runtime.start(s, workdir)
-        try:
-            yield handle
-        finally:
-            handle.kill()
-            async for _ in handle.output():
-                pass
-            await handle.wait()
+# For programs to start a child that only sleeps, tagged `<tag>-child`; it returns once the
+# child runs (its argv shows in /proc only once the new program is set up, a moment after
+# exec returned to the parent).
+SLEEPER = "import os, sys, time; os.close(int(sys.argv[1])); time.sleep(30)"
+CHILD = f"""
+import os, subprocess, sys
+def sleeper(**popen):
+    ready_r, ready_w = os.pipe()
+    argv = [sys.executable, "-c", {SLEEPER!r}, str(ready_w), sys.argv[1] + "-child"]
+    subprocess.Popen(argv, pass_fds=[ready_w], **popen)
+    os.close(ready_w)
+    os.read(ready_r, 1)  # EOF once the child closed it
+"""
 
 
 async def test_runs_a_program_and_reports_its_output(runtime: Runtime, workdir: Path) -> None:
@@ -219,9 +161,7 @@ for i, stream in enumerate([sys.stdout, sys.stderr, sys.stdout, sys.stderr]):
     wait()
 """
     )
-    async with started(
-        runtime, spec([PY, "-c", code], args={"gate": str(gate.path)}), workdir
-    ) as h:
+    async with started(runtime, spec([PY, "-c", code, gate.tag]), workdir) as h:
         seen = []
         async for item in h.output():
             seen.append(item)
@@ -246,9 +186,7 @@ os.write(1, b"\\xa9\\n")
     decoder = OutputDecoder()
     text = []
     reads = []
-    async with started(
-        runtime, spec([PY, "-c", code], args={"gate": str(gate.path)}), workdir
-    ) as h:
+    async with started(runtime, spec([PY, "-c", code, gate.tag]), workdir) as h:
         async for stream, data in h.output():
             reads.append(data)
             text += decoder.feed(stream, data)
@@ -283,20 +221,21 @@ async def test_timeout_kills_and_reports_timeout(runtime: Runtime, workdir: Path
 
 
 async def test_kill_takes_the_whole_tree_down(runtime: Runtime, workdir: Path) -> None:
-    code = """
-import subprocess, sys, time
-child = subprocess.Popen(["sleep", "30"])
-print(child.pid, flush=True)
+    code = (
+        CHILD
+        + """
+import time
+sleeper()
+print("started", flush=True)
 time.sleep(30)
 """
-    handle = await runtime.start(spec([PY, "-c", code]), workdir)
+    )
+    me = tag()
+    handle = await runtime.start(spec([PY, "-c", code, me]), workdir)
     async with asyncio.timeout(20):
-        line = b""
         output = handle.output()
-        while not line.endswith(b"\n"):
-            _, data = await anext(output)
-            line += data
-        grandchild = int(line)
+        assert await anext(output) == ("stdout", b"started\n")
+        (grandchild,) = pids_with(f"{me}-child")
         pidfd = os.pidfd_open(grandchild)
         try:
             handle.kill()
@@ -310,66 +249,66 @@ time.sleep(30)
             os.close(pidfd)
 
     assert status.reason == "cancelled"
-    reap_orphans()  # its zombie was re-parented to us: nothing may linger
+    reap_orphans()  # had its zombie been re-parented to us, it must not linger
     assert gone(f"/proc/{grandchild}")
 
 
-async def wait_ended(pid: int) -> bool:
-    """Whether `pid` ends within 10 s (a pidfd turns readable when its process ends)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = await asyncio.to_thread(select.select, [pidfd], [], [], 10)
-        return bool(ready)
-    finally:
-        os.close(pidfd)
-
-
 async def test_exit_kills_what_is_left_of_the_group(runtime: Runtime, workdir: Path) -> None:
-    # The background child keeps no pipe open, so only the kill after exit can end it.
-    code = "sleep 30 >/dev/null 2>&1 3>&- & echo $!"
+    # The child keeps no pipe open, so only the kill after exit can end it.
+    code = (
+        CHILD
+        + """
+sleeper(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+"""
+    )
+    me = tag()
 
-    result = await run(runtime, spec(["/bin/sh", "-c", code]), workdir)
+    result = await run(runtime, spec([PY, "-c", code, me]), workdir)
 
-    assert result.status.exit_code == 0
-    assert await wait_ended(int(result.text("stdout")))
+    assert result.status.exit_code == 0, result.text("stderr")
+    for pid in pids_with(f"{me}-child"):
+        assert await wait_ended(pid)
 
 
 async def test_an_escaped_process_cannot_hold_back_the_exit(
     runtime: Runtime, workdir: Path
 ) -> None:
     # A new session leaves the group (and escapes the kill) but keeps stdout open.
-    code = """
-import os, time
-pid = os.fork()
-if pid == 0:
+    code = f"""
+import os, sys
+ready_r, ready_w = os.pipe()
+if os.fork() == 0:
     os.setsid()
-    time.sleep(30)
-    os._exit(0)
-print(pid, flush=True)
+    os.set_inheritable(ready_w, True)
+    argv = [sys.executable, "-c", {SLEEPER!r}, str(ready_w), sys.argv[1] + "-child"]
+    os.execv(sys.executable, argv)
+os.close(ready_w)
+os.read(ready_r, 1)  # EOF once the child runs and closed it
+print("escaped", flush=True)
 """
+    me = tag()
 
-    result = await run(runtime, spec([PY, "-c", code]), workdir)
+    result = await run(runtime, spec([PY, "-c", code, me]), workdir)
 
-    escaped = int(result.text("stdout"))
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(escaped, 9)
+    for pid in pids_with(f"{me}-child"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        assert await wait_ended(pid)
     assert result.status.exit_code == 0
-    assert await wait_ended(escaped)
+    assert result.text("stdout") == "escaped\n"
 
 
 async def test_work_dir_holds_the_source_and_is_removed_after_exit(
     runtime: Runtime, workdir: Path
 ) -> None:
-    source = '#!/bin/sh\necho "from source in $(pwd)"\nls\n'
+    source = '#!/bin/sh\necho "from source in $(pwd) at $HOME"\nls\n'
     s = spec(["./main.sh"], source=source, source_name="main.sh")
 
     result = await run(runtime, s, workdir)
 
     assert result.status.exit_code == 0, result.text("stderr")
-    assert result.text("stdout") == f"from source in {workdir}\nargs.json\nmain.sh\n"
+    home = result.text("stdout").split(" at ")[1].splitlines()[0]
+    assert result.text("stdout") == f"from source in {home} at {home}\nargs.json\nmain.sh\n"
     assert gone(workdir)
 
 
@@ -422,6 +361,24 @@ async def test_a_program_that_cannot_be_executed_is_spawn_failed(
 
     assert result.status.reason == "spawn_failed"
     assert "Permission denied" in result.text("stderr")
+
+
+async def test_the_program_gets_no_fd_but_stdio_and_the_result_pipe(
+    runtime: Runtime, workdir: Path
+) -> None:
+    code = """
+import os
+def is_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+print(*[fd for fd in range(1024) if is_open(fd)])
+"""
+    result = await run(runtime, spec([PY, "-c", code]), workdir)
+
+    assert result.text("stdout") == "0 1 2 3\n"
 
 
 async def test_large_output_arrives_complete(runtime: Runtime, workdir: Path) -> None:

@@ -1,0 +1,198 @@
+"""Start-to-exit of `echo 13` per isolation tier, next to the raw tools.
+
+    .venv/bin/python bench/tiers.py [-n 300] [--warmup 20]
+
+For every tier this host offers (the process tier included), N runs one after another of
+`/bin/echo 13` through the runtime interface: `start` → the whole output → `wait`, which is
+what Shuttle does per attempt (for the namespace tier: a cgroup created, limited, joined and
+removed; the sandbox's pid read and the sandbox released; its exit awaited). Then the same
+without treadle, spawned with posix_spawn and reaped with waitpid:
+
+  * `raw_echo`: `/bin/echo 13` itself, the floor of the process tier;
+  * `raw_bwrap`: bubblewrap with the namespace tier's options (namespaces, mounts, tmpfs
+    sizes, seccomp, environment) but no cgroup and no start handshake;
+  * `raw_bwrap_minimal`: `bwrap --unshare-all --ro-bind /usr /usr ... /bin/echo 13`, the
+    bare figure DESIGN §9 quotes.
+
+Prints p50/p99/mean in ms as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from treadle.domain.resources import Resources, Tier
+from treadle.protocol.messages import AssignSpec
+from treadle.shuttle import seccomp
+from treadle.shuttle.runtimes import NamespaceRuntime, Runtime, available_runtimes, bwrap
+from treadle.shuttle.runtimes._spawn import spawn
+from treadle.shuttle.runtimes.process import environment, workdir_files
+from treadle.shuttle.settings import ShuttleSettings
+
+ECHO = ["/bin/echo", "13"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(percentile(values, 50), 2),
+        "p99_ms": round(percentile(values, 99), 2),
+        "mean_ms": round(statistics.fmean(values), 2),
+        "n": len(values),
+    }
+
+
+async def through_runtime(runtime: Runtime, tier: Tier, work: Path, n: int) -> list[float]:
+    times = []
+    for i in range(n):
+        spec = AssignSpec(
+            id=f"bench_{i}",
+            attempt=1,
+            tenant_id="tn_bench",
+            function="echo",
+            version=1,
+            argv=ECHO,
+            timeout_s=30,
+            resources=Resources(),
+            isolation=tier,
+        )
+        start = time.perf_counter()
+        handle = await runtime.start(spec, work / f"bench_{i}-1")
+        output = b"".join([data async for _, data in handle.output()])
+        status = await handle.wait()
+        times.append((time.perf_counter() - start) * 1000)
+        if output != b"13\n" or status.exit_code != 0:
+            raise SystemExit(f"{tier}: echo 13 gave {output!r}, {status}")
+    return times
+
+
+def spawned(make: Callable[[], tuple[list[str], dict[int, int], list[int]]], n: int) -> list[float]:
+    """`make` gives (argv, extra fds, fds to close after spawning) for one run."""
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        argv, extra, close = make()
+        out_r, out_w = os.pipe()
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        pid = spawn(argv[0], argv, {}, Path("/"), {0: null, 1: out_w, 2: out_w, **extra})
+        for fd in (out_w, null, *close):
+            os.close(fd)
+        output = b""
+        while chunk := os.read(out_r, 4096):
+            output += chunk
+        os.close(out_r)
+        _, status = os.waitpid(pid, 0)
+        times.append((time.perf_counter() - start) * 1000)
+        if output != b"13\n" or status != 0:
+            raise SystemExit(f"{argv[0]}: echo 13 gave {output!r}, status {status}")
+    return times
+
+
+def raw_bwrap(bwrap_path: str) -> Callable[[], tuple[list[str], dict[int, int], list[int]]]:
+    spec = AssignSpec(
+        id="bench",
+        attempt=1,
+        tenant_id="tn_bench",
+        function="echo",
+        version=1,
+        argv=ECHO,
+        timeout_s=30,
+        resources=Resources(),
+        isolation=Tier.NAMESPACE,
+    )
+    arch = seccomp.arch_for_machine()
+    assert arch is not None
+    program = seccomp.deny_filter(arch)
+    binds = bwrap.host_binds()
+
+    def make() -> tuple[list[str], dict[int, int], list[int]]:
+        seccomp_r, seccomp_w = os.pipe()
+        os.write(seccomp_w, program)
+        os.close(seccomp_w)
+        fds = {4: seccomp_r}
+        files = []
+        for name, data, mode in workdir_files(spec):
+            fd = os.memfd_create(name)
+            os.write(fd, data)
+            os.lseek(fd, 0, os.SEEK_SET)
+            fds[4 + len(fds)] = fd
+            files.append((max(fds), name, mode))
+        args = bwrap.options(
+            binds=binds,
+            fds=bwrap.Fds(seccomp=4, files=files),
+            env=environment(spec, bwrap.WORK_DIR),
+            disk_bytes=spec.resources.disk_mib << 20,
+            network=False,
+        )
+        args_fd = os.memfd_create("args")
+        os.write(args_fd, b"\0".join(a.encode() for a in args) + b"\0")
+        os.lseek(args_fd, 0, os.SEEK_SET)
+        number = 4 + len(fds)
+        fds[number] = args_fd
+        return [bwrap_path, "--args", str(number), "--", *ECHO], fds, list(fds.values())
+
+    return make
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=300, help="runs per figure")
+    parser.add_argument("--warmup", type=int, default=20, help="runs discarded first")
+    options = parser.parse_args()
+
+    result: dict[str, Any] = {"host": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
+    with tempfile.TemporaryDirectory(prefix="treadle-bench-tiers-") as scratch:
+        settings = ShuttleSettings(
+            weaver_url="http://127.0.0.1:9", home=Path(scratch), allow_process_runtime=True
+        )
+        runtimes = available_runtimes(settings)
+        for tier in sorted(runtimes, key=lambda t: t.strength):
+            runtime = runtimes[tier]
+            asyncio.run(through_runtime(runtime, tier, Path(scratch), options.warmup))
+            times = asyncio.run(through_runtime(runtime, tier, Path(scratch), options.n))
+            result[f"{tier}_runtime"] = summary(times)
+            if isinstance(runtime, NamespaceRuntime):
+                result[f"{tier}_runtime"]["limits"] = runtime.limits
+
+    echo = lambda: (ECHO, {}, [])  # noqa: E731
+    spawned(echo, options.warmup)
+    result["raw_echo"] = summary(spawned(echo, options.n))
+    bwrap_path = shutil.which("bwrap")
+    if bwrap_path is not None:
+        same = raw_bwrap(bwrap_path)
+        spawned(same, options.warmup)
+        result["raw_bwrap"] = summary(spawned(same, options.n))
+        minimal = [bwrap_path, "--unshare-all", "--ro-bind", "/usr", "/usr"]
+        for name in ("bin", "lib", "lib64", "sbin"):
+            path = Path("/", name)
+            if path.is_symlink():
+                minimal += ["--symlink", os.readlink(path), f"/{name}"]
+        minimal += ["--proc", "/proc", "--dev", "/dev", "--", *ECHO]
+        bare = lambda: (minimal, {}, [])  # noqa: E731
+        spawned(bare, options.warmup)
+        result["raw_bwrap_minimal"] = summary(spawned(bare, options.n))
+    if "namespace_runtime" in result and "raw_bwrap" in result:
+        result["namespace_over_raw_bwrap_p50"] = round(
+            result["namespace_runtime"]["p50_ms"] / result["raw_bwrap"]["p50_ms"], 2
+        )
+    json.dump(result, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""Resource limits of sandboxed attempts through cgroups, v2 or v1, whichever the host has.
+
+Detected once, at start: the unified hierarchy (v2) is used when it offers the memory and pids
+controllers; otherwise the v1 hierarchies that carry them (hybrid hosts mount cgroup2 with few
+or no controllers next to the v1 ones). Each attempt gets one group (v2) or one group per v1
+hierarchy, named `treadle/<name>` from the root of the hierarchy: groups are created where this
+process can write, never below the group this process itself sits in, which belongs to
+whoever started it.
+
+A group's name starts with its owner's prefix so that a Shuttle can find what its previous
+incarnation left behind (it was SIGKILLed, say) and sweep it at start, without touching the
+groups of another Shuttle on the same host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from treadle.domain.resources import Resources
+
+__all__ = [
+    "PARENT",
+    "Cgroups",
+    "Group",
+    "GroupUsage",
+    "Layout",
+    "Limits",
+    "detect",
+    "limit_writes",
+    "parse_mountinfo",
+]
+
+log = logging.getLogger(__name__)
+
+PARENT = "treadle"
+_MIB = 1024 * 1024
+CPU_PERIOD_US = 100_000
+_CPU_QUOTA_MIN_US = 1_000  # the kernel refuses a smaller cfs quota
+_WANTED = ("memory", "pids", "cpu")
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+# A group's last task may still be leaving it (v1 in particular) when we first try rmdir.
+_SWEEP_RETRIES = 100
+_SWEEP_RETRY_S = 0.01
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+Version = Literal[1, 2]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    memory_bytes: int | None = None
+    cpu_quota_us: int | None = None
+    pids_max: int | None = None
+
+    @classmethod
+    def for_resources(cls, resources: Resources, pids_max: int | None) -> Limits:
+        quota = max(_CPU_QUOTA_MIN_US, resources.cpu_millicores * CPU_PERIOD_US // 1000)
+        return cls(memory_bytes=resources.memory_mib * _MIB, cpu_quota_us=quota, pids_max=pids_max)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupUsage:
+    oom_kills: int = 0
+    pids_denied: int = 0  # forks refused by pids.max
+    cpu_ns: int | None = None
+    peak_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where attempt groups go: for each controller, the directory of its `treadle` parent
+    (one directory for all of them on v2)."""
+
+    version: Version
+    parents: Mapping[str, Path]
+
+    def has(self, controller: str) -> bool:
+        return controller in self.parents
+
+
+def limit_writes(version: Version, limits: Limits) -> dict[str, list[tuple[str, str]]]:
+    """The files to write, in order, per controller, to apply `limits` to a new group."""
+    writes: dict[str, list[tuple[str, str]]] = {}
+    if limits.memory_bytes is not None:
+        value = str(limits.memory_bytes)
+        if version == 2:
+            # No swap: a limit that swap can stretch is not a limit.
+            writes["memory"] = [("memory.max", value), ("memory.swap.max", "0")]
+        else:
+            writes["memory"] = [
+                ("memory.limit_in_bytes", value),
+                ("memory.memsw.limit_in_bytes", value),  # must follow the plain limit
+            ]
+    if limits.cpu_quota_us is not None:
+        if version == 2:
+            writes["cpu"] = [("cpu.max", f"{limits.cpu_quota_us} {CPU_PERIOD_US}")]
+        else:
+            writes["cpu"] = [
+                ("cpu.cfs_period_us", str(CPU_PERIOD_US)),
+                ("cpu.cfs_quota_us", str(limits.cpu_quota_us)),
+            ]
+    if limits.pids_max is not None:
+        writes["pids"] = [("pids.max", str(limits.pids_max))]
+    return writes
+
+
+def parse_mountinfo(text: str) -> tuple[Path | None, dict[str, Path]]:
+    """(the cgroup2 mount point, {v1 controller: its mount point}); first mount wins."""
+    unified: Path | None = None
+    v1: dict[str, Path] = {}
+    for line in text.splitlines():
+        before, sep, after = line.partition(" - ")
+        if not sep:
+            continue
+        fields = before.split()
+        rest = after.split()
+        if len(fields) < 5 or len(rest) < 3:
+            continue
+        mount_point = Path(_unescape(fields[4]))
+        fstype, options = rest[0], rest[2].split(",")
+        if fstype == "cgroup2" and unified is None:
+            unified = mount_point
+        elif fstype == "cgroup":
+            for option in options:
+                if option in _V1_CONTROLLERS:
+                    v1.setdefault(option, mount_point)
+    return unified, v1
+
+
+def detect(mountinfo: str | None = None) -> tuple[Layout | None, str]:
+    """The layout to use here and a line saying what was found (for the log)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError as exc:
+            return None, f"cannot read the mount table: {exc}"
+    unified, v1 = parse_mountinfo(mountinfo)
+    if unified is not None:
+        available = _read_words(unified / "cgroup.controllers")
+        if {"memory", "pids"} <= available:
+            if not os.access(unified, os.W_OK):
+                return None, f"cgroup v2 at {unified} is not writable by this user"
+            controllers = [c for c in _WANTED if c in available]
+            parent = unified / PARENT
+            return Layout(2, dict.fromkeys(controllers, parent)), (
+                f"cgroup v2 at {unified} ({', '.join(controllers)})"
+            )
+    usable = {c: path for c, path in v1.items() if os.access(path, os.W_OK)}
+    if "memory" in usable or "pids" in usable:
+        parents = {c: path / PARENT for c, path in usable.items()}
+        return Layout(1, parents), f"cgroup v1 ({', '.join(sorted(parents))})"
+    if v1 or unified is not None:
+        return None, "cgroups are mounted but offer no writable memory or pids controller"
+    return None, "no cgroup file system is mounted"
+
+
+class Cgroups:
+    """Creates, inspects and removes the groups of attempts under one layout."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        for parent in set(layout.parents.values()):
+            parent.mkdir(exist_ok=True)
+        if layout.version == 2:
+            (parent,) = set(layout.parents.values())
+            enable = " ".join(f"+{c}" for c in layout.parents)
+            # The parent of `treadle` may already delegate them; writing twice is harmless.
+            _write(parent.parent / "cgroup.subtree_control", enable)
+            _write(parent / "cgroup.subtree_control", enable)
+
+    def create(self, name: str, limits: Limits) -> Group:
+        group = Group(self.layout, name)
+        try:
+            for directory in group.dirs:
+                directory.mkdir()
+            for controller, writes in limit_writes(self.layout.version, limits).items():
+                if controller not in self.layout.parents:
+                    continue
+                directory = self.layout.parents[controller] / name
+                for filename, value in writes:
+                    path = directory / filename
+                    if filename.startswith(("memory.memsw.", "memory.swap.")) and not (
+                        path.exists()
+                    ):
+                        continue  # no swap accounting on this kernel: nothing to stretch
+                    _write(path, value)
+        except BaseException:
+            group.remove()
+            raise
+        return group
+
+    def sweep(self, stale: Callable[[str], bool]) -> list[str]:
+        """Kill the tasks of, and remove, every group whose name `stale` accepts; returns
+        the names of those that could not be removed."""
+        names: set[str] = set()
+        for parent in set(self.layout.parents.values()):
+            with contextlib.suppress(FileNotFoundError):
+                names.update(e.name for e in os.scandir(parent) if e.is_dir() and stale(e.name))
+        stuck = []
+        for name in sorted(names):
+            group = Group(self.layout, name)
+            for _ in range(_SWEEP_RETRIES):
+                group.kill()
+                if not group.remove():
+                    break
+                time.sleep(_SWEEP_RETRY_S)
+            else:
+                stuck.append(name)
+        return stuck
+
+
+class Group:
+    """One attempt's group: a directory per hierarchy (one on v2)."""
+
+    def __init__(self, layout: Layout, name: str) -> None:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"invalid cgroup name {name!r}")
+        self._layout = layout
+        self.name = name
+        self.dirs = sorted({parent / name for parent in layout.parents.values()})
+
+    def _dir(self, controller: str) -> Path | None:
+        parent = self._layout.parents.get(controller)
+        return None if parent is None else parent / self.name
+
+    def place(self, pid: int) -> None:
+        """Move `pid` (the whole process) into the group; its future children follow."""
+        for directory in self.dirs:
+            _write(directory / "cgroup.procs", str(pid))
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for directory in self.dirs:
+            with contextlib.suppress(FileNotFoundError):
+                found.update(int(p) for p in (directory / "cgroup.procs").read_text().split())
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL every task in the group."""
+        if self._layout.version == 2:
+            with contextlib.suppress(FileNotFoundError):
+                kill_file = self.dirs[0] / "cgroup.kill"
+                if kill_file.exists():  # Linux 5.14+: atomic, no fork race
+                    _write(kill_file, "1")
+                    return
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def usage(self) -> GroupUsage:
+        """What the group's tasks used and ran into, from the controllers' own counters."""
+        if self._layout.version == 2:
+            memory = self._dir("memory")
+            cpu = self._dir("cpu")
+            pids = self._dir("pids")
+            return GroupUsage(
+                oom_kills=_key(memory, "memory.events", "oom_kill") or 0,
+                pids_denied=_key(pids, "pids.events", "max") or 0,
+                cpu_ns=_times(_key(cpu, "cpu.stat", "usage_usec"), 1000),
+                peak_bytes=_number(memory, "memory.peak"),
+            )
+        memory = self._dir("memory")
+        return GroupUsage(
+            oom_kills=_key(memory, "memory.oom_control", "oom_kill") or 0,
+            pids_denied=_key(self._dir("pids"), "pids.events", "max") or 0,
+            cpu_ns=_number(self._dir("cpuacct"), "cpuacct.usage"),
+            peak_bytes=_number(memory, "memory.max_usage_in_bytes"),
+        )
+
+    def remove(self) -> list[Path]:
+        """rmdir what is left of the group; returns the directories still busy."""
+        busy = []
+        for directory in self.dirs:
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                busy.append(directory)
+        return busy
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read_words(path: Path) -> set[str]:
+    try:
+        return set(path.read_text().split())
+    except OSError:
+        return set()
+
+
+def _number(directory: Path | None, filename: str) -> int | None:
+    if directory is None:
+        return None
+    try:
+        return int((directory / filename).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _key(directory: Path | None, filename: str, key: str) -> int | None:
+    """The value of `key` in a flat-keyed file ("key value" per line)."""
+    if directory is None:
+        return None
+    try:
+        lines: Iterable[str] = (directory / filename).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, value = line.partition(" ")
+        if name == key:
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return None
+
+
+def _times(value: int | None, factor: int) -> int | None:
+    return None if value is None else value * factor
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)

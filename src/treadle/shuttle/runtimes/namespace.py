@@ -1,0 +1,541 @@
+"""The `namespace` tier: the program runs under bubblewrap, in new user, PID, mount, network,
+IPC, UTS and cgroup namespaces, on a read-only view of the host's programs (see `bwrap` for
+the file system), with no capabilities, a seccomp filter (`treadle.shuttle.seccomp`), and the
+function's memory, cpu and process limits enforced by cgroups (`treadle.shuttle.cgroups`), or
+by rlimits where this host offers no cgroups to this process.
+
+It reuses the process tier's machinery; only what is spawned differs (`NamespaceLauncher`).
+
+Putting the sandbox in its cgroup before the program runs: v1 has no way to spawn straight
+into a cgroup (v2's CLONE_INTO_CGROUP), and writing bubblewrap's pid into the cgroup right after
+spawning races with bubblewrap creating the sandbox. So bubblewrap is asked to leave the
+sandbox's user namespace to Shuttle (`--userns-block-fd`): it creates the sandbox's first
+process, reports its pid (`--info-fd`) and holds it before anything happens in it. Shuttle
+moves that process into the group, sets its rlimits and writes its namespace's id maps (the
+identity bubblewrap itself would map: Shuttle's user and group, nothing else), then releases
+it. All of the sandbox's own set-up (mounts, the work dir's files) is charged to the group
+too, and one burst of cgroup migrations is all a start costs (the first migration after an
+idle spell waits for an RCU grace period in the kernel: that, not bubblewrap, is the tail of
+the start latency on v1). A Shuttle that dies during the handshake takes bubblewrap with it
+(--die-with-parent), and the held sandbox stays held, having run nothing.
+
+Killing: the sandbox's first process is PID 1 of its namespace, and when it dies the kernel
+kills everything else in the namespace; nothing can leave it. Shuttle holds a pidfd of it and
+SIGKILLs it whenever the attempt is killed or bubblewrap exits, and reports the exit once it is
+gone, so the cgroup's counters are final and the group can be removed.
+
+Exit codes: bubblewrap reports the program's death by signal N as exit code 128 + N, as shells
+do; this tier reports such codes as that signal (exit code -N, reason "killed:SIGNAME"), so a
+program that itself exits with 129-192 is reported as killed by the signal. The cgroup then
+tells "oom_killed" (the memory limit) and "pids_limit" (a failure after pids.max refused a
+fork) apart.
+
+Network: none. The operator may allow it (`allow_network`), but an execution gets it only
+when its function asks for it, and AssignSpec has no way to ask yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from treadle.domain.resources import Resources, Tier
+from treadle.protocol.messages import AssignSpec, Usage
+from treadle.shuttle import reaper, seccomp
+from treadle.shuttle.cgroups import Cgroups, Group, GroupUsage, Limits, detect
+from treadle.shuttle.runtimes import bwrap
+from treadle.shuttle.runtimes._spawn import unsupported_reason
+from treadle.shuttle.runtimes.base import ExitStatus
+from treadle.shuttle.runtimes.process import (
+    RESULT_FD,
+    Attempt,
+    Launch,
+    ProcessRuntime,
+    environment,
+    signal_name,
+    workdir_files,
+)
+from treadle.shuttle.settings import ShuttleSettings
+
+__all__ = ["NamespaceLauncher", "NamespaceRuntime", "Unavailable", "cgroup_owner", "wants_network"]
+
+log = logging.getLogger(__name__)
+
+_MIB = 1024 * 1024
+_START_TIMEOUT_S = 10.0
+_PROBE_TIMEOUT_S = 10.0
+# bubblewrap's own inputs sit right above the program's fds (0-2 and the result pipe).
+_FIRST_FD = RESULT_FD + 1
+# rmdir of a group can fail with EBUSY for a moment after its last task is gone.
+_REMOVE_RETRY_S = (0.001, 0.01, 0.1, 1.0)
+_SIGNALS = {int(s) for s in signal.Signals}
+
+
+class Unavailable(Exception):
+    """The namespace tier cannot run on this host; the message says why."""
+
+
+def wants_network(spec: AssignSpec) -> bool:
+    """Whether the function asked for network. AssignSpec has no field for it yet, so no
+    execution gets network, whatever the operator allows."""
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    cgroups: Cgroups | None
+    pids_max: int
+
+    def describe(self) -> str:
+        if self.cgroups is None:
+            return "rlimits"
+        layout = self.cgroups.layout
+        return f"cgroup v{layout.version} ({', '.join(sorted(layout.parents))})"
+
+
+class NamespaceLauncher:
+    """Spawns bubblewrap around each attempt's program (see the module's docstring)."""
+
+    def __init__(
+        self,
+        bwrap_path: str,
+        *,
+        seccomp_program: bytes,
+        cgroups: Cgroups | None,
+        group_prefix: str,
+        pids_max: int,
+        allow_network: bool = False,
+    ) -> None:
+        self._bwrap = bwrap_path
+        self._seccomp = seccomp_program
+        self._binds = bwrap.host_binds()
+        self.limits = _Limits(cgroups, pids_max)
+        self.group_prefix = group_prefix
+        self._group_numbers = itertools.count()
+        self._allow_network = allow_network
+
+    @property
+    def tier(self) -> Tier:
+        return Tier.NAMESPACE
+
+    def prepare(self, spec: AssignSpec, workdir: Path) -> Attempt:
+        # `workdir` stays unused: the work dir lives inside the sandbox (see `bwrap`).
+        files = workdir_files(spec)
+        env = environment(spec, bwrap.WORK_DIR)
+        bwrap.resolve_in_sandbox(
+            spec.argv[0], env.get("PATH", ""), {name: mode for name, _, mode in files}
+        )
+        needed = sum(len(data) for _, data, _ in files) + _MIB
+        disk_bytes = max(spec.resources.disk_mib * _MIB, needed)
+        attempt = _NamespaceAttempt(self.limits)
+        try:
+            child: dict[int, int] = {}  # bubblewrap's fd -> ours
+
+            def give(fd: int) -> int:
+                number = _FIRST_FD + len(child)
+                child[number] = fd
+                attempt.child_ends.append(fd)
+                return number
+
+            seccomp_fd = give(_pipe_with(self._seccomp))
+            attempt.info, info_w = os.pipe()
+            info_fd = give(info_w)
+            block_r, attempt.block = os.pipe()
+            block_fd = give(block_r)
+            file_fds = [(give(_memfd(name, data)), name, mode) for name, data, mode in files]
+            args = bwrap.options(
+                binds=self._binds,
+                fds=bwrap.Fds(seccomp=seccomp_fd, info=info_fd, block=block_fd, files=file_fds),
+                env=env,
+                disk_bytes=disk_bytes,
+                network=self._allow_network and wants_network(spec),
+            )
+            args_fd = give(_memfd("bwrap-args", b"\0".join(a.encode() for a in args) + b"\0"))
+            if self.limits.cgroups is not None:
+                name = f"{self.group_prefix}{next(self._group_numbers)}"
+                attempt.group = self.limits.cgroups.create(
+                    name, Limits.for_resources(spec.resources, self.limits.pids_max)
+                )
+            attempt.resources = spec.resources
+        except BaseException:
+            attempt.abandon()
+            raise
+        attempt.launch = Launch(
+            program=self._bwrap,
+            argv=[self._bwrap, "--args", str(args_fd), "--", *spec.argv],
+            env={},  # bubblewrap's own: the program's goes through --setenv
+            cwd=Path("/"),
+            fds=child,
+        )
+        return attempt
+
+
+class _NamespaceAttempt:
+    """One sandbox: the fds of bubblewrap's handshake, the cgroup, and a pidfd of the
+    sandbox's PID 1 once known."""
+
+    launch: Launch
+
+    def __init__(self, limits: _Limits) -> None:
+        self._limits = limits
+        self.resources = Resources()
+        self.child_ends: list[int] = []  # bubblewrap's ends, closed here once it has them
+        self.info: int | None = None
+        self.block: int | None = None
+        self.group: Group | None = None
+        self._sandbox: int | None = None  # pidfd of the sandbox's PID 1
+        self._killed = False
+
+    async def spawned(self, pid: int) -> None:
+        self._close_child_ends()
+        assert self.info is not None and self.block is not None
+        try:
+            sandbox = await _sandbox_pid(self.info)
+            if sandbox is not None:
+                # Off the event loop: moving a process between v1 cgroups can wait for an
+                # RCU grace period (milliseconds), and other attempts' output must not.
+                await asyncio.to_thread(self._hold, sandbox)
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            _close(self.info)
+            self.info = None
+        if self._killed:
+            self.kill()  # killed while starting, before the sandbox was known
+        else:
+            # From here on the sandbox runs.
+            with contextlib.suppress(BrokenPipeError):
+                os.write(self.block, b"x")
+        _close(self.block)
+        self.block = None
+
+    def _hold(self, pid: int) -> None:
+        """Take charge of the sandbox's first process, held by bubblewrap."""
+        try:
+            self._sandbox = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return  # bubblewrap failed and took it down already
+        try:
+            if self.group is not None:
+                self.group.place(pid)
+            self._set_rlimits(pid)
+            uid, gid = os.getuid(), os.getgid()
+            _write_proc(pid, "uid_map", f"{uid} {uid} 1\n")
+            _write_proc(pid, "setgroups", "deny")  # what lets an unprivileged user map gids
+            _write_proc(pid, "gid_map", f"{gid} {gid} 1\n")
+        except (ProcessLookupError, FileNotFoundError):
+            pass  # gone: bubblewrap failed, and reports why
+
+    def _set_rlimits(self, pid: int) -> None:
+        # A crash of sandboxed code must not feed a core dump to the host's handler.
+        resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+        cgroups = self._limits.cgroups if self.group is not None else None
+        if cgroups is None or not cgroups.layout.has("memory"):
+            size = self.resources.memory_mib * _MIB
+            resource.prlimit(pid, resource.RLIMIT_AS, (size, size))
+        if cgroups is None or not cgroups.layout.has("pids"):
+            # Counts every process of the user, not just the sandbox's: a rough stand-in.
+            count = self._limits.pids_max
+            resource.prlimit(pid, resource.RLIMIT_NPROC, (count, count))
+
+    def kill(self) -> None:
+        self._killed = True
+        if self._sandbox is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._sandbox, signal.SIGKILL)
+
+    def exited(self, settled: Callable[[], None]) -> None:
+        pidfd = self._sandbox
+        if pidfd is None:
+            settled()
+            return
+        self.kill()
+        loop = asyncio.get_running_loop()
+
+        def gone() -> None:
+            loop.remove_reader(pidfd)
+            settled()
+
+        # A pidfd turns readable once its process has ended; PID 1 of a namespace ends last.
+        loop.add_reader(pidfd, gone)
+
+    def finish(self, status: ExitStatus) -> ExitStatus:
+        self._release_fds()
+        if self.group is None:
+            return _classify(status, None)
+        usage = self.group.usage()
+        self._remove_group(self.group, 0)
+        self.group = None
+        return _classify(status, usage)
+
+    def abandon(self) -> None:
+        self._release_fds()
+        if self.group is not None:
+            self._remove_group(self.group, 0)
+            self.group = None
+
+    def _remove_group(self, group: Group, tries: int) -> None:
+        group.kill()
+        try:
+            busy = group.remove()
+        except OSError as exc:
+            log.warning("cannot remove cgroup %s: %s", group.name, exc)
+            return
+        if not busy:
+            return
+        if tries >= len(_REMOVE_RETRY_S):
+            log.warning("cgroup %s stays busy; the next Shuttle start sweeps it", group.name)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop to retry from: leave it to the sweep
+        loop.call_later(_REMOVE_RETRY_S[tries], self._remove_group, group, tries + 1)
+
+    def _close_child_ends(self) -> None:
+        for fd in self.child_ends:
+            _close(fd)
+        self.child_ends.clear()
+
+    def _release_fds(self) -> None:
+        self._close_child_ends()
+        for fd in (self.info, self.block, self._sandbox):
+            _close(fd)
+        self.info = self.block = self._sandbox = None
+
+
+def _classify(status: ExitStatus, usage: GroupUsage | None) -> ExitStatus:
+    code, reason = status.exit_code, status.reason
+    if reason is None and code is not None and code > 0:
+        if usage is not None and usage.oom_kills:
+            reason = "oom_killed"
+        elif usage is not None and usage.pids_denied:
+            reason = "pids_limit"
+        if code > 128 and code - 128 in _SIGNALS:
+            code = 128 - code
+            reason = reason or f"killed:{signal_name(-code)}"
+    return ExitStatus(
+        exit_code=code,
+        reason=reason,
+        result=status.result,
+        usage=Usage(
+            wall_ms=status.usage.wall_ms,
+            # bubblewrap's own rusage says nothing of the sandbox: only the cgroup knows.
+            cpu_ms=None if usage is None or usage.cpu_ns is None else usage.cpu_ns / 1e6,
+            max_rss_kib=None
+            if usage is None or usage.peak_bytes is None
+            else usage.peak_bytes // 1024,
+        ),
+    )
+
+
+async def _sandbox_pid(info: int) -> int | None:
+    """The host pid of the sandbox's first process, from bubblewrap's --info-fd; None when
+    bubblewrap ended before creating it."""
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(info, 4096)
+        except BlockingIOError:
+            return
+        if chunk:
+            data.extend(chunk)
+        elif not done.done():
+            done.set_result(None)
+
+    os.set_blocking(info, False)
+    loop.add_reader(info, readable)
+    try:
+        async with asyncio.timeout(_START_TIMEOUT_S):
+            await done
+    except TimeoutError:
+        raise OSError(
+            f"bubblewrap did not start a sandbox within {_START_TIMEOUT_S:.0f}s"
+        ) from None
+    finally:
+        loop.remove_reader(info)
+    if not data:
+        return None
+    try:
+        pid = json.loads(data)["child-pid"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OSError(f"bubblewrap reported {bytes(data)!r}") from exc
+    return int(pid)
+
+
+def _write_proc(pid: int, name: str, value: str) -> None:
+    fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _pipe_with(data: bytes) -> int:
+    """A pipe's read end holding `data` (which must fit the pipe's buffer)."""
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return r
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class NamespaceRuntime(ProcessRuntime):
+    """The namespace tier. Creating one sweeps the cgroups that a previous Shuttle with the
+    same home left behind. Raises Unavailable where the tier cannot work at all; `probe()`
+    tells whether it really does."""
+
+    def __init__(self, settings: ShuttleSettings, *, drain_timeout_s: float = 1.0) -> None:
+        reason = unsupported_reason()
+        if reason is not None:
+            raise Unavailable(reason)
+        bwrap_path = shutil.which("bwrap")
+        if bwrap_path is None:
+            raise Unavailable("bubblewrap (bwrap) is not installed")
+        arch = seccomp.arch_for_machine()
+        if arch is None:
+            raise Unavailable("no seccomp table for this machine's architecture")
+        prefix, stale = _group_names(settings.home)
+        self._namespace = NamespaceLauncher(
+            bwrap_path,
+            seccomp_program=seccomp.deny_filter(arch),
+            cgroups=_open_cgroups(stale),
+            group_prefix=prefix,
+            pids_max=settings.pids_max,
+            allow_network=settings.allow_network,
+        )
+        super().__init__(self._namespace, drain_timeout_s=drain_timeout_s)
+
+    @property
+    def limits(self) -> str:
+        """How resource limits are enforced: "cgroup v1 (…)", "cgroup v2 (…)" or "rlimits"."""
+        return self._namespace.limits.describe()
+
+    @property
+    def cgroups(self) -> Cgroups | None:
+        return self._namespace.limits.cgroups
+
+    @property
+    def group_prefix(self) -> str:
+        """What starts the names of the cgroups of this runtime's attempts."""
+        return self._namespace.group_prefix
+
+    def probe(self) -> str | None:
+        """Run /bin/true in a sandbox exactly as an execution would run; None if that worked,
+        else why not."""
+        # The caller may be inside an event loop: run the trial on a loop of its own.
+        with ThreadPoolExecutor(1, thread_name_prefix="treadle-probe") as pool:
+            return pool.submit(asyncio.run, self._probe()).result()
+
+    async def _probe(self) -> str | None:
+        trial = ProcessRuntime(self._namespace)
+        spec = AssignSpec(
+            id="probe",
+            attempt=1,
+            tenant_id="-",
+            function="probe",
+            version=1,
+            argv=["/bin/true"],
+            timeout_s=_PROBE_TIMEOUT_S,
+            resources=Resources(),
+            isolation=Tier.NAMESPACE,
+        )
+        try:
+            handle = await trial.start(spec, Path("/nonexistent"))
+            output = b"".join([data async for _, data in handle.output()])
+            status = await handle.wait()
+        except OSError as exc:
+            return f"a trial run failed to start: {exc}"
+        finally:
+            reaper.reap_orphans()
+        if status.exit_code == 0 and status.reason is None:
+            return None
+        said = output.decode(errors="replace").strip() or "no output"
+        return f"a trial run of /bin/true ended with {status.exit_code} ({status.reason}): {said}"
+
+
+def cgroup_owner(home: Path) -> str:
+    """What starts the cgroup names of the Shuttle with this home: `<owner>.<pid>.<n>`."""
+    return hashlib.sha256(os.fsencode(home.absolute())).hexdigest()[:12]
+
+
+def _group_names(home: Path) -> tuple[str, Callable[[str], bool]]:
+    """The prefix of this process's cgroup names, and which names were left by a Shuttle
+    with the same home that is gone. (A runtime is created before Shuttle takes the lock on
+    its home, so a second Shuttle on a home in use must not take the first one's groups for
+    leftovers: those of a live process are not.)"""
+    owner = cgroup_owner(home)
+    me = os.getpid()
+
+    def stale(name: str) -> bool:
+        name_owner, _, rest = name.partition(".")
+        pid, _, _ = rest.partition(".")
+        return name_owner == owner and pid.isdigit() and int(pid) != me and not _alive(int(pid))
+
+    return f"{owner}.{me}.", stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _open_cgroups(stale: Callable[[str], bool]) -> Cgroups | None:
+    layout, found = detect()
+    if layout is None:
+        log.info("namespace runtime: %s; limits through rlimits", found)
+        return None
+    try:
+        cgroups = Cgroups(layout)
+    except OSError as exc:
+        log.warning("namespace runtime: cannot use %s (%s); limits through rlimits", found, exc)
+        return None
+    stuck = cgroups.sweep(stale)
+    if stuck:
+        log.warning("cgroups left by a previous Shuttle stay busy: %s", ", ".join(stuck))
+    log.info("namespace runtime: limits through %s", found)
+    return cgroups

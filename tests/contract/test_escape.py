@@ -1,0 +1,398 @@
+"""What code in a sandbox must not be able to do, tried from inside, on every tier that claims
+to isolate (all but `process`).
+
+Each test attacks from one execution while a neighbour execution runs, and ends by checking
+that the attack changed nothing for the others: the neighbour finishes normally, this process
+(which plays Shuttle) still starts processes, and the runtime still runs a fresh execution.
+The attacking programs report what they managed as JSON, so a failure shows what got through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.runtimes import GATED, PY, Gate, Run, pids_with, run, shuttle_settings, spec
+from treadle.domain.resources import Resources, Tier
+from treadle.shuttle.runtimes import NamespaceRuntime, Runtime, RuntimeHandle, available_runtimes
+
+TIERS = sorted(
+    (
+        tier
+        for tier in available_runtimes(shuttle_settings(Path("/nonexistent")))
+        if tier is not Tier.PROCESS
+    ),
+    key=lambda t: t.strength,
+)
+PIDS_MAX = 64
+
+
+@pytest.fixture(params=TIERS, ids=str)
+def runtime(request: pytest.FixtureRequest, home: Path) -> Runtime:
+    return available_runtimes(shuttle_settings(home, pids_max=PIDS_MAX))[request.param]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "node.json").write_text('{"secret": "shuttle-secret"}')
+    return home
+
+
+@pytest.fixture
+def workdir(home: Path) -> Path:
+    return home / "work" / "ex_1-1"
+
+
+def cgroup_limits(runtime: Runtime) -> bool:
+    """Whether the runtime enforces limits with cgroups here (else with rlimits, which say
+    less about why a program failed)."""
+    return isinstance(runtime, NamespaceRuntime) and runtime.limits.startswith("cgroup")
+
+
+@dataclass
+class Neighbour:
+    """Another execution, running (blocked on its gate) while the test attacks."""
+
+    handle: RuntimeHandle
+    gate: Gate
+    workdir: Path
+
+    @property
+    def pids(self) -> list[int]:
+        return pids_with(self.gate.tag)
+
+    async def finish(self) -> None:
+        """Let it run to its end, and check that it ended as it would have anyway."""
+        self.gate.release()
+        output = [item async for item in self.handle.output()]
+        status = await self.handle.wait()
+        assert output == [("stdout", b"done\n")]
+        assert (status.exit_code, status.reason) == (0, None)
+
+
+@pytest.fixture
+async def neighbour(runtime: Runtime, home: Path) -> AsyncIterator[Neighbour]:
+    code = (
+        GATED
+        + """
+print("ready", flush=True)
+wait()
+print("done", flush=True)
+"""
+    )
+    gate = Gate()
+    workdir = home / "work" / "ex_2-1"
+    s = spec([PY, "-c", code, gate.tag], id="ex_2", args={"secret": "neighbour-secret"})
+    handle = await runtime.start(s, workdir)
+    try:
+        assert await anext(handle.output()) == ("stdout", b"ready\n")
+        yield Neighbour(handle, gate, workdir)
+    finally:
+        handle.kill()
+        async for _ in handle.output():
+            pass
+        await handle.wait()
+        gate.close()
+
+
+async def attack(runtime: Runtime, workdir: Path, code: str, **overrides: Any) -> Run:
+    return await run(runtime, spec([PY, "-c", code], **overrides), workdir)
+
+
+def report(result: Run) -> dict[str, Any]:
+    assert result.status.exit_code == 0, result.text("stderr")
+    seen: dict[str, Any] = json.loads(result.text("stdout"))
+    return seen
+
+
+def on_host(paths: list[str]) -> list[str]:
+    return [path for path in paths if os.path.lexists(path)]
+
+
+async def assert_unharmed(runtime: Runtime, workdir: Path, neighbour: Neighbour) -> None:
+    await neighbour.finish()
+    true = await asyncio.create_subprocess_exec("/bin/true")
+    assert await true.wait() == 0
+    fresh = await run(runtime, spec(["/bin/echo", "ok"], id="ex_3"), workdir.parent / "ex_3-1")
+    assert fresh.output == [("stdout", b"ok\n")]
+    assert fresh.status.exit_code == 0
+
+
+# The attacker's side: attempt(what, fn) records "ok", or the name of the error fn raised.
+TRY = """
+import ctypes, errno, json, os, socket, sys
+seen = {}
+def attempt(what, fn):
+    try:
+        fn()
+        seen[what] = "ok"
+    except OSError as exc:
+        seen[what] = errno.errorcode.get(exc.errno, str(exc.errno))
+def read(path):
+    with open(path, "rb") as f:
+        f.read()
+def write(path):
+    with open(path, "wb") as f:
+        f.write(b"x")
+libc = ctypes.CDLL(None, use_errno=True)
+def checked(rc):
+    if rc == -1:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+"""
+
+
+async def test_files_of_shuttle_and_of_a_neighbour_are_out_of_reach(
+    runtime: Runtime, workdir: Path, home: Path, neighbour: Neighbour
+) -> None:
+    targets = [
+        str(home / "node.json"),
+        str(neighbour.workdir / "args.json"),
+        *(f"/proc/{pid}/{leaf}" for pid in neighbour.pids for leaf in ("environ", "cmdline")),
+        *(f"/proc/{pid}/root/work/args.json" for pid in neighbour.pids),
+        *(f"/proc/{pid}/cwd/args.json" for pid in neighbour.pids),
+        "/etc/shadow",
+    ]
+    code = (
+        TRY
+        + f"""
+for path in {targets!r}:
+    attempt(path, lambda: read(path))
+seen["/"] = sorted(os.listdir("/"))
+print(json.dumps(seen))
+"""
+    )
+
+    result = await attack(runtime, workdir, code)
+
+    seen = report(result)
+    assert {path: seen[path] for path in targets if seen[path] == "ok"} == {}
+    assert not {"root", "home", "var", "srv", "opt", "mnt"} & set(seen["/"])
+    assert "secret" not in result.text("stdout") + result.text("stderr")
+    await assert_unharmed(runtime, workdir, neighbour)
+
+
+async def test_processes_outside_cannot_be_signalled_or_traced(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    targets = [os.getpid(), *neighbour.pids]
+    code = (
+        TRY
+        + f"""
+PTRACE_ATTACH = 16
+for pid in {targets!r}:
+    attempt(f"kill {{pid}}", lambda: os.kill(pid, 9))
+    attempt(f"pidfd {{pid}}", lambda: os.close(os.pidfd_open(pid)))
+    attempt(f"ptrace {{pid}}", lambda: checked(libc.ptrace(PTRACE_ATTACH, pid, None, None)))
+# Tracing is refused as such, not only because the targets are out of sight.
+child = os.fork()
+if child == 0:
+    os.read(os.open("/dev/null", os.O_RDONLY), 1)
+    os._exit(0)
+attempt("ptrace child", lambda: checked(libc.ptrace(PTRACE_ATTACH, child, None, None)))
+buf = ctypes.create_string_buffer(8)
+iov = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 8)
+attempt(
+    "process_vm_readv child",
+    lambda: checked(libc.process_vm_readv(child, iov, 1, iov, 1, 0)),
+)
+os.waitpid(child, 0)
+print(json.dumps(seen))
+"""
+    )
+
+    seen = report(await attack(runtime, workdir, code))
+
+    for pid in targets:
+        assert seen[f"kill {pid}"] == "ESRCH"
+        assert seen[f"pidfd {pid}"] == "ESRCH"
+        assert seen[f"ptrace {pid}"] in ("EPERM", "ESRCH")
+    assert seen["ptrace child"] == "EPERM"
+    assert seen["process_vm_readv child"] == "EPERM"
+    await assert_unharmed(runtime, workdir, neighbour)
+
+
+async def test_namespaces_and_mounts_cannot_be_changed(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    code = (
+        TRY
+        + """
+CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWNET = 0x10000000, 0x00020000, 0x40000000
+MS_REMOUNT, MS_BIND = 32, 4096
+attempt("unshare user", lambda: checked(libc.unshare(CLONE_NEWUSER)))
+attempt("unshare mount", lambda: checked(libc.unshare(CLONE_NEWNS)))
+attempt("unshare net", lambda: checked(libc.unshare(CLONE_NEWNET)))
+attempt("setns", lambda: checked(libc.setns(os.open("/proc/1/ns/mnt", os.O_RDONLY), 0)))
+attempt("remount /usr", lambda: checked(
+    libc.mount(None, b"/usr", None, MS_REMOUNT | MS_BIND, None)))
+attempt("mount tmpfs", lambda: checked(libc.mount(b"x", b"/work", b"tmpfs", 0, None)))
+attempt("umount /usr", lambda: checked(libc.umount2(b"/usr", 2)))
+print(json.dumps(seen))
+"""
+    )
+
+    seen = report(await attack(runtime, workdir, code))
+
+    assert seen == {
+        "unshare user": "EPERM",
+        "unshare mount": "EPERM",
+        "unshare net": "EPERM",
+        "setns": "EPERM",
+        "remount /usr": "EPERM",
+        "mount tmpfs": "EPERM",
+        "umount /usr": "EPERM",
+    }
+    await assert_unharmed(runtime, workdir, neighbour)
+
+
+async def test_no_network_reaches_the_host(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        code = (
+            TRY
+            + f"""
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=5).close())
+print(json.dumps(seen))
+"""
+        )
+
+        seen = report(await attack(runtime, workdir, code))
+
+        assert seen["connect"] == "ECONNREFUSED"  # the sandbox's own, empty loopback
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    await assert_unharmed(runtime, workdir, neighbour)
+
+
+async def test_nothing_outside_its_own_dirs_can_be_written(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    name = f"treadle-escape-{uuid.uuid4().hex}"
+    outside = [
+        f"/usr/{name}",
+        f"/usr/bin/{name}",
+        f"/etc/{name}",
+        f"/{name}",
+        f"/dev/{name}",
+        f"/proc/{name}",
+    ]
+    code = (
+        TRY
+        + f"""
+for path in {outside!r}:
+    attempt(path, lambda: write(path))
+attempt("/tmp", lambda: write("/tmp/{name}"))
+attempt("work", lambda: write("{name}"))
+print(json.dumps(seen))
+"""
+    )
+
+    seen = report(await attack(runtime, workdir, code))
+
+    assert {path: seen[path] for path in outside if seen[path] == "ok"} == {}
+    # Its /tmp and work dir are its own: writable, and nothing of them shows on the host.
+    assert seen["/tmp"] == seen["work"] == "ok"
+    assert not on_host([*outside, f"/tmp/{name}"])
+    await assert_unharmed(runtime, workdir, neighbour)
+
+
+async def test_a_fork_bomb_is_contained(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    code = """
+import os, sys, time
+forked = 0
+while True:
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        print(forked, exc.errno, flush=True)
+        sys.exit(1)
+    if pid == 0:
+        while True:  # every child forks on, as long as it can
+            try:
+                os.fork()
+            except OSError:
+                time.sleep(60)
+    forked += 1
+"""
+
+    result = await attack(runtime, workdir, code)
+
+    forked, error = map(int, result.text("stdout").split())
+    assert error == errno.EAGAIN
+    assert forked < PIDS_MAX
+    assert result.status.exit_code == 1
+    if cgroup_limits(runtime):
+        assert result.status.reason == "pids_limit"
+    await assert_unharmed(runtime, workdir, neighbour)
+
+
+async def test_memory_past_the_limit_is_refused(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    code = "hog = b'x' * (512 << 20)\nprint('allocated')"
+
+    result = await attack(runtime, workdir, code, resources=Resources(memory_mib=64))
+
+    assert "allocated" not in result.text("stdout")
+    if cgroup_limits(runtime):
+        assert result.status.reason == "oom_killed"
+        assert result.status.exit_code == -9
+        assert result.status.usage.max_rss_kib is not None
+        assert result.status.usage.max_rss_kib <= 64 * 1024
+    else:  # the address space limit: the allocation fails
+        assert "MemoryError" in result.text("stderr")
+    await assert_unharmed(runtime, workdir, neighbour)
+
+
+async def test_disk_writes_stop_at_the_quota(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    code = """
+import json, os
+seen = {}
+for where in ("/tmp", "/dev/shm", os.getcwd()):
+    written = 0
+    try:
+        with open(os.path.join(where, "fill"), "wb") as f:
+            while True:
+                written += f.write(b"x" * (1 << 20))
+                f.flush()
+    except OSError as exc:
+        seen[where] = [written, exc.errno]
+    os.unlink(os.path.join(where, "fill"))
+    seen[where + "/many"] = 0
+    try:  # small files, in case only file sizes are bounded
+        while True:
+            with open(os.path.join(where, f"f{seen[where + '/many']}"), "wb") as f:
+                f.write(b"x" * (64 << 10))
+            seen[where + "/many"] += 1
+    except OSError as exc:
+        seen[where + "/many"] = [seen[where + "/many"] * (64 << 10), exc.errno]
+print(json.dumps(seen))
+"""
+
+    seen = report(await attack(runtime, workdir, code, resources=Resources(disk_mib=8)))
+
+    assert len(seen) == 6
+    for written, error in seen.values():
+        assert error == errno.ENOSPC
+        assert written <= 8 << 20
+    await assert_unharmed(runtime, workdir, neighbour)

@@ -1,0 +1,140 @@
+"""The namespace tier's bubblewrap options and its view of programs in the sandbox."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from treadle.shuttle.runtimes import bwrap
+
+FDS = bwrap.Fds(seccomp=4, files=[(7, "args.json", 0o600), (8, "main", 0o700)], info=5, block=6)
+
+
+def options(**overrides: object) -> list[str]:
+    fields: dict[str, object] = {
+        "binds": ["--ro-bind", "/usr", "/usr"],
+        "fds": FDS,
+        "env": {"PATH": "/usr/bin", "HOME": "/work"},
+        "disk_bytes": 8 << 20,
+        "network": False,
+    }
+    fields.update(overrides)
+    return bwrap.options(**fields)  # type: ignore[arg-type]
+
+
+def pairs(args: list[str], option: str) -> list[str]:
+    return [args[i + 1] for i, arg in enumerate(args) if arg == option]
+
+
+def test_every_namespace_is_new_and_nothing_is_kept() -> None:
+    args = options()
+
+    assert args[:2] == ["--unshare-all", "--unshare-user"]
+    assert "--share-net" not in args
+    assert pairs(args, "--cap-drop") == ["ALL"]
+    assert {"--die-with-parent", "--new-session", "--clearenv"} <= set(args)
+    assert pairs(args, "--seccomp") == ["4"]
+    assert pairs(args, "--info-fd") == ["5"]
+    assert pairs(args, "--userns-block-fd") == pairs(args, "--block-fd") == ["6"]
+
+
+def test_network_shares_the_hosts_and_brings_its_resolver() -> None:
+    args = options(network=True, etc=Path("/host/etc"))
+
+    assert args[:3] == ["--unshare-all", "--unshare-user", "--share-net"]
+    assert "/host/etc/resolv.conf" in pairs(args, "--ro-bind-try")
+    assert "/etc/resolv.conf" not in options()
+
+
+def test_scratch_space_is_size_limited_tmpfs() -> None:
+    args = options(disk_bytes=123 << 20)
+
+    assert pairs(args, "--tmpfs") == ["/dev/shm", "/tmp", "/work"]
+    assert pairs(args, "--size") == [str(123 << 20)] * 3
+
+
+def test_the_root_and_dev_turn_read_only_after_everything_is_in_place() -> None:
+    args = options()
+
+    assert pairs(args, "--remount-ro") == ["/dev", "/"]
+    remount_root = len(args) - 1 - args[::-1].index("--remount-ro")
+    mounts = {"--ro-bind", "--bind", "--tmpfs", "--file", "--dir", "--symlink", "--proc", "--dev"}
+    assert all(i < remount_root for i, arg in enumerate(args) if arg in mounts)
+
+
+def test_work_dir_files_get_their_modes() -> None:
+    args = options()
+
+    assert pairs(args, "--file") == ["7", "8"]
+    assert args[args.index("/work/args.json") - 4 : args.index("/work/args.json")] == [
+        "--perms",
+        "0600",
+        "--file",
+        "7",
+    ]
+    assert args[args.index("/work/main") - 3] == "0700"
+
+
+def test_the_environment_is_set_inside_only() -> None:
+    args = options(env={"A": "1", "B": "two words"})
+
+    assert [args[i : i + 3] for i, a in enumerate(args) if a == "--setenv"] == [
+        ["--setenv", "A", "1"],
+        ["--setenv", "B", "two words"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"X": "a\0--bind\0/\0/host"}, {"A=B": "1"}, {"": "1"}],
+    ids=["nul", "equals", "empty"],
+)
+def test_values_that_would_smuggle_options_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        options(env=env)
+
+
+def test_host_binds_mirror_the_hosts_top_level_layout(tmp_path: Path) -> None:
+    (tmp_path / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "bin").symlink_to("usr/bin")
+    (tmp_path / "lib64").mkdir()
+
+    args = bwrap.host_binds(tmp_path)
+
+    assert args[:3] == ["--ro-bind", str(tmp_path / "usr"), "/usr"]
+    assert args[3:6] == ["--symlink", "usr/bin", "/bin"]
+    assert ["--ro-bind", str(tmp_path / "lib64"), "/lib64"] == args[6:9]
+    assert "/sbin" not in args
+    assert pairs(args, "--dir") == ["/etc"]
+    assert "/etc/passwd" in args  # the sandbox's own, not the host's
+    assert str(tmp_path / "etc" / "passwd") not in args
+
+
+FILES = {"args.json": 0o600, "main.sh": 0o700, "data": 0o600}
+
+
+def test_programs_are_found_as_execvp_would_in_the_sandbox() -> None:
+    assert bwrap.resolve_in_sandbox("./main.sh", "", FILES) == "/work/main.sh"
+    assert bwrap.resolve_in_sandbox("main.sh", "/nowhere:.", FILES) == "/work/main.sh"
+    sh = bwrap.resolve_in_sandbox("sh", "/usr/local/bin:/usr/bin:/bin", FILES)
+    assert sh in ("/usr/bin/sh", "/bin/sh")
+    assert os.access(sh, os.X_OK)
+
+
+def test_a_missing_program_is_not_found() -> None:
+    with pytest.raises(FileNotFoundError, match="command not found"):
+        bwrap.resolve_in_sandbox("treadle-no-such-program", "/usr/bin:/bin", FILES)
+    with pytest.raises(FileNotFoundError):
+        bwrap.resolve_in_sandbox("./absent", "/usr/bin", FILES)
+    # The host's /tmp and home are not in the sandbox, whatever they hold.
+    with pytest.raises(FileNotFoundError):
+        bwrap.resolve_in_sandbox("/tmp/x", "", FILES)
+
+
+def test_a_file_without_execute_permission_cannot_be_run() -> None:
+    with pytest.raises(PermissionError):
+        bwrap.resolve_in_sandbox("./data", "", FILES)
+    with pytest.raises(PermissionError):
+        bwrap.resolve_in_sandbox("data", ".", FILES)
