@@ -109,7 +109,7 @@ def test_environment_layers_image_function_and_conventions(tmp_path: Path) -> No
     assert env["LANG"] == "de"
     assert env["GREETING"] == "hi"
     assert env["HOME"] == "/work"  # the sandbox's, whatever the function says
-    assert env["TMPDIR"] == "/tmp"
+    assert env["TMPDIR"] == "/work"
     assert env["TREADLE_ARGS_FILE"] == "/work/args.json"
     assert env["TREADLE_RESULT_FD"] == "3"
 

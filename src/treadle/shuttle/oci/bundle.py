@@ -458,7 +458,8 @@ def _environment(image_env: Iterable[str], env: Mapping[str, str]) -> list[str]:
     # Last, so that neither the image nor the function can point them elsewhere.
     merged.update(
         HOME=WORK_DIR,
-        TMPDIR="/tmp",
+        # As in every tier: temporary files go to the work dir, with the attempt's files.
+        TMPDIR=WORK_DIR,
         TREADLE_ARGS_FILE=f"{WORK_DIR}/{ARGS_FILE}",
         TREADLE_RESULT_FD=str(RESULT_FD),
     )

@@ -8,12 +8,14 @@ from treadle.domain.resources import Tier
 from treadle.shuttle.runtimes._spawn import unsupported_reason
 from treadle.shuttle.runtimes.base import ExitStatus, Runtime, RuntimeHandle, SpawnFailed, Stream
 from treadle.shuttle.runtimes.namespace import NamespaceRuntime, Unavailable
+from treadle.shuttle.runtimes.oci import OciRuntime, oci_runtimes
 from treadle.shuttle.runtimes.process import ProcessRuntime
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = [
     "ExitStatus",
     "NamespaceRuntime",
+    "OciRuntime",
     "ProcessRuntime",
     "Runtime",
     "RuntimeHandle",
@@ -37,6 +39,10 @@ def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:
     namespace = _namespace_runtime(settings)
     if namespace is not None:
         runtimes[Tier.NAMESPACE] = namespace
+    try:
+        runtimes.update(oci_runtimes(settings))
+    except (Unavailable, OSError) as exc:
+        log.warning("oci and gvisor runtimes unavailable: %s", exc)
     return runtimes
 
 

@@ -73,13 +73,16 @@ _SWEEP_DELAY_S = 0.1
 @dataclass(frozen=True, slots=True)
 class Launch:
     """What to spawn for one attempt. `fds` maps child fds above RESULT_FD to parent fds;
-    those stay open in the parent, the attempt's to close."""
+    those stay open in the parent, the attempt's to close. `result`: the result channel's
+    (read end, end to give the child as RESULT_FD), where the launcher has its own (a FIFO
+    that a sandbox opens by name); the handle takes both over. By default it is a pipe."""
 
     program: str
     argv: Sequence[str]
     env: Mapping[str, str]
     cwd: Path
     fds: Mapping[int, int] = field(default_factory=dict)
+    result: tuple[int, int] | None = None
 
 
 class Attempt(Protocol):
@@ -247,11 +250,18 @@ class ProcessHandle:
         parent: list[int] = []  # our ends, closed here if anything fails
         child: list[int] = []  # the child's ends, closed here once it has them
         try:
+            if launch.result is not None:
+                res_r, res_w = launch.result
+                parent.append(res_r)
+                child.append(res_w)
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
-            res_r, res_w = os.pipe()
-            parent += (out_r, err_r, res_r)
-            child += (out_w, err_w, res_w)
+            if launch.result is None:
+                res_r, res_w = os.pipe()
+                parent.append(res_r)
+                child.append(res_w)
+            parent += (out_r, err_r)
+            child += (out_w, err_w)
             stdin_data = stdin.encode() if stdin else b""
             stdin_w: int | None = None
             if stdin_data:

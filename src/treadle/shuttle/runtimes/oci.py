@@ -1,0 +1,405 @@
+"""The `oci` tier (crun, else runc) and the `gvisor` tier (runsc): each attempt runs as a
+container of an OCI runtime, on the process tier's machinery (`OciLauncher`).
+
+The container's root is the host's programs, read-only (`ImageStore.resolve(None)`): an
+AssignSpec names no image yet. Its work dir is the attempt's, mounted at /work; see
+`treadle.shuttle.oci.bundle` for everything else the sandbox is.
+
+The runtime process runs the container in its foreground and passes on the result pipe as
+the container's fd 3. It is never the only thing to kill: the container's processes are in
+a session of their own, so killing an attempt also asks the runtime to kill the container,
+and once the runtime process is gone the container is deleted, which kills whatever is left.
+The OOM count is read before `delete` (runc keeps the cgroup until then; the kernel log
+tells for crun and runsc, which remove it at exit).
+
+State (the tools' `--root`, bundles, the cached host rootfs) lives in a directory per Shuttle
+process under the temporary directory, not under Shuttle's home: runtimes are made before
+Shuttle has settled on its home, and a trial run must not create one. Cgroups go under
+`treadle/<owner>.<pid>`, so that sweeping up after a dead Shuttle leaves live ones alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from treadle.domain.resources import Tier
+from treadle.protocol.messages import AssignSpec, Usage
+from treadle.shuttle.oci.bundle import (
+    CGROUP_PARENT,
+    Bundle,
+    BundleError,
+    Identity,
+    Limits,
+    assign_environment,
+    new_container_id,
+    prepare_bundle,
+)
+from treadle.shuttle.oci.images import ImageStore
+from treadle.shuttle.oci.rootfs import Rootfs
+from treadle.shuttle.oci.tools import (
+    OciTool,
+    OomLog,
+    ProbeResult,
+    ToolKind,
+    cgroup_dirs,
+    find_tools,
+    oom_kills,
+    probe,
+    remove_cgroups,
+    runtime_error,
+    sweep,
+)
+from treadle.shuttle.runtimes import bwrap
+from treadle.shuttle.runtimes._spawn import unsupported_reason
+from treadle.shuttle.runtimes.base import ExitStatus
+from treadle.shuttle.runtimes.namespace import Unavailable, cgroup_owner
+from treadle.shuttle.runtimes.process import (
+    Attempt,
+    Launch,
+    ProcessRuntime,
+    signal_name,
+    workdir_files,
+)
+from treadle.shuttle.settings import ShuttleSettings
+
+__all__ = ["OciLauncher", "OciRuntime", "oci_runtimes"]
+
+log = logging.getLogger(__name__)
+
+_TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_RUNTIME_LOG = "runtime.log"
+_SIGNALS = {int(s) for s in signal.Signals}
+# A trial run proves the host can run a tool; that holds for the life of the process, and
+# every runtime made (one per home) would otherwise pay for it again.
+_PROBES: dict[tuple[str, str, str | None, bool], ProbeResult] = {}
+_PROBES_LOCK = threading.Lock()
+
+
+def _search_path() -> str:
+    # Shuttle's own PATH, as for bubblewrap: the operator decides which tools it may use.
+    return os.environ.get("PATH") or os.defpath
+
+
+def _state_base() -> Path:
+    return Path(tempfile.gettempdir()) / "treadle-oci"
+
+
+class OciLauncher:
+    """Spawns an OCI runtime's `run` for each attempt (see the module's docstring)."""
+
+    def __init__(
+        self,
+        tool: OciTool,
+        *,
+        rootfs: Rootfs,
+        identity: Identity,
+        bundles_dir: Path,
+        cgroup_parent: str,
+        pids_max: int,
+        oom_log: OomLog,
+        work_root: Path | None = None,
+    ) -> None:
+        self.tool = tool
+        self._work_root = work_root
+        self._rootfs = rootfs
+        self._identity = identity
+        self.bundles_dir = bundles_dir
+        self.cgroup_parent = cgroup_parent
+        self._pids_max = pids_max
+        self._oom_log = oom_log
+
+    @property
+    def tier(self) -> Tier:
+        return self.tool.tier
+
+    def prepare(self, spec: AssignSpec, workdir: Path) -> Attempt:
+        container_id = new_container_id(spec.id, spec.attempt)
+        if self._work_root is not None:
+            # runsc's gofer opens the work dir as the sandbox's unprivileged user, who may
+            # not pass through the directories above Shuttle's own.
+            workdir = self._work_root / container_id
+        try:
+            if workdir.exists():  # left over by a crash, or a retried assignment
+                shutil.rmtree(workdir)
+            files = workdir_files(spec)
+            env = assign_environment(spec)
+            bwrap.resolve_in_sandbox(
+                spec.argv[0],
+                env.get("PATH", _TOOL_PATH),
+                {name: mode for name, _, mode in files},
+            )
+            workdir.mkdir(mode=0o700, parents=True)
+            for name, data, mode in files:
+                _write(workdir / name, data, mode)
+            try:
+                bundle = prepare_bundle(
+                    self.bundles_dir,
+                    container_id=container_id,
+                    argv=spec.argv,
+                    env=env,
+                    rootfs=self._rootfs,
+                    workdir=workdir,
+                    limits=Limits.from_resources(
+                        spec.resources, pids=self._pids_max, nproc=self._pids_max
+                    ),
+                    identity=self._identity,
+                    traits=self.tool.traits,
+                    cgroup_parent=self.cgroup_parent,
+                )
+            except BundleError as exc:
+                raise ValueError(str(exc)) from exc
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        argv = self.tool.run_argv(bundle, log=bundle.path / _RUNTIME_LOG)
+        try:
+            result = bundle.open_result() if bundle.result_fifo is not None else None
+        except BaseException:
+            bundle.remove()
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        launch = Launch(
+            program=argv[0], argv=argv, env={"PATH": _TOOL_PATH}, cwd=Path("/"), result=result
+        )
+        return _OciAttempt(launch, self.tool, bundle, workdir, self._oom_log)
+
+
+class _OciAttempt:
+    """One container: killed through its runtime, deleted with its cgroup and bundle once
+    the runtime process has exited."""
+
+    def __init__(
+        self, launch: Launch, tool: OciTool, bundle: Bundle, workdir: Path, oom_log: OomLog
+    ) -> None:
+        self.launch = launch
+        self._tool = tool
+        self._bundle = bundle
+        self._workdir = workdir
+        self._oom_log = oom_log
+        self._oom_kills = 0
+        self._pids_denied = False
+        self._runtime_error: str | None = None
+
+    async def spawned(self, pid: int) -> None:
+        pass
+
+    def kill(self) -> None:
+        # Off the caller's thread: the runtime's `kill` is a process of its own to wait for.
+        threading.Thread(
+            target=self._tool.kill,
+            args=(self._bundle.container_id,),
+            name="treadle-oci-kill",
+            daemon=True,
+        ).start()
+
+    def exited(self, settled: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+
+        def done(_: object) -> None:
+            settled()
+
+        task = loop.run_in_executor(None, self._release)
+        task.add_done_callback(done)
+
+    def _release(self) -> None:
+        """Read how the container ended, then delete it and all it held."""
+        path = self._bundle.cgroups_path
+        kills = oom_kills(path) or 0
+        self._oom_kills = max(kills, self._oom_log.take(path))
+        self._pids_denied = _pids_denied(path)
+        self._runtime_error = runtime_error(self._tool, self._bundle.path / _RUNTIME_LOG)
+        self._tool.delete(self._bundle.container_id)
+        errors = remove_cgroups(path)
+        if errors:
+            log.warning("cannot remove the cgroup of %s: %s", self._bundle.container_id, errors)
+        self._bundle.remove()
+
+    def finish(self, status: ExitStatus) -> ExitStatus:
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._runtime_error is not None and status.reason is None and status.exit_code:
+            # The container never ran the program: the runtime said why (also on stderr).
+            return ExitStatus(None, "spawn_failed", status.result, status.usage)
+        return _classify(status, self._oom_kills, self._pids_denied)
+
+    def abandon(self) -> None:
+        self._bundle.remove()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def _pids_denied(cgroups_path: str) -> bool:
+    """Whether pids.max refused a fork in the container's cgroup (where it still exists)."""
+    for group in cgroup_dirs(cgroups_path):
+        with contextlib.suppress(OSError, ValueError):
+            for line in (group / "pids.events").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max" and int(value) > 0:
+                    return True
+    return False
+
+
+def _classify(status: ExitStatus, oom_kills: int, pids_denied: bool) -> ExitStatus:
+    code, reason = status.exit_code, status.reason
+    if reason is None and code is not None and code > 0:
+        if oom_kills:
+            reason = "oom_killed"
+        elif pids_denied:
+            reason = "pids_limit"
+        # The runtimes report a signal as 128 + its number, as shells do.
+        if code > 128 and code - 128 in _SIGNALS:
+            code = 128 - code
+            reason = reason or f"killed:{signal_name(-code)}"
+    return ExitStatus(
+        exit_code=code,
+        reason=reason,
+        result=status.result,
+        usage=Usage(wall_ms=status.usage.wall_ms, cpu_ms=status.usage.cpu_ms),
+    )
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+class OciRuntime(ProcessRuntime):
+    """The `oci` or `gvisor` tier, running containers with `tool` (which a trial run has
+    shown to work: see `oci_runtimes`)."""
+
+    def __init__(
+        self,
+        tool: OciTool,
+        *,
+        rootfs: Rootfs,
+        identity: Identity,
+        state_dir: Path,
+        cgroup_parent: str,
+        pids_max: int,
+        oom_log: OomLog,
+        drain_timeout_s: float = 1.0,
+    ) -> None:
+        needs_reach = tool.traits.result_fifo and identity.userns is not None
+        self._oci = OciLauncher(
+            tool,
+            rootfs=rootfs,
+            identity=identity,
+            bundles_dir=state_dir / "bundles",
+            cgroup_parent=cgroup_parent,
+            pids_max=pids_max,
+            oom_log=oom_log,
+            work_root=state_dir / "work" if needs_reach else None,
+        )
+        super().__init__(self._oci, drain_timeout_s=drain_timeout_s)
+
+    @property
+    def tool(self) -> OciTool:
+        return self._oci.tool
+
+    @property
+    def limits(self) -> str:
+        """How resource limits are enforced, as `NamespaceRuntime.limits` says it."""
+        return f"cgroup ({self._oci.tool.name})"
+
+
+def oci_runtimes(settings: ShuttleSettings) -> dict[Tier, OciRuntime]:
+    """The `oci` and `gvisor` tiers, those of them whose tool passes a trial run here. Sweeps
+    what containers of dead Shuttles left behind first."""
+    reason = unsupported_reason()
+    if reason is not None:
+        raise Unavailable(reason)
+    owner = cgroup_owner(settings.home)
+    base = _state_base()
+    owned = base / "shuttles"
+    me = f"{owner}.{os.getpid()}"
+    _sweep_dead(owned)
+    state_dir = owned / me
+    state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    # The sandbox's user reaches its work dir and a result FIFO through these.
+    for directory in (base, owned, state_dir):
+        directory.chmod(0o711)
+    rootfs = ImageStore(base / "images").resolve(None)
+    cgroup_parent = f"{CGROUP_PARENT}/{me}"
+    oom_log = OomLog(cgroup_parent)
+    runtimes: dict[Tier, OciRuntime] = {}
+    for tool in find_tools(state_dir, search_path=_search_path()):
+        if tool.tier in runtimes:
+            continue
+        result = _probe(tool, rootfs, base)
+        if not result.ok:
+            log.warning("%s tier: %s does not work here: %s", tool.tier, tool.name, result.detail)
+            continue
+        runtimes[tool.tier] = OciRuntime(
+            tool,
+            rootfs=rootfs,
+            identity=Identity() if result.userns else Identity(userns=None),
+            state_dir=state_dir,
+            cgroup_parent=cgroup_parent,
+            pids_max=settings.pids_max,
+            oom_log=oom_log,
+        )
+        log.info("%s tier available through %s", tool.tier, tool.name)
+    return runtimes
+
+
+def _probe(tool: OciTool, rootfs: Rootfs, base: Path) -> ProbeResult:
+    key = (str(tool.kind), tool.path, tool.platform, tool.passes_fds)
+    with _PROBES_LOCK:
+        cached = _PROBES.get(key)
+        if cached is not None:
+            return cached
+        work = base / "probe"
+        work.mkdir(mode=0o711, parents=True, exist_ok=True)
+        result = probe(tool, rootfs, work)
+        _PROBES[key] = result
+        return result
+
+
+def _sweep_dead(owned: Path) -> None:
+    """Remove what the containers of gone Shuttles left behind, whatever their home: a dead
+    process's containers are nobody's."""
+    if not owned.is_dir():
+        return
+    for entry in owned.iterdir():
+        _, _, pid = entry.name.partition(".")
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        # Finding the tools runs them; where none kept state, there is nothing to ask.
+        kept = any((entry / kind.value).is_dir() for kind in ToolKind)
+        report = sweep(
+            find_tools(entry, search_path=_search_path()) if kept else [],
+            bundles_dir=entry / "bundles",
+            cgroup_parent=f"{CGROUP_PARENT}/{entry.name}",
+        )
+        if report.containers or report.cgroups:
+            log.warning(
+                "removed containers %s and cgroups %s left by a previous Shuttle",
+                report.containers,
+                report.cgroups,
+            )
+        for error in report.errors:
+            log.warning("sweeping up after a previous Shuttle: %s", error)
+        for parent in cgroup_dirs(f"{CGROUP_PARENT}/{entry.name}"):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
