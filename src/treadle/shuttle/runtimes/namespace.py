@@ -64,7 +64,7 @@ from treadle.shuttle.runtimes.process import (
     Launch,
     ProcessRuntime,
     environment,
-    signal_name,
+    sandbox_exit,
     workdir_files,
 )
 from treadle.shuttle.settings import ShuttleSettings
@@ -80,7 +80,6 @@ _PROBE_TIMEOUT_S = 10.0
 _FIRST_FD = RESULT_FD + 1
 # rmdir of a group can fail with EBUSY for a moment after its last task is gone.
 _REMOVE_RETRY_S = (0.001, 0.01, 0.1, 1.0)
-_SIGNALS = {int(s) for s in signal.Signals}
 
 
 class Unavailable(Exception):
@@ -318,15 +317,11 @@ class _NamespaceAttempt:
 
 
 def _classify(status: ExitStatus, usage: GroupUsage | None) -> ExitStatus:
-    code, reason = status.exit_code, status.reason
-    if reason is None and code is not None and code > 0:
-        if usage is not None and usage.oom_kills:
-            reason = "oom_killed"
-        elif usage is not None and usage.pids_denied:
-            reason = "pids_limit"
-        if code > 128 and code - 128 in _SIGNALS:
-            code = 128 - code
-            reason = reason or f"killed:{signal_name(-code)}"
+    code, reason = sandbox_exit(
+        status,
+        oom_killed=usage is not None and bool(usage.oom_kills),
+        pids_denied=usage is not None and bool(usage.pids_denied),
+    )
     return ExitStatus(
         exit_code=code,
         reason=reason,

@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import threading
 from collections.abc import Callable
@@ -66,7 +65,7 @@ from treadle.shuttle.runtimes.process import (
     Attempt,
     Launch,
     ProcessRuntime,
-    signal_name,
+    sandbox_exit,
     workdir_files,
 )
 from treadle.shuttle.settings import ShuttleSettings
@@ -77,7 +76,6 @@ log = logging.getLogger(__name__)
 
 _TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _RUNTIME_LOG = "runtime.log"
-_SIGNALS = {int(s) for s in signal.Signals}
 # A trial run proves the host can run a tool; that holds for the life of the process, and
 # every runtime made (one per home) would otherwise pay for it again.
 _PROBES: dict[tuple[str, str, str | None, bool], ProbeResult] = {}
@@ -247,16 +245,7 @@ def _pids_denied(cgroups_path: str) -> bool:
 
 
 def _classify(status: ExitStatus, oom_kills: int, pids_denied: bool) -> ExitStatus:
-    code, reason = status.exit_code, status.reason
-    if reason is None and code is not None and code > 0:
-        if oom_kills:
-            reason = "oom_killed"
-        elif pids_denied:
-            reason = "pids_limit"
-        # The runtimes report a signal as 128 + its number, as shells do.
-        if code > 128 and code - 128 in _SIGNALS:
-            code = 128 - code
-            reason = reason or f"killed:{signal_name(-code)}"
+    code, reason = sandbox_exit(status, oom_killed=bool(oom_kills), pids_denied=pids_denied)
     return ExitStatus(
         exit_code=code,
         reason=reason,

@@ -47,6 +47,7 @@ __all__ = [
     "ProcessRuntime",
     "describe",
     "environment",
+    "sandbox_exit",
     "signal_name",
     "workdir_files",
 ]
@@ -606,6 +607,27 @@ def environment(spec: AssignSpec, home: str) -> dict[str, str]:
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+_SIGNALS = {int(s) for s in signal.Signals}
+
+
+def sandbox_exit(
+    status: ExitStatus, *, oom_killed: bool, pids_denied: bool
+) -> tuple[int | None, str | None]:
+    """(exit code, reason) of a program run through a sandbox tool (bubblewrap, an OCI
+    runtime): a failure the limits explain gets their reason, and the tool's report of death
+    by a signal (128 + its number, as shells do) becomes -signal, as for the process tier."""
+    code, reason = status.exit_code, status.reason
+    if reason is None and code is not None and code > 0:
+        if oom_killed:
+            reason = "oom_killed"
+        elif pids_denied:
+            reason = "pids_limit"
+        if code > 128 and code - 128 in _SIGNALS:
+            code = 128 - code
+            reason = reason or f"killed:{signal_name(-code)}"
+    return code, reason
 
 
 def signal_name(number: int) -> str:
