@@ -12,7 +12,12 @@ without treadle, spawned with posix_spawn and reaped with waitpid:
   * `raw_bwrap`: bubblewrap with the namespace tier's options (namespaces, mounts, tmpfs
     sizes, seccomp, environment) but no cgroup and no start handshake;
   * `raw_bwrap_minimal`: `bwrap --unshare-all --ro-bind /usr /usr ... /bin/echo 13`, the
-    bare figure DESIGN §9 quotes.
+    bare figure DESIGN §9 quotes;
+  * `raw_<tool>` for crun, runc and runsc: the tool's own `run` of a bundle the tier
+    generated once (same config: namespaces, mounts, seccomp, limits), in the foreground,
+    without treadle's per-attempt bundle, work dir tmpfs, kill wiring and cleanup.
+
+The oci tier is measured once per program behind it (`oci-crun`, `oci-runc`).
 
 Prints p50/p99/mean in ms as JSON.
 """
@@ -35,7 +40,13 @@ from typing import Any
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec
 from treadle.shuttle import seccomp
-from treadle.shuttle.runtimes import NamespaceRuntime, Runtime, available_runtimes, bwrap
+from treadle.shuttle.runtimes import (
+    NamespaceRuntime,
+    OciRuntime,
+    Runtime,
+    available_runtimes,
+    bwrap,
+)
 from treadle.shuttle.runtimes._spawn import spawn
 from treadle.shuttle.runtimes.process import environment, workdir_files
 from treadle.shuttle.settings import ShuttleSettings
@@ -57,20 +68,24 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def echo_spec(tier: Tier, i: int = 0) -> AssignSpec:
+    return AssignSpec(
+        id=f"bench_{i}",
+        attempt=1,
+        tenant_id="tn_bench",
+        function="echo",
+        version=1,
+        argv=ECHO,
+        timeout_s=30,
+        resources=Resources(),
+        isolation=tier,
+    )
+
+
 async def through_runtime(runtime: Runtime, tier: Tier, work: Path, n: int) -> list[float]:
     times = []
     for i in range(n):
-        spec = AssignSpec(
-            id=f"bench_{i}",
-            attempt=1,
-            tenant_id="tn_bench",
-            function="echo",
-            version=1,
-            argv=ECHO,
-            timeout_s=30,
-            resources=Resources(),
-            isolation=tier,
-        )
+        spec = echo_spec(tier, i)
         start = time.perf_counter()
         handle = await runtime.start(spec, work / f"bench_{i}-1")
         output = b"".join([data async for _, data in handle.output()])
@@ -89,7 +104,8 @@ def spawned(make: Callable[[], tuple[list[str], dict[int, int], list[int]]], n: 
         argv, extra, close = make()
         out_r, out_w = os.pipe()
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        pid = spawn(argv[0], argv, {}, Path("/"), {0: null, 1: out_w, 2: out_w, **extra})
+        fds = {0: null, 1: out_w, 2: out_w, 3: null, **extra}
+        pid = spawn(argv[0], argv, {}, Path("/"), fds)
         for fd in (out_w, null, *close):
             os.close(fd)
         output = b""
@@ -104,17 +120,7 @@ def spawned(make: Callable[[], tuple[list[str], dict[int, int], list[int]]], n: 
 
 
 def raw_bwrap(bwrap_path: str) -> Callable[[], tuple[list[str], dict[int, int], list[int]]]:
-    spec = AssignSpec(
-        id="bench",
-        attempt=1,
-        tenant_id="tn_bench",
-        function="echo",
-        version=1,
-        argv=ECHO,
-        timeout_s=30,
-        resources=Resources(),
-        isolation=Tier.NAMESPACE,
-    )
+    spec = echo_spec(Tier.NAMESPACE)
     arch = seccomp.arch_for_machine()
     assert arch is not None
     program = seccomp.deny_filter(arch)
@@ -149,6 +155,18 @@ def raw_bwrap(bwrap_path: str) -> Callable[[], tuple[list[str], dict[int, int], 
     return make
 
 
+def raw_oci(runtime: OciRuntime, work: Path) -> tuple[list[str], Callable[[], None]] | None:
+    """The argv that runs one bundle the tier prepared with the tool alone, and what removes
+    the bundle afterwards; None where the program's result needs a FIFO reader."""
+    attempt = runtime._oci.prepare(echo_spec(runtime.tier), work)
+    if attempt.launch.result is not None:
+        attempt.abandon()
+        return None
+    # Without --keep, every tool deletes the container (and its cgroup) as it exits.
+    argv = [arg for arg in attempt.launch.argv if arg != "--keep"]
+    return argv, attempt.abandon
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=300, help="runs per figure")
@@ -160,14 +178,38 @@ def main() -> None:
         settings = ShuttleSettings(
             weaver_url="http://127.0.0.1:9", home=Path(scratch), allow_process_runtime=True
         )
-        runtimes = available_runtimes(settings)
-        for tier in sorted(runtimes, key=lambda t: t.strength):
-            runtime = runtimes[tier]
+        runtimes: dict[str, Runtime] = {
+            str(tier): runtime for tier, runtime in available_runtimes(settings).items()
+        }
+        if "oci" in runtimes:
+            for tool in ("crun", "runc"):
+                found = available_runtimes(settings.model_copy(update={"oci_tool": tool}))
+                if Tier.OCI in found:
+                    runtimes[f"oci-{tool}"] = found[Tier.OCI]
+            del runtimes["oci"]
+        for name, runtime in sorted(runtimes.items(), key=lambda i: (i[1].tier.strength, i[0])):
+            tier = runtime.tier
             asyncio.run(through_runtime(runtime, tier, Path(scratch), options.warmup))
             times = asyncio.run(through_runtime(runtime, tier, Path(scratch), options.n))
-            result[f"{tier}_runtime"] = summary(times)
-            if isinstance(runtime, NamespaceRuntime):
-                result[f"{tier}_runtime"]["limits"] = runtime.limits
+            result[f"{name}_runtime"] = summary(times)
+            if isinstance(runtime, (NamespaceRuntime, OciRuntime)):
+                result[f"{name}_runtime"]["limits"] = runtime.limits
+            if isinstance(runtime, OciRuntime):
+                raw = raw_oci(runtime, Path(scratch) / "raw")
+                if raw is None:
+                    continue
+                argv, remove = raw
+                try:
+                    spawned(lambda: (argv, {}, []), options.warmup)  # noqa: B023
+                    times = spawned(lambda: (argv, {}, []), options.n)  # noqa: B023
+                finally:
+                    remove()
+                result[f"raw_{runtime.tool.name}"] = summary(times)
+                result[f"{name}_over_raw_p50"] = round(
+                    result[f"{name}_runtime"]["p50_ms"]
+                    / result[f"raw_{runtime.tool.name}"]["p50_ms"],
+                    2,
+                )
 
     echo = lambda: (ECHO, {}, [])  # noqa: E731
     spawned(echo, options.warmup)

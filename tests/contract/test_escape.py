@@ -22,31 +22,33 @@ from typing import Any
 
 import pytest
 
-from support.runtimes import GATED, PY, Gate, Run, pids_with, run, shuttle_settings, spec
-from treadle.domain.resources import Resources, Tier
+from support.runtimes import (
+    GATED,
+    PY,
+    Gate,
+    Run,
+    container_workdir,
+    make_runtime,
+    pids_with,
+    run,
+    runtime_params,
+    spec,
+)
+from treadle.domain.resources import Resources
 from treadle.shuttle.oci.tools import ToolKind
 from treadle.shuttle.runtimes import (
     NamespaceRuntime,
     OciRuntime,
     Runtime,
     RuntimeHandle,
-    available_runtimes,
 )
 
-TIERS = sorted(
-    (
-        tier
-        for tier in available_runtimes(shuttle_settings(Path("/nonexistent")))
-        if tier is not Tier.PROCESS
-    ),
-    key=lambda t: t.strength,
-)
 PIDS_MAX = 64
 
 
-@pytest.fixture(params=TIERS, ids=str)
+@pytest.fixture(params=runtime_params(process=False))
 def runtime(request: pytest.FixtureRequest, home: Path) -> Runtime:
-    return available_runtimes(shuttle_settings(home, pids_max=PIDS_MAX))[request.param]
+    return make_runtime(request.param, home, pids_max=PIDS_MAX)
 
 
 @pytest.fixture
@@ -106,7 +108,7 @@ wait()
 print("done", flush=True)
 """
     )
-    gate = Gate()
+    gate = Gate(container_workdir(runtime))
     workdir = home / "work" / "ex_2-1"
     s = spec([PY, "-c", code, gate.tag], id="ex_2", args={"secret": "neighbour-secret"})
     handle = await runtime.start(s, workdir)
@@ -407,8 +409,6 @@ for where in ("/tmp", "/dev/shm", os.getcwd()):
 print(json.dumps(seen))
 """
 
-    if isinstance(runtime, OciRuntime):
-        pytest.skip("the oci tiers put no quota on the work dir, a host directory, yet")
     seen = report(await attack(runtime, workdir, code, resources=Resources(disk_mib=8)))
 
     assert len(seen) == 6

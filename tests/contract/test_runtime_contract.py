@@ -25,9 +25,11 @@ from support.runtimes import (
     GATED,
     PY,
     Gate,
+    container_workdir,
+    make_runtime,
     pids_with,
     run,
-    shuttle_settings,
+    runtime_params,
     spec,
     started,
     tag,
@@ -36,14 +38,12 @@ from support.runtimes import (
 from treadle.domain.resources import Tier
 from treadle.shuttle.output import OutputDecoder
 from treadle.shuttle.reaper import reap_orphans
-from treadle.shuttle.runtimes import Runtime, available_runtimes
-
-TIERS = sorted(available_runtimes(shuttle_settings(Path("/nonexistent"))), key=lambda t: t.strength)
+from treadle.shuttle.runtimes import Runtime
 
 
-@pytest.fixture(params=TIERS, ids=str)
+@pytest.fixture(params=runtime_params())
 def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> Runtime:
-    return available_runtimes(shuttle_settings(tmp_path / "home"))[request.param]
+    return make_runtime(request.param, tmp_path / "home")
 
 
 @pytest.fixture
@@ -52,8 +52,8 @@ def workdir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def gate() -> Iterator[Gate]:
-    g = Gate()
+def gate(runtime: Runtime) -> Iterator[Gate]:
+    g = Gate(container_workdir(runtime))
     try:
         yield g
     finally:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import select
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,14 @@ import pytest
 
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec
-from treadle.shuttle.runtimes import ExitStatus, Runtime, RuntimeHandle, Stream
+from treadle.shuttle.runtimes import (
+    ExitStatus,
+    OciRuntime,
+    Runtime,
+    RuntimeHandle,
+    Stream,
+    available_runtimes,
+)
 from treadle.shuttle.settings import ShuttleSettings
 
 PY = "/usr/bin/python3"  # not the PATH `python3`, which may be a slow pyenv shim
@@ -53,6 +61,29 @@ def spec(argv: list[str], **overrides: Any) -> AssignSpec:
     }
     fields.update(overrides)
     return AssignSpec(**fields)
+
+
+def runtime_params(*, process: bool = True) -> list[Any]:
+    """pytest params `(tier, settings overrides)` for every runtime this host offers: the
+    oci tier once per program behind it (crun and runc), the others once."""
+    found = available_runtimes(shuttle_settings(Path("/nonexistent")))
+    params: list[Any] = []
+    for tier in sorted(found, key=lambda t: t.strength):
+        if tier is Tier.PROCESS and not process:
+            continue
+        if tier is not Tier.OCI:
+            params.append(pytest.param((tier, {}), id=str(tier)))
+            continue
+        for tool in ("crun", "runc"):
+            overrides = {"oci_tool": tool}
+            if Tier.OCI in available_runtimes(shuttle_settings(Path("/nonexistent"), **overrides)):
+                params.append(pytest.param((tier, overrides), id=f"oci-{tool}"))
+    return params
+
+
+def make_runtime(param: tuple[Tier, dict[str, Any]], home: Path, **overrides: Any) -> Runtime:
+    tier, extra = param
+    return available_runtimes(shuttle_settings(home, **extra, **overrides))[tier]
 
 
 def tag() -> str:
@@ -90,46 +121,77 @@ async def wait_ended(pid: int) -> bool:
         os.close(pidfd)
 
 
-# The program side of a gate: `wait()` returns once per `Gate.release()`. The program makes
-# the FIFO in its work dir before its first output, and holds it open for writing itself so
-# that reading blocks until the test writes rather than ending at once.
+# The program side of a gate: the n-th `wait()` returns once the file `gate.n` exists in its
+# work dir, which `Gate.release()` creates. Files rather than a FIFO: in gVisor a FIFO lives in
+# the sandbox's kernel, while files reach the host's work dir.
 GATED = """
-import json, os, sys
-os.mkfifo("gate")
-gate = os.open("gate", os.O_RDWR)
+import json, os, sys, time
+_gates = 0
 def wait():
-    os.read(gate, 1)
+    global _gates
+    _gates += 1
+    while not os.path.exists(f"gate.{_gates}"):
+        time.sleep(0.005)
 """
 
 
 class Gate:
-    """Steps a GATED program run with `[..., gate.tag]` in its argv."""
+    """Steps a GATED program run with `[..., gate.tag]` in its argv. `locate` finds, by an
+    argument of its program, the host work dir of a program whose processes are not host
+    processes (gVisor's); see `container_workdir`."""
 
-    def __init__(self) -> None:
+    def __init__(self, locate: Callable[[str], Path | None] | None = None) -> None:
         self.tag = tag()
-        self._fd: int | None = None
+        self._locate = locate
+        self._dir: int | None = None
+        self._released = 0
 
     def release(self) -> None:
-        if self._fd is None:
-            self._fd = self._open()
-        os.write(self._fd, b"x")
+        if self._dir is None:
+            self._dir = self._open()
+        self._released += 1
+        # Through a descriptor of the directory: it holds even once the program has gone.
+        os.close(
+            os.open(f"gate.{self._released}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=self._dir)
+        )
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._dir is not None:
+            os.close(self._dir)
+            self._dir = None
 
     def _open(self) -> int:
         for pid in pids_with(self.tag):
             # Other processes carry the tag too (a sandbox tool's own); only the program's
-            # work dir has the gate.
+            # work dir holds its arguments file.
             with contextlib.suppress(OSError):
-                # Read-write: a release after the program has gone must not fail (EPIPE).
-                return os.open(f"/proc/{pid}/cwd/gate", os.O_RDWR | os.O_NONBLOCK)
-        if not pids_with(self.tag):
+                fd = os.open(f"/proc/{pid}/cwd", os.O_RDONLY | os.O_DIRECTORY)
+                if os.path.exists(f"/proc/self/fd/{fd}/args.json"):
+                    return fd
+                os.close(fd)
+        found = self._locate(self.tag) if self._locate is not None else None
+        if found is not None:
+            return os.open(found, os.O_RDONLY | os.O_DIRECTORY)
+        if not pids_with(self.tag) and self._locate is None:
             # gVisor: the program's processes live in the sandbox's kernel, not the host's.
             pytest.skip("the program's processes are not host processes: no gate to reach")
         raise AssertionError("the program's gate is nowhere to be found")
+
+
+def container_workdir(runtime: Runtime) -> Callable[[str], Path | None] | None:
+    """For an OCI runtime: finds the work dir of the container whose program has an argument,
+    through the bundles' configs."""
+    if not isinstance(runtime, OciRuntime):
+        return None
+
+    def locate(argument: str) -> Path | None:
+        for config in runtime.bundles_dir.glob("*/config.json"):
+            with contextlib.suppress(OSError, ValueError):
+                if argument in json.loads(config.read_text())["process"]["args"]:
+                    return runtime.work_root / config.parent.name
+        return None
+
+    return locate
 
 
 @dataclass

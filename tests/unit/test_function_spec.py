@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from treadle.domain.errors import InvalidRequest
 from treadle.domain.function import FunctionSpec, placeholders, render_command
-from treadle.domain.resources import Resources
+from treadle.domain.resources import Resources, Tier
 
 
 def test_minimal_spec_gets_defaults() -> None:
@@ -61,3 +61,38 @@ def test_render_does_not_evaluate_attribute_or_index_lookups() -> None:
     # str.format would walk `{a.__class__}`; only bare identifiers are placeholders.
     assert placeholders(["{a.__class__}", "{a[0]}", "{a}"]) == {"a"}
     assert render_command(["{a.__class__}", "{a}"], {"a": "x"}) == ["{a.__class__}", "x"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "floor"),
+    [
+        ({}, None),
+        ({"min_isolation": "namespace"}, Tier.NAMESPACE),
+        ({"image": "registry.local:5000/team/tool:1.2"}, Tier.OCI),
+        ({"image": "busybox", "min_isolation": "namespace"}, Tier.OCI),
+        ({"image": "busybox", "min_isolation": "gvisor"}, Tier.GVISOR),
+    ],
+)
+def test_an_image_raises_the_weakest_tier_to_oci(fields: dict[str, str], floor: Tier) -> None:
+    spec = FunctionSpec(name="f", command=["true"], **fields)  # type: ignore[arg-type]
+    assert spec.tier_floor == floor
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "docker://busybox:1.36",
+        "127.0.0.1:5000/treadle/busybox:v1",
+        "ghcr.io/org/app@sha256:" + "a" * 64,
+    ],
+)
+def test_registry_references_are_accepted(image: str) -> None:
+    assert FunctionSpec(name="f", command=["true"], image=image).image == image
+
+
+@pytest.mark.parametrize(
+    "image", ["oci:/srv/layout:v1", "/srv/layout", "../layout", "http://x/y", "a b", "Busy/Box"]
+)
+def test_images_that_are_not_registry_references_are_refused(image: str) -> None:
+    with pytest.raises(ValidationError, match="registry reference"):
+        FunctionSpec(name="f", command=["true"], image=image)

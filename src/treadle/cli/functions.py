@@ -80,6 +80,8 @@ def build_spec(
     isolation: str | None = None,
     min_isolation: str | None = None,
     max_attempts: int | None = None,
+    image: str | None = None,
+    network: bool | None = None,
 ) -> dict[str, Any]:
     """The body of `POST /v1/functions` from the `fn create` options; options win over the file."""
     if command is None and file is None:
@@ -120,6 +122,10 @@ def build_spec(
         spec["min_isolation"] = min_isolation
     if max_attempts is not None:
         spec["max_attempts"] = max_attempts
+    if image is not None:
+        spec["image"] = image
+    if network is not None:
+        spec["network"] = network
     return spec
 
 
@@ -165,6 +171,21 @@ def create(
         ),
     ] = None,
     max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1)] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image",
+            metavar="REF",
+            help="Run in this registry image (host[:port]/name[:tag]); needs the oci tier.",
+        ),
+    ] = None,
+    network: Annotated[
+        bool | None,
+        typer.Option(
+            "--network/--no-network",
+            help="Ask for outbound network (nodes give it only where their operator allows).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the function as JSON.")] = False,
 ) -> None:
     """Register a function, or a new version of one."""
@@ -179,6 +200,8 @@ def create(
         isolation=isolation,
         min_isolation=min_isolation,
         max_attempts=max_attempts,
+        image=image,
+        network=network,
     )
     function = client_from(ctx).create_function(spec)
     if as_json:

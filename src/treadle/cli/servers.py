@@ -162,6 +162,25 @@ def shuttle_command(
             help="Offer only this tier (repeatable); default: every tier that works here.",
         ),
     ] = [],  # noqa: B006
+    allow_network: Annotated[
+        bool,
+        typer.Option(
+            "--allow-network",
+            help="Give outbound network to executions whose function asks for it.",
+        ),
+    ] = False,
+    oci_tool: Annotated[
+        str | None,
+        typer.Option("--oci-tool", metavar="crun|runc", help="The oci tier's runtime program."),
+    ] = None,
+    insecure_registry: Annotated[
+        list[str],
+        typer.Option(
+            "--insecure-registry",
+            metavar="HOST:PORT",
+            help="Pull images from this registry over plain HTTP (repeatable).",
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Run a node agent that dials out to Weaver and runs the work it is given."""
     from treadle.shuttle.agent import Shuttle
@@ -186,6 +205,12 @@ def shuttle_command(
         overrides["allow_process_runtime"] = True
     if runtime:
         overrides["runtimes"] = runtime
+    if allow_network:
+        overrides["allow_network"] = True
+    if oci_tool is not None:
+        overrides["oci_tool"] = oci_tool
+    if insecure_registry:
+        overrides["insecure_registries"] = insecure_registry
     settings = _settings(ShuttleSettings, overrides)
     _exit_with_parent()
     try:

@@ -19,6 +19,7 @@ from treadle.domain.errors import InvalidRequest
 from treadle.domain.resources import Resources, Tier
 
 __all__ = [
+    "IMAGE_TIERS",
     "FunctionSpec",
     "PlacementSpec",
     "ensure_json_safe",
@@ -31,6 +32,14 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Only bare identifiers: str.format would also allow `{x.__class__}` style attribute walks.
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _RESERVED_ENV_PREFIX = "TREADLE_"
+# A registry reference: `[docker://][host[:port]/]name[:tag][@sha256:<hex>]`. Image layout
+# directories are refused here: they would name paths on the node's own filesystem.
+_IMAGE = re.compile(
+    r"^(docker://)?[A-Za-z0-9][A-Za-z0-9._-]*(:[0-9]{1,5})?(/[a-z0-9][a-z0-9._-]*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$"
+)
+# Tiers that can run a function's own root filesystem.
+IMAGE_TIERS = (Tier.OCI, Tier.GVISOR, Tier.MICROVM)
 
 
 def ensure_json_safe(value: Any) -> None:
@@ -69,6 +78,8 @@ class FunctionSpec(BaseModel):
     # microvm). With neither, a node runs it in the strongest tier it offers.
     isolation: Tier | None = None
     min_isolation: Tier | None = None
+    # Outbound network for the program; only nodes whose operator allows it can run it.
+    network: bool = False
     max_attempts: int = Field(default=3, ge=1, le=20)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
 
@@ -88,6 +99,35 @@ class FunctionSpec(BaseModel):
         if value is not None and info.data.get("isolation") is not None:
             raise ValueError("give isolation (an exact tier) or min_isolation, not both")
         return value
+
+    @field_validator("image")
+    @classmethod
+    def _image_is_a_registry_reference(cls, value: str | None) -> str | None:
+        if value is not None and not _IMAGE.fullmatch(value):
+            raise ValueError(
+                "image must be a registry reference, [docker://][host[:port]/]name[:tag]"
+                "[@sha256:digest]"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _image_needs_a_container_tier(self) -> FunctionSpec:
+        isolation = self.isolation
+        if self.image is not None and isolation is not None and isolation not in IMAGE_TIERS:
+            raise ValueError(
+                f"an image runs only in the {', '.join(t.value for t in IMAGE_TIERS)} "
+                f"tiers, not {isolation.value}"
+            )
+        return self
+
+    @property
+    def tier_floor(self) -> Tier | None:
+        """The weakest tier the function may run in, when it names no exact one: an image
+        needs a container runtime."""
+        floor = self.min_isolation
+        if self.image is not None and (floor is None or floor.strength < Tier.OCI.strength):
+            return Tier.OCI
+        return floor
 
     @model_validator(mode="after")
     def _json_safe(self) -> FunctionSpec:

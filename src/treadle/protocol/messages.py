@@ -74,6 +74,8 @@ class Hello(_Frame):
     zone: str | None = None
     provider: str = "local"
     price_per_hour: float = Field(default=0.0, ge=0)
+    # The tiers in which this node gives an execution network when its function asks.
+    network_tiers: list[Tier] = Field(default_factory=list)
     running: list[AttemptRef] = Field(default_factory=list)
 
 
@@ -141,6 +143,10 @@ class AssignSpec(_Frame):
     timeout_s: float = Field(gt=0)
     resources: Resources
     isolation: Tier
+    # A registry reference; None runs the program on the host's read-only programs.
+    image: str | None = None
+    # The function asked for network; the node gives it only where its operator allows it.
+    network: bool = False
 
 
 class Assign(_Frame):

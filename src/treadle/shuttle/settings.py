@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
@@ -44,8 +45,13 @@ class ShuttleSettings(BaseSettings):
     # Network for sandboxed executions whose function asks for it (namespace tier and up);
     # without it, no execution has network.
     allow_network: bool = False
+    # Registries (host:port) reached over plain HTTP without certificate checks: meant for
+    # a registry on this host's loopback or a trusted private network.
+    insecure_registries: list[str] = Field(default_factory=list)
     # Processes (and threads) one sandboxed execution may run at once.
     pids_max: int = Field(default=256, ge=8)
+    # The program behind the oci tier; None: crun where it works, else runc.
+    oci_tool: Literal["crun", "runc"] | None = None
     # the tiers to offer, of those that work here; None: all of them
     runtimes: list[Tier] | None = None
     cpu_millicores: int | None = Field(default=None, ge=1)

@@ -156,6 +156,7 @@ class Limits:
         return cls(
             memory_mib=resources.memory_mib,
             cpu_millicores=resources.cpu_millicores,
+            tmp_mib=max(1, resources.disk_mib),
             **overrides,
         )
 
@@ -491,7 +492,7 @@ def _mounts(
             "destination": "/dev/shm",
             "type": "tmpfs",
             "source": "shm",
-            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", f"size={limits.tmp_mib * _MIB}"],
         },
         {
             "destination": "/dev/mqueue",

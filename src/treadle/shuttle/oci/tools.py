@@ -635,6 +635,22 @@ def oom_kills(cgroups_path: str) -> int | None:
     return None
 
 
+def peak_memory_kib(cgroups_path: str) -> int | None:
+    """The container's peak memory (v1 `memory.max_usage_in_bytes`, v2 `memory.peak`), None
+    where the cgroup is gone or the kernel keeps no peak."""
+    relative = cgroups_path.strip("/")
+    for path in (
+        _CGROUP_ROOT / "memory" / relative / "memory.max_usage_in_bytes",
+        _CGROUP_ROOT / relative / "memory.peak",
+        _CGROUP_ROOT / "unified" / relative / "memory.peak",
+    ):
+        try:
+            return int(path.read_text()) // 1024
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 class OomLog:
     """OOM kills per memory cgroup, from the kernel log (`/dev/kmsg`), counted from the
     moment it was opened. The kernel logs each kill with the memory cgroup of the victim

@@ -1,9 +1,12 @@
 """The `oci` tier (crun, else runc) and the `gvisor` tier (runsc): each attempt runs as a
 container of an OCI runtime, on the process tier's machinery (`OciLauncher`).
 
-The container's root is the host's programs, read-only (`ImageStore.resolve(None)`): an
-AssignSpec names no image yet. Its work dir is the attempt's, mounted at /work; see
-`treadle.shuttle.oci.bundle` for everything else the sandbox is.
+The container's root is the function's image when it names one (pulled through the
+`ImageStore` before the attempt is prepared, once per reference and node: pin a digest to
+get a moved tag again), else the host's programs; read-only either way. Its work dir is a
+directory of the attempt's under Shuttle's state, with a tmpfs of the function's `disk_mib`
+mounted over it (`treadle.shuttle.mounts`), bound at /work; see `treadle.shuttle.oci.bundle`
+for everything else the sandbox is.
 
 The runtime process runs the container in its foreground and passes on the result pipe as
 the container's fd 3. It is never the only thing to kill: the container's processes are in
@@ -32,6 +35,7 @@ from pathlib import Path
 
 from treadle.domain.resources import Tier
 from treadle.protocol.messages import AssignSpec, Usage
+from treadle.shuttle.mounts import mount_tmpfs, mounts_under, unmount
 from treadle.shuttle.oci.bundle import (
     CGROUP_PARENT,
     Bundle,
@@ -42,7 +46,7 @@ from treadle.shuttle.oci.bundle import (
     new_container_id,
     prepare_bundle,
 )
-from treadle.shuttle.oci.images import ImageStore
+from treadle.shuttle.oci.images import ImageError, ImageStore
 from treadle.shuttle.oci.rootfs import Rootfs
 from treadle.shuttle.oci.tools import (
     OciTool,
@@ -52,6 +56,7 @@ from treadle.shuttle.oci.tools import (
     cgroup_dirs,
     find_tools,
     oom_kills,
+    peak_memory_kib,
     probe,
     remove_cgroups,
     runtime_error,
@@ -76,6 +81,7 @@ log = logging.getLogger(__name__)
 
 _TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _RUNTIME_LOG = "runtime.log"
+_MIB = 1024 * 1024
 # A trial run proves the host can run a tool; that holds for the life of the process, and
 # every runtime made (one per home) would otherwise pay for it again.
 _PROBES: dict[tuple[str, str, str | None, bool], ProbeResult] = {}
@@ -104,11 +110,19 @@ class OciLauncher:
         cgroup_parent: str,
         pids_max: int,
         oom_log: OomLog,
-        work_root: Path | None = None,
+        work_root: Path,
+        images: ImageStore | None = None,
     ) -> None:
         self.tool = tool
-        self._work_root = work_root
+        self.work_root = work_root
         self._rootfs = rootfs
+        self._images = images
+        self._resolved: dict[str, Rootfs] = {}
+        # gVisor counts the sandbox's processes itself and enforces this rlimit as the limit
+        # (its cgroup holds the sentry's threads, not the program's processes). Elsewhere the
+        # rlimit is a backstop above the cgroup's limit: checked first, at the same number it
+        # would deny the fork without the cgroup telling why.
+        self._nproc = pids_max if tool.kind is ToolKind.RUNSC else 2 * pids_max
         self._identity = identity
         self.bundles_dir = bundles_dir
         self.cgroup_parent = cgroup_parent
@@ -119,23 +133,43 @@ class OciLauncher:
     def tier(self) -> Tier:
         return self.tool.tier
 
+    async def fetch_image(self, spec: AssignSpec) -> None:
+        if spec.image is None or spec.image in self._resolved:
+            return
+        if self._images is None:
+            raise ValueError("this node has no image store")
+        try:
+            rootfs = await asyncio.to_thread(self._images.resolve, spec.image)
+        except ImageError as exc:
+            raise ValueError(str(exc)) from None
+        self._resolved[spec.image] = rootfs
+
     def prepare(self, spec: AssignSpec, workdir: Path) -> Attempt:
         container_id = new_container_id(spec.id, spec.attempt)
-        if self._work_root is not None:
-            # runsc's gofer opens the work dir as the sandbox's unprivileged user, who may
-            # not pass through the directories above Shuttle's own.
-            workdir = self._work_root / container_id
+        # Not the work dir Shuttle offers: this one is under the tier's own state, which the
+        # sweep after a crash covers (it holds a mount), and whose directories runsc's gofer,
+        # running as the sandbox's unprivileged user, may pass through.
+        workdir = self.work_root / container_id
+        rootfs = self._rootfs
+        if spec.image is not None:
+            if spec.image not in self._resolved:
+                raise ValueError(f"image {spec.image} was not fetched")
+            rootfs = self._resolved[spec.image]
         try:
-            if workdir.exists():  # left over by a crash, or a retried assignment
-                shutil.rmtree(workdir)
+            _remove_workdir(workdir)  # left over by a crash, or a retried assignment
             files = workdir_files(spec)
             env = assign_environment(spec)
-            bwrap.resolve_in_sandbox(
-                spec.argv[0],
-                env.get("PATH", _TOOL_PATH),
-                {name: mode for name, _, mode in files},
-            )
+            if spec.image is None:
+                # The host's programs are known here; an image's are found by the runtime,
+                # which reports a missing one as a failed start.
+                bwrap.resolve_in_sandbox(
+                    spec.argv[0],
+                    env.get("PATH", _TOOL_PATH),
+                    {name: mode for name, _, mode in files},
+                )
             workdir.mkdir(mode=0o700, parents=True)
+            needed = sum(len(data) for _, data, _ in files) + _MIB
+            mount_tmpfs(workdir, max(spec.resources.disk_mib * _MIB, needed))
             for name, data, mode in files:
                 _write(workdir / name, data, mode)
             try:
@@ -144,10 +178,10 @@ class OciLauncher:
                     container_id=container_id,
                     argv=spec.argv,
                     env=env,
-                    rootfs=self._rootfs,
+                    rootfs=rootfs,
                     workdir=workdir,
                     limits=Limits.from_resources(
-                        spec.resources, pids=self._pids_max, nproc=self._pids_max
+                        spec.resources, pids=self._pids_max, nproc=self._nproc
                     ),
                     identity=self._identity,
                     traits=self.tool.traits,
@@ -156,14 +190,14 @@ class OciLauncher:
             except BundleError as exc:
                 raise ValueError(str(exc)) from exc
         except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
+            _remove_workdir(workdir)
             raise
         argv = self.tool.run_argv(bundle, log=bundle.path / _RUNTIME_LOG)
         try:
             result = bundle.open_result() if bundle.result_fifo is not None else None
         except BaseException:
             bundle.remove()
-            shutil.rmtree(workdir, ignore_errors=True)
+            _remove_workdir(workdir)
             raise
         launch = Launch(
             program=argv[0], argv=argv, env={"PATH": _TOOL_PATH}, cwd=Path("/"), result=result
@@ -185,6 +219,7 @@ class _OciAttempt:
         self._oom_log = oom_log
         self._oom_kills = 0
         self._pids_denied = False
+        self._peak_kib: int | None = None
         self._runtime_error: str | None = None
 
     async def spawned(self, pid: int) -> None:
@@ -214,6 +249,7 @@ class _OciAttempt:
         kills = oom_kills(path) or 0
         self._oom_kills = max(kills, self._oom_log.take(path))
         self._pids_denied = _pids_denied(path)
+        self._peak_kib = peak_memory_kib(path)
         self._runtime_error = runtime_error(self._tool, self._bundle.path / _RUNTIME_LOG)
         self._tool.delete(self._bundle.container_id)
         errors = remove_cgroups(path)
@@ -222,15 +258,24 @@ class _OciAttempt:
         self._bundle.remove()
 
     def finish(self, status: ExitStatus) -> ExitStatus:
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        _remove_workdir(self._workdir)
         if self._runtime_error is not None and status.reason is None and status.exit_code:
             # The container never ran the program: the runtime said why (also on stderr).
             return ExitStatus(None, "spawn_failed", status.result, status.usage)
-        return _classify(status, self._oom_kills, self._pids_denied)
+        return _classify(status, self._oom_kills, self._pids_denied, self._peak_kib)
 
     def abandon(self) -> None:
         self._bundle.remove()
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        _remove_workdir(self._workdir)
+
+
+def _remove_workdir(workdir: Path) -> None:
+    try:
+        for point in mounts_under(workdir):
+            unmount(point)
+    except OSError as exc:
+        log.warning("%s", exc)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _pids_denied(cgroups_path: str) -> bool:
@@ -244,13 +289,16 @@ def _pids_denied(cgroups_path: str) -> bool:
     return False
 
 
-def _classify(status: ExitStatus, oom_kills: int, pids_denied: bool) -> ExitStatus:
+def _classify(
+    status: ExitStatus, oom_kills: int, pids_denied: bool, peak_kib: int | None
+) -> ExitStatus:
     code, reason = sandbox_exit(status, oom_killed=bool(oom_kills), pids_denied=pids_denied)
     return ExitStatus(
         exit_code=code,
         reason=reason,
         result=status.result,
-        usage=Usage(wall_ms=status.usage.wall_ms, cpu_ms=status.usage.cpu_ms),
+        # The runtime's own usage is not the program's: only the cgroup's peak is.
+        usage=Usage(wall_ms=status.usage.wall_ms, cpu_ms=status.usage.cpu_ms, max_rss_kib=peak_kib),
     )
 
 
@@ -276,9 +324,9 @@ class OciRuntime(ProcessRuntime):
         cgroup_parent: str,
         pids_max: int,
         oom_log: OomLog,
+        images: ImageStore | None = None,
         drain_timeout_s: float = 1.0,
     ) -> None:
-        needs_reach = tool.traits.result_fifo and identity.userns is not None
         self._oci = OciLauncher(
             tool,
             rootfs=rootfs,
@@ -287,13 +335,24 @@ class OciRuntime(ProcessRuntime):
             cgroup_parent=cgroup_parent,
             pids_max=pids_max,
             oom_log=oom_log,
-            work_root=state_dir / "work" if needs_reach else None,
+            work_root=state_dir / "work",
+            images=images,
         )
         super().__init__(self._oci, drain_timeout_s=drain_timeout_s)
 
     @property
     def tool(self) -> OciTool:
         return self._oci.tool
+
+    @property
+    def bundles_dir(self) -> Path:
+        """Each container's bundle, in a directory named after the container."""
+        return self._oci.bundles_dir
+
+    @property
+    def work_root(self) -> Path:
+        """Each container's work dir (its /work), in a directory named after the container."""
+        return self._oci.work_root
 
     @property
     def limits(self) -> str:
@@ -317,12 +376,15 @@ def oci_runtimes(settings: ShuttleSettings) -> dict[Tier, OciRuntime]:
     # The sandbox's user reaches its work dir and a result FIFO through these.
     for directory in (base, owned, state_dir):
         directory.chmod(0o711)
-    rootfs = ImageStore(base / "images").resolve(None)
+    images = ImageStore(base / "images", insecure_registries=settings.insecure_registries)
+    rootfs = images.resolve(None)
     cgroup_parent = f"{CGROUP_PARENT}/{me}"
     oom_log = OomLog(cgroup_parent)
     runtimes: dict[Tier, OciRuntime] = {}
     for tool in find_tools(state_dir, search_path=_search_path()):
         if tool.tier in runtimes:
+            continue
+        if tool.kind is not ToolKind.RUNSC and settings.oci_tool not in (None, tool.kind.value):
             continue
         result = _probe(tool, rootfs, base)
         if not result.ok:
@@ -336,6 +398,7 @@ def oci_runtimes(settings: ShuttleSettings) -> dict[Tier, OciRuntime]:
             cgroup_parent=cgroup_parent,
             pids_max=settings.pids_max,
             oom_log=oom_log,
+            images=images,
         )
         log.info("%s tier available through %s", tool.tier, tool.name)
     return runtimes
@@ -381,7 +444,7 @@ def _sweep_dead(owned: Path) -> None:
         for parent in cgroup_dirs(f"{CGROUP_PARENT}/{entry.name}"):
             with contextlib.suppress(OSError):
                 parent.rmdir()
-        shutil.rmtree(entry, ignore_errors=True)
+        _remove_workdir(entry)
 
 
 def _alive(pid: int) -> bool:

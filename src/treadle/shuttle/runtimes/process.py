@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from treadle.domain.resources import Tier
 from treadle.protocol.messages import AssignSpec, Usage
@@ -127,6 +127,16 @@ class Launcher(Protocol):
         ...
 
 
+@runtime_checkable
+class ImageLauncher(Launcher, Protocol):
+    """A launcher that can run a function's image."""
+
+    async def fetch_image(self, spec: AssignSpec) -> None:
+        """Make `spec.image` ready for `prepare` (pull and unpack it, or find it cached).
+        Raises ValueError naming the image and the cause when it cannot."""
+        ...
+
+
 class HostLauncher:
     """The process tier's launcher: the program itself runs on the host, in `workdir`."""
 
@@ -187,6 +197,10 @@ class ProcessRuntime:
         return self._launcher.tier
 
     async def start(self, spec: AssignSpec, workdir: Path) -> RuntimeHandle:
+        if spec.image is not None:
+            failed = await self._fetch_image(spec)
+            if failed is not None:
+                return failed
         started = self._spawn(spec, workdir)
         if isinstance(started, SpawnFailed):
             return started
@@ -197,6 +211,15 @@ class ProcessRuntime:
             handle.kill()  # the handle cleans up after itself once the kill took effect
             raise
         return handle
+
+    async def _fetch_image(self, spec: AssignSpec) -> SpawnFailed | None:
+        if not isinstance(self._launcher, ImageLauncher):
+            return SpawnFailed(f"treadle: the {self.tier} tier cannot run an image\n")
+        try:
+            await self._launcher.fetch_image(spec)
+        except (OSError, ValueError) as exc:
+            return SpawnFailed(f"treadle: cannot run {spec.argv[0]!r}: {describe(exc)}\n")
+        return None
 
     def _spawn(
         self, spec: AssignSpec, workdir: Path

@@ -73,7 +73,7 @@ class Pending:
         return Request(
             resources=spec.resources,
             isolation=spec.isolation,
-            min_isolation=spec.min_isolation,
+            min_isolation=spec.tier_floor,
             labels=spec.placement.labels,
             regions=tuple(spec.placement.regions),
         )
@@ -96,6 +96,8 @@ class Pending:
                 timeout_s=spec.timeout_s,
                 resources=spec.resources,
                 isolation=tier,
+                image=spec.image,
+                network=spec.network,
             )
         )
 
@@ -212,7 +214,7 @@ class Dispatcher:
             if isinstance(result, Placement):
                 session = sessions[result.node_id]
                 spec = pending.function.spec
-                tier = spec.isolation or session.tier_for(spec.min_isolation)
+                tier = spec.isolation or session.tier_for(spec.tier_floor)
                 reserved = session.reserve(
                     (pending.id, pending.attempt),
                     pending.function.spec.resources,
