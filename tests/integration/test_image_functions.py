@@ -54,7 +54,8 @@ def _invoke(api: httpx.Client, name: str, **body: Any) -> dict[str, Any]:
 def _finished(api: httpx.Client, execution_id: str) -> dict[str, Any]:
     def ended() -> dict[str, Any] | None:
         execution = dict(api.get(f"/v1/executions/{execution_id}").json())
-        return execution if execution["state"] in ("success", "failure", "timeout", "cancelled") else None
+        ended = execution["state"] in ("success", "failure", "timeout", "cancelled")
+        return execution if ended else None
 
     # The first run pulls and unpacks the image.
     return eventually(ended, timeout=120, what=f"execution {execution_id} to end")
