@@ -40,12 +40,25 @@ def test_every_namespace_is_new_and_nothing_is_kept() -> None:
     assert pairs(args, "--userns-block-fd") == pairs(args, "--block-fd") == ["6"]
 
 
-def test_network_shares_the_hosts_and_brings_its_resolver() -> None:
-    args = options(network=True, etc=Path("/host/etc"))
+NETWORK_FDS = bwrap.Fds(seccomp=4, files=[], info=5, block=6, resolv_conf=8)
 
-    assert args[:3] == ["--unshare-all", "--unshare-user", "--share-net"]
-    assert "/host/etc/resolv.conf" in pairs(args, "--ro-bind-try")
+
+def test_network_keeps_a_namespace_of_its_own_and_brings_a_resolver() -> None:
+    args = options(network=True, fds=NETWORK_FDS, etc=Path("/host/etc"))
+
+    assert args[:2] == ["--unshare-all", "--unshare-user"]
+    assert "--share-net" not in args
+    # The resolver is the one given, not the host's (which may sit on the host's loopback).
+    assert args[args.index("/etc/resolv.conf") - 4 :][:4] == ["--perms", "0644", "--file", "8"]
+    assert "/host/etc/resolv.conf" not in args
+    assert "/host/etc/ssl" in pairs(args, "--ro-bind-try")
     assert "/etc/resolv.conf" not in options()
+    assert "/host/etc/ssl" not in options(etc=Path("/host/etc"))
+
+
+def test_network_needs_its_resolver() -> None:
+    with pytest.raises(ValueError):
+        options(network=True)
 
 
 def test_scratch_space_is_size_limited_tmpfs() -> None:

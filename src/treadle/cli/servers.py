@@ -112,12 +112,12 @@ def weaver_command(
     asyncio.run(serve(settings))
 
 
-def _parse_labels(values: list[str]) -> dict[str, str]:
+def _parse_labels(values: list[str], option: str = "--label") -> dict[str, str]:
     labels = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--label")
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
         labels[key] = value
     return labels
 
@@ -145,6 +145,23 @@ def shuttle_command(
     zone: Annotated[str | None, typer.Option("--zone")] = None,
     provider: Annotated[str | None, typer.Option("--provider")] = None,
     price: Annotated[float | None, typer.Option("--price", help="Price per hour.")] = None,
+    country: Annotated[
+        str | None, typer.Option("--country", metavar="CC", help="ISO 3166 country, e.g. DE.")
+    ] = None,
+    spot: Annotated[
+        bool, typer.Option("--spot", help="A spot node: may be reclaimed at any time.")
+    ] = False,
+    spot_price: Annotated[
+        float | None, typer.Option("--spot-price", help="Spot price per hour.")
+    ] = None,
+    perf_score: Annotated[
+        float | None,
+        typer.Option("--perf-score", help="Relative speed (default: measured at start)."),
+    ] = None,
+    taint: Annotated[
+        list[str],
+        typer.Option("--taint", metavar="KEY=VALUE", help="Only work tolerating KEY lands here."),
+    ] = [],  # noqa: B006
     cpu: Annotated[int | None, typer.Option("--cpu", help="CPU millicores to offer.")] = None,
     memory: Annotated[int | None, typer.Option("--memory", help="Memory MiB to offer.")] = None,
     allow_process_runtime: Annotated[
@@ -196,11 +213,18 @@ def shuttle_command(
         "zone": zone,
         "provider": provider,
         "price_per_hour": price,
+        "country": country,
+        "spot_price_per_hour": spot_price,
+        "perf_score": perf_score,
         "cpu_millicores": cpu,
         "memory_mib": memory,
     }
     if label:
         overrides["labels"] = _parse_labels(label)
+    if taint:
+        overrides["taints"] = _parse_labels(taint, "--taint")
+    if spot:
+        overrides["spot"] = True
     if allow_process_runtime:
         overrides["allow_process_runtime"] = True
     if runtime:

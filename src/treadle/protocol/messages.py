@@ -74,6 +74,14 @@ class Hello(_Frame):
     zone: str | None = None
     provider: str = "local"
     price_per_hour: float = Field(default=0.0, ge=0)
+    country: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    # A spot (preemptible) node, billed at `spot_price_per_hour` when given.
+    spot: bool = False
+    spot_price_per_hour: float | None = Field(default=None, ge=0)
+    # Relative single-core speed measured at start-up (see treadle.shuttle.benchmark).
+    perf_score: float = Field(default=1.0, gt=0, le=1e6)
+    # Work that does not tolerate one of these keys is not placed here.
+    taints: dict[str, str] = Field(default_factory=dict)
     # The tiers in which this node gives an execution network when its function asks.
     network_tiers: list[Tier] = Field(default_factory=list)
     running: list[AttemptRef] = Field(default_factory=list)

@@ -42,11 +42,12 @@ from treadle.protocol.messages import (
 )
 from treadle.shuttle import reaper
 from treadle.shuttle.backoff import Backoff
+from treadle.shuttle.benchmark import cpu_score
 from treadle.shuttle.capacity import detect_capacity
 from treadle.shuttle.credentials import NodeCredential, load_credential, save_credential
 from treadle.shuttle.errors import ShuttleError
 from treadle.shuttle.gpus import GpuPool, detect_gpus
-from treadle.shuttle.runtimes import Runtime, available_runtimes
+from treadle.shuttle.runtimes import Runtime, available_runtimes, gives_network
 from treadle.shuttle.settings import ShuttleSettings
 from treadle.shuttle.supervisor import Supervisor
 
@@ -71,6 +72,8 @@ class Shuttle:
         self._settings = settings
         self._runtimes = dict(runtimes) if runtimes is not None else None
         self._node_credential_refused = False
+        self._perf_score = 1.0
+        self._network_tiers: list[Tier] = []
 
     async def run(self) -> None:
         settings = self._settings
@@ -111,6 +114,11 @@ class Shuttle:
         gpus = await asyncio.to_thread(detect_gpus)
         capacity = detect_capacity(settings, gpus)
         tiers = sorted(runtimes, key=lambda tier: tier.strength)
+        measured = settings.perf_score
+        if measured is None:
+            measured = await asyncio.to_thread(cpu_score)
+        self._perf_score = measured
+        self._network_tiers = [tier for tier in tiers if gives_network(runtimes[tier])]
         supervisor = Supervisor(
             runtimes, work_root, max_unacked=settings.max_unacked_bytes, gpus=GpuPool(gpus)
         )
@@ -207,6 +215,12 @@ class Shuttle:
             zone=settings.zone,
             provider=settings.provider,
             price_per_hour=settings.price_per_hour,
+            country=settings.country,
+            spot=settings.spot,
+            spot_price_per_hour=settings.spot_price_per_hour,
+            perf_score=self._perf_score,
+            taints=settings.taints,
+            network_tiers=self._network_tiers,
             running=supervisor.held(),
         )
         await ws.send(encode(hello))

@@ -41,6 +41,12 @@ class ShuttleSettings(BaseSettings):
     zone: str | None = None
     provider: str = "local"
     price_per_hour: float = Field(default=0.0, ge=0)
+    country: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    spot: bool = False
+    spot_price_per_hour: float | None = Field(default=None, ge=0)
+    # None: measured at start-up.
+    perf_score: float | None = Field(default=None, gt=0, le=1e6)
+    taints: dict[str, str] = Field(default_factory=dict)
     allow_process_runtime: bool = False
     # Network for sandboxed executions whose function asks for it (namespace tier and up);
     # without it, no execution has network.

@@ -22,9 +22,17 @@ __all__ = [
     "SpawnFailed",
     "Stream",
     "available_runtimes",
+    "gives_network",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def gives_network(runtime: Runtime) -> bool:
+    """Whether executions in `runtime` get network when their function asks: only where
+    the tier can give it without exposing the host (today the namespace tier, through
+    slirp4netns) and the operator allowed it."""
+    return isinstance(runtime, NamespaceRuntime) and runtime.gives_network
 
 
 def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:

@@ -8,7 +8,9 @@ The sandbox's file system, from its root:
   the host. Shuttle's home, /root, /home and the host's /tmp are not there.
 - `/etc`: a minimal passwd, group, hosts and nsswitch.conf of its own (`sandbox_etc/`), and
   from the host only what programs need to start (the dynamic linker's cache, alternatives,
-  the time zone), read-only. With network, also the resolver's and TLS trust files.
+  the time zone), read-only. With network, also the host's address selection and TLS trust
+  files, and a resolv.conf given by Shuttle (the host's may name a resolver on the host's
+  loopback, which the sandbox cannot reach).
 - `/work`: the work dir (HOME, TMPDIR, cwd), a tmpfs holding `args.json` and the source, and
   `/tmp`: a private tmpfs. Each is limited to the function's `disk_mib`. Being tmpfs, what is
   written there is memory, charged to the attempt's memory limit too (which thus bounds
@@ -18,6 +20,10 @@ The sandbox's file system, from its root:
   devices themselves and `/dev/shm`, a tmpfs limited like /tmp.
 
 The root and everything not listed above is read-only.
+
+Every namespace is new, the network's included: with network or without, the sandbox has a
+network namespace of its own, never the host's. Network is an interface that Shuttle adds to
+that namespace before the program runs (`slirp`); these options only differ in /etc.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ WORK_DIR = "/work"
 SANDBOX_ETC = Path(__file__).parent / "sandbox_etc"
 _ROOT_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 _HOST_ETC = ("ld.so.cache", "alternatives", "localtime")
-_NETWORK_ETC = ("resolv.conf", "gai.conf", "ssl", "ca-certificates", "ca-certificates.conf")
+_NETWORK_ETC = ("gai.conf", "ssl", "ca-certificates", "ca-certificates.conf")
 # Top-level names of the sandbox whose content is the host's, bound read-only.
 _FROM_HOST = frozenset(("usr", *_ROOT_DIRS))
 _HOSTNAME = "treadle"
@@ -56,8 +62,10 @@ class Fds:
     files: Sequence[tuple[int, str, int]]  # (fd, name in the work dir, mode)
     info: int | None = None  # where bubblewrap reports the sandbox's pid
     # What the sandbox waits on, once created and before anything runs in it, for whoever
-    # reads `info` to map its user namespace (which bubblewrap then leaves to them).
+    # reads `info` to map its user namespace (which bubblewrap then leaves to them), and
+    # again, once set up, right before it runs the program.
     block: int | None = None
+    resolv_conf: int | None = None  # with network: the content of /etc/resolv.conf
 
 
 def host_binds(root: Path = Path("/")) -> list[str]:
@@ -86,12 +94,14 @@ def options(
     network: bool,
     etc: Path = Path("/etc"),
 ) -> list[str]:
-    """bubblewrap's options for one attempt (everything but the command)."""
+    """bubblewrap's options for one attempt (everything but the command). With `network`,
+    `fds.resolv_conf` is required."""
+    if network and fds.resolv_conf is None:
+        raise ValueError("a sandbox with network needs its resolv.conf")
     # A user namespace even where bubblewrap could do without (run by root).
-    args = ["--unshare-all", "--unshare-user"]
-    if network:
-        args.append("--share-net")
-    args += [
+    args = [
+        "--unshare-all",
+        "--unshare-user",
         "--die-with-parent",
         "--new-session",
         "--cap-drop",
@@ -104,6 +114,7 @@ def options(
     if network:
         for name in _NETWORK_ETC:
             args += ["--ro-bind-try", str(etc / name), f"/etc/{name}"]
+        args += ["--perms", "0644", "--file", str(fds.resolv_conf), "/etc/resolv.conf"]
     size = str(disk_bytes)
     args += [
         "--proc",
@@ -146,9 +157,10 @@ def options(
     if fds.info is not None:
         args += ["--info-fd", str(fds.info)]
     if fds.block is not None:
-        # The same fd twice: bubblewrap's outer process waits on it (--userns-block-fd) but
-        # leaves it open in the sandbox; --block-fd has the sandbox read it (finding the end
-        # of the pipe, its byte taken by the first) and close it before the program runs.
+        # The same fd twice: bubblewrap's outer process waits on it (--userns-block-fd) for
+        # one byte but leaves it open in the sandbox; --block-fd has the sandbox, once set up,
+        # wait for a second byte or the end of the pipe, and close it before the program
+        # runs (a second pipe would stay open in the program).
         args += ["--userns-block-fd", str(fds.block), "--block-fd", str(fds.block)]
     _check_no_nul(args)
     return args

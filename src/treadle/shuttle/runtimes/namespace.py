@@ -30,8 +30,20 @@ program that itself exits with 129-192 is reported as killed by the signal. The 
 tells "oom_killed" (the memory limit) and "pids_limit" (a failure after pids.max refused a
 fork) apart.
 
-Network: none. The operator may allow it (`allow_network`), but an execution gets it only
-when its function asks for it, and AssignSpec has no way to ask yet.
+Network: an execution gets network only when its function asks for it (`AssignSpec.network`)
+and the operator allows it (`allow_network`), and only where slirp4netns is installed and works
+(`NamespaceRuntime.gives_network`; `probe()` tries it). Even then the sandbox keeps a network
+namespace of its own, and the hand-off above gains a second step. slirp4netns brings the
+namespace's loopback up as it configures its interface, and bubblewrap, finding the loopback's
+address already there, would fail its own set-up; so Shuttle releases the sandbox from its
+first wait, bubblewrap sets up the loopback and the file system and waits again (`--block-fd`,
+on the same pipe), and meanwhile, once the loopback has its address, Shuttle attaches
+slirp4netns and waits for its word that the network is configured; only then does it let the
+program run. See `slirp` for what the sandbox can and cannot reach. slirp4netns ends with the
+attempt, which reports its exit once slirp4netns is gone too. A failure of slirp4netns fails
+the start ("spawn_failed") with its words. An execution that asks for network where this node
+does not give it ends as "spawn_failed" too, saying `NO_NETWORK`: it never runs without the
+network it asked for, and never with the host's.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ import os
 import resource
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,9 +68,9 @@ from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper, seccomp
 from treadle.shuttle.cgroups import Cgroups, Group, GroupUsage, Limits, detect
-from treadle.shuttle.runtimes import bwrap
+from treadle.shuttle.runtimes import bwrap, slirp
 from treadle.shuttle.runtimes._spawn import unsupported_reason
-from treadle.shuttle.runtimes.base import ExitStatus
+from treadle.shuttle.runtimes.base import ExitStatus, RuntimeHandle, SpawnFailed
 from treadle.shuttle.runtimes.process import (
     RESULT_FD,
     Attempt,
@@ -69,7 +82,15 @@ from treadle.shuttle.runtimes.process import (
 )
 from treadle.shuttle.settings import ShuttleSettings
 
-__all__ = ["NamespaceLauncher", "NamespaceRuntime", "Unavailable", "cgroup_owner", "wants_network"]
+__all__ = [
+    "NO_NETWORK",
+    "NamespaceLauncher",
+    "NamespaceRuntime",
+    "NoNetwork",
+    "Unavailable",
+    "cgroup_owner",
+    "wants_network",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +103,29 @@ _FIRST_FD = RESULT_FD + 1
 _REMOVE_RETRY_S = (0.001, 0.01, 0.1, 1.0)
 
 
+NO_NETWORK = "this node does not give network to executions"
+
+
 class Unavailable(Exception):
     """The namespace tier cannot run on this host; the message says why."""
 
 
+class NoNetwork(OSError):
+    """The execution asked for network, which this node does not give."""
+
+
+class _NetworkFailed(OSError):
+    """The sandbox's network could not be set up; the sandbox, killed before it ran anything,
+    is gone once `ended` is done."""
+
+    def __init__(self, message: str, ended: asyncio.Future[None]) -> None:
+        super().__init__(message)
+        self.ended = ended
+
+
 def wants_network(spec: AssignSpec) -> bool:
-    """Whether the function asked for network. AssignSpec has no field for it yet, so no
-    execution gets network, whatever the operator allows."""
-    return False
+    """Whether the function asked for network (which it gets only where the node gives it)."""
+    return spec.network
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +159,16 @@ class NamespaceLauncher:
         self.limits = _Limits(cgroups, pids_max)
         self.group_prefix = group_prefix
         self._group_numbers = itertools.count()
-        self._allow_network = allow_network
+        # What gives network to the sandboxes that ask for it; None where none is given.
+        self.slirp = slirp.find() if allow_network else None
 
     @property
     def tier(self) -> Tier:
         return Tier.NAMESPACE
+
+    @property
+    def gives_network(self) -> bool:
+        return self.slirp is not None
 
     def prepare(self, spec: AssignSpec, workdir: Path) -> Attempt:
         # `workdir` stays unused: the work dir lives inside the sandbox (see `bwrap`).
@@ -138,7 +179,10 @@ class NamespaceLauncher:
         )
         needed = sum(len(data) for _, data, _ in files) + _MIB
         disk_bytes = max(spec.resources.disk_mib * _MIB, needed)
-        attempt = _NamespaceAttempt(self.limits)
+        network = self.slirp if wants_network(spec) else None
+        if wants_network(spec) and network is None:
+            raise NoNetwork(NO_NETWORK)
+        attempt = _NamespaceAttempt(self.limits, network)
         try:
             child: dict[int, int] = {}  # bubblewrap's fd -> ours
 
@@ -153,13 +197,23 @@ class NamespaceLauncher:
             info_fd = give(info_w)
             block_r, attempt.block = os.pipe()
             block_fd = give(block_r)
+            resolv_fd = None
+            if network is not None:
+                resolv_fd = give(_memfd("resolv.conf", slirp.RESOLV_CONF))
             file_fds = [(give(_memfd(name, data)), name, mode) for name, data, mode in files]
+            fds = bwrap.Fds(
+                seccomp=seccomp_fd,
+                info=info_fd,
+                block=block_fd,
+                files=file_fds,
+                resolv_conf=resolv_fd,
+            )
             args = bwrap.options(
                 binds=self._binds,
-                fds=bwrap.Fds(seccomp=seccomp_fd, info=info_fd, block=block_fd, files=file_fds),
+                fds=fds,
                 env=env,
                 disk_bytes=disk_bytes,
-                network=self._allow_network and wants_network(spec),
+                network=network is not None,
             )
             args_fd = give(_memfd("bwrap-args", b"\0".join(a.encode() for a in args) + b"\0"))
             if self.limits.cgroups is not None:
@@ -182,13 +236,15 @@ class NamespaceLauncher:
 
 
 class _NamespaceAttempt:
-    """One sandbox: the fds of bubblewrap's handshake, the cgroup, and a pidfd of the
-    sandbox's PID 1 once known."""
+    """One sandbox: the fds of bubblewrap's handshake, the cgroup, a pidfd of the sandbox's
+    PID 1 once known, and its network (slirp4netns) where it has one."""
 
     launch: Launch
 
-    def __init__(self, limits: _Limits) -> None:
+    def __init__(self, limits: _Limits, network: slirp.Slirp | None = None) -> None:
         self._limits = limits
+        self._network = network
+        self.link: slirp.Link | None = None
         self.resources = Resources()
         self.child_ends: list[int] = []  # bubblewrap's ends, closed here once it has them
         self.info: int | None = None
@@ -196,8 +252,10 @@ class _NamespaceAttempt:
         self.group: Group | None = None
         self._sandbox: int | None = None  # pidfd of the sandbox's PID 1
         self._killed = False
+        self._ended: asyncio.Future[None] | None = None  # done once all is released
 
     async def spawned(self, pid: int) -> None:
+        self._ended = asyncio.get_running_loop().create_future()
         self._close_child_ends()
         assert self.info is not None and self.block is not None
         try:
@@ -206,6 +264,7 @@ class _NamespaceAttempt:
                 # Off the event loop: moving a process between v1 cgroups can wait for an
                 # RCU grace period (milliseconds), and other attempts' output must not.
                 await asyncio.to_thread(self._hold, sandbox)
+                await self._connect(sandbox)
         except BaseException:
             self.kill()
             raise
@@ -215,11 +274,36 @@ class _NamespaceAttempt:
         if self._killed:
             self.kill()  # killed while starting, before the sandbox was known
         else:
-            # From here on the sandbox runs.
+            # From here on the sandbox runs: a byte, or the end of the pipe, ends its last
+            # wait (see `_connect` for the wait before).
             with contextlib.suppress(BrokenPipeError):
                 os.write(self.block, b"x")
         _close(self.block)
         self.block = None
+
+    async def _connect(self, pid: int) -> None:
+        """Give the held sandbox its network, if it is to have one (the second step of the
+        hand-off, see the module's docstring); returns once the network is up. The pipe of
+        `block` stays open: its first byte lets bubblewrap go on, and the sandbox, once set
+        up, waits for a second."""
+        if self._network is None or self._sandbox is None or self._killed:
+            return
+        assert self._ended is not None and self.block is not None
+        with contextlib.suppress(BrokenPipeError):
+            os.write(self.block, b"x")
+        try:
+            if not await asyncio.to_thread(_loopback_set_up, pid):
+                return  # gone: bubblewrap failed, and reports why
+            if self._killed:
+                return
+            self.link = self._network.attach(pid, self._sandbox)
+            await self.link.ready()
+        except (ProcessLookupError, FileNotFoundError):
+            return  # gone: bubblewrap failed, and reports why
+        except slirp.SlirpFailed as exc:
+            if self._killed:
+                return  # stopped along with the attempt, whose kill says why
+            raise _NetworkFailed(str(exc), self._ended) from exc
 
     def _hold(self, pid: int) -> None:
         """Take charge of the sandbox's first process, held by bubblewrap."""
@@ -255,24 +339,42 @@ class _NamespaceAttempt:
         if self._sandbox is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._sandbox, signal.SIGKILL)
+        if self.link is not None:
+            self.link.stop()
 
     def exited(self, settled: Callable[[], None]) -> None:
+        self.kill()
+        # Settled once both the sandbox and its slirp4netns are gone, so that nothing of the
+        # attempt outlives the report of its exit.
+        waiting = 2
+
+        def one_gone() -> None:
+            nonlocal waiting
+            waiting -= 1
+            if waiting == 0:
+                settled()
+
+        if self.link is None:
+            one_gone()
+        else:
+            self.link.when_ended(one_gone)
         pidfd = self._sandbox
         if pidfd is None:
-            settled()
+            one_gone()
             return
-        self.kill()
         loop = asyncio.get_running_loop()
 
         def gone() -> None:
             loop.remove_reader(pidfd)
-            settled()
+            one_gone()
 
         # A pidfd turns readable once its process has ended; PID 1 of a namespace ends last.
         loop.add_reader(pidfd, gone)
 
     def finish(self, status: ExitStatus) -> ExitStatus:
         self._release_fds()
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
         if self.group is None:
             return _classify(status, None)
         usage = self.group.usage()
@@ -311,6 +413,9 @@ class _NamespaceAttempt:
 
     def _release_fds(self) -> None:
         self._close_child_ends()
+        if self.link is not None:
+            self.link.close()
+            self.link = None
         for fd in (self.info, self.block, self._sandbox):
             _close(fd)
         self.info = self.block = self._sandbox = None
@@ -372,6 +477,25 @@ async def _sandbox_pid(info: int) -> int | None:
     except (ValueError, KeyError, TypeError) as exc:
         raise OSError(f"bubblewrap reported {bytes(data)!r}") from exc
     return int(pid)
+
+
+def _loopback_set_up(pid: int) -> bool:
+    """Wait until the network namespace of `pid` has an address: bubblewrap gives the
+    loopback 127.0.0.1 first thing once released, and says nothing when, but the routing
+    table shows it. False when the process is gone."""
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    pause = 50e-6
+    while True:
+        try:
+            with open(f"/proc/{pid}/net/fib_trie", "rb") as table:
+                if table.read(1):
+                    return True
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if time.monotonic() > deadline:
+            raise OSError(f"bubblewrap did not set up a loopback within {_START_TIMEOUT_S:.0f}s")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
 
 
 def _write_proc(pid: int, name: str, value: str) -> None:
@@ -454,14 +578,51 @@ class NamespaceRuntime(ProcessRuntime):
         """What starts the names of the cgroups of this runtime's attempts."""
         return self._namespace.group_prefix
 
+    @property
+    def gives_network(self) -> bool:
+        """Whether an execution whose function asks for network gets it here: the operator
+        allows it and slirp4netns is installed (and, once `probe()` ran, works)."""
+        return self._namespace.gives_network
+
+    async def start(self, spec: AssignSpec, workdir: Path) -> RuntimeHandle:
+        if wants_network(spec) and not self.gives_network:
+            return SpawnFailed(f"treadle: {NO_NETWORK}\n")
+        return await _start(self, spec, workdir)
+
     def probe(self) -> str | None:
         """Run /bin/true in a sandbox exactly as an execution would run; None if that worked,
-        else why not."""
+        else why not. Where network is allowed, a second trial with network decides whether
+        this runtime gives it (`gives_network`)."""
         # The caller may be inside an event loop: run the trial on a loop of its own.
         with ThreadPoolExecutor(1, thread_name_prefix="treadle-probe") as pool:
             return pool.submit(asyncio.run, self._probe()).result()
 
     async def _probe(self) -> str | None:
+        reason = await self._trial(network=False)
+        if reason is None:
+            await self._probe_network()
+        return reason
+
+    async def _probe_network(self) -> None:
+        launcher = self._namespace
+        first = launcher.slirp
+        failed: list[str] = []
+        while launcher.slirp is not None:
+            reason = await self._trial(network=True)
+            if reason is None:
+                if failed:
+                    log.warning(
+                        "namespace runtime: network through %s, as %s",
+                        launcher.slirp.describe(),
+                        failed[0],
+                    )
+                return
+            failed.append(reason)
+            launcher.slirp = launcher.slirp.weaker()
+        if first is not None:
+            log.warning("namespace runtime: no network for executions: %s", failed[0])
+
+    async def _trial(self, *, network: bool) -> str | None:
         trial = ProcessRuntime(self._namespace)
         spec = AssignSpec(
             id="probe",
@@ -473,9 +634,10 @@ class NamespaceRuntime(ProcessRuntime):
             timeout_s=_PROBE_TIMEOUT_S,
             resources=Resources(),
             isolation=Tier.NAMESPACE,
+            network=network,
         )
         try:
-            handle = await trial.start(spec, Path("/nonexistent"))
+            handle = await _start(trial, spec, Path("/nonexistent"))
             output = b"".join([data async for _, data in handle.output()])
             status = await handle.wait()
         except OSError as exc:
@@ -485,7 +647,21 @@ class NamespaceRuntime(ProcessRuntime):
         if status.exit_code == 0 and status.reason is None:
             return None
         said = output.decode(errors="replace").strip() or "no output"
-        return f"a trial run of /bin/true ended with {status.exit_code} ({status.reason}): {said}"
+        run = "a trial run of /bin/true" + (" with network" if network else "")
+        return f"{run} ended with {status.exit_code} ({status.reason}): {said}"
+
+
+async def _start(runtime: ProcessRuntime, spec: AssignSpec, workdir: Path) -> RuntimeHandle:
+    """`runtime.start` of the process tier, where a sandbox that could not get its network
+    ends as a program that could not start, with the reason, once nothing of it is left."""
+    try:
+        return await ProcessRuntime.start(runtime, spec, workdir)
+    except _NetworkFailed as exc:
+        log.warning("%s attempt %d: %s", spec.id, spec.attempt, exc)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                await exc.ended
+        return SpawnFailed(f"treadle: {exc}\n")
 
 
 def cgroup_owner(home: Path) -> str:

@@ -1,0 +1,343 @@
+"""Network for a sandbox: slirp4netns attached to the sandbox's own network namespace.
+
+A sandbox given network still has a network namespace of its own. slirp4netns adds one
+interface to it, `tap0` (10.0.2.100/24, MTU 65520, default route through 10.0.2.2), and
+carries its traffic through ordinary sockets that it opens on the host, so what leaves the
+sandbox looks like traffic of one more program of the host's, NAT'd to the host's address:
+
+- TCP and UDP to other hosts go out; nothing from outside can connect in (no port is
+  forwarded).
+- The host's loopback is out of reach: 127.0.0.1 in the sandbox is the sandbox's own loopback,
+  and 10.0.2.2, which slirp4netns would otherwise map to the host's 127.0.0.1, is refused
+  (`--disable-host-loopback`). Shuttle's, Weaver's and a database's loopback ports stay closed.
+- 10.0.2.3 answers DNS: libslirp forwards UDP port 53 there, and nothing else (TCP to it and UDP
+  to its other ports are refused: measured with libslirp 4.7), to the first nameserver of the
+  host's /etc/resolv.conf, even a loopback one such as systemd-resolved's 127.0.0.53. That
+  resolver is the one service on the host's loopback that a sandbox reaches, on purpose. The
+  sandbox's /etc/resolv.conf names 10.0.2.3 alone (`RESOLV_CONF`): the host's may name a
+  loopback address, which inside would be the sandbox's own.
+- Whatever the host itself can reach is reachable: services that the host offers on its other
+  addresses, as from any machine on the host's network, and its networks' own addresses, such
+  as a cloud's metadata service at 169.254.169.254.
+
+slirp4netns runs as Shuttle's user, in the host's network namespace, so it confines itself as
+far as this host lets it (`Slirp.weaker`): `--enable-sandbox` (a mount namespace of its own
+holding only /etc and /run, read-only; every capability dropped but binding low ports; no new
+privileges) and `--enable-seccomp` (its system call filter, which slirp4netns calls
+experimental). A Shuttle that is not root goes without the sandbox where it fails (it needs
+root mapped in the sandbox's user namespace, which maps only Shuttle's own user); one that is
+root never does.
+
+Attaching (`Slirp.attach`): slirp4netns enters the user and network namespaces of the
+sandbox's first process, which bubblewrap holds before it runs the program, through fds that
+Shuttle opened (so a pid reused in between cannot redirect it), creates and configures tap0,
+then reports on its ready fd (`Link.ready`); only then does the program run, so it never runs
+without its network. A failure to start, or no report within `_READY_TIMEOUT_S`, fails the
+attempt with slirp4netns's own words.
+
+Ending: slirp4netns exits when the write end of its exit fd closes, which Shuttle holds alone:
+the attempt's end closes it (and SIGKILLs slirp4netns, and reaps it), and so does the death of
+Shuttle itself, SIGKILL included. Its stdout and stderr go to Shuttle's log (debug level; a
+failure, or an end while the sandbox ran, as a warning with its last words).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from treadle.shuttle import reaper
+from treadle.shuttle.runtimes._spawn import spawn
+
+__all__ = ["RESOLV_CONF", "Link", "Slirp", "SlirpFailed", "find"]
+
+log = logging.getLogger(__name__)
+
+RESOLV_CONF = b"nameserver 10.0.2.3\n"
+INTERFACE = "tap0"
+_MTU = 65520
+_READY_TIMEOUT_S = 10.0
+# After slirp4netns failed, how long to wait for the rest of its words.
+_OUTPUT_GRACE_S = 1.0
+_OUTPUT_KEPT = 2048
+# slirp4netns's fds: its inputs sit above stdin, stdout and stderr.
+_READY_FD, _EXIT_FD, _NETNS_FD, _USERNS_FD = 3, 4, 5, 6
+
+
+class SlirpFailed(OSError):
+    """slirp4netns could not give the sandbox its network; the message says why."""
+
+
+def find() -> Slirp | None:
+    """slirp4netns as found on PATH, or None."""
+    path = shutil.which("slirp4netns")
+    return None if path is None else Slirp(path)
+
+
+class Slirp:
+    """The slirp4netns program of this host, and how it confines itself."""
+
+    def __init__(self, path: str, *, sandbox: bool = True, seccomp: bool = True) -> None:
+        self.path = path
+        self.sandbox = sandbox
+        self.seccomp = seccomp
+
+    def weaker(self) -> Slirp | None:
+        """What to try where this fails to run here: without the seccomp filter, then, for a
+        Shuttle that is not root, without the sandbox; None when nothing weaker is allowed."""
+        if self.seccomp:
+            return Slirp(self.path, sandbox=self.sandbox, seccomp=False)
+        if self.sandbox and os.geteuid() != 0:
+            return Slirp(self.path, sandbox=False, seccomp=True)
+        return None
+
+    def describe(self) -> str:
+        confined = [
+            name for name, used in (("sandbox", self.sandbox), ("seccomp", self.seccomp)) if used
+        ]
+        return f"{self.path} ({', '.join(confined) or 'unconfined'})"
+
+    def argv(self) -> list[str]:
+        return [
+            self.path,
+            "--configure",
+            f"--mtu={_MTU}",
+            "--disable-host-loopback",
+            *(["--enable-sandbox"] if self.sandbox else []),
+            *(["--enable-seccomp"] if self.seccomp else []),
+            f"--ready-fd={_READY_FD}",
+            f"--exit-fd={_EXIT_FD}",
+            "--netns-type=path",
+            f"--userns-path=/proc/self/fd/{_USERNS_FD}",
+            f"/proc/self/fd/{_NETNS_FD}",
+            INTERFACE,
+        ]
+
+    def attach(self, pid: int, pidfd: int) -> Link:
+        """Start slirp4netns on the network namespace of process `pid`, of which `pidfd` is a
+        pidfd; `Link.ready()` then tells when the network is up. Raises ProcessLookupError
+        when the process is gone, SlirpFailed when slirp4netns cannot be started."""
+        ours: list[int] = []  # closed here if anything fails
+        theirs: list[int] = []  # slirp4netns's ends, closed here once it has them
+        try:
+            netns = _open(f"/proc/{pid}/ns/net", theirs)
+            userns = _open(f"/proc/{pid}/ns/user", theirs)
+            # Still alive, so the pid was not reused: those namespaces are the process's.
+            signal.pidfd_send_signal(pidfd, 0)
+            found, own = os.fstat(netns), os.stat("/proc/self/ns/net")
+            if (found.st_dev, found.st_ino) == (own.st_dev, own.st_ino):
+                raise SlirpFailed("the sandbox has no network namespace of its own")
+            ready_r, ready_w = os.pipe()
+            ours.append(ready_r)
+            theirs.append(ready_w)
+            exit_r, exit_w = os.pipe()
+            ours.append(exit_w)
+            theirs.append(exit_r)
+            output_r, output_w = os.pipe()
+            ours.append(output_r)
+            theirs.append(output_w)
+            devnull = _open(os.devnull, theirs)
+            fds = {
+                0: devnull,
+                1: output_w,
+                2: output_w,
+                _READY_FD: ready_w,
+                _EXIT_FD: exit_r,
+                _NETNS_FD: netns,
+                _USERNS_FD: userns,
+            }
+            try:
+                child = spawn(self.path, self.argv(), {}, Path("/"), fds)
+            except OSError as exc:
+                raise SlirpFailed(f"cannot start {self.path}: {exc.strerror or exc}") from exc
+            reaper.track(child)
+            try:
+                child_fd = os.pidfd_open(child)
+            except OSError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+                reaper.untrack(child)
+                raise
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        return Link(child, child_fd, ready_fd=ready_r, exit_fd=exit_w, output_fd=output_r)
+
+
+class Link:
+    """One running slirp4netns, serving one sandbox."""
+
+    def __init__(
+        self, pid: int, pidfd: int, *, ready_fd: int, exit_fd: int, output_fd: int
+    ) -> None:
+        self.pid = pid
+        self._loop = asyncio.get_running_loop()
+        self._pidfd: int | None = pidfd
+        self._ready: int | None = ready_fd
+        self._exit: int | None = exit_fd  # its closing ends slirp4netns
+        self._output: int | None = output_fd
+        self._output_done: asyncio.Future[None] = self._loop.create_future()
+        self._tail = bytearray()
+        self._line = bytearray()
+        self._up = False  # the network was configured
+        self._stopped = False
+        self._ended: list[Callable[[], None]] = []
+        os.set_blocking(output_fd, False)
+        self._loop.add_reader(output_fd, self._read_output)
+        self._loop.add_reader(pidfd, self._on_exit)
+
+    async def ready(self) -> None:
+        """Returns once the sandbox's network is configured; raises SlirpFailed (having
+        stopped slirp4netns) when it will not be."""
+        assert self._ready is not None
+        fd = self._ready
+        report: asyncio.Future[bytes] = self._loop.create_future()
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 16)
+            except BlockingIOError:
+                return
+            if not report.done():
+                report.set_result(data)
+
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, readable)
+        try:
+            async with asyncio.timeout(_READY_TIMEOUT_S):
+                said = await report
+        except TimeoutError:
+            self.stop()
+            raise SlirpFailed(
+                f"slirp4netns did not set up the network within {_READY_TIMEOUT_S:.0f}s"
+            ) from None
+        finally:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+            self._ready = None
+        if said.startswith(b"1"):
+            self._up = True
+            return
+        # It ended without a word on the ready fd: its output says why.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_OUTPUT_GRACE_S):
+                await asyncio.shield(self._output_done)
+        self.stop()
+        words = self._tail.decode(errors="replace").strip().replace("\n", "; ")
+        raise SlirpFailed(f"slirp4netns failed to set up the network: {words or 'it said nothing'}")
+
+    def stop(self) -> None:
+        """End slirp4netns now (idempotent); `when_ended` tells when it is gone."""
+        self._stopped = True
+        if self._exit is not None:
+            os.close(self._exit)
+            self._exit = None
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def when_ended(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once slirp4netns has ended and been reaped (at once if it has)."""
+        if self._pidfd is None:
+            callback()
+        else:
+            self._ended.append(callback)
+
+    def close(self) -> None:
+        """Stop slirp4netns and release all the link holds, without waiting: a slirp4netns
+        not yet gone is left to the reaper's sweep."""
+        self.stop()
+        self._reap()
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+            reaper.untrack(self.pid)
+        if self._ready is not None:
+            os.close(self._ready)
+            self._ready = None
+        self._close_output()
+        self._ended.clear()
+
+    def _on_exit(self) -> None:
+        if not self._reap():
+            return  # spurious wake-up
+        for callback in self._ended:
+            callback()
+        self._ended.clear()
+
+    def _reap(self) -> bool:
+        """Whether slirp4netns has been reaped, now or before."""
+        if self._pidfd is None:
+            return True
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 0
+        if pid == 0:
+            return False
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        reaper.untrack(self.pid)
+        if self._up and not self._stopped:
+            log.warning(
+                "slirp4netns %d ended (%s) while its sandbox ran: %s",
+                self.pid,
+                _describe(status),
+                self._tail.decode(errors="replace").strip() or "it said nothing",
+            )
+        return True
+
+    def _read_output(self) -> None:
+        assert self._output is not None
+        try:
+            data = os.read(self._output, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_output()
+            return
+        self._tail += data
+        del self._tail[:-_OUTPUT_KEPT]
+        self._line += data
+        *lines, rest = self._line.split(b"\n")
+        self._line = bytearray(rest)
+        for line in lines:
+            log.debug("slirp4netns %d: %s", self.pid, line.decode(errors="replace"))
+
+    def _close_output(self) -> None:
+        if self._output is None:
+            return
+        self._loop.remove_reader(self._output)
+        os.close(self._output)
+        self._output = None
+        if self._line:
+            log.debug("slirp4netns %d: %s", self.pid, self._line.decode(errors="replace"))
+            self._line.clear()
+        if not self._output_done.done():
+            self._output_done.set_result(None)
+
+
+def _open(path: str, opened: list[int]) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    opened.append(fd)
+    return fd
+
+
+def _describe(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"signal {-code}" if code < 0 else f"exit code {code}"
