@@ -8,7 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from treadle import __version__
-from treadle.cli import executions, functions, nodes, servers
+from treadle.cli import executions, explain, functions, nodes, servers
 from treadle.cli.state import CLIState
 
 __all__ = ["app", "main"]
@@ -88,6 +88,7 @@ app.command()(executions.invoke)
 app.command()(executions.logs)
 app.command()(executions.cancel)
 app.command()(executions.ps)
+app.command()(explain.explain)
 app.command()(nodes.nodes)
 servers.register(app)
 

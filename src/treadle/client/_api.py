@@ -236,6 +236,10 @@ def list_executions(
     return Call("GET", "/v1/executions", parse_object, params=params)
 
 
+def placement(execution_id: str) -> Call[JSONObject]:
+    return Call("GET", f"/v1/executions/{_segment(execution_id)}/placement", parse_object)
+
+
 def cancel(execution_id: str) -> Call[JSONObject]:
     return Call("POST", f"/v1/executions/{_segment(execution_id)}/cancel", parse_object)
 

@@ -142,6 +142,10 @@ class AsyncClient:
             if not cursor:
                 return
 
+    async def placement(self, execution_id: str) -> JSONObject:
+        """Where the execution was placed and why (scores per criterion, rejections)."""
+        return await self._send(_api.placement(execution_id))
+
     async def cancel(self, execution_id: str) -> JSONObject:
         return await self._send(_api.cancel(execution_id))
 

@@ -153,6 +153,10 @@ class Client:
             if not cursor:
                 return
 
+    def placement(self, execution_id: str) -> JSONObject:
+        """Where the execution was placed and why (scores per criterion, rejections)."""
+        return self._send(_api.placement(execution_id))
+
     def cancel(self, execution_id: str) -> JSONObject:
         return self._send(_api.cancel(execution_id))
 

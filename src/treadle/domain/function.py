@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,9 +19,13 @@ from treadle.domain.errors import InvalidRequest
 from treadle.domain.resources import Resources, Tier
 
 __all__ = [
+    "CRITERIA",
     "IMAGE_TIERS",
+    "STRATEGIES",
     "FunctionSpec",
+    "GpuSpec",
     "PlacementSpec",
+    "Strategy",
     "ensure_json_safe",
     "placeholders",
     "render_command",
@@ -52,13 +56,65 @@ def ensure_json_safe(value: Any) -> None:
         raise ValueError(f"not representable in JSON: {exc}") from None
 
 
-class PlacementSpec(BaseModel):
-    """Hard placement constraints (the scoring strategies arrive with the full scheduler)."""
+STRATEGIES = ("lowest_cost", "best_performance", "balanced", "high_availability", "custom")
+CRITERIA = ("cost", "performance", "load", "reliability", "locality")
+Strategy = Literal["lowest_cost", "best_performance", "balanced", "high_availability", "custom"]
+_COUNTRY = r"^[A-Z]{2}$"
 
+
+class GpuSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    count: int = Field(ge=0, le=1024)
+    type: str | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="after")
+    def _type_needs_a_count(self) -> GpuSpec:
+        if self.type is not None and self.count == 0:
+            raise ValueError("a gpu type needs a count of at least 1")
+        return self
+
+
+class PlacementSpec(BaseModel):
+    """Where work may run (hard constraints) and how to choose among those places
+    (`strategy`, and `weights` for `custom`), DESIGN §5."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    strategy: Strategy | None = None  # None: the operator's default
+    weights: dict[str, float] | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     regions: list[str] = Field(default_factory=list, max_length=64)
+    zones: list[str] = Field(default_factory=list, max_length=64)
+    countries: list[Annotated[str, Field(pattern=_COUNTRY)]] = Field(
+        default_factory=list, max_length=64
+    )
+    tolerations: list[str] = Field(default_factory=list, max_length=64)
+    gpu: GpuSpec | None = None
+    max_price_per_hour: float | None = Field(default=None, gt=0)
+    spot: bool = False
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        for name, weight in value.items():
+            if name not in CRITERIA:
+                raise ValueError(f"unknown criterion {name!r}; known: {', '.join(CRITERIA)}")
+            if weight < 0:
+                raise ValueError(f"weight of {name} must be ≥ 0")
+        if not any(value.values()):
+            raise ValueError("at least one weight must be above 0")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_go_with_custom(self) -> PlacementSpec:
+        if self.strategy == "custom" and self.weights is None:
+            raise ValueError("strategy custom needs weights")
+        if self.weights is not None and self.strategy != "custom":
+            raise ValueError("weights are only for strategy custom")
+        return self
 
 
 class FunctionSpec(BaseModel):
@@ -99,6 +155,24 @@ class FunctionSpec(BaseModel):
         if value is not None and info.data.get("isolation") is not None:
             raise ValueError("give isolation (an exact tier) or min_isolation, not both")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _placement_gpu_is_the_resource_request(cls, data: Any) -> Any:
+        """`placement.gpu` and `resources.gpu_*` say the same thing: one fills the other,
+        and two that disagree are refused."""
+        if not isinstance(data, dict):
+            return data
+        placement, resources = data.get("placement"), data.get("resources")
+        gpu = placement.get("gpu") if isinstance(placement, dict) else None
+        if not isinstance(gpu, dict) or (resources is not None and not isinstance(resources, dict)):
+            return data
+        resources = dict(resources or {})
+        wanted = {"gpu_count": gpu.get("count", 0), "gpu_type": gpu.get("type")}
+        for key, value in wanted.items():
+            if key in resources and resources[key] != value:
+                raise ValueError(f"placement.gpu and resources.{key} disagree")
+        return {**data, "resources": {**resources, **wanted}}
 
     @field_validator("image")
     @classmethod

@@ -45,7 +45,13 @@ class Weaver:
         self.executions = ExecutionService(
             self.db, self.writer, self.bus, self.functions, settings, on_cancel=self._cancelled
         )
-        self.dispatcher = Dispatcher(self.writer, self.registry, self.executions, self.functions)
+        self.dispatcher = Dispatcher(
+            self.writer,
+            self.registry,
+            self.executions,
+            self.functions,
+            default_strategy=settings.default_strategy,
+        )
         self.reports = ReportService(
             on_capacity=self._capacity_changed, on_requeue=self.dispatcher.scan_soon
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,10 @@ class WeaverSettings(BaseSettings):
     # an execution no node can take fails `unschedulable` after waiting this long
     unschedulable_after_s: float = Field(default=600.0, gt=0)
     # NATS JetStream for events between Weaver replicas (with PostgreSQL); none: in-process
+    # The placement strategy of functions that name none (DESIGN §5).
+    default_strategy: Literal[
+        "lowest_cost", "best_performance", "balanced", "high_availability"
+    ] = "balanced"
     nats_url: str | None = None
     nats_stream: str = Field(default="TREADLE", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     max_body_bytes: int = 8 * 1024 * 1024

@@ -54,6 +54,23 @@ async def get_execution(execution_id: str, caller: Caller, weaver: WeaverDep) ->
     return execution_view(await weaver.executions.get(caller.tenant_id, execution_id))
 
 
+@router.get("/{execution_id}/placement", summary="Why it runs where it runs")
+async def get_placement(execution_id: str, caller: Caller, weaver: WeaverDep) -> Any:
+    row = await weaver.executions.get(caller.tenant_id, execution_id)
+    decided = row.node_id is not None and isinstance(row.placement, dict)
+    return {
+        "execution_id": row.id,
+        "state": row.state,
+        "attempt": row.attempt,
+        "node_id": row.node_id,
+        "isolation": row.isolation,
+        # Until it is placed: why not (it fits no node, or waits for one being provisioned).
+        "pending_reason": row.pending_reason,
+        "placement": row.placement if decided else None,
+        "constraints": row.placement if not decided else None,
+    }
+
+
 @router.post("/{execution_id}/cancel", summary="Cancel an execution")
 async def cancel_execution(execution_id: str, caller: Caller, weaver: WeaverDep) -> Any:
     return execution_view(await weaver.executions.cancel(caller.tenant_id, execution_id))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from sqlalchemy import bindparam, select
 from treadle.domain.function import render_command
 from treadle.domain.resources import Tier
 from treadle.protocol import Assign, AssignSpec
-from treadle.scheduler import Placement, Request, Unschedulable, place
+from treadle.scheduler import Fleet, Placement, Request, Unschedulable, place
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
@@ -32,6 +33,7 @@ __all__ = ["Dispatcher", "Pending"]
 log = logging.getLogger(__name__)
 _E = tables.executions
 _SCAN_INTERVAL_S = 2.0
+_EXHAUSTIVE_UP_TO = 64
 # Replicas placing the same open work (PostgreSQL): each assigns only the rows it could
 # lock, and skips those another replica is assigning instead of waiting for its commit.
 _CLAIM = (
@@ -54,9 +56,13 @@ class Pending:
     args: dict[str, Any]
     stdin: str | None
     reason: str | None = None
+    # What placement carries over for this execution: the invoke's strategy, the nodes and
+    # regions where earlier attempts were lost (`reports.retry_placement`).
+    hint: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: Any, function: FunctionRecord) -> Pending:
+        hint = row.placement if row.node_id is None and isinstance(row.placement, dict) else None
         return cls(
             id=row.id,
             tenant_id=row.tenant_id,
@@ -65,17 +71,43 @@ class Pending:
             args=row.args,
             stdin=row.stdin,
             reason=row.pending_reason,
+            hint=hint,
         )
 
     @property
-    def request(self) -> Request:
+    def shape(self) -> tuple[Any, ...]:
+        """Executions of one shape get the same answer from the same fleet."""
+        hint = self.hint or {}
+        return (
+            self.tenant_id,
+            self.function.spec.name,
+            self.function.version,
+            hint.get("requested_strategy"),
+            tuple(hint.get("avoid_nodes") or ()),
+            tuple(hint.get("avoid_regions") or ()),
+        )
+
+    def request(self, default_strategy: str) -> Request:
         spec = self.function.spec
+        rules = spec.placement
+        hint = self.hint or {}
+        strategy = hint.get("requested_strategy") or rules.strategy or default_strategy
         return Request(
             resources=spec.resources,
             isolation=spec.isolation,
             min_isolation=spec.tier_floor,
-            labels=spec.placement.labels,
-            regions=tuple(spec.placement.regions),
+            labels=rules.labels,
+            regions=tuple(rules.regions),
+            zones=tuple(rules.zones),
+            countries=tuple(rules.countries),
+            strategy=strategy,
+            weights=rules.weights if strategy == "custom" else None,
+            tolerations=frozenset(rules.tolerations),
+            max_price_per_hour=rules.max_price_per_hour,
+            spot=rules.spot,
+            avoid_nodes=frozenset(hint.get("avoid_nodes") or ()),
+            avoid_regions=frozenset(hint.get("avoid_regions") or ()),
+            network=spec.network,
         )
 
     def assignment(self, tier: Tier) -> Assign:
@@ -128,7 +160,13 @@ class Dispatcher:
         registry: NodeRegistry,
         executions: ExecutionService,
         functions: FunctionService,
+        *,
+        default_strategy: str = "balanced",
     ) -> None:
+        self._default_strategy = default_strategy
+        # Sampling for large fleets (see treadle.scheduler): seeded per process, so a
+        # decision can be replayed from the same fleet and seed.
+        self._random = random.Random(0x7EAD1E)
         self._writer = writer
         self._registry = registry
         self._executions = executions
@@ -200,27 +238,31 @@ class Dispatcher:
         if not self._pending:
             return
         sessions = {s.node_id: s for s in self._registry.sessions()}
-        views = {node_id: s.view() for node_id, s in sessions.items()}
+        fleet = Fleet(s.view() for s in sessions.values())
+        # Small fleets are compared whole, so every decision can name its runners-up.
+        sample = self._random if len(fleet) > _EXHAUSTIVE_UP_TO else None
         decisions: list[_Decision] = []
         reasons: list[Pending] = []
-        # Within a round, what did not fit for one function version fits no better for the
-        # next execution of it: remember the answer instead of scanning every node again.
-        unschedulable: dict[tuple[str, str, int], Unschedulable] = {}
+        # Within a round, what did not fit for one shape of execution fits no better for the
+        # next one: remember the answer instead of scanning every node again.
+        unschedulable: dict[tuple[Any, ...], Unschedulable] = {}
         for pending in list(self._pending.values()):
-            shape = (pending.tenant_id, pending.function.spec.name, pending.function.version)
-            result = unschedulable.get(shape) or place(pending.request, views.values())
-            if isinstance(result, Unschedulable):
-                unschedulable[shape] = result
+            shape = pending.shape
+            result = unschedulable.get(shape) or place(
+                pending.request(self._default_strategy), fleet, sample=sample
+            )
+            if not isinstance(result, Placement):
+                unschedulable[shape] = Unschedulable(result.rejected)
             if isinstance(result, Placement):
                 session = sessions[result.node_id]
                 spec = pending.function.spec
-                tier = spec.isolation or session.tier_for(spec.tier_floor)
+                tier = spec.isolation or session.tier_for(spec.tier_floor, network=spec.network)
                 reserved = session.reserve(
                     (pending.id, pending.attempt),
                     pending.function.spec.resources,
                     pending.tenant_id,
                 )
-                views[session.node_id] = session.view()
+                fleet.update(session.view())
                 del self._pending[pending.id]
                 decisions.append(_Decision(pending, session, result, tier, reserved))
             elif pending.reason != result.message:
@@ -263,12 +305,13 @@ class Dispatcher:
             for d in decisions:
                 if claimed is not None and d.pending.id not in claimed:
                     continue
+                hello = d.session.hello
                 placement = {
-                    "node_id": d.placement.node_id,
-                    "score": d.placement.score,
-                    "breakdown": dict(d.placement.breakdown),
-                    "rejected": dict(d.placement.rejected),
+                    **d.placement.to_dict(),
+                    **(d.pending.hint or {}),
                     "tier": d.tier.value,
+                    "region": hello.region,
+                    "spot": hello.spot,
                 }
                 result = await tx.conn.execute(
                     EXECUTION_ASSIGN,

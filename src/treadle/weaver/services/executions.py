@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import and_, func, select
@@ -53,6 +53,11 @@ class InvokeRequest(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
     stdin: str | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    # Overrides the function's placement strategy for this execution (not `custom`, whose
+    # weights belong to the function).
+    strategy: Literal["lowest_cost", "best_performance", "balanced", "high_availability"] | None = (
+        None
+    )
 
     @model_validator(mode="after")
     def _json_safe(self) -> InvokeRequest:
@@ -153,6 +158,8 @@ class ExecutionService:
                 "cancel_requested": False,
                 "resources": spec.resources.model_dump(mode="json"),
                 "isolation": spec.isolation.value if spec.isolation else None,
+                # Until it is placed, what the invoke asked of placement; then the decision.
+                "placement": {"requested_strategy": body.strategy} if body.strategy else None,
                 "created_at": tx.now,
                 "queued_at": tx.now,
             }

@@ -31,6 +31,8 @@ from treadle.weaver.views import iso
 __all__ = ["Held", "NodeRegistry", "NodeService", "NodeSession", "record_node_state"]
 
 _N = tables.nodes
+# Weight of the newest outcome: about the last ten attempts count.
+RELIABILITY_ALPHA = 0.1
 _ZERO = Resources.model_construct(
     cpu_millicores=0, memory_mib=0, disk_mib=0, gpu_count=0, gpu_type=None
 )
@@ -54,6 +56,8 @@ class NodeSession:
     attempts: dict[AttemptKey, Held] = field(default_factory=dict)
     allocated: Resources = _ZERO
     last_heartbeat: float = field(default_factory=time.time)
+    # EWMA of how its attempts ended: 1 for each exit it reported, 0 for each lost with it.
+    reliability: float = 1.0
     # monotonic time of the last frame of any kind: what the reconciler judges silence by
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -82,25 +86,43 @@ class NodeSession:
         self.allocated = self.allocated.minus(held.resources)
         return True
 
-    def tier_for(self, minimum: Tier | None) -> Tier:
+    def tier_for(self, minimum: Tier | None, *, network: bool = False) -> Tier:
         """The tier to run work in: the weakest (fastest) one at least `minimum`, or the
-        strongest offered when the work names no minimum."""
+        strongest offered when the work names no minimum; for work asking for network, of
+        the tiers that give it (the scheduler placed it here because one does)."""
         offered = sorted(self.hello.runtimes, key=lambda tier: tier.strength)
+        if network:
+            offered = [t for t in offered if t in self.hello.network_tiers] or offered
         if minimum is None:
             return offered[-1]
-        return next(tier for tier in offered if tier.strength >= minimum.strength)
+        return next((tier for tier in offered if tier.strength >= minimum.strength), offered[-1])
 
     def view(self) -> NodeView:
-        capacity = self.hello.capacity
+        hello = self.hello
+        capacity = hello.capacity
         return NodeView(
             id=self.node_id,
             capacity=capacity,
             free=capacity.minus(self.allocated),
-            runtimes=frozenset(self.hello.runtimes),
+            runtimes=frozenset(hello.runtimes),
             ready=not self.draining,
-            labels=self.hello.labels,
-            region=self.hello.region,
+            labels=hello.labels,
+            region=hello.region,
+            provider=hello.provider,
+            zone=hello.zone,
+            country=hello.country,
+            price_per_hour=hello.price_per_hour,
+            spot=hello.spot,
+            spot_price_per_hour=hello.spot_price_per_hour,
+            perf_score=hello.perf_score,
+            reliability=min(1.0, max(0.0, self.reliability)),
+            taints=hello.taints,
+            network_tiers=frozenset(hello.network_tiers),
         )
+
+    def observe(self, outcome: float) -> None:
+        """Fold one attempt's ending into `reliability` (1: the node reported it)."""
+        self.reliability += RELIABILITY_ALPHA * (outcome - self.reliability)
 
 
 class NodeRegistry:
@@ -171,6 +193,12 @@ class NodeService:
             "capacity": hello.capacity.model_dump(mode="json"),
             "runtimes": [tier.value for tier in hello.runtimes],
             "price_per_hour": hello.price_per_hour,
+            "country": hello.country,
+            "spot": hello.spot,
+            "spot_price_per_hour": hello.spot_price_per_hour,
+            "perf_score": hello.perf_score,
+            "taints": hello.taints,
+            "network_tiers": [tier.value for tier in hello.network_tiers],
         }
 
         async def write(tx: Tx) -> str:
@@ -200,6 +228,11 @@ class NodeService:
             return new
 
         return await self._writer.run(write), secret
+
+    async def reliability(self, node_id: str) -> float:
+        async with self._db.read() as conn:
+            row = (await conn.execute(select(_N.c.reliability).where(_N.c.id == node_id))).first()
+        return _reliability(row) if row is not None else 1.0
 
     async def is_draining(self, node_id: str) -> bool:
         async with self._db.read() as conn:
@@ -262,8 +295,20 @@ class NodeService:
             "allocated": allocated.model_dump(mode="json"),
             "runtimes": row.runtimes,
             "price_per_hour": row.price_per_hour,
+            "country": row.country,
+            "spot": bool(row.spot),
+            "spot_price_per_hour": row.spot_price_per_hour,
+            "perf_score": row.perf_score,
+            "reliability": session.reliability if session else _reliability(row),
+            "taints": row.taints or {},
+            "network_tiers": row.network_tiers or [],
             "last_heartbeat": iso(session.last_heartbeat if session else row.last_heartbeat),
             "connected": session is not None or self._linked_elsewhere(row),
             "running": len(session.attempts) if session else 0,
             "created_at": iso(row.created_at),
         }
+
+
+def _reliability(row: Any) -> float:
+    value = row.reliability
+    return 1.0 if value is None else float(value)

@@ -24,14 +24,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import bindparam, case, distinct, select, update
+from sqlalchemy import bindparam, case, distinct, func, select, update
 
 from treadle.domain.node import NodeState
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.fleet import order_disconnect
 from treadle.weaver.services.leadership import Leadership
-from treadle.weaver.services.nodes import NodeRegistry, NodeSession, record_node_state
+from treadle.weaver.services.nodes import (
+    RELIABILITY_ALPHA,
+    NodeRegistry,
+    NodeSession,
+    record_node_state,
+)
 from treadle.weaver.services.reports import ReportService
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
@@ -192,5 +197,11 @@ class Reconciler:
             await record_node_state(tx, node_id, NodeState.DOWN)
             order_disconnect(tx, node_id)
             await self._reports.release_node(tx, node_id)
+            # Losing work counts against the node where placement weighs reliability.
+            await tx.conn.execute(
+                update(_N)
+                .where(_N.c.id == node_id)
+                .values(reliability=func.coalesce(_N.c.reliability, 1.0) * (1 - RELIABILITY_ALPHA))
+            )
 
         return write

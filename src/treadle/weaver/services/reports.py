@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from treadle.domain.execution import (
     Event,
@@ -128,7 +128,7 @@ class ReportService:
                     "_state": row.state,
                     "_attempt": row.attempt,
                     "node_id": None,
-                    "placement": None,
+                    "placement": retry_placement(row.placement, None),
                 },
             )
             announce_open(tx)
@@ -145,7 +145,7 @@ class ReportService:
                 queued_at=tx.now,
                 attempt=row.attempt + 1,
                 node_id=None,
-                placement=None,
+                placement=retry_placement(row.placement, row.node_id),
                 running_at=None,
                 pending_reason=None,
             )
@@ -218,6 +218,13 @@ class ReportService:
                 self._on_capacity()
 
         tx.after_commit.append(release)
+        if session.reliability < 1.0:  # nothing to write while it has never lost work
+            session.observe(1.0)
+            await tx.conn.execute(
+                update(tables.nodes)
+                .where(tables.nodes.c.id == session.node_id)
+                .values(reliability=session.reliability)
+            )
         ack: list[WeaverMessage] = [Ack(id=msg.id, attempt=msg.attempt, exited=True)]
         outcome = exit_outcome(msg.exit_code, msg.reason and msg.reason[:_REASON_MAX])
         held = session.attempts.get(key)
@@ -249,3 +256,25 @@ class ReportService:
             )
             tx.notify(f"execution.{msg.id}", msg.id, {"state": row.state, "settled": True})
         return ack
+
+
+def retry_placement(decided: Any, lost_on: str | None) -> dict[str, Any] | None:
+    """What the next placement of an execution keeps from the last one: the invoke's
+    strategy, and the nodes (and, for spot nodes, the regions) where attempts were lost,
+    which it avoids."""
+    if not isinstance(decided, dict):
+        return None
+    kept: dict[str, Any] = {}
+    if decided.get("requested_strategy"):
+        kept["requested_strategy"] = decided["requested_strategy"]
+    avoid_nodes = list(decided.get("avoid_nodes") or [])
+    avoid_regions = list(decided.get("avoid_regions") or [])
+    if lost_on is not None:
+        avoid_nodes.append(lost_on)
+        if decided.get("spot") and decided.get("region"):
+            avoid_regions.append(decided["region"])
+    if avoid_nodes:
+        kept["avoid_nodes"] = sorted(set(avoid_nodes))
+    if avoid_regions:
+        kept["avoid_regions"] = sorted(set(avoid_regions))
+    return kept or None

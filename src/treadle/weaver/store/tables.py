@@ -78,6 +78,14 @@ nodes = Table(
     Column("price_per_hour", Float, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("last_heartbeat", Float),
+    Column("country", String(2)),
+    Column("spot", Boolean),
+    Column("spot_price_per_hour", Float),
+    Column("perf_score", Float),
+    # EWMA of how this node's attempts ended (1: reported an exit, 0: lost with the node).
+    Column("reliability", Float),
+    Column("taints", JSON),
+    Column("network_tiers", JSON),
 )
 
 functions = Table(
