@@ -100,14 +100,41 @@ def weaver_command(
         ),
     ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+    providers: Annotated[
+        Path | None,
+        typer.Option(
+            "--providers",
+            metavar="FILE",
+            help="JSON file of providers to start nodes from when work fits no node "
+            "(see docs/placement.md).",
+        ),
+    ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option("--strategy", help="Placement strategy of functions that name none."),
+    ] = None,
 ) -> None:
     """Run the control plane (API, state, scheduler). Several replicas share one fleet when
     they share a PostgreSQL database and a NATS server."""
+    from treadle.weaver.providers.config import ProvidersConfigError, load_fleet_config
     from treadle.weaver.server import serve
 
     settings = _weaver_settings(
-        home, host, port, database_url=database_url, nats_url=nats_url, log_level=log_level
+        home,
+        host,
+        port,
+        database_url=database_url,
+        nats_url=nats_url,
+        log_level=log_level,
+        providers_file=providers,
+        default_strategy=strategy,
     )
+    if settings.providers_file is not None:
+        try:
+            load_fleet_config(settings.providers_file)
+        except ProvidersConfigError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from None
     _require_free_port(settings.host, settings.port)
     asyncio.run(serve(settings))
 

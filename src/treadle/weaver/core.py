@@ -7,6 +7,7 @@ from typing import Any
 
 from treadle.weaver.events.bus import EventBus, InProcessBus
 from treadle.weaver.events.nats import NatsBus
+from treadle.weaver.providers.config import FleetConfig, load_fleet_config
 from treadle.weaver.services.auth import AuthService
 from treadle.weaver.services.dispatcher import Dispatcher, Pending
 from treadle.weaver.services.executions import ExecutionService, InvokeRequest
@@ -14,6 +15,7 @@ from treadle.weaver.services.fleet import FleetListener
 from treadle.weaver.services.functions import FunctionService
 from treadle.weaver.services.leadership import leadership_for
 from treadle.weaver.services.nodes import NodeRegistry, NodeService
+from treadle.weaver.services.provisioner import Provisioner
 from treadle.weaver.services.reconciler import Reconciler
 from treadle.weaver.services.reports import ReportService
 from treadle.weaver.settings import WeaverSettings
@@ -45,12 +47,29 @@ class Weaver:
         self.executions = ExecutionService(
             self.db, self.writer, self.bus, self.functions, settings, on_cancel=self._cancelled
         )
+        fleet_config = (
+            load_fleet_config(settings.providers_file)
+            if settings.providers_file is not None
+            else FleetConfig()
+        )
+        self.provisioner = Provisioner(
+            fleet_config.build(settings.home),
+            auth=self.auth,
+            registry=self.registry,
+            nodes=self.nodes,
+            weaver_urls=[settings.public_url or f"http://{settings.host}:{settings.port}"],
+            budget_per_hour=fleet_config.budget_per_hour,
+            scale_down_after_s=fleet_config.scale_down_after_s,
+            join_timeout_s=fleet_config.join_timeout_s,
+            on_joined=self._capacity_changed,
+        )
         self.dispatcher = Dispatcher(
             self.writer,
             self.registry,
             self.executions,
             self.functions,
             default_strategy=settings.default_strategy,
+            provisioner=self.provisioner,
         )
         self.reports = ReportService(
             on_capacity=self._capacity_changed, on_requeue=self.dispatcher.scan_soon
@@ -79,12 +98,15 @@ class Weaver:
         self.fleet.start()
         self.writer.start()
         await self.auth.bootstrap(self.settings.home)
+        await self.provisioner.recover()
         self.dispatcher.start()
         self.reconciler.start()
+        self.provisioner.start()
 
     async def stop(self) -> None:
         for session in self.registry.sessions():
             session.close()
+        await self.provisioner.stop()
         await self.reconciler.stop()
         await self.dispatcher.stop()
         await self.writer.stop()

@@ -38,6 +38,10 @@ class WeaverSettings(BaseSettings):
     default_strategy: Literal[
         "lowest_cost", "best_performance", "balanced", "high_availability"
     ] = "balanced"
+    # Providers Weaver may start nodes from (treadle.weaver.providers.config); None: none.
+    providers_file: Path | None = None
+    # The address Shuttles on started nodes dial; default http://HOST:PORT.
+    public_url: str | None = None
     nats_url: str | None = None
     nats_stream: str = Field(default="TREADLE", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     max_body_bytes: int = 8 * 1024 * 1024

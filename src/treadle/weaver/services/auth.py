@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from treadle.domain.errors import Conflict, NotFound, Unauthenticated
 from treadle.weaver.ids import new_id, new_secret
@@ -133,6 +133,31 @@ class AuthService:
                 )
             ).first()
         return row is not None
+
+    async def issue_join_token(self) -> str:
+        """A join token for one machine Weaver starts itself; revoke it once its node has
+        joined (or never will)."""
+        token = new_secret("tj")
+
+        async def write(tx: Tx) -> None:
+            await tx.conn.execute(
+                tables.join_tokens.insert().values(
+                    id=new_id("jt"), token_hash=hash_secret(token), created_at=tx.now
+                )
+            )
+
+        await self._writer.run(write)
+        return token
+
+    async def revoke_join_token(self, token: str) -> None:
+        async def write(tx: Tx) -> None:
+            await tx.conn.execute(
+                update(tables.join_tokens)
+                .where(tables.join_tokens.c.token_hash == hash_secret(token))
+                .values(revoked_at=tx.now)
+            )
+
+        await self._writer.run(write)
 
     async def node_credential_valid(self, node_id: str, secret: str) -> bool:
         async with self._db.read() as conn:

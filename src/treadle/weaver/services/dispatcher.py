@@ -19,11 +19,12 @@ from sqlalchemy import bindparam, select
 from treadle.domain.function import render_command
 from treadle.domain.resources import Tier
 from treadle.protocol import Assign, AssignSpec
-from treadle.scheduler import Fleet, Placement, Request, Unschedulable, place
+from treadle.scheduler import Fleet, Placement, Provision, Request, Unschedulable, place
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
 from treadle.weaver.services.nodes import NodeRegistry, NodeSession
+from treadle.weaver.services.provisioner import Provisioner
 from treadle.weaver.store import tables
 from treadle.weaver.store.statements import EXECUTION_ASSIGN
 from treadle.weaver.store.writer import Tx, Writer
@@ -162,8 +163,10 @@ class Dispatcher:
         functions: FunctionService,
         *,
         default_strategy: str = "balanced",
+        provisioner: Provisioner | None = None,
     ) -> None:
         self._default_strategy = default_strategy
+        self._provisioner = provisioner
         # Sampling for large fleets (see treadle.scheduler): seeded per process, so a
         # decision can be replayed from the same fleet and seed.
         self._random = random.Random(0x7EAD1E)
@@ -245,14 +248,16 @@ class Dispatcher:
         reasons: list[Pending] = []
         # Within a round, what did not fit for one shape of execution fits no better for the
         # next one: remember the answer instead of scanning every node again.
-        unschedulable: dict[tuple[Any, ...], Unschedulable] = {}
+        unplaced: dict[tuple[Any, ...], Provision | Unschedulable] = {}
+        provisioner = self._provisioner
+        offers = provisioner.offers() if provisioner is not None and provisioner.enabled else ()
         for pending in list(self._pending.values()):
             shape = pending.shape
-            result = unschedulable.get(shape) or place(
-                pending.request(self._default_strategy), fleet, sample=sample
+            result = unplaced.get(shape) or place(
+                pending.request(self._default_strategy), fleet, offers, sample=sample
             )
             if not isinstance(result, Placement):
-                unschedulable[shape] = Unschedulable(result.rejected)
+                unplaced[shape] = result
             if isinstance(result, Placement):
                 session = sessions[result.node_id]
                 spec = pending.function.spec
@@ -265,9 +270,14 @@ class Dispatcher:
                 fleet.update(session.view())
                 del self._pending[pending.id]
                 decisions.append(_Decision(pending, session, result, tier, reserved))
-            elif pending.reason != result.message:
-                pending.reason = result.message
-                reasons.append(pending)
+            else:
+                if isinstance(result, Provision) and provisioner is not None:
+                    reason = provisioner.want(result)
+                else:
+                    reason = result.message
+                if pending.reason != reason:
+                    pending.reason = reason
+                    reasons.append(pending)
         if not decisions and not reasons:
             return
         try:
