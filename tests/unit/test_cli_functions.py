@@ -10,6 +10,7 @@ import pytest
 import typer
 
 from treadle.cli.functions import build_spec, infer_command
+from treadle.domain.function import FunctionSpec
 
 
 @pytest.mark.parametrize(
@@ -131,3 +132,32 @@ def test_bad_command_string(command: str) -> None:
 def test_nothing_to_run() -> None:
     with pytest.raises(typer.BadParameter, match="--command or --file"):
         build_spec("f")
+
+
+def test_placement_options_fill_the_placement_and_keep_the_files(tmp_path: Path) -> None:
+    path = tmp_path / "fn.json"
+    path.write_text('{"command": ["true"], "placement": {"labels": {"disk": "ssd"}}}')
+    spec = build_spec(
+        "p",
+        file=path,
+        strategy="lowest_cost",
+        countries=["DE", "FR"],
+        max_price=0.5,
+        gpus="1:l4",
+        image="127.0.0.1:5000/tools:1",
+        network=True,
+    )
+    assert spec["placement"] == {
+        "labels": {"disk": "ssd"},
+        "strategy": "lowest_cost",
+        "countries": ["DE", "FR"],
+        "max_price_per_hour": 0.5,
+        "gpu": {"count": 1, "type": "l4"},
+    }
+    assert (spec["image"], spec["network"]) == ("127.0.0.1:5000/tools:1", True)
+    assert FunctionSpec.model_validate(spec).resources.gpu_count == 1
+
+
+def test_gpus_must_start_with_a_count() -> None:
+    with pytest.raises(typer.BadParameter, match="COUNT"):
+        build_spec("p", command="true", gpus="l4")

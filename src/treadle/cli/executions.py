@@ -65,6 +65,14 @@ def invoke(
         str | None,
         typer.Option("--idempotency-key", help="Repeating a key returns the same execution."),
     ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            "--strategy",
+            help="Place this run by lowest_cost, best_performance, balanced or "
+            "high_availability instead of the function's strategy.",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print no output, then the final execution as JSON.")
     ] = False,
@@ -80,6 +88,7 @@ def invoke(
         parse_args(args_json, arg or []),
         stdin=_read_stdin(stdin),
         idempotency_key=idempotency_key,
+        strategy=strategy,
     )
     if detach:
         if as_json:

@@ -35,8 +35,14 @@ def explanation_lines(answer: Mapping[str, Any]) -> list[str]:
         reason = answer.get("pending_reason") or "not placed yet"
         lines.append(f"  not placed: {reason}")
         return lines
+    names = answer.get("node_names") or {}
+
+    def node(node_id: Any) -> str:
+        name = names.get(node_id)
+        return f"{name} [{node_id}]" if name else str(node_id)
+
     lines.append(
-        f"  on node {placement.get('node_id')} ({placement.get('provider')}, "
+        f"  on node {node(placement.get('node_id'))} ({placement.get('provider')}, "
         f"{placement.get('domain') or 'no zone'}), tier {answer.get('isolation')}, "
         f"attempt {answer.get('attempt')}"
     )
@@ -47,19 +53,18 @@ def explanation_lines(answer: Mapping[str, Any]) -> list[str]:
     weights = placement.get("weights") or {}
     breakdown = placement.get("breakdown") or {}
     if breakdown:
-        lines.append("  criterion      value  weight")
+        lines.append("  criterion        value  weight")
         for name in sorted(breakdown, key=lambda n: (-float(weights.get(n, 0) or 0), n)):
-            lines.append(f"  {name:<12} {_num(breakdown[name]):>7} {_num(weights.get(name, 0)):>7}")
+            value, weight = _num(breakdown[name]), _num(weights.get(name, 0))
+            lines.append(f"  {name:<14} {value:>7} {weight:>7}")
     compared = placement.get("candidates")
     unchecked = placement.get("unchecked") or 0
     if compared is not None:
         extra = f", {unchecked} not examined" if unchecked else ""
         lines.append(f"  {compared} feasible node(s) compared{extra}")
     for alternative in placement.get("runner_ups") or []:
-        lines.append(
-            f"  runner-up {alternative.get('target')}: score {_num(alternative.get('score'))}, "
-            f"cost {_num(alternative.get('cost_per_hour'), 4)}/h"
-        )
+        score, cost = _num(alternative.get("score")), _num(alternative.get("cost_per_hour"), 4)
+        lines.append(f"  runner-up {node(alternative.get('target'))}: score {score}, cost {cost}/h")
     rejected = placement.get("rejected") or {}
     for reason, count in sorted(rejected.items()):
         lines.append(f"  ruled out {count} node(s) {reason}")

@@ -82,6 +82,11 @@ def build_spec(
     max_attempts: int | None = None,
     image: str | None = None,
     network: bool | None = None,
+    strategy: str | None = None,
+    regions: list[str] | None = None,
+    countries: list[str] | None = None,
+    max_price: float | None = None,
+    gpus: str | None = None,
 ) -> dict[str, Any]:
     """The body of `POST /v1/functions` from the `fn create` options; options win over the file."""
     if command is None and file is None:
@@ -126,6 +131,22 @@ def build_spec(
         spec["image"] = image
     if network is not None:
         spec["network"] = network
+    placement: dict[str, Any] = dict(spec.get("placement") or {})
+    for key, value in (
+        ("strategy", strategy),
+        ("regions", regions or None),
+        ("countries", countries or None),
+        ("max_price_per_hour", max_price),
+    ):
+        if value is not None:
+            placement[key] = value
+    if gpus is not None:
+        count, _, kind = gpus.partition(":")
+        if not count.isdigit():
+            raise typer.BadParameter("expected COUNT or COUNT:TYPE, e.g. 1:l4", param_hint="--gpus")
+        placement["gpu"] = {"count": int(count), "type": kind or None}
+    if placement:
+        spec["placement"] = placement
     return spec
 
 
@@ -186,6 +207,28 @@ def create(
             help="Ask for outbound network (nodes give it only where their operator allows).",
         ),
     ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            "--strategy",
+            help="lowest_cost, best_performance, balanced or high_availability "
+            "(custom weights go in a --file spec).",
+        ),
+    ] = None,
+    region: Annotated[
+        list[str] | None, typer.Option("--region", help="Only these regions (repeatable).")
+    ] = None,
+    country: Annotated[
+        list[str] | None,
+        typer.Option("--country", metavar="CC", help="Only these countries (repeatable)."),
+    ] = None,
+    max_price: Annotated[
+        float | None,
+        typer.Option("--max-price", metavar="PER_HOUR", help="Most its share may cost per hour."),
+    ] = None,
+    gpus: Annotated[
+        str | None, typer.Option("--gpus", metavar="COUNT[:TYPE]", help="GPUs it needs.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the function as JSON.")] = False,
 ) -> None:
     """Register a function, or a new version of one."""
@@ -202,6 +245,11 @@ def create(
         max_attempts=max_attempts,
         image=image,
         network=network,
+        strategy=strategy,
+        regions=region,
+        countries=country,
+        max_price=max_price,
+        gpus=gpus,
     )
     function = client_from(ctx).create_function(spec)
     if as_json:

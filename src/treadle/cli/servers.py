@@ -185,6 +185,14 @@ def shuttle_command(
         float | None,
         typer.Option("--perf-score", help="Relative speed (default: measured at start)."),
     ] = None,
+    simulate_gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--simulate-gpus",
+            metavar="COUNT:TYPE",
+            help="Advertise GPUs that are not there (demos, tests).",
+        ),
+    ] = None,
     taint: Annotated[
         list[str],
         typer.Option("--taint", metavar="KEY=VALUE", help="Only work tolerating KEY lands here."),
@@ -243,6 +251,7 @@ def shuttle_command(
         "country": country,
         "spot_price_per_hour": spot_price,
         "perf_score": perf_score,
+        "simulated_gpus": simulate_gpus,
         "cpu_millicores": cpu,
         "memory_mib": memory,
     }

@@ -196,10 +196,13 @@ def invoke(
     idempotency_key: str | None = None,
     wait: float | None = None,
     version: int | None = None,
+    strategy: str | None = None,
 ) -> Call[JSONObject]:
     body: JSONObject = {"args": dict(args or {})}
     if stdin is not None:
         body["stdin"] = stdin
+    if strategy is not None:
+        body["strategy"] = strategy
     if idempotency_key is not None:
         body["idempotency_key"] = idempotency_key
     params: Params = {}

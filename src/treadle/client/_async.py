@@ -104,9 +104,16 @@ class AsyncClient:
         idempotency_key: str | None = None,
         wait: float | None = None,
         version: int | None = None,
+        strategy: str | None = None,
     ) -> JSONObject:
         call = _api.invoke(
-            name, args, stdin=stdin, idempotency_key=idempotency_key, wait=wait, version=version
+            name,
+            args,
+            stdin=stdin,
+            idempotency_key=idempotency_key,
+            wait=wait,
+            version=version,
+            strategy=strategy,
         )
         return await self._send(call)
 

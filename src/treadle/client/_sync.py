@@ -113,10 +113,17 @@ class Client:
         idempotency_key: str | None = None,
         wait: float | None = None,
         version: int | None = None,
+        strategy: str | None = None,
     ) -> JSONObject:
         """Start an execution; with `wait`, block up to that many seconds for it to end."""
         call = _api.invoke(
-            name, args, stdin=stdin, idempotency_key=idempotency_key, wait=wait, version=version
+            name,
+            args,
+            stdin=stdin,
+            idempotency_key=idempotency_key,
+            wait=wait,
+            version=version,
+            strategy=strategy,
         )
         return self._send(call)
 

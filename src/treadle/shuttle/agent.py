@@ -46,7 +46,7 @@ from treadle.shuttle.benchmark import cpu_score
 from treadle.shuttle.capacity import detect_capacity
 from treadle.shuttle.credentials import NodeCredential, load_credential, save_credential
 from treadle.shuttle.errors import ShuttleError
-from treadle.shuttle.gpus import GpuPool, detect_gpus
+from treadle.shuttle.gpus import GpuPool, detect_gpus, simulated_gpus
 from treadle.shuttle.runtimes import Runtime, available_runtimes, gives_network
 from treadle.shuttle.settings import ShuttleSettings
 from treadle.shuttle.supervisor import Supervisor
@@ -111,7 +111,11 @@ class Shuttle:
         shutil.rmtree(work_root, ignore_errors=True)
         work_root.mkdir(mode=0o700)
         reaper.become_subreaper()
-        gpus = await asyncio.to_thread(detect_gpus)
+        if settings.simulated_gpus is not None:
+            gpus = simulated_gpus(settings.simulated_gpus)
+            log.warning("advertising %s simulated GPUs: they do not exist", settings.simulated_gpus)
+        else:
+            gpus = await asyncio.to_thread(detect_gpus)
         capacity = detect_capacity(settings, gpus)
         tiers = sorted(runtimes, key=lambda tier: tier.strength)
         measured = settings.perf_score

@@ -43,6 +43,14 @@ def gpu_type(name: str) -> str:
     return model[:64]
 
 
+def simulated_gpus(spec: str) -> list[Gpu]:
+    """`COUNT:TYPE` devices that do not exist, named so that `gpu_type` gives TYPE back."""
+    count, _, model = spec.partition(":")
+    return [
+        Gpu(index=i, uuid=f"GPU-simulated-{i}", name=model, memory_mib=0) for i in range(int(count))
+    ]
+
+
 def detect_gpus() -> list[Gpu]:
     """Blocking (runs nvidia-smi): call once at start-up, off the event loop."""
     smi = shutil.which("nvidia-smi")

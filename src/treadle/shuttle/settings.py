@@ -47,6 +47,11 @@ class ShuttleSettings(BaseSettings):
     # None: measured at start-up.
     perf_score: float | None = Field(default=None, gt=0, le=1e6)
     taints: dict[str, str] = Field(default_factory=dict)
+    # "COUNT:TYPE": advertise GPUs that are not there (demos and tests of placement on a
+    # machine without GPUs); programs see made-up device ids.
+    simulated_gpus: str | None = Field(
+        default=None, pattern=r"^[1-9][0-9]{0,3}:[a-z0-9][a-z0-9-]{0,63}$"
+    )
     allow_process_runtime: bool = False
     # Network for sandboxed executions whose function asks for it (namespace tier and up);
     # without it, no execution has network.

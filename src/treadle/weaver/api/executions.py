@@ -58,7 +58,11 @@ async def get_execution(execution_id: str, caller: Caller, weaver: WeaverDep) ->
 async def get_placement(execution_id: str, caller: Caller, weaver: WeaverDep) -> Any:
     row = await weaver.executions.get(caller.tenant_id, execution_id)
     decided = row.node_id is not None and isinstance(row.placement, dict)
+    named = [row.node_id] if row.node_id else []
+    if decided:
+        named += [str(a.get("target")) for a in row.placement.get("runner_ups") or []]
     return {
+        "node_names": await weaver.nodes.names(named),
         "execution_id": row.id,
         "state": row.state,
         "attempt": row.attempt,

@@ -112,6 +112,9 @@ class LocalProvider:
         # The offer's speed, not a measurement: every local node shares this machine's CPU, and
         # the point is to see the scheduler tell offers apart (it also skips the start-up run).
         argv += ["--perf-score", repr(offer.perf_score)]
+        if offer.gpu_count:
+            # This machine's GPUs are not the offer's: the node advertises made-up ones.
+            argv += ["--simulate-gpus", f"{offer.gpu_count}:{offer.gpu_type or 'gpu'}"]
         return argv
 
     async def _start(self, offer: Offer, spot: bool, join: JoinInfo, node: str) -> _Child:

@@ -229,6 +229,14 @@ class NodeService:
 
         return await self._writer.run(write), secret
 
+    async def names(self, node_ids: list[str]) -> dict[str, str]:
+        """Node names by id, for the ones that exist."""
+        if not node_ids:
+            return {}
+        async with self._db.read() as conn:
+            rows = await conn.execute(select(_N.c.id, _N.c.name).where(_N.c.id.in_(node_ids)))
+            return {row.id: row.name for row in rows}
+
     async def reliability(self, node_id: str) -> float:
         async with self._db.read() as conn:
             row = (await conn.execute(select(_N.c.reliability).where(_N.c.id == node_id))).first()
