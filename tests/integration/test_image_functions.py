@@ -129,6 +129,32 @@ def test_an_image_that_cannot_be_pulled_fails_the_execution_naming_it(
         assert "no such image" in stderr
 
 
+def test_a_node_pulls_only_from_the_registries_its_operator_allows(
+    cluster: Cluster,
+    registry: Registry,  # noqa: F811
+    image: str,
+) -> None:
+    cluster.start_shuttle(
+        "picky", "--runtime", "oci", "--label", "picky=yes",
+        "--insecure-registry", registry.host, "--allow-registry", "registry.example:5000",
+    )  # fmt: skip
+    with cluster.client() as api:
+        created = api.post(
+            "/v1/functions",
+            json={
+                "name": "elsewhere",
+                "command": ["true"],
+                "image": image,
+                "max_attempts": 1,
+                "placement": {"labels": {"picky": "yes"}},
+            },
+        )
+        assert created.status_code == 201, created.text
+        failed = _finished(api, _invoke(api, "elsewhere")["id"])
+        assert (failed["state"], failed["error"]) == ("failure", "spawn_failed")
+        assert "not one this node pulls from" in _output(api, failed["id"])["stderr"]
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -125,6 +125,49 @@ def test_work_fails_node_lost_when_attempts_are_spent(
         assert (done["state"], done["error"], done["attempt"]) == ("failure", "node_lost", 1)
 
 
+def test_work_runs_again_where_it_was_lost_when_no_other_node_may_take_it(
+    fleet: Cluster, tmp_path: Path, gate: Path
+) -> None:
+    """Avoiding the node where an attempt was lost is a preference, not a constraint: the
+    only node allowed, back again, runs the next attempt."""
+    fleet.start_shuttle("solo", "--label", "only=solo")
+    started = tmp_path / "started"
+    with fleet.client() as api:
+        api.post(
+            "/v1/functions",
+            json={
+                "name": "pinned",
+                "command": [PYTHON, "-c", GATED],
+                "env": {"GATE": str(gate), "STARTED": str(started)},
+                "resources": {"cpu_millicores": 100},
+                "placement": {"labels": {"only": "solo"}},
+            },
+        )
+        execution = api.post("/v1/functions/pinned/invoke", json={}).json()
+        eventually(lambda: Path(f"{started}1").exists(), what="attempt 1 to start")
+        first = api.get(f"/v1/executions/{execution['id']}").json()["node_id"]
+        _kill_node(fleet, first)
+        eventually(
+            lambda: api.get(f"/v1/executions/{execution['id']}").json()["attempt"] == 2,
+            timeout=30,
+            what="the work to be requeued",
+        )
+        fleet.start_shuttle("solo", "--label", "only=solo")
+        eventually(lambda: Path(f"{started}2").exists(), timeout=30, what="attempt 2 to start")
+        gate.touch()
+        done = eventually(
+            lambda: (
+                (e := api.get(f"/v1/executions/{execution['id']}").json())["state"] == "success"
+                and e
+            ),
+            timeout=30,
+            what="the execution to succeed",
+        )
+        assert (done["attempt"], done["node_id"]) == (2, first)
+        placement = api.get(f"/v1/executions/{execution['id']}/placement").json()["placement"]
+        assert placement["avoid_nodes"] == [first]
+
+
 def test_work_no_node_can_take_fails_unschedulable_after_the_deadline(
     tmp_path_factory: pytest.TempPathFactory, store: dict[str, str]
 ) -> None:

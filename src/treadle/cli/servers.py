@@ -225,6 +225,14 @@ def shuttle_command(
         str | None,
         typer.Option("--oci-tool", metavar="crun|runc", help="The oci tier's runtime program."),
     ] = None,
+    allow_registry: Annotated[
+        list[str],
+        typer.Option(
+            "--allow-registry",
+            metavar="HOST[:PORT]",
+            help="Pull functions' images only from these registries (repeatable; default any).",
+        ),
+    ] = [],  # noqa: B006
     insecure_registry: Annotated[
         list[str],
         typer.Option(
@@ -271,6 +279,8 @@ def shuttle_command(
         overrides["oci_tool"] = oci_tool
     if insecure_registry:
         overrides["insecure_registries"] = insecure_registry
+    if allow_registry:
+        overrides["allowed_registries"] = allow_registry
     settings = _settings(ShuttleSettings, overrides)
     _exit_with_parent()
     try:

@@ -59,6 +59,10 @@ class ShuttleSettings(BaseSettings):
     # Registries (host:port) reached over plain HTTP without certificate checks: meant for
     # a registry on this host's loopback or a trusted private network.
     insecure_registries: list[str] = Field(default_factory=list)
+    # The registries functions' images may come from (host[:port]; "docker.io" for bare
+    # names); None: any. Pulls use this node's network and credentials, so operators of
+    # shared fleets should name them.
+    allowed_registries: list[str] | None = None
     # Processes (and threads) one sandboxed execution may run at once.
     pids_max: int = Field(default=256, ge=8)
     # The program behind the oci tier; None: crun where it works, else runc.

@@ -106,9 +106,9 @@ class Weaver:
     async def stop(self) -> None:
         for session in self.registry.sessions():
             session.close()
-        await self.provisioner.stop()
         await self.reconciler.stop()
         await self.dispatcher.stop()
+        await self.provisioner.stop()
         await self.writer.stop()
         await self.fleet.stop()
         await self.bus.close()

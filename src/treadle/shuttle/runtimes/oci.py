@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from treadle.domain.resources import Tier
@@ -46,7 +46,7 @@ from treadle.shuttle.oci.bundle import (
     new_container_id,
     prepare_bundle,
 )
-from treadle.shuttle.oci.images import ImageError, ImageStore
+from treadle.shuttle.oci.images import ImageError, ImageStore, parse_reference
 from treadle.shuttle.oci.rootfs import Rootfs
 from treadle.shuttle.oci.tools import (
     OciTool,
@@ -112,8 +112,10 @@ class OciLauncher:
         oom_log: OomLog,
         work_root: Path,
         images: ImageStore | None = None,
+        allowed_registries: Collection[str] | None = None,
     ) -> None:
         self.tool = tool
+        self._allowed = None if allowed_registries is None else frozenset(allowed_registries)
         self.work_root = work_root
         self._rootfs = rootfs
         self._images = images
@@ -138,6 +140,15 @@ class OciLauncher:
             return
         if self._images is None:
             raise ValueError("this node has no image store")
+        if self._allowed is not None:
+            try:
+                registry = parse_reference(spec.image).registry or "docker.io"
+            except ImageError as exc:
+                raise ValueError(str(exc)) from None
+            if registry not in self._allowed:
+                raise ValueError(
+                    f"image {spec.image}: registry {registry} is not one this node pulls from"
+                )
         try:
             rootfs = await asyncio.to_thread(self._images.resolve, spec.image)
         except ImageError as exc:
@@ -325,6 +336,7 @@ class OciRuntime(ProcessRuntime):
         pids_max: int,
         oom_log: OomLog,
         images: ImageStore | None = None,
+        allowed_registries: Collection[str] | None = None,
         drain_timeout_s: float = 1.0,
     ) -> None:
         self._oci = OciLauncher(
@@ -337,6 +349,7 @@ class OciRuntime(ProcessRuntime):
             oom_log=oom_log,
             work_root=state_dir / "work",
             images=images,
+            allowed_registries=allowed_registries,
         )
         super().__init__(self._oci, drain_timeout_s=drain_timeout_s)
 
@@ -399,6 +412,7 @@ def oci_runtimes(settings: ShuttleSettings) -> dict[Tier, OciRuntime]:
             pids_max=settings.pids_max,
             oom_log=oom_log,
             images=images,
+            allowed_registries=settings.allowed_registries,
         )
         log.info("%s tier available through %s", tool.tier, tool.name)
     return runtimes

@@ -59,7 +59,7 @@ async def get_placement(execution_id: str, caller: Caller, weaver: WeaverDep) ->
     row = await weaver.executions.get(caller.tenant_id, execution_id)
     decided = row.node_id is not None and isinstance(row.placement, dict)
     named = [row.node_id] if row.node_id else []
-    if decided:
+    if decided and caller.admin:  # the fleet's other nodes are the operator's business
         named += [str(a.get("target")) for a in row.placement.get("runner_ups") or []]
     return {
         "node_names": await weaver.nodes.names(named),

@@ -115,6 +115,10 @@ class AwsProvider:
 
     # -- the Provider interface
 
+    def catalog(self) -> list[Offer]:
+        """Every offer, quota or not: what running machines are matched against."""
+        return list(self._offers)
+
     def offers(self) -> list[Offer]:
         """Within the quota as last seen: `instances()` refreshes what is running."""
         return self._ledger.within(self._offers)

@@ -85,6 +85,10 @@ class Provider(Protocol):
 
     name: str
 
+    def catalog(self) -> list[Offer]:
+        """Every offer it has, whether the quota allows starting one now or not."""
+        ...
+
     def offers(self) -> list[Offer]:
         """What it could start now: empty once its quota is used up."""
         ...

@@ -75,6 +75,10 @@ class LocalProvider:
         self._ledger = QuotaLedger(name, Quota(max_instances, max_vcpus))
         self._children: dict[str, _Child] = {}
 
+    def catalog(self) -> list[Offer]:
+        """Every offer, quota or not: what running machines are matched against."""
+        return list(self._offers)
+
     def offers(self) -> list[Offer]:
         self._forget_exited()
         return self._ledger.within(self._offers)

@@ -21,6 +21,10 @@ class StaticProvider:
     def __init__(self, name: str = "static") -> None:
         self.name = name
 
+    def catalog(self) -> list[Offer]:
+        """Every offer, quota or not: what running machines are matched against."""
+        return []
+
     def offers(self) -> list[Offer]:
         return []
 

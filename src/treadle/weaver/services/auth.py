@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from treadle.domain.errors import Conflict, NotFound, Unauthenticated
 from treadle.weaver.ids import new_id, new_secret
@@ -129,25 +129,49 @@ class AuthService:
                 await conn.execute(
                     select(tables.join_tokens.c.id)
                     .where(tables.join_tokens.c.token_hash == hash_secret(token))
-                    .where(tables.join_tokens.c.revoked_at.is_(None))
+                    .where(
+                        # An expiring token carries its expiry here, ahead of time.
+                        or_(
+                            tables.join_tokens.c.revoked_at.is_(None),
+                            tables.join_tokens.c.revoked_at > time.time(),
+                        )
+                    )
                 )
             ).first()
         return row is not None
 
-    async def issue_join_token(self) -> str:
-        """A join token for one machine Weaver starts itself; revoke it once its node has
-        joined (or never will)."""
+    async def issue_join_token(self, ttl_s: float) -> str:
+        """A join token for one machine Weaver starts itself: accepted for `ttl_s`, and
+        once (`consume_join_token`). It travels to the machine, where it is less safe."""
         token = new_secret("tj")
 
         async def write(tx: Tx) -> None:
             await tx.conn.execute(
                 tables.join_tokens.insert().values(
-                    id=new_id("jt"), token_hash=hash_secret(token), created_at=tx.now
+                    id=new_id("jt"),
+                    token_hash=hash_secret(token),
+                    created_at=tx.now,
+                    revoked_at=tx.now + ttl_s,
                 )
             )
 
         await self._writer.run(write)
         return token
+
+    async def consume_join_token(self, token: str) -> None:
+        """A node joined with `token`: an expiring (single-use) token is spent; the
+        operator's own join token stays valid."""
+
+        async def write(tx: Tx) -> None:
+            column = tables.join_tokens.c.revoked_at
+            await tx.conn.execute(
+                update(tables.join_tokens)
+                .where(tables.join_tokens.c.token_hash == hash_secret(token))
+                .where(column.is_not(None), column > tx.now)
+                .values(revoked_at=tx.now)
+            )
+
+        await self._writer.run(write)
 
     async def revoke_join_token(self, token: str) -> None:
         async def write(tx: Tx) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import bindparam, select
@@ -19,7 +20,15 @@ from sqlalchemy import bindparam, select
 from treadle.domain.function import render_command
 from treadle.domain.resources import Tier
 from treadle.protocol import Assign, AssignSpec
-from treadle.scheduler import Fleet, Placement, Provision, Request, Unschedulable, place
+from treadle.scheduler import (
+    Fleet,
+    Offer,
+    Placement,
+    Provision,
+    Request,
+    Unschedulable,
+    place,
+)
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
@@ -253,9 +262,7 @@ class Dispatcher:
         offers = provisioner.offers() if provisioner is not None and provisioner.enabled else ()
         for pending in list(self._pending.values()):
             shape = pending.shape
-            result = unplaced.get(shape) or place(
-                pending.request(self._default_strategy), fleet, offers, sample=sample
-            )
+            result = unplaced.get(shape) or self._place(pending, fleet, offers, sample)
             if not isinstance(result, Placement):
                 unplaced[shape] = result
             if isinstance(result, Placement):
@@ -303,6 +310,27 @@ class Dispatcher:
                     decision.pending.tenant_id,
                 )
             current.send(decision.pending.assignment(decision.tier))
+
+    def _place(
+        self,
+        pending: Pending,
+        fleet: Fleet,
+        offers: Sequence[Offer],
+        sample: random.Random | None,
+    ) -> Placement | Provision | Unschedulable:
+        request = pending.request(self._default_strategy)
+        result = place(request, fleet, offers, sample=sample)
+        if isinstance(result, Placement) or not (request.avoid_nodes or request.avoid_regions):
+            return result
+        # Avoiding where earlier attempts were lost is a preference: with nowhere else to go
+        # (one node, restarted), the work runs there rather than waiting for nothing.
+        again = place(
+            replace(request, avoid_nodes=frozenset(), avoid_regions=frozenset()),
+            fleet,
+            (),
+            sample=sample,
+        )
+        return again if isinstance(again, Placement) else result
 
     @staticmethod
     def _record(decisions: list[_Decision], reasons: list[Pending]) -> Any:

@@ -122,7 +122,7 @@ class NodeSession:
 
     def observe(self, outcome: float) -> None:
         """Fold one attempt's ending into `reliability` (1: the node reported it)."""
-        self.reliability += RELIABILITY_ALPHA * (outcome - self.reliability)
+        self.reliability = ewma(self.reliability, outcome)
 
 
 class NodeRegistry:
@@ -315,6 +315,13 @@ class NodeService:
             "running": len(session.attempts) if session else 0,
             "created_at": iso(row.created_at),
         }
+
+
+def ewma(value: float, outcome: float) -> float:
+    """The next reliability: close enough to an outcome, it is that outcome (the series only
+    approaches it, and a node back at 1 needs no more writes)."""
+    value += RELIABILITY_ALPHA * (outcome - value)
+    return outcome if abs(outcome - value) < 1e-6 else value
 
 
 def _reliability(row: Any) -> float:

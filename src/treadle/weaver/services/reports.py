@@ -21,7 +21,7 @@ from treadle.domain.execution import (
 from treadle.domain.resources import Resources
 from treadle.protocol import Ack, AttemptRef, Cancel, Exited, Output, Started, WeaverMessage
 from treadle.weaver.services.fleet import announce_open
-from treadle.weaver.services.nodes import NodeSession
+from treadle.weaver.services.nodes import RELIABILITY_ALPHA, NodeSession
 from treadle.weaver.services.transitions import Expected, transition
 from treadle.weaver.store import tables
 from treadle.weaver.store.statements import (
@@ -218,12 +218,14 @@ class ReportService:
                 self._on_capacity()
 
         tx.after_commit.append(release)
-        if session.reliability < 1.0:  # nothing to write while it has never lost work
+        if session.reliability < 1.0:  # nothing to write while it has lost no work lately
             session.observe(1.0)
+            # From the stored value: the reconciler of another replica may have lowered it.
+            column = tables.nodes.c.reliability
             await tx.conn.execute(
                 update(tables.nodes)
                 .where(tables.nodes.c.id == session.node_id)
-                .values(reliability=session.reliability)
+                .values(reliability=column + RELIABILITY_ALPHA * (1.0 - column))
             )
         ack: list[WeaverMessage] = [Ack(id=msg.id, attempt=msg.attempt, exited=True)]
         outcome = exit_outcome(msg.exit_code, msg.reason and msg.reason[:_REASON_MAX])

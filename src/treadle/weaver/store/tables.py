@@ -59,6 +59,7 @@ join_tokens = Table(
     Column("id", String(40), primary_key=True),
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
+    # When it stops being accepted: set ahead of time for tokens that expire.
     Column("revoked_at", Float),
 )
 
