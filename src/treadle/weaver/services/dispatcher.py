@@ -273,6 +273,7 @@ class Dispatcher:
                     (pending.id, pending.attempt),
                     pending.function.spec.resources,
                     pending.tenant_id,
+                    (pending.tenant_id, spec.name, pending.function.version),
                 )
                 fleet.update(session.view())
                 del self._pending[pending.id]

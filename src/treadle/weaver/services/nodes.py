@@ -45,6 +45,8 @@ class Held:
 
     resources: Resources
     tenant_id: str
+    # What program it runs (tenant, function, version), for speed estimates; None: unknown.
+    kind: tuple[str, str, int] | None = None
 
 
 @dataclass(eq=False)
@@ -58,6 +60,8 @@ class NodeSession:
     last_heartbeat: float = field(default_factory=time.time)
     # EWMA of how its attempts ended: 1 for each exit it reported, 0 for each lost with it.
     reliability: float = 1.0
+    # Relative speed: the node's own measurement, refined by observed run times (speed.py).
+    speed: float = 0.0
     # monotonic time of the last frame of any kind: what the reconciler judges silence by
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -71,11 +75,21 @@ class NodeSession:
     def close(self) -> None:
         self.outbox.put_nowait(None)
 
-    def reserve(self, key: AttemptKey, resources: Resources, tenant_id: str) -> bool:
+    def __post_init__(self) -> None:
+        if not self.speed:
+            self.speed = self.hello.perf_score
+
+    def reserve(
+        self,
+        key: AttemptKey,
+        resources: Resources,
+        tenant_id: str,
+        kind: tuple[str, str, int] | None = None,
+    ) -> bool:
         """Hold `resources` for the attempt; False when it already held them."""
         if key in self.attempts:
             return False
-        self.attempts[key] = Held(resources, tenant_id)
+        self.attempts[key] = Held(resources, tenant_id, kind)
         self.allocated = self.allocated.plus(resources)
         return True
 
@@ -114,7 +128,7 @@ class NodeSession:
             price_per_hour=hello.price_per_hour,
             spot=hello.spot,
             spot_price_per_hour=hello.spot_price_per_hour,
-            perf_score=hello.perf_score,
+            perf_score=max(self.speed, 1e-6),
             reliability=min(1.0, max(0.0, self.reliability)),
             taints=hello.taints,
             network_tiers=frozenset(hello.network_tiers),
@@ -307,6 +321,7 @@ class NodeService:
             "spot": bool(row.spot),
             "spot_price_per_hour": row.spot_price_per_hour,
             "perf_score": row.perf_score,
+            "observed_speed": round(session.speed, 3) if session else None,
             "reliability": session.reliability if session else _reliability(row),
             "taints": row.taints or {},
             "network_tiers": row.network_tiers or [],

@@ -22,6 +22,7 @@ from treadle.domain.resources import Resources
 from treadle.protocol import Ack, AttemptRef, Cancel, Exited, Output, Started, WeaverMessage
 from treadle.weaver.services.fleet import announce_open
 from treadle.weaver.services.nodes import RELIABILITY_ALPHA, NodeSession
+from treadle.weaver.services.speed import SpeedObserver
 from treadle.weaver.services.transitions import Expected, transition
 from treadle.weaver.store import tables
 from treadle.weaver.store.statements import (
@@ -63,6 +64,7 @@ class ReportService:
     def __init__(self, on_capacity: Callable[[], None], on_requeue: Callable[[], None]) -> None:
         self._on_capacity = on_capacity
         self._on_requeue = on_requeue
+        self._speeds = SpeedObserver()
 
     async def hello(
         self, tx: Tx, session: NodeSession, running: list[AttemptRef]
@@ -230,6 +232,8 @@ class ReportService:
         ack: list[WeaverMessage] = [Ack(id=msg.id, attempt=msg.attempt, exited=True)]
         outcome = exit_outcome(msg.exit_code, msg.reason and msg.reason[:_REASON_MAX])
         held = session.attempts.get(key)
+        if held is not None and held.kind is not None and msg.exit_code == 0:
+            session.speed = self._speeds.sample(held.kind, msg.usage.cpu_ms, session.speed)
         if held is not None:
             # The usual case, decided without reading the row: running on this node, now ended.
             expected = Expected(msg.id, held.tenant_id, "running", msg.attempt, session.node_id)
