@@ -117,7 +117,9 @@ def session_members(sid: int) -> list[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[3]) == sid:  # state, ppid, pgrp, session
+        # state, ppid, pgrp, session. A zombie is dead: it lingers only until its parent (this
+        # test process, when an earlier test made it a subreaper) collects it.
+        if int(fields[3]) == sid and fields[0] != "Z":
             members.append(int(entry.name))
     return members
 
