@@ -86,10 +86,6 @@ async def agent(websocket: WebSocket) -> None:
         # A node new to Weaver holds no work yet, so only a known one needs to count as
         # present from the start.
         node_id, secret = await weaver.nodes.register(hello, node_id)
-        if secret is not None:  # joined with a join token, now exchanged for a credential
-            token = bearer(websocket.headers)
-            if token is not None:
-                await weaver.auth.consume_join_token(token)
         session = await _join(websocket, weaver, hello, node_id, secret)
     finally:
         if node_id is not None:

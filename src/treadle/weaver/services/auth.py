@@ -124,21 +124,34 @@ class AuthService:
     # nodes
 
     async def join_token_valid(self, token: str) -> bool:
+        """Whether `token` may register a node now. An expiring token (one Weaver issued
+        for a machine it started) is spent by this call, atomically: two joins with it
+        cannot both pass."""
+        column = tables.join_tokens.c.revoked_at
+        hashed = hash_secret(token)
         async with self._db.read() as conn:
             row = (
                 await conn.execute(
-                    select(tables.join_tokens.c.id)
-                    .where(tables.join_tokens.c.token_hash == hash_secret(token))
-                    .where(
-                        # An expiring token carries its expiry here, ahead of time.
-                        or_(
-                            tables.join_tokens.c.revoked_at.is_(None),
-                            tables.join_tokens.c.revoked_at > time.time(),
-                        )
-                    )
+                    select(column)
+                    .where(tables.join_tokens.c.token_hash == hashed)
+                    .where(or_(column.is_(None), column > time.time()))
                 )
             ).first()
-        return row is not None
+        if row is None:
+            return False
+        if row.revoked_at is None:  # the operator's own token: reusable
+            return True
+
+        async def spend(tx: Tx) -> bool:
+            spent = await tx.conn.execute(
+                update(tables.join_tokens)
+                .where(tables.join_tokens.c.token_hash == hashed, column > tx.now)
+                .values(revoked_at=tx.now)
+                .returning(tables.join_tokens.c.id)
+            )
+            return spent.first() is not None
+
+        return await self._writer.run(spend)
 
     async def issue_join_token(self, ttl_s: float) -> str:
         """A join token for one machine Weaver starts itself: accepted for `ttl_s`, and
@@ -157,31 +170,6 @@ class AuthService:
 
         await self._writer.run(write)
         return token
-
-    async def consume_join_token(self, token: str) -> None:
-        """A node joined with `token`: an expiring (single-use) token is spent; the
-        operator's own join token stays valid."""
-
-        async def write(tx: Tx) -> None:
-            column = tables.join_tokens.c.revoked_at
-            await tx.conn.execute(
-                update(tables.join_tokens)
-                .where(tables.join_tokens.c.token_hash == hash_secret(token))
-                .where(column.is_not(None), column > tx.now)
-                .values(revoked_at=tx.now)
-            )
-
-        await self._writer.run(write)
-
-    async def revoke_join_token(self, token: str) -> None:
-        async def write(tx: Tx) -> None:
-            await tx.conn.execute(
-                update(tables.join_tokens)
-                .where(tables.join_tokens.c.token_hash == hash_secret(token))
-                .values(revoked_at=tx.now)
-            )
-
-        await self._writer.run(write)
 
     async def node_credential_valid(self, node_id: str, secret: str) -> bool:
         async with self._db.read() as conn:
