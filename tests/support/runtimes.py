@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import select
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -63,22 +65,55 @@ def spec(argv: list[str], **overrides: Any) -> AssignSpec:
     return AssignSpec(**fields)
 
 
+# The tier each installed tool should bring; `scripts/test` installs them all.
+_EXPECTED = (
+    ("bwrap", Tier.NAMESPACE, None),
+    ("crun", Tier.OCI, "crun"),
+    ("runc", Tier.OCI, "runc"),
+    ("runsc", Tier.GVISOR, None),
+)
+
+
 def runtime_params(*, process: bool = True) -> list[Any]:
     """pytest params `(tier, settings overrides)` for every runtime this host offers: the
-    oci tier once per program behind it (crun and runc), the others once."""
-    found = available_runtimes(shuttle_settings(Path("/nonexistent")))
+    oci tier once per program behind it (crun and runc), the others once. A tier whose tool
+    is installed but which does not work here is a skipped param naming why, and in CI (where
+    everything is installed) an error: it must never go untested unnoticed."""
     params: list[Any] = []
-    for tier in sorted(found, key=lambda t: t.strength):
-        if tier is Tier.PROCESS and not process:
+    if process:
+        params.append(pytest.param((Tier.PROCESS, {}), id="process"))
+    for program, tier, tool in _EXPECTED:
+        overrides: dict[str, Any] = {} if tool is None else {"oci_tool": tool}
+        name = str(tier) if tool is None else f"{tier}-{tool}"
+        if shutil.which(program) is None:
             continue
-        if tier is not Tier.OCI:
-            params.append(pytest.param((tier, {}), id=str(tier)))
+        offered, why = _offered(tier, overrides)
+        if offered:
+            params.append(pytest.param((tier, overrides), id=name))
             continue
-        for tool in ("crun", "runc"):
-            overrides = {"oci_tool": tool}
-            if Tier.OCI in available_runtimes(shuttle_settings(Path("/nonexistent"), **overrides)):
-                params.append(pytest.param((tier, overrides), id=f"oci-{tool}"))
+        if os.environ.get("CI"):
+            raise RuntimeError(f"{program} is installed but the {name} tier does not work: {why}")
+        params.append(pytest.param((tier, overrides), id=name, marks=pytest.mark.skip(why)))
     return params
+
+
+def _offered(tier: Tier, overrides: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the host offers `tier`, and else what the runtimes logged about it."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                seen.append(record.getMessage())
+
+    handler = Keep()
+    logger = logging.getLogger("treadle.shuttle.runtimes")
+    logger.addHandler(handler)
+    try:
+        found = available_runtimes(shuttle_settings(Path("/nonexistent"), **overrides))
+    finally:
+        logger.removeHandler(handler)
+    return tier in found, "; ".join(seen) or f"{tier} not offered"
 
 
 def make_runtime(param: tuple[Tier, dict[str, Any]], home: Path, **overrides: Any) -> Runtime:

@@ -440,25 +440,34 @@ def _sweep_dead(owned: Path) -> None:
         _, _, pid = entry.name.partition(".")
         if not pid.isdigit() or _alive(int(pid)):
             continue
-        # Finding the tools runs them; where none kept state, there is nothing to ask.
-        kept = any((entry / kind.value).is_dir() for kind in ToolKind)
-        report = sweep(
-            find_tools(entry, search_path=_search_path()) if kept else [],
-            bundles_dir=entry / "bundles",
-            cgroup_parent=f"{CGROUP_PARENT}/{entry.name}",
+        try:
+            _sweep_entry(entry)
+        except OSError as exc:
+            # Shuttles starting together sweep the same leftovers: what another removed
+            # first is gone, which is the point; nothing here may cost this one its tiers.
+            log.info("sweeping %s: %s", entry, exc)
+
+
+def _sweep_entry(entry: Path) -> None:
+    # Finding the tools runs them; where none kept state, there is nothing to ask.
+    kept = any((entry / kind.value).is_dir() for kind in ToolKind)
+    report = sweep(
+        find_tools(entry, search_path=_search_path()) if kept else [],
+        bundles_dir=entry / "bundles",
+        cgroup_parent=f"{CGROUP_PARENT}/{entry.name}",
+    )
+    if report.containers or report.cgroups:
+        log.warning(
+            "removed containers %s and cgroups %s left by a previous Shuttle",
+            report.containers,
+            report.cgroups,
         )
-        if report.containers or report.cgroups:
-            log.warning(
-                "removed containers %s and cgroups %s left by a previous Shuttle",
-                report.containers,
-                report.cgroups,
-            )
-        for error in report.errors:
-            log.warning("sweeping up after a previous Shuttle: %s", error)
-        for parent in cgroup_dirs(f"{CGROUP_PARENT}/{entry.name}"):
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        _remove_workdir(entry)
+    for error in report.errors:
+        log.warning("sweeping up after a previous Shuttle: %s", error)
+    for parent in cgroup_dirs(f"{CGROUP_PARENT}/{entry.name}"):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+    _remove_workdir(entry)
 
 
 def _alive(pid: int) -> bool:
