@@ -39,9 +39,9 @@ from treadle.shuttle.oci.tools import (
     OciTool,
     OomLog,
     ToolKind,
-    cgroup_dirs,
     find_tools,
     probe,
+    remove_cgroups,
     run_container,
 )
 
@@ -111,8 +111,10 @@ class OciHarness:
         shutil.rmtree(self.base / "work" / bundle.container_id, ignore_errors=True)
 
     def close(self) -> None:
-        for group in cgroup_dirs(self.cgroup_parent):
-            group.rmdir()
+        """Remove the harness's cgroups. A test that failed may have left a container in
+        them: it is killed, so that the failure stays that test's and not the next one's."""
+        errors = remove_cgroups(self.cgroup_parent)
+        assert errors == [], errors
 
 
 @pytest.fixture(scope="session")
