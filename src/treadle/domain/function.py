@@ -21,10 +21,10 @@ from treadle.domain.resources import Resources, Tier
 __all__ = [
     "CRITERIA",
     "IMAGE_TIERS",
-    "STRATEGIES",
     "FunctionSpec",
     "GpuSpec",
     "PlacementSpec",
+    "PresetStrategy",
     "Strategy",
     "ensure_json_safe",
     "placeholders",
@@ -56,9 +56,11 @@ def ensure_json_safe(value: Any) -> None:
         raise ValueError(f"not representable in JSON: {exc}") from None
 
 
-STRATEGIES = ("lowest_cost", "best_performance", "balanced", "high_availability", "custom")
-CRITERIA = ("cost", "performance", "load", "reliability", "locality")
-Strategy = Literal["lowest_cost", "best_performance", "balanced", "high_availability", "custom"]
+# The order every weight tuple and every score breakdown follows (DESIGN §5).
+CRITERIA: tuple[str, ...] = ("cost", "performance", "load", "reliability", "locality")
+# The strategies with weights of their own; `custom` takes the function's.
+PresetStrategy = Literal["lowest_cost", "best_performance", "balanced", "high_availability"]
+Strategy = Literal[PresetStrategy, "custom"]
 _COUNTRY = r"^[A-Z]{2}$"
 
 

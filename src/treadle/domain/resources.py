@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Resources", "Tier"]
+__all__ = ["Resources", "Tier", "gpu_type"]
 
 
 class Tier(StrEnum):
@@ -70,3 +71,21 @@ class Resources(BaseModel):
             gpu_count=self.gpu_count + other.gpu_count,
             gpu_type=self.gpu_type,
         )
+
+
+_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro"}
+_PREFIX_WORDS = {"rtx", "gtx"}
+
+
+def gpu_type(name: str) -> str:
+    """The GPU model as requests name it, from a device's name or a price catalog's: "NVIDIA
+    H100 80GB HBM3" → "h100", "NVIDIA A100-SXM4-80GB" and "A100-80GB" → "a100", "NVIDIA
+    GeForce RTX 4090" and "RTX 4090" → "rtx4090", "Tesla T4" → "t4". Memory variants are not
+    told apart: nodes and offers must name the same model."""
+    words = [w for w in re.split(r"[\s_]+", name.lower()) if w and w not in _VENDOR_WORDS]
+    if not words:
+        return name.lower()[:64]
+    model = words[0].split("-")[0]
+    if model in _PREFIX_WORDS and len(words) > 1:
+        model += words[1].split("-")[0]
+    return model[:64]

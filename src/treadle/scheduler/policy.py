@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from enum import StrEnum
 from types import MappingProxyType
 
+from treadle.domain.function import CRITERIA
+
 __all__ = [
     "CRITERIA",
     "PRESETS",
@@ -27,9 +29,6 @@ class Strategy(StrEnum):
     HIGH_AVAILABILITY = "high_availability"
     CUSTOM = "custom"
 
-
-# The order every weight tuple and every breakdown follows.
-CRITERIA: tuple[str, ...] = ("cost", "performance", "load", "reliability", "locality")
 
 PRESETS: Mapping[Strategy, tuple[float, ...]] = MappingProxyType(
     {

@@ -10,17 +10,15 @@ cgroups and mounts.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 
+from treadle.domain.resources import gpu_type
+
 __all__ = ["Gpu", "GpuPool", "detect_gpus", "gpu_type"]
 
 log = logging.getLogger(__name__)
-
-_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro"}
-_PREFIX_WORDS = {"rtx", "gtx"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,18 +27,6 @@ class Gpu:
     uuid: str
     name: str
     memory_mib: int
-
-
-def gpu_type(name: str) -> str:
-    """The model as requests name it: "NVIDIA H100 80GB HBM3" → "h100",
-    "NVIDIA A100-SXM4-80GB" → "a100", "NVIDIA GeForce RTX 4090" → "rtx4090", "Tesla T4" → "t4"."""
-    words = [w for w in re.split(r"[\s_]+", name.lower()) if w and w not in _VENDOR_WORDS]
-    if not words:
-        return name.lower()[:64]
-    model = words[0].split("-")[0]
-    if model in _PREFIX_WORDS and len(words) > 1:
-        model += words[1].split("-")[0]
-    return model[:64]
 
 
 def simulated_gpus(spec: str) -> list[Gpu]:

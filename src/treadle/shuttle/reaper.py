@@ -56,6 +56,17 @@ def become_subreaper() -> bool:
     return ok
 
 
+def alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def reap_orphans() -> list[int]:
     """Reap zombie orphans now; returns their pids. Costs one read per child of Shuttle."""
     me = os.getpid()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from treadle.domain.function import PresetStrategy
 
 __all__ = ["WeaverSettings", "default_home"]
 
@@ -35,9 +36,7 @@ class WeaverSettings(BaseSettings):
     unschedulable_after_s: float = Field(default=600.0, gt=0)
     # NATS JetStream for events between Weaver replicas (with PostgreSQL); none: in-process
     # The placement strategy of functions that name none (DESIGN §5).
-    default_strategy: Literal[
-        "lowest_cost", "best_performance", "balanced", "high_availability"
-    ] = "balanced"
+    default_strategy: PresetStrategy = "balanced"
     # Providers Weaver may start nodes from (treadle.weaver.providers.config); None: none.
     providers_file: Path | None = None
     # The address Shuttles on started nodes dial; default http://HOST:PORT.

@@ -680,19 +680,11 @@ def _group_names(home: Path) -> tuple[str, Callable[[str], bool]]:
     def stale(name: str) -> bool:
         name_owner, _, rest = name.partition(".")
         pid, _, _ = rest.partition(".")
-        return name_owner == owner and pid.isdigit() and int(pid) != me and not _alive(int(pid))
+        if name_owner != owner or not pid.isdigit() or int(pid) == me:
+            return False
+        return not reaper.alive(int(pid))
 
     return f"{owner}.{me}.", stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _open_cgroups(stale: Callable[[str], bool]) -> Cgroups | None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from treadle.domain.resources import Tier
 from treadle.protocol.messages import AssignSpec, Usage
+from treadle.shuttle import reaper
 from treadle.shuttle.mounts import mount_tmpfs, mounts_under, unmount
 from treadle.shuttle.oci.bundle import (
     CGROUP_PARENT,
@@ -438,7 +439,7 @@ def _sweep_dead(owned: Path) -> None:
         return
     for entry in owned.iterdir():
         _, _, pid = entry.name.partition(".")
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or reaper.alive(int(pid)):
             continue
         try:
             _sweep_entry(entry)
@@ -468,13 +469,3 @@ def _sweep_entry(entry: Path) -> None:
         with contextlib.suppress(OSError):
             parent.rmdir()
     _remove_workdir(entry)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True

@@ -114,8 +114,7 @@ async def _join(
 ) -> NodeSession:
     """Welcome the node, reconcile what it runs, and make its session the live one."""
     session = NodeSession(node_id=node_id, hello=hello)
-    session.draining = await weaver.nodes.is_draining(node_id)
-    session.reliability = await weaver.nodes.reliability(node_id)
+    session.draining, session.reliability = await weaver.nodes.standing(node_id)
     await websocket.send_text(
         encode(
             Welcome(

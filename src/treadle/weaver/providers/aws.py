@@ -30,6 +30,7 @@ from treadle.weaver.providers.base import (
     ProvisionError,
     Quota,
     QuotaLedger,
+    check_startable,
     new_node_name,
 )
 from treadle.weaver.providers.catalog import load_catalog
@@ -124,10 +125,7 @@ class AwsProvider:
         return self._ledger.within(self._offers)
 
     async def provision(self, offer: Offer, *, spot: bool, join: JoinInfo) -> Provisioned:
-        if offer not in self._offers:
-            raise ProvisionError(f"{offer.name} is not an offer of provider {self.name!r}")
-        if spot and offer.spot_price_per_hour is None:
-            raise ProvisionError(f"{offer.name} has no spot price: it cannot start as spot")
+        check_startable(self.name, self._offers, offer, spot=spot)
         node = new_node_name(self.name)
         self._ledger.hold(node, offer)
         try:

@@ -11,7 +11,7 @@ reconcile instead of leaking machines that cost money by the hour.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -26,6 +26,7 @@ __all__ = [
     "Provisioned",
     "Quota",
     "QuotaLedger",
+    "check_startable",
     "new_node_name",
 ]
 
@@ -104,6 +105,14 @@ class Provider(Protocol):
     async def instances(self) -> list[Provisioned]:
         """The machines it has running (started by this Weaver or an earlier one)."""
         ...
+
+
+def check_startable(provider: str, offers: Sequence[Offer], offer: Offer, *, spot: bool) -> None:
+    """Raise ProvisionError unless `provider` has `offer` and can start it as asked."""
+    if offer not in offers:
+        raise ProvisionError(f"{offer.name} is not an offer of provider {provider!r}")
+    if spot and offer.spot_price_per_hour is None:
+        raise ProvisionError(f"{offer.name} has no spot price: it cannot start as spot")
 
 
 def new_node_name(provider: str) -> str:

@@ -24,7 +24,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from treadle.domain.errors import TreadleError
-from treadle.domain.resources import Tier
+from treadle.domain.resources import Tier, gpu_type
 from treadle.scheduler.offers import Offer
 
 __all__ = [
@@ -182,13 +182,6 @@ def _offer(provider: str, row: Mapping[str, str | list[str] | None]) -> Offer:
         gpu_type=gpu_type(gpu_name) if gpu_name else None,
         runtimes=_runtimes(text("Runtimes")),
     )
-
-
-def gpu_type(accelerator: str) -> str:
-    """The GPU type a request names, as a Shuttle reports its GPUs (`shuttle.gpus.gpu_type`):
-    the model alone, lower-cased ("A100-80GB" → "a100", "RTX 4090" → "rtx4090",
-    "RTX4000-Ada" → "rtx4000"). Memory variants are not told apart."""
-    return "".join(accelerator.split()).lower().split("-")[0]
 
 
 def _number(value: str, column: str) -> float:

@@ -8,14 +8,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import and_, func, select
 
 from treadle.domain.errors import InvalidRequest, InvalidTransition, NotFound, PayloadTooLarge
 from treadle.domain.execution import Event, ExecutionState, is_terminal
-from treadle.domain.function import ensure_json_safe, render_command
+from treadle.domain.function import PresetStrategy, ensure_json_safe, render_command
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
 from treadle.weaver.services.fleet import announce_open, order_cancel
@@ -55,9 +55,7 @@ class InvokeRequest(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     # Overrides the function's placement strategy for this execution (not `custom`, whose
     # weights belong to the function).
-    strategy: Literal["lowest_cost", "best_performance", "balanced", "high_availability"] | None = (
-        None
-    )
+    strategy: PresetStrategy | None = None
 
     @model_validator(mode="after")
     def _json_safe(self) -> InvokeRequest:

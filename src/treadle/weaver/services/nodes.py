@@ -251,17 +251,16 @@ class NodeService:
             rows = await conn.execute(select(_N.c.id, _N.c.name).where(_N.c.id.in_(node_ids)))
             return {row.id: row.name for row in rows}
 
-    async def reliability(self, node_id: str) -> float:
+    async def standing(self, node_id: str) -> tuple[bool, float]:
+        """What a joining node's session starts from: whether it is drained, and its
+        reliability so far."""
         async with self._db.read() as conn:
-            row = (await conn.execute(select(_N.c.reliability).where(_N.c.id == node_id))).first()
-        return _reliability(row) if row is not None else 1.0
-
-    async def is_draining(self, node_id: str) -> bool:
-        async with self._db.read() as conn:
-            state = (
-                await conn.execute(select(_N.c.state).where(_N.c.id == node_id))
-            ).scalar_one_or_none()
-        return state == NodeState.DRAINING.value
+            row = (
+                await conn.execute(select(_N.c.state, _N.c.reliability).where(_N.c.id == node_id))
+            ).first()
+        if row is None:
+            return False, 1.0
+        return row.state == NodeState.DRAINING.value, _reliability(row)
 
     async def set_state(self, node_id: str, state: NodeState) -> None:
         async def write(tx: Tx) -> None:
