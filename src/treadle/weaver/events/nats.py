@@ -25,7 +25,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.events.bus import MAX_QUEUED, BusEvent, InProcessBus, Subscription
@@ -73,27 +73,41 @@ class NatsBus:
         )
         self._js = self._nc.jetstream()
         try:
-            await self._js.stream_info(self.stream)
-        except NotFoundError:
-            # Replicas racing here send the same configuration, which NATS accepts twice.
-            await self._js.add_stream(
-                StreamConfig(
-                    name=self.stream,
-                    subjects=[f"{self.prefix}.>"],
-                    storage=StorageType.FILE,
-                    max_age=_KEEP_S,
-                    duplicate_window=_DEDUP_WINDOW_S,
-                )
+            await self._ensure_stream(self._js)
+            await self._js.subscribe(
+                f"{self.prefix}.>",
+                stream=self.stream,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.NEW,
+                cb=self._received,
             )
-        await self._js.subscribe(
-            f"{self.prefix}.>",
-            stream=self.stream,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW,
-            cb=self._received,
-        )
+        except BaseException:
+            # A bus that could not join the stream holds no connection.
+            await self._nc.close()
+            raise
         self._sender = asyncio.create_task(self._send_loop(), name="treadle-nats-sender")
         return self
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        try:
+            await js.stream_info(self.stream)
+            return
+        except NotFoundError:
+            pass
+        config = StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.prefix}.>"],
+            storage=StorageType.FILE,
+            max_age=_KEEP_S,
+            duplicate_window=_DEDUP_WINDOW_S,
+        )
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            # Replicas racing here send the same configuration. NATS usually accepts it twice,
+            # but while another replica's creation is still in flight it may refuse it
+            # ("subjects overlap"): the stream is there then, made by that replica.
+            await js.stream_info(self.stream)
 
     async def publish(self, events: Sequence[BusEvent]) -> None:
         await self._local.publish(events)
