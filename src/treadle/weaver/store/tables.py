@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 __all__ = [
@@ -40,6 +42,8 @@ tenants = Table(
     Column("id", String(40), primary_key=True),
     Column("name", String(128), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
+    # the unisolated process tier is for tenants the operator trusts with the node itself
+    Column("allow_process_tier", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 api_keys = Table(
@@ -123,6 +127,9 @@ executions = Table(
     Column("result", JSON),
     Column("error", String(255)),
     Column("output_chunks", Integer),
+    # output characters stored; past the cap the rest is dropped and `output_truncated` set
+    Column("output_bytes", BigInteger),
+    Column("output_truncated", Boolean, nullable=False, default=False, server_default=false()),
     Column("created_at", Float, nullable=False),
     # when it last became open (created, or requeued): the unschedulable deadline counts
     # from here
