@@ -22,6 +22,7 @@ import pytest
 
 from support.oci import KINDS, OciHarness, harness_for, oci_base  # noqa: F401
 from treadle.domain.resources import Resources
+from treadle.shuttle.cgroups import cpu_bandwidth
 from treadle.shuttle.oci.bundle import (
     CONTAINER_PREFIX,
     SECCOMP_DENIED,
@@ -161,6 +162,13 @@ def test_limits_from_resources() -> None:
     limits = Limits.from_resources(Resources(cpu_millicores=250, memory_mib=512), pids=10)
     assert (limits.memory_mib, limits.cpu_quota_us, limits.pids) == (512, 25_000, 10)
     assert Limits(cpu_millicores=1).cpu_quota_us == 1000  # the kernel's minimum
+
+
+@pytest.mark.parametrize("millicores", [1, 10, 100, 250, 4000])
+def test_the_cpu_share_is_the_one_every_tier_applies(millicores: int) -> None:
+    quota, period = cpu_bandwidth(millicores)
+    limits = Limits(cpu_millicores=millicores)
+    assert (limits.cpu_quota_us, limits.cpu_period_us) == (quota, period)
 
 
 def test_prepare_refuses_a_fifo_bundle_without_a_shell(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from treadle.shuttle.cgroups import (
     GroupUsage,
     Layout,
     Limits,
+    cpu_bandwidth,
     detect,
     limit_writes,
     parse_mountinfo,
@@ -49,6 +50,31 @@ def test_limits_follow_the_functions_resources() -> None:
 def test_a_tiny_cpu_share_gets_the_smallest_quota_the_kernel_takes() -> None:
     assert Limits.for_resources(Resources(cpu_millicores=1), None).cpu_quota_us == 1_000
     assert Limits.for_resources(Resources(cpu_millicores=2500), None).cpu_quota_us == 250_000
+
+
+@pytest.mark.parametrize("millicores", [1, 3, 10, 50, 199, 200, 250, 1000, 2500, 64_000])
+def test_a_cpu_share_is_the_same_whatever_its_period(millicores: int) -> None:
+    quota, period = cpu_bandwidth(millicores)
+
+    assert 100_000 <= period <= 1_000_000  # what the kernel takes
+    assert quota >= 1_000
+    if quota > 1_000:  # above the kernel's smallest quota the share is exact to a microsecond
+        assert abs(quota * 1000 / period - millicores) <= 1000 / period
+
+
+def test_a_small_cpu_share_comes_in_slices_long_enough_to_start_a_sandbox() -> None:
+    # 10 millicores over 100 ms would be a 1 ms slice: less than a sandbox's own set-up,
+    # which then waited a whole period before the program ran.
+    assert cpu_bandwidth(10) == (10_000, 1_000_000)
+    assert cpu_bandwidth(100) == (20_000, 200_000)
+    assert cpu_bandwidth(200) == (20_000, 100_000)
+    assert cpu_bandwidth(1000) == (100_000, 100_000)
+    limits = Limits.for_resources(Resources(cpu_millicores=10), None)
+    assert limit_writes(1, limits)["cpu"] == [
+        ("cpu.cfs_period_us", "1000000"),
+        ("cpu.cfs_quota_us", "10000"),
+    ]
+    assert limit_writes(2, limits)["cpu"] == [("cpu.max", "10000 1000000")]
 
 
 def test_v1_limit_files() -> None:

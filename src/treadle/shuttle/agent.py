@@ -48,6 +48,7 @@ from treadle.shuttle.credentials import NodeCredential, load_credential, save_cr
 from treadle.shuttle.errors import ShuttleError
 from treadle.shuttle.gpus import GpuPool, detect_gpus, simulated_gpus
 from treadle.shuttle.runtimes import Runtime, available_runtimes, gives_network
+from treadle.shuttle.sandbox import cleanup
 from treadle.shuttle.settings import ShuttleSettings
 from treadle.shuttle.supervisor import Supervisor
 
@@ -137,6 +138,8 @@ class Shuttle:
             await self._stay_connected(supervisor, capacity, tiers)
         finally:
             await supervisor.shutdown()
+            if not await cleanup.drain():
+                log.warning("cleanup after some workloads did not finish; the next start sweeps")
 
     async def _stay_connected(
         self, supervisor: Supervisor, capacity: Resources, tiers: list[Tier]

@@ -35,6 +35,7 @@ __all__ = [
     "GroupUsage",
     "Layout",
     "Limits",
+    "cpu_bandwidth",
     "detect",
     "limit_writes",
     "parse_mountinfo",
@@ -45,7 +46,13 @@ log = logging.getLogger(__name__)
 PARENT = "treadle"
 _MIB = 1024 * 1024
 CPU_PERIOD_US = 100_000
+_CPU_PERIOD_MAX_US = 1_000_000  # the kernel's largest cfs period
 _CPU_QUOTA_MIN_US = 1_000  # the kernel refuses a smaller cfs quota
+# The CPU time a sandbox may use in one go before its share throttles it. A sandbox's own
+# set-up (bubblewrap's mounts, an OCI runtime's init) runs in its group and takes a few ms of
+# CPU: at 10 millicores and the usual 100 ms period (a 1 ms quota) that set-up alone waited
+# out one or two periods, and `echo` took 100-200 ms where it takes 5 ms unthrottled.
+CPU_BURST_US = 20_000
 _WANTED = ("memory", "pids", "cpu")
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 # A group's last task may still be leaving it (v1 in particular) when we first try rmdir.
@@ -57,16 +64,34 @@ _OCTAL = re.compile(r"\\([0-7]{3})")
 Version = Literal[1, 2]
 
 
+def cpu_bandwidth(millicores: int) -> tuple[int, int]:
+    """(quota, period) in microseconds of the CFS bandwidth that gives `millicores`: the
+    share over the usual 100 ms period, or over a longer one (up to the kernel's 1 s) for a
+    share too small to run `CPU_BURST_US` in one period. The share is the same; a small one
+    comes in fewer, larger slices, so that short programs are not throttled by their own
+    start. Every tier applies this one rule."""
+    period = CPU_PERIOD_US
+    if millicores * period // 1000 < CPU_BURST_US:
+        period = min(_CPU_PERIOD_MAX_US, -(-CPU_BURST_US * 1000 // millicores))
+    return max(_CPU_QUOTA_MIN_US, millicores * period // 1000), period
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     memory_bytes: int | None = None
     cpu_quota_us: int | None = None
     pids_max: int | None = None
+    cpu_period_us: int = CPU_PERIOD_US
 
     @classmethod
     def for_resources(cls, resources: Resources, pids_max: int | None) -> Limits:
-        quota = max(_CPU_QUOTA_MIN_US, resources.cpu_millicores * CPU_PERIOD_US // 1000)
-        return cls(memory_bytes=resources.memory_mib * _MIB, cpu_quota_us=quota, pids_max=pids_max)
+        quota, period = cpu_bandwidth(resources.cpu_millicores)
+        return cls(
+            memory_bytes=resources.memory_mib * _MIB,
+            cpu_quota_us=quota,
+            pids_max=pids_max,
+            cpu_period_us=period,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +129,10 @@ def limit_writes(version: Version, limits: Limits) -> dict[str, list[tuple[str, 
             ]
     if limits.cpu_quota_us is not None:
         if version == 2:
-            writes["cpu"] = [("cpu.max", f"{limits.cpu_quota_us} {CPU_PERIOD_US}")]
+            writes["cpu"] = [("cpu.max", f"{limits.cpu_quota_us} {limits.cpu_period_us}")]
         else:
             writes["cpu"] = [
-                ("cpu.cfs_period_us", str(CPU_PERIOD_US)),
+                ("cpu.cfs_period_us", str(limits.cpu_period_us)),
                 ("cpu.cfs_quota_us", str(limits.cpu_quota_us)),
             ]
     if limits.pids_max is not None:

@@ -37,6 +37,7 @@ from typing import Any
 
 from treadle.domain.resources import Resources
 from treadle.protocol.messages import AssignSpec
+from treadle.shuttle.cgroups import cpu_bandwidth
 from treadle.shuttle.oci.rootfs import RESULT_DIR, WORK_DIR, Rootfs
 from treadle.shuttle.runtimes.process import ARGS_FILE, RESULT_FD
 
@@ -65,7 +66,6 @@ CGROUP_PARENT = "treadle"
 _RESULT_FIFO = "result"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _SPEC_VERSION = "1.0.2"
-_CPU_PERIOD_US = 100_000
 _MIB = 1024 * 1024
 
 # Syscalls a sandboxed program has no business making: debugging and reading other
@@ -162,8 +162,11 @@ class Limits:
 
     @property
     def cpu_quota_us(self) -> int:
-        # At least 1 ms per period: the kernel refuses a smaller quota.
-        return max(1000, self.cpu_millicores * _CPU_PERIOD_US // 1000)
+        return cpu_bandwidth(self.cpu_millicores)[0]
+
+    @property
+    def cpu_period_us(self) -> int:
+        return cpu_bandwidth(self.cpu_millicores)[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,7 +558,7 @@ def _linux(
             "devices": [{"allow": False, "access": "rwm"}],
             # Memory plus swap equal to memory: no swap.
             "memory": {"limit": memory, "swap": memory},
-            "cpu": {"quota": limits.cpu_quota_us, "period": _CPU_PERIOD_US},
+            "cpu": {"quota": limits.cpu_quota_us, "period": limits.cpu_period_us},
             "pids": {"limit": limits.pids * traits.pids_per_task + traits.pids_overhead},
         },
         "cgroupsPath": cgroup,

@@ -74,6 +74,7 @@ from treadle.shuttle.runtimes.process import (
     sandbox_exit,
     workdir_files,
 )
+from treadle.shuttle.sandbox import cleanup
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = ["OciLauncher", "OciRuntime", "oci_runtimes"]
@@ -247,30 +248,27 @@ class _OciAttempt:
         ).start()
 
     def exited(self, settled: Callable[[], None]) -> None:
-        loop = asyncio.get_running_loop()
-
-        def done(_: object) -> None:
-            settled()
-
-        task = loop.run_in_executor(None, self._release)
-        task.add_done_callback(done)
-
-    def _release(self) -> None:
-        """Read how the container ended, then delete it and all it held."""
+        # What tells how the container ended is a few small reads, done now; deleting it
+        # (a process of the runtime's own), its cgroups, bundle and work dir follows the
+        # exit report instead of delaying it.
         path = self._bundle.cgroups_path
-        kills = oom_kills(path) or 0
-        self._oom_kills = max(kills, self._oom_log.take(path))
+        self._oom_kills = max(oom_kills(path) or 0, self._oom_log.take(path))
         self._pids_denied = _pids_denied(path)
         self._peak_kib = peak_memory_kib(path)
         self._runtime_error = runtime_error(self._tool, self._bundle.path / _RUNTIME_LOG)
+        settled()
+
+    def _release(self) -> None:
+        """Delete the container and everything it held."""
         self._tool.delete(self._bundle.container_id)
-        errors = remove_cgroups(path)
+        errors = remove_cgroups(self._bundle.cgroups_path)
         if errors:
             log.warning("cannot remove the cgroup of %s: %s", self._bundle.container_id, errors)
         self._bundle.remove()
+        _remove_workdir(self._workdir)
 
     def finish(self, status: ExitStatus) -> ExitStatus:
-        _remove_workdir(self._workdir)
+        cleanup.defer(self._release, self._bundle.container_id)
         if self._runtime_error is not None and status.reason is None and status.exit_code:
             # The container never ran the program: the runtime said why (also on stderr).
             return ExitStatus(None, "spawn_failed", status.result, status.usage)
