@@ -39,7 +39,6 @@ from typing import Any
 
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec
-from treadle.shuttle import seccomp
 from treadle.shuttle.runtimes import (
     NamespaceRuntime,
     OciRuntime,
@@ -49,6 +48,7 @@ from treadle.shuttle.runtimes import (
 )
 from treadle.shuttle.runtimes._spawn import spawn
 from treadle.shuttle.runtimes.process import environment, workdir_files
+from treadle.shuttle.sandbox import seccomp
 from treadle.shuttle.settings import ShuttleSettings
 
 ECHO = ["/bin/echo", "13"]

@@ -39,9 +39,11 @@ from treadle.shuttle.oci.tools import ToolKind
 from treadle.shuttle.runtimes import (
     NamespaceRuntime,
     OciRuntime,
+    ProcessRuntime,
     Runtime,
     RuntimeHandle,
 )
+from treadle.shuttle.sandbox.seccomp import arch_for_machine
 
 PIDS_MAX = 64
 
@@ -415,4 +417,96 @@ print(json.dumps(seen))
     for written, error in seen.values():
         assert error == errno.ENOSPC
         assert written <= 8 << 20
+    await assert_unharmed(runtime, workdir, neighbour)
+
+
+# A call of every denied family, with arguments that make it fail harmlessly (or succeed
+# without effect) when nothing filters it: a bad fd, a NULL pointer, a bad magic number. Only
+# the seccomp policy answers EPERM to all of them, which the process tier shows: there, most
+# answer something else (`test_the_probes_tell_a_filter_from_no_filter`).
+SYSCALL_PROBES: dict[str, tuple[int, ...]] = {
+    "io_uring_setup": (1, -1),  # the params pointer is filled in below
+    "io_uring_enter": (-1, 0, 0, 0, 0, 0),
+    "io_uring_register": (-1, 0, 0, 0),
+    "ptrace": (16, 0x3FFFFFF0, 0, 0),  # PTRACE_ATTACH to a pid that does not exist
+    "process_vm_readv": (0, 0, 0, 0, 0, 0),  # pid filled in below
+    "process_vm_writev": (0, 0, 0, 0, 0, 0),
+    "kcmp": (0, 0, 0, 0, 0),
+    "pidfd_getfd": (-1, 0, 0),
+    "mount": (0, 0, 0, 0, 0),
+    "umount2": (0, 0),
+    "pivot_root": (0, 0),
+    "open_tree": (-1, 0, 0),
+    "move_mount": (-1, 0, -1, 0, 0),
+    "fsopen": (0, 0),
+    "fsconfig": (-1, 0, 0, 0, 0),
+    "fsmount": (-1, 0, 0),
+    "fspick": (-1, 0, 0),
+    "mount_setattr": (-1, 0, 0, 0, 0),
+    "kexec_load": (0, 0, 0, 0xDEAD0000),
+    "kexec_file_load": (-1, -1, 0, 0, 0xDEAD0000),
+    "init_module": (0, 0, 0),
+    "finit_module": (-1, 0, 0),
+    "delete_module": (0, 0),
+    "bpf": (9999, 0, 0),
+    "perf_event_open": (0, 0, -1, -1, 0),
+    "reboot": (0, 0, 0, 0),  # wrong magic numbers
+    "swapon": (0, 0),
+    "swapoff": (0,),
+    "syslog": (10, 0, 0),  # SYSLOG_ACTION_SIZE_BUFFER
+    "name_to_handle_at": (-100, 0, 0, 0, 0),
+    "open_by_handle_at": (-1, 0, 0),
+    "keyctl": (0, -3, 0),  # KEYCTL_GET_KEYRING_ID of the session keyring
+    "add_key": (0, 0, 0, 0, 0),
+    "request_key": (0, 0, 0, 0),
+    "userfaultfd": (1,),  # UFFD_USER_MODE_ONLY
+    "unshare": (0x10000000,),  # CLONE_NEWUSER
+    "setns": (-1, 0),
+}
+
+
+def probe_code() -> str:
+    arch = arch_for_machine()
+    assert arch is not None
+    numbers = {name: arch.numbers[name] for name in SYSCALL_PROBES}
+    return (
+        TRY
+        + f"""
+libc.syscall.restype = ctypes.c_long
+params = ctypes.create_string_buffer(120)
+probes = {SYSCALL_PROBES!r}
+probes["io_uring_setup"] = (1, ctypes.addressof(params))
+probes["process_vm_readv"] = (os.getpid(), 0, 0, 0, 0, 0)
+probes["process_vm_writev"] = (os.getpid(), 0, 0, 0, 0, 0)
+probes["kcmp"] = (os.getpid(), os.getpid(), 0, 0, 0)
+numbers = {numbers!r}
+for name, args in probes.items():
+    attempt(name, lambda: checked(libc.syscall(
+        ctypes.c_long(numbers[name]), *(ctypes.c_long(a) for a in args))))
+print(json.dumps(seen))
+"""
+    )
+
+
+async def test_the_probes_tell_a_filter_from_no_filter(tmp_path: Path) -> None:
+    unfiltered = report(await attack(ProcessRuntime(), tmp_path / "ex_1-1", probe_code()))
+
+    assert set(unfiltered) == set(SYSCALL_PROBES)
+    # Where nothing filters, io_uring_enter reaches the kernel, which looks at the fd first;
+    # pidfd_getfd and setns too.
+    for name in ("io_uring_enter", "pidfd_getfd", "setns"):
+        assert unfiltered[name] == "EBADF", name
+    telling = [name for name, answer in unfiltered.items() if answer != "EPERM"]
+    assert len(telling) >= len(SYSCALL_PROBES) // 2, unfiltered
+
+
+async def test_every_denied_family_is_refused(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    seen = report(await attack(runtime, workdir, probe_code()))
+
+    refused = {"EPERM"}
+    if isinstance(runtime, OciRuntime) and runtime.tool.kind is ToolKind.RUNSC:
+        refused.add("ENOSYS")  # calls gVisor's kernel does not have at all
+    assert {name: answer for name, answer in seen.items() if answer not in refused} == {}
     await assert_unharmed(runtime, workdir, neighbour)

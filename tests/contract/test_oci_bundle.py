@@ -25,7 +25,6 @@ from treadle.domain.resources import Resources
 from treadle.shuttle.cgroups import cpu_bandwidth
 from treadle.shuttle.oci.bundle import (
     CONTAINER_PREFIX,
-    SECCOMP_DENIED,
     BundleError,
     Identity,
     Limits,
@@ -37,6 +36,7 @@ from treadle.shuttle.oci.bundle import (
 )
 from treadle.shuttle.oci.rootfs import Rootfs
 from treadle.shuttle.oci.tools import ToolKind, cgroup_dirs, classify_exit, sweep
+from treadle.shuttle.sandbox.seccomp import X86_64, arch_for_machine, oci_profile
 
 PY = "/usr/bin/python3"
 
@@ -115,22 +115,13 @@ def test_environment_layers_image_function_and_conventions(tmp_path: Path) -> No
     assert env["TREADLE_RESULT_FD"] == "3"
 
 
-def test_seccomp_profile_denies_the_dangerous_syscalls() -> None:
-    profile = seccomp_profile("x86_64")
-    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
-    assert "SCMP_ARCH_X86_64" in profile["architectures"]
-    deny = profile["syscalls"][0]
-    assert deny["action"] == "SCMP_ACT_ERRNO" and deny["errnoRet"] == 1
-    for name in ("ptrace", "mount", "bpf", "unshare", "setns", "keyctl", "userfaultfd"):
-        assert name in deny["names"]
-    assert set(SECCOMP_DENIED) <= set(deny["names"])
-    names = {name for rule in profile["syscalls"] for name in rule["names"]}
-    assert "clone3" in names
-    assert "clone3" not in {
-        name
-        for rule in seccomp_profile("x86_64", clone3=False)["syscalls"]
-        for name in rule["names"]
-    }
+def test_bundles_carry_the_sandbox_layers_seccomp_policy(tmp_path: Path) -> None:
+    native = arch_for_machine()
+    assert native is not None
+    assert _config(tmp_path)["linux"]["seccomp"] == oci_profile(native)
+    assert seccomp_profile("x86_64", clone3=False) == oci_profile(X86_64, clone3=False)
+    with pytest.raises(BundleError, match="no seccomp table"):
+        seccomp_profile("riscv64")
 
 
 def test_gvisor_traits_leave_room_for_the_sandbox(tmp_path: Path) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import errno
 import struct
+from typing import Any
 
 import pytest
 
-from treadle.shuttle import seccomp
-from treadle.shuttle.seccomp import (
+from treadle.shuttle.sandbox import seccomp
+from treadle.shuttle.sandbox.seccomp import (
     AARCH64,
     AUDIT_ARCH_AARCH64,
     AUDIT_ARCH_X86_64,
@@ -19,6 +20,7 @@ from treadle.shuttle.seccomp import (
     X86_64,
     Arch,
     deny_filter,
+    oci_profile,
 )
 
 EPERM = SECCOMP_RET_ERRNO | errno.EPERM
@@ -114,3 +116,48 @@ def test_machines_map_to_their_tables() -> None:
     assert seccomp.arch_for_machine("x86_64") is X86_64
     assert seccomp.arch_for_machine("aarch64") is AARCH64
     assert seccomp.arch_for_machine("riscv64") is None
+
+
+def profile_verdict(profile: dict[str, Any], arch: Arch, name: str, arg0: int = 0) -> int:
+    """What an OCI runtime (libseccomp) does with a native call under `profile`."""
+    assert profile["architectures"] == [arch.oci]
+    actions = []
+    for rule in profile["syscalls"]:
+        if name not in rule["names"]:
+            continue
+        conditions = rule.get("args", [])
+        for condition in conditions:
+            assert condition["index"] == 0 and condition["op"] == "SCMP_CMP_MASKED_EQ"
+        if all(arg0 & c["value"] == c["valueTwo"] for c in conditions):
+            assert rule["action"] == "SCMP_ACT_ERRNO"
+            actions.append(SECCOMP_RET_ERRNO | rule["errnoRet"])
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert len(set(actions)) <= 1, f"{name}: rules disagree"
+    return actions[0] if actions else SECCOMP_RET_ALLOW
+
+
+CLONE_ARGS = [17, CLONE_THREAD_FLAGS, *(1 << bit for bit in range(32)), 0x7E020011]
+
+
+@pytest.mark.parametrize("arch", [X86_64, AARCH64], ids=lambda a: a.name)
+def test_the_bpf_filter_and_the_oci_profile_deny_the_same_calls(arch: Arch) -> None:
+    program = deny_filter(arch)
+    profile = oci_profile(arch)
+
+    for name, number in arch.numbers.items():
+        for arg0 in CLONE_ARGS if name == "clone" else [0]:
+            assert profile_verdict(profile, arch, name, arg0) == verdict(
+                program, number, arch.audit, arg0
+            ), (name, hex(arg0))
+    # io_uring carries reads and writes that seccomp never sees: denied at the door.
+    for name in ("io_uring_setup", "io_uring_enter", "io_uring_register"):
+        assert profile_verdict(profile, arch, name) == EPERM
+
+
+def test_gvisor_gets_the_policy_without_its_clone3_rule() -> None:
+    with_clone3 = oci_profile(X86_64)
+    without = oci_profile(X86_64, clone3=False)
+
+    assert [r for r in with_clone3["syscalls"] if r["names"] != ["clone3"]] == without["syscalls"]
+    assert profile_verdict(with_clone3, X86_64, "clone3") == ENOSYS
+    assert profile_verdict(without, X86_64, "clone3") == SECCOMP_RET_ALLOW

@@ -40,12 +40,12 @@ from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.cgroups import cpu_bandwidth
 from treadle.shuttle.oci.rootfs import RESULT_DIR, WORK_DIR, Rootfs
 from treadle.shuttle.runtimes.process import ARGS_FILE, RESULT_FD
+from treadle.shuttle.sandbox.seccomp import arch_for_machine, oci_profile
 
 __all__ = [
     "BASE_PATH",
     "CGROUP_PARENT",
     "CONTAINER_PREFIX",
-    "SECCOMP_DENIED",
     "WORK_DIR",
     "Bundle",
     "BundleError",
@@ -67,47 +67,6 @@ _RESULT_FIFO = "result"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _SPEC_VERSION = "1.0.2"
 _MIB = 1024 * 1024
-
-# Syscalls a sandboxed program has no business making: debugging and reading other
-# processes, (un)mounting, loading kernels, modules and BPF, perf, swap, reboot, handle-based
-# opens (a classic container escape), the kernel keyring, userfaultfd (race amplifier for
-# kernel exploits) and entering or creating namespaces.
-SECCOMP_DENIED = (
-    "ptrace",
-    "process_vm_readv",
-    "process_vm_writev",
-    "mount",
-    "umount2",
-    "pivot_root",
-    "kexec_load",
-    "kexec_file_load",
-    "bpf",
-    "perf_event_open",
-    "init_module",
-    "finit_module",
-    "delete_module",
-    "reboot",
-    "swapon",
-    "swapoff",
-    "open_by_handle_at",
-    "keyctl",
-    "add_key",
-    "request_key",
-    "userfaultfd",
-    "unshare",
-    "setns",
-    # The new mount API reaches what `mount` does.
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "move_mount",
-    "open_tree",
-    "mount_setattr",
-)
-_CLONE_NEWUSER = 0x10000000
-_EPERM = 1
-_ENOSYS = 38
 
 # Docker's defaults: kernel state that leaks host information or offers an attack surface.
 _MASKED_PATHS = (
@@ -279,40 +238,11 @@ def assign_environment(spec: AssignSpec) -> dict[str, str]:
 
 
 def seccomp_profile(machine: str | None = None, *, clone3: bool = True) -> dict[str, Any]:
-    """The seccomp filter in OCI form: allow by default, EPERM for `SECCOMP_DENIED`, EPERM
-    for clone() creating a user namespace, and (with `clone3`) ENOSYS for clone3, whose
-    flags sit behind a pointer seccomp cannot read (libc falls back to clone on ENOSYS)."""
-    machine = machine or platform.machine()
-    if machine in ("x86_64", "amd64"):
-        arches = ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
-    elif machine in ("aarch64", "arm64"):
-        arches = ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
-    else:
-        arches = []
-    rules: list[dict[str, Any]] = [
-        {"names": list(SECCOMP_DENIED), "action": "SCMP_ACT_ERRNO", "errnoRet": _EPERM},
-        {
-            "names": ["clone"],
-            "action": "SCMP_ACT_ERRNO",
-            "errnoRet": _EPERM,
-            "args": [
-                {
-                    "index": _clone_flags_index(machine),
-                    "value": _CLONE_NEWUSER,
-                    "valueTwo": _CLONE_NEWUSER,
-                    "op": "SCMP_CMP_MASKED_EQ",
-                }
-            ],
-        },
-    ]
-    if clone3:
-        rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": _ENOSYS})
-    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": arches, "syscalls": rules}
-
-
-def _clone_flags_index(machine: str) -> int:
-    # s390 swaps clone's first two arguments; everywhere else the flags come first.
-    return 1 if machine.startswith("s390") else 0
+    """The sandbox layer's seccomp policy in OCI form, for `machine` (default: this one)."""
+    arch = arch_for_machine(machine)
+    if arch is None:
+        raise BundleError(f"no seccomp table for {machine or platform.machine()}")
+    return oci_profile(arch, clone3=clone3)
 
 
 def build_config(

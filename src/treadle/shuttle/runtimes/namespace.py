@@ -1,8 +1,9 @@
 """The `namespace` tier: the program runs under bubblewrap, in new user, PID, mount, network,
 IPC, UTS and cgroup namespaces, on a read-only view of the host's programs (see `bwrap` for
-the file system), with no capabilities, a seccomp filter (`treadle.shuttle.seccomp`), and the
-function's memory, cpu and process limits enforced by cgroups (`treadle.shuttle.cgroups`), or
-by rlimits where this host offers no cgroups to this process.
+the file system), with no capabilities, the sandbox layer's seccomp filter
+(`treadle.shuttle.sandbox.seccomp`), and the function's memory, cpu and process limits
+enforced by cgroups (`treadle.shuttle.cgroups`), or by rlimits where this host offers no
+cgroups to this process.
 
 It reuses the process tier's machinery; only what is spawned differs (`NamespaceLauncher`).
 
@@ -66,7 +67,7 @@ from pathlib import Path
 
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec, Usage
-from treadle.shuttle import reaper, seccomp
+from treadle.shuttle import reaper
 from treadle.shuttle.cgroups import Cgroups, Group, GroupUsage, Limits, detect
 from treadle.shuttle.runtimes import bwrap, slirp
 from treadle.shuttle.runtimes._spawn import unsupported_reason
@@ -80,6 +81,7 @@ from treadle.shuttle.runtimes.process import (
     sandbox_exit,
     workdir_files,
 )
+from treadle.shuttle.sandbox import seccomp
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = [

@@ -1,4 +1,8 @@
-"""The seccomp filter of sandboxed code, as a classic BPF program built here (no libseccomp).
+"""The seccomp policy of sandboxed code, one for every tier: the calls it denies, by name, with
+their numbers per architecture, rendered as a classic BPF program built here (no libseccomp)
+for bubblewrap (`deny_filter`) and as the `linux.seccomp` of an OCI bundle (`oci_profile`) for
+crun, runc and runsc. tests/unit/test_seccomp.py runs both renderings over every call in the
+tables and checks that they give the same verdicts.
 
 It denies, with EPERM, the system calls that code in a sandbox never needs and that widen the
 kernel's attack surface or reach outside the sandbox: tracing other processes, (re)mounting
@@ -13,7 +17,9 @@ x86-64, or a 32-bit `int 0x80` call, whose numbers differ) is denied outright, o
 below would be checked against the wrong table.
 
 bubblewrap installs the filter (`--seccomp FD`) right before it executes the program, after its
-own namespace and mount set-up, so the filter never has to allow what bubblewrap needs.
+own namespace and mount set-up, so the filter never has to allow what bubblewrap needs; the
+OCI runtimes do the same with the profile (gVisor's sentry applies it to the program's calls
+to its own kernel).
 """
 
 from __future__ import annotations
@@ -23,16 +29,20 @@ import platform
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
+    "AARCH64",
     "AUDIT_ARCH_AARCH64",
     "AUDIT_ARCH_X86_64",
     "DENIED",
     "SECCOMP_RET_ALLOW",
     "SECCOMP_RET_ERRNO",
+    "X86_64",
     "Arch",
     "arch_for_machine",
     "deny_filter",
+    "oci_profile",
 ]
 
 # linux/audit.h
@@ -108,6 +118,8 @@ class Arch:
     numbers: Mapping[str, int]
     # Numbers at or above this bit belong to another ABI on the same architecture (x32).
     foreign_bit: int | None = None
+    # libseccomp's name of the architecture, as OCI profiles give it
+    oci: str = ""
 
 
 # asm/unistd_64.h
@@ -156,6 +168,7 @@ X86_64 = Arch(
         "mount_setattr": 442,
     },
     foreign_bit=_X32_SYSCALL_BIT,
+    oci="SCMP_ARCH_X86_64",
 )
 
 # asm-generic/unistd.h
@@ -203,6 +216,7 @@ AARCH64 = Arch(
         "pidfd_getfd": 438,
         "mount_setattr": 442,
     },
+    oci="SCMP_ARCH_AARCH64",
 )
 
 _MACHINES = {"x86_64": X86_64, "amd64": X86_64, "aarch64": AARCH64, "arm64": AARCH64}
@@ -236,6 +250,37 @@ def deny_filter(arch: Arch, denied: Iterable[str] = DENIED) -> bytes:
     program.label("foreign")
     program.ret(SECCOMP_RET_ERRNO | errno.ENOSYS)
     return program.assemble()
+
+
+def oci_profile(
+    arch: Arch, denied: Iterable[str] = DENIED, *, clone3: bool = True
+) -> dict[str, Any]:
+    """The same policy as `deny_filter`, as an OCI runtime-spec `linux.seccomp`: allowed by
+    default; EPERM for every denied call and for clone() with any CLONE_NEW* flag (one rule
+    per flag: a masked comparison tests one value); ENOSYS for clone3 (with `clone3`;
+    gVisor's sentry answers it so itself, and turns an errno rule into EPERM). Only the
+    native ABI is listed: calls through another one (32-bit, x32) meet the runtime's
+    bad-architecture action, which never allows them, as the BPF filter denies them."""
+    flags = [1 << bit for bit in range(32) if _CLONE_NEW_FLAGS & (1 << bit)]
+    rules: list[dict[str, Any]] = [
+        {
+            "names": sorted(set(denied), key=lambda n: arch.numbers[n]),
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": errno.EPERM,
+        },
+        *(
+            {
+                "names": ["clone"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": errno.EPERM,
+                "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
+            }
+            for flag in flags
+        ),
+    ]
+    if clone3:
+        rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": [arch.oci], "syscalls": rules}
 
 
 class _Program:
