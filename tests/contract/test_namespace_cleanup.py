@@ -16,10 +16,11 @@ import pytest
 
 from support.runtimes import GATED, PY, Gate, pids_with, shuttle_settings, spec, tag, wait_ended
 from treadle.domain.resources import Tier
-from treadle.shuttle.cgroups import Cgroups, Limits, detect
 from treadle.shuttle.reaper import reap_orphans
 from treadle.shuttle.runtimes import NamespaceRuntime, available_runtimes
 from treadle.shuttle.runtimes.namespace import cgroup_owner
+from treadle.shuttle.sandbox import cleanup
+from treadle.shuttle.sandbox.cgroups import Cgroups, Limits, detect
 
 pytestmark = pytest.mark.skipif(
     Tier.NAMESPACE not in available_runtimes(shuttle_settings(Path("/nonexistent"))),
@@ -71,6 +72,9 @@ async def test_an_attempt_leaves_no_group_fd_or_process(
         gate.close()
 
     assert status.exit_code == 0
+    # The group goes after the exit report, off its path; a stopping Shuttle drains that.
+    assert await cleanup.drain()
+    assert cleanup.pending() == 0
     assert groups_named(runtime.cgroups, runtime.group_prefix) == []
     assert sorted(os.listdir("/proc/self/fd")) == fds_before
     for pid in processes:

@@ -22,7 +22,6 @@ import pytest
 
 from support.oci import KINDS, OciHarness, harness_for, oci_base  # noqa: F401
 from treadle.domain.resources import Resources
-from treadle.shuttle.cgroups import cpu_bandwidth
 from treadle.shuttle.oci.bundle import (
     CONTAINER_PREFIX,
     BundleError,
@@ -36,6 +35,7 @@ from treadle.shuttle.oci.bundle import (
 )
 from treadle.shuttle.oci.rootfs import Rootfs
 from treadle.shuttle.oci.tools import ToolKind, cgroup_dirs, classify_exit, sweep
+from treadle.shuttle.sandbox.cgroups import cpu_bandwidth
 from treadle.shuttle.sandbox.seccomp import X86_64, arch_for_machine, oci_profile
 
 PY = "/usr/bin/python3"
@@ -186,10 +186,10 @@ def test_prepare_refuses_a_fifo_bundle_without_a_shell(tmp_path: Path) -> None:
     [
         (0, 0, None),
         (3, 0, None),
-        (137, 1, "oom"),
+        (137, 1, "oom_killed"),
         (137, 0, "killed:SIGKILL"),
         (143, 0, "killed:SIGTERM"),
-        (-9, 2, "oom"),
+        (-9, 2, "oom_killed"),
         (None, 0, "spawn_failed"),
     ],
 )
@@ -318,7 +318,7 @@ def test_memory_hog_is_oom_killed(oci: OciHarness) -> None:
     assert run.exit_code == 128 + 9
     if oci.oom_log.available or run.oom_kills is not None:
         assert run.oom_kills
-        assert run.reason == "oom"
+        assert run.reason == "oom_killed"
 
 
 def test_pids_limit_stops_a_fork_bomb(oci: OciHarness) -> None:

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from treadle.domain.resources import Resources
-from treadle.shuttle.cgroups import Group as CgroupGroup
-from treadle.shuttle.cgroups import (
+from treadle.shuttle.sandbox.cgroups import Group as CgroupGroup
+from treadle.shuttle.sandbox.cgroups import (
     GroupUsage,
     Layout,
     Limits,
+    cgroup_roots,
     cpu_bandwidth,
     detect,
     limit_writes,
@@ -218,3 +219,41 @@ def write_tree(root: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
+
+
+def test_a_group_made_by_a_tool_is_found_in_every_hierarchy(tmp_path: Path) -> None:
+    roots = {name: tmp_path / name for name in ("memory", "pids", "cpuacct", "devices")}
+    table = mountinfo(
+        {
+            str(roots["memory"]): ("cgroup", "rw,memory"),
+            str(roots["pids"]): ("cgroup", "rw,pids"),
+            str(roots["cpuacct"]): ("cgroup", "rw,cpuacct"),
+            str(roots["devices"]): ("cgroup", "rw,devices"),  # counted nowhere, removed too
+            str(tmp_path / "unified"): ("cgroup2", "rw"),
+        }
+    )
+    write_tree(
+        tmp_path,
+        {
+            "memory/treadle/me/c1/memory.oom_control": "oom_kill 1\n",
+            "memory/treadle/me/c1/memory.max_usage_in_bytes": "4096\n",
+            "pids/treadle/me/c1/pids.events": "max 2\n",
+            "cpuacct/treadle/me/c1/cpuacct.usage": "1000\n",
+        },
+    )
+    (roots["devices"] / "treadle" / "me" / "c1" / "sub").mkdir(parents=True)
+
+    group = CgroupGroup.at("/treadle/me/c1", table)
+
+    assert group.dirs == sorted(root / "treadle/me/c1" for root in roots.values())
+    assert group.usage() == GroupUsage(oom_kills=1, pids_denied=2, cpu_ns=1000, peak_bytes=4096)
+    for path in ("..", "/treadle/../etc", "", "/"):
+        with pytest.raises(ValueError):
+            CgroupGroup.at(path, table)
+
+
+def test_cgroup_roots_are_every_hierarchy() -> None:
+    assert cgroup_roots(HYBRID) == [
+        Path(f"/sys/fs/cgroup/{name}")
+        for name in ("cpu", "cpuacct", "memory", "pids", "systemd", "unified")
+    ]

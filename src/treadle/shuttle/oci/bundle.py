@@ -37,9 +37,9 @@ from typing import Any
 
 from treadle.domain.resources import Resources
 from treadle.protocol.messages import AssignSpec
-from treadle.shuttle.cgroups import cpu_bandwidth
 from treadle.shuttle.oci.rootfs import RESULT_DIR, WORK_DIR, Rootfs
 from treadle.shuttle.runtimes.process import ARGS_FILE, RESULT_FD
+from treadle.shuttle.sandbox.cgroups import cpu_bandwidth
 from treadle.shuttle.sandbox.seccomp import arch_for_machine, oci_profile
 
 __all__ = [

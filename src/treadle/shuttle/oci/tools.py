@@ -49,6 +49,8 @@ from treadle.shuttle.oci.bundle import (
 )
 from treadle.shuttle.oci.rootfs import Rootfs
 from treadle.shuttle.runtimes._spawn import spawn
+from treadle.shuttle.sandbox import exits
+from treadle.shuttle.sandbox.cgroups import Group
 
 __all__ = [
     "ContainerProcess",
@@ -87,7 +89,6 @@ _HYBRID_HINT = (
     "crun refuses hybrid cgroups while the unified hierarchy holds a controller "
     "(hugetlb here); run scripts/setup-cgroups as root to move hugetlb to a v1 hierarchy"
 )
-_CGROUP_ROOT = Path("/sys/fs/cgroup")
 _GRACE_S = 10.0
 
 
@@ -392,7 +393,7 @@ def run_container(
     except OSError as exc:
         if remove:
             bundle.remove()
-        return ContainerRun(None, b"", str(exc).encode(), b"", 0.0, reason="spawn_failed")
+        return ContainerRun(None, b"", str(exc).encode(), b"", 0.0, reason=exits.SPAWN_FAILED)
     return container.finish(timeout_s=timeout_s, oom_log=oom_log, remove=remove)
 
 
@@ -614,41 +615,18 @@ def _read(fd: int) -> bytes | None:
 
 
 def oom_kills(cgroups_path: str) -> int | None:
-    """OOM kills the kernel counted in the container's memory cgroup (v1
-    `memory.oom_control`, v2 `memory.events`), None when the cgroup no longer exists. crun
-    and runsc remove it when the container exits; runc (`--keep`) only at `delete`."""
-    relative = cgroups_path.strip("/")
-    candidates = [
-        (_CGROUP_ROOT / "memory" / relative / "memory.oom_control"),
-        (_CGROUP_ROOT / relative / "memory.events"),
-        (_CGROUP_ROOT / "unified" / relative / "memory.events"),
-    ]
-    for path in candidates:
-        try:
-            text = path.read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-    return None
+    """OOM kills the kernel counted in the container's memory cgroup, None when the cgroup
+    no longer exists. crun and runsc remove it when the container exits; runc (`--keep`)
+    only at `delete`."""
+    group = Group.at(cgroups_path)
+    return group.usage().oom_kills if group.dirs else None
 
 
 def peak_memory_kib(cgroups_path: str) -> int | None:
-    """The container's peak memory (v1 `memory.max_usage_in_bytes`, v2 `memory.peak`), None
-    where the cgroup is gone or the kernel keeps no peak."""
-    relative = cgroups_path.strip("/")
-    for path in (
-        _CGROUP_ROOT / "memory" / relative / "memory.max_usage_in_bytes",
-        _CGROUP_ROOT / relative / "memory.peak",
-        _CGROUP_ROOT / "unified" / relative / "memory.peak",
-    ):
-        try:
-            return int(path.read_text()) // 1024
-        except (OSError, ValueError):
-            continue
-    return None
+    """The container's peak memory, None where the cgroup is gone or the kernel keeps no
+    peak."""
+    peak = Group.at(cgroups_path).usage().peak_bytes
+    return None if peak is None else peak // 1024
 
 
 class OomLog:
@@ -712,26 +690,12 @@ class OomLog:
 
 
 def classify_exit(exit_code: int | None, *, oom_kills: int, killed: bool) -> str | None:
-    """The `ExitStatus.reason` for a container whose runtime exited with `exit_code`:
-    "oom" when the kernel OOM-killed it (a SIGKILL exit with kills counted), "killed:SIG"
-    for another signal, None for a normal exit. `killed`: Shuttle killed it itself (timeout
-    or cancel), whose reason it knows better.
-
-    The runtimes report a signal as 128 + its number, so a program that calls exit(137)
-    reads as SIGKILL: the OOM count is what tells an OOM kill from the others."""
-    if exit_code is None:
-        return "spawn_failed"
-    if killed:
+    """The `ExitStatus.reason` for a container whose runtime exited with `exit_code`, as the
+    sandbox layer reads every tier's exits (`treadle.shuttle.sandbox.exits`). `killed`:
+    Shuttle killed it itself (timeout or cancel), whose reason it knows better."""
+    if killed and exit_code is not None:
         return None
-    signum = exit_code - 128 if 128 < exit_code < 128 + 65 else -exit_code if exit_code < 0 else 0
-    if oom_kills and signum == signal.SIGKILL:
-        return "oom"
-    if signum:
-        try:
-            return f"killed:{signal.Signals(signum).name}"
-        except ValueError:
-            return f"killed:SIG{signum}"
-    return None
+    return exits.classify(exit_code, None, oom_killed=bool(oom_kills), pids_denied=False)[1]
 
 
 # Sweeping up
@@ -784,77 +748,30 @@ def sweep(
 
 def cgroup_dirs(cgroups_path: str) -> list[Path]:
     """Where a cgroup path exists in every mounted hierarchy (v1 controllers, v2)."""
-    relative = cgroups_path.strip("/")
-    return [root / relative for root in _hierarchies() if (root / relative).is_dir()]
+    return Group.at(cgroups_path).dirs
 
 
 def remove_cgroups(cgroups_path: str) -> list[str]:
     """Remove a container's cgroup from every hierarchy, killing what still runs in it
     (after `delete`, nothing should). Returns the errors, empty when it is gone."""
-    errors: list[str] = []
-    for group in cgroup_dirs(cgroups_path):
-        _remove_cgroup(group, errors)
-    return errors
-
-
-def _hierarchies() -> list[Path]:
-    roots: list[Path] = []
-    try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return roots
-    for line in mounts:
-        fields = line.split()
-        if len(fields) >= 3 and fields[2] in ("cgroup", "cgroup2"):
-            roots.append(Path(fields[1]))
-    return roots
+    return Group.at(cgroups_path).destroy()
 
 
 def _sweep_cgroups(cgroup_parent: str, errors: list[str]) -> list[str]:
-    removed: set[str] = set()
+    names: set[str] = set()
     for parent in cgroup_dirs(cgroup_parent):
-        for group in sorted(parent.iterdir()):
-            if not group.is_dir() or not group.name.startswith(CONTAINER_PREFIX):
-                continue
-            if _remove_cgroup(group, errors):
-                removed.add(group.name)
-    return sorted(removed)
-
-
-def _remove_cgroup(group: Path, errors: list[str]) -> bool:
-    for child in sorted((p for p in group.iterdir() if p.is_dir()), reverse=True):
-        _remove_cgroup(child, errors)
-    # rmdir right after the last task exits can fail with EBUSY for a moment (HOST-NOTES).
-    for _attempt in range(200):
-        _kill_tasks(group)
-        try:
-            group.rmdir()
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                errors.append(f"{group}: {exc.strerror}")
-                return False
-        _wait_for_release(group)
-    errors.append(f"{group}: still busy")
-    return False
-
-
-def _kill_tasks(group: Path) -> None:
-    try:
-        pids = (group / "cgroup.procs").read_text().split()
-    except OSError:
-        return
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
-def _wait_for_release(group: Path) -> None:
-    # Nothing to wait on for the kernel to release an emptied cgroup: yield the CPU briefly
-    # (at most ~1 s over all attempts).
-    time.sleep(0.005)
+        names.update(
+            entry.name
+            for entry in parent.iterdir()
+            if entry.is_dir() and entry.name.startswith(CONTAINER_PREFIX)
+        )
+    removed = []
+    for name in sorted(names):
+        failed = Group.at(f"{cgroup_parent.strip('/')}/{name}").destroy()
+        errors += failed
+        if not failed:
+            removed.append(name)
+    return removed
 
 
 def _quiet(argv: Sequence[str], timeout_s: float) -> None:

@@ -2,7 +2,7 @@
 IPC, UTS and cgroup namespaces, on a read-only view of the host's programs (see `bwrap` for
 the file system), with no capabilities, the sandbox layer's seccomp filter
 (`treadle.shuttle.sandbox.seccomp`), and the function's memory, cpu and process limits
-enforced by cgroups (`treadle.shuttle.cgroups`), or by rlimits where this host offers no
+enforced by cgroups (`treadle.shuttle.sandbox.cgroups`), or by rlimits where this host offers no
 cgroups to this process.
 
 It reuses the process tier's machinery; only what is spawned differs (`NamespaceLauncher`).
@@ -68,7 +68,6 @@ from pathlib import Path
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper
-from treadle.shuttle.cgroups import Cgroups, Group, GroupUsage, Limits, detect
 from treadle.shuttle.runtimes import bwrap, slirp
 from treadle.shuttle.runtimes._spawn import unsupported_reason
 from treadle.shuttle.runtimes.base import ExitStatus, RuntimeHandle, SpawnFailed
@@ -78,10 +77,10 @@ from treadle.shuttle.runtimes.process import (
     Launch,
     ProcessRuntime,
     environment,
-    sandbox_exit,
     workdir_files,
 )
-from treadle.shuttle.sandbox import seccomp
+from treadle.shuttle.sandbox import cleanup, exits, seccomp
+from treadle.shuttle.sandbox.cgroups import Cgroups, Group, GroupUsage, Limits, detect
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = [
@@ -101,8 +100,6 @@ _START_TIMEOUT_S = 10.0
 _PROBE_TIMEOUT_S = 10.0
 # bubblewrap's own inputs sit right above the program's fds (0-2 and the result pipe).
 _FIRST_FD = RESULT_FD + 1
-# rmdir of a group can fail with EBUSY for a moment after its last task is gone.
-_REMOVE_RETRY_S = (0.001, 0.01, 0.1, 1.0)
 
 
 NO_NETWORK = "this node does not give network to executions"
@@ -380,33 +377,19 @@ class _NamespaceAttempt:
         if self.group is None:
             return _classify(status, None)
         usage = self.group.usage()
-        self._remove_group(self.group, 0)
-        self.group = None
+        self._remove_group()
         return _classify(status, usage)
 
     def abandon(self) -> None:
         self._release_fds()
-        if self.group is not None:
-            self._remove_group(self.group, 0)
-            self.group = None
+        self._remove_group()
 
-    def _remove_group(self, group: Group, tries: int) -> None:
-        group.kill()
-        try:
-            busy = group.remove()
-        except OSError as exc:
-            log.warning("cannot remove cgroup %s: %s", group.name, exc)
-            return
-        if not busy:
-            return
-        if tries >= len(_REMOVE_RETRY_S):
-            log.warning("cgroup %s stays busy; the next Shuttle start sweeps it", group.name)
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop to retry from: leave it to the sweep
-        loop.call_later(_REMOVE_RETRY_S[tries], self._remove_group, group, tries + 1)
+    def _remove_group(self) -> None:
+        # After the exit report: the sandbox's PID 1 is gone, so nothing of it runs, but v1
+        # can keep the group busy for a moment, and the retries must not delay anyone.
+        group, self.group = self.group, None
+        if group is not None:
+            cleanup.defer(lambda: _destroy(group), group.name)
 
     def _close_child_ends(self) -> None:
         for fd in self.child_ends:
@@ -423,9 +406,16 @@ class _NamespaceAttempt:
         self.info = self.block = self._sandbox = None
 
 
+def _destroy(group: Group) -> None:
+    errors = group.destroy()
+    if errors:
+        log.warning("cgroup %s stays; the next Shuttle start sweeps it: %s", group.name, errors)
+
+
 def _classify(status: ExitStatus, usage: GroupUsage | None) -> ExitStatus:
-    code, reason = sandbox_exit(
-        status,
+    code, reason = exits.classify(
+        status.exit_code,
+        status.reason,
         oom_killed=usage is not None and bool(usage.oom_kills),
         pids_denied=usage is not None and bool(usage.pids_denied),
     )

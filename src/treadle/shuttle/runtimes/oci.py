@@ -56,8 +56,6 @@ from treadle.shuttle.oci.tools import (
     ToolKind,
     cgroup_dirs,
     find_tools,
-    oom_kills,
-    peak_memory_kib,
     probe,
     remove_cgroups,
     runtime_error,
@@ -71,10 +69,10 @@ from treadle.shuttle.runtimes.process import (
     Attempt,
     Launch,
     ProcessRuntime,
-    sandbox_exit,
     workdir_files,
 )
-from treadle.shuttle.sandbox import cleanup
+from treadle.shuttle.sandbox import cleanup, exits
+from treadle.shuttle.sandbox.cgroups import Group
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = ["OciLauncher", "OciRuntime", "oci_runtimes"]
@@ -252,9 +250,10 @@ class _OciAttempt:
         # (a process of the runtime's own), its cgroups, bundle and work dir follows the
         # exit report instead of delaying it.
         path = self._bundle.cgroups_path
-        self._oom_kills = max(oom_kills(path) or 0, self._oom_log.take(path))
-        self._pids_denied = _pids_denied(path)
-        self._peak_kib = peak_memory_kib(path)
+        usage = Group.at(path).usage()
+        self._oom_kills = max(usage.oom_kills, self._oom_log.take(path))
+        self._pids_denied = usage.pids_denied > 0
+        self._peak_kib = None if usage.peak_bytes is None else usage.peak_bytes // 1024
         self._runtime_error = runtime_error(self._tool, self._bundle.path / _RUNTIME_LOG)
         settled()
 
@@ -271,7 +270,7 @@ class _OciAttempt:
         cleanup.defer(self._release, self._bundle.container_id)
         if self._runtime_error is not None and status.reason is None and status.exit_code:
             # The container never ran the program: the runtime said why (also on stderr).
-            return ExitStatus(None, "spawn_failed", status.result, status.usage)
+            return ExitStatus(None, exits.SPAWN_FAILED, status.result, status.usage)
         return _classify(status, self._oom_kills, self._pids_denied, self._peak_kib)
 
     def abandon(self) -> None:
@@ -288,21 +287,12 @@ def _remove_workdir(workdir: Path) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _pids_denied(cgroups_path: str) -> bool:
-    """Whether pids.max refused a fork in the container's cgroup (where it still exists)."""
-    for group in cgroup_dirs(cgroups_path):
-        with contextlib.suppress(OSError, ValueError):
-            for line in (group / "pids.events").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "max" and int(value) > 0:
-                    return True
-    return False
-
-
 def _classify(
     status: ExitStatus, oom_kills: int, pids_denied: bool, peak_kib: int | None
 ) -> ExitStatus:
-    code, reason = sandbox_exit(status, oom_killed=bool(oom_kills), pids_denied=pids_denied)
+    code, reason = exits.classify(
+        status.exit_code, status.reason, oom_killed=bool(oom_kills), pids_denied=pids_denied
+    )
     return ExitStatus(
         exit_code=code,
         reason=reason,

@@ -34,6 +34,7 @@ from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper
 from treadle.shuttle.runtimes._spawn import resolve_program, spawn
 from treadle.shuttle.runtimes.base import ExitStatus, RuntimeHandle, SpawnFailed, Stream
+from treadle.shuttle.sandbox import exits
 
 __all__ = [
     "ARGS_FILE",
@@ -47,8 +48,6 @@ __all__ = [
     "ProcessRuntime",
     "describe",
     "environment",
-    "sandbox_exit",
-    "signal_name",
     "workdir_files",
 ]
 
@@ -374,7 +373,7 @@ class ProcessHandle:
             os.set_blocking(fd, False)
             loop.add_reader(fd, self._on_readable, fd)
         loop.add_reader(pidfd, self._on_exit)
-        self._timer = loop.call_later(timeout_s, self._kill, "timeout")
+        self._timer = loop.call_later(timeout_s, self._kill, exits.TIMEOUT)
         if stdin is not None:
             os.set_blocking(stdin, False)
             self._write_stdin()
@@ -406,7 +405,7 @@ class ProcessHandle:
         return await asyncio.shield(self._done)
 
     def kill(self) -> None:
-        self._kill("cancelled")
+        self._kill(exits.CANCELLED)
 
     # Event loop callbacks
 
@@ -536,7 +535,7 @@ class ProcessHandle:
         code = os.waitstatus_to_exitcode(self._wait_status)
         reason = self._kill_reason
         if reason is None and code < 0:
-            reason = f"killed:{signal_name(-code)}"
+            reason = exits.killed_by(-code)
         status = ExitStatus(code, reason, self._result.value, self._usage)
         try:
             status = self._attempt.finish(status)
@@ -630,34 +629,6 @@ def environment(spec: AssignSpec, home: str) -> dict[str, str]:
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-_SIGNALS = {int(s) for s in signal.Signals}
-
-
-def sandbox_exit(
-    status: ExitStatus, *, oom_killed: bool, pids_denied: bool
-) -> tuple[int | None, str | None]:
-    """(exit code, reason) of a program run through a sandbox tool (bubblewrap, an OCI
-    runtime): a failure the limits explain gets their reason, and the tool's report of death
-    by a signal (128 + its number, as shells do) becomes -signal, as for the process tier."""
-    code, reason = status.exit_code, status.reason
-    if reason is None and code is not None and code > 0:
-        if oom_killed:
-            reason = "oom_killed"
-        elif pids_denied:
-            reason = "pids_limit"
-        if code > 128 and code - 128 in _SIGNALS:
-            code = 128 - code
-            reason = reason or f"killed:{signal_name(-code)}"
-    return code, reason
-
-
-def signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"SIG{number}"
 
 
 def describe(exc: BaseException) -> str:

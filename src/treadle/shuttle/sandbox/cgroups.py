@@ -35,6 +35,7 @@ __all__ = [
     "GroupUsage",
     "Layout",
     "Limits",
+    "cgroup_roots",
     "cpu_bandwidth",
     "detect",
     "limit_writes",
@@ -54,7 +55,7 @@ _CPU_QUOTA_MIN_US = 1_000  # the kernel refuses a smaller cfs quota
 # out one or two periods, and `echo` took 100-200 ms where it takes 5 ms unthrottled.
 CPU_BURST_US = 20_000
 _WANTED = ("memory", "pids", "cpu")
-_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
 # A group's last task may still be leaving it (v1 in particular) when we first try rmdir.
 _SWEEP_RETRIES = 100
 _SWEEP_RETRY_S = 0.01
@@ -232,32 +233,50 @@ class Cgroups:
         for parent in set(self.layout.parents.values()):
             with contextlib.suppress(FileNotFoundError):
                 names.update(e.name for e in os.scandir(parent) if e.is_dir() and stale(e.name))
-        stuck = []
-        for name in sorted(names):
-            group = Group(self.layout, name)
-            for _ in range(_SWEEP_RETRIES):
-                group.kill()
-                if not group.remove():
-                    break
-                time.sleep(_SWEEP_RETRY_S)
-            else:
-                stuck.append(name)
-        return stuck
+        return [name for name in sorted(names) if Group(self.layout, name).destroy()]
 
 
 class Group:
-    """One attempt's group: a directory per hierarchy (one on v2)."""
+    """One workload's group: a directory per hierarchy (one on v2). Made by `Cgroups.create`
+    for a tier that creates its own, or found with `Group.at` where a tool (an OCI runtime)
+    made it at a path of its choosing; either way it is read, frozen, killed and removed
+    here."""
 
     def __init__(self, layout: Layout, name: str) -> None:
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"invalid cgroup name {name!r}")
-        self._layout = layout
         self.name = name
-        self.dirs = sorted({parent / name for parent in layout.parents.values()})
+        self._version = layout.version
+        self._counters = {c: parent / name for c, parent in layout.parents.items()}
+        self.dirs = sorted(set(self._counters.values()))
+
+    @classmethod
+    def at(cls, path: str, mountinfo: str | None = None) -> Group:
+        """The group at `path` (from the root of each hierarchy), in every hierarchy where
+        it exists: the counted controllers' and the others an OCI runtime also uses
+        (devices, freezer, ...), so that removing it leaves nothing behind."""
+        relative = path.strip("/")
+        if not relative or any(part in ("", ".", "..") for part in relative.split("/")):
+            raise ValueError(f"invalid cgroup path {path!r}")
+        if mountinfo is None:
+            try:
+                mountinfo = Path("/proc/self/mountinfo").read_text()
+            except OSError:
+                mountinfo = ""
+        unified, v1 = parse_mountinfo(mountinfo)
+        group = cls.__new__(cls)
+        group.name = relative
+        group._version = 1 if "memory" in v1 else 2
+        if group._version == 2 and unified is not None:
+            group._counters = dict.fromkeys(_WANTED, unified / relative)
+        else:
+            group._counters = {c: root / relative for c, root in v1.items()}
+        roots = cgroup_roots(mountinfo)
+        group.dirs = sorted({root / relative for root in roots if (root / relative).is_dir()})
+        return group
 
     def _dir(self, controller: str) -> Path | None:
-        parent = self._layout.parents.get(controller)
-        return None if parent is None else parent / self.name
+        return self._counters.get(controller)
 
     def place(self, pid: int) -> None:
         """Move `pid` (the whole process) into the group; its future children follow."""
@@ -273,19 +292,49 @@ class Group:
 
     def kill(self) -> None:
         """SIGKILL every task in the group."""
-        if self._layout.version == 2:
+        if self._version == 2 and self.dirs:
             with contextlib.suppress(FileNotFoundError):
                 kill_file = self.dirs[0] / "cgroup.kill"
                 if kill_file.exists():  # Linux 5.14+: atomic, no fork race
                     _write(kill_file, "1")
                     return
         for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+
+    def freeze(self) -> None:
+        """Stop every task of the group where it stands (v2 `cgroup.freeze`, v1 freezer);
+        memory and open files are kept. `frozen()` tells once the kernel is done."""
+        self._set_frozen(True)
+
+    def thaw(self) -> None:
+        self._set_frozen(False)
+
+    def frozen(self) -> bool:
+        if self._version == 2:
+            return _key(self._dir("memory"), "cgroup.events", "frozen") == 1
+        freezer = self._dir("freezer")
+        if freezer is None:
+            return False
+        with contextlib.suppress(OSError):
+            return (freezer / "freezer.state").read_text().strip() == "FROZEN"
+        return False
+
+    def _set_frozen(self, frozen: bool) -> None:
+        if self._version == 2:
+            directory = self._dir("memory")
+            if directory is None:
+                raise OSError(errno.ENOTSUP, "no cgroup to freeze")
+            _write(directory / "cgroup.freeze", "1" if frozen else "0")
+            return
+        freezer = self._dir("freezer")
+        if freezer is None:
+            raise OSError(errno.ENOTSUP, "this host mounts no v1 freezer hierarchy")
+        _write(freezer / "freezer.state", "FROZEN" if frozen else "THAWED")
 
     def usage(self) -> GroupUsage:
         """What the group's tasks used and ran into, from the controllers' own counters."""
-        if self._layout.version == 2:
+        if self._version == 2:
             memory = self._dir("memory")
             cpu = self._dir("cpu")
             pids = self._dir("pids")
@@ -316,6 +365,57 @@ class Group:
                     raise
                 busy.append(directory)
         return busy
+
+    def destroy(self) -> list[str]:
+        """Kill what runs in the group and remove it with the groups below it (a tool may
+        make some), retrying while the kernel still releases them (a blocking call, for a
+        cleanup thread or a sweep). Returns the errors; empty once it is gone."""
+        errors: list[str] = []
+        for directory in self.dirs:
+            _destroy_dir(directory, errors)
+        return errors
+
+
+def cgroup_roots(mountinfo: str) -> list[Path]:
+    """Every mounted cgroup hierarchy (v1, whatever its controllers, and v2)."""
+    roots: list[Path] = []
+    for line in mountinfo.splitlines():
+        before, sep, after = line.partition(" - ")
+        fields, rest = before.split(), after.split()
+        if sep and len(fields) >= 5 and rest and rest[0] in ("cgroup", "cgroup2"):
+            roots.append(Path(_unescape(fields[4])))
+    return roots
+
+
+def _destroy_dir(directory: Path, errors: list[str]) -> bool:
+    with contextlib.suppress(FileNotFoundError):
+        for child in sorted((p for p in directory.iterdir() if p.is_dir()), reverse=True):
+            _destroy_dir(child, errors)
+    # rmdir right after the last task exits can fail with EBUSY for a moment (v1 above all).
+    for _ in range(_SWEEP_RETRIES):
+        _kill_tasks(directory)
+        try:
+            directory.rmdir()
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                errors.append(f"{directory}: {exc.strerror}")
+                return False
+        time.sleep(_SWEEP_RETRY_S)
+    errors.append(f"{directory}: still busy")
+    return False
+
+
+def _kill_tasks(directory: Path) -> None:
+    try:
+        pids = (directory / "cgroup.procs").read_text().split()
+    except OSError:
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def _write(path: Path, value: str) -> None:
