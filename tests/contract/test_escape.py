@@ -43,6 +43,7 @@ from treadle.shuttle.runtimes import (
     Runtime,
     RuntimeHandle,
 )
+from treadle.shuttle.sandbox.policy import masked_in_proc
 from treadle.shuttle.sandbox.seccomp import arch_for_machine
 
 PIDS_MAX = 64
@@ -509,4 +510,77 @@ async def test_every_denied_family_is_refused(
     if isinstance(runtime, OciRuntime) and runtime.tool.kind is ToolKind.RUNSC:
         refused.add("ENOSYS")  # calls gVisor's kernel does not have at all
     assert {name: answer for name, answer in seen.items() if answer not in refused} == {}
+    await assert_unharmed(runtime, workdir, neighbour)
+
+
+def host_ids(pid: int) -> tuple[set[int], set[int]]:
+    """The (real, effective, saved, fs) uids and gids of a host process."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return {int(u) for u in fields["Uid"].split()}, {int(g) for g in fields["Gid"].split()}
+
+
+async def test_programs_never_run_as_a_privileged_host_user_and_never_share_one(
+    runtime: Runtime, home: Path, neighbour: Neighbour
+) -> None:
+    if not neighbour.pids:
+        pytest.skip("gVisor: the program's processes live in the sandbox's kernel")
+    gate = Gate(container_workdir(runtime))
+    s = spec([PY, "-c", GATED + "print('ready', flush=True)\nwait()", gate.tag], id="ex_4")
+    second = await runtime.start(s, home / "work" / "ex_4-1")
+    try:
+        assert await anext(second.output()) == ("stdout", b"ready\n")
+        first_ids = [host_ids(pid) for pid in neighbour.pids]
+        second_ids = [host_ids(pid) for pid in pids_with(gate.tag)]
+    finally:
+        second.kill()
+        async for _ in second.output():
+            pass
+        await second.wait()
+        gate.close()
+
+    if os.geteuid() == 0:
+        # Shuttle is root: its sandboxes are not, not even without capabilities.
+        for uids, gids in first_ids + second_ids:
+            assert 0 not in uids and 0 not in gids, (uids, gids)
+        # Each workload its own host ids: no rlimit or signal is shared between two.
+        first_uids = set().union(*(uids for uids, _ in first_ids))
+        second_uids = set().union(*(uids for uids, _ in second_ids))
+        assert not first_uids & second_uids
+    else:
+        for uids, _ in first_ids + second_ids:
+            assert uids == {os.getuid()}  # the only uid an unprivileged Shuttle can map
+    await neighbour.finish()
+
+
+def present(paths: list[str]) -> list[str]:
+    return [path for path in paths if os.path.exists(path)]
+
+
+async def test_host_wide_kernel_state_is_masked(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    masked = present(masked_in_proc())
+    code = (
+        TRY
+        + f"""
+for path in {masked!r}:
+    if os.path.isdir(path):
+        seen[path] = os.listdir(path)
+        continue
+    try:
+        with open(path, "rb") as f:
+            seen[path] = len(f.read(4096))
+    except OSError as exc:
+        seen[path] = errno.errorcode.get(exc.errno, str(exc.errno))
+print(json.dumps(seen))
+"""
+    )
+
+    seen = report(await attack(runtime, workdir, code))
+
+    # Empty, unreadable, or not there at all (gVisor's own /proc has none of the host's).
+    hidden = (0, [], "ENOENT", "EACCES")
+    assert {path: what for path, what in seen.items() if what not in hidden} == {}
+    assert masked == [] or set(seen) == set(masked)
     await assert_unharmed(runtime, workdir, neighbour)

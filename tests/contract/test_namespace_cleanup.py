@@ -4,6 +4,7 @@ and not after a Shuttle that was killed mid-attempt, whose leftovers the next st
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from treadle.domain.resources import Tier
 from treadle.shuttle.reaper import reap_orphans
 from treadle.shuttle.runtimes import NamespaceRuntime, available_runtimes
 from treadle.shuttle.runtimes.namespace import cgroup_owner
-from treadle.shuttle.sandbox import cleanup
+from treadle.shuttle.sandbox import cleanup, owners
 from treadle.shuttle.sandbox.cgroups import Cgroups, Limits, detect
 
 pytestmark = pytest.mark.skipif(
@@ -154,12 +155,16 @@ async def test_the_sweep_kills_what_runs_in_a_stale_group_and_spares_others(
     if probe.cgroups is None:
         pytest.skip("limits through rlimits here: no cgroups to sweep")
     layout = probe.cgroups.layout
-    gone = await asyncio.create_subprocess_exec("/bin/true")
-    await gone.wait()
-    stale = f"{cgroup_owner(home)}.{gone.pid}.0"  # the groups of a Shuttle that died
+    # The token of a Shuttle that died: its file is there, nobody holds its lock.
+    gone = "0123456789ab"
+    (owners.tokens_dir() / gone).touch()
+    stale = f"{cgroup_owner(home)}.{gone}.0"
     # A Shuttle that runs keeps its groups, even from a second one started on its home.
-    alive = f"{cgroup_owner(home)}.{os.getppid()}.0"
-    other = f"{cgroup_owner(tmp_path / 'other-home')}.{gone.pid}.0"
+    living = "ba9876543210"
+    held = os.open(owners.tokens_dir() / living, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    alive = f"{cgroup_owner(home)}.{living}.0"
+    other = f"{cgroup_owner(tmp_path / 'other-home')}.{gone}.0"
     sleepers = []
     try:
         for name in (stale, alive, other):
@@ -183,3 +188,5 @@ async def test_the_sweep_kills_what_runs_in_a_stale_group_and_spares_others(
                 sleeper.kill()
                 await sleeper.wait()
         Cgroups(layout).sweep(lambda name: name in (alive, other))
+        os.close(held)
+        (owners.tokens_dir() / living).unlink()

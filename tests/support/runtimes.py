@@ -186,9 +186,21 @@ class Gate:
             self._dir = self._open()
         self._released += 1
         # Through a descriptor of the directory: it holds even once the program has gone.
-        os.close(
-            os.open(f"gate.{self._released}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=self._dir)
-        )
+        # As the directory's owner: where the sandbox's ids map to a host uid of its own, the
+        # sandbox's file system has no id for this process's (EOVERFLOW).
+        owner = os.fstat(self._dir)
+        if owner.st_uid == os.geteuid():
+            _touch(self._dir, f"gate.{self._released}")
+            return
+        child = os.fork()
+        if child == 0:
+            try:
+                os.setresgid(owner.st_gid, owner.st_gid, owner.st_gid)
+                os.setresuid(owner.st_uid, owner.st_uid, owner.st_uid)
+                _touch(self._dir, f"gate.{self._released}")
+            finally:
+                os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
 
     def close(self) -> None:
         if self._dir is not None:
@@ -211,6 +223,10 @@ class Gate:
             # gVisor: the program's processes live in the sandbox's kernel, not the host's.
             pytest.skip("the program's processes are not host processes: no gate to reach")
         raise AssertionError("the program's gate is nowhere to be found")
+
+
+def _touch(directory: int, name: str) -> None:
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=directory))
 
 
 def container_workdir(runtime: Runtime) -> Callable[[str], Path | None] | None:

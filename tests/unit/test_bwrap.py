@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from treadle.shuttle.runtimes import bwrap
+from treadle.shuttle.sandbox.policy import masked_in_proc
 
 FDS = bwrap.Fds(seccomp=4, files=[(7, "args.json", 0o600), (8, "main", 0o700)], info=5, block=6)
 
@@ -64,17 +65,33 @@ def test_network_needs_its_resolver() -> None:
 def test_scratch_space_is_size_limited_tmpfs() -> None:
     args = options(disk_bytes=123 << 20)
 
-    assert pairs(args, "--tmpfs") == ["/dev/shm", "/tmp", "/work"]
+    masked_dirs = [p for p in masked_in_proc() if os.path.isdir(p)]
+    assert pairs(args, "--tmpfs") == [*masked_dirs, "/dev/shm", "/tmp", "/work"]
     assert pairs(args, "--size") == [str(123 << 20)] * 3
 
 
 def test_the_root_and_dev_turn_read_only_after_everything_is_in_place() -> None:
     args = options()
 
-    assert pairs(args, "--remount-ro") == ["/dev", "/"]
+    masked_dirs = [p for p in masked_in_proc() if os.path.isdir(p)]
+    assert pairs(args, "--remount-ro") == [*masked_dirs, "/dev", "/"]
     remount_root = len(args) - 1 - args[::-1].index("--remount-ro")
     mounts = {"--ro-bind", "--bind", "--tmpfs", "--file", "--dir", "--symlink", "--proc", "--dev"}
     assert all(i < remount_root for i, arg in enumerate(args) if arg in mounts)
+
+
+def test_host_wide_proc_entries_are_masked_where_this_kernel_has_them() -> None:
+    args = options()
+
+    proc = args.index("/proc")
+    for path in masked_in_proc():
+        if os.path.isdir(path):
+            assert args[args.index(path) - 1] == "--tmpfs"
+        elif os.path.exists(path):
+            assert args[args.index(path) - 2 : args.index(path)] == ["--ro-bind", "/dev/null"]
+        else:
+            assert path not in args  # bubblewrap cannot mount over what is not there
+        assert path not in args or args.index(path) > proc
 
 
 def test_work_dir_files_get_their_modes() -> None:
@@ -121,8 +138,20 @@ def test_host_binds_mirror_the_hosts_top_level_layout(tmp_path: Path) -> None:
     assert ["--ro-bind", str(tmp_path / "lib64"), "/lib64"] == args[6:9]
     assert "/sbin" not in args
     assert pairs(args, "--dir") == ["/etc"]
-    assert "/etc/passwd" in args  # the sandbox's own, not the host's
+    assert "/etc/passwd" not in args  # the sandbox's own comes by fd (`sandbox_etc`)
     assert str(tmp_path / "etc" / "passwd") not in args
+
+
+def test_the_sandbox_has_its_own_users_and_they_travel_by_fd() -> None:
+    etc = dict(bwrap.sandbox_etc())
+    assert etc["passwd"].decode().splitlines()[1] == "user:x:1000:1000:user:/work:/bin/sh"
+    assert b"user:x:1000:" in etc["group"]
+
+    args = options(fds=bwrap.Fds(seccomp=4, files=[], etc=[(9, "passwd"), (10, "group")]))
+
+    assert args[args.index("/etc/passwd") - 2 : args.index("/etc/passwd")] == ["--file", "9"]
+    assert args[args.index("/etc/group") - 2 : args.index("/etc/group")] == ["--file", "10"]
+    assert args.index("/etc/group") < args.index("--remount-ro", args.index("/work"))
 
 
 FILES = {"args.json": 0o600, "main.sh": 0o700, "data": 0o600}

@@ -63,6 +63,9 @@ class ShuttleSettings(BaseSettings):
     # names); None: any. Pulls use this node's network and credentials, so operators of
     # shared fleets should name them.
     allowed_registries: list[str] | None = None
+    # Where Shuttle runs as root, each workload's sandbox ids map to host ids of its own from
+    # here on (65,536 per workload, up to 1,024 workloads): give each Shuttle on a host its own.
+    sandbox_ids_base: int = Field(default=100_000, ge=1, le=2**31 - 1024 * 65_536)
     # Processes (and threads) one sandboxed execution may run at once.
     pids_max: int = Field(default=256, ge=8)
     # The program behind the oci tier; None: crun where it works, else runc.

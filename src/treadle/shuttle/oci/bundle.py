@@ -40,6 +40,7 @@ from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.oci.rootfs import RESULT_DIR, WORK_DIR, Rootfs
 from treadle.shuttle.runtimes.process import ARGS_FILE, RESULT_FD
 from treadle.shuttle.sandbox.cgroups import cpu_bandwidth
+from treadle.shuttle.sandbox.policy import MASKED_PATHS, READONLY_PATHS
 from treadle.shuttle.sandbox.seccomp import arch_for_machine, oci_profile
 
 __all__ = [
@@ -68,28 +69,6 @@ BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _SPEC_VERSION = "1.0.2"
 _MIB = 1024 * 1024
 
-# Docker's defaults: kernel state that leaks host information or offers an attack surface.
-_MASKED_PATHS = (
-    "/proc/acpi",
-    "/proc/asound",
-    "/proc/interrupts",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/sched_debug",
-    "/proc/scsi",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/sys/devices/virtual/powercap",
-    "/sys/firmware",
-)
-_READONLY_PATHS = (
-    "/proc/bus",
-    "/proc/fs",
-    "/proc/irq",
-    "/proc/sys",
-    "/proc/sysrq-trigger",
-)
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
@@ -481,7 +460,7 @@ def _linux(
     seccomp: dict[str, Any] | None,
 ) -> dict[str, Any]:
     memory = (limits.memory_mib + traits.memory_overhead_mib) * _MIB
-    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")]
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network", "cgroup")]
     linux: dict[str, Any] = {
         "namespaces": namespaces,
         "resources": {
@@ -492,8 +471,8 @@ def _linux(
             "pids": {"limit": limits.pids * traits.pids_per_task + traits.pids_overhead},
         },
         "cgroupsPath": cgroup,
-        "maskedPaths": list(_MASKED_PATHS),
-        "readonlyPaths": list(_READONLY_PATHS),
+        "maskedPaths": list(MASKED_PATHS),
+        "readonlyPaths": list(READONLY_PATHS),
     }
     if identity.userns is not None:
         namespaces.append({"type": "user"})

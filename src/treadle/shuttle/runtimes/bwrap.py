@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from treadle.shuttle.sandbox.policy import masked_in_proc
+
 __all__ = [
     "SANDBOX_ETC",
     "WORK_DIR",
@@ -42,6 +44,7 @@ __all__ = [
     "host_binds",
     "options",
     "resolve_in_sandbox",
+    "sandbox_etc",
 ]
 
 WORK_DIR = "/work"
@@ -66,6 +69,8 @@ class Fds:
     # again, once set up, right before it runs the program.
     block: int | None = None
     resolv_conf: int | None = None  # with network: the content of /etc/resolv.conf
+    # the sandbox's own /etc files (`sandbox_etc()`): (fd, name)
+    etc: Sequence[tuple[int, str]] = ()
 
 
 def host_binds(root: Path = Path("/")) -> list[str]:
@@ -80,9 +85,14 @@ def host_binds(root: Path = Path("/")) -> list[str]:
     args += ["--perms", "0755", "--dir", "/etc"]
     for name in _HOST_ETC:
         args += ["--ro-bind-try", str(root / "etc" / name), f"/etc/{name}"]
-    for path in sorted(SANDBOX_ETC.iterdir()):
-        args += ["--ro-bind", str(path), f"/etc/{path.name}"]
     return args
+
+
+def sandbox_etc() -> list[tuple[str, bytes]]:
+    """The sandbox's own /etc files (name, content). They travel to bubblewrap as fds, not
+    as paths: bubblewrap runs as the workload's unprivileged uid, which may not reach where
+    treadle is installed."""
+    return [(path.name, path.read_bytes()) for path in sorted(SANDBOX_ETC.iterdir())]
 
 
 def options(
@@ -119,6 +129,7 @@ def options(
     args += [
         "--proc",
         "/proc",
+        *_proc_masks(),
         "--dev",
         "/dev",
         # POSIX shared memory and semaphores need a writable /dev/shm; the rest of /dev is
@@ -144,6 +155,8 @@ def options(
         "--tmpfs",
         WORK_DIR,
     ]
+    for fd, name in fds.etc:
+        args += ["--perms", "0644", "--file", str(fd), f"/etc/{name}"]
     for fd, name, mode in fds.files:
         args += ["--perms", f"{mode:04o}", "--file", str(fd), f"{WORK_DIR}/{name}"]
     # Last of the file system: everything created above on the root (mount points, /etc)
@@ -163,6 +176,19 @@ def options(
         # runs (a second pipe would stay open in the program).
         args += ["--userns-block-fd", str(fds.block), "--block-fd", str(fds.block)]
     _check_no_nul(args)
+    return args
+
+
+def _proc_masks() -> list[str]:
+    """Options that show the sandbox's /proc without the host-wide entries the sandbox layer
+    masks (`policy.MASKED_PATHS`): a file reads as empty, a directory as an empty read-only
+    one. Only entries this kernel has: bubblewrap cannot mount over what is not there."""
+    args: list[str] = []
+    for path in masked_in_proc():
+        if os.path.isdir(path):
+            args += ["--perms", "0555", "--tmpfs", path, "--remount-ro", path]
+        elif os.path.exists(path):
+            args += ["--ro-bind", "/dev/null", path]
     return args
 
 

@@ -51,12 +51,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
-import itertools
 import json
 import logging
 import os
 import resource
+import secrets
 import shutil
 import signal
 import time
@@ -79,8 +80,9 @@ from treadle.shuttle.runtimes.process import (
     environment,
     workdir_files,
 )
-from treadle.shuttle.sandbox import cleanup, exits, seccomp
+from treadle.shuttle.sandbox import cleanup, exits, owners, seccomp
 from treadle.shuttle.sandbox.cgroups import Cgroups, Group, GroupUsage, Limits, detect
+from treadle.shuttle.sandbox.ids import SANDBOX_GID, SANDBOX_UID, IdPool, IdRange, pool_for
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = [
@@ -151,13 +153,21 @@ class NamespaceLauncher:
         group_prefix: str,
         pids_max: int,
         allow_network: bool = False,
+        ids: IdPool | None = None,
     ) -> None:
+        setpriv, prlimit = shutil.which("setpriv"), shutil.which("prlimit")
+        if ids is not None and (setpriv is None or prlimit is None):
+            raise Unavailable(
+                "setpriv and prlimit (util-linux) are needed to run sandboxes as root"
+            )
         self._bwrap = bwrap_path
+        self._ids = ids
+        self._setpriv = setpriv
+        self._prlimit = prlimit
         self._seccomp = seccomp_program
         self._binds = bwrap.host_binds()
         self.limits = _Limits(cgroups, pids_max)
         self.group_prefix = group_prefix
-        self._group_numbers = itertools.count()
         # What gives network to the sandboxes that ask for it; None where none is given.
         self.slirp = slirp.find() if allow_network else None
 
@@ -181,8 +191,12 @@ class NamespaceLauncher:
         network = self.slirp if wants_network(spec) else None
         if wants_network(spec) and network is None:
             raise NoNetwork(NO_NETWORK)
-        attempt = _NamespaceAttempt(self.limits, network)
+        attempt = _NamespaceAttempt(self.limits, network, self._ids)
         try:
+            if self._ids is not None:
+                attempt.ids = self._ids.take()
+                if attempt.ids is None:
+                    raise OSError(errno.EAGAIN, "every sandbox id range of this node is in use")
             child: dict[int, int] = {}  # bubblewrap's fd -> ours
 
             def give(fd: int) -> int:
@@ -200,12 +214,14 @@ class NamespaceLauncher:
             if network is not None:
                 resolv_fd = give(_memfd("resolv.conf", slirp.RESOLV_CONF))
             file_fds = [(give(_memfd(name, data)), name, mode) for name, data, mode in files]
+            etc_fds = [(give(_memfd(name, data)), name) for name, data in bwrap.sandbox_etc()]
             fds = bwrap.Fds(
                 seccomp=seccomp_fd,
                 info=info_fd,
                 block=block_fd,
                 files=file_fds,
                 resolv_conf=resolv_fd,
+                etc=etc_fds,
             )
             args = bwrap.options(
                 binds=self._binds,
@@ -216,7 +232,7 @@ class NamespaceLauncher:
             )
             args_fd = give(_memfd("bwrap-args", b"\0".join(a.encode() for a in args) + b"\0"))
             if self.limits.cgroups is not None:
-                name = f"{self.group_prefix}{next(self._group_numbers)}"
+                name = f"{self.group_prefix}{secrets.token_hex(6)}"
                 attempt.group = self.limits.cgroups.create(
                     name, Limits.for_resources(spec.resources, self.limits.pids_max)
                 )
@@ -224,9 +240,29 @@ class NamespaceLauncher:
         except BaseException:
             attempt.abandon()
             raise
+        argv = [self._bwrap, "--args", str(args_fd), "--", *spec.argv]
+        if attempt.ids is not None:
+            assert self._setpriv is not None and self._prlimit is not None
+            # bubblewrap itself, and so the sandbox, starts as the workload's unprivileged
+            # host uid: a user namespace maps ids, it does not change who a process is.
+            uid, gid = attempt.ids.host(SANDBOX_UID), attempt.ids.host(SANDBOX_GID)
+            # Its rlimits too: a process of another uid is out of reach of Shuttle's prlimit()
+            # where Shuttle's root lacks CAP_SYS_RESOURCE, as in many containers.
+            limits = [f"--{name}={limit}:{limit}" for name, (_, limit) in attempt.rlimits().items()]
+            argv = [
+                self._setpriv,
+                f"--reuid={uid}",
+                f"--regid={gid}",
+                "--clear-groups",
+                "--",
+                self._prlimit,
+                *limits,
+                "--",
+                *argv,
+            ]
         attempt.launch = Launch(
-            program=self._bwrap,
-            argv=[self._bwrap, "--args", str(args_fd), "--", *spec.argv],
+            program=argv[0],
+            argv=argv,
             env={},  # bubblewrap's own: the program's goes through --setenv
             cwd=Path("/"),
             fds=child,
@@ -240,9 +276,13 @@ class _NamespaceAttempt:
 
     launch: Launch
 
-    def __init__(self, limits: _Limits, network: slirp.Slirp | None = None) -> None:
+    def __init__(
+        self, limits: _Limits, network: slirp.Slirp | None = None, pool: IdPool | None = None
+    ) -> None:
         self._limits = limits
         self._network = network
+        self._pool = pool
+        self.ids: IdRange | None = None  # the workload's host ids, where it has its own
         self.link: slirp.Link | None = None
         self.resources = Resources()
         self.child_ends: list[int] = []  # bubblewrap's ends, closed here once it has them
@@ -314,24 +354,34 @@ class _NamespaceAttempt:
             if self.group is not None:
                 self.group.place(pid)
             self._set_rlimits(pid)
-            uid, gid = os.getuid(), os.getgid()
-            _write_proc(pid, "uid_map", f"{uid} {uid} 1\n")
+            if self.ids is not None:
+                uid, gid = self.ids.host(SANDBOX_UID), self.ids.host(SANDBOX_GID)
+            else:
+                uid, gid = os.getuid(), os.getgid()
+            _write_proc(pid, "uid_map", f"{SANDBOX_UID} {uid} 1\n")
             _write_proc(pid, "setgroups", "deny")  # what lets an unprivileged user map gids
-            _write_proc(pid, "gid_map", f"{gid} {gid} 1\n")
+            _write_proc(pid, "gid_map", f"{SANDBOX_GID} {gid} 1\n")
         except (ProcessLookupError, FileNotFoundError):
             pass  # gone: bubblewrap failed, and reports why
 
-    def _set_rlimits(self, pid: int) -> None:
+    def rlimits(self) -> dict[str, tuple[int, int]]:
+        """The sandbox's rlimits, by `prlimit`'s names: (resource, limit)."""
         # A crash of sandboxed code must not feed a core dump to the host's handler.
-        resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+        limits = {"core": (resource.RLIMIT_CORE, 0)}
         cgroups = self._limits.cgroups if self.group is not None else None
         if cgroups is None or not cgroups.layout.has("memory"):
-            size = self.resources.memory_mib * _MIB
-            resource.prlimit(pid, resource.RLIMIT_AS, (size, size))
+            limits["as"] = (resource.RLIMIT_AS, self.resources.memory_mib * _MIB)
         if cgroups is None or not cgroups.layout.has("pids"):
-            # Counts every process of the user, not just the sandbox's: a rough stand-in.
-            count = self._limits.pids_max
-            resource.prlimit(pid, resource.RLIMIT_NPROC, (count, count))
+            # Counts every process of the user, not just the sandbox's: a rough stand-in
+            # where the workload shares its host uid.
+            limits["nproc"] = (resource.RLIMIT_NPROC, self._limits.pids_max)
+        return limits
+
+    def _set_rlimits(self, pid: int) -> None:
+        if self.ids is not None:
+            return  # set on the way in, as the workload's own uid (see `prepare`)
+        for which, limit in self.rlimits().values():
+            resource.prlimit(pid, which, (limit, limit))
 
     def kill(self) -> None:
         self._killed = True
@@ -372,6 +422,7 @@ class _NamespaceAttempt:
 
     def finish(self, status: ExitStatus) -> ExitStatus:
         self._release_fds()
+        self._release_ids()
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)
         if self.group is None:
@@ -382,7 +433,15 @@ class _NamespaceAttempt:
 
     def abandon(self) -> None:
         self._release_fds()
+        self._release_ids()
         self._remove_group()
+
+    def _release_ids(self) -> None:
+        # The sandbox's PID 1 is gone, and with it every process of its PID namespace: no
+        # process holds these ids any more.
+        ids, self.ids = self.ids, None
+        if ids is not None and self._pool is not None:
+            self._pool.give_back(ids)
 
     def _remove_group(self) -> None:
         # After the exit report: the sandbox's PID 1 is gone, so nothing of it runs, but v1
@@ -553,6 +612,7 @@ class NamespaceRuntime(ProcessRuntime):
             group_prefix=prefix,
             pids_max=settings.pids_max,
             allow_network=settings.allow_network,
+            ids=pool_for(settings.sandbox_ids_base),
         )
         super().__init__(self._namespace, drain_timeout_s=drain_timeout_s)
 
@@ -657,7 +717,8 @@ async def _start(runtime: ProcessRuntime, spec: AssignSpec, workdir: Path) -> Ru
 
 
 def cgroup_owner(home: Path) -> str:
-    """What starts the cgroup names of the Shuttle with this home: `<owner>.<pid>.<n>`."""
+    """What starts the cgroup names of the Shuttle with this home:
+    `<owner>.<token>.<random>` (`treadle.shuttle.sandbox.owners`)."""
     return hashlib.sha256(os.fsencode(home.absolute())).hexdigest()[:12]
 
 
@@ -667,16 +728,13 @@ def _group_names(home: Path) -> tuple[str, Callable[[str], bool]]:
     its home, so a second Shuttle on a home in use must not take the first one's groups for
     leftovers: those of a live process are not.)"""
     owner = cgroup_owner(home)
-    me = os.getpid()
 
     def stale(name: str) -> bool:
         name_owner, _, rest = name.partition(".")
-        pid, _, _ = rest.partition(".")
-        if name_owner != owner or not pid.isdigit() or int(pid) == me:
-            return False
-        return not reaper.alive(int(pid))
+        token, _, _ = rest.partition(".")
+        return name_owner == owner and owners.is_gone(token)
 
-    return f"{owner}.{me}.", stale
+    return f"{owner}.{owners.token()}.", stale
 
 
 def _open_cgroups(stale: Callable[[str], bool]) -> Cgroups | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -42,6 +43,7 @@ from treadle.shuttle.oci.bundle import (
     Bundle,
     BundleError,
     Identity,
+    IdMap,
     Limits,
     assign_environment,
     new_container_id,
@@ -73,6 +75,7 @@ from treadle.shuttle.runtimes.process import (
 )
 from treadle.shuttle.sandbox import cleanup, exits
 from treadle.shuttle.sandbox.cgroups import Group
+from treadle.shuttle.sandbox.ids import SANDBOX_GID, SANDBOX_UID, IdPool, IdRange, pool_for
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = ["OciLauncher", "OciRuntime", "oci_runtimes"]
@@ -113,8 +116,10 @@ class OciLauncher:
         work_root: Path,
         images: ImageStore | None = None,
         allowed_registries: Collection[str] | None = None,
+        ids: IdPool | None = None,
     ) -> None:
         self.tool = tool
+        self._ids = ids
         self._allowed = None if allowed_registries is None else frozenset(allowed_registries)
         self.work_root = work_root
         self._rootfs = rootfs
@@ -166,6 +171,12 @@ class OciLauncher:
             if spec.image not in self._resolved:
                 raise ValueError(f"image {spec.image} was not fetched")
             rootfs = self._resolved[spec.image]
+        identity, ids = self._identity, None
+        if identity.userns is not None and self._ids is not None:
+            ids = self._ids.take()
+            if ids is None:
+                raise OSError(errno.EAGAIN, "every sandbox id range of this node is in use")
+            identity = Identity(SANDBOX_UID, SANDBOX_GID, IdMap(ids.start, ids.size))
         try:
             _remove_workdir(workdir)  # left over by a crash, or a retried assignment
             files = workdir_files(spec)
@@ -194,7 +205,7 @@ class OciLauncher:
                     limits=Limits.from_resources(
                         spec.resources, pids=self._pids_max, nproc=self._nproc
                     ),
-                    identity=self._identity,
+                    identity=identity,
                     traits=self.tool.traits,
                     cgroup_parent=self.cgroup_parent,
                 )
@@ -202,6 +213,7 @@ class OciLauncher:
                 raise ValueError(str(exc)) from exc
         except BaseException:
             _remove_workdir(workdir)
+            self._give_back(ids)
             raise
         argv = self.tool.run_argv(bundle, log=bundle.path / _RUNTIME_LOG)
         try:
@@ -209,11 +221,18 @@ class OciLauncher:
         except BaseException:
             bundle.remove()
             _remove_workdir(workdir)
+            self._give_back(ids)
             raise
         launch = Launch(
             program=argv[0], argv=argv, env={"PATH": _TOOL_PATH}, cwd=Path("/"), result=result
         )
-        return _OciAttempt(launch, self.tool, bundle, workdir, self._oom_log)
+        return _OciAttempt(
+            launch, self.tool, bundle, workdir, self._oom_log, lambda: self._give_back(ids)
+        )
+
+    def _give_back(self, ids: IdRange | None) -> None:
+        if ids is not None and self._ids is not None:
+            self._ids.give_back(ids)
 
 
 class _OciAttempt:
@@ -221,9 +240,16 @@ class _OciAttempt:
     the runtime process has exited."""
 
     def __init__(
-        self, launch: Launch, tool: OciTool, bundle: Bundle, workdir: Path, oom_log: OomLog
+        self,
+        launch: Launch,
+        tool: OciTool,
+        bundle: Bundle,
+        workdir: Path,
+        oom_log: OomLog,
+        released: Callable[[], None],
     ) -> None:
         self.launch = launch
+        self._released = released
         self._tool = tool
         self._bundle = bundle
         self._workdir = workdir
@@ -265,6 +291,7 @@ class _OciAttempt:
             log.warning("cannot remove the cgroup of %s: %s", self._bundle.container_id, errors)
         self._bundle.remove()
         _remove_workdir(self._workdir)
+        self._released()  # no process of it is left to hold its ids
 
     def finish(self, status: ExitStatus) -> ExitStatus:
         cleanup.defer(self._release, self._bundle.container_id)
@@ -276,6 +303,7 @@ class _OciAttempt:
     def abandon(self) -> None:
         self._bundle.remove()
         _remove_workdir(self._workdir)
+        self._released()
 
 
 def _remove_workdir(workdir: Path) -> None:
@@ -326,6 +354,7 @@ class OciRuntime(ProcessRuntime):
         oom_log: OomLog,
         images: ImageStore | None = None,
         allowed_registries: Collection[str] | None = None,
+        ids: IdPool | None = None,
         drain_timeout_s: float = 1.0,
     ) -> None:
         self._oci = OciLauncher(
@@ -339,6 +368,7 @@ class OciRuntime(ProcessRuntime):
             work_root=state_dir / "work",
             images=images,
             allowed_registries=allowed_registries,
+            ids=ids,
         )
         super().__init__(self._oci, drain_timeout_s=drain_timeout_s)
 
@@ -402,6 +432,7 @@ def oci_runtimes(settings: ShuttleSettings) -> dict[Tier, OciRuntime]:
             oom_log=oom_log,
             images=images,
             allowed_registries=settings.allowed_registries,
+            ids=pool_for(settings.sandbox_ids_base),
         )
         log.info("%s tier available through %s", tool.tier, tool.name)
     return runtimes
