@@ -1,11 +1,13 @@
 """Network for namespace-tier sandboxes: given only when the function asks for it and the
 operator allows it, through slirp4netns in the sandbox's own network namespace, and then
-reaching other hosts but never the host's loopback. slirp4netns never outlives its attempt,
-nor a Shuttle killed mid-attempt.
+reaching other hosts but never this host (its loopback or its other addresses), its cloud's
+metadata service, or Weaver. slirp4netns never outlives its attempt, nor a Shuttle killed
+mid-attempt.
 
-"Other hosts" are played by this host's own non-loopback address, the one traffic to the
-outside would leave from: the test listens there, and on 127.0.0.1 for what must stay out
-of reach.
+"Another host" is a network namespace that the test makes, joined to this host by a veth
+pair (`OTHER_HOST`): the test listens there, and on this host's own addresses and 127.0.0.1
+for what must stay out of reach. Destinations no packet may be sent to (the metadata
+service) are checked by a UDP `connect`, which only looks the route up.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +96,68 @@ def host_address() -> str:
     return address
 
 
+OTHER_HOST = "198.51.100.2"  # TEST-NET-2: nobody's real address
+_THIS_SIDE = "198.51.100.1"
+_CLONE_NEWNET = 0x40000000
+
+
+@pytest.fixture
+def other_host() -> Iterator[str]:
+    """A network namespace joined to this one by a veth pair: a host of the test's own at
+    OTHER_HOST. Yields the namespace's name."""
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("making a network namespace needs ip and root")
+    name = f"tr{uuid.uuid4().hex[:8]}"
+    here, there = f"{name}h", f"{name}n"
+    commands = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", here, "type", "veth", "peer", "name", there, "netns", name],
+        ["ip", "addr", "add", f"{_THIS_SIDE}/30", "dev", here],
+        ["ip", "link", "set", here, "up"],
+        ["ip", "-n", name, "addr", "add", f"{OTHER_HOST}/30", "dev", there],
+        ["ip", "-n", name, "link", "set", there, "up"],
+        ["ip", "-n", name, "link", "set", "lo", "up"],
+    ]
+    try:
+        for command in commands:
+            subprocess.run(command, check=True, capture_output=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+        subprocess.run(["ip", "link", "del", here], check=False, capture_output=True)
+
+
+def socket_in(namespace: str, address: str) -> socket.socket:
+    """A listening TCP socket on `address` in network namespace `namespace`: made by a thread
+    that enters the namespace (a socket belongs to the namespace it was made in)."""
+    made: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        try:
+            fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            sock = socket.create_server((address, 0))
+            sock.setblocking(False)
+            made.append(sock)
+        except BaseException as exc:
+            made.append(exc)
+
+    thread = threading.Thread(target=make)  # it ends in the namespace, never to be reused
+    thread.start()
+    thread.join()
+    (result,) = made
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 @dataclass
 class Listener:
     """A TCP server of the test's: answers "ping" with "pong" and counts its connections."""
@@ -106,7 +172,7 @@ class Listener:
 
 
 @contextlib.asynccontextmanager
-async def listening(address: str) -> AsyncIterator[Listener]:
+async def listening(address: str, namespace: str | None = None) -> AsyncIterator[Listener]:
     listener: Listener
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -117,7 +183,10 @@ async def listening(address: str) -> AsyncIterator[Listener]:
                 await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(serve, address, 0)
+    if namespace is None:
+        server = await asyncio.start_server(serve, address, 0)
+    else:
+        server = await asyncio.start_server(serve, sock=socket_in(namespace, address))
     listener = Listener(server)
     async with server:
         yield listener
@@ -134,6 +203,14 @@ def connect(what, address, port):
             conn.sendall(b"ping")
             conn.settimeout(5)
             seen[what] = conn.recv(4).decode()
+    except OSError as exc:
+        seen[what] = errno.errorcode.get(exc.errno, str(exc))
+def route(what, address):
+    # connect() of a UDP socket looks the route up and sends nothing.
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, 80))
+            seen[what] = "routed"
     except OSError as exc:
         seen[what] = errno.errorcode.get(exc.errno, str(exc))
 def interfaces():
@@ -183,12 +260,13 @@ def no_slirp_left() -> Iterator[None]:
     assert slirps_of(os.getpid()) == []
 
 
-async def test_asked_and_allowed_reaches_other_hosts_but_not_the_hosts_loopback(
-    allowed: NamespaceRuntime, home: Path
+async def test_asked_and_allowed_reaches_other_hosts_but_not_this_one(
+    allowed: NamespaceRuntime, home: Path, other_host: str
 ) -> None:
-    outside = host_address()
+    this_host = host_address()
     async with (
-        listening(outside) as other_host,
+        listening(OTHER_HOST, other_host) as elsewhere,
+        listening(this_host) as on_this_host,
         listening("127.0.0.1") as loopback,
         listening("0.0.0.0") as everywhere,
     ):
@@ -196,11 +274,16 @@ async def test_asked_and_allowed_reaches_other_hosts_but_not_the_hosts_loopback(
             PROBE
             + f"""
 # First thing: the network is up before the program runs.
-connect("other host", {outside!r}, {other_host.port})
+connect("other host", {OTHER_HOST!r}, {elsewhere.port})
+connect("this host", {this_host!r}, {on_this_host.port})
+connect("this host, any address", {this_host!r}, {everywhere.port})
 connect("127.0.0.1", "127.0.0.1", {loopback.port})
 connect("gateway to loopback", "10.0.2.2", {loopback.port})
 connect("gateway to any address", "10.0.2.2", {everywhere.port})
 connect("dns address", "10.0.2.3", {loopback.port})
+route("metadata service", "169.254.169.254")
+route("link-local", "169.254.1.1")
+route("other host's route", {OTHER_HOST!r})
 """
             + REPORT
         )
@@ -208,12 +291,19 @@ connect("dns address", "10.0.2.3", {loopback.port})
         seen = report(await run(allowed, spec([PY, "-c", code], network=True), home / "w"))
 
         assert seen.pop("other host") == "pong"
-        assert other_host.connections != []
+        assert elsewhere.connections != []
+        # This host's own addresses and its cloud's are fenced off in the sandbox's routes.
+        assert seen.pop("this host") == "EACCES"
+        assert seen.pop("this host, any address") == "EACCES"
+        assert seen.pop("metadata service") == "EACCES"
+        assert seen.pop("link-local") == "EACCES"
+        assert seen.pop("other host's route") == "routed"
         # 127.0.0.1 is the sandbox's own loopback; 10.0.2.2 would be the host's.
         assert seen.pop("127.0.0.1") == "ECONNREFUSED"
         assert seen.pop("gateway to loopback") != "pong"
         assert seen.pop("gateway to any address") != "pong"
         assert seen.pop("dns address") != "pong"
+        assert on_this_host.connections == []
         assert loopback.connections == []
         assert everywhere.connections == []
         assert seen == {
@@ -221,6 +311,65 @@ connect("dns address", "10.0.2.3", {loopback.port})
             "resolv.conf": "nameserver 10.0.2.3\n",
             "fds": [],  # nothing of the network's set-up is left open in the program
         }
+
+
+async def test_weaver_is_out_of_reach_wherever_it_runs(home: Path, other_host: str) -> None:
+    # Weaver on another host: the sandbox reaches that host's other services, not Weaver's.
+    runtime = namespace_runtime(home, allow_network=True, weaver_url=f"http://{OTHER_HOST}:8700")
+    if not runtime.gives_network:
+        unavailable("slirp4netns does not work here (see the log)")
+    async with listening(OTHER_HOST, other_host) as weaver_host:
+        code = (
+            PROBE
+            + f"""
+connect("weaver's host", {OTHER_HOST!r}, {weaver_host.port})
+print(json.dumps(seen))
+"""
+        )
+
+        seen = report(await run(runtime, spec([PY, "-c", code], network=True), home / "w"))
+
+        assert seen == {"weaver's host": "EACCES"}
+        assert weaver_host.connections == []
+
+
+def mounted(path: str) -> bool:
+    return os.stat(path).st_dev != os.stat(os.path.dirname(path)).st_dev
+
+
+async def test_a_networked_sandbox_leaves_the_hosts_mounts_alone(
+    allowed: NamespaceRuntime, home: Path, other_host: str
+) -> None:
+    # `ip netns add` keeps the namespace in a shared mount, as systemd hosts mount / itself:
+    # slirp4netns, run as root, once unmounted such mounts as it built its own sandbox.
+    namespace = f"/run/netns/{other_host}"
+    assert mounted(namespace)
+
+    result = await run(allowed, spec(["/bin/true"], network=True), home / "w")
+
+    assert (result.status.exit_code, result.status.reason) == (0, None)
+    assert mounted(namespace)
+
+
+def test_the_fence_covers_link_local_this_hosts_addresses_and_weaver() -> None:
+    fib_trie = textwrap.dedent(
+        """\
+        Local:
+          +-- 0.0.0.0/0 3 0 5
+             |-- 127.0.0.1
+                /32 host LOCAL
+             |-- 192.0.2.2
+                /32 host LOCAL
+             |-- 192.0.2.255
+                /32 link BROADCAST
+        """
+    )
+
+    assert slirp.fenced(["203.0.113.7", "127.0.0.1"], fib_trie) == [
+        "169.254.0.0/16",
+        "192.0.2.2/32",
+        "203.0.113.7/32",
+    ]
 
 
 async def test_asked_but_not_allowed_is_refused_with_the_reason(
@@ -338,16 +487,15 @@ async def test_a_slirp4netns_that_never_gets_ready_fails_the_start(
 
 
 async def test_the_probe_drops_the_seccomp_filter_of_slirp4netns_where_it_fails(
-    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other_host: str
 ) -> None:
     runs = fake_slirp(tmp_path, monkeypatch, FAKE_SLIRP)
 
     runtime = namespace_runtime(home, allow_network=True)
 
     assert runtime.gives_network
-    outside = host_address()
-    async with listening(outside) as other_host:
-        code = PROBE + f'connect("other host", {outside!r}, {other_host.port})\n' + REPORT
+    async with listening(OTHER_HOST, other_host) as elsewhere:
+        code = PROBE + f'connect("other host", {OTHER_HOST!r}, {elsewhere.port})\n' + REPORT
         seen = report(await run(runtime, spec([PY, "-c", code], network=True), home / "w"))
     assert seen["other host"] == "pong"
     with_seccomp = ["--enable-seccomp" in line.split() for line in runs.read_text().splitlines()]

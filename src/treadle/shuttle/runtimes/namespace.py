@@ -60,11 +60,13 @@ import resource
 import secrets
 import shutil
 import signal
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec, Usage
@@ -154,6 +156,7 @@ class NamespaceLauncher:
         pids_max: int,
         allow_network: bool = False,
         ids: IdPool | None = None,
+        weaver_addresses: Iterable[str] = (),
     ) -> None:
         setpriv, prlimit = shutil.which("setpriv"), shutil.which("prlimit")
         if ids is not None and (setpriv is None or prlimit is None):
@@ -169,7 +172,7 @@ class NamespaceLauncher:
         self.limits = _Limits(cgroups, pids_max)
         self.group_prefix = group_prefix
         # What gives network to the sandboxes that ask for it; None where none is given.
-        self.slirp = slirp.find() if allow_network else None
+        self.slirp = slirp.find(weaver_addresses) if allow_network else None
 
     @property
     def tier(self) -> Tier:
@@ -333,6 +336,9 @@ class _NamespaceAttempt:
         try:
             if not await asyncio.to_thread(_loopback_set_up, pid):
                 return  # gone: bubblewrap failed, and reports why
+            if self._killed:
+                return
+            await self._network.fence(pid, self._sandbox)
             if self._killed:
                 return
             self.link = self._network.attach(pid, self._sandbox)
@@ -613,6 +619,7 @@ class NamespaceRuntime(ProcessRuntime):
             pids_max=settings.pids_max,
             allow_network=settings.allow_network,
             ids=pool_for(settings.sandbox_ids_base),
+            weaver_addresses=_addresses(settings) if settings.allow_network else (),
         )
         super().__init__(self._namespace, drain_timeout_s=drain_timeout_s)
 
@@ -714,6 +721,19 @@ async def _start(runtime: ProcessRuntime, spec: AssignSpec, workdir: Path) -> Ru
             async with asyncio.timeout(_START_TIMEOUT_S):
                 await exc.ended
         return SpawnFailed(f"treadle: {exc}\n")
+
+
+def _addresses(settings: ShuttleSettings) -> list[str]:
+    """Weaver's IPv4 addresses, as this node resolves them now."""
+    found: set[str] = set()
+    for url in settings.agent_urls:
+        host = urlsplit(url).hostname
+        if host is None:
+            continue
+        with contextlib.suppress(OSError):
+            for *_, address in socket.getaddrinfo(host, None, socket.AF_INET):
+                found.add(str(address[0]))
+    return sorted(found)
 
 
 def cgroup_owner(home: Path) -> str:

@@ -16,9 +16,14 @@ sandbox looks like traffic of one more program of the host's, NAT'd to the host'
   resolver is the one service on the host's loopback that a sandbox reaches, on purpose. The
   sandbox's /etc/resolv.conf names 10.0.2.3 alone (`RESOLV_CONF`): the host's may name a
   loopback address, which inside would be the sandbox's own.
-- Whatever the host itself can reach is reachable: services that the host offers on its other
-  addresses, as from any machine on the host's network, and its networks' own addresses, such
-  as a cloud's metadata service at 169.254.169.254.
+- This host, its cloud and Weaver are fenced off (`Slirp.fence`): before slirp4netns attaches,
+  Shuttle adds `prohibit` routes to the sandbox's own routing table for the link-local range
+  (169.254.0.0/16: a cloud's metadata service, which hands out the machine's credentials),
+  every address of this host but loopback (its services, as another machine would reach
+  them), and Weaver's addresses. A connection to them fails at once with EACCES, inside the
+  sandbox, without a packet sent; the program, without CAP_NET_ADMIN, cannot remove the
+  routes. Everything else the host can reach is reachable. Addresses this host gains after a
+  sandbox started are not fenced for that sandbox.
 
 slirp4netns runs as Shuttle's user, in the host's network namespace, so it confines itself as
 far as this host lets it (`Slirp.weaker`): `--enable-sandbox` (a mount namespace of its own
@@ -26,7 +31,10 @@ holding only /etc and /run, read-only; every capability dropped but binding low 
 privileges) and `--enable-seccomp` (its system call filter, which slirp4netns calls
 experimental). A Shuttle that is not root goes without the sandbox where it fails (it needs
 root mapped in the sandbox's user namespace, which maps only Shuttle's own user); one that is
-root never does.
+root never does. A root Shuttle starts slirp4netns in a mount namespace of its own, with every
+mount private (`unshare --mount --propagation private`): slirp4netns builds its sandbox by
+pivoting its root and detaching the old one, and as root in the host's mount namespace that
+detach reaches every shared mount of the host (measured: `ip netns`' mounts vanished).
 
 Attaching (`Slirp.attach`): slirp4netns enters the user and network namespaces of the
 sandbox's first process, which bubblewrap holds before it runs the program, through fds that
@@ -49,17 +57,21 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from treadle.shuttle import reaper
 from treadle.shuttle.runtimes._spawn import spawn
 
-__all__ = ["RESOLV_CONF", "Link", "Slirp", "SlirpFailed", "find"]
+__all__ = ["LINK_LOCAL", "RESOLV_CONF", "Link", "Slirp", "SlirpFailed", "fenced", "find"]
 
 log = logging.getLogger(__name__)
 
 RESOLV_CONF = b"nameserver 10.0.2.3\n"
+LINK_LOCAL = "169.254.0.0/16"
+_FENCE_TIMEOUT_S = 10.0
+# nsenter's fds: the namespaces to enter and ip's batch of routes.
+_FENCE_NETNS_FD, _FENCE_USERNS_FD, _FENCE_BATCH_FD = 3, 4, 5
 INTERFACE = "tap0"
 _MTU = 65520
 _READY_TIMEOUT_S = 10.0
@@ -74,28 +86,126 @@ class SlirpFailed(OSError):
     """slirp4netns could not give the sandbox its network; the message says why."""
 
 
-def find() -> Slirp | None:
-    """slirp4netns as found on PATH, or None."""
+def find(weaver: Iterable[str] = ()) -> Slirp | None:
+    """slirp4netns as found on PATH (with nsenter and ip, which fence the sandbox), or None.
+    `weaver`: the addresses of Weaver, fenced off too."""
     path = shutil.which("slirp4netns")
-    return None if path is None else Slirp(path)
+    nsenter, ip, unshare = shutil.which("nsenter"), shutil.which("ip"), shutil.which("unshare")
+    if path is None or nsenter is None or ip is None or unshare is None:
+        return None
+    return Slirp(path, fence_tools=(nsenter, ip), weaver=tuple(weaver), unshare=unshare)
+
+
+def host_addresses(fib_trie: str | None = None) -> set[str]:
+    """This host's own IPv4 addresses but loopback, from the kernel's local routing table."""
+    if fib_trie is None:
+        try:
+            fib_trie = Path("/proc/net/fib_trie").read_text()
+        except OSError:
+            return set()
+    found: set[str] = set()
+    last = ""
+    for line in fib_trie.splitlines():
+        text = line.strip()
+        if text.startswith("|--"):
+            last = text[3:].strip()
+        elif text == "/32 host LOCAL" and last and not last.startswith("127."):
+            found.add(last)
+    return found
+
+
+def fenced(weaver: Iterable[str] = (), fib_trie: str | None = None) -> list[str]:
+    """The destinations a networked sandbox must never reach, as routes' prefixes."""
+    hosts = host_addresses(fib_trie) | {a for a in weaver if not a.startswith("127.")}
+    return [LINK_LOCAL, *(f"{address}/32" for address in sorted(hosts))]
 
 
 class Slirp:
     """The slirp4netns program of this host, and how it confines itself."""
 
-    def __init__(self, path: str, *, sandbox: bool = True, seccomp: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        sandbox: bool = True,
+        seccomp: bool = True,
+        fence_tools: tuple[str, str] | None = None,
+        weaver: tuple[str, ...] = (),
+        unshare: str | None = None,
+    ) -> None:
         self.path = path
         self.sandbox = sandbox
         self.seccomp = seccomp
+        self._fence_tools = fence_tools
+        self._weaver = weaver
+        self._unshare = unshare
 
     def weaker(self) -> Slirp | None:
         """What to try where this fails to run here: without the seccomp filter, then, for a
         Shuttle that is not root, without the sandbox; None when nothing weaker is allowed."""
         if self.seccomp:
-            return Slirp(self.path, sandbox=self.sandbox, seccomp=False)
+            return Slirp(
+                self.path,
+                sandbox=self.sandbox,
+                seccomp=False,
+                fence_tools=self._fence_tools,
+                weaver=self._weaver,
+                unshare=self._unshare,
+            )
         if self.sandbox and os.geteuid() != 0:
-            return Slirp(self.path, sandbox=False, seccomp=True)
+            return Slirp(
+                self.path,
+                sandbox=False,
+                seccomp=True,
+                fence_tools=self._fence_tools,
+                weaver=self._weaver,
+                unshare=self._unshare,
+            )
         return None
+
+    async def fence(self, pid: int, pidfd: int) -> None:
+        """Fence the network namespace of process `pid` (of which `pidfd` is a pidfd) off
+        this host, its cloud and Weaver (see the module's docstring). Raises SlirpFailed
+        when that cannot be done: then the sandbox must not get its network."""
+        if self._fence_tools is None:
+            raise SlirpFailed("nsenter and ip are needed to fence a sandbox's network")
+        nsenter, ip = self._fence_tools
+        batch = "".join(f"route add prohibit {prefix}\n" for prefix in fenced(self._weaver))
+        theirs: list[int] = []
+        try:
+            netns = _open(f"/proc/{pid}/ns/net", theirs)
+            userns = _open(f"/proc/{pid}/ns/user", theirs)
+            signal.pidfd_send_signal(pidfd, 0)  # still alive: the namespaces are its own
+            batch_r, batch_w = os.pipe()
+            theirs.append(batch_r)
+            try:
+                os.write(batch_w, batch.encode())
+            finally:
+                os.close(batch_w)
+            devnull = _open(os.devnull, theirs)
+            argv = [nsenter, f"--net=/proc/self/fd/{_FENCE_NETNS_FD}"]
+            if os.geteuid() != 0:
+                # Its capabilities over the namespace come with its user namespace.
+                argv += [f"--user=/proc/self/fd/{_FENCE_USERNS_FD}", "--preserve-credentials"]
+            argv += ["--", ip, "-batch", f"/proc/self/fd/{_FENCE_BATCH_FD}"]
+            fds = {
+                0: devnull,
+                1: devnull,
+                2: devnull,
+                _FENCE_NETNS_FD: netns,
+                _FENCE_USERNS_FD: userns,
+                _FENCE_BATCH_FD: batch_r,
+            }
+            try:
+                child = spawn(nsenter, argv, {}, Path("/"), fds)
+            except OSError as exc:
+                raise SlirpFailed(f"cannot fence the sandbox's network: {exc}") from exc
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        code = await _exit_code(child)
+        if code != 0:
+            raise SlirpFailed(f"cannot fence the sandbox's network: ip ended with {code}")
 
     def describe(self) -> str:
         confined = [
@@ -152,8 +262,13 @@ class Slirp:
                 _NETNS_FD: netns,
                 _USERNS_FD: userns,
             }
+            argv = self.argv()
+            if self.sandbox and os.geteuid() == 0:
+                if self._unshare is None:
+                    raise SlirpFailed("unshare (util-linux) is needed to run slirp4netns as root")
+                argv = [self._unshare, "--mount", "--propagation", "private", "--", *argv]
             try:
-                child = spawn(self.path, self.argv(), {}, Path("/"), fds)
+                child = spawn(argv[0], argv, {}, Path("/"), fds)
             except OSError as exc:
                 raise SlirpFailed(f"cannot start {self.path}: {exc.strerror or exc}") from exc
             reaper.track(child)
@@ -330,6 +445,37 @@ class Link:
             self._line.clear()
         if not self._output_done.done():
             self._output_done.set_result(None)
+
+
+async def _exit_code(pid: int) -> int:
+    """Wait for child `pid` without blocking the loop; SIGKILL it past the fence's timeout."""
+    reaper.track(pid)
+    pidfd = os.pidfd_open(pid)
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        async with asyncio.timeout(_FENCE_TIMEOUT_S):
+            await ended
+    except TimeoutError:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        await asyncio.to_thread(os.waitid, os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return _reaped(pid)
+
+
+def _reaped(pid: int) -> int:
+    """The exit code of child `pid`, which has ended: reaping it does not block."""
+    _, status = os.waitpid(pid, os.WNOHANG)
+    reaper.untrack(pid)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _open(path: str, opened: list[int]) -> int:
