@@ -1,7 +1,7 @@
 """Dispatch latency and throughput against a running treadle (e.g. `treadle up`).
 
     .venv/bin/python bench/dispatch.py [--url URL] [--sequential 1000] [--concurrency 32]
-                                       [--total 3000]
+                                       [--total 3000] [--isolation TIER]
 
 Measures, for a function running `/bin/echo 13`:
   * sequential: N invocations one after another with `?wait`, client-side round trip
@@ -226,6 +226,11 @@ async def main() -> None:
     parser.add_argument("--load", choices=["auto", "wrk", "httpx"], default="auto")
     parser.add_argument("--command", default="/bin/echo 13")
     parser.add_argument("--cpu", type=int, default=10, help="millicores each execution asks for")
+    parser.add_argument(
+        "--isolation",
+        choices=["process", "namespace", "oci", "gvisor"],
+        help="the tier to run in (default: the one Weaver picks)",
+    )
     args = parser.parse_args()
 
     config = load_config(args.url)
@@ -235,18 +240,18 @@ async def main() -> None:
     async with httpx.AsyncClient(
         base_url=config.url, headers=headers, timeout=120, limits=limits
     ) as api:
-        function = "bench-echo"
-        created = await api.post(
-            "/v1/functions",
-            json={
-                "name": function,
-                "command": args.command.split(),
-                "timeout_s": 30,
-                "max_attempts": 1,
-                # what `echo` needs; the default (1 CPU) would allow two at a time per 2 cores
-                "resources": {"cpu_millicores": args.cpu, "memory_mib": 16},
-            },
-        )
+        function = f"bench-echo-{args.isolation or 'default'}"
+        body: dict[str, Any] = {
+            "name": function,
+            "command": args.command.split(),
+            "timeout_s": 30,
+            "max_attempts": 1,
+            # what `echo` needs; the default (1 CPU) would allow two at a time per 2 cores
+            "resources": {"cpu_millicores": args.cpu, "memory_mib": 16},
+        }
+        if args.isolation:
+            body["isolation"] = args.isolation
+        created = await api.post("/v1/functions", json=body)
         created.raise_for_status()
         if args.warmup:
             await sequential(api, function, args.warmup)
@@ -254,6 +259,7 @@ async def main() -> None:
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "url": config.url,
             "command": args.command,
+            "isolation": args.isolation,
             "cpus": os.cpu_count(),
             "sequential": await sequential(api, function, args.sequential),
             "round_trip": (

@@ -1,6 +1,6 @@
 """Start-to-exit of `echo 13` per isolation tier, next to the raw tools.
 
-    .venv/bin/python bench/tiers.py [-n 300] [--warmup 20]
+    .venv/bin/python bench/tiers.py [-n 300] [--warmup 20] [--url URL]
 
 For every tier this host offers (the process tier included), N runs one after another of
 `/bin/echo 13` through the runtime interface: `start` → the whole output → `wait`, which is
@@ -19,6 +19,13 @@ without treadle, spawned with posix_spawn and reaped with waitpid:
 
 The oci tier is measured once per program behind it (`oci-crun`, `oci-runc`).
 
+With `--url` (a running treadle, e.g. `treadle up`; the admin key is found as the CLI finds
+it), the same run also measures what a user sees: `echo 13` invoked through the API with
+`?wait`, one at a time, per tier the fleet offers (`<tier>_api`: the client's round trip,
+and `<tier>_api_server`: Weaver's own open -> success), and the ratio to the raw tool
+(`<tier>_api_over_raw_p50`). Functions ask for 10 millicores and 16 MiB, as a trivial
+function would.
+
 Prints p50/p99/mean in ms as JSON.
 """
 
@@ -34,9 +41,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from treadle.client.config import load_config
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.runtimes import (
@@ -167,10 +178,49 @@ def raw_oci(runtime: OciRuntime, work: Path) -> tuple[list[str], Callable[[], No
     return argv, attempt.abandon
 
 
+def through_api(url: str | None, tier: str, n: int, warmup: int) -> dict[str, Any] | None:
+    """`echo 13` invoked with `?wait` through Weaver in `tier`, one at a time; None where no
+    node of the fleet offers the tier."""
+    config = load_config(url)
+    headers = {"Authorization": f"Bearer {config.require_api_key()}"}
+    with httpx.Client(base_url=config.url, headers=headers, timeout=60) as api:
+        nodes = api.get("/v1/nodes").json()["items"]
+        if not any(tier in node.get("runtimes", []) for node in nodes):
+            return None
+        name = f"bench-tiers-echo-{tier}"
+        created = api.post(
+            "/v1/functions",
+            json={
+                "name": name,
+                "command": ECHO,
+                "isolation": tier,
+                "max_attempts": 1,
+                "resources": {"cpu_millicores": 10, "memory_mib": 16},
+            },
+        )
+        created.raise_for_status()
+        client, server = [], []
+        for i in range(warmup + n):
+            start = time.perf_counter()
+            execution = api.post(f"/v1/functions/{name}/invoke?wait=30", json={}).json()
+            elapsed = (time.perf_counter() - start) * 1000
+            if execution.get("state") != "success":
+                raise SystemExit(f"{tier} through the API: {execution}")
+            if i >= warmup:
+                client.append(elapsed)
+                stamps = {
+                    key: datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+                    for key, value in execution["timestamps"].items()
+                }
+                server.append((stamps["success"] - stamps["open"]) * 1000)
+    return {"client": summary(client), "server": summary(server)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=300, help="runs per figure")
     parser.add_argument("--warmup", type=int, default=20, help="runs discarded first")
+    parser.add_argument("--url", help="also measure through this treadle's API")
     options = parser.parse_args()
 
     result: dict[str, Any] = {"host": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
@@ -232,6 +282,19 @@ def main() -> None:
         result["namespace_over_raw_bwrap_p50"] = round(
             result["namespace_runtime"]["p50_ms"] / result["raw_bwrap"]["p50_ms"], 2
         )
+    if options.url is not None:
+        raw_of = {"process": "raw_echo", "namespace": "raw_bwrap", "oci": "raw_crun"}
+        for tier in ("process", "namespace", "oci", "gvisor"):
+            measured = through_api(options.url, tier, options.n, options.warmup)
+            if measured is None:
+                continue
+            result[f"{tier}_api"] = measured["client"]
+            result[f"{tier}_api_server"] = measured["server"]
+            raw = raw_of.get(tier)
+            if raw in result:
+                result[f"{tier}_api_over_raw_p50"] = round(
+                    measured["client"]["p50_ms"] / result[raw]["p50_ms"], 2
+                )
     json.dump(result, sys.stdout, indent=2)
     print()
 

@@ -30,7 +30,7 @@ node() {  # name, then shuttle options
   shift
   TREADLE_SHUTTLE_TOKEN=$(cat "$TREADLE_HOME/join.token") "$TREADLE" shuttle \
     --weaver "$TREADLE_URL" --home "$TREADLE_HOME/$name" --name "$name" \
-    --allow-process-runtime --runtime process "$@" >"$TREADLE_HOME/$name.log" 2>&1 &
+    --runtime namespace "$@" >"$TREADLE_HOME/$name.log" 2>&1 &
   pids+=($!)
 }
 node budget-eu --provider lease --region eu-west --zone eu-west-1a --country IE \

@@ -155,7 +155,7 @@ async def local_bed(weaver: Cluster, tmp_path: Path) -> AsyncIterator[Bed]:
         assert node["capacity"]["cpu_millicores"] == offer.cpu_millicores
         assert node["capacity"]["memory_mib"] == offer.memory_mib
         assert node["perf_score"] == offer.perf_score
-        assert node["runtimes"] == ["process"]
+        assert node["runtimes"] == ["namespace"]
         # the token travels in the environment, not on the command line `ps` shows everyone
         cmdline = await asyncio.to_thread(Path(f"/proc/{pid}/cmdline").read_bytes)
         assert join.token.encode() not in cmdline

@@ -36,6 +36,8 @@ from support.runtimes import (
     wait_ended,
 )
 from treadle.domain.resources import Tier
+from treadle.protocol.limits import RESULT_INVALID, json_depth_within
+from treadle.protocol.messages import Exited
 from treadle.shuttle.output import OutputDecoder
 from treadle.shuttle.reaper import reap_orphans
 from treadle.shuttle.runtimes import Runtime
@@ -342,6 +344,31 @@ for line in [b'{"a": 1}\\n', b'[2, "two"]\\n', b'not json\\n', b'\\n', b'{"torn"
     result = await run(runtime, spec([PY, "-c", code]), workdir)
 
     assert result.status.result == [2, "two"]
+
+
+async def test_a_result_too_deep_to_parse_is_reported_as_too_deep(
+    runtime: Runtime, workdir: Path
+) -> None:
+    code = """
+import os
+with os.fdopen(3, "wb") as f:
+    f.write(b"[" * 100000 + b"]" * 100000 + b"\\n")
+"""
+
+    result = await run(runtime, spec([PY, "-c", code]), workdir)
+
+    assert result.status.exit_code == 0
+    assert not json_depth_within(result.status.result)
+    report = Exited.report(
+        id="ex_1",
+        attempt=1,
+        exit_code=0,
+        reason=None,
+        result=result.status.result,
+        chunks=0,
+        usage=result.status.usage,
+    )
+    assert (report.reason, report.result) == (RESULT_INVALID, None)
 
 
 async def test_result_is_null_without_fd_3_output(runtime: Runtime, workdir: Path) -> None:

@@ -172,3 +172,21 @@ def test_tenant_create_gives_a_working_key(cluster: Cluster) -> None:
     key = json.loads(result.stdout)["api_key"]
     assert treadle(cluster, "fn", "list", key=key).returncode == 0
     assert os.environ.get("TREADLE_API_KEY") != key
+
+
+def test_tenant_allow_process_by_name_or_id_and_revoke(cluster: Cluster) -> None:
+    assert treadle(cluster, "tenant", "create", "cli-trusted").returncode == 0
+    listed = json.loads(treadle(cluster, "tenant", "list", "--json").stdout)
+    tenant = next(t for t in listed if t["name"] == "cli-trusted")
+    assert tenant["allow_process_tier"] is False
+
+    allowed = treadle(cluster, "tenant", "allow-process", "cli-trusted")
+    assert allowed.returncode == 0 and "cli-trusted" in allowed.stdout, allowed
+    assert "may use the process tier" in allowed.stdout
+    table = treadle(cluster, "tenant", "list").stdout
+    assert "allowed" in next(line for line in table.splitlines() if "cli-trusted" in line)
+
+    revoked = treadle(cluster, "tenant", "allow-process", tenant["id"], "--revoke", "--json")
+    assert json.loads(revoked.stdout)["allow_process_tier"] is False
+    missing = treadle(cluster, "tenant", "allow-process", "nobody")
+    assert missing.returncode == 1 and "no tenant named 'nobody'" in missing.stderr

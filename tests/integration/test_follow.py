@@ -22,6 +22,7 @@ import websockets.sync.client as ws_client
 from websockets.exceptions import ConnectionClosed
 
 from support.cluster import PYTHON, Cluster, eventually
+from treadle.domain.resources import Tier
 from treadle.weaver.api.app import create_app
 from treadle.weaver.core import Weaver
 from treadle.weaver.events.bus import InProcessBus
@@ -34,7 +35,10 @@ class ThreadWeaver:
     """Weaver served as `treadle weaver` serves it, but on a thread of the test process."""
 
     def __init__(self, cluster: Cluster) -> None:
-        settings = WeaverSettings(home=cluster.home, port=cluster.port)
+        # As Cluster.start_weaver does: the Shuttle offers only the process tier.
+        settings = WeaverSettings(
+            home=cluster.home, port=cluster.port, default_min_isolation=Tier.PROCESS
+        )
         self.bus = InProcessBus()
         self.weaver = Weaver(settings, bus=self.bus)
         config = uvicorn.Config(
@@ -79,6 +83,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, 
     weaver = ThreadWeaver(cluster)
     try:
         weaver.start()
+        cluster.allow_process_tier("default")
         cluster.start_shuttle("node0")
         yield cluster, weaver
     finally:

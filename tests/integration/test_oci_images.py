@@ -66,20 +66,16 @@ def _manifest_digest(layout: Path, tag: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("reference", "kind", "location", "tag"),
+    ("reference", "location", "tag"),
     [
-        ("oci:/images/busybox:v1", "layout", "/images/busybox", "v1"),
-        ("oci:/images/busybox", "layout", "/images/busybox", None),
-        ("/images/busybox:v1", "layout", "/images/busybox", "v1"),
-        ("./rel/dir", "layout", "./rel/dir", None),
-        ("docker://127.0.0.1:5000/a/b:v2", "registry", "127.0.0.1:5000/a/b", "v2"),
-        ("127.0.0.1:5000/a/b", "registry", "127.0.0.1:5000/a/b", None),
-        ("busybox:1.36", "registry", "busybox", "1.36"),
+        ("127.0.0.1:5000/a/b:v2", "127.0.0.1:5000/a/b", "v2"),
+        ("127.0.0.1:5000/a/b", "127.0.0.1:5000/a/b", None),
+        ("busybox:1.36", "busybox", "1.36"),
     ],
 )
-def test_parse_reference(reference: str, kind: str, location: str, tag: str | None) -> None:
+def test_parse_reference(reference: str, location: str, tag: str | None) -> None:
     parsed = parse_reference(reference)
-    assert (parsed.kind, parsed.location, parsed.tag) == (kind, location, tag)
+    assert (parsed.location, parsed.tag) == (location, tag)
 
 
 def test_parse_reference_registry_host_and_digest() -> None:
@@ -90,7 +86,21 @@ def test_parse_reference_registry_host_and_digest() -> None:
     assert parse_reference("busybox").registry is None
 
 
-@pytest.mark.parametrize("reference", ["", "x://y", "host/name:bad tag", "a@sha256:12"])
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "",
+        "x://y",
+        "host/name:bad tag",
+        "a@sha256:12",
+        # Layouts and transports name paths on the node: only its operator may use them.
+        "oci:/images/busybox:v1",
+        "oci:1234/x",
+        "/images/busybox:v1",
+        "./rel/dir",
+        "docker://127.0.0.1:5000/a/b:v2",
+    ],
+)
 def test_bad_references_are_refused(reference: str) -> None:
     with pytest.raises(ImageError):
         parse_reference(reference)
@@ -100,7 +110,7 @@ def test_bad_references_are_refused(reference: str) -> None:
 
 
 def test_layout_is_unpacked_once_named_by_its_digest(store: ImageStore, layout: Path) -> None:
-    first = store.resolve(f"oci:{layout}:v1")
+    first = store.resolve_layout(layout, "v1")
     digest = _manifest_digest(layout, "v1")
     assert (first.digest, first.cached) == (digest, False)
     assert first.path.parent.name == digest.replace(":", "-")
@@ -108,7 +118,7 @@ def test_layout_is_unpacked_once_named_by_its_digest(store: ImageStore, layout: 
     assert (first.path / "bin" / "busybox").is_file()
     assert all((first.path / p.lstrip("/")).is_dir() for p in MOUNT_POINTS)
     assert first.env == ("PATH=/bin",)
-    second = store.resolve(f"{layout}:v1")  # a plain path names the same layout
+    second = store.resolve_layout(layout)  # its only tag
     assert (second.path, second.cached) == (first.path, True)
     assert store.cached_digests() == [digest]
     assert list((store.cache_dir / "tmp").iterdir()) == []
@@ -122,7 +132,7 @@ def test_concurrent_resolutions_share_one_copy(oci_base: Path, layout: Path) -> 
 
     def resolve(store: ImageStore) -> Rootfs:
         start.wait()
-        return store.resolve(f"oci:{layout}:v1")
+        return store.resolve_layout(layout, "v1")
 
     try:
         with ThreadPoolExecutor(len(stores)) as pool:
@@ -139,18 +149,18 @@ def test_bad_layouts_are_named_in_the_error(
     store: ImageStore, layout: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(ImageError, match="no such OCI layout directory") as missing:
-        store.resolve(f"oci:{tmp_path}/nothing:v1")
-    assert missing.value.image == f"oci:{tmp_path}/nothing:v1"
+        store.resolve_layout(tmp_path / "nothing", "v1")
+    assert missing.value.image == f"{tmp_path}/nothing:v1"
     with pytest.raises(ImageError, match="not an OCI image layout"):
-        store.resolve(f"oci:{tmp_path}:v1")
+        store.resolve_layout(tmp_path, "v1")
     with pytest.raises(ImageError, match=r"no image tagged 'v9'.*tags: v1"):
-        store.resolve(f"oci:{layout}:v9")
+        store.resolve_layout(layout, "v9")
     broken = tmp_path / "broken"
     shutil.copytree(layout, broken)
     digest = _manifest_digest(broken, "v1").removeprefix("sha256:")
     (broken / "blobs" / "sha256" / digest).write_text("{}")
     with pytest.raises(ImageError, match="does not match its digest"):
-        store.resolve(f"oci:{broken}:v1")
+        store.resolve_layout(broken, "v1")
 
 
 # Registries
@@ -170,7 +180,7 @@ def test_registry_image_runs_and_is_pulled_once(
     run = oci.run(["busybox", "echo", "13"], rootfs=first)
     assert (run.exit_code, run.stdout) == (0, b"13\n"), run.stderr
 
-    second = store.resolve(f"docker://{pushed}")
+    second = store.resolve(pushed)
     assert (second.path, second.digest, second.cached) == (first.path, first.digest, True)
     assert registry.blob_downloads(REPOSITORY) == downloaded
     run = oci.run(["sh", "-c", 'echo "$PATH"; echo 13 >&3'], rootfs=second)

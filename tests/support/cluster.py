@@ -92,8 +92,14 @@ class Cluster:
 
     # processes
 
-    def start_weaver(self, **settings: str) -> Proc:
-        """Start Weaver; `settings` become TREADLE_* variables (e.g. node_down_after_s="1")."""
+    def start_weaver(self, *, process_tier: bool = True, **settings: str) -> Proc:
+        """Start Weaver; `settings` become TREADLE_* variables (e.g. node_down_after_s="1").
+
+        With `process_tier`, as an operator would for trusted work: functions that name no
+        tier may run in the process tier, and the admin's tenant is allowed it through the
+        admin API. These tests' programs read and write the test's own files."""
+        if process_tier:
+            settings.setdefault("default_min_isolation", "process")
         env = dict(self.env, **{f"TREADLE_{k.upper()}": v for k, v in settings.items()})
         self.weaver = Proc(
             [
@@ -112,6 +118,8 @@ class Cluster:
             env,
         ).start()
         eventually(self._healthy, what=f"weaver on {self.url}\n{self.weaver.output()}")
+        if process_tier:
+            self.allow_process_tier("default")
         return self.weaver
 
     def _healthy(self) -> bool:
@@ -181,6 +189,15 @@ class Cluster:
             timeout=60,
             headers={"Authorization": f"Bearer {key or self.admin_key}"},
         )
+
+    def allow_process_tier(self, tenant: str, allowed: bool = True) -> dict[str, Any]:
+        """Allow (or deny) the tenant named or identified `tenant` the process tier."""
+        with self.client() as api:
+            items = api.get("/v1/tenants").json()["items"]
+            found = next(t for t in items if tenant in (t["id"], t["name"]))
+            answer = api.patch(f"/v1/tenants/{found['id']}", json={"allow_process_tier": allowed})
+            assert answer.status_code == 200, answer.text
+            return dict(answer.json())
 
     def node_named(self, name: str, connected: bool | None = None) -> dict[str, Any] | None:
         with self.client() as api:

@@ -180,3 +180,17 @@ def test_a_file_without_execute_permission_cannot_be_run() -> None:
         bwrap.resolve_in_sandbox("./data", "", FILES)
     with pytest.raises(PermissionError):
         bwrap.resolve_in_sandbox("data", ".", FILES)
+
+
+def test_host_etc_links_stay_links(tmp_path: Path) -> None:
+    (tmp_path / "usr").mkdir()
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "localtime").symlink_to("/usr/share/zoneinfo/Etc/UTC")
+    (tmp_path / "etc" / "ld.so.cache").write_bytes(b"")
+
+    args = bwrap.host_binds(tmp_path)
+
+    where = args.index("/etc/localtime")
+    assert args[where - 2 : where] == ["--symlink", "/usr/share/zoneinfo/Etc/UTC"]
+    where = args.index("/etc/ld.so.cache")
+    assert args[where - 2 : where] == ["--ro-bind-try", str(tmp_path / "etc" / "ld.so.cache")]

@@ -57,8 +57,15 @@ def test_fn_create_needs_something_to_run() -> None:
     ("argv", "named"),
     [
         (["weaver", "--port", "99999"], "port"),
+        (["weaver", "--default-min-isolation", "chroot"], "default_min_isolation"),
         (["shuttle", "--weaver", "ftp://x", "--token", "t"], "weaver_url"),
         (["shuttle", "--weaver", "http://h:1", "--runtime", "chroot"], "runtimes"),
+        (["shuttle", "--weaver", "http://h:1", "--sandbox-ids-base", "0"], "sandbox_ids_base"),
+        # one past the last base whose 1,024 ranges of 65,536 ids fit the kernel's ids
+        (
+            ["shuttle", "--weaver", "http://h:1", "--sandbox-ids-base", str(2**31 - 2**26 + 1)],
+            "sandbox_ids_base",
+        ),
     ],
 )
 def test_bad_server_settings_are_one_clear_error(argv: list[str], named: str) -> None:

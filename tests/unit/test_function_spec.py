@@ -81,7 +81,7 @@ def test_an_image_raises_the_weakest_tier_to_oci(fields: dict[str, str], floor: 
 @pytest.mark.parametrize(
     "image",
     [
-        "docker://busybox:1.36",
+        "busybox:1.36",
         "127.0.0.1:5000/treadle/busybox:v1",
         "ghcr.io/org/app@sha256:" + "a" * 64,
     ],
@@ -91,7 +91,16 @@ def test_registry_references_are_accepted(image: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "image", ["oci:/srv/layout:v1", "/srv/layout", "../layout", "http://x/y", "a b", "Busy/Box"]
+    "image",
+    [
+        "oci:/srv/layout:v1",
+        "docker://busybox:1.36",
+        "/srv/layout",
+        "../layout",
+        "http://x/y",
+        "a b",
+        "Busy/Box",
+    ],
 )
 def test_images_that_are_not_registry_references_are_refused(image: str) -> None:
     with pytest.raises(ValidationError, match="registry reference"):

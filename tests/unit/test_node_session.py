@@ -31,16 +31,6 @@ def test_release_frees_exactly_once() -> None:
     assert (s.allocated.cpu_millicores, s.allocated.memory_mib) == (700, 100)
 
 
-def test_work_runs_in_the_weakest_tier_that_meets_its_minimum_else_the_strongest() -> None:
-    capacity = Resources(cpu_millicores=1000, memory_mib=1024)
-    tiers = [Tier.GVISOR, Tier.PROCESS, Tier.NAMESPACE]
-    s = NodeSession("nd_1", Hello(protocol=1, name="n", capacity=capacity, runtimes=tiers))
-    assert s.tier_for(None) is Tier.GVISOR
-    assert s.tier_for(Tier.PROCESS) is Tier.PROCESS
-    assert s.tier_for(Tier.NAMESPACE) is Tier.NAMESPACE
-    assert s.tier_for(Tier.OCI) is Tier.GVISOR
-
-
 def test_placement_sees_the_observed_speed_and_reliability() -> None:
     capacity = Resources(cpu_millicores=1000, memory_mib=1024)
     hello = Hello(protocol=1, name="n", capacity=capacity, runtimes=[Tier.PROCESS], perf_score=3.0)
@@ -60,14 +50,3 @@ def test_reliability_climbs_back_to_exactly_one() -> None:
     for _ in range(200):
         s.observe(1.0)
     assert s.reliability == 1.0
-
-
-def test_network_work_runs_in_a_tier_that_gives_network() -> None:
-    capacity = Resources(cpu_millicores=1000, memory_mib=1024)
-    tiers = [Tier.NAMESPACE, Tier.OCI, Tier.GVISOR]
-    hello = Hello(
-        protocol=1, name="n", capacity=capacity, runtimes=tiers, network_tiers=[Tier.NAMESPACE]
-    )
-    s = NodeSession("nd_1", hello)
-    assert s.tier_for(None) is Tier.GVISOR
-    assert s.tier_for(None, network=True) is Tier.NAMESPACE

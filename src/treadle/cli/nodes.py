@@ -1,9 +1,9 @@
-"""`treadle nodes` and `treadle tenant create`: the admin commands."""
+"""`treadle nodes` and `treadle tenant …`: the admin commands."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -42,3 +42,52 @@ def create_tenant(
         return
     typer.echo(f"tenant   {created['tenant']['id']}")
     typer.echo(f"api key  {created['api_key']}")
+
+
+@tenant_app.command("list")
+def list_tenants(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the tenants and whether each may use the process tier."""
+    from treadle.cli.tables import print_table, tenants_table
+
+    items = client_from(ctx).tenants()["items"]
+    if as_json:
+        print_json(items)
+    else:
+        print_table(tenants_table(items, datetime.now(UTC)), empty="no tenants")
+
+
+@tenant_app.command("allow-process")
+def allow_process(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Argument(help="The tenant's name or id.")],
+    revoke: Annotated[
+        bool, typer.Option("--revoke", help="Take the permission back instead.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Let a tenant's functions name the process tier, which isolates nothing: their code
+    runs as the node's user and can read what it can. Only for tenants trusted with the
+    nodes that offer that tier."""
+    client = client_from(ctx)
+    found = _tenant_named(client.tenants()["items"], tenant)
+    updated = client.update_tenant(found["id"], allow_process_tier=not revoke)
+    if as_json:
+        print_json(updated)
+        return
+    state = "may" if updated["allow_process_tier"] else "may not"
+    typer.echo(f"tenant {updated['name']} ({updated['id']}) {state} use the process tier")
+
+
+def _tenant_named(tenants: list[dict[str, Any]], tenant: str) -> dict[str, Any]:
+    # An id first: a name may look like another tenant's id.
+    for key in ("id", "name"):
+        for item in tenants:
+            if item[key] == tenant:
+                return item
+    typer.secho(
+        f"error: no tenant named {tenant!r} (see `treadle tenant list`)", fg="red", err=True
+    )
+    raise typer.Exit(1)

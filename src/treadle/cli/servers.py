@@ -21,6 +21,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 if TYPE_CHECKING:
+    from treadle.domain.resources import Tier
     from treadle.weaver.core import Weaver
     from treadle.weaver.settings import WeaverSettings
 
@@ -113,6 +114,15 @@ def weaver_command(
         str | None,
         typer.Option("--strategy", help="Placement strategy of functions that name none."),
     ] = None,
+    default_min_isolation: Annotated[
+        str | None,
+        typer.Option(
+            "--default-min-isolation",
+            metavar="TIER",
+            help="The weakest tier for functions that name none (default namespace; e.g. "
+            "gvisor). They run in the weakest tier at least this strong their node offers.",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane (API, state, scheduler). Several replicas share one fleet when
     they share a PostgreSQL database and a NATS server."""
@@ -128,6 +138,7 @@ def weaver_command(
         log_level=log_level,
         providers_file=providers,
         default_strategy=strategy,
+        default_min_isolation=default_min_isolation,
     )
     if settings.providers_file is not None:
         try:
@@ -203,7 +214,8 @@ def shuttle_command(
         bool,
         typer.Option(
             "--allow-process-runtime",
-            help="Offer the 'process' tier, which isolates nothing: development only.",
+            help="Offer the 'process' tier, which isolates nothing: development only. Only "
+            "tenants an admin allows it (treadle tenant allow-process) can use it.",
         ),
     ] = False,
     runtime: Annotated[
@@ -241,6 +253,17 @@ def shuttle_command(
             help="Pull images from this registry over plain HTTP (repeatable).",
         ),
     ] = [],  # noqa: B006
+    sandbox_ids_base: Annotated[
+        int | None,
+        typer.Option(
+            "--sandbox-ids-base",
+            metavar="UID",
+            help=(
+                "Run as root: each workload's sandbox gets 65,536 host ids of its own from "
+                "here on (default 100000); give each Shuttle on a host its own."
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Run a node agent that dials out to Weaver and runs the work it is given."""
     from treadle.shuttle.agent import Shuttle
@@ -262,6 +285,7 @@ def shuttle_command(
         "simulated_gpus": simulate_gpus,
         "cpu_millicores": cpu,
         "memory_mib": memory,
+        "sandbox_ids_base": sandbox_ids_base,
     }
     if label:
         overrides["labels"] = _parse_labels(label)
@@ -291,18 +315,36 @@ def shuttle_command(
         raise typer.Exit(1) from None
 
 
-def up_command(home: HomeOption = None, host: HostOption = None, port: PortOption = None) -> None:
-    """Run a Weaver and one local Shuttle, with embedded defaults (SQLite, in-process events)."""
+def up_command(
+    home: HomeOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    allow_process_runtime: Annotated[
+        bool,
+        typer.Option(
+            "--allow-process-runtime",
+            help="Let the local Shuttle offer the 'process' tier too. It isolates nothing: "
+            "code in it runs as this user and can read the admin key and the database. Only "
+            "tenants an admin allows it (treadle tenant allow-process) can use it.",
+        ),
+    ] = False,
+) -> None:
+    """Run a Weaver and one local Shuttle, with embedded defaults (SQLite, in-process events).
+    The Shuttle offers the isolating tiers that work here (bubblewrap gives `namespace`)."""
     from treadle.weaver.core import Weaver
 
     settings = _weaver_settings(home, host, port)
     _require_free_port(settings.host, settings.port)
     weaver = Weaver(settings)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_up(settings, weaver))
+        asyncio.run(_up(settings, weaver, allow_process_runtime))
 
 
-def _spawn_shuttle(settings: WeaverSettings, url: str) -> subprocess.Popen[bytes]:
+def _spawn_shuttle(
+    settings: WeaverSettings, url: str, allow_process_runtime: bool
+) -> subprocess.Popen[bytes]:
+    # Beside Weaver's files: isolating tiers do not see them, and the process tier, which
+    # could read them from anywhere as this user, is only offered when asked for.
     home = settings.home / "shuttle"
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -312,7 +354,9 @@ def _spawn_shuttle(settings: WeaverSettings, url: str) -> subprocess.Popen[bytes
     # Its own session: a signal meant for `up`'s process group (Ctrl-C, `timeout`) must not
     # reach the Shuttle first, or `up` would see it die and restart it while stopping.
     argv = [sys.executable, "-m", "treadle", "shuttle", "--weaver", url, "--home", str(home)]
-    argv += ["--name", f"{socket.gethostname()}-local", "--allow-process-runtime"]
+    argv += ["--name", f"{socket.gethostname()}-local"]
+    if allow_process_runtime:
+        argv.append("--allow-process-runtime")
     with (settings.home / "shuttle.log").open("ab") as log:
         return subprocess.Popen(
             argv,
@@ -347,7 +391,7 @@ def _exit_with_parent() -> None:
         raise typer.Exit(0)
 
 
-async def _up(settings: WeaverSettings, weaver: Weaver) -> None:
+async def _up(settings: WeaverSettings, weaver: Weaver, allow_process_runtime: bool) -> None:
     from treadle.weaver.server import serve
 
     ready = asyncio.Event()
@@ -359,8 +403,10 @@ async def _up(settings: WeaverSettings, weaver: Weaver) -> None:
         await server
         return
     url = f"http://{settings.host}:{settings.port}"
-    shuttle = _spawn_shuttle(settings, url)
-    supervisor = asyncio.create_task(_supervise(settings, url, shuttle, weaver))
+    shuttle = _spawn_shuttle(settings, url, allow_process_runtime)
+    supervisor = asyncio.create_task(
+        _supervise(settings, url, shuttle, weaver, allow_process_runtime)
+    )
     try:
         await server
     finally:
@@ -370,7 +416,11 @@ async def _up(settings: WeaverSettings, weaver: Weaver) -> None:
 
 
 async def _supervise(
-    settings: WeaverSettings, url: str, shuttle: subprocess.Popen[bytes], weaver: Weaver
+    settings: WeaverSettings,
+    url: str,
+    shuttle: subprocess.Popen[bytes],
+    weaver: Weaver,
+    allow_process_runtime: bool,
 ) -> None:
     """Print where things are once the local node has joined; restart it if it dies."""
     try:
@@ -380,17 +430,19 @@ async def _supervise(
                 break
             await asyncio.sleep(0.05)
         sessions = weaver.registry.sessions()
-        tiers = ", ".join(t.value for t in sessions[0].hello.runtimes) if sessions else "none"
         typer.echo(f"treadle is up at {url}")
-        typer.echo(
-            f"  runtime tier:  {tiers}"
-            + (" (no isolation: development only)" if tiers == "process" else "")
-        )
+        if sessions:
+            _print_tiers(settings, sessions[0].hello.runtimes)
+        else:
+            typer.echo("  runtime tiers: none")
         typer.echo(f"  admin key:     {settings.home / 'admin.key'}")
         typer.echo(f"  join token:    {settings.home / 'join.token'}")
         typer.echo(f"  shuttle log:   {settings.home / 'shuttle.log'}")
         if not sessions:
-            typer.secho("  warning: the local shuttle has not joined; see its log", fg="yellow")
+            why = _last_error(settings.home / "shuttle.log") or "see its log"
+            typer.secho(f"  warning: the local shuttle has not joined: {why}", fg="yellow")
+            if not allow_process_runtime:
+                typer.secho(_NO_ISOLATION_HINT, fg="yellow")
         typer.echo("Press Ctrl-C to stop.")
         backoff = 0.5
         while True:
@@ -398,7 +450,7 @@ async def _supervise(
             typer.secho(f"local shuttle exited ({code}); restarting", fg="yellow", err=True)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
-            shuttle = _spawn_shuttle(settings, url)
+            shuttle = _spawn_shuttle(settings, url, allow_process_runtime)
     finally:
         if shuttle.poll() is None:
             shuttle.terminate()
@@ -406,6 +458,47 @@ async def _supervise(
                 await asyncio.to_thread(shuttle.wait, 10)
             except subprocess.TimeoutExpired:
                 shuttle.kill()
+
+
+_NO_ISOLATION_HINT = (
+    "  the namespace tier needs bubblewrap: run `apt-get install bubblewrap slirp4netns` as "
+    "root (scripts/up does), then start again"
+)
+
+
+def _print_tiers(settings: WeaverSettings, runtimes: list[Tier]) -> None:
+    """Say what the node offers, what functions that name no tier run in, and what the
+    process tier means when it is there."""
+    from treadle.domain.resources import Tier
+    from treadle.scheduler import tiers
+
+    typer.echo(f"  runtime tiers: {', '.join(t.value for t in runtimes)}")
+    default = tiers.default_tier(runtimes, settings.default_min_isolation)
+    if default is not None:
+        typer.echo(f"  default tier:  {default.value} (for functions that name none)")
+    else:
+        typer.secho(
+            "  warning: no isolating tier here: only functions that name the process tier, "
+            "of tenants allowed it, can run",
+            fg="yellow",
+        )
+        typer.secho(_NO_ISOLATION_HINT, fg="yellow")
+    if Tier.PROCESS in runtimes:
+        typer.secho(
+            "  warning: the process tier isolates nothing: code in it runs as this user and "
+            f"can read {settings.home} (the admin key, the database). Only tenants allowed "
+            "it use it: treadle tenant allow-process TENANT",
+            fg="yellow",
+        )
+
+
+def _last_error(log: Path) -> str | None:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    return errors[-1] if errors else None
 
 
 def register(app: typer.Typer) -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "functions_table",
     "nodes_table",
     "print_table",
+    "tenants_table",
 ]
 
 _STATE_STYLES = {
@@ -158,6 +159,18 @@ def nodes_table(nodes: Iterable[Mapping[str, Any]], now: datetime) -> Table:
             f"${price:.4g}/h" if isinstance(price, int | float) else "-",
             _text(node.get("region")),
             format_age(node.get("last_heartbeat"), now),
+        )
+    return table
+
+
+def tenants_table(tenants: Iterable[Mapping[str, Any]], now: datetime) -> Table:
+    table = _table("ID", "NAME", "PROCESS TIER", "CREATED")
+    for tenant in tenants:
+        table.add_row(
+            _text(tenant.get("id")),
+            _text(tenant.get("name")),
+            "[yellow]allowed[/]" if tenant.get("allow_process_tier") else "-",
+            format_age(tenant.get("created_at"), now),
         )
     return table
 

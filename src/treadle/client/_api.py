@@ -38,10 +38,12 @@ __all__ = [
     "get_execution",
     "get_function",
     "get_node",
+    "get_tenant",
     "healthz",
     "invoke",
     "list_executions",
     "list_functions",
+    "list_tenants",
     "nodes",
     "output",
     "output_stream_url",
@@ -49,6 +51,7 @@ __all__ = [
     "parse_object",
     "stream_error",
     "timeout_for",
+    "update_tenant",
 ]
 
 # Idle connections are dropped by the client well before Weaver closes them (30 s), so a
@@ -316,6 +319,23 @@ def drain_node(node_id: str) -> Call[JSONObject]:
 
 def create_tenant(name: str) -> Call[JSONObject]:
     return Call("POST", "/v1/tenants", parse_object, json={"name": name})
+
+
+def list_tenants() -> Call[JSONObject]:
+    return Call("GET", "/v1/tenants", parse_object)
+
+
+def get_tenant(tenant_id: str) -> Call[JSONObject]:
+    return Call("GET", f"/v1/tenants/{_segment(tenant_id)}", parse_object)
+
+
+def update_tenant(tenant_id: str, *, allow_process_tier: bool) -> Call[JSONObject]:
+    return Call(
+        "PATCH",
+        f"/v1/tenants/{_segment(tenant_id)}",
+        parse_object,
+        json={"allow_process_tier": allow_process_tier},
+    )
 
 
 def create_api_key(tenant_id: str, *, admin: bool = False) -> Call[JSONObject]:

@@ -200,6 +200,17 @@ class AsyncClient:
     async def create_tenant(self, name: str) -> JSONObject:
         return await self._send(_api.create_tenant(name))
 
+    async def tenants(self) -> JSONObject:
+        return await self._send(_api.list_tenants())
+
+    async def get_tenant(self, tenant_id: str) -> JSONObject:
+        return await self._send(_api.get_tenant(tenant_id))
+
+    async def update_tenant(self, tenant_id: str, *, allow_process_tier: bool) -> JSONObject:
+        return await self._send(
+            _api.update_tenant(tenant_id, allow_process_tier=allow_process_tier)
+        )
+
     async def create_api_key(self, tenant_id: str, *, admin: bool = False) -> JSONObject:
         return await self._send(_api.create_api_key(tenant_id, admin=admin))
 

@@ -212,8 +212,20 @@ class Client:
         return self._send(_api.drain_node(node_id))
 
     def create_tenant(self, name: str) -> JSONObject:
-        """Create a tenant: `{"tenant": {"id", "name"}, "api_key": "tk_…"}` (shown once)."""
+        """Create a tenant: `{"tenant": {"id", "name", …}, "api_key": "tk_…"}` (shown once)."""
         return self._send(_api.create_tenant(name))
+
+    def tenants(self) -> JSONObject:
+        """`{"items": [tenant, …], "next_cursor": None}`; a tenant is `{"id", "name",
+        "created_at", "allow_process_tier"}`."""
+        return self._send(_api.list_tenants())
+
+    def get_tenant(self, tenant_id: str) -> JSONObject:
+        return self._send(_api.get_tenant(tenant_id))
+
+    def update_tenant(self, tenant_id: str, *, allow_process_tier: bool) -> JSONObject:
+        """Allow or deny the tenant the `process` tier, which isolates nothing."""
+        return self._send(_api.update_tenant(tenant_id, allow_process_tier=allow_process_tier))
 
     def create_api_key(self, tenant_id: str, *, admin: bool = False) -> JSONObject:
         return self._send(_api.create_api_key(tenant_id, admin=admin))

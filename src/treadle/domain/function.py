@@ -16,11 +16,13 @@ from pydantic import (
 )
 
 from treadle.domain.errors import InvalidRequest
+from treadle.domain.images import ImageReferenceError, parse_image
 from treadle.domain.resources import Resources, Tier
 
 __all__ = [
     "CRITERIA",
     "IMAGE_TIERS",
+    "STORED",
     "FunctionSpec",
     "GpuSpec",
     "PlacementSpec",
@@ -36,12 +38,8 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Only bare identifiers: str.format would also allow `{x.__class__}` style attribute walks.
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _RESERVED_ENV_PREFIX = "TREADLE_"
-# A registry reference: `[docker://][host[:port]/]name[:tag][@sha256:<hex>]`. Image layout
-# directories are refused here: they would name paths on the node's own filesystem.
-_IMAGE = re.compile(
-    r"^(docker://)?[A-Za-z0-9][A-Za-z0-9._-]*(:[0-9]{1,5})?(/[a-z0-9][a-z0-9._-]*)*"
-    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$"
-)
+# Validation context of a spec read back from the store: it was accepted when registered.
+STORED = "stored"
 # Tiers that can run a function's own root filesystem.
 IMAGE_TIERS = (Tier.OCI, Tier.GVISOR, Tier.MICROVM)
 
@@ -128,12 +126,14 @@ class FunctionSpec(BaseModel):
     command: list[str] = Field(min_length=1, max_length=4096)
     source: str | None = Field(default=None, max_length=1_048_576)
     source_name: str = Field(default="main", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-    image: str | None = Field(default=None, max_length=512)
+    # A registry reference (treadle.domain.images), which also bounds its length.
+    image: str | None = None
     env: dict[str, str] = Field(default_factory=dict, max_length=1024)
     resources: Resources = Field(default_factory=Resources)
     timeout_s: float = Field(default=300.0, gt=0, le=7 * 24 * 3600)
     # An exact tier, or the weakest acceptable one (process < namespace < oci < gvisor <
-    # microvm). With neither, a node runs it in the strongest tier it offers.
+    # microvm). With neither, the weakest tier at least the fleet's default (namespace
+    # unless the operator raises it); see treadle.scheduler.tiers.
     isolation: Tier | None = None
     min_isolation: Tier | None = None
     # Outbound network for the program; only nodes whose operator allows it can run it.
@@ -178,12 +178,18 @@ class FunctionSpec(BaseModel):
 
     @field_validator("image")
     @classmethod
-    def _image_is_a_registry_reference(cls, value: str | None) -> str | None:
-        if value is not None and not _IMAGE.fullmatch(value):
+    def _image_is_a_registry_reference(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A stored spec may predate today's grammar; the node parses its image with the same
+        # grammar and refuses one it does not accept.
+        if value is None or (info.context or {}).get(STORED):
+            return value
+        try:
+            parse_image(value)
+        except ImageReferenceError as exc:
             raise ValueError(
-                "image must be a registry reference, [docker://][host[:port]/]name[:tag]"
-                "[@sha256:digest]"
-            )
+                f"image must be a registry reference, [host[:port]/]name[:tag][@sha256:digest]: "
+                f"{exc}"
+            ) from None
         return value
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ from treadle.protocol.messages import (
     Heartbeat,
     Hello,
     Output,
+    Refused,
     ShuttleMessage,
     Started,
     Usage,
@@ -20,6 +21,7 @@ from treadle.protocol.messages import (
     decode_from_shuttle,
     decode_from_weaver,
     encode,
+    examine_refused,
 )
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Output",
+    "Refused",
     "ShuttleMessage",
     "Started",
     "Usage",
@@ -42,4 +45,5 @@ __all__ = [
     "decode_from_shuttle",
     "decode_from_weaver",
     "encode",
+    "examine_refused",
 ]

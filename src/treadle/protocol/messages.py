@@ -3,16 +3,30 @@
 Every message about an execution names its `attempt`; receivers ignore (and fence) messages
 for attempts other than the current one. Output chunks carry one `seq` per attempt, shared by
 stdout and stderr, so interleaving is preserved and storage can be idempotent.
+
+Every frame is held to `treadle.protocol.limits`: finite numbers, integers that fit the
+columns storing them, free-form JSON (`args`, `result`) at most MAX_JSON_DEPTH deep.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from treadle.domain.errors import ProtocolError
 from treadle.domain.resources import Resources, Tier
+from treadle.protocol.limits import (
+    INT32_MAX,
+    INT32_MIN,
+    INT64_MAX,
+    RESULT_INVALID,
+    JsonObject,
+    JsonValue,
+    check_json,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -26,6 +40,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Output",
+    "Refused",
     "ShuttleMessage",
     "Started",
     "Usage",
@@ -34,30 +49,37 @@ __all__ = [
     "decode_from_shuttle",
     "decode_from_weaver",
     "encode",
+    "examine_refused",
 ]
 
 PROTOCOL_VERSION = 1
 
 
 class _Frame(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Attempts, chunk numbers and counts, exit codes and versions are stored in 32-bit columns.
+Attempt = Annotated[int, Field(ge=1, le=INT32_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
 class AttemptRef(_Frame):
     id: str
-    attempt: int = Field(ge=1)
+    attempt: Attempt
 
 
 class Chunk(_Frame):
     stream: Literal["stdout", "stderr"]
-    seq: int = Field(ge=0)
-    data: str
+    seq: Count
+    # Never empty: each stored chunk then counts against the output cap.
+    data: str = Field(min_length=1)
 
 
 class Usage(_Frame):
     wall_ms: float = Field(default=0.0, ge=0)
     cpu_ms: float | None = Field(default=None, ge=0)
-    max_rss_kib: int | None = Field(default=None, ge=0)
+    max_rss_kib: int | None = Field(default=None, ge=0, le=INT64_MAX)
 
 
 # shuttle → weaver
@@ -65,14 +87,15 @@ class Usage(_Frame):
 
 class Hello(_Frame):
     type: Literal["hello"] = "hello"
-    protocol: int
+    protocol: int = Field(ge=0, le=INT32_MAX)
     name: str = Field(max_length=253)
     capacity: Resources
     runtimes: list[Tier]
     labels: dict[str, str] = Field(default_factory=dict)
-    region: str | None = None
-    zone: str | None = None
-    provider: str = "local"
+    # As wide as the columns that store them.
+    region: str | None = Field(default=None, max_length=64)
+    zone: str | None = Field(default=None, max_length=64)
+    provider: str = Field(default="local", max_length=64)
     price_per_hour: float = Field(default=0.0, ge=0)
     country: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
     # A spot (preemptible) node, billed at `spot_price_per_hour` when given.
@@ -96,13 +119,13 @@ class Heartbeat(_Frame):
 class Started(_Frame):
     type: Literal["started"] = "started"
     id: str
-    attempt: int = Field(ge=1)
+    attempt: Attempt
 
 
 class Output(_Frame):
     type: Literal["output"] = "output"
     id: str
-    attempt: int = Field(ge=1)
+    attempt: Attempt
     chunks: list[Chunk] = Field(min_length=1)
 
 
@@ -112,12 +135,41 @@ class Exited(_Frame):
 
     type: Literal["exited"] = "exited"
     id: str
-    attempt: int = Field(ge=1)
-    exit_code: int | None
+    attempt: Attempt
+    exit_code: int | None = Field(ge=INT32_MIN, le=INT32_MAX)
     reason: str | None = None
-    result: Any = None
-    chunks: int = Field(ge=0)
+    result: JsonValue = None
+    chunks: Count
     usage: Usage = Field(default_factory=Usage)
+
+    @classmethod
+    def report(
+        cls,
+        *,
+        id: str,
+        attempt: int,
+        exit_code: int | None,
+        reason: str | None,
+        result: Any,
+        chunks: int,
+        usage: Usage,
+    ) -> Exited:
+        """The exit report of an attempt whose program left `result`. A result outside the
+        limits is dropped, and the attempt then fails with RESULT_INVALID, unless it already
+        ended for a reason of its own (a timeout, a signal), which stays."""
+        try:
+            check_json(result)
+        except ValueError:
+            result, reason = None, reason or RESULT_INVALID
+        return cls(
+            id=id,
+            attempt=attempt,
+            exit_code=exit_code,
+            reason=reason,
+            result=result,
+            chunks=chunks,
+            usage=usage,
+        )
 
 
 ShuttleMessage = Annotated[
@@ -130,7 +182,7 @@ ShuttleMessage = Annotated[
 
 class Welcome(_Frame):
     type: Literal["welcome"] = "welcome"
-    protocol: int
+    protocol: int = Field(ge=0, le=INT32_MAX)
     node_id: str
     node_secret: str | None = None
     heartbeat_s: float = Field(gt=0)
@@ -138,15 +190,15 @@ class Welcome(_Frame):
 
 class AssignSpec(_Frame):
     id: str
-    attempt: int = Field(ge=1)
+    attempt: Attempt
     tenant_id: str
     function: str
-    version: int
+    version: int = Field(ge=1, le=INT32_MAX)
     argv: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
     source: str | None = None
     source_name: str = "main"
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: JsonObject = Field(default_factory=dict)
     stdin: str | None = None
     timeout_s: float = Field(gt=0)
     resources: Resources
@@ -155,6 +207,9 @@ class AssignSpec(_Frame):
     image: str | None = None
     # The function asked for network; the node gives it only where its operator allows it.
     network: bool = False
+    # Bytes of output (stdout and stderr together) the node forwards before it cuts the rest
+    # (treadle.protocol.limits.OutputBudget); None: no cap.
+    max_output_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX)
 
 
 class Assign(_Frame):
@@ -165,7 +220,7 @@ class Assign(_Frame):
 class Cancel(_Frame):
     type: Literal["cancel"] = "cancel"
     id: str
-    attempt: int = Field(ge=1)
+    attempt: Attempt
     reason: str = "cancelled"
 
 
@@ -174,8 +229,8 @@ class Ack(_Frame):
 
     type: Literal["ack"] = "ack"
     id: str
-    attempt: int = Field(ge=1)
-    seq: int | None = None
+    attempt: Attempt
+    seq: Count | None = None
     exited: bool = False
 
 
@@ -207,3 +262,38 @@ def decode_from_weaver(raw: str | bytes) -> WeaverMessage:
 
 def encode(message: _Frame) -> str:
     return message.model_dump_json()
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """What can still be read of a frame from a node that failed validation: the attempt it is
+    about, when it names one that could be valid, and for an exit report whose only fault is
+    its result, that report with the result dropped (as `Exited.report` would have made it)."""
+
+    type: str | None = None
+    id: str | None = None
+    attempt: int | None = None
+    exited: Exited | None = None
+
+
+def examine_refused(raw: str | bytes) -> Refused:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, or nested past what the parser takes
+        return Refused()
+    if not isinstance(data, dict):
+        return Refused()
+    kind = data.get("type") if isinstance(data.get("type"), str) else None
+    try:
+        ref = AttemptRef.model_validate({"id": data.get("id"), "attempt": data.get("attempt")})
+    except ValidationError:
+        return Refused(type=kind)
+    exited = None
+    if kind == "exited" and "result" in data:
+        try:
+            exited = Exited.model_validate({**data, "result": None})
+        except ValidationError:
+            pass
+        else:
+            exited = exited.model_copy(update={"reason": exited.reason or RESULT_INVALID})
+    return Refused(type=kind, id=ref.id, attempt=ref.attempt, exited=exited)

@@ -11,6 +11,11 @@ holds. Sending is batched per event-loop iteration: producing a chunk marks its 
 schedules one flush with `call_soon`, which turns each dirty attempt's new chunks into as few
 Output frames as the frame size allows. Nothing waits on a timer, so `echo 13` costs no
 added latency, and a burst of output from many programs costs one pass.
+
+What leaves for Weaver is held to the protocol's limits (`treadle.protocol.limits`): output
+past the assignment's `max_output_bytes` is cut with a marker and the rest read and dropped,
+and a result that breaks the limits is dropped and reported as `result_invalid`, so no
+program can make this node send a frame Weaver refuses.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from treadle.domain.resources import Tier
+from treadle.protocol.limits import OutputBudget
 from treadle.protocol.messages import (
     Ack,
     AssignSpec,
@@ -57,6 +65,7 @@ Send = Callable[[str], None]
 
 class _Attempt:
     __slots__ = (
+        "budget",
         "cancelled",
         "exit_sent",
         "exited",
@@ -85,6 +94,7 @@ class _Attempt:
         self.room.set()
         self.exited: Exited | None = None
         self.exit_sent = False
+        self.budget = OutputBudget(spec.max_output_bytes)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -218,15 +228,26 @@ class Supervisor:
             status = ExitStatus(exit_code=None, reason="node_error")
         finally:
             self._gpus.give_back(attempt.key)
-        attempt.exited = Exited(
-            id=spec.id,
-            attempt=spec.attempt,
-            exit_code=status.exit_code,
-            reason=status.reason,
-            result=status.result,
-            chunks=attempt.next_seq,
-            usage=status.usage,
-        )
+        try:
+            attempt.exited = Exited.report(
+                id=spec.id,
+                attempt=spec.attempt,
+                exit_code=status.exit_code,
+                reason=status.reason,
+                result=status.result,
+                chunks=attempt.next_seq,
+                usage=status.usage,
+            )
+        except ValidationError:
+            # What the runtime observed is outside the protocol: still end the attempt.
+            log.exception("the exit of %s attempt %d cannot be reported", spec.id, spec.attempt)
+            attempt.exited = Exited(
+                id=spec.id,
+                attempt=spec.attempt,
+                exit_code=None,
+                reason="node_error",
+                chunks=attempt.next_seq,
+            )
         self._mark_dirty(attempt)
 
     async def _start(self, spec: AssignSpec) -> RuntimeHandle:
@@ -249,9 +270,12 @@ class Supervisor:
             return SpawnFailed(f"treadle: the node could not start the program: {exc}\n")
 
     def _append(self, attempt: _Attempt, stream: Stream, text: str) -> None:
-        attempt.unsent.append(Chunk(stream=stream, seq=attempt.next_seq, data=text))
+        kept = attempt.budget.take(text)
+        if not kept:  # past the cap: read, so that the program goes on, and dropped
+            return
+        attempt.unsent.append(Chunk(stream=stream, seq=attempt.next_seq, data=kept))
         attempt.next_seq += 1
-        attempt.unacked += len(text)
+        attempt.unacked += len(kept)
         self._mark_dirty(attempt)
 
     # Sending

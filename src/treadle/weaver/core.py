@@ -69,6 +69,7 @@ class Weaver:
             self.executions,
             self.functions,
             default_strategy=settings.default_strategy,
+            default_min_isolation=settings.default_min_isolation,
             provisioner=self.provisioner,
         )
         self.reports = ReportService(

@@ -9,6 +9,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from treadle.domain.function import PresetStrategy
+from treadle.domain.resources import Tier
+from treadle.scheduler import tiers
 
 __all__ = ["WeaverSettings", "default_home"]
 
@@ -37,6 +39,9 @@ class WeaverSettings(BaseSettings):
     # NATS JetStream for events between Weaver replicas (with PostgreSQL); none: in-process
     # The placement strategy of functions that name none (DESIGN §5).
     default_strategy: PresetStrategy = "balanced"
+    # The weakest tier for functions that name none (treadle.scheduler.tiers); `process`
+    # applies only to tenants allowed that tier.
+    default_min_isolation: Tier = tiers.DEFAULT
     # Providers Weaver may start nodes from (treadle.weaver.providers.config); None: none.
     providers_file: Path | None = None
     # The address Shuttles on started nodes dial; default http://HOST:PORT.
@@ -46,6 +51,9 @@ class WeaverSettings(BaseSettings):
     max_body_bytes: int = 8 * 1024 * 1024
     max_args_bytes: int = 256 * 1024
     max_stdin_bytes: int = 6 * 1024 * 1024
+    # Output stored per attempt (UTF-8 bytes, stdout and stderr together): past it the rest is
+    # cut with a marker line and the execution says `output_truncated`.
+    max_output_bytes: int = Field(default=16 * 1024 * 1024, ge=0, le=2**62)
     max_wait_s: float = 300.0
     log_level: str = "warning"
 

@@ -39,6 +39,7 @@ def execution_view(row: Any) -> dict[str, Any]:
         "args": row.args,
         "idempotency_key": row.idempotency_key,
         "cancel_requested": bool(row.cancel_requested),
+        "output_truncated": bool(row.output_truncated),
         "isolation": row.isolation,
         "resources": row.resources,
         "placement": row.placement,

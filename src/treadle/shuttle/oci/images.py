@@ -4,10 +4,11 @@ An image is resolved to a directory once and then shared, read-only, by every ex
 names it: the bundle mounts it as `/` with `root.readonly`, so nothing an execution does can
 reach the cache. Three kinds of source:
 
-- an OCI image layout on disk (`oci:/path/to/layout:tag`, or a plain path), unpacked with
-  `umoci raw unpack`;
-- a registry (`docker://host:port/name:tag`, or `host:port/name:tag`), copied with
-  `skopeo copy` into a temporary layout and then unpacked the same way;
+- a registry reference (`host:port/name:tag`, the grammar of `treadle.domain.images`, the
+  one Weaver checks a function's image with), copied with `skopeo copy` into a temporary
+  layout and then unpacked with `umoci raw unpack`: the only kind a function can name;
+- an OCI image layout on disk (`resolve_layout(path, tag)`), unpacked the same way: for the
+  node's operator, never reachable from an image reference;
 - the host itself (`resolve(None)`): an empty directory whose `/usr` (and `/lib`, `/bin`, ...)
   are read-only bind mounts of the host's, for functions that name no image.
 
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from treadle.domain.errors import TreadleError
+from treadle.domain.images import ImageReferenceError, is_tag, parse_image
 from treadle.shuttle.oci.rootfs import Rootfs, add_mount_points
 
 __all__ = [
@@ -65,7 +67,6 @@ _INDEXES = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
 )
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _COPY_TAG = "treadle"
 _HOST_ROOTFS_VERSION = 2
 
@@ -83,23 +84,13 @@ class ImageError(TreadleError):
 
 @dataclass(frozen=True, slots=True)
 class ImageReference:
-    """A parsed image reference. For a layout `location` is its directory; for a registry,
-    `registry/repository` as written (skopeo applies the docker.io defaults itself)."""
+    """A parsed registry reference. `location` is `registry/repository` as written (skopeo
+    applies the docker.io defaults itself)."""
 
-    kind: Literal["layout", "registry"]
     location: str
     tag: str | None = None
     digest: str | None = None
-
-    @property
-    def registry(self) -> str | None:
-        """The registry host[:port] of a registry reference, None when it names none."""
-        if self.kind != "registry":
-            return None
-        first, sep, _ = self.location.partition("/")
-        if sep and ("." in first or ":" in first or first == "localhost"):
-            return first
-        return None
+    registry: str | None = None  # host[:port], None when the reference names none
 
     def skopeo_source(self) -> str:
         name = f"docker://{self.location}"
@@ -109,45 +100,14 @@ class ImageReference:
 
 
 def parse_reference(reference: str) -> ImageReference:
-    """`oci:PATH[:TAG]`, a plain path (absolute or starting with `./` or `../`) with an
-    optional `:TAG`, `docker://REF` or a bare registry `REF` (`[host[:port]/]name[:tag]` or
-    `...@sha256:...`)."""
-    ref = reference.strip()
-    if not ref:
-        raise ImageError(reference, "empty image reference")
-    if ref.startswith("oci:"):
-        return _layout_reference(reference, ref[len("oci:") :])
-    if ref.startswith(("/", "./", "../")):
-        return _layout_reference(reference, ref)
-    if ref.startswith("docker://"):
-        ref = ref[len("docker://") :]
-    elif "://" in ref:
-        raise ImageError(reference, "unknown transport (use oci:PATH or docker://REF)")
-    name, _, digest = ref.partition("@")
-    tag = None
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        name, tag = name[:colon], name[colon + 1 :]
-    if not name or any(c.isspace() for c in ref) or name.endswith("/"):
-        raise ImageError(reference, "not a valid registry reference")
-    if tag is not None and not _TAG.fullmatch(tag):
-        raise ImageError(reference, f"invalid tag {tag!r}")
-    if digest and not _DIGEST.fullmatch(digest):
-        raise ImageError(reference, f"invalid digest {digest!r} (expected sha256:<64 hex>)")
-    return ImageReference("registry", name, tag, digest or None)
-
-
-def _layout_reference(reference: str, rest: str) -> ImageReference:
-    path, tag = rest, None
-    colon = rest.rfind(":")
-    if colon > rest.rfind("/"):
-        path, tag = rest[:colon], rest[colon + 1 :]
-        if not _TAG.fullmatch(tag):
-            raise ImageError(reference, f"invalid tag {tag!r}")
-    if not path:
-        raise ImageError(reference, "no layout directory")
-    return ImageReference("layout", path, tag)
+    """A registry reference `[host[:port]/]name[:tag][@sha256:<hex>]`, read by the grammar
+    Weaver checked it with (treadle.domain.images); anything else, paths and transports
+    included, is an ImageError."""
+    try:
+        name = parse_image(reference)
+    except ImageReferenceError as exc:
+        raise ImageError(reference, f"not a registry reference: {exc}") from None
+    return ImageReference(name.name, name.tag, name.digest, name.registry)
 
 
 class ImageStore:
@@ -188,15 +148,23 @@ class ImageStore:
     def resolve(
         self, reference: str | None, *, pull: Literal["missing", "always"] = "missing"
     ) -> Rootfs:
-        """The root filesystem of `reference` (None: the host's). A registry image already
-        resolved once is used without contacting the registry unless `pull="always"`."""
+        """The root filesystem of registry image `reference` (None: the host's). An image
+        already resolved once is used without contacting the registry unless
+        `pull="always"`."""
         if reference is None:
             return self.host_rootfs()
         parsed = parse_reference(reference)
         with self._lock(reference):
-            if parsed.kind == "layout":
-                return self._from_layout(reference, Path(parsed.location), parsed.tag)
             return self._from_registry(reference, parsed, pull)
+
+    def resolve_layout(self, layout: Path, tag: str | None = None) -> Rootfs:
+        """The root filesystem of image `tag` (by default the only one, or `latest`) of the
+        OCI image layout directory `layout`."""
+        reference = f"{layout}:{tag}" if tag is not None else str(layout)
+        if tag is not None and not is_tag(tag):
+            raise ImageError(reference, f"invalid tag {tag!r}")
+        with self._lock(f"layout:{reference}"):
+            return self._from_layout(reference, layout, tag)
 
     def host_rootfs(self) -> Rootfs:
         """An empty rootfs whose system directories are bind mounts of the host's: the

@@ -84,7 +84,13 @@ def host_binds(root: Path = Path("/")) -> list[str]:
             args += ["--ro-bind", str(path), f"/{name}"]
     args += ["--perms", "0755", "--dir", "/etc"]
     for name in _HOST_ETC:
-        args += ["--ro-bind-try", str(root / "etc" / name), f"/etc/{name}"]
+        path = root / "etc" / name
+        if path.is_symlink():
+            # As a link, not a bind of its target: a bind shows the target's host path in
+            # the sandbox's mount table.
+            args += ["--symlink", os.readlink(path), f"/etc/{name}"]
+        else:
+            args += ["--ro-bind-try", str(path), f"/etc/{name}"]
     return args
 
 

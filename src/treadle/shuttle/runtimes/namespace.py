@@ -158,12 +158,14 @@ class NamespaceLauncher:
         ids: IdPool | None = None,
         weaver_addresses: Iterable[str] = (),
     ) -> None:
-        setpriv, prlimit = shutil.which("setpriv"), shutil.which("prlimit")
+        setpriv, prlimit = shutil.which("setpriv"), _real(shutil.which("prlimit"))
         if ids is not None and (setpriv is None or prlimit is None):
             raise Unavailable(
                 "setpriv and prlimit (util-linux) are needed to run sandboxes as root"
             )
-        self._bwrap = bwrap_path
+        # By their real paths: where Shuttle is root, these run as the workload's uid, which
+        # may not pass through the directories of Shuttle's PATH (a link in /root, say).
+        self._bwrap = os.path.realpath(bwrap_path)
         self._ids = ids
         self._setpriv = setpriv
         self._prlimit = prlimit
@@ -721,6 +723,10 @@ async def _start(runtime: ProcessRuntime, spec: AssignSpec, workdir: Path) -> Ru
             async with asyncio.timeout(_START_TIMEOUT_S):
                 await exc.ended
         return SpawnFailed(f"treadle: {exc}\n")
+
+
+def _real(path: str | None) -> str | None:
+    return None if path is None else os.path.realpath(path)
 
 
 def _addresses(settings: ShuttleSettings) -> list[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from treadle.domain.resources import Tier
+from treadle.protocol.limits import MAX_JSON_DEPTH
 from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper
 from treadle.shuttle.runtimes._spawn import resolve_program, spawn
@@ -573,8 +574,22 @@ class _ResultLines:
     def _take(self, line: bytes) -> None:
         if not line.strip():
             return
-        with contextlib.suppress(ValueError):
+        try:
             self.value = json.loads(line, parse_constant=_reject_constant)
+        except ValueError:
+            pass
+        except RecursionError:
+            # Nested past what the parser can take, so past the protocol's depth limit too:
+            # a value just past that limit stands for it, and the exit report refuses it as
+            # every too-deep result (`Exited.report`).
+            self.value = _nested(MAX_JSON_DEPTH + 1)
+
+
+def _nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
 
 
 def _reject_constant(name: str) -> Any:

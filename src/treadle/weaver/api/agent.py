@@ -3,6 +3,11 @@
 The handshake is refused (HTTP 403) unless it carries a valid join token or node credential.
 Reports are handed to the writer without waiting for their commit, so one node's frames are
 applied in order and pipelined; replies (acks, fencing cancels) go out once committed.
+
+After the hello, a frame outside the protocol is refused alone: it is logged and dropped, and
+the execution it names, if any, fails (`ReportService.refused`); the link and the node's other
+frames carry on. Closing the link instead would let one program that makes its node send such
+a frame (which the node would replay after every reconnect) keep the node offline.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from treadle.domain.errors import ProtocolError
 from treadle.domain.node import NodeState
 from treadle.protocol import (
     PROTOCOL_VERSION,
+    Assign,
     Exited,
     Heartbeat,
     Hello,
@@ -30,6 +36,7 @@ from treadle.protocol import (
     Welcome,
     decode_from_shuttle,
     encode,
+    examine_refused,
 )
 from treadle.weaver.api.deps import bearer, get_weaver
 from treadle.weaver.background import cancel_and_wait
@@ -90,15 +97,11 @@ async def agent(websocket: WebSocket) -> None:
     finally:
         if node_id is not None:
             connecting.discard(node_id)
-    sender = asyncio.create_task(_send_loop(websocket, session))
+    sender = asyncio.create_task(_send_loop(websocket, session, weaver.settings.max_output_bytes))
     try:
         await _receive_loop(websocket, weaver, session)
     except WebSocketDisconnect:
         pass
-    except ProtocolError as exc:
-        log.warning("node %s sent an invalid frame: %s %s", node_id, exc.message, exc.details)
-        with contextlib.suppress(Exception):
-            await websocket.close(code=1002, reason="invalid frame")
     finally:
         # The sender may have ended first, with the disconnect as its error: that must not
         # skip letting go of the session.
@@ -133,12 +136,17 @@ async def _join(
     return session
 
 
-async def _send_loop(websocket: WebSocket, session: NodeSession) -> None:
+async def _send_loop(websocket: WebSocket, session: NodeSession, max_output_bytes: int) -> None:
     while True:
         message = await session.outbox.get()
         if message is None:  # replaced by a newer connection of the same node
             await websocket.close(code=1000, reason="superseded")
             return
+        if isinstance(message, Assign) and message.spec.max_output_bytes is None:
+            # Every assignment leaves with this Weaver's output cap, so the node stops
+            # sending what would be dropped here anyway.
+            spec = message.spec.model_copy(update={"max_output_bytes": max_output_bytes})
+            message = message.model_copy(update={"spec": spec})
         try:
             frame = encode(message)
         except ValueError:
@@ -157,10 +165,44 @@ def _handler(weaver: Weaver, session: NodeSession, message: ShuttleMessage) -> H
     if isinstance(message, Started):
         return lambda tx: reports.started(tx, session, message)
     if isinstance(message, Output):
-        return lambda tx: reports.output(tx, session, message)
+        cap = weaver.settings.max_output_bytes
+        return lambda tx: reports.output(tx, session, message, cap)
     if isinstance(message, Exited):
         return lambda tx: reports.exited(tx, session, message)
     return None
+
+
+def _refused(
+    weaver: Weaver, session: NodeSession, raw: str | bytes, exc: ProtocolError
+) -> Handler | None:
+    """What to do about a frame outside the protocol: apply the exit report it still holds
+    (one whose only fault is its result), or fail the execution it names."""
+    seen = examine_refused(raw)
+    log.warning(
+        "node %s sent a %s frame outside the protocol (refused): %s %s",
+        session.node_id,
+        seen.type or "unreadable",
+        exc.message,
+        exc.details[:3] if isinstance(exc.details, list) else exc.details,
+    )
+    reports = weaver.reports
+    if seen.exited is not None:
+        exited = seen.exited
+        return lambda tx: reports.exited(tx, session, exited)
+    if seen.id is not None and seen.attempt is not None:
+        kind, execution_id, attempt = seen.type, seen.id, seen.attempt
+        return lambda tx: reports.refused(tx, session, kind, execution_id, attempt)
+    return None
+
+
+async def _next_frame(websocket: WebSocket) -> str | bytes:
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    raw: str | bytes | None = message.get("text")
+    if raw is None:
+        raw = message.get("bytes") or b""
+    return raw
 
 
 async def _receive_loop(websocket: WebSocket, weaver: Weaver, session: NodeSession) -> None:
@@ -177,13 +219,20 @@ async def _receive_loop(websocket: WebSocket, weaver: Weaver, session: NodeSessi
             session.send(reply)
 
     while True:
-        message = decode_from_shuttle(await websocket.receive_text())
+        raw = await _next_frame(websocket)
         session.last_seen = time.monotonic()
-        if isinstance(message, Heartbeat):
-            session.last_heartbeat = time.time()
-            continue
-        handler = _handler(weaver, session, message)
+        try:
+            message = decode_from_shuttle(raw)
+        except ProtocolError as exc:
+            handler = _refused(weaver, session, raw, exc)
+        else:
+            if isinstance(message, Heartbeat):
+                session.last_heartbeat = time.time()
+                continue
+            handler = _handler(weaver, session, message)
+            if handler is None:
+                log.warning("node %s sent an unexpected %s frame", session.node_id, message.type)
         if handler is None:
-            raise ProtocolError(f"unexpected {message.type} frame after hello")
+            continue
         await in_flight.acquire()
         weaver.writer.submit(handler).add_done_callback(replied)

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from treadle import __version__
 from treadle.weaver.api import agent, executions, functions, nodes
 from treadle.weaver.api.errors import install_error_handlers
-from treadle.weaver.api.limits import BodyLimit
+from treadle.weaver.api.limits import RequestGuard
 from treadle.weaver.core import Weaver
 from treadle.weaver.settings import WeaverSettings
 
@@ -37,7 +37,7 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     for module in (functions, executions, nodes, agent):
         app.include_router(module.router)
 

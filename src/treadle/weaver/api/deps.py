@@ -12,7 +12,10 @@ from treadle.domain.errors import Forbidden, Unauthenticated
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.auth import Principal
 
-__all__ = ["Admin", "Caller", "bearer", "get_weaver", "principal_of"]
+__all__ = ["PRINCIPAL", "Admin", "Caller", "bearer", "get_weaver", "principal_of"]
+
+# Where `limits.RequestGuard` keeps the principal of a request it authenticated, in its scope.
+PRINCIPAL = "treadle.principal"
 
 
 def get_weaver(conn: HTTPConnection) -> Weaver:
@@ -31,6 +34,9 @@ def bearer(headers: Mapping[str, str]) -> str | None:
 
 
 async def principal_of(conn: HTTPConnection) -> Principal:
+    known: Principal | None = conn.scope.get(PRINCIPAL)
+    if known is not None:
+        return known
     token = bearer(conn.headers)
     if token is None:
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")

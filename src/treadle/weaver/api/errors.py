@@ -26,7 +26,12 @@ _STATUS: list[tuple[type[errors.TreadleError], int]] = [
     (errors.Conflict, 409),
     (errors.ProtocolError, 400),
 ]
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
 
 
 def status_for(exc: errors.TreadleError) -> int:

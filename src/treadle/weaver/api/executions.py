@@ -8,13 +8,14 @@ from collections.abc import Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
 
 from treadle.domain.errors import TreadleError
 from treadle.domain.execution import ExecutionState, is_terminal
 from treadle.weaver.api.deps import Caller, get_weaver, principal_of
 from treadle.weaver.api.errors import error_body
 from treadle.weaver.core import Weaver
-from treadle.weaver.services.executions import output_complete
+from treadle.weaver.services.executions import OUTPUT_BATCH, output_complete
 from treadle.weaver.views import execution_view
 
 __all__ = ["router"]
@@ -88,7 +89,8 @@ async def get_output(
     after_seq: Annotated[int | None, Query(ge=-1, le=_SEQ_MAX)] = None,
 ) -> Any:
     row = await weaver.executions.get(caller.tenant_id, execution_id)
-    return await weaver.executions.output(row, after_seq)
+    document = await weaver.executions.output(row, after_seq)
+    return StreamingResponse(document, media_type="application/json")
 
 
 @router.websocket("/{execution_id}/output")
@@ -156,11 +158,20 @@ async def _follow(
             if row.attempt != attempt:
                 attempt, last = row.attempt, -1
                 await websocket.send_json({"type": "attempt", "attempt": attempt})
-            for chunk in await executions.chunks_after(row, last):
-                await websocket.send_json(
-                    {"type": "chunk", "stream": chunk.stream, "seq": chunk.seq, "data": chunk.data}
-                )
-                last = chunk.seq
+            while True:
+                chunks = await executions.chunks_after(row, last, OUTPUT_BATCH)
+                for chunk in chunks:
+                    await websocket.send_json(
+                        {
+                            "type": "chunk",
+                            "stream": chunk.stream,
+                            "seq": chunk.seq,
+                            "data": chunk.data,
+                        }
+                    )
+                    last = chunk.seq
+                if len(chunks) < OUTPUT_BATCH:
+                    break
             if is_terminal(ExecutionState(row.state)):
                 ended_at = ended_at or time.monotonic()
                 if output_complete(row, last + 1) or time.monotonic() - ended_at > _SETTLE_S:

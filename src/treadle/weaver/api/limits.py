@@ -1,60 +1,139 @@
-"""Guard request bodies before they are read (pure ASGI: no per-request task overhead):
-refuse oversized ones, and read every body as JSON, the only format the API takes, so a
-client that forgot the Content-Type header gets its request handled rather than a puzzle."""
+"""Guard requests before the application reads their bodies (pure ASGI: no per-request task
+overhead).
+
+- Every HTTP request under `/v1/` must carry a known API key, checked here before anything of
+  its body is read: whoever merely reaches the port cannot make Weaver read, buffer or parse
+  a body. (`/v1/agent` is a WebSocket, authenticated by its own handshake; `/healthz`,
+  `/openapi.json` and the docs are outside `/v1/`.)
+- A body is limited to `max_bytes` as it is read, whatever its framing: a Content-Length
+  above the limit is refused at once, and a body without one (chunked) is refused as soon as
+  the bytes received pass the limit, before the application gets to parse it.
+- Every body is read as JSON, the only format the API takes, so a client that forgot the
+  Content-Type header gets its request handled rather than a puzzle.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
+from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from treadle.weaver.api.errors import error_body
+from treadle.domain.errors import TreadleError, Unauthenticated
+from treadle.weaver.api.deps import PRINCIPAL, bearer
+from treadle.weaver.api.errors import error_body, status_for
 
-__all__ = ["BodyLimit"]
+__all__ = ["RequestGuard"]
+
+log = logging.getLogger(__name__)
+_AUTHENTICATED_PREFIX = "/v1/"
 
 
-class BodyLimit:
+class _BodyTooLarge(Exception):
+    """Raised from `receive` into the application once the body passes the limit."""
+
+
+class RequestGuard:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = [(n, v) for n, v in scope["headers"] if n != b"content-type"]
-            headers.append((b"content-type", b"application/json"))
-            scope = dict(scope, headers=headers)
-            for name, value in scope["headers"]:
-                if name == b"content-length":
-                    try:
-                        size = int(value)
-                    except ValueError:
-                        size = -1
-                    if size > self.max_bytes or size < 0:
-                        await self._refuse(send, size)
-                        return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = [(n, v) for n, v in scope["headers"] if n != b"content-type"]
+        headers.append((b"content-type", b"application/json"))
+        scope = dict(scope, headers=headers)
+        if scope["path"].startswith(_AUTHENTICATED_PREFIX):
+            refusal = await _authenticate(scope)
+            if refusal is not None:
+                await _respond(send, *refusal)
+                return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                size = -1
+            if size < 0:
+                await _respond(
+                    send, 400, error_body("invalid_request", "Content-Length is not a number")
+                )
+                return
+            if size > self.max_bytes:
+                await _respond(send, *self._too_large(f"request body is {size} bytes"))
+                return
+        await self._limited(scope, receive, send)
 
-    async def _refuse(self, send: Send, size: int) -> None:
-        if size < 0:
-            status, body = 400, error_body("invalid_request", "Content-Length is not a number")
-        else:
-            status, body = (
-                413,
-                error_body(
-                    "payload_too_large",
-                    f"request body is {size} bytes; the limit is {self.max_bytes}",
-                    {"limit": self.max_bytes},
-                ),
-            )
-        payload = json.dumps(body).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        received = 0
+        too_large = False
+        responded = False
+
+        async def counted() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal responded
+            # The application's answer to a body it could not finish reading is replaced.
+            if too_large and not responded:
+                return
+            responded = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not too_large or responded:
+                raise
+        if too_large and not responded:
+            await _respond(send, *self._too_large("request body is larger"))
+
+    def _too_large(self, what: str) -> tuple[int, dict[str, Any]]:
+        return 413, error_body(
+            "payload_too_large",
+            f"{what}; the limit is {self.max_bytes} bytes",
+            {"limit": self.max_bytes},
         )
-        await send({"type": "http.response.body", "body": payload})
+
+
+async def _authenticate(scope: Scope) -> tuple[int, dict[str, Any], Mapping[str, str]] | None:
+    """None when the request carries a known API key (its principal then in the scope), else
+    the refusal to send."""
+    token = bearer(Headers(scope=scope))
+    try:
+        if token is None:
+            raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+        scope[PRINCIPAL] = await scope["app"].state.weaver.auth.authenticate(token)
+    except TreadleError as exc:
+        body = error_body(exc.code, exc.message, exc.details)
+        return status_for(exc), body, {"www-authenticate": "Bearer"}
+    except Exception:
+        # Outside the application its error handlers do not apply: answer as they would.
+        log.exception("authenticating a request failed")
+        return 500, error_body("internal", "internal error"), {}
+    return None
+
+
+async def _respond(
+    send: Send, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> None:
+    payload = json.dumps(body).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})

@@ -27,6 +27,12 @@ class KeyRequest(BaseModel):
     admin: bool = False
 
 
+class TenantUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # strict: a string such as "yes" is a mistake, not a permission
+    allow_process_tier: bool = Field(strict=True)
+
+
 @router.get("/nodes", summary="Nodes of the fleet")
 async def list_nodes(_admin: Admin, weaver: WeaverDep) -> Any:
     return {"items": await weaver.nodes.list_nodes(), "next_cursor": None}
@@ -46,6 +52,28 @@ async def drain_node(node_id: str, _admin: Admin, weaver: WeaverDep) -> Any:
 async def create_tenant(body: TenantRequest, _admin: Admin, weaver: WeaverDep) -> Any:
     tenant, key = await weaver.auth.create_tenant(body.name)
     return JSONResponse({"tenant": tenant, "api_key": key}, status_code=201)
+
+
+@router.get("/tenants", summary="Tenants")
+async def list_tenants(_admin: Admin, weaver: WeaverDep) -> Any:
+    return {"items": await weaver.auth.list_tenants(), "next_cursor": None}
+
+
+@router.get("/tenants/{tenant_id}", summary="One tenant")
+async def get_tenant(tenant_id: str, _admin: Admin, weaver: WeaverDep) -> Any:
+    return await weaver.auth.get_tenant(tenant_id)
+
+
+@router.patch(
+    "/tenants/{tenant_id}",
+    summary="Change a tenant's permissions",
+    description="`allow_process_tier`: whether the tenant's functions may name the `process` "
+    "tier, which isolates nothing (default false).",
+)
+async def update_tenant(
+    tenant_id: str, body: TenantUpdate, _admin: Admin, weaver: WeaverDep
+) -> Any:
+    return await weaver.auth.set_process_tier(tenant_id, body.allow_process_tier)
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201, summary="Create an API key")

@@ -3,7 +3,8 @@
 Tests, demos and benchmarks need a fleet of nodes at different prices, regions and countries
 without renting any: this provider starts a real `python -m treadle shuttle` per provision,
 declaring the offer's price, place and capacity, and stops it on release. The Shuttles offer
-only the `process` tier, which isolates nothing, so this is for development only.
+the `namespace` tier (bubblewrap): every local node shares this machine, so this is for
+development, tests and demos.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class LocalProvider:
         argv = [self._python, "-m", "treadle", "shuttle"]
         argv += offer_options(offer, spot=spot, node_name=node_name, weaver_url=join.weaver_url)
         argv += ["--home", str(self.home_root / node_name)]
-        argv += ["--runtime", "process", "--allow-process-runtime"]
+        argv += ["--runtime", "namespace"]
         # The offer's speed, not a measurement: every local node shares this machine's CPU, and
         # the point is to see the scheduler tell offers apart (it also skips the start-up run).
         argv += ["--perf-score", repr(offer.perf_score)]

@@ -9,19 +9,22 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import or_, select, update
 
 from treadle.domain.errors import Conflict, NotFound, Unauthenticated
 from treadle.weaver.ids import new_id, new_secret
 from treadle.weaver.store import tables
-from treadle.weaver.store.database import Database
+from treadle.weaver.store.database import Conn, Database
 from treadle.weaver.store.writer import Tx, Writer
+from treadle.weaver.views import iso
 
-__all__ = ["AuthService", "Principal", "hash_secret"]
+__all__ = ["AuthService", "Principal", "hash_secret", "process_tier_tenants"]
 
 DEFAULT_TENANT = "default"
 _CACHE_TTL_S = 30.0
+_T = tables.tenants
 
 
 def hash_secret(secret: str) -> str:
@@ -33,6 +36,21 @@ class Principal:
     tenant_id: str
     key_id: str
     admin: bool
+
+
+async def process_tier_tenants(conn: Conn) -> frozenset[str]:
+    """The ids of the tenants the operator allows the process tier (few, usually none)."""
+    rows = await conn.execute(select(_T.c.id).where(_T.c.allow_process_tier))
+    return frozenset(rows.scalars())
+
+
+def _tenant_view(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "created_at": iso(row.created_at),
+        "allow_process_tier": bool(row.allow_process_tier),
+    }
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -90,23 +108,47 @@ class AuthService:
         )
         return key_id
 
-    async def create_tenant(self, name: str) -> tuple[dict[str, str], str]:
+    async def create_tenant(self, name: str) -> tuple[dict[str, Any], str]:
         key = new_secret("tk")
         tenant_id = new_id("tn")
 
-        async def write(tx: Tx) -> None:
-            exists = await tx.conn.execute(
-                select(tables.tenants.c.id).where(tables.tenants.c.name == name)
-            )
+        async def write(tx: Tx) -> dict[str, Any]:
+            exists = await tx.conn.execute(select(_T.c.id).where(_T.c.name == name))
             if exists.first() is not None:
                 raise Conflict(f"tenant {name!r} already exists", details={"name": name})
-            await tx.conn.execute(
-                tables.tenants.insert().values(id=tenant_id, name=name, created_at=tx.now)
-            )
+            await tx.conn.execute(_T.insert().values(id=tenant_id, name=name, created_at=tx.now))
             await self._insert_key(tx, tenant_id, False, key)
+            return await self._tenant(tx.conn, tenant_id)
 
-        await self._writer.run(write)
-        return {"id": tenant_id, "name": name}, key
+        return await self._writer.run(write), key
+
+    @staticmethod
+    async def _tenant(conn: Conn, tenant_id: str) -> dict[str, Any]:
+        row = (await conn.execute(select(_T).where(_T.c.id == tenant_id))).first()
+        if row is None:
+            raise NotFound(f"tenant {tenant_id!r} not found", details={"id": tenant_id})
+        return _tenant_view(row)
+
+    async def list_tenants(self) -> list[dict[str, Any]]:
+        async with self._db.read() as conn:
+            rows = await conn.execute(select(_T).order_by(_T.c.name))
+            return [_tenant_view(row) for row in rows]
+
+    async def get_tenant(self, tenant_id: str) -> dict[str, Any]:
+        async with self._db.read() as conn:
+            return await self._tenant(conn, tenant_id)
+
+    async def set_process_tier(self, tenant_id: str, allowed: bool) -> dict[str, Any]:
+        """Allow or deny the tenant the process tier. Placement reads the permission again
+        before it assigns work to that tier, so a denial holds from the next assignment."""
+
+        async def write(tx: Tx) -> dict[str, Any]:
+            await tx.conn.execute(
+                update(_T).where(_T.c.id == tenant_id).values(allow_process_tier=allowed)
+            )
+            return await self._tenant(tx.conn, tenant_id)
+
+        return await self._writer.run(write)
 
     async def create_key(self, tenant_id: str, admin: bool) -> tuple[str, str]:
         key = new_secret("tk")

@@ -4,6 +4,10 @@ New executions arrive in memory from invoke; a periodic scan of the store picks 
 else that is open and unassigned (after a restart, a lost assignment, a requeue). One task
 places everything pending per round, commits all assignments in one transaction
 (compare-and-swap on state, attempt and an empty node), and only then sends them.
+
+Which tiers work may use is `treadle.scheduler.tiers`'s rule. The tenants allowed the process
+tier are read with each scan, and again in the transaction that assigns work to that tier:
+an assignment never rests on a permission the operator has withdrawn.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from treadle.scheduler import (
     Request,
     Unschedulable,
     place,
+    tiers,
 )
 from treadle.weaver.background import cancel_and_wait
+from treadle.weaver.services.auth import process_tier_tenants
 from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
 from treadle.weaver.services.nodes import NodeRegistry, NodeSession
@@ -97,15 +103,15 @@ class Pending:
             tuple(hint.get("avoid_regions") or ()),
         )
 
-    def request(self, default_strategy: str) -> Request:
+    def request(self, default_strategy: str, tier: tiers.TierRule) -> Request:
         spec = self.function.spec
         rules = spec.placement
         hint = self.hint or {}
         strategy = hint.get("requested_strategy") or rules.strategy or default_strategy
         return Request(
             resources=spec.resources,
-            isolation=spec.isolation,
-            min_isolation=spec.tier_floor,
+            isolation=tier.isolation,
+            min_isolation=None if tier.isolation is not None else tier.floor,
             labels=rules.labels,
             regions=tuple(rules.regions),
             zones=tuple(rules.zones),
@@ -158,6 +164,14 @@ class _Decision:
     def key(self) -> tuple[str, int]:
         return self.pending.id, self.pending.attempt
 
+    def forbidden(self, process_tenants: frozenset[str] | None) -> bool:
+        """Whether the tenant, as last read, may not have this decision's tier."""
+        return (
+            process_tenants is not None
+            and self.tier is Tier.PROCESS
+            and self.pending.tenant_id not in process_tenants
+        )
+
     def undo(self) -> None:
         if self.reserved:
             self.session.release(self.key)
@@ -172,9 +186,12 @@ class Dispatcher:
         functions: FunctionService,
         *,
         default_strategy: str = "balanced",
+        default_min_isolation: Tier = tiers.DEFAULT,
         provisioner: Provisioner | None = None,
     ) -> None:
         self._default_strategy = default_strategy
+        self._default_tier = default_min_isolation
+        self._process_tenants: frozenset[str] = frozenset()
         self._provisioner = provisioner
         # Sampling for large fleets (see treadle.scheduler): seeded per process, so a
         # decision can be replayed from the same fleet and seed.
@@ -231,6 +248,7 @@ class Dispatcher:
                 self.scan_soon()
 
     async def _scan(self) -> None:
+        self._process_tenants = await self._writer.run(_read_process_tenants)
         # After a restart every open execution comes through here: read each function
         # version once, not once per execution.
         versions: dict[tuple[str, str, int], FunctionRecord | None] = {}
@@ -257,47 +275,67 @@ class Dispatcher:
         reasons: list[Pending] = []
         # Within a round, what did not fit for one shape of execution fits no better for the
         # next one: remember the answer instead of scanning every node again.
-        unplaced: dict[tuple[Any, ...], Provision | Unschedulable] = {}
+        unplaced: dict[tuple[Any, ...], Provision | Unschedulable | str] = {}
         provisioner = self._provisioner
         offers = provisioner.offers() if provisioner is not None and provisioner.enabled else ()
+        # Whether this round's work could use the process tier: then the transaction that
+        # records it reads the tenants' permission afresh.
+        wants_process = False
         for pending in list(self._pending.values()):
             shape = pending.shape
-            result = unplaced.get(shape) or self._place(pending, fleet, offers, sample)
-            if not isinstance(result, Placement):
-                unplaced[shape] = result
+            spec = pending.function.spec
+            rule = tiers.rule_for(spec, allow_process=True, default=self._default_tier)
+            if rule.admits_process:
+                wants_process = True
+                if pending.tenant_id not in self._process_tenants:
+                    rule = tiers.rule_for(spec, allow_process=False, default=self._default_tier)
+            result = unplaced.get(shape) or self._place(pending, rule, fleet, offers, sample)
             if isinstance(result, Placement):
                 session = sessions[result.node_id]
-                spec = pending.function.spec
-                tier = spec.isolation or session.tier_for(spec.tier_floor, network=spec.network)
+                hello = session.hello
+                tier = tiers.choose(rule, hello.runtimes, hello.network_tiers, network=spec.network)
+                if tier is None:  # placement and the rule disagree: a bug, not the work's fault
+                    log.error("no tier on %s admits %s (%s)", result.node_id, pending.id, rule)
+                    continue
                 reserved = session.reserve(
                     (pending.id, pending.attempt),
-                    pending.function.spec.resources,
+                    spec.resources,
                     pending.tenant_id,
                     (pending.tenant_id, spec.name, pending.function.version),
                 )
                 fleet.update(session.view())
                 del self._pending[pending.id]
                 decisions.append(_Decision(pending, session, result, tier, reserved))
+                continue
+            unplaced[shape] = result
+            if isinstance(result, str):
+                reason = result
+            elif isinstance(result, Provision) and provisioner is not None:
+                reason = provisioner.want(result)
             else:
-                if isinstance(result, Provision) and provisioner is not None:
-                    reason = provisioner.want(result)
-                else:
-                    reason = result.message
-                if pending.reason != reason:
-                    pending.reason = reason
-                    reasons.append(pending)
+                reason = result.message
+            if pending.reason != reason:
+                pending.reason = reason
+                reasons.append(pending)
         if not decisions and not reasons:
             return
         try:
-            assigned = await self._writer.run(self._record(decisions, reasons))
+            assigned, process_tenants = await self._writer.run(
+                self._record(decisions, reasons, wants_process)
+            )
         except Exception:
             for decision in decisions:
                 decision.undo()
                 self._pending.setdefault(decision.pending.id, decision.pending)
             raise
+        if process_tenants is not None and process_tenants != self._process_tenants:
+            self._process_tenants = process_tenants
+            self._wake.set()  # what waited on a permission, or was refused one, goes again
         for decision in decisions:
             if decision.pending.id not in assigned:
                 decision.undo()
+                if decision.forbidden(process_tenants):
+                    self._pending.setdefault(decision.pending.id, decision.pending)
                 continue
             current = self._registry.get(decision.session.node_id)
             if current is None:
@@ -315,11 +353,14 @@ class Dispatcher:
     def _place(
         self,
         pending: Pending,
+        rule: tiers.TierRule,
         fleet: Fleet,
         offers: Sequence[Offer],
         sample: random.Random | None,
-    ) -> Placement | Provision | Unschedulable:
-        request = pending.request(self._default_strategy)
+    ) -> Placement | Provision | Unschedulable | str:
+        if rule.refused is not None:
+            return rule.refused
+        request = pending.request(self._default_strategy, rule)
         result = place(request, fleet, offers, sample=sample)
         if isinstance(result, Placement) or not (request.avoid_nodes or request.avoid_regions):
             return result
@@ -334,15 +375,19 @@ class Dispatcher:
         return again if isinstance(again, Placement) else result
 
     @staticmethod
-    def _record(decisions: list[_Decision], reasons: list[Pending]) -> Any:
-        async def write(tx: Tx) -> set[str]:
+    def _record(decisions: list[_Decision], reasons: list[Pending], wants_process: bool) -> Any:
+        async def write(tx: Tx) -> tuple[set[str], frozenset[str] | None]:
             assigned: set[str] = set()
             claimed: set[str] | None = None
+            verify = wants_process or any(d.tier is Tier.PROCESS for d in decisions)
+            process_tenants = await process_tier_tenants(tx.conn) if verify else None
             if decisions and tx.db.dialect == "postgresql":
                 ids = [d.pending.id for d in decisions]
                 claimed = set((await tx.conn.execute(_CLAIM, {"ids": ids})).scalars())
             for d in decisions:
                 if claimed is not None and d.pending.id not in claimed:
+                    continue
+                if d.forbidden(process_tenants):
                     continue
                 hello = d.session.hello
                 placement = {
@@ -375,6 +420,10 @@ class Dispatcher:
                         "pending_reason": pending.reason,
                     },
                 )
-            return assigned
+            return assigned, process_tenants
 
         return write
+
+
+async def _read_process_tenants(tx: Tx) -> frozenset[str]:
+    return await process_tier_tenants(tx.conn)

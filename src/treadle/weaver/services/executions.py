@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +16,7 @@ from sqlalchemy import and_, func, select
 from treadle.domain.errors import InvalidRequest, InvalidTransition, NotFound, PayloadTooLarge
 from treadle.domain.execution import Event, ExecutionState, is_terminal
 from treadle.domain.function import PresetStrategy, ensure_json_safe, render_command
+from treadle.protocol.limits import JsonObject
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
 from treadle.weaver.services.fleet import announce_open, order_cancel
@@ -39,6 +40,8 @@ _O = tables.output_chunks
 
 _INSERT = _E.insert()
 _RECHECK_S = 1.0
+# Chunks read at a time while output is sent (each at most a frame's worth of text).
+OUTPUT_BATCH = 256
 # What a fresh row holds besides the values invoke writes.
 _UNSET = {c.name: None for c in _E.columns}
 
@@ -50,7 +53,7 @@ def _new_row(values: dict[str, Any]) -> Any:
 class InvokeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: JsonObject = Field(default_factory=dict)
     stdin: str | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     # Overrides the function's placement strategy for this execution (not `custom`, whose
@@ -59,7 +62,7 @@ class InvokeRequest(BaseModel):
 
     @model_validator(mode="after")
     def _json_safe(self) -> InvokeRequest:
-        ensure_json_safe([self.args, self.stdin, self.idempotency_key])
+        ensure_json_safe([self.stdin, self.idempotency_key])  # args: by their type
         return self
 
     @field_validator("stdin")
@@ -265,45 +268,77 @@ class ExecutionService:
         finally:
             subscription.close()
 
-    async def output(self, row: Any, after_seq: int | None = None) -> dict[str, Any]:
-        query = select(_O.c.stream, _O.c.seq, _O.c.data).where(
-            _O.c.execution_id == row.id, _O.c.attempt == row.attempt
-        )
-        if after_seq is not None:
-            query = query.where(_O.c.seq > after_seq)
+    async def output(self, row: Any, after_seq: int | None = None) -> AsyncIterator[bytes]:
+        """The output of `row`'s attempt (chunks after `after_seq`) as the JSON document
+        `{"stdout", "stderr", "attempt", "complete", "next_seq"}`, made piece by piece as it
+        is sent, a batch of chunks at a time, so that large output is never held whole.
+
+        What it covers is fixed first: the chunks stored up to now, `next_seq` past the last
+        of them, so a later request with `after_seq=next_seq - 1` misses none."""
+        of_attempt = and_(_O.c.execution_id == row.id, _O.c.attempt == row.attempt)
         async with self._db.read() as conn:
-            chunks = list(await conn.execute(query.order_by(_O.c.seq)))
-            stored = (
-                await conn.execute(
-                    select(func.count())
-                    .select_from(_O)
-                    .where(and_(_O.c.execution_id == row.id, _O.c.attempt == row.attempt))
-                )
-            ).scalar_one()
-        stdout = "".join(c.data for c in chunks if c.stream == "stdout")
-        stderr = "".join(c.data for c in chunks if c.stream == "stderr")
-        next_seq = chunks[-1].seq + 1 if chunks else (after_seq + 1 if after_seq is not None else 0)
-        return {
-            "stdout": stdout,
-            "stderr": stderr,
+            counted: Any = (
+                await conn.execute(select(func.count(), func.max(_O.c.seq)).where(of_attempt))
+            ).one()
+        stored: int = counted[0]
+        top: int | None = counted[1]
+        floor = -1 if after_seq is None else after_seq
+        if top is not None and top > floor:
+            next_seq = top + 1
+        else:
+            top, next_seq = floor, floor + 1
+        tail = {
             "attempt": row.attempt,
             "complete": output_complete(row, stored),
             "next_seq": next_seq,
         }
+        return self._output_document(row, floor, top, tail)
 
-    async def chunks_after(self, row: Any, after_seq: int) -> list[Any]:
-        async with self._db.read() as conn:
-            return list(
-                await conn.execute(
-                    select(_O.c.stream, _O.c.seq, _O.c.data)
+    async def _output_document(
+        self, row: Any, floor: int, top: int, tail: dict[str, Any]
+    ) -> AsyncIterator[bytes]:
+        for opening, stream in (('{"stdout":"', "stdout"), ('","stderr":"', "stderr")):
+            yield opening.encode()
+            after = floor
+            while after < top:
+                query = (
+                    select(_O.c.seq, _O.c.data)
                     .where(
                         _O.c.execution_id == row.id,
                         _O.c.attempt == row.attempt,
-                        _O.c.seq > after_seq,
+                        _O.c.stream == stream,
+                        _O.c.seq > after,
+                        _O.c.seq <= top,
                     )
                     .order_by(_O.c.seq)
+                    .limit(OUTPUT_BATCH)
                 )
+                async with self._db.read() as conn:
+                    chunks = list(await conn.execute(query))
+                if chunks:
+                    # Escaping batch by batch gives what escaping the whole text would.
+                    text = "".join(chunk.data for chunk in chunks)
+                    yield _json_string_body(text)
+                if len(chunks) < OUTPUT_BATCH:
+                    break
+                after = chunks[-1].seq
+        rest = json.dumps(tail, separators=(",", ":"))
+        yield ('",' + rest[1:]).encode()
+
+    async def chunks_after(self, row: Any, after_seq: int, limit: int | None = None) -> list[Any]:
+        query = (
+            select(_O.c.stream, _O.c.seq, _O.c.data)
+            .where(
+                _O.c.execution_id == row.id,
+                _O.c.attempt == row.attempt,
+                _O.c.seq > after_seq,
             )
+            .order_by(_O.c.seq)
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        async with self._db.read() as conn:
+            return list(await conn.execute(query))
 
     async def open_unassigned(self, exclude: set[str], limit: int = 1000) -> list[Any]:
         """Open executions on no node, oldest first, except `exclude`. Only ids are read for
@@ -352,9 +387,15 @@ class ExecutionService:
 
 def output_complete(row: Any, stored: int) -> bool:
     """All output is stored once the execution ended and its node reported how many chunks it
-    made; an execution that never ran has none to wait for."""
+    made; an execution that never ran has none to wait for. Of output cut at the cap, the
+    chunks past the cap are never stored: the exit report is what completes it."""
     if not is_terminal(ExecutionState(row.state)):
         return False
     if row.output_chunks is not None:
-        return bool(stored >= row.output_chunks)
+        return bool(row.output_truncated) or bool(stored >= row.output_chunks)
     return row.running_at is None
+
+
+def _json_string_body(text: str) -> bytes:
+    """`text` as the inside of a JSON string, encoded as a JSON response is."""
+    return json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8", "replace")

@@ -8,8 +8,10 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from treadle.domain.errors import NotFound
-from treadle.domain.function import FunctionSpec
+from treadle.domain.errors import Forbidden, NotFound
+from treadle.domain.function import STORED, FunctionSpec
+from treadle.scheduler import tiers
+from treadle.weaver.services.auth import process_tier_tenants
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
 from treadle.weaver.store.writer import Tx, Writer
@@ -37,7 +39,7 @@ class FunctionRecord:
 def _record(row: Any) -> FunctionRecord:
     return FunctionRecord(
         tenant_id=row.tenant_id,
-        spec=FunctionSpec.model_validate(row.spec),
+        spec=FunctionSpec.model_validate(row.spec, context={STORED: True}),
         version=row.version,
         created_at=row.created_at,
     )
@@ -51,6 +53,13 @@ class FunctionService:
 
     async def create(self, tenant_id: str, spec: FunctionSpec) -> tuple[FunctionRecord, bool]:
         """Store `spec` as the next version; an identical spec returns the latest version."""
+        if tiers.names_process(spec):
+            async with self._db.read() as conn:
+                allowed = tenant_id in await process_tier_tenants(conn)
+            if not allowed:
+                raise Forbidden(
+                    tiers.PROCESS_NOT_ALLOWED, code="tier_not_allowed", details={"tier": "process"}
+                )
         body = spec.model_dump(mode="json")
         t = tables.functions
 

@@ -17,7 +17,7 @@ from sqlalchemy import case, select, update
 
 from treadle.domain.errors import NotFound
 from treadle.domain.node import NodeState
-from treadle.domain.resources import Resources, Tier
+from treadle.domain.resources import Resources
 from treadle.protocol import Hello, WeaverMessage
 from treadle.scheduler import NodeView
 from treadle.weaver.ids import new_id, new_secret
@@ -99,17 +99,6 @@ class NodeSession:
             return False
         self.allocated = self.allocated.minus(held.resources)
         return True
-
-    def tier_for(self, minimum: Tier | None, *, network: bool = False) -> Tier:
-        """The tier to run work in: the weakest (fastest) one at least `minimum`, or the
-        strongest offered when the work names no minimum; for work asking for network, of
-        the tiers that give it (the scheduler placed it here because one does)."""
-        offered = sorted(self.hello.runtimes, key=lambda tier: tier.strength)
-        if network:
-            offered = [t for t in offered if t in self.hello.network_tiers] or offered
-        if minimum is None:
-            return offered[-1]
-        return next((tier for tier in offered if tier.strength >= minimum.strength), offered[-1])
 
     def view(self) -> NodeView:
         hello = self.hello

@@ -3,6 +3,10 @@
 Each handler runs inside a writer transaction and returns the frames to send back. Every
 report is fenced: one about an attempt that is not the execution's current attempt on this
 node is not applied, and the node is told to kill that attempt.
+
+A node is not trusted with the limits it was given: output is stored only up to the
+operator's cap (`OutputBudget`, as the node should have applied it), and a report outside the
+protocol fails the execution it names (`refused`) rather than the node's link.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from treadle.domain.execution import (
 )
 from treadle.domain.resources import Resources
 from treadle.protocol import Ack, AttemptRef, Cancel, Exited, Output, Started, WeaverMessage
+from treadle.protocol.limits import INVALID_REPORT, OutputBudget
 from treadle.weaver.services.fleet import announce_open
 from treadle.weaver.services.nodes import RELIABILITY_ALPHA, NodeSession
 from treadle.weaver.services.speed import SpeedObserver
@@ -29,8 +34,8 @@ from treadle.weaver.store.statements import (
     ACTIVE_STATE_VALUES,
     EXECUTION_BY_ID,
     EXECUTION_CAS,
-    EXECUTION_FENCE,
     EXECUTION_UPDATE_ATTEMPT,
+    OUTPUT_STATE,
 )
 from treadle.weaver.store.writer import Tx
 
@@ -150,6 +155,9 @@ class ReportService:
                 placement=retry_placement(row.placement, row.node_id),
                 running_at=None,
                 pending_reason=None,
+                # The output columns count the current attempt's output.
+                output_bytes=None,
+                output_truncated=False,
             )
             if requeued:
                 announce_open(tx)
@@ -175,32 +183,86 @@ class ReportService:
             return [Cancel(id=msg.id, attempt=msg.attempt, reason=row.error or "cancelled")]
         return []
 
-    async def output(self, tx: Tx, session: NodeSession, msg: Output) -> list[WeaverMessage]:
-        last = msg.chunks[-1].seq
+    async def output(
+        self, tx: Tx, session: NodeSession, msg: Output, max_bytes: int | None = None
+    ) -> list[WeaverMessage]:
+        """Store the chunks of `msg` the attempt does not hold yet, up to `max_bytes` of
+        output per attempt (None: no cap); past it the rest is dropped (and acknowledged, so
+        the node drops it too)."""
+        last = max(chunk.seq for chunk in msg.chunks)
         ack = Ack(id=msg.id, attempt=msg.attempt, seq=last)
-        # An attempt the session holds was placed on this node and has not exited: no need to
-        # ask the store. Output is read by the current attempt, so a stale chunk stored here
-        # would be harmless anyway; state changes are fenced by compare-and-swap regardless.
-        if (msg.id, msg.attempt) not in session.attempts:
-            current = (await tx.conn.execute(EXECUTION_FENCE, {"_id": msg.id})).first()
-            if not _is_current(current, session, msg.attempt):
-                return [ack, Cancel(id=msg.id, attempt=msg.attempt, reason="stale")]
-        await tx.conn.execute(
-            tx.db.insert_ignoring_conflicts(_O),
-            [
+        state = (
+            await tx.conn.execute(OUTPUT_STATE, {"_id": msg.id, "_attempt": msg.attempt})
+        ).first()
+        if state is None or not _is_current(state, session, msg.attempt):
+            return [ack, Cancel(id=msg.id, attempt=msg.attempt, reason="stale")]
+        stored_bytes = state.output_bytes or 0
+        budget = OutputBudget(max_bytes, stored_bytes, bool(state.output_truncated))
+        # A node sends an attempt's chunks in order and Weaver applies one node's frames in
+        # order, so a chunk at or below the last one stored is a replay: not stored again,
+        # nor counted again.
+        top = -1 if state.top is None else state.top
+        rows = []
+        for chunk in sorted(msg.chunks, key=lambda c: c.seq):
+            if chunk.seq <= top:
+                continue
+            top = chunk.seq
+            # PostgreSQL text cannot hold NUL; every store gets the same replacement.
+            data = budget.take(chunk.data.replace("\x00", "\ufffd"))
+            if data is None:
+                break
+            rows.append(
                 {
                     "execution_id": msg.id,
                     "attempt": msg.attempt,
                     "seq": chunk.seq,
                     "stream": chunk.stream,
-                    # PostgreSQL text cannot hold NUL; every store gets the same replacement.
-                    "data": chunk.data.replace("\x00", "\ufffd"),
+                    "data": data,
                 }
-                for chunk in msg.chunks
-            ],
+            )
+        if not rows:
+            return [ack]
+        await tx.conn.execute(tx.db.insert_ignoring_conflicts(_O), rows)
+        await tx.conn.execute(
+            EXECUTION_UPDATE_ATTEMPT,
+            {
+                "_id": msg.id,
+                "_attempt": msg.attempt,
+                "output_bytes": budget.used,
+                "output_truncated": budget.truncated,
+            },
         )
         tx.notify(f"output.{msg.id}", msg.id, {"attempt": msg.attempt, "seq": last})
         return [ack]
+
+    async def refused(
+        self, tx: Tx, session: NodeSession, kind: str | None, execution_id: str, attempt: int
+    ) -> list[WeaverMessage]:
+        """The node sent a `kind` frame about this attempt that is outside the protocol: the
+        execution fails with INVALID_REPORT (its process is killed), since what the node
+        observed of it is lost. An exit report is still acknowledged, so that the node stops
+        replaying it."""
+        replies: list[WeaverMessage] = []
+        if kind == "exited":
+            key = (execution_id, attempt)
+
+            def release() -> None:
+                if session.release(key):
+                    self._on_capacity()
+
+            tx.after_commit.append(release)
+            replies.append(Ack(id=execution_id, attempt=attempt, exited=True))
+        row = await _current(tx, execution_id)
+        if not _is_current(row, session, attempt) or is_terminal(ExecutionState(row.state)):
+            return replies
+        if row.state == ExecutionState.OPEN.value:
+            await transition(tx, row, Event.START)
+            row = await _current(tx, execution_id)
+        if row.state == ExecutionState.RUNNING.value:
+            await transition(tx, row, Event.FAIL, error=INVALID_REPORT)
+        if kind != "exited":
+            replies.append(Cancel(id=execution_id, attempt=attempt, reason=INVALID_REPORT))
+        return replies
 
     @staticmethod
     def _facts(session: NodeSession, resources: Resources, msg: Exited) -> dict[str, Any]:

@@ -3,7 +3,7 @@ cache key instead of rebuilding both on every call."""
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from treadle.domain.execution import ACTIVE_STATES
 from treadle.weaver.store import tables
@@ -18,9 +18,11 @@ __all__ = [
     "EXECUTION_CAS_ON_NODE",
     "EXECUTION_FENCE",
     "EXECUTION_UPDATE_ATTEMPT",
+    "OUTPUT_STATE",
 ]
 
 _E = tables.executions
+_O = tables.output_chunks
 
 # The states of executions a node can hold, as stored (for `state IN (...)`).
 ACTIVE_STATE_VALUES = sorted(state.value for state in ACTIVE_STATES)
@@ -33,6 +35,19 @@ EXECUTION_BY_IDEMPOTENCY_KEY = select(_E).where(
 
 # The attempt and node an execution is on: enough to fence a report without the whole row.
 EXECUTION_FENCE = select(_E.c.attempt, _E.c.node_id).where(_E.c.id == bindparam("_id"))
+
+# What storing an output frame needs to know, in one round trip: the fence, how much output
+# the attempt has stored, and its last stored chunk (`top`, None before the first).
+OUTPUT_STATE = select(
+    _E.c.attempt,
+    _E.c.node_id,
+    _E.c.output_bytes,
+    _E.c.output_truncated,
+    select(func.max(_O.c.seq))
+    .where(_O.c.execution_id == _E.c.id, _O.c.attempt == bindparam("_attempt"))
+    .scalar_subquery()
+    .label("top"),
+).where(_E.c.id == bindparam("_id"))
 
 # Compare-and-swap: the SET columns come from the parameters' other keys.
 EXECUTION_CAS = update(_E).where(
