@@ -20,7 +20,9 @@ pytestmark = pytest.mark.skipif(LAYOUT is None, reason=f"no usable cgroups here:
 @pytest.fixture
 def group() -> Iterator[Group]:
     assert LAYOUT is not None
-    made = Cgroups(LAYOUT).create(f"test-{uuid.uuid4().hex[:12]}", Limits(pids_max=16))
+    made = Cgroups(LAYOUT).create(
+        f"test-{uuid.uuid4().hex[:12]}", Limits(pids_max=16), freezable=True
+    )
     yield made
     made.destroy()
 

@@ -584,3 +584,27 @@ print(json.dumps(seen))
     assert {path: what for path, what in seen.items() if what not in hidden} == {}
     assert masked == [] or set(seen) == set(masked)
     await assert_unharmed(runtime, workdir, neighbour)
+
+
+async def test_a_crash_feeds_no_core_dump_to_the_host(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    code = (
+        TRY
+        + """
+import resource
+seen["core"] = list(resource.getrlimit(resource.RLIMIT_CORE))
+try:
+    resource.setrlimit(resource.RLIMIT_CORE, (1 << 20, 1 << 20))
+    seen["raise"] = "ok"
+except (OSError, ValueError) as exc:  # Python says ValueError for the kernel's EPERM
+    seen["raise"] = str(exc)
+print(json.dumps(seen))
+"""
+    )
+
+    seen = report(await attack(runtime, workdir, code))
+
+    assert seen["core"] == [0, 0]
+    assert seen["raise"] != "ok"
+    await assert_unharmed(runtime, workdir, neighbour)

@@ -167,8 +167,10 @@ async def test_the_sweep_kills_what_runs_in_a_stale_group_and_spares_others(
     other = f"{cgroup_owner(tmp_path / 'other-home')}.{gone}.0"
     sleepers = []
     try:
+        hierarchies = {}
         for name in (stale, alive, other):
             group = probe.cgroups.create(name, Limits())
+            hierarchies[name] = len(group.dirs)
             sleeper = await asyncio.create_subprocess_exec("sleep", "60")
             group.place(sleeper.pid)
             sleepers.append(sleeper)
@@ -179,9 +181,8 @@ async def test_the_sweep_kills_what_runs_in_a_stale_group_and_spares_others(
         assert sleepers[1].returncode is None
         assert sleepers[2].returncode is None
         assert groups_named(runtime.cgroups, stale) == []
-        hierarchies = len(set(layout.parents.values()))
-        assert len(groups_named(runtime.cgroups, alive)) == hierarchies
-        assert len(groups_named(runtime.cgroups, other)) == hierarchies
+        assert len(groups_named(runtime.cgroups, alive)) == hierarchies[alive]
+        assert len(groups_named(runtime.cgroups, other)) == hierarchies[other]
     finally:
         for sleeper in sleepers:
             if sleeper.returncode is None:

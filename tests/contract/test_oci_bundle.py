@@ -127,11 +127,17 @@ def test_bundles_carry_the_sandbox_layers_seccomp_policy(tmp_path: Path) -> None
 
 def test_gvisor_traits_leave_room_for_the_sandbox(tmp_path: Path) -> None:
     traits = RuntimeTraits(
-        pids_per_task=2, pids_overhead=100, memory_overhead_mib=32, seccomp_clone3=False
+        pids_per_task=2,
+        pids_overhead=100,
+        memory_overhead_mib=32,
+        cpu_overhead_millicores=1000,
+        seccomp_clone3=False,
     )
     linux = _config(tmp_path, traits=traits)["linux"]
     assert linux["resources"]["pids"] == {"limit": 228}
     assert linux["resources"]["memory"]["limit"] == 160 << 20
+    # the function's 500 millicores and a CPU for gVisor's own kernel
+    assert linux["resources"]["cpu"] == {"quota": 150_000, "period": 100_000}
 
 
 def test_result_fifo_starts_the_program_through_a_shell(tmp_path: Path) -> None:

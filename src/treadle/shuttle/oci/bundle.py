@@ -38,9 +38,14 @@ from typing import Any
 from treadle.domain.resources import Resources
 from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.oci.rootfs import RESULT_DIR, WORK_DIR, Rootfs
-from treadle.shuttle.runtimes.process import ARGS_FILE, RESULT_FD
 from treadle.shuttle.sandbox.cgroups import cpu_bandwidth
-from treadle.shuttle.sandbox.policy import MASKED_PATHS, READONLY_PATHS
+from treadle.shuttle.sandbox.policy import (
+    ARGS_FILE,
+    MASKED_PATHS,
+    PATH,
+    READONLY_PATHS,
+    RESULT_FD,
+)
 from treadle.shuttle.sandbox.seccomp import arch_for_machine, oci_profile
 
 __all__ = [
@@ -65,7 +70,7 @@ __all__ = [
 CONTAINER_PREFIX = "treadle-"
 CGROUP_PARENT = "treadle"
 _RESULT_FIFO = "result"
-BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BASE_PATH = PATH
 _SPEC_VERSION = "1.0.2"
 _MIB = 1024 * 1024
 
@@ -118,6 +123,7 @@ class RuntimeTraits:
     pids_per_task: int = 1
     pids_overhead: int = 0
     memory_overhead_mib: int = 0
+    cpu_overhead_millicores: int = 0
 
 
 _NATIVE = RuntimeTraits()
@@ -460,6 +466,7 @@ def _linux(
     seccomp: dict[str, Any] | None,
 ) -> dict[str, Any]:
     memory = (limits.memory_mib + traits.memory_overhead_mib) * _MIB
+    quota, period = cpu_bandwidth(limits.cpu_millicores + traits.cpu_overhead_millicores)
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network", "cgroup")]
     linux: dict[str, Any] = {
         "namespaces": namespaces,
@@ -467,7 +474,7 @@ def _linux(
             "devices": [{"allow": False, "access": "rwm"}],
             # Memory plus swap equal to memory: no swap.
             "memory": {"limit": memory, "swap": memory},
-            "cpu": {"quota": limits.cpu_quota_us, "period": limits.cpu_period_us},
+            "cpu": {"quota": quota, "period": period},
             "pids": {"limit": limits.pids * traits.pids_per_task + traits.pids_overhead},
         },
         "cgroupsPath": cgroup,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from treadle.shuttle.sandbox.policy import WORK_DIR
+
 __all__ = ["MOUNT_POINTS", "RESULT_DIR", "WORK_DIR", "Rootfs", "add_mount_points"]
 
-WORK_DIR = "/work"
 # Where the result FIFO is mounted when the runtime cannot pass fd 3 itself.
 RESULT_DIR = "/dev/treadle"
 # Directories the bundle mounts over. Every rootfs gets them up front: a runtime that finds

@@ -85,6 +85,11 @@ _RUNSC_PLATFORMS = ("systrap", "ptrace")
 _RUNSC_PIDS_OVERHEAD = 128
 _RUNSC_PIDS_PER_TASK = {"ptrace": 12, "systrap": 6}
 _RUNSC_MEMORY_OVERHEAD_MIB = 64
+# Its kernel (the sentry) and gofer run in the sandbox's cgroup too, and a start alone costs
+# them ~140 ms of CPU: held to a small share (10 millicores: 10 ms a second) one `echo` took
+# over ten seconds. The sandbox's CPU limit is the function's share plus one CPU, as its
+# memory limit is its own plus the sentry's.
+_RUNSC_CPU_OVERHEAD_MILLICORES = 1000
 _HYBRID_HINT = (
     "crun refuses hybrid cgroups while the unified hierarchy holds a controller "
     "(hugetlb here); run scripts/setup-cgroups as root to move hugetlb to a v1 hierarchy"
@@ -130,6 +135,7 @@ class OciTool:
                 pids_per_task=_RUNSC_PIDS_PER_TASK.get(self.platform or "ptrace", 12),
                 pids_overhead=_RUNSC_PIDS_OVERHEAD,
                 memory_overhead_mib=_RUNSC_MEMORY_OVERHEAD_MIB,
+                cpu_overhead_millicores=_RUNSC_CPU_OVERHEAD_MILLICORES,
             )
         return RuntimeTraits()
 

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from treadle.shuttle.sandbox.policy import masked_in_proc
+from treadle.shuttle.sandbox.policy import WORK_DIR, masked_in_proc
 
 __all__ = [
     "SANDBOX_ETC",
@@ -47,7 +47,6 @@ __all__ = [
     "sandbox_etc",
 ]
 
-WORK_DIR = "/work"
 SANDBOX_ETC = Path(__file__).parent / "sandbox_etc"
 _ROOT_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 _HOST_ETC = ("ld.so.cache", "alternatives", "localtime")

@@ -167,6 +167,11 @@ class NamespaceLauncher:
         # may not pass through the directories of Shuttle's PATH (a link in /root, say).
         self._bwrap = os.path.realpath(bwrap_path)
         self._ids = ids
+        if ids is not None:
+            # No core dumps, for Shuttle and all it starts, for good: a crash of sandboxed
+            # code must not feed a core to the host's handler, and a hard limit of 0 that
+            # every sandbox inherits spares an exec per start.
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         self._setpriv = setpriv
         self._prlimit = prlimit
         self._seccomp = seccomp_program
@@ -251,18 +256,22 @@ class NamespaceLauncher:
             # bubblewrap itself, and so the sandbox, starts as the workload's unprivileged
             # host uid: a user namespace maps ids, it does not change who a process is.
             uid, gid = attempt.ids.host(SANDBOX_UID), attempt.ids.host(SANDBOX_GID)
-            # Its rlimits too: a process of another uid is out of reach of Shuttle's prlimit()
-            # where Shuttle's root lacks CAP_SYS_RESOURCE, as in many containers.
-            limits = [f"--{name}={limit}:{limit}" for name, (_, limit) in attempt.rlimits().items()]
+            # Its rlimits too, where cgroups do not bound it: a process of another uid is out
+            # of reach of Shuttle's prlimit() where Shuttle's root lacks CAP_SYS_RESOURCE, as
+            # in many containers. (RLIMIT_CORE it inherits: see `NamespaceLauncher`.)
+            limits = [
+                f"--{name}={limit}:{limit}"
+                for name, (_, limit) in attempt.rlimits().items()
+                if name != "core"
+            ]
+            wrapper = [self._prlimit, *limits, "--"] if limits else []
             argv = [
                 self._setpriv,
                 f"--reuid={uid}",
                 f"--regid={gid}",
                 "--clear-groups",
                 "--",
-                self._prlimit,
-                *limits,
-                "--",
+                *wrapper,
                 *argv,
             ]
         attempt.launch = Launch(

@@ -36,6 +36,7 @@ from treadle.shuttle import reaper
 from treadle.shuttle.runtimes._spawn import resolve_program, spawn
 from treadle.shuttle.runtimes.base import ExitStatus, RuntimeHandle, SpawnFailed, Stream
 from treadle.shuttle.sandbox import exits
+from treadle.shuttle.sandbox.policy import ARGS_FILE, PATH, RESULT_FD
 
 __all__ = [
     "ARGS_FILE",
@@ -54,9 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ARGS_FILE = "args.json"
-BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
-RESULT_FD = 3
+BASE_PATH = PATH
 
 _READ_SIZE = 64 * 1024
 _RESULT_LINE_LIMIT = 1024 * 1024

@@ -205,8 +205,10 @@ class Cgroups:
             _write(parent.parent / "cgroup.subtree_control", enable)
             _write(parent / "cgroup.subtree_control", enable)
 
-    def create(self, name: str, limits: Limits) -> Group:
-        group = Group(self.layout, name)
+    def create(self, name: str, limits: Limits, *, freezable: bool = False) -> Group:
+        """A new group named `name` with `limits`; `freezable` (a workload that may be
+        paused) also places it in v1's freezer hierarchy, which costs one more migration."""
+        group = Group(self.layout, name, freezable=freezable)
         try:
             for directory in group.dirs:
                 directory.mkdir()
@@ -233,7 +235,9 @@ class Cgroups:
         for parent in set(self.layout.parents.values()):
             with contextlib.suppress(FileNotFoundError):
                 names.update(e.name for e in os.scandir(parent) if e.is_dir() and stale(e.name))
-        return [name for name in sorted(names) if Group(self.layout, name).destroy()]
+        return [
+            name for name in sorted(names) if Group(self.layout, name, freezable=True).destroy()
+        ]
 
 
 class Group:
@@ -242,12 +246,14 @@ class Group:
     made it at a path of its choosing; either way it is read, frozen, killed and removed
     here."""
 
-    def __init__(self, layout: Layout, name: str) -> None:
+    def __init__(self, layout: Layout, name: str, *, freezable: bool = True) -> None:
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"invalid cgroup name {name!r}")
         self.name = name
         self._version = layout.version
-        self._counters = {c: parent / name for c, parent in layout.parents.items()}
+        self._counters = {
+            c: parent / name for c, parent in layout.parents.items() if freezable or c != "freezer"
+        }
         self.dirs = sorted(set(self._counters.values()))
 
     @classmethod

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import bindparam, case, distinct, func, select, update
+from sqlalchemy import bindparam, case, func, select, update
 
 from treadle.domain.node import NodeState
 from treadle.weaver.background import cancel_and_wait
@@ -163,8 +163,9 @@ class Reconciler:
 
     async def _nodes_down(self, leading_since: float) -> None:
         holding = (
-            select(distinct(_E.c.node_id))
+            select(_E.c.node_id)
             .where(_E.c.state.in_(ACTIVE_STATE_VALUES), _E.c.node_id.is_not(None))
+            .distinct()
             .scalar_subquery()
         )
         async with self._db.read() as conn:
