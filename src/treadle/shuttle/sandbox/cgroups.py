@@ -394,12 +394,10 @@ def cgroup_roots(mountinfo: str) -> list[Path]:
 
 
 def _destroy_dir(directory: Path, errors: list[str]) -> bool:
-    with contextlib.suppress(FileNotFoundError):
-        for child in sorted((p for p in directory.iterdir() if p.is_dir()), reverse=True):
-            _destroy_dir(child, errors)
-    # rmdir right after the last task exits can fail with EBUSY for a moment (v1 above all).
+    # rmdir fails with EBUSY while tasks or groups below remain, and for a moment after the
+    # last task exits (v1 above all): only then are tasks killed and groups below looked for
+    # (a cgroup's directory holds dozens of files, and this runs once per workload).
     for _ in range(_SWEEP_RETRIES):
-        _kill_tasks(directory)
         try:
             directory.rmdir()
             return True
@@ -409,9 +407,20 @@ def _destroy_dir(directory: Path, errors: list[str]) -> bool:
             if exc.errno != errno.EBUSY:
                 errors.append(f"{directory}: {exc.strerror}")
                 return False
+        _kill_tasks(directory)
+        for child in _child_groups(directory):
+            _destroy_dir(child, errors)
         time.sleep(_SWEEP_RETRY_S)
     errors.append(f"{directory}: still busy")
     return False
+
+
+def _child_groups(directory: Path) -> list[Path]:
+    try:
+        with os.scandir(directory) as entries:
+            return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
 
 
 def _kill_tasks(directory: Path) -> None:
