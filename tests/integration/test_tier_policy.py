@@ -173,7 +173,7 @@ def test_work_of_a_tenant_whose_permission_is_withdrawn_waits_until_it_is_given_
 
         def ended() -> dict[str, Any] | None:
             current = dict(api.get(f"/v1/executions/{execution['id']}").json())
-            return current if current["state"] != "open" else None
+            return current if current["state"] not in ("open", "running") else None
 
         done = eventually(ended, what="the execution to run once allowed again")
         assert (done["state"], done["isolation"]) == ("success", "process")

@@ -144,24 +144,20 @@ class Slirp:
         """What to try where this fails to run here: without the seccomp filter, then, for a
         Shuttle that is not root, without the sandbox; None when nothing weaker is allowed."""
         if self.seccomp:
-            return Slirp(
-                self.path,
-                sandbox=self.sandbox,
-                seccomp=False,
-                fence_tools=self._fence_tools,
-                weaver=self._weaver,
-                unshare=self._unshare,
-            )
+            return self._with(sandbox=self.sandbox, seccomp=False)
         if self.sandbox and os.geteuid() != 0:
-            return Slirp(
-                self.path,
-                sandbox=False,
-                seccomp=True,
-                fence_tools=self._fence_tools,
-                weaver=self._weaver,
-                unshare=self._unshare,
-            )
+            return self._with(sandbox=False, seccomp=True)
         return None
+
+    def _with(self, *, sandbox: bool, seccomp: bool) -> Slirp:
+        return Slirp(
+            self.path,
+            sandbox=sandbox,
+            seccomp=seccomp,
+            fence_tools=self._fence_tools,
+            weaver=self._weaver,
+            unshare=self._unshare,
+        )
 
     async def fence(self, pid: int, pidfd: int) -> None:
         """Fence the network namespace of process `pid` (of which `pidfd` is a pidfd) off

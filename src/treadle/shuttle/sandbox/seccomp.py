@@ -111,6 +111,23 @@ DENIED = (
 )
 
 
+# Calls added since Linux 5.1 have one number on every architecture (asm-generic/unistd.h).
+_SHARED_NUMBERS = {
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+    "clone3": 435,
+    "pidfd_getfd": 438,
+    "mount_setattr": 442,
+}
+
+
 @dataclass(frozen=True)
 class Arch:
     name: str
@@ -154,18 +171,7 @@ X86_64 = Arch(
         "kexec_file_load": 320,
         "bpf": 321,
         "userfaultfd": 323,
-        "io_uring_setup": 425,
-        "io_uring_enter": 426,
-        "io_uring_register": 427,
-        "open_tree": 428,
-        "move_mount": 429,
-        "fsopen": 430,
-        "fsconfig": 431,
-        "fsmount": 432,
-        "fspick": 433,
-        "clone3": 435,
-        "pidfd_getfd": 438,
-        "mount_setattr": 442,
+        **_SHARED_NUMBERS,
     },
     foreign_bit=_X32_SYSCALL_BIT,
     oci="SCMP_ARCH_X86_64",
@@ -203,18 +209,7 @@ AARCH64 = Arch(
         "bpf": 280,
         "userfaultfd": 282,
         "kexec_file_load": 294,
-        "io_uring_setup": 425,
-        "io_uring_enter": 426,
-        "io_uring_register": 427,
-        "open_tree": 428,
-        "move_mount": 429,
-        "fsopen": 430,
-        "fsconfig": 431,
-        "fsmount": 432,
-        "fspick": 433,
-        "clone3": 435,
-        "pidfd_getfd": 438,
-        "mount_setattr": 442,
+        **_SHARED_NUMBERS,
     },
     oci="SCMP_ARCH_AARCH64",
 )
