@@ -29,6 +29,7 @@ that namespace before the program runs (`slirp`); these options only differ in /
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
@@ -93,11 +94,12 @@ def host_binds(root: Path = Path("/")) -> list[str]:
     return args
 
 
-def sandbox_etc() -> list[tuple[str, bytes]]:
+@functools.cache
+def sandbox_etc() -> tuple[tuple[str, bytes], ...]:
     """The sandbox's own /etc files (name, content). They travel to bubblewrap as fds, not
     as paths: bubblewrap runs as the workload's unprivileged uid, which may not reach where
     treadle is installed."""
-    return [(path.name, path.read_bytes()) for path in sorted(SANDBOX_ETC.iterdir())]
+    return tuple((path.name, path.read_bytes()) for path in sorted(SANDBOX_ETC.iterdir()))
 
 
 def options(
@@ -184,7 +186,8 @@ def options(
     return args
 
 
-def _proc_masks() -> list[str]:
+@functools.cache
+def _proc_masks() -> tuple[str, ...]:
     """Options that show the sandbox's /proc without the host-wide entries the sandbox layer
     masks (`policy.MASKED_PATHS`): a file reads as empty, a directory as an empty read-only
     one. Only entries this kernel has: bubblewrap cannot mount over what is not there."""
@@ -194,7 +197,7 @@ def _proc_masks() -> list[str]:
             args += ["--perms", "0555", "--tmpfs", path, "--remount-ro", path]
         elif os.path.exists(path):
             args += ["--ro-bind", "/dev/null", path]
-    return args
+    return tuple(args)
 
 
 def _check_no_nul(args: Iterable[str]) -> None:
