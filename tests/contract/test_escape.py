@@ -608,3 +608,29 @@ print(json.dumps(seen))
     assert seen["core"] == [0, 0]
     assert seen["raise"] != "ok"
     await assert_unharmed(runtime, workdir, neighbour)
+
+
+async def test_no_vsock_or_other_unneeded_socket_family(
+    runtime: Runtime, workdir: Path, neighbour: Neighbour
+) -> None:
+    # vsock is the machine's channel to its hypervisor: no network namespace confines it,
+    # so a sandbox without network could otherwise listen there (nothing is sent here).
+    code = (
+        TRY
+        + """
+for name, family in (("vsock", 40), ("alg", 38)):
+    attempt(name, lambda: socket.socket(family, socket.SOCK_STREAM if family == 40 else 5).close())
+attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close())
+print(json.dumps(seen))
+"""
+    )
+
+    seen = report(await attack(runtime, workdir, code))
+
+    refused = {"EPERM"}
+    if isinstance(runtime, OciRuntime) and runtime.tool.kind is ToolKind.RUNSC:
+        refused.add("EAFNOSUPPORT")  # gVisor's kernel has neither family
+    assert seen["vsock"] in refused
+    assert seen["alg"] in refused
+    assert seen["unix"] == "ok"
+    await assert_unharmed(runtime, workdir, neighbour)

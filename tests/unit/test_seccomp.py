@@ -15,6 +15,7 @@ from treadle.shuttle.sandbox.seccomp import (
     AUDIT_ARCH_AARCH64,
     AUDIT_ARCH_X86_64,
     DENIED,
+    DENIED_FAMILIES,
     SECCOMP_RET_ALLOW,
     SECCOMP_RET_ERRNO,
     X86_64,
@@ -102,7 +103,18 @@ def test_other_abis_are_refused() -> None:
 
 def test_both_tables_know_every_denied_call() -> None:
     for arch in (X86_64, AARCH64):
-        assert set(DENIED) | {"clone", "clone3"} <= set(arch.numbers), arch.name
+        assert set(DENIED) | {"clone", "clone3", "socket", "socketpair"} <= set(arch.numbers)
+
+
+@pytest.mark.parametrize("arch", [X86_64, AARCH64], ids=lambda a: a.name)
+def test_vsock_and_other_unneeded_socket_families_are_refused(arch: Arch) -> None:
+    program = deny_filter(arch)
+    for name in ("socket", "socketpair"):
+        number = arch.numbers[name]
+        assert verdict(program, number, arch.audit, 40) == EPERM  # AF_VSOCK
+        assert verdict(program, number, arch.audit, 38) == EPERM  # AF_ALG
+        for family in (1, 2, 10, 16):  # unix, inet, inet6, netlink
+            assert verdict(program, number, arch.audit, family) == SECCOMP_RET_ALLOW
 
 
 def test_the_program_is_small_enough_for_the_kernel() -> None:
@@ -144,8 +156,10 @@ def test_the_bpf_filter_and_the_oci_profile_deny_the_same_calls(arch: Arch) -> N
     program = deny_filter(arch)
     profile = oci_profile(arch)
 
+    families = [1, 2, 10, 16, *DENIED_FAMILIES.values(), 0x100000028]
     for name, number in arch.numbers.items():
-        for arg0 in CLONE_ARGS if name == "clone" else [0]:
+        args = {"clone": CLONE_ARGS, "socket": families, "socketpair": families}.get(name, [0])
+        for arg0 in args:
             assert profile_verdict(profile, arch, name, arg0) == verdict(
                 program, number, arch.audit, arg0
             ), (name, hex(arg0))

@@ -8,9 +8,10 @@ It denies, with EPERM, the system calls that code in a sandbox never needs and t
 kernel's attack surface or reach outside the sandbox: tracing other processes, (re)mounting
 (the read-only binds are only as read-only as the mount table is frozen), module and kexec
 loading, BPF, perf, keyrings, userfaultfd, io_uring (its requests bypass seccomp), file handles
-(`open_by_handle_at` walks outside a bind mount), and new namespaces (`unshare`, `setns`, and
-`clone` with a CLONE_NEW* flag). `clone3` answers ENOSYS: its flags sit behind a pointer the
-filter cannot read, and ENOSYS makes libc fall back to `clone`, whose flags it can.
+(`open_by_handle_at` walks outside a bind mount), new namespaces (`unshare`, `setns`, and
+`clone` with a CLONE_NEW* flag), and sockets of a few families (`DENIED_FAMILIES`: vsock above
+all, which no network namespace confines). `clone3` answers ENOSYS: its flags sit behind a
+pointer the filter cannot read, and ENOSYS makes libc fall back to `clone`, whose flags it can.
 
 The filter checks the architecture first: a call made through another ABI (x32 numbers on
 x86-64, or a 32-bit `int 0x80` call, whose numbers differ) is denied outright, or the numbers
@@ -36,6 +37,7 @@ __all__ = [
     "AUDIT_ARCH_AARCH64",
     "AUDIT_ARCH_X86_64",
     "DENIED",
+    "DENIED_FAMILIES",
     "SECCOMP_RET_ALLOW",
     "SECCOMP_RET_ERRNO",
     "X86_64",
@@ -128,6 +130,13 @@ _SHARED_NUMBERS = {
 }
 
 
+# Socket families a sandbox may not open, whatever its network: AF_VSOCK reaches the
+# hypervisor and the host's other guests, and no network namespace confines it (measured: a
+# sandbox without network could listen on the machine's vsock ports); AF_ALG, AF_RDS and
+# AF_TIPC are kernel code that sandboxed programs do not need and that exploits have used.
+DENIED_FAMILIES = {"AF_RDS": 21, "AF_TIPC": 30, "AF_ALG": 38, "AF_VSOCK": 40}
+
+
 @dataclass(frozen=True)
 class Arch:
     name: str
@@ -145,6 +154,8 @@ X86_64 = Arch(
     AUDIT_ARCH_X86_64,
     {
         "clone": 56,
+        "socket": 41,
+        "socketpair": 53,
         "ptrace": 101,
         "syslog": 103,
         "pivot_root": 155,
@@ -196,6 +207,8 @@ AARCH64 = Arch(
         "request_key": 218,
         "keyctl": 219,
         "clone": 220,
+        "socket": 198,
+        "socketpair": 199,
         "swapon": 224,
         "swapoff": 225,
         "perf_event_open": 241,
@@ -233,10 +246,17 @@ def deny_filter(arch: Arch, denied: Iterable[str] = DENIED) -> bytes:
     for name in sorted(set(denied), key=lambda n: arch.numbers[n]):
         program.jump_if(BPF_JEQ_K, arch.numbers[name], "eperm")
     program.jump_if(BPF_JEQ_K, arch.numbers["clone3"], "enosys")
+    program.jump_if(BPF_JEQ_K, arch.numbers["socket"], "family")
+    program.jump_if(BPF_JEQ_K, arch.numbers["socketpair"], "family")
     program.jump_unless(BPF_JEQ_K, arch.numbers["clone"], "allow")
     program.load(_OFFSET_ARG0_LOW)
     program.jump_if(BPF_JSET_K, _CLONE_NEW_FLAGS, "eperm")
     program.label("allow")
+    program.ret(SECCOMP_RET_ALLOW)
+    program.label("family")
+    program.load(_OFFSET_ARG0_LOW)
+    for family in sorted(DENIED_FAMILIES.values()):
+        program.jump_if(BPF_JEQ_K, family, "eperm")
     program.ret(SECCOMP_RET_ALLOW)
     program.label("eperm")
     program.ret(SECCOMP_RET_ERRNO | errno.EPERM)
@@ -272,6 +292,17 @@ def oci_profile(
             }
             for flag in flags
         ),
+    ]
+    rules += [
+        {
+            "names": ["socket", "socketpair"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": errno.EPERM,
+            "args": [
+                {"index": 0, "value": 0xFFFFFFFF, "valueTwo": family, "op": "SCMP_CMP_MASKED_EQ"}
+            ],
+        }
+        for family in sorted(DENIED_FAMILIES.values())
     ]
     if clone3:
         rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
