@@ -769,7 +769,11 @@ def _group_names(home: Path) -> tuple[str, Callable[[str], bool]]:
         token, _, _ = rest.partition(".")
         return name_owner == owner and owners.is_gone(token)
 
-    return f"{owner}.{owners.token()}.", stale
+    try:
+        token = owners.token()
+    except OSError as exc:
+        raise Unavailable(f"cannot keep this node's state: {exc}") from exc
+    return f"{owner}.{token}.", stale
 
 
 def _open_cgroups(stale: Callable[[str], bool]) -> Cgroups | None:

@@ -29,7 +29,6 @@ import errno
 import logging
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -76,6 +75,7 @@ from treadle.shuttle.runtimes.process import (
 from treadle.shuttle.sandbox import cleanup, exits
 from treadle.shuttle.sandbox.cgroups import Group
 from treadle.shuttle.sandbox.ids import SANDBOX_GID, SANDBOX_UID, IdPool, IdRange, pool_for
+from treadle.shuttle.sandbox.state import private_dir, state_root
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = ["OciLauncher", "OciRuntime", "oci_runtimes"]
@@ -97,7 +97,7 @@ def _search_path() -> str:
 
 
 def _state_base() -> Path:
-    return Path(tempfile.gettempdir()) / "treadle-oci"
+    return private_dir(state_root() / "oci")
 
 
 class OciLauncher:
@@ -399,16 +399,16 @@ def oci_runtimes(settings: ShuttleSettings) -> dict[Tier, OciRuntime]:
     if reason is not None:
         raise Unavailable(reason)
     owner = cgroup_owner(settings.home)
+    # Each checked to be this user's alone; the sandbox's user reaches its work dir and a
+    # result FIFO through them (mode 0711).
     base = _state_base()
-    owned = base / "shuttles"
+    owned = private_dir(base / "shuttles")
     me = f"{owner}.{os.getpid()}"
     _sweep_dead(owned)
-    state_dir = owned / me
-    state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-    # The sandbox's user reaches its work dir and a result FIFO through these.
-    for directory in (base, owned, state_dir):
-        directory.chmod(0o711)
-    images = ImageStore(base / "images", insecure_registries=settings.insecure_registries)
+    state_dir = private_dir(owned / me)
+    images = ImageStore(
+        private_dir(base / "images"), insecure_registries=settings.insecure_registries
+    )
     rootfs = images.resolve(None)
     cgroup_parent = f"{CGROUP_PARENT}/{me}"
     oom_log = OomLog(cgroup_parent)

@@ -16,9 +16,10 @@ import fcntl
 import os
 import re
 import secrets
-import tempfile
 import threading
 from pathlib import Path
+
+from treadle.shuttle.sandbox.state import private_dir, state_root
 
 __all__ = ["is_gone", "token", "tokens_dir"]
 
@@ -28,7 +29,7 @@ _mine: tuple[str, int] | None = None
 
 
 def tokens_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "treadle-owners"
+    return private_dir(state_root() / "owners", 0o700)
 
 
 def token() -> str:
@@ -37,7 +38,6 @@ def token() -> str:
     with _lock:
         if _mine is None:
             directory = tokens_dir()
-            directory.mkdir(mode=0o700, exist_ok=True)
             value = secrets.token_hex(6)
             fd = os.open(directory / value, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
