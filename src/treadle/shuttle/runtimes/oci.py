@@ -15,8 +15,9 @@ and once the runtime process is gone the container is deleted, which kills whate
 The OOM count is read before `delete` (runc keeps the cgroup until then; the kernel log
 tells for crun and runsc, which remove it at exit).
 
-State (the tools' `--root`, bundles, the cached host rootfs) lives in a directory per Shuttle
-process under the temporary directory, not under Shuttle's home: runtimes are made before
+State (the tools' `--root`, bundles, the cached host rootfs and images) lives in a directory
+per Shuttle process under the node's private state root (`treadle.shuttle.sandbox.state`:
+/var/lib/treadle/oci for a root Shuttle), not under Shuttle's home: runtimes are made before
 Shuttle has settled on its home, and a trial run must not create one. Cgroups go under
 `treadle/<owner>.<pid>`, so that sweeping up after a dead Shuttle leaves live ones alone.
 """
@@ -287,10 +288,13 @@ class _OciAttempt:
         """Delete the container and everything it held."""
         self._tool.delete(self._bundle.container_id)
         errors = remove_cgroups(self._bundle.cgroups_path)
-        if errors:
-            log.warning("cannot remove the cgroup of %s: %s", self._bundle.container_id, errors)
         self._bundle.remove()
         _remove_workdir(self._workdir)
+        if errors:
+            # Something of it may still run as its ids: they stay out of the pool for the
+            # life of this Shuttle rather than go to another tenant's workload.
+            log.warning("cannot remove the cgroup of %s: %s", self._bundle.container_id, errors)
+            return
         self._released()  # no process of it is left to hold its ids
 
     def finish(self, status: ExitStatus) -> ExitStatus:
@@ -425,7 +429,7 @@ def oci_runtimes(settings: ShuttleSettings) -> dict[Tier, OciRuntime]:
         runtimes[tool.tier] = OciRuntime(
             tool,
             rootfs=rootfs,
-            identity=Identity() if result.userns else Identity(userns=None),
+            identity=Identity() if result.userns else _shared_identity(tool),
             state_dir=state_dir,
             cgroup_parent=cgroup_parent,
             pids_max=settings.pids_max,
@@ -436,6 +440,16 @@ def oci_runtimes(settings: ShuttleSettings) -> dict[Tier, OciRuntime]:
         )
         log.info("%s tier available through %s", tool.tier, tool.name)
     return runtimes
+
+
+def _shared_identity(tool: OciTool) -> Identity:
+    log.warning(
+        "%s tier: no user namespace works here: every workload runs as host uid %d, shared "
+        "(per-user limits and signals between workloads are not kept apart)",
+        tool.tier,
+        Identity(userns=None).host_uid,
+    )
+    return Identity(userns=None)
 
 
 def _probe(tool: OciTool, rootfs: Rootfs, base: Path) -> ProbeResult:
