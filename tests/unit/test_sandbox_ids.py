@@ -47,3 +47,11 @@ def test_sandbox_ids_map_inside_the_range_only() -> None:
 def test_a_pool_must_fit_the_kernels_ids(base: int, slots: int) -> None:
     with pytest.raises(ValueError):
         IdPool(base, slots)
+
+
+def test_claiming_from_a_full_pool_fails_the_start_clearly() -> None:
+    pool = IdPool(100_000, 1)
+    pool.claim()
+
+    with pytest.raises(OSError, match="every sandbox id range of this node is in use"):
+        pool.claim()

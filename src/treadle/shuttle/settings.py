@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from treadle.domain.resources import Tier
+from treadle.shuttle.sandbox import ids
 
 __all__ = ["ShuttleSettings", "default_home"]
 
@@ -64,8 +65,9 @@ class ShuttleSettings(BaseSettings):
     # shared fleets should name them.
     allowed_registries: list[str] | None = None
     # Where Shuttle runs as root, each workload's sandbox ids map to host ids of its own from
-    # here on (65,536 per workload, up to 1,024 workloads): give each Shuttle on a host its own.
-    sandbox_ids_base: int = Field(default=100_000, ge=1, le=2**31 - 1024 * 65_536)
+    # here on (`ids.SLOT_SIZE` per workload, up to `ids.DEFAULT_SLOTS` workloads): give each
+    # Shuttle on a host its own.
+    sandbox_ids_base: int = Field(default=ids.DEFAULT_BASE, ge=1, le=ids.MAX_BASE)
     # Processes (and threads) one sandboxed execution may run at once.
     pids_max: int = Field(default=256, ge=8)
     # The program behind the oci tier; None: crun where it works, else runc.

@@ -39,6 +39,7 @@ from treadle.domain.resources import Resources
 from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.oci.rootfs import RESULT_DIR, WORK_DIR, Rootfs
 from treadle.shuttle.sandbox.cgroups import cpu_bandwidth
+from treadle.shuttle.sandbox.ids import DEFAULT_BASE, SANDBOX_GID, SANDBOX_UID, SLOT_SIZE
 from treadle.shuttle.sandbox.policy import (
     ARGS_FILE,
     MASKED_PATHS,
@@ -49,7 +50,6 @@ from treadle.shuttle.sandbox.policy import (
 from treadle.shuttle.sandbox.seccomp import arch_for_machine, oci_profile
 
 __all__ = [
-    "BASE_PATH",
     "CGROUP_PARENT",
     "CONTAINER_PREFIX",
     "WORK_DIR",
@@ -70,7 +70,6 @@ __all__ = [
 CONTAINER_PREFIX = "treadle-"
 CGROUP_PARENT = "treadle"
 _RESULT_FIFO = "result"
-BASE_PATH = PATH
 _SPEC_VERSION = "1.0.2"
 _MIB = 1024 * 1024
 
@@ -133,8 +132,8 @@ _NATIVE = RuntimeTraits()
 class IdMap:
     """Container ids [0, size) map to host ids [host_start, host_start + size)."""
 
-    host_start: int = 100_000
-    size: int = 65_536
+    host_start: int = DEFAULT_BASE
+    size: int = SLOT_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +142,8 @@ class Identity:
     ids inside it; without, they are host ids and the program is only as contained as an
     unprivileged host user without capabilities."""
 
-    uid: int = 1000
-    gid: int = 1000
+    uid: int = SANDBOX_UID
+    gid: int = SANDBOX_GID
     userns: IdMap | None = field(default_factory=IdMap)
 
     @property
@@ -369,7 +368,7 @@ def prepare_bundle(
 
 
 def _environment(image_env: Iterable[str], env: Mapping[str, str]) -> list[str]:
-    merged = {"PATH": BASE_PATH, "LANG": "C.UTF-8"}
+    merged = {"PATH": PATH, "LANG": "C.UTF-8"}
     for item in image_env:
         key, _, value = item.partition("=")
         merged[key] = value

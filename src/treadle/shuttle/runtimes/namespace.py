@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -204,9 +203,7 @@ class NamespaceLauncher:
         attempt = _NamespaceAttempt(self.limits, network, self._ids)
         try:
             if self._ids is not None:
-                attempt.ids = self._ids.take()
-                if attempt.ids is None:
-                    raise OSError(errno.EAGAIN, "every sandbox id range of this node is in use")
+                attempt.ids = self._ids.claim()
             child: dict[int, int] = {}  # bubblewrap's fd -> ours
 
             def give(fd: int) -> int:

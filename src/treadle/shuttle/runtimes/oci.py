@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -174,9 +173,7 @@ class OciLauncher:
             rootfs = self._resolved[spec.image]
         identity, ids = self._identity, None
         if identity.userns is not None and self._ids is not None:
-            ids = self._ids.take()
-            if ids is None:
-                raise OSError(errno.EAGAIN, "every sandbox id range of this node is in use")
+            ids = self._ids.claim()
             identity = Identity(SANDBOX_UID, SANDBOX_GID, IdMap(ids.start, ids.size))
         try:
             _remove_workdir(workdir)  # left over by a crash, or a retried assignment

@@ -40,7 +40,6 @@ from treadle.shuttle.sandbox.policy import ARGS_FILE, PATH, RESULT_FD
 
 __all__ = [
     "ARGS_FILE",
-    "BASE_PATH",
     "RESULT_FD",
     "Attempt",
     "HostLauncher",
@@ -54,8 +53,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-BASE_PATH = PATH
 
 _READ_SIZE = 64 * 1024
 _RESULT_LINE_LIMIT = 1024 * 1024
@@ -641,7 +638,7 @@ def environment(spec: AssignSpec, home: str) -> dict[str, str]:
     """The program's environment, with `home` (its work dir, as the program sees it) as
     HOME, TMPDIR and the place of the args file."""
     # Built from scratch: Shuttle's own environment may hold its join token.
-    env = {"PATH": BASE_PATH, "HOME": home, "LANG": "C.UTF-8", "TMPDIR": home}
+    env = {"PATH": PATH, "HOME": home, "LANG": "C.UTF-8", "TMPDIR": home}
     env.update(spec.env)
     env.update(
         TREADLE_EXECUTION_ID=spec.id,

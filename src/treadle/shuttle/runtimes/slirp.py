@@ -25,8 +25,8 @@ sandbox looks like traffic of one more program of the host's, NAT'd to the host'
   routes. A program that binds its socket to tap0 (SO_BINDTODEVICE) gets past the routes,
   as the destination then counts as on the link, but no further: libslirp answers ARP for
   10.0.2.2 and 10.0.2.3 alone, so nothing is sent to such an address (measured:
-  EHOSTUNREACH). Everything else the host can reach is reachable. Addresses this host gains after a
-  sandbox started are not fenced for that sandbox.
+  EHOSTUNREACH). Everything else the host can reach is reachable. Addresses this host gains
+  after a sandbox started are not fenced for that sandbox.
 
 slirp4netns runs as Shuttle's user, in the host's network namespace, so it confines itself as
 far as this host lets it (`Slirp.weaker`): `--enable-sandbox` (a mount namespace of its own

@@ -15,6 +15,7 @@ the sandbox's 1000 is then Shuttle's uid, as unprivileged as Shuttle itself.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 __all__ = [
     "DEFAULT_BASE",
     "DEFAULT_SLOTS",
+    "MAX_BASE",
     "SANDBOX_GID",
     "SANDBOX_UID",
     "SLOT_SIZE",
@@ -38,6 +40,8 @@ DEFAULT_BASE = 100_000
 DEFAULT_SLOTS = 1024
 # The kernel's ids are 32-bit and (uid_t)-1 means "no change": stay well below.
 _ID_LIMIT = 2**31
+# The highest base whose ranges all fit.
+MAX_BASE = _ID_LIMIT - DEFAULT_SLOTS * SLOT_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,14 @@ class IdPool:
                 return None
             slot = self._free.pop()
         return IdRange(self._base + slot * self._size, self._size)
+
+    def claim(self) -> IdRange:
+        """A free range; OSError (EAGAIN) when every one is in use, which fails the start
+        of the workload that asked."""
+        ids = self.take()
+        if ids is None:
+            raise OSError(errno.EAGAIN, "every sandbox id range of this node is in use")
+        return ids
 
     def give_back(self, ids: IdRange) -> None:
         slot = (ids.start - self._base) // self._size
