@@ -1,6 +1,6 @@
 """Start-to-exit of `echo 13` per isolation tier, next to the raw tools.
 
-    .venv/bin/python bench/tiers.py [-n 300] [--warmup 20] [--url URL]
+    .venv/bin/python bench/tiers.py [-n 300] [--warmup 20] [--url URL] [--sustained 15]
 
 For every tier this host offers (the process tier included), N runs one after another of
 `/bin/echo 13` through the runtime interface: `start` → the whole output → `wait`, which is
@@ -26,6 +26,11 @@ and `<tier>_api_server`: Weaver's own open -> success), and the ratio to the raw
 (`<tier>_api_over_raw_p50`). Functions ask for 10 millicores and 16 MiB, as a trivial
 function would.
 
+With `--sustained S`, raw bubblewrap (the same options) also runs back to back from 2 and
+from 8 threads for S seconds each: the throughput the machine gives the tool alone
+(`raw_bwrap_sustained`, runs/s and the machine's CPU per run), to set next to
+`bench/dispatch.py --isolation namespace`, which measures the same through the API.
+
 Prints p50/p99/mean in ms as JSON.
 """
 
@@ -39,6 +44,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -128,6 +134,40 @@ def spawned(make: Callable[[], tuple[list[str], dict[int, int], list[int]]], n: 
         if output != b"13\n" or status != 0:
             raise SystemExit(f"{argv[0]}: echo 13 gave {output!r}, status {status}")
     return times
+
+
+def _busy_ticks() -> int:
+    """Clock ticks the machine's CPUs spent on anything but idling, since boot."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # idle, iowait
+
+
+def sustained(
+    make: Callable[[], tuple[list[str], dict[int, int], list[int]]], workers: int, seconds: float
+) -> dict[str, float]:
+    """Runs back to back from `workers` threads for `seconds`: runs/s and CPU ms per run."""
+    counts = [0] * workers
+    deadline = time.monotonic() + seconds
+
+    def loop(i: int) -> None:
+        while time.monotonic() < deadline:
+            spawned(make, 1)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+    busy, start = _busy_ticks(), time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed, runs = time.monotonic() - start, sum(counts)
+    cpu_ms = (_busy_ticks() - busy) * 1000 / os.sysconf("SC_CLK_TCK")
+    return {
+        "workers": workers,
+        "runs_per_s": round(runs / elapsed, 1),
+        "cpu_ms_per_run": round(cpu_ms / max(runs, 1), 2),
+    }
 
 
 def raw_bwrap(bwrap_path: str) -> Callable[[], tuple[list[str], dict[int, int], list[int]]]:
@@ -221,6 +261,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=300, help="runs per figure")
     parser.add_argument("--warmup", type=int, default=20, help="runs discarded first")
     parser.add_argument("--url", help="also measure through this treadle's API")
+    parser.add_argument(
+        "--sustained", type=float, metavar="S", help="also raw bubblewrap's throughput, S s"
+    )
     options = parser.parse_args()
 
     result: dict[str, Any] = {"host": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
@@ -269,6 +312,10 @@ def main() -> None:
         same = raw_bwrap(bwrap_path)
         spawned(same, options.warmup)
         result["raw_bwrap"] = summary(spawned(same, options.n))
+        if options.sustained:
+            result["raw_bwrap_sustained"] = [
+                sustained(same, workers, options.sustained) for workers in (2, 8)
+            ]
         minimal = [bwrap_path, "--unshare-all", "--ro-bind", "/usr", "/usr"]
         for name in ("bin", "lib", "lib64", "sbin"):
             path = Path("/", name)

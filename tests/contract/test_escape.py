@@ -520,10 +520,12 @@ async def test_every_denied_family_is_refused(
 
 
 def host_ids(pid: int) -> tuple[set[int], set[int]]:
-    """The (real, effective, saved, fs) uids and gids of a host process."""
+    """The (real, effective, saved, fs) uids, and the gids with the supplementary groups, of
+    a host process."""
     with open(f"/proc/{pid}/status") as status:
         fields = dict(line.split(":", 1) for line in status)
-    return {int(u) for u in fields["Uid"].split()}, {int(g) for g in fields["Gid"].split()}
+    gids = fields["Gid"].split() + fields["Groups"].split()
+    return {int(u) for u in fields["Uid"].split()}, {int(g) for g in gids}
 
 
 async def test_programs_never_run_as_a_privileged_host_user_and_never_share_one(

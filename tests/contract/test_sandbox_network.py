@@ -386,9 +386,8 @@ async def test_without_slirp4netns_network_is_refused_however_allowed(
 ) -> None:
     path = tmp_path / "bin"
     path.mkdir()
-    # What the tier itself needs (bubblewrap; setpriv and prlimit to run it as root), and
-    # what the network needs but slirp4netns.
-    for program in ("bwrap", "setpriv", "prlimit", "nsenter", "ip", "unshare"):
+    # What the tier itself needs (bubblewrap), and what the network needs but slirp4netns.
+    for program in ("bwrap", "nsenter", "ip", "unshare"):
         (path / program).symlink_to(shutil.which(program) or "")
     monkeypatch.setenv("PATH", str(path))
     runtime = namespace_runtime(home, allow_network=True)

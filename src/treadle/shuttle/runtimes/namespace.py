@@ -71,7 +71,7 @@ from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper
 from treadle.shuttle.runtimes import bwrap, slirp
-from treadle.shuttle.runtimes._spawn import unsupported_reason
+from treadle.shuttle.runtimes._spawn import identity_unsupported_reason, unsupported_reason
 from treadle.shuttle.runtimes.base import ExitStatus, RuntimeHandle, SpawnFailed
 from treadle.shuttle.runtimes.process import (
     RESULT_FD,
@@ -157,22 +157,20 @@ class NamespaceLauncher:
         ids: IdPool | None = None,
         weaver_addresses: Iterable[str] = (),
     ) -> None:
-        setpriv, prlimit = shutil.which("setpriv"), _real(shutil.which("prlimit"))
-        if ids is not None and (setpriv is None or prlimit is None):
-            raise Unavailable(
-                "setpriv and prlimit (util-linux) are needed to run sandboxes as root"
-            )
-        # By their real paths: where Shuttle is root, these run as the workload's uid, which
-        # may not pass through the directories of Shuttle's PATH (a link in /root, say).
+        # By its real path: a link in a directory of Shuttle's PATH is Shuttle's to change.
         self._bwrap = os.path.realpath(bwrap_path)
         self._ids = ids
         if ids is not None:
+            reason = identity_unsupported_reason()
+            if reason is None and not _limited_by_cgroups(cgroups) and not _may_limit_others():
+                # Without cgroups, rlimits bound a sandbox, and setting those of a process of
+                # another uid takes CAP_SYS_RESOURCE (which containers often drop).
+                reason = "without cgroups for memory and pids, that needs CAP_SYS_RESOURCE"
+            if reason is not None:
+                raise Unavailable(f"cannot start sandboxes as their own users: {reason}")
             # No core dumps, for Shuttle and all it starts, for good: a crash of sandboxed
-            # code must not feed a core to the host's handler, and a hard limit of 0 that
-            # every sandbox inherits spares an exec per start.
+            # code must not feed a core to the host's handler.
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        self._setpriv = setpriv
-        self._prlimit = prlimit
         self._seccomp = seccomp_program
         self._binds = bwrap.host_binds()
         self.limits = _Limits(cgroups, pids_max)
@@ -248,35 +246,17 @@ class NamespaceLauncher:
             attempt.abandon()
             raise
         argv = [self._bwrap, "--args", str(args_fd), "--", *spec.argv]
-        if attempt.ids is not None:
-            assert self._setpriv is not None and self._prlimit is not None
-            # bubblewrap itself, and so the sandbox, starts as the workload's unprivileged
-            # host uid: a user namespace maps ids, it does not change who a process is.
-            uid, gid = attempt.ids.host(SANDBOX_UID), attempt.ids.host(SANDBOX_GID)
-            # Its rlimits too, where cgroups do not bound it: a process of another uid is out
-            # of reach of Shuttle's prlimit() where Shuttle's root lacks CAP_SYS_RESOURCE, as
-            # in many containers. (RLIMIT_CORE it inherits: see `NamespaceLauncher`.)
-            limits = [
-                f"--{name}={limit}:{limit}"
-                for name, (_, limit) in attempt.rlimits().items()
-                if name != "core"
-            ]
-            wrapper = [self._prlimit, *limits, "--"] if limits else []
-            argv = [
-                self._setpriv,
-                f"--reuid={uid}",
-                f"--regid={gid}",
-                "--clear-groups",
-                "--",
-                *wrapper,
-                *argv,
-            ]
         attempt.launch = Launch(
             program=argv[0],
             argv=argv,
             env={},  # bubblewrap's own: the program's goes through --setenv
             cwd=Path("/"),
             fds=child,
+            # bubblewrap itself, and so the sandbox, starts as the workload's unprivileged
+            # host ids: a user namespace maps ids, it does not change who a process is.
+            ids=None
+            if attempt.ids is None
+            else (attempt.ids.host(SANDBOX_UID), attempt.ids.host(SANDBOX_GID)),
         )
         return attempt
 
@@ -378,23 +358,20 @@ class _NamespaceAttempt:
         except (ProcessLookupError, FileNotFoundError):
             pass  # gone: bubblewrap failed, and reports why
 
-    def rlimits(self) -> dict[str, tuple[int, int]]:
-        """The sandbox's rlimits, by `prlimit`'s names: (resource, limit)."""
-        # A crash of sandboxed code must not feed a core dump to the host's handler.
-        limits = {"core": (resource.RLIMIT_CORE, 0)}
+    def _set_rlimits(self, pid: int) -> None:
+        limits = []
+        if self.ids is None:
+            # A crash of sandboxed code must not feed a core dump to the host's handler.
+            # (With ids of its own, it inherits Shuttle's hard 0: see `NamespaceLauncher`.)
+            limits.append((resource.RLIMIT_CORE, 0))
         cgroups = self._limits.cgroups if self.group is not None else None
         if cgroups is None or not cgroups.layout.has("memory"):
-            limits["as"] = (resource.RLIMIT_AS, self.resources.memory_mib * _MIB)
+            limits.append((resource.RLIMIT_AS, self.resources.memory_mib * _MIB))
         if cgroups is None or not cgroups.layout.has("pids"):
-            # Counts every process of the user, not just the sandbox's: a rough stand-in
-            # where the workload shares its host uid.
-            limits["nproc"] = (resource.RLIMIT_NPROC, self._limits.pids_max)
-        return limits
-
-    def _set_rlimits(self, pid: int) -> None:
-        if self.ids is not None:
-            return  # set on the way in, as the workload's own uid (see `prepare`)
-        for which, limit in self.rlimits().values():
+            # Counts every process of the sandbox's host uid: the workload's own where
+            # Shuttle is root, Shuttle's (and its other sandboxes') otherwise.
+            limits.append((resource.RLIMIT_NPROC, self._limits.pids_max))
+        for which, limit in limits:
             resource.prlimit(pid, which, (limit, limit))
 
     def kill(self) -> None:
@@ -718,6 +695,19 @@ class NamespaceRuntime(ProcessRuntime):
         return f"{run} ended with {status.exit_code} ({status.reason}): {said}"
 
 
+def _limited_by_cgroups(cgroups: Cgroups | None) -> bool:
+    return cgroups is not None and all(cgroups.layout.has(c) for c in ("memory", "pids"))
+
+
+def _may_limit_others() -> bool:
+    """Whether this process has CAP_SYS_RESOURCE (capability 24) in effect."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
 async def _start(runtime: ProcessRuntime, spec: AssignSpec, workdir: Path) -> RuntimeHandle:
     """`runtime.start` of the process tier, where a sandbox that could not get its network
     ends as a program that could not start, with the reason, once nothing of it is left."""
@@ -729,10 +719,6 @@ async def _start(runtime: ProcessRuntime, spec: AssignSpec, workdir: Path) -> Ru
             async with asyncio.timeout(_START_TIMEOUT_S):
                 await exc.ended
         return SpawnFailed(f"treadle: {exc}\n")
-
-
-def _real(path: str | None) -> str | None:
-    return None if path is None else os.path.realpath(path)
 
 
 def _addresses(settings: ShuttleSettings) -> list[str]:

@@ -33,7 +33,7 @@ from treadle.domain.resources import Tier
 from treadle.protocol.limits import MAX_JSON_DEPTH
 from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper
-from treadle.shuttle.runtimes._spawn import resolve_program, spawn
+from treadle.shuttle.runtimes._spawn import resolve_program, spawn_async
 from treadle.shuttle.runtimes.base import ExitStatus, RuntimeHandle, SpawnFailed, Stream
 from treadle.shuttle.sandbox import exits
 from treadle.shuttle.sandbox.policy import ARGS_FILE, PATH, RESULT_FD
@@ -80,6 +80,8 @@ class Launch:
     cwd: Path
     fds: Mapping[int, int] = field(default_factory=dict)
     result: tuple[int, int] | None = None
+    # (uid, gid) to start as, where not Shuttle's own: a sandbox's host ids
+    ids: tuple[int, int] | None = None
 
 
 class Attempt(Protocol):
@@ -197,7 +199,7 @@ class ProcessRuntime:
             failed = await self._fetch_image(spec)
             if failed is not None:
                 return failed
-        started = self._spawn(spec, workdir)
+        started = await self._spawn(spec, workdir)
         if isinstance(started, SpawnFailed):
             return started
         handle, attempt = started
@@ -217,17 +219,14 @@ class ProcessRuntime:
             return SpawnFailed(f"treadle: cannot run {spec.argv[0]!r}: {describe(exc)}\n")
         return None
 
-    def _spawn(
+    async def _spawn(
         self, spec: AssignSpec, workdir: Path
     ) -> tuple[ProcessHandle, Attempt] | SpawnFailed:
-        # Synchronous on purpose: writing two small files and one posix_spawn take ~0.1 ms,
-        # less than the hop to a worker thread would.
+        attempt = self._prepare(spec, workdir)
+        if isinstance(attempt, SpawnFailed):
+            return attempt
         try:
-            attempt = self._launcher.prepare(spec, workdir.absolute())
-        except (OSError, ValueError) as exc:
-            return SpawnFailed(f"treadle: cannot run {spec.argv[0]!r}: {describe(exc)}\n")
-        try:
-            handle = ProcessHandle.spawn(
+            handle = await ProcessHandle.spawn(
                 asyncio.get_running_loop(),
                 attempt=attempt,
                 stdin=spec.stdin,
@@ -243,6 +242,14 @@ class ProcessRuntime:
             raise
         return handle, attempt
 
+    def _prepare(self, spec: AssignSpec, workdir: Path) -> Attempt | SpawnFailed:
+        # Synchronous on purpose: writing two small files takes less than the hop to a
+        # worker thread would.
+        try:
+            return self._launcher.prepare(spec, workdir.absolute())
+        except (OSError, ValueError) as exc:
+            return SpawnFailed(f"treadle: cannot run {spec.argv[0]!r}: {describe(exc)}\n")
+
     def _schedule_sweep(self) -> None:
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(_SWEEP_DELAY_S, self._do_sweep)
@@ -256,7 +263,7 @@ class ProcessHandle:
     """One running program. Its output iterator is the handle itself."""
 
     @classmethod
-    def spawn(
+    async def spawn(
         cls,
         loop: asyncio.AbstractEventLoop,
         *,
@@ -291,16 +298,11 @@ class ProcessHandle:
                 stdin_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             child.append(stdin_r)
             fds = {0: stdin_r, 1: out_w, 2: err_w, RESULT_FD: res_w, **launch.fds}
-            pid = spawn(launch.program, launch.argv, launch.env, launch.cwd, fds)
+            pid = await spawn_async(
+                launch.program, launch.argv, launch.env, launch.cwd, fds, ids=launch.ids
+            )
             started = time.monotonic()
-            reaper.track(pid)
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                _kill_group(pid)
-                os.waitpid(pid, 0)
-                reaper.untrack(pid)
-                raise
+            pidfd = _watch(pid)
         except BaseException:
             for fd in parent:
                 os.close(fd)
@@ -648,6 +650,18 @@ def environment(spec: AssignSpec, home: str) -> dict[str, str]:
         TREADLE_RESULT_FD=str(RESULT_FD),
     )
     return env
+
+
+def _watch(pid: int) -> int:
+    """A pidfd of the child `pid`, which this process reaps from now on."""
+    reaper.track(pid)
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        _kill_group(pid)
+        os.waitpid(pid, 0)
+        reaper.untrack(pid)
+        raise
 
 
 def _kill_group(pgid: int) -> None:
