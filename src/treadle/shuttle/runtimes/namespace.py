@@ -186,7 +186,9 @@ class NamespaceLauncher:
     def gives_network(self) -> bool:
         return self.slirp is not None
 
-    def prepare(self, spec: AssignSpec, workdir: Path) -> Attempt:
+    def prepare(self, spec: AssignSpec, workdir: Path, *, freezable: bool = False) -> Attempt:
+        """See `Launcher.prepare`; `freezable`: the attempt's group can be frozen (a
+        long-lived sandbox's pause), which on cgroup v1 costs one more hierarchy."""
         # `workdir` stays unused: the work dir lives inside the sandbox (see `bwrap`).
         files = workdir_files(spec)
         env = environment(spec, bwrap.WORK_DIR)
@@ -239,7 +241,9 @@ class NamespaceLauncher:
             if self.limits.cgroups is not None:
                 name = f"{self.group_prefix}{secrets.token_hex(6)}"
                 attempt.group = self.limits.cgroups.create(
-                    name, Limits.for_resources(spec.resources, self.limits.pids_max)
+                    name,
+                    Limits.for_resources(spec.resources, self.limits.pids_max),
+                    freezable=freezable,
                 )
             attempt.resources = spec.resources
         except BaseException:

@@ -194,6 +194,11 @@ class ProcessRuntime:
     def tier(self) -> Tier:
         return self._launcher.tier
 
+    @property
+    def launcher(self) -> Launcher:
+        """What prepares this tier's boundary (long-lived sandboxes use it too)."""
+        return self._launcher
+
     async def start(self, spec: AssignSpec, workdir: Path) -> RuntimeHandle:
         if spec.image is not None:
             failed = await self._fetch_image(spec)

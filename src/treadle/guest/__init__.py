@@ -1,0 +1,1 @@
+"""What runs inside a sandbox's boundary on Shuttle's behalf: the guest agent."""

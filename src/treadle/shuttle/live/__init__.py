@@ -1,0 +1,1 @@
+"""Long-lived sandboxes on this node: the boundary, its guest agent, and the link to it."""

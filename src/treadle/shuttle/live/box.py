@@ -1,0 +1,231 @@
+"""A long-lived sandbox on this node: one boundary, the guest agent as its first program, and
+every process and file operation a client asks for done by that agent inside the boundary.
+
+It is built from the same launchers as executions (`treadle.shuttle.runtimes`): the same
+namespaces, cgroup and limits, seccomp filter, ids and network as an execution of the same
+tier, so the escape suite's guarantees hold for whatever runs in it. Only what runs differs:
+the guest agent (`treadle.guest.agent`, on the Python the sandbox sees) instead of one program,
+and the sandbox lives until it is stopped.
+
+Pause freezes the sandbox's cgroup (v1's freezer or v2's cgroup.freeze): every process in it,
+the agent included, stops where it is, its memory kept; resume thaws it. A sandbox paused on a
+node without a freezer cannot be paused (`Unsupported`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from treadle.domain.resources import Resources, Tier
+from treadle.protocol.messages import AssignSpec, Usage
+from treadle.shuttle import reaper
+from treadle.shuttle.live.link import GuestLink, LinkBroken
+from treadle.shuttle.runtimes._spawn import spawn_async
+from treadle.shuttle.runtimes.base import ExitStatus
+from treadle.shuttle.runtimes.namespace import NamespaceLauncher
+from treadle.shuttle.runtimes.process import Attempt, HostLauncher
+from treadle.shuttle.sandbox import exits
+from treadle.shuttle.sandbox.cgroups import Group
+
+__all__ = ["LiveSandbox", "SandboxSpec", "Unsupported"]
+
+log = logging.getLogger(__name__)
+
+_READY_TIMEOUT_S = 30.0
+_STOP_GRACE_S = 5.0
+# The agent's source, run with `python3 -I -S -c`: nothing is written into the sandbox, and
+# nothing of the host's Python environment (site-packages, PYTHON* variables) is used.
+AGENT_SOURCE = resources.files("treadle.guest").joinpath("agent.py").read_text()
+_STDERR_KEEP = 16 * 1024
+
+
+class Unsupported(Exception):
+    """This node cannot do that for this sandbox (pause without a freezer, say)."""
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    id: str
+    incarnation: int
+    tenant_id: str
+    resources: Resources
+    isolation: Tier
+    env: dict[str, str]
+    image: str | None = None
+    network: bool = False
+    python: str = "python3"
+
+    def assign_spec(self) -> AssignSpec:
+        return AssignSpec(
+            id=self.id,
+            attempt=self.incarnation,
+            tenant_id=self.tenant_id,
+            function="sandbox",
+            version=1,
+            argv=[self.python, "-I", "-S", "-c", AGENT_SOURCE],
+            env=self.env,
+            # A sandbox ends when stopped; its TTL is Weaver's to enforce.
+            timeout_s=365 * 24 * 3600,
+            resources=self.resources,
+            isolation=self.isolation,
+            image=self.image,
+            network=self.network,
+        )
+
+
+class LiveSandbox:
+    """One running sandbox. `link` reaches its agent; `ended` is done, with how the sandbox
+    ended, once everything of it is gone."""
+
+    def __init__(self, spec: SandboxSpec, attempt: Attempt, pid: int, link: GuestLink) -> None:
+        self.spec = spec
+        self.link = link
+        self.pid = pid
+        self._attempt = attempt
+        self._loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(pid)
+        self._pidfd: int | None = pidfd
+        self._started = time.monotonic()
+        self._kill_reason: str | None = None
+        self._frozen = False
+        self.ended: asyncio.Future[ExitStatus] = self._loop.create_future()
+        self._loop.add_reader(pidfd, self._on_exit)
+
+    @classmethod
+    async def start(
+        cls, launcher: NamespaceLauncher | HostLauncher, spec: SandboxSpec, workdir: Path
+    ) -> LiveSandbox:
+        """Start the sandbox and wait for its agent's word; raises OSError or ValueError
+        when it cannot start (the reason in the message)."""
+        assign = spec.assign_spec()
+        if isinstance(launcher, NamespaceLauncher):
+            attempt: Attempt = launcher.prepare(assign, workdir, freezable=True)
+        else:
+            attempt = launcher.prepare(assign, workdir)
+        launch = attempt.launch
+        to_r, to_w = os.pipe2(os.O_CLOEXEC)
+        from_r, from_w = os.pipe2(os.O_CLOEXEC)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        child = [to_r, from_w, null]
+        try:
+            fds = {0: to_r, 1: from_w, 2: null, **launch.fds}
+            pid = await spawn_async(
+                launch.program, launch.argv, launch.env, launch.cwd, fds, ids=launch.ids
+            )
+        except BaseException:
+            for fd in (*child, to_w, from_r):
+                os.close(fd)
+            attempt.abandon()
+            raise
+        for fd in child:
+            os.close(fd)
+        reaper.track(pid)
+        broken: list[str] = []
+        link = GuestLink(to_w, from_r, on_broken=broken.append)
+        sandbox = cls(spec, attempt, pid, link)
+        try:
+            await attempt.spawned(pid)
+            async with asyncio.timeout(_READY_TIMEOUT_S):
+                await link.ready()
+        except BaseException as exc:
+            sandbox.kill("spawn_failed")
+            await asyncio.shield(sandbox.ended)
+            if isinstance(exc, (LinkBroken, TimeoutError)):
+                status = sandbox.ended.result()
+                raise OSError(f"the sandbox's agent did not start ({status.reason})") from exc
+            raise
+        return sandbox
+
+    # lifecycle
+
+    async def pause(self) -> None:
+        group = self._group()
+        await asyncio.to_thread(group.freeze)
+        self._frozen = True
+
+    async def resume(self) -> None:
+        group = self._group()
+        await asyncio.to_thread(group.thaw)
+        self._frozen = False
+
+    @property
+    def paused(self) -> bool:
+        return self._frozen
+
+    def _group(self) -> Group:
+        group = getattr(self._attempt, "group", None)
+        if not isinstance(group, Group):
+            raise Unsupported("this sandbox has no cgroup to freeze (no cgroups here)")
+        return group
+
+    async def stop(self, grace_s: float = _STOP_GRACE_S) -> ExitStatus:
+        """End the sandbox: its processes get SIGTERM, then SIGKILL after `grace_s`."""
+        if not self.ended.done():
+            if self._frozen:
+                with contextlib.suppress(Exception):
+                    await self.resume()
+            with contextlib.suppress(LinkBroken):
+                for process in self.link.processes():
+                    process.signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await self._quiet()
+            self.kill("stopped")
+        return await asyncio.shield(self.ended)
+
+    async def _quiet(self) -> None:
+        for process in self.link.processes():
+            with contextlib.suppress(LinkBroken):
+                await process.wait()
+
+    def kill(self, reason: str) -> None:
+        if self._kill_reason is None:
+            self._kill_reason = reason
+        self.link.close()
+        if self._pidfd is not None:  # None once reaped: the number may be another file's
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        self._attempt.kill()
+
+    def _on_exit(self) -> None:
+        try:
+            pid, status, _ = os.wait4(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 255 << 8
+        if pid == 0:
+            return
+        assert self._pidfd is not None
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        reaper.untrack(self.pid)
+        self.link.close()
+        code = os.waitstatus_to_exitcode(status)
+        reason = self._kill_reason
+        if reason is None and code < 0:
+            reason = exits.killed_by(-code)
+        usage = Usage(wall_ms=(time.monotonic() - self._started) * 1000)
+        exit_status = ExitStatus(code, reason, None, usage)
+
+        def settled() -> None:
+            try:
+                final = self._attempt.finish(exit_status)
+            except Exception:
+                log.exception("cleaning up after sandbox %s", self.spec.id)
+                final = exit_status
+            if not self.ended.done():
+                self.ended.set_result(final)
+
+        try:
+            self._attempt.exited(settled)
+        except Exception:
+            log.exception("after the end of sandbox %s", self.spec.id)
+            settled()

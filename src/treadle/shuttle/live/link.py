@@ -1,0 +1,417 @@
+"""Shuttle's end of the channel to a sandbox's guest agent (`treadle.guest.agent`).
+
+One link per sandbox, over two pipes: requests to the agent's stdin, events from its stdout.
+What comes back is untrusted (the sandbox's code can replace the agent) and is held to
+`treadle.protocol.guest`; a frame outside it, output past the window this side granted, or
+an answer to nothing asked breaks the link, and the sandbox is ended by its owner.
+
+Flow control is per stream: a process's output and a file's download each have a window of
+bytes that this side grants as its consumer takes what came, so a consumer that stops
+reading holds back that stream only (the agent stops reading that process's pipes), never the
+link, another process or another sandbox. Bytes held here per stream stay under its window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as errnos
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from treadle.protocol.guest import (
+    Data,
+    Done,
+    Error,
+    Event,
+    Exit,
+    FrameReader,
+    GuestProtocolError,
+    Out,
+    Ready,
+    Result,
+    Size,
+    Started,
+    encode_request,
+)
+
+__all__ = ["GuestError", "GuestLink", "GuestProcess", "LinkBroken", "ProcessExit"]
+
+WINDOW = 1024 * 1024
+CHUNK = 256 * 1024
+# Requests queued for the agent past which a sender waits (uploads, stdin).
+_SEND_HIGH_WATER = 4 * CHUNK
+
+
+class LinkBroken(Exception):
+    """The link to the guest agent is gone (the sandbox ended) or was broken by it."""
+
+
+class GuestError(Exception):
+    """The agent could not do what was asked (a file that is not there, a bad path...)."""
+
+    def __init__(self, errno: str, message: str | None) -> None:
+        super().__init__(f"{errno}: {message}" if message else errno)
+        self.errno = errno
+        self.message = message or errno
+
+    def code(self) -> int:
+        return int(getattr(errnos, self.errno, errnos.EIO))
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExit:
+    exit_code: int | None
+    signal: int | None
+
+
+class GuestProcess:
+    """A process the agent started: its output as it comes, its stdin, its exit."""
+
+    def __init__(self, link: GuestLink, pid: int, tag: str | None) -> None:
+        self._link = link
+        self.pid = pid
+        self.tag = tag
+        self.os_pid: int | None = None
+        self._chunks: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._held = 0  # bytes received and not yet taken by the consumer
+        self._exit: asyncio.Future[ProcessExit] = asyncio.get_running_loop().create_future()
+
+    async def output(self) -> AsyncIterator[tuple[str, bytes]]:
+        """(stream, bytes) as the process writes them, until it has exited."""
+        while True:
+            item = await self._chunks.get()
+            if item is None:
+                self._chunks.put_nowait(None)  # for any other reader
+                return
+            self._held -= len(item[1])
+            self._link.send({"op": "window", "pid": self.pid, "bytes": len(item[1])})
+            yield item
+
+    async def wait(self) -> ProcessExit:
+        return await asyncio.shield(self._exit)
+
+    @property
+    def exit(self) -> ProcessExit | None:
+        return self._exit.result() if self._exit.done() else None
+
+    async def write_stdin(self, data: bytes) -> None:
+        for start in range(0, len(data), CHUNK):
+            await self._link.request({"op": "stdin", "pid": self.pid}, data[start : start + CHUNK])
+
+    def close_stdin(self) -> None:
+        self._link.send({"op": "stdin_close", "pid": self.pid})
+
+    def signal(self, number: int) -> None:
+        self._link.send({"op": "signal", "pid": self.pid, "signal": number})
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._link.send({"op": "resize", "pid": self.pid, "rows": rows, "cols": cols})
+
+    def _out(self, stream: str, data: bytes) -> None:
+        self._held += len(data)
+        if self._held > WINDOW:
+            raise GuestProtocolError(f"process {self.pid} sent past its window")
+        self._chunks.put_nowait((stream, data))
+
+    def _ended(self, result: ProcessExit | BaseException) -> None:
+        if self._exit.done():
+            return
+        if isinstance(result, BaseException):
+            self._exit.set_exception(result)
+            self._exit.exception()  # retrieved: nobody may be waiting
+        else:
+            self._exit.set_result(result)
+        self._chunks.put_nowait(None)
+
+
+class _Download:
+    def __init__(self) -> None:
+        self.chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        self.held = 0
+
+
+class GuestLink:
+    """Requests to the agent and what it answers. `on_broken` is called once, with why,
+    when the agent breaks the protocol (not when the link simply ends)."""
+
+    def __init__(self, to_guest: int, from_guest: int, *, on_broken: Callable[[str], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._to, self._from = to_guest, from_guest
+        for fd in (to_guest, from_guest):
+            os.set_blocking(fd, False)
+        self._on_broken = on_broken
+        self._reader = FrameReader()
+        self._out = bytearray()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._writing = False
+        self._closed: BaseException | None = None
+        self._ready: asyncio.Future[Ready] = self._loop.create_future()
+        self._processes: dict[int, GuestProcess] = {}
+        self._requests: dict[int, asyncio.Future[Any]] = {}
+        self._downloads: dict[int, _Download] = {}
+        self._next = 0
+        self._loop.add_reader(from_guest, self._readable)
+
+    async def ready(self) -> Ready:
+        return await asyncio.shield(self._ready)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    # processes
+
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        tag: str | None = None,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+    ) -> GuestProcess:
+        pid = self._id()
+        process = GuestProcess(self, pid, tag)
+        self._processes[pid] = process
+        header: dict[str, Any] = {
+            "op": "exec",
+            "pid": pid,
+            "argv": argv,
+            "env": env or {},
+            "cwd": cwd,
+            "tag": tag,
+            "stdin": stdin,
+            "window": WINDOW,
+        }
+        if pty is not None:
+            header["pty"] = {"rows": pty[0], "cols": pty[1]}
+        try:
+            process.os_pid = await self.request(header)
+        except BaseException:
+            self._processes.pop(pid, None)
+            raise
+        return process
+
+    def processes(self) -> list[GuestProcess]:
+        return [p for p in self._processes.values() if p.exit is None]
+
+    # files
+
+    async def read_file(self, path: str) -> tuple[int, AsyncIterator[bytes]]:
+        """The file's size when opened, and its bytes as they come."""
+        req = self._id()
+        download = _Download()
+        self._downloads[req] = download
+        size = await self.request({"op": "read", "path": path, "window": WINDOW}, req=req)
+        return int(size), self._download(req, download)
+
+    async def _download(self, req: int, download: _Download) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                item = await download.chunks.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                download.held -= len(item)
+                self.send({"op": "read_window", "req": req, "bytes": len(item)})
+                yield item
+        finally:
+            if self._downloads.pop(req, None) is not None:
+                self.send({"op": "read_cancel", "req": req})
+
+    async def write_file(
+        self,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        *,
+        mode: int = 0o644,
+        parents: bool = True,
+        append: bool = False,
+    ) -> int:
+        """Write `data` to `path`; returns the file's size after."""
+        req = self._id()
+        open_ = {"op": "write_open", "path": path, "mode": mode, "parents": parents}
+        await self.request({**open_, "append": append}, req=req)
+        try:
+            if isinstance(data, bytes):
+                for start in range(0, len(data), CHUNK):
+                    await self._send_data(req, data[start : start + CHUNK])
+            else:
+                async for chunk in data:
+                    for start in range(0, len(chunk), CHUNK):
+                        await self._send_data(req, chunk[start : start + CHUNK])
+        except GuestError:
+            raise
+        except BaseException:
+            self.send({"op": "write_close", "req": req})
+            raise
+        size: int = await self.request({"op": "write_close"}, req=req)
+        return size
+
+    async def _send_data(self, req: int, chunk: bytes) -> None:
+        # Acknowledged now and then, so that a write error (a full disk) ends the upload.
+        ack = self._next % 8 == 0
+        self._next += 1
+        if ack:
+            await self.request({"op": "write_data", "ack": True}, chunk, req=req)
+        else:
+            self.send({"op": "write_data", "req": req}, chunk)
+            await self._drain()
+
+    async def call(self, op: str, **fields: Any) -> Any:
+        """A request answered by one result: stat, list, mkdir, remove, move, ps."""
+        return await self.request({"op": op, **fields})
+
+    # plumbing
+
+    async def request(
+        self, header: dict[str, Any], payload: bytes = b"", *, req: int | None = None
+    ) -> Any:
+        if req is None:
+            req = self._id()
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._requests[req] = future
+        self.send({**header, "req": req}, payload)
+        try:
+            await self._drain()
+            return await future
+        finally:
+            self._requests.pop(req, None)
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if self._closed is not None:
+            raise LinkBroken(str(self._closed))
+        self._out += encode_request(header, payload)
+        self._flush()
+
+    async def _drain(self) -> None:
+        while len(self._out) > _SEND_HIGH_WATER and self._closed is None:
+            self._drained.clear()
+            await self._drained.wait()
+        if self._closed is not None:
+            raise LinkBroken(str(self._closed))
+
+    def _flush(self) -> None:
+        try:
+            while self._out:
+                written = os.write(self._to, self._out)
+                del self._out[:written]
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._end(LinkBroken(f"the guest agent is gone ({exc.strerror})"))
+            return
+        if self._out and not self._writing:
+            self._loop.add_writer(self._to, self._flush)
+            self._writing = True
+        elif not self._out and self._writing:
+            self._loop.remove_writer(self._to)
+            self._writing = False
+        if len(self._out) <= _SEND_HIGH_WATER:
+            self._drained.set()
+
+    def _id(self) -> int:
+        self._next += 1
+        return self._next
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._from, 256 * 1024)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._end(LinkBroken(f"the guest agent is gone ({exc.strerror})"))
+            return
+        if not data:
+            self._end(LinkBroken("the guest agent is gone"))
+            return
+        try:
+            for event, payload in self._reader.feed(data):
+                self._dispatch(event, payload)
+        except GuestProtocolError as exc:
+            reason = f"the guest agent broke the protocol: {exc}"
+            self._end(LinkBroken(reason))
+            self._on_broken(reason)
+
+    def _dispatch(self, event: Event, payload: bytes) -> None:
+        if isinstance(event, Ready):
+            if self._ready.done():
+                raise GuestProtocolError("ready twice")
+            self._ready.set_result(event)
+        elif isinstance(event, Started):
+            pass  # the exec request's result carries the same
+        elif isinstance(event, Out):
+            self._process(event.pid)._out(event.stream, payload)
+        elif isinstance(event, Exit):
+            self._process(event.pid)._ended(ProcessExit(event.code, event.signal))
+        elif isinstance(event, (Data, Done)):
+            download = self._downloads.get(event.req)
+            if download is None:
+                return  # cancelled here: what was already on its way
+            if isinstance(event, Done):
+                download.chunks.put_nowait(None)
+                return
+            download.held += len(payload)
+            if download.held > WINDOW:
+                raise GuestProtocolError(f"download {event.req} sent past its window")
+            download.chunks.put_nowait(payload)
+        elif isinstance(event, Size):
+            self._answer(event.req, event.size)
+        elif isinstance(event, Result):
+            self._answer(event.req, event.value)
+        elif isinstance(event, Error):
+            error = GuestError(event.errno, event.message)
+            if not self._answer(event.req, error):
+                download = self._downloads.get(event.req)
+                if download is not None:
+                    download.chunks.put_nowait(error)
+
+    def _process(self, pid: int) -> GuestProcess:
+        process = self._processes.get(pid)
+        if process is None:
+            raise GuestProtocolError(f"event for process {pid}, which was never started")
+        return process
+
+    def _answer(self, req: int, value: Any) -> bool:
+        future = self._requests.get(req)
+        if future is None or future.done():
+            return False
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+        return True
+
+    def close(self) -> None:
+        self._end(LinkBroken("the sandbox was stopped"))
+
+    def _end(self, error: LinkBroken) -> None:
+        if self._closed is not None:
+            return
+        self._closed = error
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self._from)
+        if self._writing:
+            self._loop.remove_writer(self._to)
+            self._writing = False
+        for fd in (self._to, self._from):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._out.clear()
+        self._drained.set()
+        if not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(error)
+        for process in self._processes.values():
+            process._ended(error)
+        for download in self._downloads.values():
+            download.chunks.put_nowait(error)

@@ -1,0 +1,346 @@
+"""Long-lived sandboxes on a node (`treadle.shuttle.live`), on every tier that has them:
+processes started one after another in one boundary, their streams, stdin, PTY and signals,
+files both ways, per-stream flow control, pause/resume and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.runtimes import make_runtime, runtime_params
+from treadle.domain.resources import Resources, Tier
+from treadle.shuttle.live import box
+from treadle.shuttle.live.box import LiveSandbox, SandboxSpec
+from treadle.shuttle.live.link import GuestError, GuestProcess, LinkBroken
+from treadle.shuttle.runtimes.namespace import NamespaceLauncher
+from treadle.shuttle.runtimes.process import HostLauncher, ProcessRuntime
+
+PARAMS = [p for p in runtime_params() if p.id in ("process", "namespace")]
+HOST_PASSWD = Path("/etc/passwd").read_bytes()
+
+
+@pytest.fixture(params=PARAMS)
+def tier(request: pytest.FixtureRequest) -> tuple[Tier, dict[str, Any]]:
+    param: tuple[Tier, dict[str, Any]] = request.param
+    return param
+
+
+@pytest.fixture
+async def sandbox(tier: tuple[Tier, dict[str, Any]], tmp_path: Path) -> AsyncIterator[LiveSandbox]:
+    started = await start(tier, tmp_path)
+    try:
+        yield started
+    finally:
+        await started.stop(grace_s=1)
+
+
+async def start(tier: tuple[Tier, dict[str, Any]], home: Path, **spec: Any) -> LiveSandbox:
+    runtime = make_runtime(tier, home)
+    assert isinstance(runtime, ProcessRuntime)
+    launcher = runtime.launcher
+    assert isinstance(launcher, NamespaceLauncher | HostLauncher)
+    fields: dict[str, Any] = {
+        "id": "sbx_1",
+        "incarnation": 1,
+        "tenant_id": "tn_1",
+        "resources": Resources(cpu_millicores=1000, memory_mib=256),
+        "isolation": tier[0],
+        "env": {"GREETING": "hello"},
+        "python": "/usr/bin/python3",
+    }
+    fields.update(spec)
+    return await LiveSandbox.start(launcher, SandboxSpec(**fields), home / "work" / "sbx_1-1")
+
+
+async def run(sandbox: LiveSandbox, argv: list[str], **options: Any) -> tuple[bytes, bytes, Any]:
+    process = await sandbox.link.exec(argv, **options)
+    return await collect(process)
+
+
+async def collect(process: GuestProcess) -> tuple[bytes, bytes, Any]:
+    out, err = bytearray(), bytearray()
+    async for stream, data in process.output():
+        (out if stream == "stdout" else err).extend(data)
+    return bytes(out), bytes(err), await process.wait()
+
+
+async def test_processes_run_one_after_another_in_one_sandbox(sandbox: LiveSandbox) -> None:
+    out, err, end = await run(sandbox, ["sh", "-c", "echo $GREETING; echo oops >&2; exit 3"])
+    assert (out, err, end.exit_code, end.signal) == (b"hello\n", b"oops\n", 3, None)
+
+    # What one process leaves, the next one sees: it is one machine, not one run.
+    await run(sandbox, ["sh", "-c", "echo kept > note.txt"])
+    out, _, end = await run(sandbox, ["cat", "note.txt"])
+    assert (out, end.exit_code) == (b"kept\n", 0)
+
+    out, _, end = await run(sandbox, ["sh", "-c", "pwd; echo $X"], cwd="/tmp", env={"X": "y"})
+    assert out == b"/tmp\ny\n"
+
+
+async def test_what_exec_starts_is_inside_the_boundary(
+    tier: tuple[Tier, dict[str, Any]], sandbox: LiveSandbox
+) -> None:
+    if tier[0] == Tier.PROCESS:
+        pytest.skip("the process tier has no boundary")
+    probe = "grep -E '^(Uid|Gid|Groups|CapEff|CapBnd|Seccomp|NoNewPrivs):' /proc/self/status"
+    process = await sandbox.link.exec(["sh", "-c", f"{probe}; echo marker; exec sleep 600"])
+    out = bytearray()
+    async for _, data in process.output():
+        out += data
+        if out.endswith(b"marker\n"):
+            break
+    inside = dict(line.split(":", 1) for line in out.decode().splitlines() if ":" in line)
+    assert inside["Uid"].split() == ["1000"] * 4  # the sandbox's user, not root
+    assert int(inside["CapEff"], 16) == 0
+    assert inside["Seccomp"].strip() == "2"  # the sandbox layer's filter
+    # Seen from the host: the workload's own ids (not Shuttle's), in the sandbox's cgroup.
+    sleeper = next(p for p in await sandbox.link.call("ps") if "sleep 600" in " ".join(p["argv"]))
+    host_pid = _host_pid_of(sandbox.pid, sleeper["os_pid"])
+    fields, cgroups = _host_view(host_pid)
+    if os.geteuid() == 0:
+        assert 0 not in {int(u) for u in fields["Uid"].split()}
+        assert fields["Groups"].split() == []
+    assert sandbox._group().name in cgroups
+
+
+def _host_view(pid: int) -> tuple[dict[str, str], str]:
+    """A host process's status fields, and its cgroups."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    with open(f"/proc/{pid}/cgroup") as f:
+        return fields, f.read()
+
+
+def _host_pid_of(outer: int, inner: int) -> int:
+    """The host pid of the process that is `inner` in the PID namespace below `outer`."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status:
+                for line in status:
+                    if line.startswith("NSpid:"):
+                        pids = [int(p) for p in line.split()[1:]]
+                        if len(pids) > 1 and pids[-1] == inner and _descends(int(entry), outer):
+                            return int(entry)
+        except OSError:
+            continue
+    raise AssertionError(f"no process {inner} under {outer}")
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
+
+
+async def test_a_program_that_is_not_there_is_an_exit_not_a_crash(sandbox: LiveSandbox) -> None:
+    _, err, end = await run(sandbox, ["no-such-program-here"])
+    assert end.exit_code == 127
+    assert b"no-such-program-here" in err
+    out, _, _ = await run(sandbox, ["echo", "still", "here"])
+    assert out == b"still here\n"
+
+
+async def test_stdin_is_streamed_and_closed(sandbox: LiveSandbox) -> None:
+    process = await sandbox.link.exec(["sh", "-c", "wc -c; echo done"], stdin=True)
+    data = os.urandom(3 * 1024 * 1024)
+    reading = asyncio.ensure_future(collect(process))
+    await process.write_stdin(data)
+    process.close_stdin()
+    out, _, end = await reading
+    assert out.split() == [str(len(data)).encode(), b"done"]
+    assert end.exit_code == 0
+
+
+async def test_signals_reach_the_process(sandbox: LiveSandbox) -> None:
+    process = await sandbox.link.exec(["sh", "-c", "echo up; exec sleep 600"])
+    outputs = process.output()
+    assert await anext(outputs) == ("stdout", b"up\n")
+    process.signal(signal.SIGTERM)
+    end = await process.wait()
+    assert (end.exit_code, end.signal) == (None, signal.SIGTERM)
+
+
+async def test_a_pty_is_a_terminal_of_the_size_asked(sandbox: LiveSandbox) -> None:
+    out, _, end = await run(sandbox, ["sh", "-c", "tty; stty size"], pty=(33, 101))
+    lines = out.decode().split()
+    assert lines[0].startswith("/dev/pts/")
+    assert lines[1:] == ["33", "101"]
+    assert end.exit_code == 0
+
+    shell = await sandbox.link.exec(["sh"], pty=(24, 80))
+    shell.resize(50, 132)
+    await shell.write_stdin(b"stty size; exit 7\n")
+    out, _, end = await collect(shell)
+    assert b"50 132" in out
+    assert end.exit_code == 7
+
+
+async def test_background_processes_outlive_the_exec_that_started_them(
+    sandbox: LiveSandbox,
+) -> None:
+    out, _, _ = await run(sandbox, ["sh", "-c", "sleep 600 > /dev/null 2>&1 & echo $!"])
+    background = int(out)
+    out, _, _ = await run(sandbox, ["sh", "-c", f"kill -0 {background} && echo alive"])
+    assert out == b"alive\n"
+
+
+async def test_files_go_both_ways_binary_safe(sandbox: LiveSandbox) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    size = await sandbox.link.write_file("data/blob.bin", data)
+    assert size == len(data)
+    length, chunks = await sandbox.link.read_file("data/blob.bin")
+    assert length == len(data)
+    assert b"".join([chunk async for chunk in chunks]) == data
+
+    out, _, _ = await run(sandbox, ["sh", "-c", "wc -c < data/blob.bin"])
+    assert int(out) == len(data)
+
+    assert await sandbox.link.call("mkdir", path="a/b/c") is True
+    await sandbox.link.call("move", source="data/blob.bin", target="a/b/c/moved.bin")
+    listing = await sandbox.link.call("list", path="a", depth=3)
+    assert [(e["name"], e["type"]) for e in listing] == [
+        ("b", "dir"),
+        ("c", "dir"),
+        ("moved.bin", "file"),
+    ]
+    stat = await sandbox.link.call("stat", path="a/b/c/moved.bin")
+    assert stat["size"] == len(data)
+    await sandbox.link.call("remove", path="a")
+    with pytest.raises(GuestError) as missing:
+        await sandbox.link.call("stat", path="a")
+    assert missing.value.errno == "ENOENT"
+    with pytest.raises(GuestError):
+        await sandbox.link.read_file("no/such/file")
+
+
+async def test_paths_resolve_inside_the_sandbox(
+    tier: tuple[Tier, dict[str, Any]], sandbox: LiveSandbox, tmp_path: Path
+) -> None:
+    if tier[0] == Tier.PROCESS:
+        pytest.skip("the process tier isolates nothing: its paths are the host's")
+    secret = tmp_path / "host-secret"
+    secret.write_text("host only")
+    # A link planted by the sandbox's own code, `..` past the root, absolute paths: all
+    # are the sandbox's view, in which the host's file does not exist.
+    await run(sandbox, ["ln", "-s", str(secret), "planted"])
+    for path in ("planted", f"../../../..{secret}", str(secret)):
+        with pytest.raises(GuestError) as refused:
+            await sandbox.link.read_file(path)
+        assert refused.value.errno == "ENOENT", path
+    with pytest.raises(GuestError) as read_only:
+        await sandbox.link.write_file("/usr/bin/planted", b"x")
+    assert read_only.value.errno in ("EROFS", "EACCES")
+    _, chunks = await sandbox.link.read_file("/etc/passwd")
+    passwd = b"".join([c async for c in chunks])
+    assert passwd != HOST_PASSWD  # the sandbox's own
+
+
+async def test_a_reader_that_stops_holds_back_only_its_own_stream(sandbox: LiveSandbox) -> None:
+    # This process writes far more than one window; nobody reads it.
+    flood = await sandbox.link.exec(["sh", "-c", "yes flood | head -c 50000000"])
+    # Others go on: a process's output, a file, a listing.
+    out, _, end = await run(sandbox, ["echo", "through"])
+    assert (out, end.exit_code) == (b"through\n", 0)
+    await sandbox.link.write_file("f.txt", b"fine")
+    assert (await sandbox.link.call("stat", path="f.txt"))["size"] == 4
+    assert flood.exit is None  # held back, not dropped
+    received = 0
+    async for _, data in flood.output():
+        received += len(data)
+    assert received == 50_000_000
+    assert (await flood.wait()).exit_code == 0
+
+
+async def test_pause_freezes_every_process_and_resume_goes_on(
+    tier: tuple[Tier, dict[str, Any]], sandbox: LiveSandbox
+) -> None:
+    if tier[0] == Tier.PROCESS:
+        with pytest.raises(box.Unsupported):
+            await sandbox.pause()
+        return
+    ticker = await sandbox.link.exec(
+        ["sh", "-c", "i=0; while read line; do i=$((i+1)); echo $i; done"], stdin=True
+    )
+    outputs = ticker.output()
+    await ticker.write_stdin(b"a\n")
+    assert await anext(outputs) == ("stdout", b"1\n")
+    await sandbox.pause()
+    assert sandbox.paused
+    group = sandbox._group()
+    assert group.frozen()
+    assert ticker.os_pid is not None
+    await sandbox.resume()
+    await ticker.write_stdin(b"b\n")
+    assert await anext(outputs) == ("stdout", b"2\n")
+    assert not group.frozen()
+
+
+async def test_stop_ends_every_process_and_releases_the_sandbox(
+    tier: tuple[Tier, dict[str, Any]], tmp_path: Path
+) -> None:
+    sandbox = await start(tier, tmp_path)
+    process = await sandbox.link.exec(["sh", "-c", "trap '' TERM; echo up; sleep 600"])
+    assert await anext(process.output()) == ("stdout", b"up\n")
+    status = await sandbox.stop(grace_s=0.2)
+    assert status.reason == "stopped"
+    assert sandbox.link.closed
+    with pytest.raises(LinkBroken):
+        await process.wait()
+    with pytest.raises(LinkBroken):
+        await sandbox.link.exec(["true"])
+
+
+HOSTILE = {
+    "oversized frame": "import os,struct; os.write(1, struct.pack('>II', 1<<30, 0)); input()",
+    "not json": "import os,struct; os.write(1, struct.pack('>II', 3, 0) + b'{{{'); input()",
+    "payload where none belongs": (
+        "import os,struct,json; h=json.dumps({'ev':'ready','pid':1,'uid':0}).encode();"
+        "os.write(1, struct.pack('>II', len(h), 5) + h + b'xxxxx'); input()"
+    ),
+    "events for nothing asked": (
+        "import os,struct,json\n"
+        "def send(d, p=b''):\n"
+        "    h = json.dumps(d).encode(); os.write(1, struct.pack('>II', len(h), len(p)) + h + p)\n"
+        "send({'ev':'ready','pid':1,'uid':0}); send({'ev':'out','pid':7,'stream':'stdout'}, b'x')\n"
+        "input()"
+    ),
+}
+
+
+@pytest.mark.parametrize("behaviour", sorted(HOSTILE))
+async def test_a_hostile_agent_ends_its_own_sandbox_and_nothing_else(
+    tier: tuple[Tier, dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    behaviour: str,
+) -> None:
+    neighbour = await start(tier, tmp_path / "neighbour")
+    try:
+        monkeypatch.setattr(box, "AGENT_SOURCE", HOSTILE[behaviour])
+        try:
+            hostile = await start(tier, tmp_path / "hostile", id="sbx_2")
+        except OSError as exc:
+            assert "agent" in str(exc)
+        else:
+            # It got as far as a valid "ready": the next frame breaks its link.
+            with pytest.raises(LinkBroken):
+                await hostile.link.exec(["true"])
+            await hostile.stop(grace_s=0)
+        out, _, end = await run(neighbour, ["echo", "unharmed"])
+        assert (out, end.exit_code) == (b"unharmed\n", 0)
+    finally:
+        await neighbour.stop(grace_s=0)
