@@ -1,0 +1,198 @@
+"""The sandbox state machine (DESIGN §10): the only place that decides which transitions exist.
+
+A sandbox has a desired status, set through the API (`running`, `paused`, `stopped`), and an
+observed status, moved by what its node reports and by the reconciler:
+
+    pending ──place──▶ starting ──started──▶ running ◀──resumed── paused
+       ▲                  │                    │ └──────paused──────▶ │
+       │                  │                    │                      │
+       └── restart ◀──────┴── ended/lost ──────┴──────────────────────┘   (incarnation + 1)
+                                                │
+    (any live status) ──stop──▶ stopping ──stopped──▶ stopped
+    (starting, running, paused, stopping) ──ended/lost, no restart──▶ stopped | failed
+
+`stopped` and `failed` are terminal: a sandbox reaches exactly one of them. Each start on a
+node is an incarnation; reports name theirs, and only the current one moves the sandbox
+(fencing, as attempts are for executions). `next_step` is what the reconciler does to bring
+observed toward desired; `after_end` decides, by the restart policy, what an incarnation's end
+means for the sandbox.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from treadle.domain.errors import InvalidTransition
+
+__all__ = [
+    "LIVE_STATUSES",
+    "ON_NODE_STATUSES",
+    "TERMINAL_STATUSES",
+    "Decision",
+    "Desired",
+    "End",
+    "ExpiryAction",
+    "RestartPolicy",
+    "SandboxEvent",
+    "SandboxStatus",
+    "Step",
+    "after_end",
+    "apply",
+    "desire",
+    "next_step",
+]
+
+
+class SandboxStatus(StrEnum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Desired(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+class RestartPolicy(StrEnum):
+    ALWAYS = "always"
+    ON_FAILURE = "on_failure"
+    NEVER = "never"
+
+
+class ExpiryAction(StrEnum):
+    """What the TTL or the idle timeout does when it fires."""
+
+    STOP = "stop"
+    PAUSE = "pause"
+
+
+class SandboxEvent(StrEnum):
+    PLACE = "place"  # the reconciler chose a node and sent the start
+    STARTED = "started"  # the node: the agent answers
+    PAUSED = "paused"  # the node: frozen
+    RESUMED = "resumed"  # the node: thawed
+    STOP = "stop"  # the reconciler sent the stop
+    STOPPED = "stopped"  # the node: nothing of it is left
+    RESTART = "restart"  # the incarnation ended and policy starts another
+    END = "end"  # the incarnation ended and policy starts none
+    FAIL = "fail"  # the same, as a failure
+
+
+class End(StrEnum):
+    """How an incarnation ended, without a stop being asked for."""
+
+    EXITED = "exited"  # its first process (the agent) ended on its own, cleanly
+    CRASHED = "crashed"  # it ended with an error: the agent died, a start failed, a limit
+    NODE_LOST = "node_lost"  # its node went away for longer than the grace period
+
+
+TERMINAL_STATUSES = frozenset({SandboxStatus.STOPPED, SandboxStatus.FAILED})
+LIVE_STATUSES = frozenset(set(SandboxStatus) - TERMINAL_STATUSES)
+# What a node may be holding: everything between the start sent and the stop confirmed.
+ON_NODE_STATUSES = frozenset(
+    {
+        SandboxStatus.STARTING,
+        SandboxStatus.RUNNING,
+        SandboxStatus.PAUSED,
+        SandboxStatus.STOPPING,
+    }
+)
+
+_S = SandboxStatus
+_E = SandboxEvent
+_TABLE: dict[tuple[SandboxStatus, SandboxEvent], SandboxStatus] = {
+    (_S.PENDING, _E.PLACE): _S.STARTING,
+    (_S.PENDING, _E.STOP): _S.STOPPED,  # nothing on any node: nothing to wait for
+    (_S.STARTING, _E.STARTED): _S.RUNNING,
+    (_S.RUNNING, _E.PAUSED): _S.PAUSED,
+    (_S.PAUSED, _E.RESUMED): _S.RUNNING,
+    # A node may report the same state again (a replayed report): harmless.
+    (_S.RUNNING, _E.STARTED): _S.RUNNING,
+    (_S.RUNNING, _E.RESUMED): _S.RUNNING,
+    (_S.PAUSED, _E.PAUSED): _S.PAUSED,
+}
+for _status in ON_NODE_STATUSES:
+    _TABLE[(_status, _E.STOP)] = _S.STOPPING
+    _TABLE[(_status, _E.STOPPED)] = _S.STOPPED
+    _TABLE[(_status, _E.RESTART)] = _S.PENDING
+    _TABLE[(_status, _E.END)] = _S.STOPPED
+    _TABLE[(_status, _E.FAIL)] = _S.FAILED
+
+
+def apply(status: SandboxStatus, event: SandboxEvent) -> SandboxStatus:
+    """The status after `event`, or InvalidTransition when `event` is not valid in it."""
+    try:
+        return _TABLE[(status, event)]
+    except KeyError:
+        raise InvalidTransition(
+            f"cannot {event.value} a sandbox that is {status.value}",
+            details={"state": status.value, "event": event.value},
+        ) from None
+
+
+def desire(current: Desired, wanted: Desired, status: SandboxStatus) -> Desired:
+    """The desired status after a client asks for `wanted`; InvalidTransition where that
+    cannot be had: a stopped sandbox stays stopped (a new one is created instead)."""
+    if status in TERMINAL_STATUSES or current == Desired.STOPPED:
+        if wanted == Desired.STOPPED:
+            return Desired.STOPPED  # stopping twice is no error
+        raise InvalidTransition(
+            f"cannot make a sandbox that is {status.value} {wanted.value}",
+            details={"state": status.value, "desired": wanted.value},
+        )
+    return wanted
+
+
+class Step(StrEnum):
+    """What the reconciler does next for one sandbox."""
+
+    PLACE = "place"  # find a node and send the start
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"  # send the stop to its node
+    FINISH = "finish"  # stopped before it reached a node: record it stopped
+
+
+def next_step(desired: Desired, status: SandboxStatus) -> Step | None:
+    """The step toward `desired` from `status`, or None while there is nothing to do (done,
+    or waiting for the node to report)."""
+    if status in TERMINAL_STATUSES:
+        return None
+    if desired == Desired.STOPPED:
+        if status == _S.PENDING:
+            return Step.FINISH
+        return None if status == _S.STOPPING else Step.STOP
+    if status == _S.PENDING:
+        return Step.PLACE
+    if desired == Desired.PAUSED and status == _S.RUNNING:
+        return Step.PAUSE
+    if desired == Desired.RUNNING and status == _S.PAUSED:
+        return Step.RESUME
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    event: SandboxEvent
+    # Why the incarnation ended, in words for the sandbox and its event.
+    reason: str
+
+
+def after_end(policy: RestartPolicy, end: End, desired: Desired) -> Decision:
+    """What an incarnation's end, not asked for, means: a new incarnation elsewhere or the
+    same node (RESTART), or the end of the sandbox (END, FAIL). A sandbox meant to stop is
+    never restarted."""
+    reason = end.value
+    if desired == Desired.STOPPED:
+        return Decision(_E.END, reason)
+    failed = end != End.EXITED
+    if policy == RestartPolicy.ALWAYS or (policy == RestartPolicy.ON_FAILURE and failed):
+        return Decision(_E.RESTART, reason)
+    return Decision(_E.FAIL if failed else _E.END, reason)
