@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec, Usage
@@ -31,9 +32,8 @@ from treadle.shuttle.live.link import GuestLink, LinkBroken
 from treadle.shuttle.runtimes._spawn import spawn_async
 from treadle.shuttle.runtimes.base import ExitStatus
 from treadle.shuttle.runtimes.namespace import NamespaceLauncher
-from treadle.shuttle.runtimes.process import Attempt, HostLauncher
+from treadle.shuttle.runtimes.process import Attempt, ImageLauncher, Launcher
 from treadle.shuttle.sandbox import exits
-from treadle.shuttle.sandbox.cgroups import Group
 
 __all__ = ["LiveSandbox", "SandboxSpec", "Unsupported"]
 
@@ -49,6 +49,16 @@ _STDERR_KEEP = 16 * 1024
 
 class Unsupported(Exception):
     """This node cannot do that for this sandbox (pause without a freezer, say)."""
+
+
+@runtime_checkable
+class Pausable(Protocol):
+    """An attempt whose tier can freeze it in place: the namespace tier by its cgroup's
+    freezer, the oci tiers by their runtime's own `pause` (gVisor's stops its sandbox)."""
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -100,12 +110,14 @@ class LiveSandbox:
         self._loop.add_reader(pidfd, self._on_exit)
 
     @classmethod
-    async def start(
-        cls, launcher: NamespaceLauncher | HostLauncher, spec: SandboxSpec, workdir: Path
-    ) -> LiveSandbox:
+    async def start(cls, launcher: Launcher, spec: SandboxSpec, workdir: Path) -> LiveSandbox:
         """Start the sandbox and wait for its agent's word; raises OSError or ValueError
         when it cannot start (the reason in the message)."""
         assign = spec.assign_spec()
+        if assign.image is not None:
+            if not isinstance(launcher, ImageLauncher):
+                raise ValueError(f"the {launcher.tier} tier cannot run an image")
+            await launcher.fetch_image(assign)
         if isinstance(launcher, NamespaceLauncher):
             attempt: Attempt = launcher.prepare(assign, workdir, freezable=True)
         else:
@@ -147,24 +159,26 @@ class LiveSandbox:
     # lifecycle
 
     async def pause(self) -> None:
-        group = self._group()
-        await asyncio.to_thread(group.freeze)
+        """Freeze every process of the sandbox in place; `Unsupported` where this tier or
+        node cannot."""
+        pausable = self._attempt
+        if not isinstance(pausable, Pausable):
+            raise Unsupported(f"the {self.spec.isolation} tier cannot pause a sandbox")
+        try:
+            await pausable.pause()
+        except OSError as exc:
+            raise Unsupported(str(exc)) from exc
         self._frozen = True
 
     async def resume(self) -> None:
-        group = self._group()
-        await asyncio.to_thread(group.thaw)
+        pausable = self._attempt
+        if isinstance(pausable, Pausable):
+            await pausable.resume()
         self._frozen = False
 
     @property
     def paused(self) -> bool:
         return self._frozen
-
-    def _group(self) -> Group:
-        group = getattr(self._attempt, "group", None)
-        if not isinstance(group, Group):
-            raise Unsupported("this sandbox has no cgroup to freeze (no cgroups here)")
-        return group
 
     async def stop(self, grace_s: float = _STOP_GRACE_S) -> ExitStatus:
         """End the sandbox: its processes get SIGTERM, then SIGKILL after `grace_s`."""

@@ -207,6 +207,24 @@ class OciTool:
         """Delete the container (killing it if it still runs); no error if it is gone."""
         _quiet(self.delete_argv(container_id), timeout_s)
 
+    def pause(self, container_id: str, timeout_s: float = 30.0) -> None:
+        """Freeze every process of the container (gVisor: its whole sandbox) in place."""
+        self._checked("pause", container_id, timeout_s)
+
+    def resume(self, container_id: str, timeout_s: float = 30.0) -> None:
+        self._checked("resume", container_id, timeout_s)
+
+    def _checked(self, verb: str, container_id: str, timeout_s: float) -> None:
+        proc = subprocess.run(
+            [*self.global_argv(), verb, container_id],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise OSError(f"{self.name} {verb} failed: {_tail(proc.stderr)}")
+
 
 def runtime_error(tool: OciTool, log: Path) -> str | None:
     """The runtime's own error from its `run_argv` log, None when it reported none: tells a

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -341,6 +342,16 @@ class _NamespaceAttempt:
             if self._killed:
                 return  # stopped along with the attempt, whose kill says why
             raise _NetworkFailed(str(exc), self._ended) from exc
+
+    async def pause(self) -> None:
+        """Freeze every process of the sandbox in place (its cgroup's freezer)."""
+        if self.group is None:
+            raise OSError(errno.ENOTSUP, "this host gives the sandbox no cgroup to freeze")
+        await asyncio.to_thread(self.group.freeze)
+
+    async def resume(self) -> None:
+        if self.group is not None:
+            await asyncio.to_thread(self.group.thaw)
 
     def _hold(self, pid: int) -> None:
         """Take charge of the sandbox's first process, held by bubblewrap."""

@@ -260,6 +260,12 @@ class _OciAttempt:
     async def spawned(self, pid: int) -> None:
         pass
 
+    async def pause(self) -> None:
+        await asyncio.to_thread(self._tool.pause, self._bundle.container_id)
+
+    async def resume(self) -> None:
+        await asyncio.to_thread(self._tool.resume, self._bundle.container_id)
+
     def kill(self) -> None:
         # Off the caller's thread: the runtime's `kill` is a process of its own to wait for.
         threading.Thread(
