@@ -8,6 +8,7 @@ import itertools
 import pytest
 
 from treadle.domain.errors import InvalidTransition
+from treadle.domain.resources import Tier
 from treadle.domain.sandbox import (
     LIVE_STATUSES,
     ON_NODE_STATUSES,
@@ -126,3 +127,11 @@ def test_an_unasked_end_restarts_by_policy(policy: RestartPolicy, end: End, even
 @pytest.mark.parametrize("end", list(End))
 def test_a_sandbox_meant_to_stop_is_never_restarted(end: End) -> None:
     assert after_end(RestartPolicy.ALWAYS, end, Desired.STOPPED).event == E.END
+
+
+def test_only_tiers_with_a_boundary_pause() -> None:
+    assert desire(Desired.RUNNING, Desired.PAUSED, S.RUNNING, Tier.NAMESPACE) == Desired.PAUSED
+    assert desire(Desired.RUNNING, Desired.PAUSED, S.PENDING, None) == Desired.PAUSED
+    with pytest.raises(InvalidTransition, match="cannot be paused"):
+        desire(Desired.RUNNING, Desired.PAUSED, S.RUNNING, Tier.PROCESS)
+    assert desire(Desired.RUNNING, Desired.STOPPED, S.RUNNING, Tier.PROCESS) == Desired.STOPPED

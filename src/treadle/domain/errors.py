@@ -8,6 +8,7 @@ TreadleError
  ├── NotFound            (404)  no such resource for this tenant (also: another tenant's)
  ├── Conflict            (409)  the resource is in a state where the action is not allowed
  │    └── InvalidTransition      an execution event that is not valid in its current state
+ ├── Unavailable         (503)  cannot be done by this replica now; retrying is safe
  └── ProtocolError               a Weaver/Shuttle frame that is not part of the protocol
 
 Each carries a stable machine-readable `code`; the API maps the class to its HTTP status.
@@ -27,6 +28,7 @@ __all__ = [
     "ProtocolError",
     "TreadleError",
     "Unauthenticated",
+    "Unavailable",
 ]
 
 
@@ -67,6 +69,10 @@ class Conflict(TreadleError):
 
 class InvalidTransition(Conflict):
     code = "invalid_transition"
+
+
+class Unavailable(TreadleError):
+    code = "unavailable"
 
 
 class ProtocolError(TreadleError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -28,6 +28,7 @@ __all__ = [
     "PlacementSpec",
     "PresetStrategy",
     "Strategy",
+    "WorkloadSpec",
     "ensure_json_safe",
     "placeholders",
     "render_command",
@@ -117,20 +118,16 @@ class PlacementSpec(BaseModel):
         return self
 
 
-class FunctionSpec(BaseModel):
-    """The body of `POST /v1/functions`; immutable once stored as a version."""
+class WorkloadSpec(BaseModel):
+    """What every workload, function or sandbox, is made of and placed by: one set of rules
+    for images, environments, tiers, network and placement."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    name: str = Field(pattern=NAME_PATTERN)
-    command: list[str] = Field(min_length=1, max_length=4096)
-    source: str | None = Field(default=None, max_length=1_048_576)
-    source_name: str = Field(default="main", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
     # A registry reference (treadle.domain.images), which also bounds its length.
     image: str | None = None
     env: dict[str, str] = Field(default_factory=dict, max_length=1024)
     resources: Resources = Field(default_factory=Resources)
-    timeout_s: float = Field(default=300.0, gt=0, le=7 * 24 * 3600)
     # An exact tier, or the weakest acceptable one (process < namespace < oci < gvisor <
     # microvm). With neither, the weakest tier at least the fleet's default (namespace
     # unless the operator raises it); see treadle.scheduler.tiers.
@@ -138,18 +135,7 @@ class FunctionSpec(BaseModel):
     min_isolation: Tier | None = None
     # Outbound network for the program; only nodes whose operator allows it can run it.
     network: bool = False
-    max_attempts: int = Field(default=3, ge=1, le=20)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
-
-    @field_validator("command")
-    @classmethod
-    def _command_is_argv(cls, value: list[str]) -> list[str]:
-        if not value[0]:
-            raise ValueError("command[0] must name a program")
-        for arg in value:
-            if "\x00" in arg:
-                raise ValueError("command arguments cannot contain NUL bytes")
-        return value
 
     @field_validator("min_isolation")
     @classmethod
@@ -193,7 +179,7 @@ class FunctionSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _image_needs_a_container_tier(self) -> FunctionSpec:
+    def _image_needs_a_container_tier(self) -> Self:
         isolation = self.isolation
         if self.image is not None and isolation is not None and isolation not in IMAGE_TIERS:
             raise ValueError(
@@ -204,7 +190,7 @@ class FunctionSpec(BaseModel):
 
     @property
     def tier_floor(self) -> Tier | None:
-        """The weakest tier the function may run in, when it names no exact one: an image
+        """The weakest tier the workload may run in, when it names no exact one: an image
         needs a container runtime."""
         floor = self.min_isolation
         if self.image is not None and (floor is None or floor.strength < Tier.OCI.strength):
@@ -212,7 +198,7 @@ class FunctionSpec(BaseModel):
         return floor
 
     @model_validator(mode="after")
-    def _json_safe(self) -> FunctionSpec:
+    def _json_safe(self) -> Self:
         ensure_json_safe(self.model_dump(mode="json"))
         return self
 
@@ -226,6 +212,27 @@ class FunctionSpec(BaseModel):
                 raise ValueError(f"env name {key!r} uses the reserved prefix TREADLE_")
             if "\x00" in val:
                 raise ValueError(f"env value of {key!r} contains a NUL byte")
+        return value
+
+
+class FunctionSpec(WorkloadSpec):
+    """The body of `POST /v1/functions`; immutable once stored as a version."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    command: list[str] = Field(min_length=1, max_length=4096)
+    source: str | None = Field(default=None, max_length=1_048_576)
+    source_name: str = Field(default="main", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    timeout_s: float = Field(default=300.0, gt=0, le=7 * 24 * 3600)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+
+    @field_validator("command")
+    @classmethod
+    def _command_is_argv(cls, value: list[str]) -> list[str]:
+        if not value[0]:
+            raise ValueError("command[0] must name a program")
+        for arg in value:
+            if "\x00" in arg:
+                raise ValueError("command arguments cannot contain NUL bytes")
         return value
 
 

@@ -20,14 +20,20 @@ means for the sandbox.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+from pydantic import Field, field_validator
+
 from treadle.domain.errors import InvalidTransition
+from treadle.domain.function import WorkloadSpec
+from treadle.domain.resources import Tier
 
 __all__ = [
     "LIVE_STATUSES",
     "ON_NODE_STATUSES",
+    "PAUSABLE_TIERS",
     "TERMINAL_STATUSES",
     "Decision",
     "Desired",
@@ -35,6 +41,7 @@ __all__ = [
     "ExpiryAction",
     "RestartPolicy",
     "SandboxEvent",
+    "SandboxSpec",
     "SandboxStatus",
     "Step",
     "after_end",
@@ -137,9 +144,21 @@ def apply(status: SandboxStatus, event: SandboxEvent) -> SandboxStatus:
         ) from None
 
 
-def desire(current: Desired, wanted: Desired, status: SandboxStatus) -> Desired:
+# The tiers that can freeze a sandbox in place (the process tier has no boundary to freeze).
+PAUSABLE_TIERS = frozenset({Tier.NAMESPACE, Tier.OCI, Tier.GVISOR, Tier.MICROVM})
+
+
+def desire(
+    current: Desired, wanted: Desired, status: SandboxStatus, tier: Tier | None = None
+) -> Desired:
     """The desired status after a client asks for `wanted`; InvalidTransition where that
-    cannot be had: a stopped sandbox stays stopped (a new one is created instead)."""
+    cannot be had: a stopped sandbox stays stopped (a new one is created instead), and one
+    in a tier that cannot pause is not paused."""
+    if wanted == Desired.PAUSED and tier is not None and tier not in PAUSABLE_TIERS:
+        raise InvalidTransition(
+            f"a sandbox in the {tier.value} tier cannot be paused",
+            details={"state": status.value, "isolation": tier.value},
+        )
     if status in TERMINAL_STATUSES or current == Desired.STOPPED:
         if wanted == Desired.STOPPED:
             return Desired.STOPPED  # stopping twice is no error
@@ -196,3 +215,32 @@ def after_end(policy: RestartPolicy, end: End, desired: Desired) -> Decision:
     if policy == RestartPolicy.ALWAYS or (policy == RestartPolicy.ON_FAILURE and failed):
         return Decision(_E.RESTART, reason)
     return Decision(_E.FAIL if failed else _E.END, reason)
+
+
+_METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+# E2B's default TTL; a sandbox nobody refreshes is not left running for good.
+DEFAULT_TIMEOUT_S = 300.0
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+class SandboxSpec(WorkloadSpec):
+    """The body of `POST /v1/sandboxes`: what the sandbox runs on and is placed by (as for
+    functions), its labels and its policies."""
+
+    # Labels to find it by (`GET /v1/sandboxes?metadata=k:v`): at most 64, short.
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+    # Its TTL: stopped or paused (`on_expiry`) this long after creation or the last refresh.
+    timeout_s: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S)
+    idle_timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
+    on_expiry: ExpiryAction = ExpiryAction.STOP
+    restart: RestartPolicy = RestartPolicy.ON_FAILURE
+
+    @field_validator("metadata")
+    @classmethod
+    def _short_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, val in value.items():
+            if not _METADATA_KEY.match(key):
+                raise ValueError(f"metadata key {key!r}: 1-64 of A-Z a-z 0-9 _ . : / -")
+            if len(val) > 512:
+                raise ValueError(f"metadata value of {key!r} is longer than 512 characters")
+        return value

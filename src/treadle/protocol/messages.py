@@ -30,19 +30,34 @@ from treadle.protocol.limits import (
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "STREAM_CHUNK_BYTES",
     "Ack",
     "Assign",
     "AssignSpec",
     "AttemptRef",
     "Cancel",
     "Chunk",
+    "ExecStart",
     "Exited",
     "Heartbeat",
     "Hello",
     "Output",
+    "Pty",
     "Refused",
+    "SandboxControl",
+    "SandboxRef",
+    "SandboxSpec",
+    "SandboxStart",
+    "SandboxState",
     "ShuttleMessage",
     "Started",
+    "StreamData",
+    "StreamDetach",
+    "StreamEnd",
+    "StreamInput",
+    "StreamResize",
+    "StreamSignal",
+    "StreamWindow",
     "Usage",
     "WeaverMessage",
     "Welcome",
@@ -82,6 +97,22 @@ class Usage(_Frame):
     max_rss_kib: int | None = Field(default=None, ge=0, le=INT64_MAX)
 
 
+# Sandboxes (long-lived workloads). A sandbox's `incarnation` is to it what an attempt is
+# to an execution: each start on a node is a new one, and only the current one counts.
+SandboxId = Annotated[str, Field(min_length=1, max_length=64)]
+# Streams of exec'd processes, numbered by Weaver per link; their bytes travel as base64.
+StreamId = Annotated[int, Field(ge=1, le=INT32_MAX)]
+# 256 KiB of bytes as base64, and a little room.
+STREAM_CHUNK_BYTES = 256 * 1024
+Base64 = Annotated[str, Field(max_length=STREAM_CHUNK_BYTES * 4 // 3 + 8)]
+
+
+class SandboxRef(_Frame):
+    id: SandboxId
+    incarnation: Attempt
+    state: Literal["starting", "running", "paused"]
+
+
 # shuttle → weaver
 
 
@@ -108,6 +139,8 @@ class Hello(_Frame):
     # The tiers in which this node gives an execution network when its function asks.
     network_tiers: list[Tier] = Field(default_factory=list)
     running: list[AttemptRef] = Field(default_factory=list)
+    # The sandboxes this node holds, each in the state it is in now.
+    sandboxes: list[SandboxRef] = Field(default_factory=list)
 
 
 class Heartbeat(_Frame):
@@ -172,8 +205,39 @@ class Exited(_Frame):
         )
 
 
+class SandboxState(_Frame):
+    """Where a sandbox's incarnation stands on its node; `stopped` and `failed` are its end,
+    after which the node holds nothing of it. `reason` says why it ended when not asked to."""
+
+    type: Literal["sandbox_state"] = "sandbox_state"
+    id: SandboxId
+    incarnation: Attempt
+    state: Literal["running", "paused", "stopped", "failed"]
+    reason: str | None = Field(default=None, max_length=1024)
+
+
+class StreamData(_Frame):
+    """Bytes of an exec'd process, within the window Weaver granted its stream."""
+
+    type: Literal["stream_data"] = "stream_data"
+    stream: StreamId
+    channel: Literal["stdout", "stderr"]
+    data: Base64
+
+
+class StreamEnd(_Frame):
+    """The end of a stream: its process's exit, or why there is none (`error`)."""
+
+    type: Literal["stream_end"] = "stream_end"
+    stream: StreamId
+    exit_code: int | None = Field(default=None, ge=0, le=255)
+    signal: int | None = Field(default=None, ge=1, le=64)
+    error: str | None = Field(default=None, max_length=1024)
+
+
 ShuttleMessage = Annotated[
-    Hello | Heartbeat | Started | Output | Exited, Field(discriminator="type")
+    Hello | Heartbeat | Started | Output | Exited | SandboxState | StreamData | StreamEnd,
+    Field(discriminator="type"),
 ]
 
 
@@ -234,7 +298,100 @@ class Ack(_Frame):
     exited: bool = False
 
 
-WeaverMessage = Annotated[Welcome | Assign | Cancel | Ack, Field(discriminator="type")]
+class SandboxSpec(_Frame):
+    id: SandboxId
+    incarnation: Attempt
+    tenant_id: str
+    resources: Resources
+    isolation: Tier
+    # A registry reference; None: the host's read-only programs, as for executions.
+    image: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    network: bool = False
+
+
+class SandboxStart(_Frame):
+    type: Literal["sandbox_start"] = "sandbox_start"
+    spec: SandboxSpec
+
+
+class SandboxControl(_Frame):
+    type: Literal["sandbox_control"] = "sandbox_control"
+    id: SandboxId
+    incarnation: Attempt
+    action: Literal["stop", "pause", "resume"]
+
+
+class Pty(_Frame):
+    rows: int = Field(ge=1, le=1000)
+    cols: int = Field(ge=1, le=1000)
+
+
+class ExecStart(_Frame):
+    """Start a process in a sandbox, its output on `stream`: at most `window` bytes until
+    Weaver grants more (StreamWindow)."""
+
+    type: Literal["exec_start"] = "exec_start"
+    stream: StreamId
+    id: SandboxId
+    incarnation: Attempt
+    argv: list[Annotated[str, Field(max_length=128 * 1024)]] = Field(min_length=1, max_length=4096)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = Field(default=None, max_length=4096)
+    tag: str | None = Field(default=None, max_length=256)
+    stdin: bool = False
+    pty: Pty | None = None
+    window: Count
+
+
+class StreamInput(_Frame):
+    type: Literal["stream_input"] = "stream_input"
+    stream: StreamId
+    data: Base64 = ""
+    eof: bool = False
+
+
+class StreamWindow(_Frame):
+    type: Literal["stream_window"] = "stream_window"
+    stream: StreamId
+    bytes: Count
+
+
+class StreamSignal(_Frame):
+    type: Literal["stream_signal"] = "stream_signal"
+    stream: StreamId
+    signal: int = Field(ge=1, le=64)
+
+
+class StreamResize(_Frame):
+    type: Literal["stream_resize"] = "stream_resize"
+    stream: StreamId
+    rows: int = Field(ge=1, le=1000)
+    cols: int = Field(ge=1, le=1000)
+
+
+class StreamDetach(_Frame):
+    """Weaver no longer relays the stream (its client went away); the process runs on."""
+
+    type: Literal["stream_detach"] = "stream_detach"
+    stream: StreamId
+
+
+WeaverMessage = Annotated[
+    Welcome
+    | Assign
+    | Cancel
+    | Ack
+    | SandboxStart
+    | SandboxControl
+    | ExecStart
+    | StreamInput
+    | StreamWindow
+    | StreamSignal
+    | StreamResize
+    | StreamDetach,
+    Field(discriminator="type"),
+]
 
 _FROM_SHUTTLE: TypeAdapter[ShuttleMessage] = TypeAdapter(ShuttleMessage)
 _FROM_WEAVER: TypeAdapter[WeaverMessage] = TypeAdapter(WeaverMessage)

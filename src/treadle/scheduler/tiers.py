@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from treadle.domain.function import FunctionSpec
+from treadle.domain.function import WorkloadSpec
 from treadle.domain.resources import Tier
 
 __all__ = [
@@ -47,8 +47,8 @@ PROCESS_NOT_ALLOWED = (
 )
 
 
-def names_process(spec: FunctionSpec) -> bool:
-    """Whether the function asks for the process tier by name: only allowed tenants may."""
+def names_process(spec: WorkloadSpec) -> bool:
+    """Whether the workload asks for the process tier by name: only allowed tenants may."""
     return Tier.PROCESS in (spec.isolation, spec.min_isolation)
 
 
@@ -66,7 +66,7 @@ class TierRule:
         return self.refused is None and Tier.PROCESS in (self.isolation, self.floor)
 
 
-def rule_for(spec: FunctionSpec, *, allow_process: bool, default: Tier = DEFAULT) -> TierRule:
+def rule_for(spec: WorkloadSpec, *, allow_process: bool, default: Tier = DEFAULT) -> TierRule:
     """The rule for `spec` of a tenant that is (`allow_process`) or is not allowed the process
     tier, with `default` the floor of functions that name no tier."""
     if spec.isolation is not None:

@@ -34,8 +34,16 @@ from treadle.protocol.messages import (
     Ack,
     Assign,
     Cancel,
+    ExecStart,
     Heartbeat,
     Hello,
+    SandboxControl,
+    SandboxStart,
+    StreamDetach,
+    StreamInput,
+    StreamResize,
+    StreamSignal,
+    StreamWindow,
     Welcome,
     decode_from_weaver,
     encode,
@@ -47,6 +55,7 @@ from treadle.shuttle.capacity import detect_capacity
 from treadle.shuttle.credentials import NodeCredential, load_credential, save_credential
 from treadle.shuttle.errors import ShuttleError
 from treadle.shuttle.gpus import GpuPool, detect_gpus, simulated_gpus
+from treadle.shuttle.live.host import SandboxHost
 from treadle.shuttle.runtimes import Runtime, available_runtimes, gives_network
 from treadle.shuttle.sandbox import cleanup
 from treadle.shuttle.settings import ShuttleSettings
@@ -75,6 +84,7 @@ class Shuttle:
         self._node_credential_refused = False
         self._perf_score = 1.0
         self._network_tiers: list[Tier] = []
+        self._sandboxes = SandboxHost({}, Path("/nonexistent"))  # replaced in `_run`
 
     async def run(self) -> None:
         settings = self._settings
@@ -127,6 +137,7 @@ class Shuttle:
         supervisor = Supervisor(
             runtimes, work_root, max_unacked=settings.max_unacked_bytes, gpus=GpuPool(gpus)
         )
+        self._sandboxes = SandboxHost(runtimes, work_root)
         log.info(
             "shuttle %s: runtimes %s, capacity %s, Weaver at %s",
             settings.name,
@@ -137,6 +148,7 @@ class Shuttle:
         try:
             await self._stay_connected(supervisor, capacity, tiers)
         finally:
+            await self._sandboxes.stop_all()
             await supervisor.shutdown()
             if not await cleanup.drain():
                 log.warning("cleanup after some workloads did not finish; the next start sweeps")
@@ -229,6 +241,7 @@ class Shuttle:
             taints=settings.taints,
             network_tiers=self._network_tiers,
             running=supervisor.held(),
+            sandboxes=self._sandboxes.held(),
         )
         await ws.send(encode(hello))
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -250,29 +263,47 @@ class Shuttle:
 
         link = _Link(ws)
         supervisor.attach(link.send)
+        self._sandboxes.attach(link.send)
         heartbeat = asyncio.create_task(self._heartbeat(link, supervisor, welcome.heartbeat_s))
         try:
             async for raw in ws:
                 self._dispatch(supervisor, raw)
         finally:
             supervisor.detach()
+            self._sandboxes.detach()
             heartbeat.cancel()
             await link.close()
             await asyncio.wait([heartbeat])
 
-    @staticmethod
-    def _dispatch(supervisor: Supervisor, raw: str | bytes) -> None:
+    def _dispatch(self, supervisor: Supervisor, raw: str | bytes) -> None:
         try:
             message = decode_from_weaver(raw)
         except ProtocolError as exc:
             log.warning("ignoring a frame outside the protocol: %s", exc.details)
             return
+        host = self._sandboxes
         if isinstance(message, Assign):
             supervisor.assign(message.spec)
         elif isinstance(message, Ack):
             supervisor.ack(message)
         elif isinstance(message, Cancel):
             supervisor.cancel(message.id, message.attempt)
+        elif isinstance(message, SandboxStart):
+            host.start(message.spec)
+        elif isinstance(message, SandboxControl):
+            host.control(message)
+        elif isinstance(message, ExecStart):
+            host.exec_start(message)
+        elif isinstance(message, StreamInput):
+            host.stream_input(message)
+        elif isinstance(message, StreamWindow):
+            host.stream_window(message)
+        elif isinstance(message, StreamSignal):
+            host.stream_signal(message)
+        elif isinstance(message, StreamResize):
+            host.stream_resize(message)
+        elif isinstance(message, StreamDetach):
+            host.stream_detach(message.stream)
         else:
             log.warning("ignoring an unexpected %r frame", message.type)
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from typing import Any
 
+from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.events.bus import EventBus, InProcessBus
 from treadle.weaver.events.nats import NatsBus
 from treadle.weaver.providers.config import FleetConfig, load_fleet_config
@@ -18,12 +21,17 @@ from treadle.weaver.services.nodes import NodeRegistry, NodeService
 from treadle.weaver.services.provisioner import Provisioner
 from treadle.weaver.services.reconciler import Reconciler
 from treadle.weaver.services.reports import ReportService
+from treadle.weaver.services.sandboxes import SandboxService
+from treadle.weaver.services.streams import StreamHub
 from treadle.weaver.settings import WeaverSettings
 from treadle.weaver.store import migrate
 from treadle.weaver.store.database import Database
 from treadle.weaver.store.writer import Writer
 
 __all__ = ["Weaver"]
+
+log = logging.getLogger(__name__)
+_SANDBOX_PASS_S = 1.0
 
 
 class Weaver:
@@ -72,6 +80,18 @@ class Weaver:
             default_min_isolation=settings.default_min_isolation,
             provisioner=self.provisioner,
         )
+        self.sandboxes = SandboxService(
+            self.db,
+            self.writer,
+            self.bus,
+            self.registry,
+            default_strategy=settings.default_strategy,
+            default_min_isolation=settings.default_min_isolation,
+            on_change=self._sandboxes_changed,
+        )
+        self.streams = StreamHub()
+        self._sandbox_wake = asyncio.Event()
+        self._sandbox_task: asyncio.Task[None] | None = None
         self.reports = ReportService(
             on_capacity=self._capacity_changed, on_requeue=self.dispatcher.scan_soon
         )
@@ -86,6 +106,7 @@ class Weaver:
             unschedulable_after_s=settings.unschedulable_after_s,
             forget=self.dispatcher.forget,
             leadership=leadership_for(self.db.url, self.db.dialect),
+            sandboxes=self.sandboxes,
         )
         self.fleet = FleetListener(
             self.bus, self.registry, on_remote_open=self.dispatcher.scan_soon
@@ -103,10 +124,12 @@ class Weaver:
         self.dispatcher.start()
         self.reconciler.start()
         self.provisioner.start()
+        self._sandbox_task = asyncio.create_task(self._sandbox_loop(), name="treadle-sandboxes")
 
     async def stop(self) -> None:
         for session in self.registry.sessions():
             session.close()
+        await cancel_and_wait(self._sandbox_task)
         await self.reconciler.stop()
         await self.dispatcher.stop()
         await self.provisioner.stop()
@@ -135,6 +158,24 @@ class Weaver:
 
     def _capacity_changed(self) -> None:
         self.dispatcher.wake()
+        self._sandbox_wake.set()
+
+    def _sandboxes_changed(self) -> None:
+        self._sandbox_wake.set()
+
+    async def _sandbox_loop(self) -> None:
+        """Place pending sandboxes and steer the others toward their desired status, when
+        something changed and at least once a second (for TTLs)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_SANDBOX_PASS_S):
+                    await self._sandbox_wake.wait()
+            self._sandbox_wake.clear()
+            try:
+                await self.sandboxes.place()
+                await self.sandboxes.steer()
+            except Exception:
+                log.exception("sandbox pass failed; trying again")
 
     def _cancelled(self, before: Any) -> None:
         # The node, wherever its link is, hears of it through the fleet order the cancel

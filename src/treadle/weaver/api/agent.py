@@ -30,8 +30,11 @@ from treadle.protocol import (
     Heartbeat,
     Hello,
     Output,
+    SandboxState,
     ShuttleMessage,
     Started,
+    StreamData,
+    StreamEnd,
     WeaverMessage,
     Welcome,
     decode_from_shuttle,
@@ -107,6 +110,7 @@ async def agent(websocket: WebSocket) -> None:
         # skip letting go of the session.
         with contextlib.suppress(Exception):
             await cancel_and_wait(sender)
+        weaver.streams.link_lost(session)
         if weaver.registry.remove(session):
             with contextlib.suppress(Exception):
                 await weaver.nodes.set_state(node_id, NodeState.DISCONNECTED)
@@ -128,9 +132,12 @@ async def _join(
             )
         )
     )
-    for reply in await weaver.writer.run(
-        lambda tx: weaver.reports.hello(tx, session, hello.running)
-    ):
+
+    async def reconcile(tx: Tx) -> list[WeaverMessage]:
+        replies = await weaver.reports.hello(tx, session, hello.running)
+        return replies + await weaver.sandboxes.hello(tx, session, hello.sandboxes)
+
+    for reply in await weaver.writer.run(reconcile):
         session.send(reply)
     weaver.registry.add(session)
     return session
@@ -169,6 +176,8 @@ def _handler(weaver: Weaver, session: NodeSession, message: ShuttleMessage) -> H
         return lambda tx: reports.output(tx, session, message, cap)
     if isinstance(message, Exited):
         return lambda tx: reports.exited(tx, session, message)
+    if isinstance(message, SandboxState):
+        return lambda tx: weaver.sandboxes.reported(tx, session, message)
     return None
 
 
@@ -228,6 +237,13 @@ async def _receive_loop(websocket: WebSocket, weaver: Weaver, session: NodeSessi
         else:
             if isinstance(message, Heartbeat):
                 session.last_heartbeat = time.time()
+                continue
+            # Streams go straight to their clients: nothing of them is stored.
+            if isinstance(message, StreamData):
+                weaver.streams.data(session, message)
+                continue
+            if isinstance(message, StreamEnd):
+                weaver.streams.end(session, message)
                 continue
             handler = _handler(weaver, session, message)
             if handler is None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import bindparam, select
 
-from treadle.domain.function import render_command
+from treadle.domain.function import WorkloadSpec, render_command
 from treadle.domain.resources import Tier
 from treadle.protocol import Assign, AssignSpec
 from treadle.scheduler import (
@@ -44,7 +44,7 @@ from treadle.weaver.store import tables
 from treadle.weaver.store.statements import EXECUTION_ASSIGN
 from treadle.weaver.store.writer import Tx, Writer
 
-__all__ = ["Dispatcher", "Pending"]
+__all__ = ["Dispatcher", "Pending", "request_for", "strategy_of"]
 
 log = logging.getLogger(__name__)
 _E = tables.executions
@@ -61,6 +61,43 @@ _CLAIM = (
     )
     .with_for_update(skip_locked=True)
 )
+
+
+def strategy_of(spec: WorkloadSpec, default: str, requested: str | None = None) -> str:
+    """The strategy a placement uses: the one asked for with the work, else the spec's, else
+    the operator's default."""
+    return requested or spec.placement.strategy or default
+
+
+def request_for(
+    spec: WorkloadSpec,
+    tier: tiers.TierRule,
+    strategy: str,
+    *,
+    avoid_nodes: Iterable[str] = (),
+    avoid_regions: Iterable[str] = (),
+) -> Request:
+    """The placement question for a workload (function or sandbox) under `tier`, with
+    `strategy` (`strategy_of` says which)."""
+    rules = spec.placement
+    chosen = strategy
+    return Request(
+        resources=spec.resources,
+        isolation=tier.isolation,
+        min_isolation=None if tier.isolation is not None else tier.floor,
+        labels=rules.labels,
+        regions=tuple(rules.regions),
+        zones=tuple(rules.zones),
+        countries=tuple(rules.countries),
+        strategy=chosen,
+        weights=rules.weights if chosen == "custom" else None,
+        tolerations=frozenset(rules.tolerations),
+        max_price_per_hour=rules.max_price_per_hour,
+        spot=rules.spot,
+        avoid_nodes=frozenset(avoid_nodes),
+        avoid_regions=frozenset(avoid_regions),
+        network=spec.network,
+    )
 
 
 @dataclass(slots=True)
@@ -104,26 +141,14 @@ class Pending:
         )
 
     def request(self, default_strategy: str, tier: tiers.TierRule) -> Request:
-        spec = self.function.spec
-        rules = spec.placement
         hint = self.hint or {}
-        strategy = hint.get("requested_strategy") or rules.strategy or default_strategy
-        return Request(
-            resources=spec.resources,
-            isolation=tier.isolation,
-            min_isolation=None if tier.isolation is not None else tier.floor,
-            labels=rules.labels,
-            regions=tuple(rules.regions),
-            zones=tuple(rules.zones),
-            countries=tuple(rules.countries),
-            strategy=strategy,
-            weights=rules.weights if strategy == "custom" else None,
-            tolerations=frozenset(rules.tolerations),
-            max_price_per_hour=rules.max_price_per_hour,
-            spot=rules.spot,
-            avoid_nodes=frozenset(hint.get("avoid_nodes") or ()),
-            avoid_regions=frozenset(hint.get("avoid_regions") or ()),
-            network=spec.network,
+        spec = self.function.spec
+        return request_for(
+            spec,
+            tier,
+            strategy_of(spec, default_strategy, hint.get("requested_strategy")),
+            avoid_nodes=hint.get("avoid_nodes") or (),
+            avoid_regions=hint.get("avoid_regions") or (),
         )
 
     def assignment(self, tier: Tier) -> Assign:

@@ -24,9 +24,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import bindparam, case, func, select, union, update
 
 from treadle.domain.node import NodeState
+from treadle.domain.sandbox import ON_NODE_STATUSES
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.fleet import order_disconnect
@@ -38,6 +39,7 @@ from treadle.weaver.services.nodes import (
     record_node_state,
 )
 from treadle.weaver.services.reports import ReportService
+from treadle.weaver.services.sandboxes import SandboxService
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
 from treadle.weaver.store.statements import ACTIVE_STATE_VALUES
@@ -48,6 +50,8 @@ __all__ = ["Reconciler"]
 log = logging.getLogger(__name__)
 _E = tables.executions
 _N = tables.nodes
+_SB = tables.sandboxes
+SANDBOX_ON_NODE = [s.value for s in ON_NODE_STATUSES]
 # A node's old replica may record its disconnect after the node already joined another one:
 # the replica that hears from it sets it straight.
 _HEARD = (
@@ -76,6 +80,7 @@ class Reconciler:
         unschedulable_after_s: float,
         forget: Callable[[str], None],
         leadership: Leadership,
+        sandboxes: SandboxService | None = None,
     ) -> None:
         self._db = db
         self._writer = writer
@@ -87,6 +92,7 @@ class Reconciler:
         self._unschedulable_after_s = unschedulable_after_s
         self._forget = forget
         self._leadership = leadership
+        self._sandboxes = sandboxes
         # wall-clock time this replica began to lead; None while it follows
         self.leading_since: float | None = None
         self._next_expiry = 0.0
@@ -162,12 +168,14 @@ class Reconciler:
             await self._writer.run(write)
 
     async def _nodes_down(self, leading_since: float) -> None:
-        holding = (
-            select(_E.c.node_id)
-            .where(_E.c.state.in_(ACTIVE_STATE_VALUES), _E.c.node_id.is_not(None))
-            .distinct()
-            .scalar_subquery()
-        )
+        holding = union(
+            select(_E.c.node_id).where(
+                _E.c.state.in_(ACTIVE_STATE_VALUES), _E.c.node_id.is_not(None)
+            ),
+            select(_SB.c.node_id).where(
+                _SB.c.status.in_(SANDBOX_ON_NODE), _SB.c.node_id.is_not(None)
+            ),
+        ).scalar_subquery()
         async with self._db.read() as conn:
             rows = list(
                 await conn.execute(select(_N.c.id, _N.c.last_heartbeat).where(_N.c.id.in_(holding)))
@@ -198,6 +206,8 @@ class Reconciler:
             await record_node_state(tx, node_id, NodeState.DOWN)
             order_disconnect(tx, node_id)
             await self._reports.release_node(tx, node_id)
+            if self._sandboxes is not None:
+                await self._sandboxes.node_lost(tx, node_id)
             # Losing work counts against the node where placement weighs reliability.
             await tx.conn.execute(
                 update(_N)

@@ -31,6 +31,7 @@ __all__ = [
     "metadata",
     "nodes",
     "output_chunks",
+    "sandboxes",
     "tenants",
 ]
 
@@ -152,6 +153,35 @@ output_chunks = Table(
     Column("stream", String(8), nullable=False),
     Column("data", Text, nullable=False),
 )
+
+sandboxes = Table(
+    "sandboxes",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id"), nullable=False),
+    # observed (domain.sandbox.SandboxStatus) and desired (Desired) status
+    Column("status", String(16), nullable=False),
+    Column("desired", String(16), nullable=False),
+    # each start on a node is an incarnation; reports for others are fenced off
+    Column("incarnation", Integer, nullable=False),
+    Column("node_id", String(40)),
+    Column("isolation", String(16)),
+    # what it was created with (image, resources, env, network, policies, placement)
+    Column("spec", JSON, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("pending_reason", Text),
+    Column("end_reason", Text),
+    Column("restarts", Integer, nullable=False, default=0, server_default="0"),
+    Column("created_at", Float, nullable=False),
+    # when the current incarnation started running
+    Column("started_at", Float),
+    Column("ended_at", Float),
+    # the TTL's deadline; None: no TTL
+    Column("expires_at", Float),
+    Column("updated_at", Float, nullable=False),
+)
+Index("ix_sandboxes_tenant_id", sandboxes.c.tenant_id, sandboxes.c.id)
+Index("ix_sandboxes_status", sandboxes.c.status, sandboxes.c.node_id)
 
 events = Table(
     "events",

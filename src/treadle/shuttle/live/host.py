@@ -1,0 +1,346 @@
+"""The sandboxes this node holds, driven by Weaver's frames, and their streams.
+
+Weaver starts, pauses, resumes and stops sandboxes (`SandboxStart`, `SandboxControl`), each
+named by id and incarnation: a frame for another incarnation than the one held is fenced off
+(a stop for an older one is answered `stopped`, so Weaver stops waiting for it). Every change
+is reported as a `SandboxState`; what the node holds is also in each Hello, so a report lost
+with a link is made good by the next one.
+
+Exec streams are relayed within the window Weaver grants per stream (`StreamWindow`): what
+is not granted stays in the sandbox (the guest agent stops reading the process), so a client
+that stops reading holds back its own stream and nothing else. Streams belong to a link: when
+it drops, they end here (their processes run on), and their clients see the stream end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+from treadle.domain.resources import Tier
+from treadle.protocol.messages import (
+    STREAM_CHUNK_BYTES,
+    ExecStart,
+    SandboxControl,
+    SandboxRef,
+    SandboxSpec,
+    SandboxState,
+    StreamData,
+    StreamEnd,
+    StreamInput,
+    StreamResize,
+    StreamSignal,
+    StreamWindow,
+    encode,
+)
+from treadle.shuttle.live import box
+from treadle.shuttle.live.box import LiveSandbox, Unsupported
+from treadle.shuttle.live.link import GuestError, GuestProcess, LinkBroken
+from treadle.shuttle.runtimes.base import Runtime
+from treadle.shuttle.runtimes.process import ProcessRuntime
+
+__all__ = ["SandboxHost"]
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str], None]
+
+
+class _Held:
+    __slots__ = ("incarnation", "sandbox", "spec", "state", "task")
+
+    def __init__(self, spec: SandboxSpec) -> None:
+        self.spec = spec
+        self.incarnation = spec.incarnation
+        self.sandbox: LiveSandbox | None = None
+        self.state = "starting"
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Relay:
+    """One exec stream: the process's output sent within the window Weaver grants."""
+
+    def __init__(self, stream: int, window: int) -> None:
+        self.stream = stream
+        self.window = window
+        self.granted = asyncio.Event()
+        if window > 0:
+            self.granted.set()
+        self.process: GuestProcess | None = None
+        self.task: asyncio.Task[None] | None = None
+        # stdin, written in the order it came, by one task
+        self.inputs: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
+        self.writer: asyncio.Task[None] | None = None
+        self.started = asyncio.Event()  # set once `process` is known, or never will be
+
+    def grant(self, amount: int) -> None:
+        self.window += amount
+        if self.window > 0:
+            self.granted.set()
+
+
+class SandboxHost:
+    def __init__(self, runtimes: Mapping[Tier, Runtime], work_root: Path) -> None:
+        self._runtimes = runtimes
+        self._work_root = work_root
+        self._held: dict[str, _Held] = {}
+        self._relays: dict[int, _Relay] = {}
+        self._send: Send | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # the link
+
+    def attach(self, send: Send) -> None:
+        self._send = send
+
+    def detach(self) -> None:
+        """The link is gone: its streams end (their processes run on)."""
+        self._send = None
+        for relay in list(self._relays.values()):
+            if relay.task is not None:
+                relay.task.cancel()
+        self._relays.clear()
+
+    def held(self) -> list[SandboxRef]:
+        return [
+            SandboxRef(id=h.spec.id, incarnation=h.incarnation, state=h.state)
+            for h in self._held.values()
+            if h.state in ("starting", "running", "paused")
+        ]
+
+    def _emit(self, message: SandboxState | StreamData | StreamEnd) -> None:
+        if self._send is not None:
+            self._send(encode(message))
+
+    def _report(self, held: _Held, state: str, reason: str | None = None) -> None:
+        if state in ("running", "paused"):
+            held.state = state
+        self._emit(
+            SandboxState(
+                id=held.spec.id,
+                incarnation=held.incarnation,
+                state=state,
+                reason=reason[:1024] if reason else None,
+            )
+        )
+
+    # lifecycle
+
+    def start(self, spec: SandboxSpec) -> None:
+        current = self._held.get(spec.id)
+        if current is not None:
+            if current.incarnation == spec.incarnation:
+                if current.state in ("running", "paused"):
+                    self._report(current, current.state)  # a replayed start: say again
+                return
+            # A newer incarnation replaces an older one still here (Weaver moved on).
+            self._stop(current, "replaced by a newer incarnation")
+        held = _Held(spec)
+        self._held[spec.id] = held
+        held.task = asyncio.create_task(self._run(held))
+
+    async def _run(self, held: _Held) -> None:
+        spec = held.spec
+        runtime = self._runtimes.get(spec.isolation)
+        if not isinstance(runtime, ProcessRuntime):
+            self._end(held, "failed", f"this node does not run {spec.isolation} sandboxes")
+            return
+        live_spec = box.SandboxSpec(
+            id=spec.id,
+            incarnation=spec.incarnation,
+            tenant_id=spec.tenant_id,
+            resources=spec.resources,
+            isolation=spec.isolation,
+            env=dict(spec.env),
+            image=spec.image,
+            network=spec.network,
+        )
+        workdir = self._work_root / f"{spec.id}-{spec.incarnation}"
+        try:
+            sandbox = await LiveSandbox.start(runtime.launcher, live_spec, workdir)
+        except (OSError, ValueError) as exc:
+            self._end(held, "failed", f"cannot start the sandbox: {exc}")
+            return
+        held.sandbox = sandbox
+        if self._held.get(spec.id) is not held:  # stopped while starting
+            await sandbox.stop(grace_s=0)
+            return
+        self._report(held, "running")
+        status = await sandbox.ended
+        if self._held.get(spec.id) is held:
+            reason = status.reason or f"its agent exited with {status.exit_code}"
+            self._end(held, "stopped" if status.reason == "stopped" else "failed", reason)
+
+    def control(self, message: SandboxControl) -> None:
+        held = self._held.get(message.id)
+        if held is None or held.incarnation != message.incarnation:
+            if message.action == "stop":
+                # Nothing of that incarnation is here (any more): it is stopped.
+                self._emit(
+                    SandboxState(id=message.id, incarnation=message.incarnation, state="stopped")
+                )
+            return
+        if message.action == "stop":
+            self._stop(held, None)
+        else:
+            self._background(self._pause_or_resume(held, message.action))
+
+    async def _pause_or_resume(self, held: _Held, action: str) -> None:
+        sandbox = held.sandbox
+        if sandbox is None:
+            return  # still starting: the reconciler asks again once it runs
+        try:
+            if action == "pause":
+                await sandbox.pause()
+            else:
+                await sandbox.resume()
+        except (Unsupported, OSError) as exc:
+            log.warning("sandbox %s: cannot %s: %s", held.spec.id, action, exc)
+            self._report(held, held.state, f"cannot {action}: {exc}")
+            return
+        if self._held.get(held.spec.id) is held:
+            self._report(held, "paused" if action == "pause" else "running")
+
+    def _stop(self, held: _Held, reason: str | None) -> None:
+        self._held.pop(held.spec.id, None)
+        self._background(self._stopping(held, reason))
+
+    async def _stopping(self, held: _Held, reason: str | None) -> None:
+        if held.sandbox is not None:
+            await held.sandbox.stop()
+        elif held.task is not None:
+            # Starting: once started it sees it is no longer held and stops itself.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(held.task)
+        self._emit(
+            SandboxState(
+                id=held.spec.id, incarnation=held.incarnation, state="stopped", reason=reason
+            )
+        )
+
+    def _end(self, held: _Held, state: str, reason: str) -> None:
+        if self._held.get(held.spec.id) is held:
+            del self._held[held.spec.id]
+        self._report(held, state, reason)
+
+    async def stop_all(self) -> None:
+        """Shuttle is stopping: every sandbox ends with it."""
+        held = list(self._held.values())
+        self._held.clear()
+        for one in held:
+            if one.sandbox is not None:
+                await one.sandbox.stop(grace_s=1)
+            elif one.task is not None:
+                one.task.cancel()
+
+    # streams
+
+    def exec_start(self, message: ExecStart) -> None:
+        held = self._held.get(message.id)
+        if message.stream in self._relays:
+            return  # a replayed frame: the stream is running
+        relay = _Relay(message.stream, message.window)
+        if held is None or held.incarnation != message.incarnation or held.sandbox is None:
+            self._emit(StreamEnd(stream=message.stream, error="the sandbox is not running"))
+            return
+        self._relays[message.stream] = relay
+        relay.task = asyncio.create_task(self._relay(relay, held.sandbox, message))
+
+    async def _relay(self, relay: _Relay, sandbox: LiveSandbox, message: ExecStart) -> None:
+        stream = relay.stream
+        try:
+            pty = None if message.pty is None else (message.pty.rows, message.pty.cols)
+            process = await sandbox.link.exec(
+                list(message.argv),
+                env=dict(message.env),
+                cwd=message.cwd,
+                tag=message.tag,
+                stdin=message.stdin,
+                pty=pty,
+            )
+            relay.process = process
+            relay.started.set()
+            async for channel, data in process.output():
+                for start in range(0, len(data), STREAM_CHUNK_BYTES):
+                    piece = data[start : start + STREAM_CHUNK_BYTES]
+                    while relay.window < len(piece):
+                        relay.granted.clear()
+                        await relay.granted.wait()
+                    relay.window -= len(piece)
+                    self._emit(
+                        StreamData(
+                            stream=stream,
+                            channel=channel,
+                            data=base64.b64encode(piece).decode(),
+                        )
+                    )
+            end = await process.wait()
+            self._emit(StreamEnd(stream=stream, exit_code=end.exit_code, signal=end.signal))
+        except (GuestError, LinkBroken) as exc:
+            self._emit(StreamEnd(stream=stream, error=str(exc)[:1024]))
+        finally:
+            relay.started.set()
+            self._relays.pop(stream, None)
+            if relay.writer is not None:
+                relay.writer.cancel()
+
+    def stream_window(self, message: StreamWindow) -> None:
+        relay = self._relays.get(message.stream)
+        if relay is not None:
+            relay.grant(message.bytes)
+
+    def stream_input(self, message: StreamInput) -> None:
+        relay = self._relays.get(message.stream)
+        if relay is None:
+            return
+        try:
+            data = base64.b64decode(message.data, validate=True) if message.data else b""
+        except ValueError:
+            log.warning("stream %d: stdin that is not base64, dropped", message.stream)
+            return
+        # Input may come before the process has started: it waits in the queue.
+        relay.inputs.put_nowait((data, message.eof))
+        if relay.writer is None:
+            relay.writer = asyncio.create_task(self._input(relay))
+
+    @staticmethod
+    async def _input(relay: _Relay) -> None:
+        await relay.started.wait()
+        process, inputs = relay.process, relay.inputs
+        if process is None:
+            return  # it never started
+        with contextlib.suppress(GuestError, LinkBroken):
+            while True:
+                data, eof = await inputs.get()
+                if data:
+                    await process.write_stdin(data)
+                if eof:
+                    process.close_stdin()
+                    return
+
+    def stream_signal(self, message: StreamSignal) -> None:
+        relay = self._relays.get(message.stream)
+        if relay is not None and relay.process is not None:
+            with contextlib.suppress(LinkBroken):
+                relay.process.signal(message.signal)
+
+    def stream_resize(self, message: StreamResize) -> None:
+        relay = self._relays.get(message.stream)
+        if relay is not None and relay.process is not None:
+            with contextlib.suppress(LinkBroken):
+                relay.process.resize(message.rows, message.cols)
+
+    def stream_detach(self, stream: int) -> None:
+        relay = self._relays.pop(stream, None)
+        if relay is not None and relay.task is not None:
+            relay.task.cancel()

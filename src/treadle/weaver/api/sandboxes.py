@@ -1,0 +1,203 @@
+"""/v1/sandboxes: create, read, list, stop, pause, resume, refresh the TTL, and exec."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from treadle.domain.errors import InvalidRequest, InvalidTransition, Unavailable
+from treadle.domain.sandbox import MAX_TIMEOUT_S, Desired, SandboxSpec, SandboxStatus
+from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.core import Weaver
+from treadle.weaver.services.sandboxes import sandbox_view
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
+WeaverDep = Annotated[Weaver, Depends(get_weaver)]
+# How long an exec waits for a sandbox that is still starting before it says so.
+_START_WAIT_S = 30.0
+
+
+@router.post("", status_code=201, summary="Create a sandbox")
+async def create_sandbox(spec: SandboxSpec, caller: Caller, weaver: WeaverDep) -> Any:
+    return sandbox_view(await weaver.sandboxes.create(caller.tenant_id, spec))
+
+
+@router.get("", summary="List sandboxes, newest first")
+async def list_sandboxes(
+    caller: Caller,
+    weaver: WeaverDep,
+    status: Annotated[list[SandboxStatus] | None, Query()] = None,
+    metadata: Annotated[list[str] | None, Query(description="key:value, repeatable")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> Any:
+    wanted: dict[str, str] = {}
+    for item in metadata or []:
+        key, sep, value = item.partition(":")
+        if not sep or not key:
+            raise InvalidRequest(
+                "metadata filters are key:value",
+                details=[{"loc": ["query", "metadata"], "msg": f"not key:value: {item!r}"}],
+            )
+        wanted[key] = value
+    items, next_cursor = await weaver.sandboxes.page(
+        caller.tenant_id, statuses=status or (), metadata=wanted, limit=limit, cursor=cursor
+    )
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/{sandbox_id}", summary="One sandbox")
+async def get_sandbox(sandbox_id: str, caller: Caller, weaver: WeaverDep) -> Any:
+    return sandbox_view(await weaver.sandboxes.get(caller.tenant_id, sandbox_id))
+
+
+@router.delete("/{sandbox_id}", summary="Stop a sandbox and free all it holds")
+async def delete_sandbox(sandbox_id: str, caller: Caller, weaver: WeaverDep) -> Any:
+    row = await weaver.sandboxes.desire(caller.tenant_id, sandbox_id, Desired.STOPPED)
+    return sandbox_view(row)
+
+
+@router.post("/{sandbox_id}/pause", summary="Freeze every process of a sandbox in place")
+async def pause_sandbox(sandbox_id: str, caller: Caller, weaver: WeaverDep) -> Any:
+    row = await weaver.sandboxes.desire(caller.tenant_id, sandbox_id, Desired.PAUSED)
+    return sandbox_view(row)
+
+
+@router.post("/{sandbox_id}/resume", summary="Thaw a paused sandbox")
+async def resume_sandbox(sandbox_id: str, caller: Caller, weaver: WeaverDep) -> Any:
+    row = await weaver.sandboxes.desire(caller.tenant_id, sandbox_id, Desired.RUNNING)
+    return sandbox_view(row)
+
+
+class TimeoutBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    timeout_s: float = Field(gt=0, le=MAX_TIMEOUT_S)
+
+
+@router.post("/{sandbox_id}/timeout", summary="End the sandbox's TTL this long from now")
+async def set_timeout(sandbox_id: str, body: TimeoutBody, caller: Caller, weaver: WeaverDep) -> Any:
+    row = await weaver.sandboxes.set_timeout(caller.tenant_id, sandbox_id, body.timeout_s)
+    return sandbox_view(row)
+
+
+class ExecBody(BaseModel):
+    """A process to run in the sandbox, waited for: `cmd` is an argv, or a shell line run
+    with `/bin/sh -c`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    cmd: list[Annotated[str, Field(max_length=128 * 1024)]] | str = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict, max_length=1024)
+    cwd: str | None = Field(default=None, max_length=4096)
+    stdin: str | None = Field(default=None, max_length=16 * 1024 * 1024)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+    @field_validator("cmd")
+    @classmethod
+    def _argv(cls, value: list[str] | str) -> list[str] | str:
+        parts = [value] if isinstance(value, str) else value
+        if len(parts) > 4096:
+            raise ValueError("at most 4096 arguments")
+        if any("\x00" in part for part in parts):
+            raise ValueError("cmd cannot contain NUL characters")
+        if isinstance(value, list) and not value[0]:
+            raise ValueError("cmd[0] must name a program")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, val in value.items():
+            if not key or "=" in key or "\x00" in key or "\x00" in val:
+                raise ValueError(f"env name {key!r} or its value is not valid")
+        return value
+
+    @property
+    def argv(self) -> list[str]:
+        return ["/bin/sh", "-c", self.cmd] if isinstance(self.cmd, str) else list(self.cmd)
+
+
+@router.post("/{sandbox_id}/exec", summary="Run a process in a sandbox and wait for it")
+async def exec_in_sandbox(
+    sandbox_id: str, body: ExecBody, caller: Caller, weaver: WeaverDep
+) -> Any:
+    row = await _running(weaver, caller.tenant_id, sandbox_id)
+    session = weaver.registry.get(row.node_id)
+    if session is None:
+        raise Unavailable(
+            "the sandbox's node is connected to another Weaver replica, or reconnecting; try again",
+            details={"id": sandbox_id, "node_id": row.node_id},
+        )
+    stream = weaver.streams.open(
+        session,
+        row.id,
+        row.incarnation,
+        body.argv,
+        env=body.env,
+        cwd=body.cwd,
+        stdin=body.stdin is not None,
+    )
+    if body.stdin is not None:
+        stream.write(body.stdin.encode(), eof=True)
+    cap = weaver.settings.max_output_bytes
+    out = {"stdout": bytearray(), "stderr": bytearray()}
+    truncated = False
+    timed_out = False
+
+    async def collect() -> None:
+        nonlocal truncated
+        async for channel, data in stream.output():
+            kept = out[channel]
+            room = cap - len(out["stdout"]) - len(out["stderr"])
+            if len(data) > room:
+                truncated = True
+                data = data[: max(room, 0)]
+            kept.extend(data)
+
+    try:
+        async with asyncio.timeout(body.timeout_s):
+            await collect()
+    except TimeoutError:
+        timed_out = True
+        stream.signal(signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await collect()
+    finally:
+        if stream.ended is None:
+            stream.detach()
+    ended = stream.ended
+    return {
+        "exit_code": None if ended is None else ended.exit_code,
+        "signal": None if ended is None else ended.signal,
+        "error": None if ended is None else ended.error,
+        "timed_out": timed_out,
+        "stdout": out["stdout"].decode(errors="replace"),
+        "stderr": out["stderr"].decode(errors="replace"),
+        "output_truncated": truncated,
+    }
+
+
+async def _running(weaver: Weaver, tenant_id: str, sandbox_id: str) -> Any:
+    """The sandbox once it runs; 409 when it is not running (or not soon)."""
+    row = await weaver.sandboxes.get(tenant_id, sandbox_id)
+    deadline = asyncio.get_running_loop().time() + _START_WAIT_S
+    while row.status in (SandboxStatus.PENDING.value, SandboxStatus.STARTING.value):
+        if row.desired != Desired.RUNNING.value or asyncio.get_running_loop().time() > deadline:
+            break
+        await weaver.sandboxes.changed(sandbox_id, within=1.0)
+        row = await weaver.sandboxes.get(tenant_id, sandbox_id)
+    if row.status != SandboxStatus.RUNNING.value:
+        raise InvalidTransition(
+            f"sandbox {sandbox_id} is {row.status}, not running",
+            details={"id": sandbox_id, "state": row.status},
+        )
+    return row

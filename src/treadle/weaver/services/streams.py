@@ -1,0 +1,181 @@
+"""Exec streams between clients and sandboxes, on the links of this replica's nodes.
+
+A stream is numbered here, opened with `ExecStart` on the sandbox's node link, and fed by
+that node's `StreamData`/`StreamEnd` frames. Flow control is by window: the node sends at
+most what was granted, and more is granted as the client takes what came, so a client that
+stops reading holds back its own process and nothing else on the link. What a node sends is
+checked like any frame from a node: a stream it does not own, bytes that are not base64, or
+more than the window are refused, and the stream ends with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from treadle.protocol import (
+    ExecStart,
+    Pty,
+    StreamData,
+    StreamDetach,
+    StreamEnd,
+    StreamInput,
+    StreamResize,
+    StreamSignal,
+    StreamWindow,
+)
+from treadle.protocol.messages import STREAM_CHUNK_BYTES
+from treadle.weaver.services.nodes import NodeSession
+
+__all__ = ["Ended", "ExecStream", "StreamHub"]
+
+log = logging.getLogger(__name__)
+WINDOW = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    exit_code: int | None
+    signal: int | None
+    error: str | None
+
+
+class ExecStream:
+    """One process's streams as a client sees them: (channel, bytes) until `ended`."""
+
+    def __init__(self, hub: StreamHub, session: NodeSession, number: int) -> None:
+        self._hub = hub
+        self.session = session
+        self.number = number
+        self._items: asyncio.Queue[tuple[str, bytes] | Ended] = asyncio.Queue()
+        self._held = 0
+        self.ended: Ended | None = None
+
+    async def output(self) -> AsyncIterator[tuple[str, bytes]]:
+        while True:
+            item = await self._items.get()
+            if isinstance(item, Ended):
+                self.ended = item
+                self._items.put_nowait(item)
+                return
+            self._held -= len(item[1])
+            self.session.send(StreamWindow(stream=self.number, bytes=len(item[1])))
+            yield item
+
+    async def wait(self) -> Ended:
+        async for _ in self.output():
+            pass
+        assert self.ended is not None
+        return self.ended
+
+    def write(self, data: bytes, *, eof: bool = False) -> None:
+        for start in range(0, max(len(data), 1), STREAM_CHUNK_BYTES):
+            piece = data[start : start + STREAM_CHUNK_BYTES]
+            last = start + STREAM_CHUNK_BYTES >= len(data)
+            self.session.send(
+                StreamInput(
+                    stream=self.number, data=base64.b64encode(piece).decode(), eof=eof and last
+                )
+            )
+
+    def signal(self, number: int) -> None:
+        self.session.send(StreamSignal(stream=self.number, signal=number))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.session.send(StreamResize(stream=self.number, rows=rows, cols=cols))
+
+    def detach(self) -> None:
+        """The client went away: the node stops relaying (the process runs on)."""
+        if self._hub.forget(self):
+            self.session.send(StreamDetach(stream=self.number))
+
+    def _data(self, channel: str, data: bytes) -> bool:
+        self._held += len(data)
+        if self._held > WINDOW:
+            return False
+        self._items.put_nowait((channel, data))
+        return True
+
+    def _end(self, ended: Ended) -> None:
+        self._items.put_nowait(ended)
+
+
+class StreamHub:
+    def __init__(self) -> None:
+        self._numbers = itertools.count(1)
+        self._streams: dict[int, ExecStream] = {}
+
+    def open(
+        self,
+        session: NodeSession,
+        sandbox_id: str,
+        incarnation: int,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        tag: str | None = None,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+    ) -> ExecStream:
+        stream = ExecStream(self, session, next(self._numbers))
+        self._streams[stream.number] = stream
+        session.send(
+            ExecStart(
+                stream=stream.number,
+                id=sandbox_id,
+                incarnation=incarnation,
+                argv=argv,
+                env=env or {},
+                cwd=cwd,
+                tag=tag,
+                stdin=stdin,
+                pty=None if pty is None else Pty(rows=pty[0], cols=pty[1]),
+                window=WINDOW,
+            )
+        )
+        return stream
+
+    def forget(self, stream: ExecStream) -> bool:
+        return self._streams.pop(stream.number, None) is not None
+
+    def data(self, session: NodeSession, message: StreamData) -> None:
+        stream = self._owned(session, message.stream)
+        if stream is None:
+            return
+        try:
+            data = base64.b64decode(message.data, validate=True)
+        except (binascii.Error, ValueError):
+            self._fail(stream, "the node sent output that is not base64")
+            return
+        if not stream._data(message.channel, data):
+            self._fail(stream, "the node sent past the stream's window")
+
+    def end(self, session: NodeSession, message: StreamEnd) -> None:
+        stream = self._owned(session, message.stream)
+        if stream is not None:
+            self._streams.pop(stream.number, None)
+            stream._end(Ended(message.exit_code, message.signal, message.error))
+
+    def link_lost(self, session: NodeSession) -> None:
+        """The node's link went: its streams end (their processes may run on)."""
+        for stream in [s for s in self._streams.values() if s.session is session]:
+            self._streams.pop(stream.number, None)
+            stream._end(Ended(None, None, "the link to the sandbox's node was lost"))
+
+    def _owned(self, session: NodeSession, number: int) -> ExecStream | None:
+        stream = self._streams.get(number)
+        if stream is None or stream.session is not session:
+            return None  # ended here already, or another node's: ignored
+        return stream
+
+    def _fail(self, stream: ExecStream, why: str) -> None:
+        log.warning("node %s, stream %d: %s", stream.session.node_id, stream.number, why)
+        self._streams.pop(stream.number, None)
+        stream.session.send(StreamDetach(stream=stream.number))
+        stream._end(Ended(None, None, why))

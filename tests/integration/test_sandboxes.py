@@ -1,0 +1,180 @@
+"""Sandboxes end to end through the API: a real Weaver and real Shuttles over loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from support.cluster import Cluster, eventually
+
+pytestmark = pytest.mark.integration
+
+
+def create(api: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = api.post("/v1/sandboxes", json=body)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def status_of(api: httpx.Client, sandbox_id: str) -> dict[str, Any]:
+    response = api.get(f"/v1/sandboxes/{sandbox_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def reaches(api: httpx.Client, sandbox_id: str, status: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        seen = status_of(api, sandbox_id)
+        return seen if seen["status"] == status else None
+
+    return eventually(check, what=f"sandbox {sandbox_id} to be {status}")
+
+
+def run(api: httpx.Client, sandbox_id: str, cmd: list[str] | str, **body: Any) -> dict[str, Any]:
+    response = api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"cmd": cmd, **body})
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def test_an_agent_session_create_run_pause_resume_stop(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        sandbox = create(api, metadata={"agent": "a1"}, env={"GREETING": "hello"})
+        assert (sandbox["status"], sandbox["desired"]) == ("pending", "running")
+        # An exec waits for a sandbox that is starting.
+        first = run(api, sandbox["id"], "echo $GREETING; echo oops >&2; exit 3")
+        assert (first["stdout"], first["stderr"], first["exit_code"]) == ("hello\n", "oops\n", 3)
+        running = status_of(api, sandbox["id"])
+        assert running["status"] == "running" and running["node_id"] is not None
+
+        # One machine: what one command leaves, the next sees.
+        run(api, sandbox["id"], ["sh", "-c", "echo kept > note.txt"])
+        assert run(api, sandbox["id"], ["cat", "note.txt"])["stdout"] == "kept\n"
+        assert run(api, sandbox["id"], ["wc", "-c"], stdin="x" * 100_000)["stdout"].strip() == (
+            "100000"
+        )
+
+        # The process tier has no boundary to freeze.
+        unpausable = api.post(f"/v1/sandboxes/{sandbox['id']}/pause")
+        assert unpausable.status_code == 409, unpausable.text
+        assert "cannot be paused" in unpausable.text
+
+        listed = api.get("/v1/sandboxes", params={"metadata": "agent:a1"}).json()
+        assert [item["id"] for item in listed["items"]] == [sandbox["id"]]
+        assert api.get("/v1/sandboxes", params={"metadata": "agent:other"}).json()["items"] == []
+
+        assert api.delete(f"/v1/sandboxes/{sandbox['id']}").status_code == 200
+        stopped = reaches(api, sandbox["id"], "stopped")
+        assert stopped["ended_at"] is not None
+        after = api.post(f"/v1/sandboxes/{sandbox['id']}/exec", json={"cmd": "true"})
+        assert after.status_code == 409
+        assert api.post(f"/v1/sandboxes/{sandbox['id']}/resume").status_code == 409
+
+        # What it held on its node is free again.
+        node = cluster.node_named("node0")
+        assert node is not None
+        eventually(
+            lambda: (
+                api.get(f"/v1/nodes/{node['id']}").json()["allocated"]["cpu_millicores"] == 0
+                or None
+            ),
+            what="the node's allocation to be released",
+        )
+
+
+def test_a_sandbox_stops_when_its_ttl_runs_out(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        sandbox = create(api, timeout_s=1)
+        stopped = reaches(api, sandbox["id"], "stopped")
+        assert stopped["end_reason"] == "timeout"
+
+
+def test_a_refreshed_ttl_counts_from_the_refresh(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        sandbox = create(api, timeout_s=600)
+        response = api.post(f"/v1/sandboxes/{sandbox['id']}/timeout", json={"timeout_s": 3600})
+        assert response.status_code == 200
+        assert response.json()["expires_at"] > sandbox["expires_at"]
+        api.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"timeout_s": -1}, "timeout_s"),
+        ({"timeout_s": 8 * 24 * 3600}, "timeout_s"),
+        ({"image": "not a reference!"}, "image"),
+        ({"env": {"TREADLE_X": "1"}}, "env"),
+        ({"metadata": {"": "x"}}, "metadata"),
+        ({"metadata": {f"k{i}": "v" for i in range(65)}}, "metadata"),
+        ({"restart": "sometimes"}, "restart"),
+        ({"resources": {"cpu_millicores": 0}}, "resources"),
+        ({"surprise": True}, "surprise"),
+    ],
+)
+def test_bad_sandboxes_are_refused_naming_the_field(
+    cluster: Cluster, body: dict[str, Any], field: str
+) -> None:
+    with cluster.client() as api:
+        response = api.post("/v1/sandboxes", json=body)
+    assert response.status_code == 422, response.text
+    assert field in response.text
+
+
+def test_exec_input_is_checked(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        sandbox = create(api)
+        for body in ({"cmd": []}, {"cmd": [""]}, {"cmd": "a\x00b"}, {"cmd": "x", "timeout_s": 0}):
+            response = api.post(f"/v1/sandboxes/{sandbox['id']}/exec", json=body)
+            assert response.status_code == 422, (body, response.text)
+        assert api.post("/v1/sandboxes/sbx_nope/exec", json={"cmd": "true"}).status_code == 404
+        api.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+
+def test_another_tenant_sees_nothing(cluster: Cluster) -> None:
+    with cluster.client() as admin:
+        sandbox = create(admin)
+        created = admin.post("/v1/tenants", json={"name": "other-sbx"})
+        assert created.status_code == 201, created.text
+        key = created.json()["api_key"]
+    with cluster.client(key) as other:
+        assert other.get(f"/v1/sandboxes/{sandbox['id']}").status_code == 404
+        assert other.delete(f"/v1/sandboxes/{sandbox['id']}").status_code == 404
+        refused = other.post(f"/v1/sandboxes/{sandbox['id']}/exec", json={"cmd": "true"})
+        assert refused.status_code == 404
+        assert other.get("/v1/sandboxes").json()["items"] == []
+        # Not allowed the process tier: asking for it by name is refused.
+        assert other.post("/v1/sandboxes", json={"isolation": "process"}).status_code == 422
+    with cluster.client() as admin:
+        admin.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+
+def test_a_namespace_sandbox_runs_as_its_own_unprivileged_user(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_weaver(process_tier=False)
+        cluster.start_shuttle("ns0", "--runtime", "namespace")
+        with cluster.client() as api:
+            sandbox = create(api)
+            result = run(api, sandbox["id"], ["sh", "-c", "id -u; cat /proc/self/status"])
+            lines = result["stdout"].splitlines()
+            assert lines[0] == "1000"
+            assert status_of(api, sandbox["id"])["isolation"] == "namespace"
+            fields = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+            assert int(fields["CapEff"], 16) == 0
+
+            run(api, sandbox["id"], "echo kept > note.txt")
+            assert api.post(f"/v1/sandboxes/{sandbox['id']}/pause").status_code == 200
+            paused = reaches(api, sandbox["id"], "paused")
+            assert paused["desired"] == "paused"
+            refused = api.post(f"/v1/sandboxes/{sandbox['id']}/exec", json={"cmd": "true"})
+            assert refused.status_code == 409, refused.text
+            assert api.post(f"/v1/sandboxes/{sandbox['id']}/resume").status_code == 200
+            reaches(api, sandbox["id"], "running")
+            assert run(api, sandbox["id"], ["cat", "note.txt"])["stdout"] == "kept\n"
+            api.delete(f"/v1/sandboxes/{sandbox['id']}")
+            reaches(api, sandbox["id"], "stopped")
+    finally:
+        cluster.stop()
