@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -176,5 +177,75 @@ def test_a_namespace_sandbox_runs_as_its_own_unprivileged_user(tmp_path: Path) -
             assert run(api, sandbox["id"], ["cat", "note.txt"])["stdout"] == "kept\n"
             api.delete(f"/v1/sandboxes/{sandbox['id']}")
             reaches(api, sandbox["id"], "stopped")
+    finally:
+        cluster.stop()
+
+
+def test_a_lost_node_s_sandbox_comes_back_on_another_node(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_weaver(node_down_after_s="1", node_startup_grace_s="0")
+        first = cluster.start_shuttle("a")
+        with cluster.client() as api:
+            sandbox = create(api, restart="on_failure")
+            run(api, sandbox["id"], "echo before > note.txt")
+            placed = status_of(api, sandbox["id"])
+            node_a = cluster.node_named("a")
+            assert node_a is not None and placed["node_id"] == node_a["id"]
+
+            cluster.start_shuttle("b")
+            first.stop(signal.SIGKILL)
+
+            def on_b() -> dict[str, Any] | None:
+                seen = status_of(api, sandbox["id"])
+                moved = seen["status"] == "running" and seen["node_id"] != node_a["id"]
+                return seen if moved else None
+
+            moved = eventually(on_b, what="the sandbox to run again on node b")
+            assert (moved["incarnation"], moved["restarts"]) == (2, 1)
+            # Fresh, and it says what was lost.
+            assert "lost" in moved["end_reason"] and "files" in moved["end_reason"]
+            again = run(api, sandbox["id"], "cat note.txt 2>/dev/null || echo fresh")
+            assert again["stdout"] == "fresh\n"
+
+            never = create(api, restart="never")
+            run(api, never["id"], "true")
+            holder = status_of(api, never["id"])["node_id"]
+            survivor = cluster.start_shuttle("c")
+            del survivor
+            cluster.shuttles[1].stop(signal.SIGKILL)  # b, which holds both now
+            assert holder == status_of(api, sandbox["id"])["node_id"]
+            failed = reaches(api, never["id"], "failed")
+            assert "lost" in failed["end_reason"]
+    finally:
+        cluster.stop()
+
+
+def test_sandboxes_outlive_a_weaver_restart(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_weaver()
+        cluster.start_shuttle("a")
+        with cluster.client() as api:
+            sandbox = create(api)
+            run(api, sandbox["id"], "echo kept > note.txt")
+        assert cluster.weaver is not None
+        cluster.weaver.stop()
+        cluster.start_weaver()
+        with cluster.client() as api:
+            # The node reconnects and reports it; nothing was restarted.
+            def answers() -> dict[str, Any] | None:
+                response = api.post(
+                    f"/v1/sandboxes/{sandbox['id']}/exec", json={"cmd": ["cat", "note.txt"]}
+                )
+                return dict(response.json()) if response.status_code == 200 else None
+
+            assert eventually(answers, what="the sandbox to answer again")["stdout"] == "kept\n"
+            after = status_of(api, sandbox["id"])
+            assert (after["status"], after["incarnation"], after["restarts"]) == (
+                "running",
+                1,
+                0,
+            )
     finally:
         cluster.stop()

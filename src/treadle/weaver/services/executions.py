@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -13,12 +12,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import and_, func, select
 
-from treadle.domain.errors import InvalidRequest, InvalidTransition, NotFound, PayloadTooLarge
+from treadle.domain.errors import InvalidTransition, NotFound, PayloadTooLarge
 from treadle.domain.execution import Event, ExecutionState, is_terminal
 from treadle.domain.function import PresetStrategy, ensure_json_safe, render_command
 from treadle.protocol.limits import JsonObject
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
+from treadle.weaver.services.cursors import decode_cursor, encode_cursor
 from treadle.weaver.services.fleet import announce_open, order_cancel
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
 from treadle.weaver.services.transitions import load_execution, transition
@@ -78,23 +78,6 @@ class Invoked:
     row: Any
     function: FunctionRecord
     created: bool
-
-
-def _encode_cursor(row: Any) -> str:
-    return base64.urlsafe_b64encode(row.id.encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> str:
-    try:
-        value = base64.b64decode(cursor.encode(), altchars=b"-_", validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        value = ""
-    if not value.startswith("ex_"):
-        raise InvalidRequest(
-            "cursor is not one this API returned",
-            details=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
-        )
-    return value
 
 
 class ExecutionService:
@@ -220,11 +203,11 @@ class ExecutionService:
         if node_id is not None:
             query = query.where(_E.c.node_id == node_id)
         if cursor is not None:
-            query = query.where(_E.c.id < _decode_cursor(cursor))
+            query = query.where(_E.c.id < decode_cursor(cursor, "ex"))
         query = query.order_by(_E.c.id.desc()).limit(limit + 1)
         async with self._db.read() as conn:
             rows = list(await conn.execute(query))
-        next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
         return [execution_view(row) for row in rows[:limit]], next_cursor
 
     async def cancel(self, tenant_id: str, execution_id: str) -> Any:

@@ -14,7 +14,6 @@ pause/resume/stop to the nodes whose links are on this replica, and apply TTLs.
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 import time
@@ -52,6 +51,7 @@ from treadle.scheduler import Fleet, Placement, place, tiers
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
 from treadle.weaver.services.auth import process_tier_tenants
+from treadle.weaver.services.cursors import decode_cursor, encode_cursor
 from treadle.weaver.services.dispatcher import request_for, strategy_of
 from treadle.weaver.services.nodes import NodeRegistry, NodeSession
 from treadle.weaver.store import tables
@@ -97,23 +97,6 @@ def sandbox_view(row: Any) -> dict[str, Any]:
         "ended_at": iso(row.ended_at),
         "expires_at": iso(row.expires_at),
     }
-
-
-def _encode_cursor(sandbox_id: str) -> str:
-    return base64.urlsafe_b64encode(sandbox_id.encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> str:
-    try:
-        value = base64.b64decode(cursor.encode(), altchars=b"-_", validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        value = ""
-    if not value.startswith("sbx_"):
-        raise InvalidRequest(
-            "cursor is not one this API returned",
-            details=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
-        )
-    return value
 
 
 async def _load(tx: Tx, sandbox_id: str, tenant_id: str | None = None) -> Any:
@@ -223,7 +206,7 @@ class SandboxService:
         if wanted:
             query = query.where(_S.c.status.in_(wanted))
         if cursor is not None:
-            query = query.where(_S.c.id < _decode_cursor(cursor))
+            query = query.where(_S.c.id < decode_cursor(cursor, "sbx"))
         query = query.order_by(_S.c.id.desc())
         found: list[Any] = []
         last_seen: str | None = None
@@ -239,7 +222,7 @@ class SandboxService:
                 for row in rows:
                     if all(row.metadata.get(k) == v for k, v in (metadata or {}).items()):
                         found.append(row)
-        next_cursor = _encode_cursor(found[limit - 1].id) if len(found) > limit else None
+        next_cursor = encode_cursor(found[limit - 1].id) if len(found) > limit else None
         return [sandbox_view(row) for row in found[:limit]], next_cursor
 
     async def desire(self, tenant_id: str, sandbox_id: str, wanted: Desired) -> Any:
