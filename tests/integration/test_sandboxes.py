@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import signal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from support.cluster import Cluster, eventually
 
@@ -247,5 +250,75 @@ def test_sandboxes_outlive_a_weaver_restart(tmp_path: Path) -> None:
                 1,
                 0,
             )
+    finally:
+        cluster.stop()
+
+
+def exec_socket(cluster: Cluster, sandbox_id: str) -> Any:
+    url = cluster.url.replace("http", "ws", 1) + f"/v1/sandboxes/{sandbox_id}/exec"
+    return connect(url, additional_headers={"Authorization": f"Bearer {cluster.admin_key}"})
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_an_interactive_exec_streams_both_ways(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        sandbox = create(api)
+    with exec_socket(cluster, sandbox["id"]) as ws:
+        ws.send(json.dumps({"cmd": ["sh", "-c", "while read line; do echo got $line; done"]}))
+        ws.send(json.dumps({"stdin": b64(b"one\n")}))
+        assert json.loads(ws.recv()) == {"stdout": b64(b"got one\n")}
+        ws.send(json.dumps({"stdin": b64(b"two\n"), "eof": True}))
+        assert json.loads(ws.recv()) == {"stdout": b64(b"got two\n")}
+        assert json.loads(ws.recv()) == {"exit": {"exit_code": 0, "signal": None, "error": None}}
+
+    # A terminal: its size, then a signal ends what runs in it.
+    with exec_socket(cluster, sandbox["id"]) as ws:
+        ws.send(
+            json.dumps(
+                {"cmd": "stty size; echo ready; exec sleep 600", "pty": {"rows": 40, "cols": 120}}
+            )
+        )
+        seen = b""
+        while b"ready" not in seen:
+            seen += base64.b64decode(json.loads(ws.recv())["stdout"])
+        assert b"40 120" in seen
+        ws.send(json.dumps({"signal": 15}))
+        last = json.loads(ws.recv())
+        assert last == {"exit": {"exit_code": None, "signal": 15, "error": None}}
+
+    with exec_socket(cluster, sandbox["id"]) as ws:
+        ws.send(json.dumps({"cmd": []}))
+        refused = json.loads(ws.recv())
+        assert refused["error"]["code"] in ("invalid_request", "validation_error")
+    with cluster.client() as api:
+        api.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+
+def test_tenant_limits_on_sandboxes_and_streams(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_weaver(max_sandboxes_per_tenant="2", max_exec_streams_per_tenant="1")
+        cluster.start_shuttle("a")
+        with cluster.client() as api:
+            first, second = create(api), create(api)
+            third = api.post("/v1/sandboxes", json={})
+            assert third.status_code == 429, third.text
+            assert third.json()["error"]["details"]["limit"] == "max_sandboxes_per_tenant"
+            # One stream at a time: a second exec while one runs is refused, then allowed.
+            with exec_socket(cluster, first["id"]) as ws:
+                ws.send(json.dumps({"cmd": "echo up; exec sleep 600"}))
+                assert json.loads(ws.recv()) == {"stdout": b64(b"up\n")}
+                busy = api.post(f"/v1/sandboxes/{second['id']}/exec", json={"cmd": "true"})
+                assert busy.status_code == 429, busy.text
+                ws.send(json.dumps({"signal": 9}))
+                assert json.loads(ws.recv())["exit"]["signal"] == 9
+            assert run(api, second["id"], "echo free")["stdout"] == "free\n"
+            # A stopped sandbox no longer counts.
+            api.delete(f"/v1/sandboxes/{first['id']}")
+            reaches(api, first["id"], "stopped")
+            assert api.post("/v1/sandboxes", json={}).status_code == 201
     finally:
         cluster.stop()

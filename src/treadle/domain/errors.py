@@ -8,6 +8,7 @@ TreadleError
  ├── NotFound            (404)  no such resource for this tenant (also: another tenant's)
  ├── Conflict            (409)  the resource is in a state where the action is not allowed
  │    └── InvalidTransition      an execution event that is not valid in its current state
+ ├── LimitExceeded       (429)  a per-tenant limit is reached; `details` names it
  ├── Unavailable         (503)  cannot be done by this replica now; retrying is safe
  └── ProtocolError               a Weaver/Shuttle frame that is not part of the protocol
 
@@ -23,6 +24,7 @@ __all__ = [
     "Forbidden",
     "InvalidRequest",
     "InvalidTransition",
+    "LimitExceeded",
     "NotFound",
     "PayloadTooLarge",
     "ProtocolError",
@@ -69,6 +71,10 @@ class Conflict(TreadleError):
 
 class InvalidTransition(Conflict):
     code = "invalid_transition"
+
+
+class LimitExceeded(TreadleError):
+    code = "limit_exceeded"
 
 
 class Unavailable(TreadleError):

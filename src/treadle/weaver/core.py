@@ -88,8 +88,9 @@ class Weaver:
             default_strategy=settings.default_strategy,
             default_min_isolation=settings.default_min_isolation,
             on_change=self._sandboxes_changed,
+            max_per_tenant=settings.max_sandboxes_per_tenant,
         )
-        self.streams = StreamHub()
+        self.streams = StreamHub(settings.max_exec_streams_per_tenant)
         self._sandbox_wake = asyncio.Event()
         self._sandbox_task: asyncio.Task[None] | None = None
         self.reports = ReportService(

@@ -55,6 +55,9 @@ class WeaverSettings(BaseSettings):
     # cut with a marker line and the execution says `output_truncated`.
     max_output_bytes: int = Field(default=16 * 1024 * 1024, ge=0, le=2**62)
     max_wait_s: float = 300.0
+    # Per tenant: sandboxes not yet ended, and exec streams open at once (on this replica).
+    max_sandboxes_per_tenant: int = Field(default=100, ge=0)
+    max_exec_streams_per_tenant: int = Field(default=64, ge=0)
     log_level: str = "warning"
 
     def resolved_database_url(self) -> str:

@@ -24,6 +24,7 @@ _STATUS: list[tuple[type[errors.TreadleError], int]] = [
     (errors.Forbidden, 403),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
+    (errors.LimitExceeded, 429),
     (errors.Unavailable, 503),
     (errors.ProtocolError, 400),
 ]

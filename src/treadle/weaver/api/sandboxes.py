@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import signal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from treadle.domain.errors import InvalidRequest, InvalidTransition, Unavailable
+from treadle.domain.errors import InvalidRequest, InvalidTransition, TreadleError, Unavailable
 from treadle.domain.sandbox import MAX_TIMEOUT_S, Desired, SandboxSpec, SandboxStatus
-from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.deps import Caller, get_weaver, principal_of
+from treadle.weaver.api.errors import error_body
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.sandboxes import sandbox_view
+from treadle.weaver.services.streams import ExecStream
 
 __all__ = ["router"]
 
@@ -129,22 +132,7 @@ class ExecBody(BaseModel):
 async def exec_in_sandbox(
     sandbox_id: str, body: ExecBody, caller: Caller, weaver: WeaverDep
 ) -> Any:
-    row = await _running(weaver, caller.tenant_id, sandbox_id)
-    session = weaver.registry.get(row.node_id)
-    if session is None:
-        raise Unavailable(
-            "the sandbox's node is connected to another Weaver replica, or reconnecting; try again",
-            details={"id": sandbox_id, "node_id": row.node_id},
-        )
-    stream = weaver.streams.open(
-        session,
-        row.id,
-        row.incarnation,
-        body.argv,
-        env=body.env,
-        cwd=body.cwd,
-        stdin=body.stdin is not None,
-    )
+    stream = await _open(weaver, caller.tenant_id, sandbox_id, body, stdin=body.stdin is not None)
     if body.stdin is not None:
         stream.write(body.stdin.encode(), eof=True)
     cap = weaver.settings.max_output_bytes
@@ -184,6 +172,134 @@ async def exec_in_sandbox(
         "stderr": out["stderr"].decode(errors="replace"),
         "output_truncated": truncated,
     }
+
+
+async def _open(
+    weaver: Weaver,
+    tenant_id: str,
+    sandbox_id: str,
+    body: ExecBody,
+    *,
+    stdin: bool,
+    pty: tuple[int, int] | None = None,
+) -> ExecStream:
+    """Start `body`'s process in the running sandbox, on its node's link."""
+    row = await _running(weaver, tenant_id, sandbox_id)
+    session = weaver.registry.get(row.node_id)
+    if session is None:
+        raise Unavailable(
+            "the sandbox's node is connected to another Weaver replica, or reconnecting; try again",
+            details={"id": sandbox_id, "node_id": row.node_id},
+        )
+    return weaver.streams.open(
+        session,
+        tenant_id,
+        row.id,
+        row.incarnation,
+        body.argv,
+        env=body.env,
+        cwd=body.cwd,
+        stdin=stdin,
+        pty=pty,
+    )
+
+
+class _Start(ExecBody):
+    """The first message on the exec WebSocket."""
+
+    pty: dict[str, int] | None = None
+
+    @field_validator("pty")
+    @classmethod
+    def _size(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        if value is not None and not (
+            set(value) == {"rows", "cols"} and all(1 <= v <= 1000 for v in value.values())
+        ):
+            raise ValueError("pty is {rows, cols}, each 1-1000")
+        return value
+
+
+@router.websocket("/{sandbox_id}/exec")
+async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
+    """Interactive exec. The client's first message is `{"cmd", "env", "cwd", "pty":
+    {"rows", "cols"}?}`; then `{"stdin": base64, "eof"?: true}`, `{"eof": true}`,
+    `{"signal": n}`, `{"resize": {"rows", "cols"}}` in any order. The server sends
+    `{"stdout"|"stderr": base64}` as the process writes, at the pace the client reads, and
+    `{"exit": {"exit_code", "signal", "error"}}` last. Leaving does not kill the process."""
+    weaver = get_weaver(websocket)
+    try:
+        principal = await principal_of(websocket)
+    except TreadleError:
+        await websocket.close(code=1008)
+        return
+    await websocket.accept()
+    stream: ExecStream | None = None
+    try:
+        try:
+            start = _Start.model_validate(await websocket.receive_json())
+        except (ValidationError, ValueError) as exc:
+            raise InvalidRequest(f"the first message must start a process: {exc}") from None
+        size = None if start.pty is None else (start.pty["rows"], start.pty["cols"])
+        stream = await _open(weaver, principal.tenant_id, sandbox_id, start, stdin=True, pty=size)
+        await _relay(websocket, stream)
+    except TreadleError as exc:
+        await websocket.send_json(error_body(exc.code, exc.message, exc.details))
+        await websocket.close(code=4000 + (404 if exc.code == "not_found" else 400))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        if stream is not None and stream.ended is None:
+            stream.detach()
+
+
+async def _relay(websocket: WebSocket, stream: ExecStream) -> None:
+    async def outward() -> None:
+        # Each send waits for the client: the window is granted as it takes the output.
+        async for channel, data in stream.output():
+            await websocket.send_json({channel: base64.b64encode(data).decode()})
+        ended = stream.ended
+        assert ended is not None
+        exit_info = {"exit_code": ended.exit_code, "signal": ended.signal, "error": ended.error}
+        await websocket.send_json({"exit": exit_info})
+        await websocket.close(code=1000)
+
+    async def inward() -> None:
+        while True:
+            message = await websocket.receive_json()
+            if isinstance(message, dict):
+                _from_client(stream, message)
+
+    out = asyncio.create_task(outward())
+    into = asyncio.create_task(inward())
+    try:
+        await asyncio.wait((out, into), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (out, into):
+            task.cancel()
+        await asyncio.gather(out, into, return_exceptions=True)
+
+
+def _from_client(stream: ExecStream, message: dict[str, Any]) -> None:
+    """One client message; what is not understood is ignored."""
+    if isinstance(message.get("stdin"), str):
+        try:
+            data = base64.b64decode(message["stdin"], validate=True)
+        except ValueError:
+            return
+        stream.write(data, eof=message.get("eof") is True)
+    elif message.get("eof") is True:
+        stream.write(b"", eof=True)
+    elif isinstance(message.get("signal"), int) and 1 <= message["signal"] <= 64:
+        stream.signal(message["signal"])
+    elif isinstance(message.get("resize"), dict):
+        rows, cols = message["resize"].get("rows"), message["resize"].get("cols")
+        if (
+            isinstance(rows, int)
+            and isinstance(cols, int)
+            and 1 <= rows <= 1000
+            and 1 <= cols <= 1000
+        ):
+            stream.resize(rows, cols)
 
 
 async def _running(weaver: Weaver, tenant_id: str, sandbox_id: str) -> Any:

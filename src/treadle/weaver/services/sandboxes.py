@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, func, select, update
 
-from treadle.domain.errors import InvalidRequest, InvalidTransition, NotFound
+from treadle.domain.errors import InvalidRequest, InvalidTransition, LimitExceeded, NotFound
 from treadle.domain.resources import Resources, Tier
 from treadle.domain.sandbox import (
     ON_NODE_STATUSES,
@@ -140,6 +140,7 @@ class SandboxService:
         default_strategy: str,
         default_min_isolation: Tier,
         on_change: Callable[[], None],
+        max_per_tenant: int = 100,
     ) -> None:
         self._db = db
         self._writer = writer
@@ -148,6 +149,7 @@ class SandboxService:
         self._default_strategy = default_strategy
         self._default_tier = default_min_isolation
         self._on_change = on_change
+        self._max_per_tenant = max_per_tenant
 
     # what users do
 
@@ -159,6 +161,20 @@ class SandboxService:
                 raise InvalidRequest(
                     tiers.PROCESS_NOT_ALLOWED,
                     details=[{"loc": ["body", "isolation"], "msg": tiers.PROCESS_NOT_ALLOWED}],
+                )
+            live = (
+                await tx.conn.execute(
+                    select(func.count())
+                    .select_from(_S)
+                    .where(_S.c.tenant_id == tenant_id, _S.c.status.in_(_LIVE))
+                )
+            ).scalar_one()
+            if live >= self._max_per_tenant:
+                raise LimitExceeded(
+                    f"this tenant has {live} sandboxes that have not ended; the limit is "
+                    f"{self._max_per_tenant} (stop some, or ask the operator to raise "
+                    "TREADLE_MAX_SANDBOXES_PER_TENANT)",
+                    details={"limit": "max_sandboxes_per_tenant", "value": self._max_per_tenant},
                 )
             values = {
                 "id": sandbox_id,

@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from treadle.domain.errors import LimitExceeded
 from treadle.protocol import (
     ExecStart,
     Pty,
@@ -48,8 +49,9 @@ class Ended:
 class ExecStream:
     """One process's streams as a client sees them: (channel, bytes) until `ended`."""
 
-    def __init__(self, hub: StreamHub, session: NodeSession, number: int) -> None:
+    def __init__(self, hub: StreamHub, session: NodeSession, number: int, tenant_id: str) -> None:
         self._hub = hub
+        self.tenant_id = tenant_id
         self.session = session
         self.number = number
         self._items: asyncio.Queue[tuple[str, bytes] | Ended] = asyncio.Queue()
@@ -106,13 +108,15 @@ class ExecStream:
 
 
 class StreamHub:
-    def __init__(self) -> None:
+    def __init__(self, max_per_tenant: int = 64) -> None:
         self._numbers = itertools.count(1)
         self._streams: dict[int, ExecStream] = {}
+        self._max_per_tenant = max_per_tenant
 
     def open(
         self,
         session: NodeSession,
+        tenant_id: str,
         sandbox_id: str,
         incarnation: int,
         argv: list[str],
@@ -123,7 +127,14 @@ class StreamHub:
         stdin: bool = False,
         pty: tuple[int, int] | None = None,
     ) -> ExecStream:
-        stream = ExecStream(self, session, next(self._numbers))
+        open_now = sum(1 for s in self._streams.values() if s.tenant_id == tenant_id)
+        if open_now >= self._max_per_tenant:
+            raise LimitExceeded(
+                f"this tenant has {open_now} exec streams open; the limit is "
+                f"{self._max_per_tenant} (TREADLE_MAX_EXEC_STREAMS_PER_TENANT)",
+                details={"limit": "max_exec_streams_per_tenant", "value": self._max_per_tenant},
+            )
+        stream = ExecStream(self, session, next(self._numbers), tenant_id)
         self._streams[stream.number] = stream
         session.send(
             ExecStart(
