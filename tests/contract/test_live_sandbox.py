@@ -22,6 +22,7 @@ from treadle.shuttle.runtimes.process import ProcessRuntime
 
 PARAMS = runtime_params()
 HOST_PASSWD = Path("/etc/passwd").read_bytes()
+PY_IN = "python3"  # the sandbox's own, on its PATH
 
 
 @pytest.fixture(params=PARAMS)
@@ -271,6 +272,37 @@ async def test_files_go_both_ways_binary_safe(sandbox: LiveSandbox) -> None:
         await sandbox.link.read_file("no/such/file")
 
 
+async def test_names_that_are_not_utf8_are_listed_not_fatal(sandbox: LiveSandbox) -> None:
+    # Any program may make such a name; listing it must not break the sandbox's link.
+    await run(sandbox, [PY_IN, "-c", "open(b'odd-\\xff-name', 'w').close()"])
+    listing = await sandbox.link.call("list", path=".")
+    assert "odd-\ufffd-name" in [entry["name"] for entry in listing]
+    out, _, _ = await run(sandbox, ["echo", "still", "here"])
+    assert out == b"still here\n"
+
+
+async def test_the_agent_holds_nothing_of_the_host_open(
+    tier: tuple[Tier, dict[str, Any]], sandbox: LiveSandbox
+) -> None:
+    if tier[0] == Tier.PROCESS:
+        pytest.skip("the process tier isolates nothing")
+    # The agent's fds, as its child sees them: pipes, /dev/null, the kernel's own objects
+    # (gVisor names the stdio it was given `host:[n]`, and its tier's result FIFO lives in
+    # the sandbox's own /dev).
+    out, _, _ = await run(
+        sandbox, ["sh", "-c", 'for f in /proc/$PPID/fd/*; do readlink "$f"; done']
+    )
+    held = set(out.decode().split())
+    assert held, out
+    unexpected = {
+        target
+        for target in held
+        if target != "/dev/null"
+        and not target.startswith(("pipe:", "anon_inode:", "host:[", "/dev/treadle/"))
+    }
+    assert unexpected == set()
+
+
 async def test_paths_resolve_inside_the_sandbox(
     tier: tuple[Tier, dict[str, Any]], sandbox: LiveSandbox, tmp_path: Path
 ) -> None:
@@ -357,6 +389,22 @@ HOSTILE = {
         "import os,struct,json; h=json.dumps({'ev':'ready','pid':1,'uid':0}).encode();"
         "os.write(1, struct.pack('>II', len(h), 5) + h + b'xxxxx'); input()"
     ),
+    "answers to nothing asked": (
+        "import os,struct,json,time\n"
+        "def send(d, p=b''):\n"
+        "    h = json.dumps(d).encode(); os.write(1, struct.pack('>II', len(h), len(p)) + h + p)\n"
+        "send({'ev':'ready','pid':1,'uid':0})\n"
+        "import select; select.select([0], [], [])\n"
+        "send({'ev':'result','req':999,'value':'x'*1000}); input()"
+    ),
+    "empty output frames": (
+        "import os,struct,json\n"
+        "def send(d, p=b''):\n"
+        "    h = json.dumps(d).encode(); os.write(1, struct.pack('>II', len(h), len(p)) + h + p)\n"
+        "send({'ev':'ready','pid':1,'uid':0})\n"
+        "import select; select.select([0], [], [])\n"
+        "send({'ev':'out','pid':1,'stream':'stdout'}); input()"
+    ),
     "events for nothing asked": (
         "import os,struct,json\n"
         "def send(d, p=b''):\n"
@@ -382,10 +430,13 @@ async def test_a_hostile_agent_ends_its_own_sandbox_and_nothing_else(
         except OSError as exc:
             assert "agent" in str(exc)
         else:
-            # It got as far as a valid "ready": the next frame breaks its link.
+            # It got as far as a valid "ready": the next frame breaks its link, and that
+            # ends the sandbox, whatever it still runs.
             with pytest.raises(LinkBroken):
                 await hostile.link.exec(["true"])
-            await hostile.stop(grace_s=0)
+            ended = await hostile.ended
+            assert ended.reason == "protocol_error"
+            assert (await hostile.stop(grace_s=0)).reason == "protocol_error"
         out, _, end = await run(neighbour, ["echo", "unharmed"])
         assert (out, end.exit_code) == (b"unharmed\n", 0)
     finally:

@@ -43,6 +43,7 @@ Msg = dict[str, Any]  # a frame's header
 HEADER = struct.Struct(">II")
 READ_SIZE = 64 * 1024
 FILE_CHUNK = 256 * 1024
+MAX_LISTED = 2000
 
 
 def _errno_name(exc: OSError) -> str:
@@ -546,7 +547,8 @@ class Agent:
         root = self._path(header)
         depth = max(1, int(header.get("depth", 1)))
         found: list[Msg] = []
-        limit = int(header.get("limit", 10000))
+        # What Shuttle takes in one answer (treadle.protocol.guest.MAX_HEADER_BYTES).
+        limit = min(int(header.get("limit", MAX_LISTED)), MAX_LISTED)
 
         def walk(directory: str, level: int) -> None:
             with os.scandir(directory) as entries:
@@ -601,8 +603,8 @@ def _describe(path: str, name: str) -> Msg:
     elif not stat.S_ISREG(info.st_mode):
         kind = "other"
     described = {
-        "name": name,
-        "path": path,
+        "name": _text(name),
+        "path": _text(path),
         "type": kind,
         "size": info.st_size,
         "mode": stat.S_IMODE(info.st_mode),
@@ -611,8 +613,14 @@ def _describe(path: str, name: str) -> Msg:
         "gid": info.st_gid,
     }
     if kind == "symlink":
-        described["target"] = os.readlink(path)
+        described["target"] = _text(os.readlink(path))
     return described
+
+
+def _text(name: str) -> str:
+    """`name` as JSON can carry it: bytes that are not UTF-8 (which a file name may hold)
+    become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 if __name__ == "__main__":

@@ -38,12 +38,12 @@ __all__ = [
 ]
 
 HEADER = struct.Struct(">II")
-# What the agent sends is at most 256 KiB of payload with a short header; these leave room
-# and bound what a hostile guest can make Shuttle buffer per frame.
-MAX_HEADER_BYTES = 64 * 1024
+# What the agent sends is at most 256 KiB of payload, with a header that is short but for a
+# directory listing (at most 2,000 entries, well under this). Both are checked from the
+# 8-byte prefix, before anything is buffered or parsed: they bound what a hostile guest can
+# make Shuttle hold and parse per frame.
+MAX_HEADER_BYTES = 1024 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024
-# Results (a directory listing) are the largest headers; the listing is capped by count.
-_MAX_RESULT_HEADER_BYTES = 16 * 1024 * 1024
 
 
 class GuestProtocolError(Exception):
@@ -108,7 +108,7 @@ class Result(_Event):
 class Error(_Event):
     ev: Literal["error"]
     req: RequestId
-    errno: str = Field(max_length=32)
+    errno: str = Field(pattern=r"^E[A-Z0-9]{1,30}$")
     message: str | None = Field(default=None, max_length=4096)
 
 
@@ -137,7 +137,7 @@ class FrameReader:
         frames = []
         while len(self.buffer) >= HEADER.size:
             head_len, payload_len = HEADER.unpack_from(self.buffer)
-            if head_len > _MAX_RESULT_HEADER_BYTES or payload_len > MAX_PAYLOAD_BYTES:
+            if head_len > MAX_HEADER_BYTES or payload_len > MAX_PAYLOAD_BYTES:
                 raise GuestProtocolError(f"frame too large ({head_len} + {payload_len} bytes)")
             end = HEADER.size + head_len + payload_len
             if len(self.buffer) < end:
@@ -164,8 +164,9 @@ def _event(head: bytes, payload: bytes) -> Event:
         event: Event = _EVENT.validate_python(raw)
     except ValidationError as exc:
         raise GuestProtocolError(f"invalid event: {exc.errors(include_url=False)[0]}") from None
-    if len(head) > MAX_HEADER_BYTES and event.ev != "result":
-        raise GuestProtocolError(f"{event.ev} header of {len(head)} bytes")
     if payload and event.ev not in _WITH_PAYLOAD:
         raise GuestProtocolError(f"{event.ev} frame with a payload")
+    if not payload and event.ev in _WITH_PAYLOAD:
+        # Never sent empty: empty ones would cost nothing against a window.
+        raise GuestProtocolError(f"{event.ev} frame without bytes")
     return event

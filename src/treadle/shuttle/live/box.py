@@ -32,7 +32,7 @@ from treadle.shuttle.live.link import GuestLink, LinkBroken
 from treadle.shuttle.runtimes._spawn import spawn_async
 from treadle.shuttle.runtimes.base import ExitStatus
 from treadle.shuttle.runtimes.namespace import NamespaceLauncher
-from treadle.shuttle.runtimes.process import Attempt, ImageLauncher, Launcher
+from treadle.shuttle.runtimes.process import RESULT_FD, Attempt, ImageLauncher, Launcher
 from treadle.shuttle.sandbox import exits
 
 __all__ = ["LiveSandbox", "SandboxSpec", "Unsupported"]
@@ -123,12 +123,18 @@ class LiveSandbox:
         else:
             attempt = launcher.prepare(assign, workdir)
         launch = attempt.launch
+        if launch.result is not None:
+            for fd in launch.result:  # no result channel: a sandbox has no single result
+                os.close(fd)
         to_r, to_w = os.pipe2(os.O_CLOEXEC)
         from_r, from_w = os.pipe2(os.O_CLOEXEC)
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         child = [to_r, from_w, null]
         try:
-            fds = {0: to_r, 1: from_w, 2: null, **launch.fds}
+            # fd 3 is the result fd of executions, which the oci tiers pass into the
+            # container: /dev/null, read-only, so that nothing of the runtime's (its log
+            # file, say) takes that number and reaches the sandbox.
+            fds = {0: to_r, 1: from_w, 2: null, RESULT_FD: null, **launch.fds}
             pid = await spawn_async(
                 launch.program, launch.argv, launch.env, launch.cwd, fds, ids=launch.ids
             )
@@ -140,9 +146,18 @@ class LiveSandbox:
         for fd in child:
             os.close(fd)
         reaper.track(pid)
-        broken: list[str] = []
-        link = GuestLink(to_w, from_r, on_broken=broken.append)
+        owner: list[LiveSandbox] = []
+
+        def broken(reason: str) -> None:
+            # The agent is the tenant's to replace: one that breaks the protocol ends its
+            # sandbox, whatever else it still runs.
+            log.warning("sandbox %s: %s", spec.id, reason)
+            for sandbox in owner:
+                sandbox.kill("protocol_error")
+
+        link = GuestLink(to_w, from_r, on_broken=broken)
         sandbox = cls(spec, attempt, pid, link)
+        owner.append(sandbox)
         try:
             await attempt.spawned(pid)
             async with asyncio.timeout(_READY_TIMEOUT_S):
@@ -181,18 +196,21 @@ class LiveSandbox:
         return self._frozen
 
     async def stop(self, grace_s: float = _STOP_GRACE_S) -> ExitStatus:
-        """End the sandbox: its processes get SIGTERM, then SIGKILL after `grace_s`."""
+        """End the sandbox: its processes get SIGTERM, then SIGKILL after `grace_s`; it is
+        killed whatever happens on the way."""
         if not self.ended.done():
-            if self._frozen:
-                with contextlib.suppress(Exception):
-                    await self.resume()
-            with contextlib.suppress(LinkBroken):
-                for process in self.link.processes():
-                    process.signal(signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace_s):
-                    await self._quiet()
-            self.kill("stopped")
+            try:
+                if self._frozen:
+                    with contextlib.suppress(Exception):
+                        await self.resume()
+                with contextlib.suppress(LinkBroken):
+                    for process in self.link.processes():
+                        process.signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError, LinkBroken):
+                    async with asyncio.timeout(grace_s):
+                        await self._quiet()
+            finally:
+                self.kill("stopped")
         return await asyncio.shield(self.ended)
 
     async def _quiet(self) -> None:

@@ -49,6 +49,8 @@ __all__ = ["SandboxHost"]
 log = logging.getLogger(__name__)
 
 Send = Callable[[str], None]
+# stdin held per stream for a process that reads slower than its client writes
+_STDIN_QUEUED_MAX = 8 * 1024 * 1024
 
 
 class _Held:
@@ -77,6 +79,7 @@ class _Relay:
         self.inputs: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None
         self.started = asyncio.Event()  # set once `process` is known, or never will be
+        self.queued = 0  # stdin bytes received and not yet written to the process
 
     def grant(self, amount: int) -> None:
         self.window += amount
@@ -308,6 +311,18 @@ class SandboxHost:
         except ValueError:
             log.warning("stream %d: stdin that is not base64, dropped", message.stream)
             return
+        relay.queued += len(data)
+        if relay.queued > _STDIN_QUEUED_MAX:
+            # The client writes faster than the process reads, by more than Shuttle holds.
+            self._emit(
+                StreamEnd(
+                    stream=relay.stream,
+                    error=f"stdin sent faster than the process reads it "
+                    f"(over {_STDIN_QUEUED_MAX} bytes waiting)",
+                )
+            )
+            self.stream_detach(relay.stream)
+            return
         # Input may come before the process has started: it waits in the queue.
         relay.inputs.put_nowait((data, message.eof))
         if relay.writer is None:
@@ -324,6 +339,7 @@ class SandboxHost:
                 data, eof = await inputs.get()
                 if data:
                     await process.write_stdin(data)
+                    relay.queued -= len(data)
                 if eof:
                     process.close_stdin()
                     return

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import errno as errnos
 import os
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +96,14 @@ class GuestProcess:
 
     @property
     def exit(self) -> ProcessExit | None:
-        return self._exit.result() if self._exit.done() else None
+        """How it exited; None while it runs, or when the link ended before it said."""
+        if not self._exit.done() or self._exit.exception() is not None:
+            return None
+        return self._exit.result()
+
+    @property
+    def over(self) -> bool:
+        return self._exit.done()
 
     async def write_stdin(self, data: bytes) -> None:
         for start in range(0, len(data), CHUNK):
@@ -153,6 +161,9 @@ class GuestLink:
         self._processes: dict[int, GuestProcess] = {}
         self._requests: dict[int, asyncio.Future[Any]] = {}
         self._downloads: dict[int, _Download] = {}
+        # Asked, and then no longer waited for (cancelled callers, downloads given up): what
+        # the agent still sends for these is dropped; anything else unasked breaks the link.
+        self._abandoned: deque[int] = deque(maxlen=1024)
         self._next = 0
         self._loop.add_reader(from_guest, self._readable)
 
@@ -198,7 +209,8 @@ class GuestLink:
         return process
 
     def processes(self) -> list[GuestProcess]:
-        return [p for p in self._processes.values() if p.exit is None]
+        """The processes started here that have not exited (none once the link ended)."""
+        return [p for p in self._processes.values() if not p.over]
 
     # files
 
@@ -223,7 +235,9 @@ class GuestLink:
                 yield item
         finally:
             if self._downloads.pop(req, None) is not None:
-                self.send({"op": "read_cancel", "req": req})
+                self._abandoned.append(req)
+                with contextlib.suppress(LinkBroken):
+                    self.send({"op": "read_cancel", "req": req})
 
     async def write_file(
         self,
@@ -255,14 +269,9 @@ class GuestLink:
         return size
 
     async def _send_data(self, req: int, chunk: bytes) -> None:
-        # Acknowledged now and then, so that a write error (a full disk) ends the upload.
-        ack = self._next % 8 == 0
-        self._next += 1
-        if ack:
-            await self.request({"op": "write_data", "ack": True}, chunk, req=req)
-        else:
-            self.send({"op": "write_data", "req": req}, chunk)
-            await self._drain()
+        # Each chunk answered: a failed write (a full disk) ends the upload at once, with
+        # its own error, and nothing waits in the agent unasked.
+        await self.request({"op": "write_data", "ack": True}, chunk, req=req)
 
     async def call(self, op: str, **fields: Any) -> Any:
         """A request answered by one result: stat, list, mkdir, remove, move, ps."""
@@ -282,7 +291,8 @@ class GuestLink:
             await self._drain()
             return await future
         finally:
-            self._requests.pop(req, None)
+            if self._requests.pop(req, None) is not None and not future.done():
+                self._abandoned.append(req)
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         if self._closed is not None:
@@ -349,12 +359,17 @@ class GuestLink:
         elif isinstance(event, Out):
             self._process(event.pid)._out(event.stream, payload)
         elif isinstance(event, Exit):
+            # Gone from the table: anything more about it is a protocol error. Its holder
+            # keeps what it already received.
             self._process(event.pid)._ended(ProcessExit(event.code, event.signal))
+            del self._processes[event.pid]
         elif isinstance(event, (Data, Done)):
             download = self._downloads.get(event.req)
             if download is None:
-                return  # cancelled here: what was already on its way
+                self._unasked(event.req)
+                return
             if isinstance(event, Done):
+                del self._downloads[event.req]
                 download.chunks.put_nowait(None)
                 return
             download.held += len(payload)
@@ -367,10 +382,11 @@ class GuestLink:
             self._answer(event.req, event.value)
         elif isinstance(event, Error):
             error = GuestError(event.errno, event.message)
-            if not self._answer(event.req, error):
-                download = self._downloads.get(event.req)
-                if download is not None:
-                    download.chunks.put_nowait(error)
+            download = self._downloads.pop(event.req, None)
+            if download is not None and event.req not in self._requests:
+                download.chunks.put_nowait(error)  # the download failed midway
+            else:
+                self._answer(event.req, error)
 
     def _process(self, pid: int) -> GuestProcess:
         process = self._processes.get(pid)
@@ -378,15 +394,19 @@ class GuestLink:
             raise GuestProtocolError(f"event for process {pid}, which was never started")
         return process
 
-    def _answer(self, req: int, value: Any) -> bool:
+    def _answer(self, req: int, value: Any) -> None:
         future = self._requests.get(req)
         if future is None or future.done():
-            return False
+            self._unasked(req)
+            return
         if isinstance(value, BaseException):
             future.set_exception(value)
         else:
             future.set_result(value)
-        return True
+
+    def _unasked(self, req: int) -> None:
+        if req not in self._abandoned:
+            raise GuestProtocolError(f"an answer to request {req}, which is not waited for")
 
     def close(self) -> None:
         self._end(LinkBroken("the sandbox was stopped"))

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -226,11 +227,18 @@ class OciTool:
             raise OSError(f"{self.name} {verb} failed: {_tail(proc.stderr)}")
 
 
+_LOG_TAIL_BYTES = 64 * 1024
+
+
 def runtime_error(tool: OciTool, log: Path) -> str | None:
     """The runtime's own error from its `run_argv` log, None when it reported none: tells a
     container that could not start from a program that failed."""
     try:
-        text = log.read_text(errors="replace")
+        with open(log, "rb") as f:
+            # The end of it only: what the runtime says last is why it stopped, and nothing
+            # of a log's size may cost Shuttle more than this.
+            f.seek(max(0, os.fstat(f.fileno()).st_size - _LOG_TAIL_BYTES))
+            text = f.read(_LOG_TAIL_BYTES).decode(errors="replace")
     except FileNotFoundError:
         return None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -679,6 +687,8 @@ class OomLog:
             os.close(fd)
             return
         self._fd = fd
+        # One per Shuttle in service; tests and benchmarks make many.
+        self._closer = weakref.finalize(self, os.close, fd)
 
     @property
     def available(self) -> bool:
@@ -691,7 +701,7 @@ class OomLog:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            self._closer()
             self._fd = None
 
     def _drain(self) -> None:

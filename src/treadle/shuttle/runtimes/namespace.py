@@ -347,7 +347,7 @@ class _NamespaceAttempt:
         """Freeze every process of the sandbox in place (its cgroup's freezer)."""
         if self.group is None:
             raise OSError(errno.ENOTSUP, "this host gives the sandbox no cgroup to freeze")
-        await asyncio.to_thread(self.group.freeze)
+        await asyncio.to_thread(self.group.freeze_and_wait)
 
     async def resume(self) -> None:
         if self.group is not None:

@@ -316,6 +316,19 @@ class Group:
     def thaw(self) -> None:
         self._set_frozen(False)
 
+    def freeze_and_wait(self, timeout_s: float = 10.0) -> None:
+        """`freeze`, returning once the kernel has stopped every task (v1 goes through
+        FREEZING, v2 through `frozen 0`, while tasks reach a point where they can stop);
+        OSError if that takes longer than `timeout_s` (a task stuck in the kernel)."""
+        self.freeze()
+        deadline = time.monotonic() + timeout_s
+        pause = 0.0005
+        while not self.frozen():
+            if time.monotonic() > deadline:
+                raise OSError(errno.ETIMEDOUT, "the group did not freeze")
+            time.sleep(pause)  # the kernel offers no event to wait on for v1's freezer
+            pause = min(pause * 2, 0.01)
+
     def frozen(self) -> bool:
         if self._version == 2:
             return _key(self._dir("memory"), "cgroup.events", "frozen") == 1
