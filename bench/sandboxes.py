@@ -4,7 +4,7 @@
                                         [--density 100] [--isolation namespace]
 
 Against a running treadle (e.g. `treadle up`; the admin key is found as the CLI finds it),
-sandboxes asking for 10 millicores and 64 MiB (so that the node's capacity is not what
+sandboxes asking for 10 millicores, 64 MiB and 64 MiB of disk (so that the node's capacity is not what
 limits the burst and the density):
 
   * `create_to_first_exec`: create, then exec `true` (which waits for the sandbox to run),
@@ -44,7 +44,7 @@ from treadle.shuttle.runtimes._spawn import spawn
 from treadle.shuttle.runtimes.process import ProcessRuntime
 from treadle.shuttle.settings import ShuttleSettings
 
-SMALL = {"cpu_millicores": 10, "memory_mib": 64}
+SMALL = {"cpu_millicores": 10, "memory_mib": 64, "disk_mib": 64}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -28,9 +28,10 @@ from pydantic import Field, field_validator
 
 from treadle.domain.errors import InvalidTransition
 from treadle.domain.function import WorkloadSpec
-from treadle.domain.resources import Tier
+from treadle.domain.resources import Resources, Tier
 
 __all__ = [
+    "BURST_MILLICORES",
     "LIVE_STATUSES",
     "ON_NODE_STATUSES",
     "PAUSABLE_TIERS",
@@ -46,6 +47,7 @@ __all__ = [
     "Step",
     "after_end",
     "apply",
+    "boundary_resources",
     "desire",
     "next_step",
 ]
@@ -142,6 +144,21 @@ def apply(status: SandboxStatus, event: SandboxEvent) -> SandboxStatus:
             f"cannot {event.value} a sandbox that is {status.value}",
             details={"state": status.value, "event": event.value},
         ) from None
+
+
+# What a sandbox may use of the CPU while its node has it to spare: placement reserves its
+# `cpu_millicores`, but its cgroup lets it burst to one core (a node short of CPU shares it
+# out by the cgroups' equal default weights). An idle sandbox then costs a node little of
+# its capacity, and the one an agent works in is not held to a trickle: its guest agent
+# alone takes ~50 ms of CPU to start, which at a 10-millicore quota took two seconds
+# (Kubernetes' requests and limits, in short).
+BURST_MILLICORES = 1000
+
+
+def boundary_resources(resources: Resources) -> Resources:
+    """What a sandbox's boundary enforces, for what it asked and was placed by."""
+    burst = max(resources.cpu_millicores, BURST_MILLICORES)
+    return resources.model_copy(update={"cpu_millicores": burst})
 
 
 # The tiers that can freeze a sandbox in place (the process tier has no boundary to freeze).

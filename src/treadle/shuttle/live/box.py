@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from treadle.domain.resources import Resources, Tier
+from treadle.domain.sandbox import boundary_resources
 from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper
 from treadle.shuttle.live.link import GuestLink, LinkBroken
@@ -84,7 +85,7 @@ class SandboxSpec:
             env=self.env,
             # A sandbox ends when stopped; its TTL is Weaver's to enforce.
             timeout_s=365 * 24 * 3600,
-            resources=self.resources,
+            resources=boundary_resources(self.resources),
             isolation=self.isolation,
             image=self.image,
             network=self.network,
