@@ -4,8 +4,8 @@
                                         [--density 100] [--isolation namespace]
 
 Against a running treadle (e.g. `treadle up`; the admin key is found as the CLI finds it),
-sandboxes asking for 10 millicores, 64 MiB and 64 MiB of disk (so that the node's capacity is not what
-limits the burst and the density):
+sandboxes asking for 10 millicores, 64 MiB and 64 MiB of disk (so that the node's capacity
+is not what limits the burst and the density):
 
   * `create_to_first_exec`: create, then exec `true` (which waits for the sandbox to run),
     one after another, `-n` times: what an agent waits for before its first command;
