@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -320,5 +321,57 @@ def test_tenant_limits_on_sandboxes_and_streams(tmp_path: Path) -> None:
             api.delete(f"/v1/sandboxes/{first['id']}")
             reaches(api, first["id"], "stopped")
             assert api.post("/v1/sandboxes", json={}).status_code == 201
+    finally:
+        cluster.stop()
+
+
+def test_files_both_ways_through_the_api(cluster: Cluster) -> None:
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    with cluster.client() as api:
+        sandbox = create(api)
+        files = f"/v1/sandboxes/{sandbox['id']}/files"
+        written = api.put(f"{files}/content", params={"path": "in/blob.bin"}, content=data)
+        assert written.status_code == 200, written.text
+        assert written.json()["size"] == len(data)
+        read = api.get(f"{files}/content", params={"path": "in/blob.bin"})
+        assert read.status_code == 200 and read.content == data
+        assert run(api, sandbox["id"], "wc -c < in/blob.bin")["stdout"].strip() == str(len(data))
+
+        assert api.post(f"{files}/mkdir", json={"path": "a/b"}).json()["created"] is True
+        moved = api.post(f"{files}/move", json={"source": "in/blob.bin", "target": "a/b/x"})
+        assert moved.status_code == 200, moved.text
+        listed = api.get(files, params={"path": "a", "depth": 2}).json()["items"]
+        assert [(i["name"], i["type"]) for i in listed] == [("b", "dir"), ("x", "file")]
+        assert api.get(f"{files}/stat", params={"path": "a/b/x"}).json()["size"] == len(data)
+        assert api.delete(files, params={"path": "a"}).status_code == 204
+
+        missing = api.get(f"{files}/content", params={"path": "a/b/x"})
+        assert missing.status_code == 404, missing.text
+        assert missing.json()["error"]["details"]["errno"] == "ENOENT"
+        assert api.get(f"{files}/stat", params={"path": "nope"}).status_code == 404
+        for bad in ({"path": ""}, {"path": "a\x00b"}, {}):
+            assert api.get(f"{files}/stat", params=bad).status_code == 422, bad
+        api.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+
+def test_a_full_disk_is_507_naming_the_quota(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_weaver(process_tier=False)
+        cluster.start_shuttle("ns0", "--runtime", "namespace")
+        with cluster.client() as api:
+            sandbox = create(api, resources={"disk_mib": 2})
+            files = f"/v1/sandboxes/{sandbox['id']}/files"
+            response = api.put(
+                f"{files}/content", params={"path": "big.bin"}, content=b"x" * (4 * 1024 * 1024)
+            )
+            assert response.status_code == 507, response.text
+            assert response.json()["error"]["details"]["quota_mib"] == 2
+            # The host's files are not the sandbox's: its own view answers.
+            host_only = tmp_path / "host-only.txt"
+            host_only.write_text("secret")
+            leak = api.get(f"{files}/content", params={"path": f"../../..{host_only}"})
+            assert leak.status_code == 404, leak.text
+            api.delete(f"/v1/sandboxes/{sandbox['id']}")
     finally:
         cluster.stop()

@@ -9,6 +9,7 @@ TreadleError
  ├── Conflict            (409)  the resource is in a state where the action is not allowed
  │    └── InvalidTransition      an execution event that is not valid in its current state
  ├── LimitExceeded       (429)  a per-tenant limit is reached; `details` names it
+ ├── InsufficientStorage (507)  a sandbox's disk quota is full; `details` names it
  ├── Unavailable         (503)  cannot be done by this replica now; retrying is safe
  └── ProtocolError               a Weaver/Shuttle frame that is not part of the protocol
 
@@ -22,6 +23,7 @@ from typing import Any
 __all__ = [
     "Conflict",
     "Forbidden",
+    "InsufficientStorage",
     "InvalidRequest",
     "InvalidTransition",
     "LimitExceeded",
@@ -71,6 +73,10 @@ class Conflict(TreadleError):
 
 class InvalidTransition(Conflict):
     code = "invalid_transition"
+
+
+class InsufficientStorage(TreadleError):
+    code = "insufficient_storage"
 
 
 class LimitExceeded(TreadleError):

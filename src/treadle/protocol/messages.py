@@ -39,6 +39,7 @@ __all__ = [
     "Chunk",
     "ExecStart",
     "Exited",
+    "FileStart",
     "Heartbeat",
     "Hello",
     "Output",
@@ -226,13 +227,16 @@ class StreamData(_Frame):
 
 
 class StreamEnd(_Frame):
-    """The end of a stream: its process's exit, or why there is none (`error`)."""
+    """The end of a stream: its process's exit, a file operation's `result`, or why there is
+    none (`error`, with the errno name as `error_code` where the sandbox gave one)."""
 
     type: Literal["stream_end"] = "stream_end"
     stream: StreamId
     exit_code: int | None = Field(default=None, ge=0, le=255)
     signal: int | None = Field(default=None, ge=1, le=64)
     error: str | None = Field(default=None, max_length=1024)
+    error_code: str | None = Field(default=None, pattern=r"^E[A-Z0-9]{1,30}$")
+    result: JsonValue = None
 
 
 ShuttleMessage = Annotated[
@@ -344,6 +348,23 @@ class ExecStart(_Frame):
     window: Count
 
 
+class FileStart(_Frame):
+    """A file operation in a sandbox, on `stream`: `read` sends the file as stream data
+    (within `window`), `write` takes it as stream input until eof; every operation ends
+    with a StreamEnd carrying its result or its error. Paths are the sandbox's own."""
+
+    type: Literal["file_start"] = "file_start"
+    stream: StreamId
+    id: SandboxId
+    incarnation: Attempt
+    op: Literal["read", "write", "stat", "list", "mkdir", "remove", "move"]
+    path: str = Field(min_length=1, max_length=4096)
+    target: str | None = Field(default=None, min_length=1, max_length=4096)
+    depth: int = Field(default=1, ge=1, le=16)
+    mode: int = Field(default=0o644, ge=0, le=0o7777)
+    window: Count = 0
+
+
 class StreamInput(_Frame):
     type: Literal["stream_input"] = "stream_input"
     stream: StreamId
@@ -385,6 +406,7 @@ WeaverMessage = Annotated[
     | SandboxStart
     | SandboxControl
     | ExecStart
+    | FileStart
     | StreamInput
     | StreamWindow
     | StreamSignal

@@ -35,6 +35,7 @@ from treadle.protocol.messages import (
     Assign,
     Cancel,
     ExecStart,
+    FileStart,
     Heartbeat,
     Hello,
     SandboxControl,
@@ -294,6 +295,8 @@ class Shuttle:
             host.control(message)
         elif isinstance(message, ExecStart):
             host.exec_start(message)
+        elif isinstance(message, FileStart):
+            host.file_start(message)
         elif isinstance(message, StreamInput):
             host.stream_input(message)
         elif isinstance(message, StreamWindow):

@@ -18,7 +18,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from treadle.domain.resources import Tier
 from treadle.protocol.messages import (
     STREAM_CHUNK_BYTES,
     ExecStart,
+    FileStart,
     SandboxControl,
     SandboxRef,
     SandboxSpec,
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[str], None]
 # stdin held per stream for a process that reads slower than its client writes
-_STDIN_QUEUED_MAX = 8 * 1024 * 1024
+_STDIN_QUEUED_MAX = 16 * 1024 * 1024
 
 
 class _Held:
@@ -80,6 +81,7 @@ class _Relay:
         self.writer: asyncio.Task[None] | None = None
         self.started = asyncio.Event()  # set once `process` is known, or never will be
         self.queued = 0  # stdin bytes received and not yet written to the process
+        self.upload = False  # input is a file's content (`_uploaded`), not a process's stdin
 
     def grant(self, amount: int) -> None:
         self.window += amount
@@ -274,19 +276,7 @@ class SandboxHost:
             relay.process = process
             relay.started.set()
             async for channel, data in process.output():
-                for start in range(0, len(data), STREAM_CHUNK_BYTES):
-                    piece = data[start : start + STREAM_CHUNK_BYTES]
-                    while relay.window < len(piece):
-                        relay.granted.clear()
-                        await relay.granted.wait()
-                    relay.window -= len(piece)
-                    self._emit(
-                        StreamData(
-                            stream=stream,
-                            channel=channel,
-                            data=base64.b64encode(piece).decode(),
-                        )
-                    )
+                await self._send_within(relay, channel, data)
             end = await process.wait()
             self._emit(StreamEnd(stream=stream, exit_code=end.exit_code, signal=end.signal))
         except (GuestError, LinkBroken) as exc:
@@ -296,6 +286,60 @@ class SandboxHost:
             self._relays.pop(stream, None)
             if relay.writer is not None:
                 relay.writer.cancel()
+
+    def file_start(self, message: FileStart) -> None:
+        held = self._held.get(message.id)
+        if message.stream in self._relays:
+            return  # a replayed frame: the stream is running
+        if held is None or held.incarnation != message.incarnation or held.sandbox is None:
+            self._emit(StreamEnd(stream=message.stream, error="the sandbox is not running"))
+            return
+        relay = _Relay(message.stream, message.window)
+        relay.upload = message.op == "write"
+        self._relays[message.stream] = relay
+        relay.task = asyncio.create_task(self._file(relay, held.sandbox, message))
+
+    async def _file(self, relay: _Relay, sandbox: LiveSandbox, message: FileStart) -> None:
+        link, path = sandbox.link, message.path
+        result: Any = None
+        try:
+            if message.op == "read":
+                _, chunks = await link.read_file(path)
+                async for chunk in chunks:
+                    await self._send_within(relay, "stdout", chunk)
+            elif message.op == "write":
+                result = await link.write_file(path, _uploaded(relay), mode=message.mode)
+            elif message.op == "move":
+                result = await link.call("move", source=path, target=message.target or path)
+            elif message.op == "list":
+                result = await link.call("list", path=path, depth=message.depth)
+            else:
+                result = await link.call(message.op, path=path)
+            self._emit(StreamEnd(stream=relay.stream, exit_code=0, result=result))
+        except GuestError as exc:
+            self._emit(
+                StreamEnd(stream=relay.stream, error=exc.message[:1024], error_code=exc.errno)
+            )
+        except LinkBroken as exc:
+            self._emit(StreamEnd(stream=relay.stream, error=str(exc)[:1024]))
+        finally:
+            self._relays.pop(relay.stream, None)
+
+    async def _send_within(self, relay: _Relay, channel: str, data: bytes) -> None:
+        """Send `data` on the relay's stream once its window allows."""
+        for start in range(0, len(data), STREAM_CHUNK_BYTES):
+            piece = data[start : start + STREAM_CHUNK_BYTES]
+            while relay.window < len(piece):
+                relay.granted.clear()
+                await relay.granted.wait()
+            relay.window -= len(piece)
+            self._emit(
+                StreamData(
+                    stream=relay.stream,
+                    channel=channel,
+                    data=base64.b64encode(piece).decode(),
+                )
+            )
 
     def stream_window(self, message: StreamWindow) -> None:
         relay = self._relays.get(message.stream)
@@ -325,7 +369,7 @@ class SandboxHost:
             return
         # Input may come before the process has started: it waits in the queue.
         relay.inputs.put_nowait((data, message.eof))
-        if relay.writer is None:
+        if relay.writer is None and not relay.upload:
             relay.writer = asyncio.create_task(self._input(relay))
 
     @staticmethod
@@ -360,3 +404,14 @@ class SandboxHost:
         relay = self._relays.pop(stream, None)
         if relay is not None and relay.task is not None:
             relay.task.cancel()
+
+
+async def _uploaded(relay: _Relay) -> AsyncIterator[bytes]:
+    """What Weaver sends on a write's stream, until its end."""
+    while True:
+        data, eof = await relay.inputs.get()
+        relay.queued -= len(data)
+        if data:
+            yield data
+        if eof:
+            return

@@ -9,7 +9,14 @@ from typing import Any
 from fastapi import FastAPI
 
 from treadle import __version__
-from treadle.weaver.api import agent, executions, functions, nodes, sandboxes
+from treadle.weaver.api import (
+    agent,
+    executions,
+    functions,
+    nodes,
+    sandbox_files,
+    sandboxes,
+)
 from treadle.weaver.api.errors import install_error_handlers
 from treadle.weaver.api.limits import RequestGuard
 from treadle.weaver.core import Weaver
@@ -38,7 +45,7 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
-    for module in (functions, executions, sandboxes, nodes, agent):
+    for module in (functions, executions, sandboxes, sandbox_files, nodes, agent):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness")

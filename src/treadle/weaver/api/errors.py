@@ -25,6 +25,7 @@ _STATUS: list[tuple[type[errors.TreadleError], int]] = [
     (errors.NotFound, 404),
     (errors.Conflict, 409),
     (errors.LimitExceeded, 429),
+    (errors.InsufficientStorage, 507),
     (errors.Unavailable, 503),
     (errors.ProtocolError, 400),
 ]

@@ -16,10 +16,11 @@ from treadle.domain.sandbox import MAX_TIMEOUT_S, Desired, SandboxSpec, SandboxS
 from treadle.weaver.api.deps import Caller, get_weaver, principal_of
 from treadle.weaver.api.errors import error_body
 from treadle.weaver.core import Weaver
+from treadle.weaver.services.nodes import NodeSession
 from treadle.weaver.services.sandboxes import sandbox_view
 from treadle.weaver.services.streams import ExecStream
 
-__all__ = ["router"]
+__all__ = ["router", "running_node"]
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 WeaverDep = Annotated[Weaver, Depends(get_weaver)]
@@ -184,13 +185,7 @@ async def _open(
     pty: tuple[int, int] | None = None,
 ) -> ExecStream:
     """Start `body`'s process in the running sandbox, on its node's link."""
-    row = await _running(weaver, tenant_id, sandbox_id)
-    session = weaver.registry.get(row.node_id)
-    if session is None:
-        raise Unavailable(
-            "the sandbox's node is connected to another Weaver replica, or reconnecting; try again",
-            details={"id": sandbox_id, "node_id": row.node_id},
-        )
+    row, session = await running_node(weaver, tenant_id, sandbox_id)
     return weaver.streams.open(
         session,
         tenant_id,
@@ -300,6 +295,18 @@ def _from_client(stream: ExecStream, message: dict[str, Any]) -> None:
             and 1 <= cols <= 1000
         ):
             stream.resize(rows, cols)
+
+
+async def running_node(weaver: Weaver, tenant_id: str, sandbox_id: str) -> tuple[Any, NodeSession]:
+    """The running sandbox and its node's link, which must be on this replica."""
+    row = await _running(weaver, tenant_id, sandbox_id)
+    session = weaver.registry.get(row.node_id)
+    if session is None:
+        raise Unavailable(
+            "the sandbox's node is connected to another Weaver replica, or reconnecting; try again",
+            details={"id": sandbox_id, "node_id": row.node_id},
+        )
+    return row, session
 
 
 async def _running(weaver: Weaver, tenant_id: str, sandbox_id: str) -> Any:

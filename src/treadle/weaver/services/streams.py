@@ -17,10 +17,12 @@ import itertools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from treadle.domain.errors import LimitExceeded
 from treadle.protocol import (
     ExecStart,
+    FileStart,
     Pty,
     StreamData,
     StreamDetach,
@@ -44,6 +46,9 @@ class Ended:
     exit_code: int | None
     signal: int | None
     error: str | None
+    # a file operation's: the errno name of its failure, or its result
+    error_code: str | None = None
+    result: Any = None
 
 
 class ExecStream:
@@ -127,15 +132,7 @@ class StreamHub:
         stdin: bool = False,
         pty: tuple[int, int] | None = None,
     ) -> ExecStream:
-        open_now = sum(1 for s in self._streams.values() if s.tenant_id == tenant_id)
-        if open_now >= self._max_per_tenant:
-            raise LimitExceeded(
-                f"this tenant has {open_now} exec streams open; the limit is "
-                f"{self._max_per_tenant} (TREADLE_MAX_EXEC_STREAMS_PER_TENANT)",
-                details={"limit": "max_exec_streams_per_tenant", "value": self._max_per_tenant},
-            )
-        stream = ExecStream(self, session, next(self._numbers), tenant_id)
-        self._streams[stream.number] = stream
+        stream = self._new(session, tenant_id)
         session.send(
             ExecStart(
                 stream=stream.number,
@@ -150,6 +147,48 @@ class StreamHub:
                 window=WINDOW,
             )
         )
+        return stream
+
+    def open_file(
+        self,
+        session: NodeSession,
+        tenant_id: str,
+        sandbox_id: str,
+        incarnation: int,
+        op: str,
+        path: str,
+        *,
+        target: str | None = None,
+        depth: int = 1,
+        mode: int = 0o644,
+    ) -> ExecStream:
+        """A file operation in the sandbox, as a stream (see `FileStart`)."""
+        stream = self._new(session, tenant_id)
+        session.send(
+            FileStart(
+                stream=stream.number,
+                id=sandbox_id,
+                incarnation=incarnation,
+                op=op,
+                path=path,
+                target=target,
+                depth=depth,
+                mode=mode,
+                window=WINDOW,
+            )
+        )
+        return stream
+
+    def _new(self, session: NodeSession, tenant_id: str) -> ExecStream:
+        open_now = sum(1 for s in self._streams.values() if s.tenant_id == tenant_id)
+        if open_now >= self._max_per_tenant:
+            raise LimitExceeded(
+                f"this tenant has {open_now} exec streams open; the limit is "
+                f"{self._max_per_tenant} (TREADLE_MAX_EXEC_STREAMS_PER_TENANT)",
+                details={"limit": "max_exec_streams_per_tenant", "value": self._max_per_tenant},
+            )
+        stream = ExecStream(self, session, next(self._numbers), tenant_id)
+        self._streams[stream.number] = stream
         return stream
 
     def forget(self, stream: ExecStream) -> bool:
@@ -171,7 +210,15 @@ class StreamHub:
         stream = self._owned(session, message.stream)
         if stream is not None:
             self._streams.pop(stream.number, None)
-            stream._end(Ended(message.exit_code, message.signal, message.error))
+            stream._end(
+                Ended(
+                    message.exit_code,
+                    message.signal,
+                    message.error,
+                    message.error_code,
+                    message.result,
+                )
+            )
 
     def link_lost(self, session: NodeSession) -> None:
         """The node's link went: its streams end (their processes may run on)."""

@@ -1,0 +1,170 @@
+"""/v1/sandboxes/{id}/files: read, write, list, stat, mkdir, move and remove, with paths as
+the sandbox sees them (relative ones from its home). The guest agent does each inside the
+boundary, as the sandbox's user: `..`, absolute paths and symlinks resolve in the sandbox's
+own file system, never on the node's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from treadle.domain import errors
+from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.sandboxes import running_node
+from treadle.weaver.core import Weaver
+from treadle.weaver.services.streams import Ended, ExecStream
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/sandboxes", tags=["sandbox files"])
+WeaverDep = Annotated[Weaver, Depends(get_weaver)]
+PathQuery = Annotated[str, Query(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+
+# How the sandbox's errno names read as API errors.
+_ERRORS: dict[str, type[errors.TreadleError]] = {
+    "ENOENT": errors.NotFound,
+    "EEXIST": errors.Conflict,
+    "ENOTEMPTY": errors.Conflict,
+    "EBUSY": errors.Conflict,
+    "EACCES": errors.Forbidden,
+    "EPERM": errors.Forbidden,
+    "EROFS": errors.Forbidden,
+    "ENOSPC": errors.InsufficientStorage,
+    "EDQUOT": errors.InsufficientStorage,
+    "EFBIG": errors.InsufficientStorage,
+}
+
+
+def _failed(ended: Ended, path: str, quota_mib: int | None) -> errors.TreadleError:
+    code = ended.error_code
+    cls = _ERRORS.get(code or "", errors.InvalidRequest if code else errors.Unavailable)
+    details: dict[str, Any] = {"path": path, "errno": code}
+    message = f"{path}: {ended.error}"
+    if cls is errors.InsufficientStorage:
+        details["quota_mib"] = quota_mib
+        message += f" (the sandbox's disk quota is {quota_mib} MiB)"
+    return cls(message, details=details)
+
+
+async def _operation(
+    weaver: Weaver,
+    tenant_id: str,
+    sandbox_id: str,
+    op: str,
+    path: str,
+    **options: Any,
+) -> tuple[ExecStream, int | None]:
+    row, session = await running_node(weaver, tenant_id, sandbox_id)
+    stream = weaver.streams.open_file(
+        session, tenant_id, row.id, row.incarnation, op, path, **options
+    )
+    return stream, (row.spec.get("resources") or {}).get("disk_mib")
+
+
+async def _result(
+    weaver: Weaver, tenant_id: str, sandbox_id: str, op: str, path: str, **options: Any
+) -> Any:
+    stream, quota = await _operation(weaver, tenant_id, sandbox_id, op, path, **options)
+    ended = await stream.wait()
+    if ended.error is not None:
+        raise _failed(ended, path, quota)
+    return ended.result
+
+
+@router.get("/{sandbox_id}/files", summary="List a directory of a sandbox")
+async def list_files(
+    sandbox_id: str,
+    path: PathQuery,
+    caller: Caller,
+    weaver: WeaverDep,
+    depth: Annotated[int, Query(ge=1, le=16)] = 1,
+) -> Any:
+    items = await _result(weaver, caller.tenant_id, sandbox_id, "list", path, depth=depth)
+    return {"items": items}
+
+
+@router.get("/{sandbox_id}/files/stat", summary="What a path of a sandbox is")
+async def stat_file(sandbox_id: str, path: PathQuery, caller: Caller, weaver: WeaverDep) -> Any:
+    return await _result(weaver, caller.tenant_id, sandbox_id, "stat", path)
+
+
+@router.get("/{sandbox_id}/files/content", summary="Read a file of a sandbox (streamed)")
+async def read_file(
+    sandbox_id: str, path: PathQuery, caller: Caller, weaver: WeaverDep
+) -> Response:
+    stream, quota = await _operation(weaver, caller.tenant_id, sandbox_id, "read", path)
+    chunks = stream.output()
+    first = await anext(chunks, None)
+    if first is None and stream.ended is not None and stream.ended.error is not None:
+        raise _failed(stream.ended, path, quota)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if first is not None:
+                yield first[1]
+            async for _, data in chunks:
+                yield data
+        finally:
+            if stream.ended is None:
+                stream.detach()
+
+    return StreamingResponse(body(), media_type="application/octet-stream")
+
+
+@router.put("/{sandbox_id}/files/content", summary="Write a file of a sandbox")
+async def write_file(
+    sandbox_id: str,
+    path: PathQuery,
+    request: Request,
+    caller: Caller,
+    weaver: WeaverDep,
+    mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
+) -> Any:
+    stream, quota = await _operation(weaver, caller.tenant_id, sandbox_id, "write", path, mode=mode)
+    async for chunk in request.stream():
+        if chunk:
+            stream.write(chunk)
+    stream.write(b"", eof=True)
+    ended = await stream.wait()
+    if ended.error is not None:
+        raise _failed(ended, path, quota)
+    return {"path": path, "size": ended.result}
+
+
+class MkdirBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+
+
+@router.post("/{sandbox_id}/files/mkdir", summary="Make a directory (and its parents)")
+async def make_directory(
+    sandbox_id: str, body: MkdirBody, caller: Caller, weaver: WeaverDep
+) -> Any:
+    created = await _result(weaver, caller.tenant_id, sandbox_id, "mkdir", body.path)
+    return {"path": body.path, "created": created}
+
+
+class MoveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+    target: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+
+
+@router.post("/{sandbox_id}/files/move", summary="Move or rename a path")
+async def move_file(sandbox_id: str, body: MoveBody, caller: Caller, weaver: WeaverDep) -> Any:
+    await _result(weaver, caller.tenant_id, sandbox_id, "move", body.source, target=body.target)
+    return {"source": body.source, "target": body.target}
+
+
+@router.delete("/{sandbox_id}/files", status_code=204, summary="Remove a path (recursively)")
+async def remove_file(
+    sandbox_id: str, path: PathQuery, caller: Caller, weaver: WeaverDep
+) -> Response:
+    await _result(weaver, caller.tenant_id, sandbox_id, "remove", path)
+    return Response(status_code=204)
