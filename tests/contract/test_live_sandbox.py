@@ -5,6 +5,7 @@ files both ways, per-stream flow control, pause/resume and stop."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from contract.test_escape import SYSCALL_PROBES, probe_code
 from support.runtimes import make_runtime, runtime_params
 from treadle.domain.resources import Resources, Tier
 from treadle.shuttle.live import box
@@ -189,6 +191,21 @@ def _descends(pid: int, ancestor: int) -> bool:
         except OSError:
             return False
     return False
+
+
+async def test_what_exec_starts_meets_the_tier_s_system_call_policy(
+    tier: tuple[Tier, dict[str, Any]], sandbox: LiveSandbox
+) -> None:
+    """The escape suite's probe of every denied family (io_uring, mounts, namespaces,
+    modules, bpf, ptrace...), run by a process a client started with exec."""
+    if tier[0] == Tier.PROCESS:
+        pytest.skip("the process tier filters nothing (the escape suite shows the difference)")
+    out, err, end = await run(sandbox, [PY_IN, "-c", probe_code()])
+    assert end.exit_code == 0, err
+    seen = json.loads(out)
+    assert set(seen) == set(SYSCALL_PROBES)
+    refused = {"EPERM", "ENOSYS"} if tier[0] == Tier.GVISOR else {"EPERM"}
+    assert {name: answer for name, answer in seen.items() if answer not in refused} == {}
 
 
 async def test_a_program_that_is_not_there_is_an_exit_not_a_crash(sandbox: LiveSandbox) -> None:
