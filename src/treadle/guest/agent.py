@@ -22,23 +22,25 @@ one process stalls that process alone, never the channel or another process.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
 import os
-import pty
 import selectors
-import shutil
 import signal
 import stat
 import struct
 import sys
 import termios
-from collections.abc import Callable, Iterator
-from typing import Any
 
-Msg = dict[str, Any]  # a frame's header
+# os.execvpe looks PATH up with os.get_exec_path, which imports `warnings`: imported here
+# once, not in every forked child.
+import warnings  # noqa: F401
+from collections.abc import Callable, Iterator
+
+# A frame's header. Unparametrized, and the imports above kept few: every sandbox starts this
+# program, and `typing`, `contextlib`, `shutil` and `pty` cost milliseconds of its start.
+Msg = dict
 
 HEADER = struct.Struct(">II")
 READ_SIZE = 64 * 1024
@@ -130,7 +132,7 @@ class Process:
         self.paused: set[int] = set()
         self.streams: dict[int, str] = {}
         self.stdin: int | None = None
-        self.stdin_queue: list[list[Any]] = []  # [unwritten bytes, req]
+        self.stdin_queue: list[list] = []  # [unwritten bytes, req]
         self.stdin_waits: int | None = None  # the fd registered for writing, if any
         self.close_pending = False
         self.pty_fd: int | None = None
@@ -167,6 +169,8 @@ class Process:
             self.agent.selector.register(fd, selectors.EVENT_READ, self._reader(fd))
 
     def _spawn_pty(self, env: dict[str, str], cwd: str, size: Msg) -> None:
+        import pty  # only terminals need it
+
         master, slave = pty.openpty()
         _set_size(master, size)
         env.setdefault("TERM", "xterm-256color")
@@ -307,8 +311,10 @@ class Process:
             try:
                 os.killpg(self.os_pid, number)
             except (ProcessLookupError, PermissionError):
-                with contextlib.suppress(ProcessLookupError):
+                try:  # noqa: SIM105 - contextlib costs this program's start time
                     os.kill(self.os_pid, number)
+                except ProcessLookupError:
+                    pass
 
     def reaped(self, status: int) -> None:
         self.status = status
@@ -557,8 +563,10 @@ class Agent:
                         return
                     found.append(_describe(entry.path, entry.name))
                     if level < depth and entry.is_dir(follow_symlinks=False):
-                        with contextlib.suppress(OSError):
+                        try:  # noqa: SIM105 - contextlib costs this program's start time
                             walk(entry.path, level + 1)
+                        except OSError:
+                            pass
 
         walk(root, 1)
         self._result(header, found)
@@ -573,6 +581,8 @@ class Agent:
         path = self._path(header)
         info = os.lstat(path)
         if stat.S_ISDIR(info.st_mode):
+            import shutil  # only removals need it
+
             shutil.rmtree(path)
         else:
             os.unlink(path)
