@@ -250,16 +250,25 @@ class SandboxHost:
 
     # streams
 
-    def exec_start(self, message: ExecStart) -> None:
-        held = self._held.get(message.id)
+    def _open_stream(self, message: ExecStart | FileStart) -> tuple[_Relay, LiveSandbox] | None:
+        """The relay of a new stream in the running sandbox `message` names; None when
+        there is nothing to start (a replayed frame, or a sandbox not running here, which
+        the stream's end says)."""
         if message.stream in self._relays:
-            return  # a replayed frame: the stream is running
-        relay = _Relay(message.stream, message.window)
+            return None  # a replayed frame: the stream is running
+        held = self._held.get(message.id)
         if held is None or held.incarnation != message.incarnation or held.sandbox is None:
             self._emit(StreamEnd(stream=message.stream, error="the sandbox is not running"))
-            return
+            return None
+        relay = _Relay(message.stream, message.window)
         self._relays[message.stream] = relay
-        relay.task = asyncio.create_task(self._relay(relay, held.sandbox, message))
+        return relay, held.sandbox
+
+    def exec_start(self, message: ExecStart) -> None:
+        opened = self._open_stream(message)
+        if opened is not None:
+            relay, sandbox = opened
+            relay.task = asyncio.create_task(self._relay(relay, sandbox, message))
 
     async def _relay(self, relay: _Relay, sandbox: LiveSandbox, message: ExecStart) -> None:
         stream = relay.stream
@@ -288,16 +297,11 @@ class SandboxHost:
                 relay.writer.cancel()
 
     def file_start(self, message: FileStart) -> None:
-        held = self._held.get(message.id)
-        if message.stream in self._relays:
-            return  # a replayed frame: the stream is running
-        if held is None or held.incarnation != message.incarnation or held.sandbox is None:
-            self._emit(StreamEnd(stream=message.stream, error="the sandbox is not running"))
-            return
-        relay = _Relay(message.stream, message.window)
-        relay.upload = message.op == "write"
-        self._relays[message.stream] = relay
-        relay.task = asyncio.create_task(self._file(relay, held.sandbox, message))
+        opened = self._open_stream(message)
+        if opened is not None:
+            relay, sandbox = opened
+            relay.upload = message.op == "write"
+            relay.task = asyncio.create_task(self._file(relay, sandbox, message))
 
     async def _file(self, relay: _Relay, sandbox: LiveSandbox, message: FileStart) -> None:
         link, path = sandbox.link, message.path
