@@ -375,3 +375,29 @@ def test_a_full_disk_is_507_naming_the_quota(tmp_path: Path) -> None:
             api.delete(f"/v1/sandboxes/{sandbox['id']}")
     finally:
         cluster.stop()
+
+
+def test_request_fields_at_their_limit_and_one_past(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        sandbox = create(api, metadata={"k": "v" * 512})
+        assert api.post("/v1/sandboxes", json={"metadata": {"k": "v" * 513}}).status_code == 422
+        files = f"/v1/sandboxes/{sandbox['id']}/files"
+        # 4,096 characters reach the sandbox, whose own answer is a clear 4xx; one more is
+        # refused before it leaves Weaver.
+        at_limit = api.get(f"{files}/stat", params={"path": "a" * 4096})
+        assert at_limit.status_code == 422, at_limit.text
+        assert at_limit.json()["error"]["details"]["errno"] == "ENAMETOOLONG"
+        assert api.get(f"{files}/stat", params={"path": "a" * 4097}).status_code == 422
+        exec_url = f"/v1/sandboxes/{sandbox['id']}/exec"
+        assert api.post(exec_url, json={"cmd": "true", "timeout_s": 3600}).status_code == 200
+        assert api.post(exec_url, json={"cmd": "true", "timeout_s": 3601}).status_code == 422
+        many = ["true"] + ["x"] * 4095
+        assert api.post(exec_url, json={"cmd": many}).status_code == 200
+        assert api.post(exec_url, json={"cmd": [*many, "x"]}).status_code == 422
+    for rows, refused in ((1000, False), (1001, True)):
+        with exec_socket(cluster, sandbox["id"]) as ws:
+            ws.send(json.dumps({"cmd": "stty size", "pty": {"rows": rows, "cols": 80}}))
+            first = json.loads(ws.recv())
+            assert ("error" in first) is refused, first
+    with cluster.client() as api:
+        api.delete(f"/v1/sandboxes/{sandbox['id']}")
