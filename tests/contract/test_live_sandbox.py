@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -458,3 +459,108 @@ async def test_a_hostile_agent_ends_its_own_sandbox_and_nothing_else(
         assert (out, end.exit_code) == (b"unharmed\n", 0)
     finally:
         await neighbour.stop(grace_s=0)
+
+
+TCP_ECHO = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(4)\n"
+    "print('listening', flush=True)\n"
+    "c, _ = s.accept()\n"
+    "data = b''\n"
+    "while chunk := c.recv(65536): data += chunk\n"
+    "c.sendall(data.upper()); c.close()\n"
+)
+
+
+async def test_a_port_on_the_sandbox_s_loopback_is_reached_from_inside(
+    tier: tuple[Tier, dict[str, Any]], sandbox: LiveSandbox
+) -> None:
+    server = await sandbox.link.exec([PY_IN, "-c", TCP_ECHO, "7000"])
+    outputs = server.output()
+    assert await anext(outputs) == ("stdout", b"listening\n")
+    connection = await sandbox.link.connect(7000)
+    await connection.write_stdin(b"hello " * 50_000)
+    connection.close_stdin()  # the server reads its end of file, then answers
+    out, _, end = await collect(connection)
+    assert (out, end.exit_code) == (b"HELLO " * 50_000, 0)
+    assert (await server.wait()).exit_code == 0
+
+    with pytest.raises(GuestError) as refused:
+        await sandbox.link.connect(7001)
+    assert refused.value.errno == "ECONNREFUSED"
+
+    if tier[0] != Tier.PROCESS:
+        # The node's own loopback is another network: what listens there is out of reach.
+        listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        host_port = listener.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(GuestError):
+                await sandbox.link.connect(host_port)
+        finally:
+            listener.close()
+
+
+async def test_a_connection_closed_from_outside_ends(sandbox: LiveSandbox) -> None:
+    server = await sandbox.link.exec([PY_IN, "-c", TCP_ECHO, "7002"])
+    assert await anext(server.output()) == ("stdout", b"listening\n")
+    connection = await sandbox.link.connect(7002)
+    connection.signal(signal.SIGKILL)  # the client went away
+    assert (await connection.wait()).exit_code == 0
+    assert (await server.wait()).exit_code == 0  # its server saw the connection end
+
+
+async def test_activity_counts_what_runs_besides_the_agent(sandbox: LiveSandbox) -> None:
+    quiet = await sandbox.link.call("activity")
+    assert quiet["processes"] == 0 and quiet["hz"] > 0
+    await run(sandbox, ["sh", "-c", "sleep 600 > /dev/null 2>&1 &"])
+    busy = await sandbox.link.call("activity")
+    assert busy["processes"] == 1  # the orphaned sleep, whoever adopted it
+    await run(sandbox, [PY_IN, "-c", "sum(range(3_000_000))"])
+    spent = await sandbox.link.call("activity")
+    assert spent["ticks"] > quiet["ticks"]  # exited processes' CPU counts too
+
+
+COUNTER = (
+    "import time\n"
+    "n = 0\n"
+    "while True:\n"
+    "    n += 1\n"
+    "    print(n, time.time(), flush=True)\n"
+    "    time.sleep(0.005)\n"
+)
+
+
+async def test_a_paused_counter_loses_no_work_and_its_gap_is_the_pause(
+    tier: tuple[Tier, dict[str, Any]], sandbox: LiveSandbox
+) -> None:
+    if tier[0] == Tier.PROCESS:
+        return  # nothing to freeze: see the pause test
+    counter = await sandbox.link.exec([PY_IN, "-c", COUNTER])
+    lines: list[tuple[int, float]] = []
+    pending = b""
+
+    async def read_past(moment: float) -> None:
+        nonlocal pending
+        async for _, data in counter.output():
+            pending += data
+            *whole, pending = pending.split(b"\n")
+            lines.extend((int(n), float(t)) for n, t in (line.split() for line in whole))
+            if lines and lines[-1][1] > moment:
+                return
+
+    await read_past(time.time())
+    await sandbox.pause()
+    frozen_at = time.time()
+    await asyncio.sleep(0.3)  # the length of the pause is the test's input, not a wait
+    thawed_at = time.time()
+    await sandbox.resume()
+    await read_past(thawed_at + 0.05)
+    counter.signal(signal.SIGKILL)
+
+    # No work lost or done twice: its own count goes on by one.
+    assert [n for n, _ in lines] == list(range(1, len(lines) + 1))
+    # Nothing ran while frozen, and its clock jumped by (at least) the pause.
+    assert not [t for _, t in lines if frozen_at < t < thawed_at]
+    before = max(t for _, t in lines if t <= frozen_at)
+    after = min(t for _, t in lines if t >= thawed_at)
+    assert after - before >= thawed_at - frozen_at

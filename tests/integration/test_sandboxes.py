@@ -264,31 +264,42 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def start(ws: Any, **first: Any) -> dict[str, Any]:
+    """Start a process on an exec socket; its `started` message (pid, tag)."""
+    ws.send(json.dumps(first))
+    started = json.loads(ws.recv())
+    assert set(started) == {"started"}, started
+    return dict(started["started"])
+
+
+def exited(code: int | None = None, signal: int | None = None, **more: Any) -> dict[str, Any]:
+    return {
+        "exit": {"exit_code": code, "signal": signal, "error": None, "timed_out": False, **more}
+    }
+
+
 def test_an_interactive_exec_streams_both_ways(cluster: Cluster) -> None:
     with cluster.client() as api:
         sandbox = create(api)
     with exec_socket(cluster, sandbox["id"]) as ws:
-        ws.send(json.dumps({"cmd": ["sh", "-c", "while read line; do echo got $line; done"]}))
+        started = start(ws, cmd=["sh", "-c", "while read line; do echo got $line; done"])
+        assert started["pid"] > 1 and started["tag"] is None
         ws.send(json.dumps({"stdin": b64(b"one\n")}))
         assert json.loads(ws.recv()) == {"stdout": b64(b"got one\n")}
         ws.send(json.dumps({"stdin": b64(b"two\n"), "eof": True}))
         assert json.loads(ws.recv()) == {"stdout": b64(b"got two\n")}
-        assert json.loads(ws.recv()) == {"exit": {"exit_code": 0, "signal": None, "error": None}}
+        assert json.loads(ws.recv()) == exited(0)
 
     # A terminal: its size, then a signal ends what runs in it.
     with exec_socket(cluster, sandbox["id"]) as ws:
-        ws.send(
-            json.dumps(
-                {"cmd": "stty size; echo ready; exec sleep 600", "pty": {"rows": 40, "cols": 120}}
-            )
-        )
+        start(ws, cmd="stty size; echo ready; exec sleep 600", pty={"rows": 40, "cols": 120})
         seen = b""
         while b"ready" not in seen:
             seen += base64.b64decode(json.loads(ws.recv())["stdout"])
         assert b"40 120" in seen
         ws.send(json.dumps({"signal": 15}))
         last = json.loads(ws.recv())
-        assert last == {"exit": {"exit_code": None, "signal": 15, "error": None}}
+        assert last == exited(signal=15)
 
     with exec_socket(cluster, sandbox["id"]) as ws:
         ws.send(json.dumps({"cmd": []}))
@@ -310,7 +321,7 @@ def test_tenant_limits_on_sandboxes_and_streams(tmp_path: Path) -> None:
             assert third.json()["error"]["details"]["limit"] == "max_sandboxes_per_tenant"
             # One stream at a time: a second exec while one runs is refused, then allowed.
             with exec_socket(cluster, first["id"]) as ws:
-                ws.send(json.dumps({"cmd": "echo up; exec sleep 600"}))
+                start(ws, cmd="echo up; exec sleep 600")
                 assert json.loads(ws.recv()) == {"stdout": b64(b"up\n")}
                 busy = api.post(f"/v1/sandboxes/{second['id']}/exec", json={"cmd": "true"})
                 assert busy.status_code == 429, busy.text
@@ -389,8 +400,11 @@ def test_request_fields_at_their_limit_and_one_past(cluster: Cluster) -> None:
         assert at_limit.json()["error"]["details"]["errno"] == "ENAMETOOLONG"
         assert api.get(f"{files}/stat", params={"path": "a" * 4097}).status_code == 422
         exec_url = f"/v1/sandboxes/{sandbox['id']}/exec"
-        assert api.post(exec_url, json={"cmd": "true", "timeout_s": 3600}).status_code == 200
-        assert api.post(exec_url, json={"cmd": "true", "timeout_s": 3601}).status_code == 422
+        week = 7 * 24 * 3600
+        assert api.post(exec_url, json={"cmd": "true", "timeout_s": week}).status_code == 200
+        assert api.post(exec_url, json={"cmd": "true", "timeout_s": week + 1}).status_code == 422
+        assert api.post(exec_url, json={"cmd": "true", "tag": "t" * 256}).status_code == 200
+        assert api.post(exec_url, json={"cmd": "true", "tag": "t" * 257}).status_code == 422
         many = ["true"] + ["x"] * 4095
         assert api.post(exec_url, json={"cmd": many}).status_code == 200
         assert api.post(exec_url, json={"cmd": [*many, "x"]}).status_code == 422

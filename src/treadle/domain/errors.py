@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BadGateway",
     "Conflict",
     "Forbidden",
     "InsufficientStorage",
@@ -85,6 +86,12 @@ class LimitExceeded(TreadleError):
 
 class Unavailable(TreadleError):
     code = "unavailable"
+
+
+class BadGateway(TreadleError):
+    """What a sandbox's port answered (or did not) is not an HTTP answer."""
+
+    code = "bad_gateway"
 
 
 class ProtocolError(TreadleError):

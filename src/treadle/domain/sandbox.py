@@ -31,7 +31,9 @@ from treadle.domain.function import WorkloadSpec
 from treadle.domain.resources import Resources, Tier
 
 __all__ = [
+    "ACTIVITY_INTERVAL_S",
     "BURST_MILLICORES",
+    "IDLE_CPU_CORES",
     "LIVE_STATUSES",
     "ON_NODE_STATUSES",
     "PAUSABLE_TIERS",
@@ -47,6 +49,7 @@ __all__ = [
     "Step",
     "after_end",
     "apply",
+    "awake_reasons",
     "boundary_resources",
     "desire",
     "next_step",
@@ -159,6 +162,36 @@ def boundary_resources(resources: Resources) -> Resources:
     """What a sandbox's boundary enforces, for what it asked and was placed by."""
     burst = max(resources.cpu_millicores, BURST_MILLICORES)
     return resources.model_copy(update={"cpu_millicores": burst})
+
+
+# The idle policy. A running sandbox is awake while any of `awake_reasons` holds: a process
+# runs in it besides its agent (started by exec or not: `sleep 60 &` counts), a stream is
+# open on it (an exec'd process followed, a PTY, a proxied connection, a file transfer), or
+# it spent more than IDLE_CPU_CORES of a core since the last look. Its node looks every
+# ACTIVITY_INTERVAL_S, so an idle timeout fires up to that much later than asked.
+ACTIVITY_INTERVAL_S = 2.0
+IDLE_CPU_CORES = 0.05
+
+
+def awake_reasons(processes: int, streams: dict[str, int], cpu_cores: float | None) -> list[str]:
+    """Why a sandbox is not idle, as `GET` shows it; empty when it is idle."""
+    reasons = []
+    if processes > 0:
+        reasons.append(_count(processes, "process", "processes") + " running")
+    for kind, one, many in (
+        ("exec", "exec stream", "exec streams"),
+        ("port", "proxied connection", "proxied connections"),
+        ("file", "file transfer", "file transfers"),
+    ):
+        if streams.get(kind):
+            reasons.append(_count(streams[kind], one, many) + " open")
+    if cpu_cores is not None and cpu_cores > IDLE_CPU_CORES:
+        reasons.append(f"CPU use above {IDLE_CPU_CORES:.0%} of a core")
+    return reasons
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 # The tiers that can freeze a sandbox in place (the process tier has no boundary to freeze).

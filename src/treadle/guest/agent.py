@@ -127,7 +127,7 @@ class Process:
         self.agent = agent
         self.id = pid
         self.tag = req.get("tag")
-        self.argv = req["argv"]
+        self.argv = req.get("argv") or []
         self.window = int(req.get("window", 1 << 20))
         self.paused: set[int] = set()
         self.streams: dict[int, str] = {}
@@ -138,9 +138,12 @@ class Process:
         self.pty_fd: int | None = None
         self.os_pid = 0
         self.status: int | None = None
-        env = dict(agent.base_env)
+        self.start(req)
+
+    def start(self, req: Msg) -> None:
+        env = dict(self.agent.base_env)
         env.update(req.get("env") or {})
-        cwd = req.get("cwd") or agent.home
+        cwd = req.get("cwd") or self.agent.home
         size = req.get("pty")
         if size:
             self._spawn_pty(env, cwd, size)
@@ -221,7 +224,8 @@ class Process:
         except BlockingIOError:
             return
         except OSError as exc:
-            if exc.errno != errno.EIO:  # EIO: a PTY whose other side is gone
+            # EIO: a PTY whose other side is gone; ECONNRESET: a connection's server
+            if exc.errno not in (errno.EIO, errno.ECONNRESET):
                 raise
             data = b""
         if not data:
@@ -347,7 +351,68 @@ class Process:
         self.agent.by_os_pid.pop(self.os_pid, None)
 
 
+class Connection(Process):
+    """A TCP connection to a port on the sandbox's own loopback, opened from inside its
+    network namespace: what the server sends is this 'process's' stdout, what the client
+    sends its stdin. It ends, with code 0, once the server has closed its side."""
+
+    def start(self, req: Msg) -> None:
+        import socket  # only ports need it
+
+        port = int(req["port"])
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is not 1-65535")
+        failure: OSError = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(5)  # loopback: refused or accepted at once, unless its backlog is full
+            try:
+                sock.connect((host, port))
+            except OSError as exc:
+                sock.close()
+                if exc.errno not in (errno.ECONNREFUSED, errno.EADDRNOTAVAIL, errno.ENETUNREACH):
+                    failure = exc
+                continue
+            fd = sock.detach()
+            break
+        else:
+            raise failure
+        os.set_blocking(fd, False)
+        self.stdin = os.dup(fd)  # its own fd for writing, as a PTY's
+        self.streams = {fd: "stdout"}
+        self.agent.selector.register(fd, selectors.EVENT_READ, self._reader(fd))
+
+    def _close_stream(self, fd: int) -> None:
+        if self.status is None:
+            self.status = 0  # the server is done: so is the connection
+            self._drop_stdin()
+        super()._close_stream(fd)
+
+    def _drop_stdin(self) -> None:
+        if self.stdin is not None:
+            _shutdown(self.stdin, 1)  # SHUT_WR: the server reads its end of file
+        super()._drop_stdin()
+
+    def signal(self, number: int) -> None:
+        for fd in list(self.streams):
+            _shutdown(fd, 2)  # SHUT_RDWR: the read ends, and with it the connection
+            if fd in self.paused:  # not read while its window is spent: end it here
+                self._close_stream(fd)
+
+
+def _shutdown(fd: int, how: int) -> None:
+    import socket
+
+    sock = socket.socket(fileno=fd)
+    try:  # noqa: SIM105 - contextlib costs this program's start time
+        sock.shutdown(how)
+    except OSError:
+        pass
+    sock.detach()
+
+
 def _set_size(fd: int, size: Msg) -> None:
+
     rows, cols = int(size.get("rows", 24)), int(size.get("cols", 80))
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
@@ -371,6 +436,8 @@ class Agent:
         self.selector.register(self.wake_r, selectors.EVENT_READ, self.reap)
 
     def run(self) -> None:
+        if os.getpid() > 2:
+            _adopt_orphans()
         self.channel.send({"ev": "ready", "pid": os.getpid(), "uid": os.getuid()})
         busy = False
         while not self.channel.closed:
@@ -428,7 +495,65 @@ class Agent:
         if header.get("req") is not None:
             self.channel.send({"ev": "result", "req": header["req"], "value": process.os_pid})
 
+    def op_connect(self, header: Msg, _payload: bytes) -> None:
+        connection = Connection(self, int(header["pid"]), header)
+        self.processes[connection.id] = connection
+        self._result(header, None)
+
+    def op_activity(self, header: Msg, _payload: bytes) -> None:
+        """What runs in the sandbox besides the agent: how many processes, and the CPU
+        clock ticks the sandbox has spent so far (exited processes' included)."""
+        own = os.getpid()
+        table: dict = {}  # pid -> (ppid, ticks, state)
+        try:
+            names = os.listdir("/proc")
+        except OSError:
+            names = []
+        for name in names:
+            if not name.isdigit():
+                continue
+            try:
+                with open("/proc/" + name + "/stat", "rb") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            fields = raw[raw.rfind(b")") + 2 :].split()
+            table[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]), fields[0])
+        if own <= 2:
+            # The sandbox's own pid namespace: everything in it is the sandbox's, and what
+            # is neither the agent nor the init above it is work.
+            mine = set(table)
+            above = set()
+            pid = own
+            while pid in table and pid not in above:
+                above.add(pid)
+                pid = table[pid][0]
+            workers = [p for p in table if p not in above]
+        else:
+            # The process tier shares the host's: the agent's descendants only.
+            children: dict = {}
+            for pid, entry in table.items():
+                children.setdefault(entry[0], []).append(pid)
+            mine = {own}
+            todo = [own]
+            while todo:
+                for child in children.get(todo.pop(), []):
+                    if child not in mine:
+                        mine.add(child)
+                        todo.append(child)
+            workers = [p for p in mine if p != own]
+        running = [p for p in workers if p in table and table[p][2] not in (b"Z", b"X")]
+        self._result(
+            header,
+            {
+                "processes": len(running),
+                "ticks": sum(table[p][1] for p in mine if p in table),
+                "hz": os.sysconf("SC_CLK_TCK"),
+            },
+        )
+
     def op_stdin(self, header: Msg, payload: bytes) -> None:
+
         process = self.processes.get(int(header["pid"]))
         req = header.get("req")
         if process is not None:
@@ -599,8 +724,22 @@ class Agent:
             [
                 {"pid": p.id, "os_pid": p.os_pid, "tag": p.tag, "argv": p.argv}
                 for p in self.processes.values()
+                if not isinstance(p, Connection)
             ],
         )
+
+
+def _adopt_orphans() -> None:
+    """Without a pid namespace of its own (the process tier), become the subreaper of what
+    runs here, so that a background job whose parent exited (`sleep 60 &`) is still a
+    descendant, seen as work by `activity`. In a pid namespace its init adopts them."""
+    import ctypes  # only the process tier needs it
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
 
 
 def _describe(path: str, name: str) -> Msg:

@@ -226,6 +226,15 @@ class StreamData(_Frame):
     data: Base64
 
 
+class StreamStarted(_Frame):
+    """The process a stream follows: its pid as the sandbox sees it, and its tag."""
+
+    type: Literal["stream_started"] = "stream_started"
+    stream: StreamId
+    pid: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    tag: str | None = Field(default=None, max_length=256)
+
+
 class StreamEnd(_Frame):
     """The end of a stream: its process's exit, a file operation's `result`, or why there is
     none (`error`, with the errno name as `error_code` where the sandbox gave one)."""
@@ -234,13 +243,36 @@ class StreamEnd(_Frame):
     stream: StreamId
     exit_code: int | None = Field(default=None, ge=0, le=255)
     signal: int | None = Field(default=None, ge=1, le=64)
+    # killed by the node at the process's own `timeout_s`
+    timed_out: bool = False
     error: str | None = Field(default=None, max_length=1024)
     error_code: str | None = Field(default=None, pattern=r"^E[A-Z0-9]{1,30}$")
     result: JsonValue = None
 
 
+class SandboxActivity(_Frame):
+    """Whether a running sandbox is doing work, as its node sees it: `reasons` say what keeps
+    it awake (processes, open streams and connections, CPU), `idle_for_s` how long nothing
+    has. Sent when either changes in kind, not at every look."""
+
+    type: Literal["sandbox_activity"] = "sandbox_activity"
+    id: SandboxId
+    incarnation: Attempt
+    idle_for_s: float | None = Field(default=None, ge=0, le=10 * 365 * 24 * 3600)
+    reasons: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=8)
+
+
 ShuttleMessage = Annotated[
-    Hello | Heartbeat | Started | Output | Exited | SandboxState | StreamData | StreamEnd,
+    Hello
+    | Heartbeat
+    | Started
+    | Output
+    | Exited
+    | SandboxState
+    | SandboxActivity
+    | StreamStarted
+    | StreamData
+    | StreamEnd,
     Field(discriminator="type"),
 ]
 
@@ -346,6 +378,38 @@ class ExecStart(_Frame):
     stdin: bool = False
     pty: Pty | None = None
     window: Count
+    # The node kills the process (SIGKILL to its group) this long after it started.
+    timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+
+
+class ProcessCall(_Frame):
+    """About the processes exec'd in a sandbox, on `stream`: `list` ends with them as the
+    result; `attach` follows one (by `pid`, else the latest with `tag`) as ExecStart's stream
+    does, starting with the output kept while nobody followed it; `signal` sends it
+    `signal` and ends."""
+
+    type: Literal["process_call"] = "process_call"
+    stream: StreamId
+    id: SandboxId
+    incarnation: Attempt
+    op: Literal["list", "attach", "signal"]
+    pid: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    tag: str | None = Field(default=None, min_length=1, max_length=256)
+    signal: int | None = Field(default=None, ge=1, le=64)
+    window: Count = 0
+
+
+class PortStart(_Frame):
+    """A TCP connection to `port` on the sandbox's own loopback, made from inside it: the
+    server's bytes come as the stream's `stdout`, the stream's input goes to the server, and
+    the stream ends once the server has closed its side (a StreamSignal closes it)."""
+
+    type: Literal["port_start"] = "port_start"
+    stream: StreamId
+    id: SandboxId
+    incarnation: Attempt
+    port: int = Field(ge=1, le=65535)
+    window: Count
 
 
 class FileStart(_Frame):
@@ -407,6 +471,8 @@ WeaverMessage = Annotated[
     | SandboxControl
     | ExecStart
     | FileStart
+    | ProcessCall
+    | PortStart
     | StreamInput
     | StreamWindow
     | StreamSignal

@@ -21,8 +21,9 @@ import logging
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
@@ -38,6 +39,8 @@ from treadle.protocol.messages import (
     FileStart,
     Heartbeat,
     Hello,
+    PortStart,
+    ProcessCall,
     SandboxControl,
     SandboxStart,
     StreamDetach,
@@ -267,8 +270,9 @@ class Shuttle:
         self._sandboxes.attach(link.send)
         heartbeat = asyncio.create_task(self._heartbeat(link, supervisor, welcome.heartbeat_s))
         try:
+            handlers = self._handlers(supervisor)
             async for raw in ws:
-                self._dispatch(supervisor, raw)
+                self._dispatch(handlers, raw)
         finally:
             supervisor.detach()
             self._sandboxes.detach()
@@ -276,39 +280,39 @@ class Shuttle:
             await link.close()
             await asyncio.wait([heartbeat])
 
-    def _dispatch(self, supervisor: Supervisor, raw: str | bytes) -> None:
+    @staticmethod
+    def _dispatch(handlers: Mapping[type, Callable[[Any], None]], raw: str | bytes) -> None:
         try:
             message = decode_from_weaver(raw)
         except ProtocolError as exc:
             log.warning("ignoring a frame outside the protocol: %s", exc.details)
             return
-        host = self._sandboxes
-        if isinstance(message, Assign):
-            supervisor.assign(message.spec)
-        elif isinstance(message, Ack):
-            supervisor.ack(message)
-        elif isinstance(message, Cancel):
-            supervisor.cancel(message.id, message.attempt)
-        elif isinstance(message, SandboxStart):
-            host.start(message.spec)
-        elif isinstance(message, SandboxControl):
-            host.control(message)
-        elif isinstance(message, ExecStart):
-            host.exec_start(message)
-        elif isinstance(message, FileStart):
-            host.file_start(message)
-        elif isinstance(message, StreamInput):
-            host.stream_input(message)
-        elif isinstance(message, StreamWindow):
-            host.stream_window(message)
-        elif isinstance(message, StreamSignal):
-            host.stream_signal(message)
-        elif isinstance(message, StreamResize):
-            host.stream_resize(message)
-        elif isinstance(message, StreamDetach):
-            host.stream_detach(message.stream)
-        else:
+        handler = handlers.get(type(message))
+        if handler is None:
             log.warning("ignoring an unexpected %r frame", message.type)
+            return
+        handler(message)
+
+    def _handlers(self, supervisor: Supervisor) -> dict[type, Callable[[Any], None]]:
+        """What each frame from Weaver is for: executions go to the supervisor, sandboxes
+        and their streams to the sandbox host."""
+        host = self._sandboxes
+        return {
+            Assign: lambda m: supervisor.assign(m.spec),
+            Ack: supervisor.ack,
+            Cancel: lambda m: supervisor.cancel(m.id, m.attempt),
+            SandboxStart: lambda m: host.start(m.spec),
+            SandboxControl: host.control,
+            ExecStart: host.exec_start,
+            FileStart: host.file_start,
+            ProcessCall: host.process_call,
+            PortStart: host.port_start,
+            StreamInput: host.stream_input,
+            StreamWindow: host.stream_window,
+            StreamSignal: host.stream_signal,
+            StreamResize: host.stream_resize,
+            StreamDetach: lambda m: host.stream_detach(m.stream),
+        }
 
     @staticmethod
     async def _heartbeat(link: _Link, supervisor: Supervisor, interval_s: float) -> None:

@@ -18,15 +18,20 @@ import asyncio
 import base64
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
 from treadle.domain.resources import Tier
+from treadle.domain.sandbox import ACTIVITY_INTERVAL_S, awake_reasons
 from treadle.protocol.messages import (
     STREAM_CHUNK_BYTES,
     ExecStart,
     FileStart,
+    PortStart,
+    ProcessCall,
+    SandboxActivity,
     SandboxControl,
     SandboxRef,
     SandboxSpec,
@@ -36,11 +41,13 @@ from treadle.protocol.messages import (
     StreamInput,
     StreamResize,
     StreamSignal,
+    StreamStarted,
     StreamWindow,
     encode,
 )
 from treadle.shuttle.live import box
 from treadle.shuttle.live.box import LiveSandbox, Unsupported
+from treadle.shuttle.live.execs import Exec, ExecTable
 from treadle.shuttle.live.link import GuestError, GuestProcess, LinkBroken
 from treadle.shuttle.runtimes.base import Runtime
 from treadle.shuttle.runtimes.process import ProcessRuntime
@@ -55,7 +62,7 @@ _STDIN_QUEUED_MAX = 16 * 1024 * 1024
 
 
 class _Held:
-    __slots__ = ("incarnation", "sandbox", "spec", "state", "task")
+    __slots__ = ("activity", "execs", "incarnation", "sandbox", "spec", "state", "task")
 
     def __init__(self, spec: SandboxSpec) -> None:
         self.spec = spec
@@ -63,14 +70,20 @@ class _Held:
         self.sandbox: LiveSandbox | None = None
         self.state = "starting"
         self.task: asyncio.Task[None] | None = None
+        self.execs = ExecTable()
+        self.activity: list[str] | None = None  # the reasons last reported to Weaver
 
 
 class _Relay:
-    """One exec stream: the process's output sent within the window Weaver grants."""
+    """One stream: a process's (or a connection's, or a file's) bytes sent within the window
+    Weaver grants, and what Weaver sends on to it."""
 
-    def __init__(self, stream: int, window: int) -> None:
+    def __init__(self, stream: int, window: int, sandbox_id: str, kind: str) -> None:
         self.stream = stream
         self.window = window
+        self.sandbox_id = sandbox_id
+        self.kind = kind  # exec (following a process), port, file, call
+        self.closed = False  # no longer relayed: what waits for its window gives up
         self.granted = asyncio.Event()
         if window > 0:
             self.granted.set()
@@ -87,6 +100,10 @@ class _Relay:
         self.window += amount
         if self.window > 0:
             self.granted.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.granted.set()
 
 
 class SandboxHost:
@@ -107,11 +124,14 @@ class SandboxHost:
 
     def attach(self, send: Send) -> None:
         self._send = send
+        for held in self._held.values():
+            held.activity = None  # said again on the new link: a report may have been lost
 
     def detach(self) -> None:
         """The link is gone: its streams end (their processes run on)."""
         self._send = None
         for relay in list(self._relays.values()):
+            relay.close()
             if relay.task is not None:
                 relay.task.cancel()
         self._relays.clear()
@@ -123,7 +143,9 @@ class SandboxHost:
             if h.state in ("starting", "running", "paused")
         ]
 
-    def _emit(self, message: SandboxState | StreamData | StreamEnd) -> None:
+    def _emit(
+        self, message: SandboxState | SandboxActivity | StreamStarted | StreamData | StreamEnd
+    ) -> None:
         if self._send is not None:
             self._send(encode(message))
 
@@ -138,6 +160,43 @@ class SandboxHost:
                 reason=reason[:1024] if reason else None,
             )
         )
+
+    # activity, for the idle timeout
+
+    async def _watch(self, held: _Held, sandbox: LiveSandbox) -> None:
+        """Look at what the sandbox does every ACTIVITY_INTERVAL_S, and tell Weaver when
+        why it is awake changes (a paused sandbox is neither: its clock starts again)."""
+        before: tuple[int, float] | None = None  # CPU ticks, and when
+        idle_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(ACTIVITY_INTERVAL_S)
+            if held.state != "running":
+                before, idle_since, held.activity = None, None, None
+                continue
+            try:
+                async with asyncio.timeout(ACTIVITY_INTERVAL_S * 2):
+                    seen = await sandbox.link.call("activity")
+            except (GuestError, LinkBroken, TimeoutError):
+                continue
+            processes, ticks, hz = _activity(seen)
+            now = loop.time()
+            cores = None
+            if before is not None and ticks is not None and now > before[1]:
+                cores = max(0, ticks - before[0]) / hz / (now - before[1])
+            before = None if ticks is None else (ticks, now)
+            reasons = awake_reasons(processes, self.streams_of(held.spec.id), cores)
+            idle_since = None if reasons else (idle_since if idle_since is not None else now)
+            if reasons != held.activity:
+                held.activity = reasons
+                self._emit(
+                    SandboxActivity(
+                        id=held.spec.id,
+                        incarnation=held.incarnation,
+                        idle_for_s=None if idle_since is None else now - idle_since,
+                        reasons=reasons,
+                    )
+                )
 
     # lifecycle
 
@@ -181,7 +240,11 @@ class SandboxHost:
             await sandbox.stop(grace_s=0)
             return
         self._report(held, "running")
-        status = await sandbox.ended
+        watcher = asyncio.create_task(self._watch(held, sandbox))
+        try:
+            status = await sandbox.ended
+        finally:
+            watcher.cancel()
         if self._held.get(spec.id) is held:
             reason = status.reason or f"its agent exited with {status.exit_code}"
             self._end(held, "stopped" if status.reason == "stopped" else "failed", reason)
@@ -250,7 +313,9 @@ class SandboxHost:
 
     # streams
 
-    def _open_stream(self, message: ExecStart | FileStart) -> tuple[_Relay, LiveSandbox] | None:
+    def _open_stream(
+        self, message: ExecStart | FileStart | ProcessCall | PortStart, kind: str
+    ) -> tuple[_Relay, _Held] | None:
         """The relay of a new stream in the running sandbox `message` names; None when
         there is nothing to start (a replayed frame, or a sandbox not running here, which
         the stream's end says)."""
@@ -260,51 +325,176 @@ class SandboxHost:
         if held is None or held.incarnation != message.incarnation or held.sandbox is None:
             self._emit(StreamEnd(stream=message.stream, error="the sandbox is not running"))
             return None
-        relay = _Relay(message.stream, message.window)
+        relay = _Relay(message.stream, message.window, message.id, kind)
         self._relays[message.stream] = relay
-        return relay, held.sandbox
+        return relay, held
+
+    def _done(self, relay: _Relay) -> None:
+        relay.close()
+        relay.started.set()
+        self._relays.pop(relay.stream, None)
+        if relay.writer is not None:
+            relay.writer.cancel()
 
     def exec_start(self, message: ExecStart) -> None:
-        opened = self._open_stream(message)
+        opened = self._open_stream(message, "exec")
         if opened is not None:
-            relay, sandbox = opened
-            relay.task = asyncio.create_task(self._relay(relay, sandbox, message))
+            relay, held = opened
+            relay.task = asyncio.create_task(self._exec(relay, held, message))
 
-    async def _relay(self, relay: _Relay, sandbox: LiveSandbox, message: ExecStart) -> None:
-        stream = relay.stream
+    async def _exec(self, relay: _Relay, held: _Held, message: ExecStart) -> None:
+        assert held.sandbox is not None
         try:
-            pty = None if message.pty is None else (message.pty.rows, message.pty.cols)
-            process = await sandbox.link.exec(
+            process = await held.sandbox.link.exec(
                 list(message.argv),
                 env=dict(message.env),
                 cwd=message.cwd,
                 tag=message.tag,
                 stdin=message.stdin,
-                pty=pty,
+                pty=None if message.pty is None else (message.pty.rows, message.pty.cols),
             )
+        except (GuestError, LinkBroken) as exc:
+            self._emit(StreamEnd(stream=relay.stream, error=str(exc)[:1024]))
+            self._done(relay)
+            return
+        ex = Exec(
+            process,
+            list(message.argv),
+            message.tag,
+            pty=message.pty is not None,
+            timeout_s=message.timeout_s,
+        )
+        held.execs.add(ex)
+        self._background(self._pump(ex))
+        await self._follow(relay, ex)
+
+    async def _pump(self, ex: Exec) -> None:
+        """The process's output, to whoever follows it, else kept; then its end."""
+        process = ex.process
+        try:
+            async for channel, data in process.output():
+                while data:
+                    follower = ex.follower
+                    if follower is None:
+                        ex.keep(channel, data)
+                        break
+                    data = await self._send_within(follower, channel, data)
+            ex.ended(await process.wait(), None)
+        except LinkBroken as exc:
+            ex.ended(None, str(exc)[:1024])
+
+    async def _follow(self, relay: _Relay, ex: Exec) -> None:
+        """`relay` follows `ex`: what was kept first, then live output, then its end. A
+        client that attaches takes the process over from one that follows it."""
+        relay.process = ex.process
+        relay.started.set()
+        previous = ex.follower
+        if previous is not None and previous is not relay:
+            ex.follower = None
+            self._emit(
+                StreamEnd(stream=previous.stream, error="another client attached to the process")
+            )
+            self.stream_detach(previous.stream)
+        self._emit(StreamStarted(stream=relay.stream, pid=ex.pid, tag=ex.tag))
+        try:
+            while (kept := ex.take()) is not None:
+                channel, data = kept
+                try:
+                    rest = await self._send_within(relay, channel, data)
+                except asyncio.CancelledError:
+                    ex.put_back(channel, data)
+                    raise
+                if rest:
+                    ex.put_back(channel, rest)
+                    return
+            if ex.running:
+                ex.follower = relay
+                await ex.over.wait()
+            exit = ex.exit
+            self._emit(
+                StreamEnd(
+                    stream=relay.stream,
+                    exit_code=None if exit is None else exit.exit_code,
+                    signal=None if exit is None else exit.signal,
+                    error=ex.error,
+                    timed_out=ex.timed_out,
+                )
+            )
+        finally:
+            if ex.follower is relay:
+                ex.follower = None
+            self._done(relay)
+
+    def process_call(self, message: ProcessCall) -> None:
+        opened = self._open_stream(message, "exec" if message.op == "attach" else "call")
+        if opened is None:
+            return
+        relay, held = opened
+        if message.op == "list":
+            self._emit(StreamEnd(stream=relay.stream, exit_code=0, result=held.execs.views()))
+            self._done(relay)
+            return
+        ex = held.execs.find(message.pid, message.tag)
+        if ex is None:
+            which = f"pid {message.pid}" if message.pid is not None else f"tag {message.tag!r}"
+            self._emit(
+                StreamEnd(
+                    stream=relay.stream,
+                    error=f"no process with {which} was exec'd in this sandbox",
+                    error_code="ESRCH",
+                )
+            )
+            self._done(relay)
+        elif message.op == "signal":
+            if ex.running and message.signal is not None:
+                with contextlib.suppress(LinkBroken):
+                    ex.process.signal(message.signal)
+            self._emit(StreamEnd(stream=relay.stream, exit_code=0, result=ex.view()))
+            self._done(relay)
+        else:
+            relay.task = asyncio.create_task(self._follow(relay, ex))
+
+    def port_start(self, message: PortStart) -> None:
+        opened = self._open_stream(message, "port")
+        if opened is not None:
+            relay, held = opened
+            relay.task = asyncio.create_task(self._connect(relay, held, message.port))
+
+    async def _connect(self, relay: _Relay, held: _Held, port: int) -> None:
+        """One connection to the sandbox's `port`, for as long as both sides keep it."""
+        assert held.sandbox is not None
+        process: GuestProcess | None = None
+        try:
+            process = await held.sandbox.link.connect(port)
             relay.process = process
             relay.started.set()
             async for channel, data in process.output():
                 await self._send_within(relay, channel, data)
-            end = await process.wait()
-            self._emit(StreamEnd(stream=stream, exit_code=end.exit_code, signal=end.signal))
-        except (GuestError, LinkBroken) as exc:
-            self._emit(StreamEnd(stream=stream, error=str(exc)[:1024]))
+            await process.wait()
+            self._emit(StreamEnd(stream=relay.stream, exit_code=0))
+        except GuestError as exc:
+            self._emit(
+                StreamEnd(stream=relay.stream, error=exc.message[:1024], error_code=exc.errno)
+            )
+        except LinkBroken as exc:
+            self._emit(StreamEnd(stream=relay.stream, error=str(exc)[:1024]))
         finally:
-            relay.started.set()
-            self._relays.pop(stream, None)
-            if relay.writer is not None:
-                relay.writer.cancel()
+            if process is not None and not process.over:
+                # The client went away: unlike a process, a connection ends with it.
+                with contextlib.suppress(LinkBroken):
+                    process.signal(signal.SIGKILL)
+            self._done(relay)
 
     def file_start(self, message: FileStart) -> None:
-        opened = self._open_stream(message)
+        opened = self._open_stream(message, "file")
         if opened is not None:
-            relay, sandbox = opened
+            relay, held = opened
             relay.upload = message.op == "write"
-            relay.task = asyncio.create_task(self._file(relay, sandbox, message))
+            relay.task = asyncio.create_task(self._file(relay, held, message))
 
-    async def _file(self, relay: _Relay, sandbox: LiveSandbox, message: FileStart) -> None:
-        link, path = sandbox.link, message.path
+    async def _file(self, relay: _Relay, held: _Held, message: FileStart) -> None:
+        assert held.sandbox is not None
+        link, path = held.sandbox.link, message.path
         result: Any = None
         try:
             if message.op == "read":
@@ -329,13 +519,16 @@ class SandboxHost:
         finally:
             self._relays.pop(relay.stream, None)
 
-    async def _send_within(self, relay: _Relay, channel: str, data: bytes) -> None:
-        """Send `data` on the relay's stream once its window allows."""
+    async def _send_within(self, relay: _Relay, channel: str, data: bytes) -> bytes:
+        """Send `data` on the relay's stream as its window allows; what is left unsent when
+        the relay closes is returned."""
         for start in range(0, len(data), STREAM_CHUNK_BYTES):
             piece = data[start : start + STREAM_CHUNK_BYTES]
-            while relay.window < len(piece):
+            while relay.window < len(piece) and not relay.closed:
                 relay.granted.clear()
                 await relay.granted.wait()
+            if relay.closed:
+                return data[start:]
             relay.window -= len(piece)
             self._emit(
                 StreamData(
@@ -344,6 +537,7 @@ class SandboxHost:
                     data=base64.b64encode(piece).decode(),
                 )
             )
+        return b""
 
     def stream_window(self, message: StreamWindow) -> None:
         relay = self._relays.get(message.stream)
@@ -406,8 +600,31 @@ class SandboxHost:
 
     def stream_detach(self, stream: int) -> None:
         relay = self._relays.pop(stream, None)
-        if relay is not None and relay.task is not None:
-            relay.task.cancel()
+        if relay is not None:
+            relay.close()
+            if relay.task is not None:
+                relay.task.cancel()
+
+    def streams_of(self, sandbox_id: str) -> dict[str, int]:
+        """The streams open on a sandbox, by kind."""
+        kinds: dict[str, int] = {}
+        for relay in self._relays.values():
+            if relay.sandbox_id == sandbox_id:
+                kinds[relay.kind] = kinds.get(relay.kind, 0) + 1
+        return kinds
+
+
+def _activity(seen: Any) -> tuple[int, int | None, int]:
+    """(processes, CPU ticks, ticks per second) from the agent's answer, which is the
+    sandbox's to forge: anything malformed counts as no processes and no CPU reading."""
+    if not isinstance(seen, dict):
+        return 0, None, 100
+    values = [seen.get("processes"), seen.get("ticks"), seen.get("hz")]
+    numbers = [v for v in values if type(v) is int and v >= 0]
+    if len(numbers) != 3 or numbers[2] == 0:
+        return 0, None, 100
+    processes, ticks, hz = numbers
+    return min(processes, 1_000_000), ticks, hz
 
 
 async def _uploaded(relay: _Relay) -> AsyncIterator[bytes]:

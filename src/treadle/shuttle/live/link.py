@@ -186,23 +186,30 @@ class GuestLink:
         stdin: bool = False,
         pty: tuple[int, int] | None = None,
     ) -> GuestProcess:
-        pid = self._id()
-        process = GuestProcess(self, pid, tag)
-        self._processes[pid] = process
         header: dict[str, Any] = {
             "op": "exec",
-            "pid": pid,
             "argv": argv,
             "env": env or {},
             "cwd": cwd,
             "tag": tag,
             "stdin": stdin,
-            "window": WINDOW,
         }
         if pty is not None:
             header["pty"] = {"rows": pty[0], "cols": pty[1]}
+        return await self._start(header, tag)
+
+    async def connect(self, port: int) -> GuestProcess:
+        """A TCP connection to `port` on the sandbox's loopback, made from inside it: the
+        server's bytes are its output (`stdout`), its stdin goes to the server, and it
+        exits (code 0) once the server has closed; `signal` closes it."""
+        return await self._start({"op": "connect", "port": port}, None)
+
+    async def _start(self, header: dict[str, Any], tag: str | None) -> GuestProcess:
+        pid = self._id()
+        process = GuestProcess(self, pid, tag)
+        self._processes[pid] = process
         try:
-            process.os_pid = await self.request(header)
+            process.os_pid = await self.request({**header, "pid": pid, "window": WINDOW})
         except BaseException:
             self._processes.pop(pid, None)
             raise

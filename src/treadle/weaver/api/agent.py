@@ -4,10 +4,7 @@ The handshake is refused (HTTP 403) unless it carries a valid join token or node
 Reports are handed to the writer without waiting for their commit, so one node's frames are
 applied in order and pipelined; replies (acks, fencing cancels) go out once committed.
 
-After the hello, a frame outside the protocol is refused alone: it is logged and dropped, and
-the execution it names, if any, fails (`ReportService.refused`); the link and the node's other
-frames carry on. Closing the link instead would let one program that makes its node send such
-a frame (which the node would replay after every reconnect) keep the node offline.
+What each frame after the hello does is `treadle.weaver.services.frames`'s dispatch table.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -26,24 +22,16 @@ from treadle.domain.node import NodeState
 from treadle.protocol import (
     PROTOCOL_VERSION,
     Assign,
-    Exited,
-    Heartbeat,
     Hello,
-    Output,
-    SandboxState,
-    ShuttleMessage,
-    Started,
-    StreamData,
-    StreamEnd,
     WeaverMessage,
     Welcome,
     decode_from_shuttle,
     encode,
-    examine_refused,
 )
 from treadle.weaver.api.deps import bearer, get_weaver
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.core import Weaver
+from treadle.weaver.services.frames import FrameHandler
 from treadle.weaver.services.nodes import NodeSession
 from treadle.weaver.store.writer import Tx
 
@@ -164,46 +152,6 @@ async def _send_loop(websocket: WebSocket, session: NodeSession, max_output_byte
         await websocket.send_text(frame)
 
 
-Handler = Callable[[Tx], Awaitable[list[WeaverMessage]]]
-
-
-def _handler(weaver: Weaver, session: NodeSession, message: ShuttleMessage) -> Handler | None:
-    reports = weaver.reports
-    if isinstance(message, Started):
-        return lambda tx: reports.started(tx, session, message)
-    if isinstance(message, Output):
-        cap = weaver.settings.max_output_bytes
-        return lambda tx: reports.output(tx, session, message, cap)
-    if isinstance(message, Exited):
-        return lambda tx: reports.exited(tx, session, message)
-    if isinstance(message, SandboxState):
-        return lambda tx: weaver.sandboxes.reported(tx, session, message)
-    return None
-
-
-def _refused(
-    weaver: Weaver, session: NodeSession, raw: str | bytes, exc: ProtocolError
-) -> Handler | None:
-    """What to do about a frame outside the protocol: apply the exit report it still holds
-    (one whose only fault is its result), or fail the execution it names."""
-    seen = examine_refused(raw)
-    log.warning(
-        "node %s sent a %s frame outside the protocol (refused): %s %s",
-        session.node_id,
-        seen.type or "unreadable",
-        exc.message,
-        exc.details[:3] if isinstance(exc.details, list) else exc.details,
-    )
-    reports = weaver.reports
-    if seen.exited is not None:
-        exited = seen.exited
-        return lambda tx: reports.exited(tx, session, exited)
-    if seen.id is not None and seen.attempt is not None:
-        kind, execution_id, attempt = seen.type, seen.id, seen.attempt
-        return lambda tx: reports.refused(tx, session, kind, execution_id, attempt)
-    return None
-
-
 async def _next_frame(websocket: WebSocket) -> str | bytes:
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
@@ -227,27 +175,11 @@ async def _receive_loop(websocket: WebSocket, weaver: Weaver, session: NodeSessi
         for reply in future.result():
             session.send(reply)
 
+    frames = FrameHandler(weaver, session)
     while True:
         raw = await _next_frame(websocket)
         session.last_seen = time.monotonic()
-        try:
-            message = decode_from_shuttle(raw)
-        except ProtocolError as exc:
-            handler = _refused(weaver, session, raw, exc)
-        else:
-            if isinstance(message, Heartbeat):
-                session.last_heartbeat = time.time()
-                continue
-            # Streams go straight to their clients: nothing of them is stored.
-            if isinstance(message, StreamData):
-                weaver.streams.data(session, message)
-                continue
-            if isinstance(message, StreamEnd):
-                weaver.streams.end(session, message)
-                continue
-            handler = _handler(weaver, session, message)
-            if handler is None:
-                log.warning("node %s sent an unexpected %s frame", session.node_id, message.type)
+        handler = frames.handle(raw)
         if handler is None:
             continue
         await in_flight.acquire()

@@ -15,6 +15,8 @@ from treadle.weaver.api import (
     functions,
     nodes,
     sandbox_files,
+    sandbox_ports,
+    sandbox_processes,
     sandboxes,
 )
 from treadle.weaver.api.errors import install_error_handlers
@@ -45,7 +47,17 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
-    for module in (functions, executions, sandboxes, sandbox_files, nodes, agent):
+    routers = (
+        functions,
+        executions,
+        sandboxes,
+        sandbox_files,
+        sandbox_processes,
+        sandbox_ports,
+        nodes,
+        agent,
+    )
+    for module in routers:
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness")

@@ -27,6 +27,7 @@ _STATUS: list[tuple[type[errors.TreadleError], int]] = [
     (errors.LimitExceeded, 429),
     (errors.InsufficientStorage, 507),
     (errors.Unavailable, 503),
+    (errors.BadGateway, 502),
     (errors.ProtocolError, 400),
 ]
 _HTTP_CODES = {

@@ -10,6 +10,8 @@ overhead).
   the bytes received pass the limit, before the application gets to parse it.
 - Every body is read as JSON, the only format the API takes, so a client that forgot the
   Content-Type header gets its request handled rather than a puzzle.
+- A sandbox's port (`/v1/sandboxes/{id}/ports/{port}/…`) opens with its own credentials too
+  (`port_auth`), and its requests go to the sandbox's server as they came.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from starlette.datastructures import Headers
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from treadle.domain.errors import TreadleError, Unauthenticated
 from treadle.weaver.api.deps import PRINCIPAL, bearer
 from treadle.weaver.api.errors import error_body, status_for
+from treadle.weaver.api.port_auth import PORT_ACCESS, PORT_PATH, authorize_port
 
 __all__ = ["RequestGuard"]
 
@@ -45,11 +49,16 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = [(n, v) for n, v in scope["headers"] if n != b"content-type"]
-        headers.append((b"content-type", b"application/json"))
-        scope = dict(scope, headers=headers)
+        port = PORT_PATH.match(scope["path"])
+        if port is None:
+            headers = [(n, v) for n, v in scope["headers"] if n != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
+            scope = dict(scope, headers=headers)
         if scope["path"].startswith(_AUTHENTICATED_PREFIX):
-            refusal = await _authenticate(scope)
+            if port is not None:
+                refusal = await _authorize_port(scope, port.group(1), int(port.group(2)))
+            else:
+                refusal = await _authenticate(scope)
             if refusal is not None:
                 await _respond(send, *refusal)
                 return
@@ -123,6 +132,18 @@ async def _authenticate(scope: Scope) -> tuple[int, dict[str, Any], Mapping[str,
         # Outside the application its error handlers do not apply: answer as they would.
         log.exception("authenticating a request failed")
         return 500, error_body("internal", "internal error"), {}
+    return None
+
+
+async def _authorize_port(
+    scope: Scope, sandbox_id: str, port: int
+) -> tuple[int, dict[str, Any], Mapping[str, str]] | None:
+    """As `_authenticate`, for a sandbox's port: its own credentials open it too."""
+    try:
+        scope[PORT_ACCESS] = await authorize_port(HTTPConnection(scope), sandbox_id, port)
+    except TreadleError as exc:
+        body = error_body(exc.code, exc.message, exc.details)
+        return status_for(exc), body, {"www-authenticate": "Bearer"}
     return None
 
 

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.domain import errors
+from treadle.protocol import FileStart
 from treadle.weaver.api.deps import Caller, get_weaver
 from treadle.weaver.api.sandboxes import running_node
 from treadle.weaver.core import Weaver
@@ -59,8 +60,8 @@ async def _operation(
     **options: Any,
 ) -> tuple[ExecStream, int | None]:
     row, session = await running_node(weaver, tenant_id, sandbox_id)
-    stream = weaver.streams.open_file(
-        session, tenant_id, row.id, row.incarnation, op, path, **options
+    stream = weaver.streams.start(
+        session, tenant_id, FileStart, row.id, row.incarnation, op=op, path=path, **options
     )
     return stream, (row.spec.get("resources") or {}).get("disk_mib")
 

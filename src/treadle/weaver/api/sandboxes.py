@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import signal
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
@@ -18,7 +17,7 @@ from treadle.weaver.api.errors import error_body
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.nodes import NodeSession
 from treadle.weaver.services.sandboxes import sandbox_view
-from treadle.weaver.services.streams import ExecStream
+from treadle.weaver.services.streams import Ended, ExecStream
 
 __all__ = ["router", "running_node"]
 
@@ -102,7 +101,8 @@ class ExecBody(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, max_length=1024)
     cwd: str | None = Field(default=None, max_length=4096)
     stdin: str | None = Field(default=None, max_length=16 * 1024 * 1024)
-    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    timeout_s: float | None = Field(default=60.0, gt=0, le=7 * 24 * 3600)
+    tag: str | None = Field(default=None, min_length=1, max_length=256)
 
     @field_validator("cmd")
     @classmethod
@@ -139,36 +139,26 @@ async def exec_in_sandbox(
     cap = weaver.settings.max_output_bytes
     out = {"stdout": bytearray(), "stderr": bytearray()}
     truncated = False
-    timed_out = False
-
-    async def collect() -> None:
-        nonlocal truncated
+    try:
         async for channel, data in stream.output():
-            kept = out[channel]
             room = cap - len(out["stdout"]) - len(out["stderr"])
             if len(data) > room:
                 truncated = True
                 data = data[: max(room, 0)]
-            kept.extend(data)
-
-    try:
-        async with asyncio.timeout(body.timeout_s):
-            await collect()
-    except TimeoutError:
-        timed_out = True
-        stream.signal(signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
-                await collect()
+            out[channel].extend(data)
     finally:
         if stream.ended is None:
-            stream.detach()
+            stream.detach()  # the client went away: the process runs on, to its timeout
     ended = stream.ended
+    assert ended is not None
+    started = await stream.started()
     return {
-        "exit_code": None if ended is None else ended.exit_code,
-        "signal": None if ended is None else ended.signal,
-        "error": None if ended is None else ended.error,
-        "timed_out": timed_out,
+        "pid": None if started is None else started.pid,
+        "tag": body.tag,
+        "exit_code": ended.exit_code,
+        "signal": ended.signal,
+        "error": ended.error,
+        "timed_out": ended.timed_out,
         "stdout": out["stdout"].decode(errors="replace"),
         "stderr": out["stderr"].decode(errors="replace"),
         "output_truncated": truncated,
@@ -194,15 +184,19 @@ async def _open(
         body.argv,
         env=body.env,
         cwd=body.cwd,
+        tag=body.tag,
         stdin=stdin,
         pty=pty,
+        timeout_s=body.timeout_s,
     )
 
 
 class _Start(ExecBody):
-    """The first message on the exec WebSocket."""
+    """The first message on the exec WebSocket: unlike a waited-for exec, the process has
+    no timeout unless one is given."""
 
     pty: dict[str, int] | None = None
+    timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
 
     @field_validator("pty")
     @classmethod
@@ -216,12 +210,30 @@ class _Start(ExecBody):
 
 @router.websocket("/{sandbox_id}/exec")
 async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
-    """Interactive exec. The client's first message is `{"cmd", "env", "cwd", "pty":
-    {"rows", "cols"}?}`; then `{"stdin": base64, "eof"?: true}`, `{"eof": true}`,
-    `{"signal": n}`, `{"resize": {"rows", "cols"}}` in any order. The server sends
-    `{"stdout"|"stderr": base64}` as the process writes, at the pace the client reads, and
-    `{"exit": {"exit_code", "signal", "error"}}` last. Leaving does not kill the process."""
-    weaver = get_weaver(websocket)
+    """Interactive exec. The client's first message is `{"cmd", "env", "cwd", "tag",
+    "timeout_s", "pty": {"rows", "cols"}?}`; then `{"stdin": base64, "eof"?: true}`,
+    `{"eof": true}`, `{"signal": n}`, `{"resize": {"rows", "cols"}}` in any order. The server
+    sends `{"started": {"pid", "tag"}}`, then `{"stdout"|"stderr": base64}` as the process
+    writes, at the pace the client reads, and `{"exit": {...}}` last. Leaving does not kill
+    the process: it runs on, and can be attached to again."""
+
+    async def opening(tenant_id: str) -> ExecStream:
+        weaver = get_weaver(websocket)
+        try:
+            start = _Start.model_validate(await websocket.receive_json())
+        except (ValidationError, ValueError) as exc:
+            raise InvalidRequest(f"the first message must start a process: {exc}") from None
+        size = None if start.pty is None else (start.pty["rows"], start.pty["cols"])
+        return await _open(weaver, tenant_id, sandbox_id, start, stdin=True, pty=size)
+
+    await serve_stream(websocket, opening)
+
+
+async def serve_stream(
+    websocket: WebSocket, opening: Callable[[str], Awaitable[ExecStream]]
+) -> None:
+    """Authenticate, open the stream (`opening`, given the caller's tenant), and relay it
+    both ways; errors are an error body and a 4xxx close code."""
     try:
         principal = await principal_of(websocket)
     except TreadleError:
@@ -230,12 +242,7 @@ async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
     await websocket.accept()
     stream: ExecStream | None = None
     try:
-        try:
-            start = _Start.model_validate(await websocket.receive_json())
-        except (ValidationError, ValueError) as exc:
-            raise InvalidRequest(f"the first message must start a process: {exc}") from None
-        size = None if start.pty is None else (start.pty["rows"], start.pty["cols"])
-        stream = await _open(weaver, principal.tenant_id, sandbox_id, start, stdin=True, pty=size)
+        stream = await opening(principal.tenant_id)
         await _relay(websocket, stream)
     except TreadleError as exc:
         await websocket.send_json(error_body(exc.code, exc.message, exc.details))
@@ -247,15 +254,27 @@ async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
             stream.detach()
 
 
+def exit_view(ended: Ended) -> dict[str, Any]:
+    return {
+        "exit_code": ended.exit_code,
+        "signal": ended.signal,
+        "error": ended.error,
+        "timed_out": ended.timed_out,
+    }
+
+
 async def _relay(websocket: WebSocket, stream: ExecStream) -> None:
+    started = await stream.started()
+    if started is not None:
+        await websocket.send_json({"started": {"pid": started.pid, "tag": started.tag}})
+
     async def outward() -> None:
         # Each send waits for the client: the window is granted as it takes the output.
         async for channel, data in stream.output():
             await websocket.send_json({channel: base64.b64encode(data).decode()})
         ended = stream.ended
         assert ended is not None
-        exit_info = {"exit_code": ended.exit_code, "signal": ended.signal, "error": ended.error}
-        await websocket.send_json({"exit": exit_info})
+        await websocket.send_json({"exit": exit_view(ended)})
         await websocket.close(code=1000)
 
     async def inward() -> None:

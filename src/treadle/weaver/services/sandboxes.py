@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from treadle.domain.errors import InvalidRequest, InvalidTransition, LimitExceed
 from treadle.domain.resources import Resources, Tier
 from treadle.domain.sandbox import (
     ON_NODE_STATUSES,
+    PAUSABLE_TIERS,
     TERMINAL_STATUSES,
     Desired,
     End,
@@ -40,6 +42,7 @@ from treadle.domain.sandbox import (
     next_step,
 )
 from treadle.protocol import (
+    SandboxActivity,
     SandboxControl,
     SandboxRef,
     SandboxStart,
@@ -96,6 +99,22 @@ def sandbox_view(row: Any) -> dict[str, Any]:
         "started_at": iso(row.started_at),
         "ended_at": iso(row.ended_at),
         "expires_at": iso(row.expires_at),
+        "access_token": row.access_token,
+        "awake": _awake_view(row),
+    }
+
+
+def _awake_view(row: Any) -> dict[str, Any] | None:
+    """Why a running sandbox is awake, as its node last said (None before it said, and
+    when the sandbox is not running)."""
+    awake = row.awake
+    if row.status != SandboxStatus.RUNNING.value or not isinstance(awake, dict):
+        return None
+    return {
+        "idle": not awake.get("reasons"),
+        "idle_since": iso(awake.get("idle_since")),
+        "reasons": awake.get("reasons", []),
+        "idle_timeout_at": iso(row.idle_at),
     }
 
 
@@ -188,6 +207,7 @@ class SandboxService:
                 "created_at": tx.now,
                 "updated_at": tx.now,
                 "expires_at": tx.now + spec.timeout_s,
+                "access_token": "sbt_" + secrets.token_urlsafe(24),
             }
             await tx.conn.execute(_S.insert(), values)
             tx.emit("sandbox.pending", sandbox_id, tenant_id, {"status": "pending"})
@@ -197,13 +217,14 @@ class SandboxService:
         self._on_change()
         return row
 
-    async def get(self, tenant_id: str, sandbox_id: str) -> Any:
+    async def get(self, tenant_id: str | None, sandbox_id: str) -> Any:
+        """The tenant's sandbox; any tenant's for `None`, which only a caller holding a
+        credential of the sandbox's own (its access token) may ask."""
+        query = select(_S).where(_S.c.id == sandbox_id)
+        if tenant_id is not None:
+            query = query.where(_S.c.tenant_id == tenant_id)
         async with self._db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(_S).where(_S.c.id == sandbox_id, _S.c.tenant_id == tenant_id)
-                )
-            ).first()
+            row = (await conn.execute(query)).first()
         if row is None:
             raise NotFound(f"sandbox {sandbox_id!r} not found", details={"id": sandbox_id})
         return row
@@ -347,6 +368,32 @@ class SandboxService:
         await self._ended_unasked(tx, row, end, message.reason or end.value)
         return []
 
+    async def activity(
+        self, tx: Tx, session: NodeSession, message: SandboxActivity
+    ) -> list[WeaverMessage]:
+        """A running sandbox's node says why it is awake, or since when it is idle."""
+        row = (await tx.conn.execute(select(_S).where(_S.c.id == message.id))).first()
+        if (
+            row is None
+            or row.incarnation != message.incarnation
+            or row.node_id != session.node_id
+            or row.status != SandboxStatus.RUNNING.value
+        ):
+            return []
+        idle_since = None if message.idle_for_s is None else tx.now - message.idle_for_s
+        idle_timeout = _spec(row).idle_timeout_s
+        await tx.conn.execute(
+            update(_S)
+            .where(and_(_S.c.id == row.id, _S.c.incarnation == row.incarnation))
+            .values(
+                awake={"reasons": list(message.reasons), "idle_since": idle_since},
+                idle_at=None
+                if idle_since is None or idle_timeout is None
+                else idle_since + idle_timeout,
+            )
+        )
+        return []
+
     async def hello(
         self, tx: Tx, session: NodeSession, refs: list[SandboxRef]
     ) -> list[WeaverMessage]:
@@ -420,6 +467,9 @@ class SandboxService:
         await self._move(tx, row, values)
 
     async def _move(self, tx: Tx, row: Any, values: dict[str, Any]) -> None:
+        if values.get("status", SandboxStatus.RUNNING.value) != SandboxStatus.RUNNING.value:
+            # Idleness is a running sandbox's: its node says it again after a resume.
+            values = {"idle_at": None, "awake": None, **values}
         # Under the writer, reports for one sandbox are applied one at a time; the swap is
         # against the API's concurrent desire changes, which then read again.
         while not await _swap(tx, row, **values):
@@ -498,13 +548,18 @@ class SandboxService:
                 await conn.execute(
                     select(_S).where(
                         _S.c.status.in_(_LIVE),
-                        (_S.c.status != _S.c.desired) | (_S.c.expires_at < now),
+                        (_S.c.status != _S.c.desired)
+                        | (_S.c.expires_at < now)
+                        | (_S.c.idle_at < now),
                     )
                 )
             )
         for row in rows:
             if row.expires_at is not None and row.expires_at < now:
-                await self._expire(row)
+                await self._expire(row, idle=False)
+                continue
+            if row.idle_at is not None and row.idle_at < now:
+                await self._expire(row, idle=True)
                 continue
             step = next_step(Desired(row.desired), SandboxStatus(row.status))
             if step is Step.FINISH:
@@ -518,21 +573,36 @@ class SandboxService:
                 await self._writer.run(functools.partial(self._stopping, row=row))
             session.send(SandboxControl(id=row.id, incarnation=row.incarnation, action=action))
 
-    async def _expire(self, row: Any) -> None:
+    async def _expire(self, row: Any, *, idle: bool) -> None:
+        """Its TTL ran out, or (`idle`) its idle timeout: stop or pause it, as it asked."""
         spec = _spec(row)
-        wanted = Desired.PAUSED if spec.on_expiry == ExpiryAction.PAUSE else Desired.STOPPED
+        pausable = row.isolation is None or Tier(row.isolation) in PAUSABLE_TIERS
+        # A sandbox whose tier cannot pause (the process tier) is stopped instead.
+        pause = spec.on_expiry == ExpiryAction.PAUSE and pausable
+        wanted = Desired.PAUSED if pause else Desired.STOPPED
+        reason = f"idle for {spec.idle_timeout_s:g} s" if idle else "timeout"
 
         async def write(tx: Tx) -> None:
             current = await _load(tx, row.id)
-            if current.expires_at is None or current.expires_at >= tx.now:
-                return  # refreshed meanwhile
-            values: dict[str, Any] = {"desired": wanted.value, "expires_at": None}
+            if idle:
+                if (
+                    current.idle_at is None
+                    or current.idle_at >= tx.now
+                    or current.desired != Desired.RUNNING.value
+                ):
+                    return  # awake again, or asked otherwise, meanwhile
+                values: dict[str, Any] = {"desired": wanted.value, "idle_at": None}
+            else:
+                if current.expires_at is None or current.expires_at >= tx.now:
+                    return  # refreshed meanwhile
+                values = {"desired": wanted.value, "expires_at": None}
             if wanted == Desired.STOPPED and current.status == SandboxStatus.PENDING.value:
-                values.update(status="stopped", ended_at=tx.now, end_reason="timeout")
+                values.update(status="stopped", ended_at=tx.now, end_reason=reason)
             elif wanted == Desired.STOPPED:
-                values["end_reason"] = "timeout"
+                values["end_reason"] = reason
             if await _swap(tx, current, **values):
-                tx.emit("sandbox.expired", row.id, row.tenant_id, {"desired": wanted.value})
+                kind = "sandbox.idle" if idle else "sandbox.expired"
+                tx.emit(kind, row.id, row.tenant_id, {"desired": wanted.value, "reason": reason})
 
         await self._writer.run(write)
         self._on_change()

@@ -23,6 +23,8 @@ from treadle.domain.errors import LimitExceeded
 from treadle.protocol import (
     ExecStart,
     FileStart,
+    PortStart,
+    ProcessCall,
     Pty,
     StreamData,
     StreamDetach,
@@ -30,12 +32,13 @@ from treadle.protocol import (
     StreamInput,
     StreamResize,
     StreamSignal,
+    StreamStarted,
     StreamWindow,
 )
 from treadle.protocol.messages import STREAM_CHUNK_BYTES
 from treadle.weaver.services.nodes import NodeSession
 
-__all__ = ["Ended", "ExecStream", "StreamHub"]
+__all__ = ["Ended", "ExecStream", "Started", "StreamHub"]
 
 log = logging.getLogger(__name__)
 WINDOW = 1024 * 1024
@@ -49,6 +52,13 @@ class Ended:
     # a file operation's: the errno name of its failure, or its result
     error_code: str | None = None
     result: Any = None
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    pid: int | None
+    tag: str | None
 
 
 class ExecStream:
@@ -62,6 +72,11 @@ class ExecStream:
         self._items: asyncio.Queue[tuple[str, bytes] | Ended] = asyncio.Queue()
         self._held = 0
         self.ended: Ended | None = None
+        self._started: asyncio.Future[Started | None] = asyncio.get_running_loop().create_future()
+
+    async def started(self) -> Started | None:
+        """The process the stream follows (pid, tag); None when it ended without one."""
+        return await asyncio.shield(self._started)
 
     async def output(self) -> AsyncIterator[tuple[str, bytes]]:
         while True:
@@ -109,6 +124,8 @@ class ExecStream:
         return True
 
     def _end(self, ended: Ended) -> None:
+        if not self._started.done():
+            self._started.set_result(None)
         self._items.put_nowait(ended)
 
 
@@ -131,6 +148,7 @@ class StreamHub:
         tag: str | None = None,
         stdin: bool = False,
         pty: tuple[int, int] | None = None,
+        timeout_s: float | None = None,
     ) -> ExecStream:
         stream = self._new(session, tenant_id)
         session.send(
@@ -145,36 +163,30 @@ class StreamHub:
                 stdin=stdin,
                 pty=None if pty is None else Pty(rows=pty[0], cols=pty[1]),
                 window=WINDOW,
+                timeout_s=timeout_s,
             )
         )
         return stream
 
-    def open_file(
+    def start(
         self,
         session: NodeSession,
         tenant_id: str,
+        frame: type[FileStart | ProcessCall | PortStart],
         sandbox_id: str,
         incarnation: int,
-        op: str,
-        path: str,
-        *,
-        target: str | None = None,
-        depth: int = 1,
-        mode: int = 0o644,
+        **fields: Any,
     ) -> ExecStream:
-        """A file operation in the sandbox, as a stream (see `FileStart`)."""
+        """Any other stream on a sandbox: a file operation (`FileStart`), a call about its
+        processes (`ProcessCall`), a connection to one of its ports (`PortStart`)."""
         stream = self._new(session, tenant_id)
         session.send(
-            FileStart(
+            frame(
                 stream=stream.number,
                 id=sandbox_id,
                 incarnation=incarnation,
-                op=op,
-                path=path,
-                target=target,
-                depth=depth,
-                mode=mode,
                 window=WINDOW,
+                **fields,
             )
         )
         return stream
@@ -206,6 +218,11 @@ class StreamHub:
         if not stream._data(message.channel, data):
             self._fail(stream, "the node sent past the stream's window")
 
+    def started(self, session: NodeSession, message: StreamStarted) -> None:
+        stream = self._owned(session, message.stream)
+        if stream is not None and not stream._started.done():
+            stream._started.set_result(Started(message.pid, message.tag))
+
     def end(self, session: NodeSession, message: StreamEnd) -> None:
         stream = self._owned(session, message.stream)
         if stream is not None:
@@ -217,6 +234,7 @@ class StreamHub:
                     message.error,
                     message.error_code,
                     message.result,
+                    message.timed_out,
                 )
             )
 

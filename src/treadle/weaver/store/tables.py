@@ -179,6 +179,12 @@ sandboxes = Table(
     # the TTL's deadline; None: no TTL
     Column("expires_at", Float),
     Column("updated_at", Float, nullable=False),
+    # what opens its ports without an API key (and signs their URLs)
+    Column("access_token", String(64)),
+    # when its idle timeout runs out, while it is idle; None while it is awake
+    Column("idle_at", Float),
+    # why it is awake, as its node last said: {"reasons": [...], "idle_since"}
+    Column("awake", JSON),
 )
 Index("ix_sandboxes_tenant_id", sandboxes.c.tenant_id, sandboxes.c.id)
 Index("ix_sandboxes_status", sandboxes.c.status, sandboxes.c.node_id)

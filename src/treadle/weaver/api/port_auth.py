@@ -1,0 +1,93 @@
+"""Who may reach a sandbox's port (`/v1/sandboxes/{id}/ports/{port}/…`), decided before
+anything of the request's body is read: the tenant's API key, the sandbox's access token
+(`X-Treadle-Access-Token` or `treadle_token=`), a signed URL that has not expired
+(`treadle_expires=` and `treadle_signature=`), or the cookie such a URL set for its port."""
+
+from __future__ import annotations
+
+import re
+import time
+from http.cookies import SimpleCookie
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.requests import HTTPConnection
+
+from treadle.domain.errors import Forbidden, TreadleError, Unauthenticated
+from treadle.weaver.api.deps import bearer, get_weaver
+from treadle.weaver.core import Weaver
+from treadle.weaver.services import port_access
+
+__all__ = [
+    "COOKIE",
+    "PORT_ACCESS",
+    "PORT_PATH",
+    "QUERY_KEYS",
+    "TOKEN_HEADER",
+    "authorize_port",
+    "port_prefix",
+]
+
+TOKEN_HEADER = "x-treadle-access-token"
+QUERY_KEYS = ("treadle_token", "treadle_expires", "treadle_signature")
+COOKIE = "treadle_port"
+# Where the request guard leaves what `authorize_port` decided: (sandbox row, cookie to set).
+PORT_ACCESS = "treadle.port_access"
+PORT_PATH = re.compile(r"^/v1/sandboxes/([^/]{1,64})/ports/([0-9]{1,5})(?:/|$)")
+_REFUSED = "the access token or signed URL does not open this port (or has expired)"
+
+
+def port_prefix(sandbox_id: str, port: int) -> str:
+    return f"/v1/sandboxes/{sandbox_id}/ports/{port}"
+
+
+async def authorize_port(
+    conn: HTTPConnection, sandbox_id: str, port: int
+) -> tuple[Any, str | None]:
+    """The sandbox, if the caller may reach its port; and the cookie to set, for a caller
+    that came by a signed URL. Raises Unauthenticated (no credential) or Forbidden."""
+    weaver = get_weaver(conn)
+    key = bearer(conn.headers)
+    if key is not None:
+        principal = await weaver.auth.authenticate(key)
+        return await weaver.sandboxes.get(principal.tenant_id, sandbox_id), None
+    query = conn.query_params
+    token = conn.headers.get(TOKEN_HEADER) or query.get("treadle_token")
+    expires, signature = query.get("treadle_expires"), query.get("treadle_signature")
+    cookie = _cookie(conn.headers, sandbox_id, port)
+    if token is None and signature is None and cookie is None:
+        raise Unauthenticated(
+            "this port needs an API key, the sandbox's access token, or a signed URL"
+        )
+    row = await _row(weaver, sandbox_id)
+    now = time.time()
+    if token is not None and port_access.valid_token(row.access_token, token):
+        return row, None
+    if port_access.valid_signature(row.access_token, sandbox_id, port, expires, signature, now):
+        return row, f"{expires}.{signature}"
+    if cookie is not None:
+        expires, _, signature = cookie.partition(".")
+        if port_access.valid_signature(row.access_token, sandbox_id, port, expires, signature, now):
+            return row, None
+    raise Forbidden(_REFUSED)
+
+
+async def _row(weaver: Weaver, sandbox_id: str) -> Any:
+    try:
+        return await weaver.sandboxes.get(None, sandbox_id)
+    except TreadleError:
+        # Whether a sandbox exists is not told to whoever holds no credential of it.
+        raise Forbidden(_REFUSED) from None
+
+
+def _cookie(headers: Headers, sandbox_id: str, port: int) -> str | None:
+    raw = headers.get("cookie")
+    if not raw:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(raw)
+    except Exception:
+        return None
+    morsel = jar.get(f"{COOKIE}_{sandbox_id}_{port}")
+    return None if morsel is None else morsel.value
