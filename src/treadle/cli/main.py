@@ -8,7 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from treadle import __version__
-from treadle.cli import executions, explain, functions, nodes, servers
+from treadle.cli import executions, explain, functions, nodes, sandboxes, servers
 from treadle.cli.state import CLIState
 
 __all__ = ["app", "main"]
@@ -84,6 +84,7 @@ def _root(
 
 app.add_typer(functions.app)
 app.add_typer(nodes.tenant_app)
+app.add_typer(sandboxes.app)
 app.command()(executions.invoke)
 app.command()(executions.logs)
 app.command()(executions.cancel)
