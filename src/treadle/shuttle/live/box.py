@@ -4,8 +4,14 @@ every process and file operation a client asks for done by that agent inside the
 It is built from the same launchers as executions (`treadle.shuttle.runtimes`): the same
 namespaces, cgroup and limits, seccomp filter, ids and network as an execution of the same
 tier, so the escape suite's guarantees hold for whatever runs in it. Only what runs differs:
-the guest agent (`treadle.guest.agent`, on the Python the sandbox sees) instead of one program,
-and the sandbox lives until it is stopped.
+the guest agent (`treadle.guest.agent`) instead of one program, and the sandbox lives until
+it is stopped.
+
+The agent runs on Shuttle's own Python runtime (`agent_runtime`), never on a Python of the
+sandbox's: the runtime's directory is bound read-only at `agent_runtime.MOUNT_POINT` in every
+tier that mounts (the process tier, which mounts nothing, runs it from its host directory).
+So the agent starts the same in any image, one without Python included, and an image cannot
+put a `python3` of its own in its place.
 
 Pause freezes the sandbox's cgroup (v1's freezer or v2's cgroup.freeze): every process in it,
 the agent included, stops where it is, its memory kept; resume thaws it. A sandbox paused on a
@@ -20,6 +26,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,11 +36,18 @@ from treadle.domain.resources import Resources, Tier
 from treadle.domain.sandbox import boundary_resources
 from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper
+from treadle.shuttle.live import agent_runtime
 from treadle.shuttle.live.link import GuestLink, LinkBroken
 from treadle.shuttle.runtimes._spawn import spawn_async
 from treadle.shuttle.runtimes.base import ExitStatus
 from treadle.shuttle.runtimes.namespace import NamespaceLauncher
-from treadle.shuttle.runtimes.process import RESULT_FD, Attempt, ImageLauncher, Launcher
+from treadle.shuttle.runtimes.process import (
+    RESULT_FD,
+    Attempt,
+    ImageLauncher,
+    Launcher,
+    ReadOnlyBind,
+)
 from treadle.shuttle.sandbox import exits
 
 __all__ = ["LiveSandbox", "SandboxSpec", "Unsupported"]
@@ -42,8 +56,8 @@ log = logging.getLogger(__name__)
 
 _READY_TIMEOUT_S = 30.0
 _STOP_GRACE_S = 5.0
-# The agent's source, run with `python3 -I -S -c`: nothing is written into the sandbox, and
-# nothing of the host's Python environment (site-packages, PYTHON* variables) is used.
+# The agent's source, run with `-I -S -c` on the agent's runtime: nothing is written into the
+# sandbox, and nothing of a Python environment (site-packages, PYTHON* variables) is used.
 AGENT_SOURCE = resources.files("treadle.guest").joinpath("agent.py").read_text()
 _STDERR_KEEP = 16 * 1024
 
@@ -72,16 +86,21 @@ class SandboxSpec:
     env: dict[str, str]
     image: str | None = None
     network: bool = False
+    # The Python to run the agent on where `assign_spec` is given none; `start` always gives
+    # the agent's runtime.
     python: str = "python3"
 
-    def assign_spec(self) -> AssignSpec:
+    def assign_spec(self, python: Sequence[str] | None = None) -> AssignSpec:
+        """The sandbox as an attempt whose program is the agent, run by the command `python`
+        (`AgentRuntime.argv`; default: `self.python`)."""
+        interpreter = [self.python] if python is None else list(python)
         return AssignSpec(
             id=self.id,
             attempt=self.incarnation,
             tenant_id=self.tenant_id,
             function="sandbox",
             version=1,
-            argv=[self.python, "-I", "-S", "-c", AGENT_SOURCE],
+            argv=[*interpreter, "-I", "-S", "-c", AGENT_SOURCE],
             env=self.env,
             # A sandbox ends when stopped; its TTL is Weaver's to enforce.
             timeout_s=365 * 24 * 3600,
@@ -114,15 +133,21 @@ class LiveSandbox:
     async def start(cls, launcher: Launcher, spec: SandboxSpec, workdir: Path) -> LiveSandbox:
         """Start the sandbox and wait for its agent's word; raises OSError or ValueError
         when it cannot start (the reason in the message)."""
-        assign = spec.assign_spec()
+        runtime = await agent_runtime.ensure_async()
+        binds: tuple[ReadOnlyBind, ...] = ()
+        if launcher.tier is Tier.PROCESS:
+            assign = spec.assign_spec(runtime.argv(str(runtime.path)))
+        else:
+            binds = (ReadOnlyBind(runtime.path, agent_runtime.MOUNT_POINT),)
+            assign = spec.assign_spec(runtime.argv(agent_runtime.MOUNT_POINT))
         if assign.image is not None:
             if not isinstance(launcher, ImageLauncher):
                 raise ValueError(f"the {launcher.tier} tier cannot run an image")
             await launcher.fetch_image(assign)
         if isinstance(launcher, NamespaceLauncher):
-            attempt: Attempt = launcher.prepare(assign, workdir, freezable=True)
+            attempt: Attempt = launcher.prepare(assign, workdir, binds=binds, freezable=True)
         else:
-            attempt = launcher.prepare(assign, workdir)
+            attempt = launcher.prepare(assign, workdir, binds=binds)
         launch = attempt.launch
         if launch.result is not None:
             for fd in launch.result:  # no result channel: a sandbox has no single result

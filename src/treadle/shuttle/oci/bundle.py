@@ -243,11 +243,13 @@ def build_config(
     seccomp: bool = True,
     cgroup_parent: str = CGROUP_PARENT,
     hostname: str = "sandbox",
+    binds: Sequence[tuple[Path, str]] = (),
 ) -> dict[str, Any]:
     """The OCI runtime-spec config.json for one attempt (see the module docstring).
     `result_fifo_dir`, when set, is a host directory holding the result FIFO: it is
     mounted at RESULT_DIR and the program is started through /bin/sh to open it as
-    fd 3. `seccomp=False` leaves the seccomp filter out."""
+    fd 3. `seccomp=False` leaves the seccomp filter out. `binds`: host directories
+    (source, mount point) shown read-only inside, whose mount points the rootfs has."""
     if not argv:
         raise BundleError("argv is empty")
     if not _CONTAINER_ID.fullmatch(container_id):
@@ -288,7 +290,7 @@ def build_config(
         },
         "root": {"path": str(rootfs.path), "readonly": True},
         "hostname": hostname,
-        "mounts": _mounts(rootfs, workdir, limits, result_fifo_dir),
+        "mounts": _mounts(rootfs, workdir, limits, result_fifo_dir, binds),
         "annotations": {"org.treadle.container": container_id},
         "linux": _linux(
             cgroups_path(container_id, cgroup_parent),
@@ -313,10 +315,13 @@ def prepare_bundle(
     traits: RuntimeTraits = _NATIVE,
     seccomp: bool = True,
     cgroup_parent: str = CGROUP_PARENT,
+    binds: Sequence[tuple[Path, str]] = (),
 ) -> Bundle:
     """Write a bundle for one attempt into `bundles_dir/<container_id>` and hand `workdir`
     (already filled with the args file and source) to the sandbox's user. `traits` come
-    from the tool that will run it (`OciTool.traits`).
+    from the tool that will run it (`OciTool.traits`). `binds`: host directories (source,
+    mount point) shown read-only inside; their mount points are made in the rootfs where
+    missing (BundleError where the image has something else there).
 
     With a user namespace and a runtime that needs the result FIFO (an old runsc), the
     directories above `bundles_dir` and `workdir` must be traversable by others (mode
@@ -326,6 +331,8 @@ def prepare_bundle(
         raise BundleError(f"work directory {workdir} does not exist")
     if not rootfs.path.is_dir() or rootfs.path.is_symlink():
         raise BundleError(f"rootfs {rootfs.path} is not a directory")
+    for _, target in binds:
+        _mount_point(rootfs, target)
     result_fifo = traits.result_fifo
     if result_fifo and not _has_shell(rootfs):
         raise BundleError(
@@ -358,6 +365,7 @@ def prepare_bundle(
             result_fifo_dir=fifo_dir,
             seccomp=seccomp,
             cgroup_parent=cgroup_parent,
+            binds=binds,
         )
         _write_file(path / "config.json", json.dumps(config, indent=1).encode())
         _give_to(workdir, identity.host_uid, identity.host_gid)
@@ -388,7 +396,11 @@ def _environment(image_env: Iterable[str], env: Mapping[str, str]) -> list[str]:
 
 
 def _mounts(
-    rootfs: Rootfs, workdir: Path, limits: Limits, result_fifo_dir: Path | None
+    rootfs: Rootfs,
+    workdir: Path,
+    limits: Limits,
+    result_fifo_dir: Path | None,
+    binds: Sequence[tuple[Path, str]] = (),
 ) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -445,6 +457,15 @@ def _mounts(
                 "options": ["rbind", "ro", "nosuid", "nodev"],
             }
         )
+    for source, target in binds:
+        mounts.append(
+            {
+                "destination": target,
+                "type": "bind",
+                "source": str(source),
+                "options": ["rbind", "ro", "nosuid", "nodev"],
+            }
+        )
     if result_fifo_dir is not None:
         mounts.append(
             {
@@ -490,6 +511,39 @@ def _linux(
     if seccomp is not None:
         linux["seccomp"] = seccomp
     return linux
+
+
+def _mount_point(rootfs: Rootfs, target: str) -> None:
+    """Make the directory `target` in the rootfs where missing, as `add_mount_points` does
+    for the rootfs's own: a runtime that finds a mount point missing creates it itself, in
+    the shared cache or failing on a read-only one. Every step is taken without following
+    links: an image's `/.x -> /etc` must not have Shuttle make directories on the host. An
+    image with anything but directories on the way cannot have the mount."""
+    parts = [part for part in target.split("/") if part]
+    if not parts or any(part in (".", "..") for part in parts):
+        raise BundleError(f"invalid mount point {target!r}")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(rootfs.path, flags)
+    try:
+        for part in parts:
+            made = True
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                made = False
+            try:
+                step = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:  # a link (ELOOP) or a file (ENOTDIR)
+                raise BundleError(
+                    f"image {rootfs.reference!r} has {target} other than as directories, "
+                    "where treadle mounts its own"
+                ) from exc
+            os.close(fd)
+            fd = step
+            if made:
+                os.fchmod(fd, 0o755)  # whatever the umask: the sandbox's user passes through
+    finally:
+        os.close(fd)
 
 
 def _has_shell(rootfs: Rootfs) -> bool:

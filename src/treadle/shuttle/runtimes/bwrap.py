@@ -44,6 +44,7 @@ __all__ = [
     "Fds",
     "host_binds",
     "options",
+    "read_only_binds",
     "resolve_in_sandbox",
     "sandbox_etc",
 ]
@@ -71,6 +72,15 @@ class Fds:
     resolv_conf: int | None = None  # with network: the content of /etc/resolv.conf
     # the sandbox's own /etc files (`sandbox_etc()`): (fd, name)
     etc: Sequence[tuple[int, str]] = ()
+
+
+def read_only_binds(binds: Iterable[tuple[Path, str]]) -> list[str]:
+    """The options that show each host directory `source` read-only at `target` (bubblewrap
+    makes the missing parents of `target` on the sandbox's own root)."""
+    args: list[str] = []
+    for source, target in binds:
+        args += ["--ro-bind", str(source), target]
+    return args
 
 
 def host_binds(root: Path = Path("/")) -> list[str]:
@@ -207,11 +217,17 @@ def _check_no_nul(args: Iterable[str]) -> None:
         raise ValueError("embedded null byte in an argument or environment variable")
 
 
-def resolve_in_sandbox(name: str, path: str, work_files: Mapping[str, int]) -> str:
+def resolve_in_sandbox(
+    name: str,
+    path: str,
+    work_files: Mapping[str, int],
+    binds: Mapping[str, Path] | None = None,
+) -> str:
     """Where execvp inside the sandbox would find `name` (searching `path`, from the work
-    dir), given the work dir's files and their modes; raises as execvp would fail. Checking
-    here lets a missing program end as "spawn_failed" rather than as an exit code that the
-    program could have returned itself."""
+    dir), given the work dir's files and their modes, and the host directories bound into
+    the sandbox (`binds`: mount point -> host directory); raises as execvp would fail.
+    Checking here lets a missing program end as "spawn_failed" rather than as an exit code
+    that the program could have returned itself."""
     if "/" in name:
         candidates = [posixpath.normpath(posixpath.join(WORK_DIR, name))]
     else:
@@ -221,7 +237,7 @@ def resolve_in_sandbox(name: str, path: str, work_files: Mapping[str, int]) -> s
         ]
     denied = False
     for candidate in candidates:
-        found = _executable(candidate, work_files)
+        found = _executable(candidate, work_files, binds or {})
         if found:
             return candidate
         denied = denied or found is False
@@ -232,13 +248,20 @@ def resolve_in_sandbox(name: str, path: str, work_files: Mapping[str, int]) -> s
     raise FileNotFoundError(errno.ENOENT, f"command not found (PATH={path})", name)
 
 
-def _executable(path: str, work_files: Mapping[str, int]) -> bool | None:
+def _executable(path: str, work_files: Mapping[str, int], binds: Mapping[str, Path]) -> bool | None:
     """True: an executable file; False: a file that cannot be executed; None: no file."""
     if path.startswith(WORK_DIR + "/"):
         mode = work_files.get(path[len(WORK_DIR) + 1 :])
         return None if mode is None else bool(mode & 0o111)
+    for target, source in binds.items():
+        if path.startswith(target + "/"):
+            return _host_executable(f"{source}{path[len(target) :]}")
     if path.split("/")[1] not in _FROM_HOST:
         return None
+    return _host_executable(path)
+
+
+def _host_executable(path: str) -> bool | None:
     if not os.path.isfile(path):
         return None
     return os.access(path, os.X_OK)

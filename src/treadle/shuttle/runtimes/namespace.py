@@ -62,7 +62,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +79,7 @@ from treadle.shuttle.runtimes.process import (
     Attempt,
     Launch,
     ProcessRuntime,
+    ReadOnlyBind,
     environment,
     workdir_files,
 )
@@ -187,14 +188,24 @@ class NamespaceLauncher:
     def gives_network(self) -> bool:
         return self.slirp is not None
 
-    def prepare(self, spec: AssignSpec, workdir: Path, *, freezable: bool = False) -> Attempt:
+    def prepare(
+        self,
+        spec: AssignSpec,
+        workdir: Path,
+        *,
+        binds: Sequence[ReadOnlyBind] = (),
+        freezable: bool = False,
+    ) -> Attempt:
         """See `Launcher.prepare`; `freezable`: the attempt's group can be frozen (a
         long-lived sandbox's pause), which on cgroup v1 costs one more hierarchy."""
         # `workdir` stays unused: the work dir lives inside the sandbox (see `bwrap`).
         files = workdir_files(spec)
         env = environment(spec, bwrap.WORK_DIR)
         bwrap.resolve_in_sandbox(
-            spec.argv[0], env.get("PATH", ""), {name: mode for name, _, mode in files}
+            spec.argv[0],
+            env.get("PATH", ""),
+            {name: mode for name, _, mode in files},
+            {bind.target: bind.source for bind in binds},
         )
         needed = sum(len(data) for _, data, _ in files) + _MIB
         disk_bytes = max(spec.resources.disk_mib * _MIB, needed)
@@ -232,7 +243,10 @@ class NamespaceLauncher:
                 etc=etc_fds,
             )
             args = bwrap.options(
-                binds=self._binds,
+                binds=[
+                    *self._binds,
+                    *bwrap.read_only_binds((bind.source, bind.target) for bind in binds),
+                ],
                 fds=fds,
                 env=env,
                 disk_bytes=disk_bytes,

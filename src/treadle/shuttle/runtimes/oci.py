@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from treadle.domain.resources import Tier
@@ -70,6 +70,7 @@ from treadle.shuttle.runtimes.process import (
     Attempt,
     Launch,
     ProcessRuntime,
+    ReadOnlyBind,
     workdir_files,
 )
 from treadle.shuttle.sandbox import cleanup, exits
@@ -160,7 +161,9 @@ class OciLauncher:
             raise ValueError(str(exc)) from None
         self._resolved[spec.image] = rootfs
 
-    def prepare(self, spec: AssignSpec, workdir: Path) -> Attempt:
+    def prepare(
+        self, spec: AssignSpec, workdir: Path, *, binds: Sequence[ReadOnlyBind] = ()
+    ) -> Attempt:
         container_id = new_container_id(spec.id, spec.attempt)
         # Not the work dir Shuttle offers: this one is under the tier's own state, which the
         # sweep after a crash covers (it holds a mount), and whose directories runsc's gofer,
@@ -186,6 +189,7 @@ class OciLauncher:
                     spec.argv[0],
                     env.get("PATH", _TOOL_PATH),
                     {name: mode for name, _, mode in files},
+                    {bind.target: bind.source for bind in binds},
                 )
             workdir.mkdir(mode=0o700, parents=True)
             needed = sum(len(data) for _, data, _ in files) + _MIB
@@ -206,6 +210,7 @@ class OciLauncher:
                     identity=identity,
                     traits=self.tool.traits,
                     cgroup_parent=self.cgroup_parent,
+                    binds=[(bind.source, bind.target) for bind in binds],
                 )
             except BundleError as exc:
                 raise ValueError(str(exc)) from exc

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import signal
 import time
@@ -47,6 +48,7 @@ __all__ = [
     "Launcher",
     "ProcessHandle",
     "ProcessRuntime",
+    "ReadOnlyBind",
     "describe",
     "environment",
     "workdir_files",
@@ -84,6 +86,27 @@ class Launch:
     ids: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ReadOnlyBind:
+    """A host directory that a sandbox sees, read-only, at `target`: a path of the sandbox's
+    that nothing else there uses (its parents are made where missing). Only the directory's
+    own files are shown, none of its mounts or what lies around it on the host. A sandbox's
+    guest agent gets its Python runtime this way (`treadle.shuttle.live.agent_runtime`)."""
+
+    source: Path
+    target: str
+
+    def __post_init__(self) -> None:
+        target = self.target
+        if (
+            not target.startswith("/")
+            or posixpath.normpath(target) != target
+            or target == "/"
+            or "\0" in target
+        ):
+            raise ValueError(f"invalid mount point {target!r}")
+
+
 class Attempt(Protocol):
     """A launcher's side of one attempt. The runtime and the handle call, in this order:
     `spawned` once the process runs (or `abandon` when it could not be spawned), `kill`
@@ -119,9 +142,12 @@ class Launcher(Protocol):
     @property
     def tier(self) -> Tier: ...
 
-    def prepare(self, spec: AssignSpec, workdir: Path) -> Attempt:
-        """Get `spec` ready to spawn. Raises OSError or ValueError when it cannot run; the
-        start then ends as "spawn_failed" with the error as the reason."""
+    def prepare(
+        self, spec: AssignSpec, workdir: Path, *, binds: Sequence[ReadOnlyBind] = ()
+    ) -> Attempt:
+        """Get `spec` ready to spawn, with `binds` shown inside its sandbox. Raises OSError
+        or ValueError when it cannot run (a tier that mounts nothing refuses any `binds`);
+        the start then ends as "spawn_failed" with the error as the reason."""
         ...
 
 
@@ -142,7 +168,13 @@ class HostLauncher:
     def tier(self) -> Tier:
         return Tier.PROCESS
 
-    def prepare(self, spec: AssignSpec, workdir: Path) -> Attempt:
+    def prepare(
+        self, spec: AssignSpec, workdir: Path, *, binds: Sequence[ReadOnlyBind] = ()
+    ) -> Attempt:
+        if binds:
+            # Its programs see the host's file system as it is: a host directory is only
+            # ever at its own path.
+            raise ValueError("the process tier cannot mount anything")
         try:
             _prepare_workdir(spec, workdir)
             env = environment(spec, str(workdir))
