@@ -564,3 +564,58 @@ async def test_a_paused_counter_loses_no_work_and_its_gap_is_the_pause(
     before = max(t for _, t in lines if t <= frozen_at)
     after = min(t for _, t in lines if t >= thawed_at)
     assert after - before >= thawed_at - frozen_at
+
+
+async def test_an_upload_given_up_midway_leaves_the_link_working(sandbox: LiveSandbox) -> None:
+    first_sent = asyncio.Event()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"a" * 1000
+        first_sent.set()
+        await asyncio.Event().wait()  # a client that never sends the rest
+        yield b""
+
+    upload = asyncio.create_task(sandbox.link.write_file("partial.bin", chunks()))
+    await first_sent.wait()
+    upload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await upload
+    out, _, end = await run(sandbox, ["echo", "still here"])
+    assert (out, end.exit_code) == (b"still here\n", 0)
+    assert not sandbox.link.closed
+
+
+async def test_changes_under_a_directory_are_watched(sandbox: LiveSandbox) -> None:
+    await sandbox.link.call("mkdir", path="w/sub")
+    watch = await sandbox.link.watch("w", recursive=True)
+    changes = watch.output()
+    seen: list[dict[str, Any]] = []
+
+    async def until(wanted: dict[str, Any]) -> None:
+        pending = b""
+        while wanted not in seen:
+            _, data = await anext(changes)
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            seen.extend(json.loads(line) for line in lines)
+
+    await run(sandbox, ["sh", "-c", "echo a > w/a.txt"])
+    await until({"type": "create", "name": "a.txt", "dir": False})
+    await until({"type": "write", "name": "a.txt", "dir": False})
+    await run(sandbox, ["sh", "-c", "mkdir w/new && echo b > w/new/b.txt && echo c > w/sub/c"])
+    await until({"type": "create", "name": "new", "dir": True})
+    await until({"type": "create", "name": "new/b.txt", "dir": False})
+    await until({"type": "create", "name": "sub/c", "dir": False})
+    await run(sandbox, ["sh", "-c", "mv w/a.txt w/z.txt && rm w/z.txt && chmod 700 w/sub"])
+    await until({"type": "rename", "name": "a.txt", "dir": False})
+    await until({"type": "remove", "name": "z.txt", "dir": False})
+    await until({"type": "chmod", "name": "sub", "dir": True})
+    watch.signal(signal.SIGTERM)
+    assert (await watch.wait()).exit_code == 0
+
+    with pytest.raises(GuestError) as not_dir:
+        await sandbox.link.watch("w/sub/c")
+    assert not_dir.value.errno == "ENOTDIR"
+    with pytest.raises(GuestError) as missing:
+        await sandbox.link.watch("nowhere")
+    assert missing.value.errno == "ENOENT"

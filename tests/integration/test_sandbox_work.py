@@ -5,9 +5,12 @@ A real Weaver and Shuttle over loopback, and real servers started by exec."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -395,3 +398,69 @@ def test_an_open_exec_stream_keeps_a_sandbox_awake(tmp_path: Path) -> None:
             assert seen["desired"] == "paused" and seen["awake"] is None
     finally:
         cluster.stop()
+
+
+def test_a_file_larger_than_a_request_body_streams_in_and_out(cluster: Cluster) -> None:
+    data = os.urandom(24 * 1024 * 1024 + 5)  # past the 8 MiB body limit and the node's queue
+    with cluster.client() as api:
+        sandbox = create(api)
+        content = f"/v1/sandboxes/{sandbox['id']}/files/content"
+        written = api.put(content, params={"path": "big.bin"}, content=iter_chunks(data))
+        assert written.status_code == 200, written.text
+        assert written.json()["size"] == len(data)
+        assert api.get(content, params={"path": "big.bin"}).content == data
+        assert run(api, sandbox["id"], "sha256sum big.bin")["stdout"].split()[0] == (
+            hashlib.sha256(data).hexdigest()
+        )
+        # Other requests keep their limit.
+        too_big = api.post(f"/v1/sandboxes/{sandbox['id']}/exec", content=b"x" * (9 * 1024 * 1024))
+        assert too_big.status_code == 413
+        api.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+    with cluster.client() as api:
+        small = create(api, resources={"disk_mib": 1})
+        content = f"/v1/sandboxes/{small['id']}/files/content"
+        over = api.put(content, params={"path": "f"}, content=iter_chunks(b"y" * (1024 * 1024 + 1)))
+        assert over.status_code == 507, over.text
+        assert over.json()["error"]["details"]["quota_mib"] == 1
+        fits = api.put(content, params={"path": "g"}, content=b"z" * (512 * 1024))
+        assert fits.status_code == 200, fits.text
+        api.delete(f"/v1/sandboxes/{small['id']}")
+
+
+def iter_chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def test_a_directory_is_watched_over_a_websocket(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        sandbox = create(api)
+        sid = sandbox["id"]
+        run(api, sid, "mkdir -p project/src")
+        watch = f"/v1/sandboxes/{sid}/files/watch?path=project&recursive=true"
+        with socket_to(cluster, watch) as ws:
+            assert json.loads(ws.recv()) == {"watching": "project"}  # in place from here
+            api.put(
+                f"/v1/sandboxes/{sid}/files/content",
+                params={"path": "project/src/main.py"},
+                content=b"print(1)\n",
+            )
+            run(api, sid, "rm project/src/main.py")
+            seen: list[dict[str, Any]] = []
+            wanted = {"type": "remove", "name": "src/main.py", "dir": False}
+            while wanted not in seen:
+                seen.append(json.loads(ws.recv()))
+            assert {"type": "create", "name": "src/main.py", "dir": False} in seen
+            assert {"type": "write", "name": "src/main.py", "dir": False} in seen
+        # Its directory going ends the watch.
+        with socket_to(cluster, f"/v1/sandboxes/{sid}/files/watch?path=project") as ws:
+            assert json.loads(ws.recv()) == {"watching": "project"}
+            run(api, sid, "rm -r project")
+            last = {}
+            while "end" not in last:
+                last = json.loads(ws.recv())
+        with socket_to(cluster, f"/v1/sandboxes/{sid}/files/watch?path=nowhere") as ws:
+            refused = json.loads(ws.recv())
+            assert refused["error"]["code"] == "not_found"
+        api.delete(f"/v1/sandboxes/{sid}")

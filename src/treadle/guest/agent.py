@@ -400,6 +400,132 @@ class Connection(Process):
                 self._close_stream(fd)
 
 
+class Watch(Process):
+    """Changes under a directory, as they happen (inotify), written as JSON lines to this
+    'process's' stdout: {"type": create|write|remove|rename|chmod, "name": path relative to
+    the directory, "dir": bool}. It ends when the directory goes, or when signalled."""
+
+    MASKS = (
+        (0x100, "create"),  # IN_CREATE
+        (0x80, "create"),  # IN_MOVED_TO
+        (0x2, "write"),  # IN_MODIFY
+        (0x200, "remove"),  # IN_DELETE
+        (0x40, "rename"),  # IN_MOVED_FROM
+        (0x4, "chmod"),  # IN_ATTRIB
+    )
+    WANTED = 0x100 | 0x80 | 0x2 | 0x200 | 0x40 | 0x4 | 0x400 | 0x800  # + DELETE_SELF, MOVE_SELF
+    MAX_WATCHES = 4096
+
+    def start(self, req: Msg) -> None:
+        import ctypes  # only watches need it
+
+        self.root = self.agent._path(req)
+        if not stat.S_ISDIR(os.stat(self.root).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory")
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        self.fd = fd
+        self.recursive = bool(req.get("recursive"))
+        self.dirs: dict = {}  # watch descriptor -> directory, relative to the root
+        self.pending = bytearray()  # events not yet sent (the window was spent)
+        self.last = b""
+        self._watch("")
+        self.streams = {fd: "stdout"}
+        self.agent.selector.register(fd, selectors.EVENT_READ, self._reader(fd))
+
+    def _watch(self, relative: str, found: list | None = None) -> None:
+        """Watch a directory (and, recursive, those under it). For one made after the watch
+        began, `found` gets what was made in it before its own watch was in place."""
+        if len(self.dirs) >= self.MAX_WATCHES:
+            return
+        path = os.path.join(self.root, relative).encode("utf-8", "surrogateescape")
+        wd = self.libc.inotify_add_watch(self.fd, path, self.WANTED)
+        if wd < 0:
+            return  # gone already, or not readable: nothing to watch there
+        self.dirs[wd] = relative
+        if not self.recursive:
+            return
+        try:
+            entries = list(os.scandir(os.path.join(self.root, relative) or "."))
+        except OSError:
+            return
+        for entry in entries:
+            name = os.path.join(relative, entry.name)
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if found is not None:
+                found.append(_change("create", name, is_dir))
+            if is_dir:
+                self._watch(name, found)
+
+    def read(self, fd: int) -> None:
+        try:
+            raw = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        offset, lines = 0, []
+        while offset + 16 <= len(raw):
+            wd, mask, _cookie, size = struct.unpack_from("iIII", raw, offset)
+            name = (
+                raw[offset + 16 : offset + 16 + size]
+                .rstrip(b"\0")
+                .decode("utf-8", "surrogateescape")
+            )
+            offset += 16 + size
+            base = self.dirs.get(wd)
+            if base is None:
+                continue
+            if mask & (0x400 | 0x800) and base == "":  # the directory itself went
+                self.status = 0
+            if mask & 0x8000:  # IN_IGNORED: that watch is gone
+                self.dirs.pop(wd, None)
+                continue
+            relative = os.path.join(base, name) if name else base
+            is_dir = bool(mask & 0x40000000)  # IN_ISDIR
+            for bit, kind in self.MASKS:
+                if mask & bit:
+                    lines.append(_change(kind, relative, is_dir))
+            if is_dir and self.recursive and mask & (0x100 | 0x80):
+                self._watch(relative, lines)
+        for encoded in lines:
+            if encoded != self.last:  # a write in many pieces is one event
+                self.pending += encoded
+            self.last = encoded
+        self.flush()
+        if self.status is not None:
+            self.stop()
+
+    def flush(self) -> None:
+        while self.pending and self.window > 0:
+            chunk = bytes(self.pending[: min(self.window, READ_SIZE)])
+            del self.pending[: len(chunk)]
+            self.window -= len(chunk)
+            self.agent.channel.send({"ev": "out", "pid": self.id, "stream": "stdout"}, chunk)
+        if len(self.pending) > 1 << 20:
+            # A client that reads none of a storm of changes: the oldest are dropped.
+            del self.pending[: len(self.pending) - (1 << 20)]
+
+    def grant(self, amount: int) -> None:
+        self.window += amount
+        self.flush()
+
+    def signal(self, number: int) -> None:
+        self.status = 0
+        self.stop()
+
+    def stop(self) -> None:
+        if self.fd in self.streams:
+            self.agent.selector.unregister(self.fd)
+            del self.streams[self.fd]
+            os.close(self.fd)
+        self.maybe_done()
+
+
+def _change(kind: str, name: str, is_dir: bool) -> bytes:
+    return json.dumps({"type": kind, "name": _text(name), "dir": is_dir}).encode() + b"\n"
+
+
 def _shutdown(fd: int, how: int) -> None:
     import socket
 
@@ -498,6 +624,11 @@ class Agent:
     def op_connect(self, header: Msg, _payload: bytes) -> None:
         connection = Connection(self, int(header["pid"]), header)
         self.processes[connection.id] = connection
+        self._result(header, None)
+
+    def op_watch(self, header: Msg, _payload: bytes) -> None:
+        watch = Watch(self, int(header["pid"]), header)
+        self.processes[watch.id] = watch
         self._result(header, None)
 
     def op_activity(self, header: Msg, _payload: bytes) -> None:
@@ -724,7 +855,7 @@ class Agent:
             [
                 {"pid": p.id, "os_pid": p.os_pid, "tag": p.tag, "argv": p.argv}
                 for p in self.processes.values()
-                if not isinstance(p, Connection)
+                if not isinstance(p, (Connection, Watch))
             ],
         )
 

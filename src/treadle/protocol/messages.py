@@ -235,6 +235,15 @@ class StreamStarted(_Frame):
     tag: str | None = Field(default=None, max_length=256)
 
 
+class StreamAck(_Frame):
+    """Input of a stream (stdin, an upload, a connection's bytes) that the node has passed
+    on: Weaver keeps at most a window of input unacknowledged per stream."""
+
+    type: Literal["stream_ack"] = "stream_ack"
+    stream: StreamId
+    bytes: Count
+
+
 class StreamEnd(_Frame):
     """The end of a stream: its process's exit, a file operation's `result`, or why there is
     none (`error`, with the errno name as `error_code` where the sandbox gave one)."""
@@ -272,6 +281,7 @@ ShuttleMessage = Annotated[
     | SandboxActivity
     | StreamStarted
     | StreamData
+    | StreamAck
     | StreamEnd,
     Field(discriminator="type"),
 ]
@@ -414,17 +424,20 @@ class PortStart(_Frame):
 
 class FileStart(_Frame):
     """A file operation in a sandbox, on `stream`: `read` sends the file as stream data
-    (within `window`), `write` takes it as stream input until eof; every operation ends
-    with a StreamEnd carrying its result or its error. Paths are the sandbox's own."""
+    (within `window`), `write` takes it as stream input until eof, `watch` sends changes
+    under a directory as JSON lines until detached; every operation ends with a StreamEnd
+    carrying its result or its error. Paths are the sandbox's own."""
 
     type: Literal["file_start"] = "file_start"
     stream: StreamId
     id: SandboxId
     incarnation: Attempt
-    op: Literal["read", "write", "stat", "list", "mkdir", "remove", "move"]
+    op: Literal["read", "write", "stat", "list", "mkdir", "remove", "move", "watch"]
     path: str = Field(min_length=1, max_length=4096)
     target: str | None = Field(default=None, min_length=1, max_length=4096)
     depth: int = Field(default=1, ge=1, le=16)
+    # watch: its subdirectories too
+    recursive: bool = False
     mode: int = Field(default=0o644, ge=0, le=0o7777)
     window: Count = 0
 

@@ -36,6 +36,7 @@ from treadle.protocol.messages import (
     SandboxRef,
     SandboxSpec,
     SandboxState,
+    StreamAck,
     StreamData,
     StreamEnd,
     StreamInput,
@@ -57,6 +58,7 @@ __all__ = ["SandboxHost"]
 log = logging.getLogger(__name__)
 
 Send = Callable[[str], None]
+_ToWeaver = SandboxState | SandboxActivity | StreamStarted | StreamData | StreamAck | StreamEnd
 # stdin held per stream for a process that reads slower than its client writes
 _STDIN_QUEUED_MAX = 16 * 1024 * 1024
 
@@ -144,7 +146,13 @@ class SandboxHost:
         ]
 
     def _emit(
-        self, message: SandboxState | SandboxActivity | StreamStarted | StreamData | StreamEnd
+        self,
+        message: SandboxState
+        | SandboxActivity
+        | StreamStarted
+        | StreamData
+        | StreamAck
+        | StreamEnd,
     ) -> None:
         if self._send is not None:
             self._send(encode(message))
@@ -486,7 +494,8 @@ class SandboxHost:
             self._done(relay)
 
     def file_start(self, message: FileStart) -> None:
-        opened = self._open_stream(message, "file")
+        # A client watching a directory is not work the sandbox does (for its idle timeout).
+        opened = self._open_stream(message, "watch" if message.op == "watch" else "file")
         if opened is not None:
             relay, held = opened
             relay.upload = message.op == "write"
@@ -502,7 +511,9 @@ class SandboxHost:
                 async for chunk in chunks:
                     await self._send_within(relay, "stdout", chunk)
             elif message.op == "write":
-                result = await link.write_file(path, _uploaded(relay), mode=message.mode)
+                result = await link.write_file(path, self._uploaded(relay), mode=message.mode)
+            elif message.op == "watch":
+                await self._watch_files(relay, await link.watch(path, recursive=message.recursive))
             elif message.op == "move":
                 result = await link.call("move", source=path, target=message.target or path)
             elif message.op == "list":
@@ -518,6 +529,17 @@ class SandboxHost:
             self._emit(StreamEnd(stream=relay.stream, error=str(exc)[:1024]))
         finally:
             self._relays.pop(relay.stream, None)
+
+    async def _watch_files(self, relay: _Relay, watch: GuestProcess) -> None:
+        """A directory's changes to the stream, until the directory goes or the client."""
+        self._emit(StreamStarted(stream=relay.stream))  # the watch is in place
+        try:
+            async for _, data in watch.output():
+                await self._send_within(relay, "stdout", data)
+        finally:
+            if not watch.over:
+                with contextlib.suppress(LinkBroken):
+                    watch.signal(signal.SIGTERM)
 
     async def _send_within(self, relay: _Relay, channel: str, data: bytes) -> bytes:
         """Send `data` on the relay's stream as its window allows; what is left unsent when
@@ -570,8 +592,7 @@ class SandboxHost:
         if relay.writer is None and not relay.upload:
             relay.writer = asyncio.create_task(self._input(relay))
 
-    @staticmethod
-    async def _input(relay: _Relay) -> None:
+    async def _input(self, relay: _Relay) -> None:
         await relay.started.wait()
         process, inputs = relay.process, relay.inputs
         if process is None:
@@ -581,10 +602,15 @@ class SandboxHost:
                 data, eof = await inputs.get()
                 if data:
                     await process.write_stdin(data)
-                    relay.queued -= len(data)
+                    self._taken(relay, len(data))
                 if eof:
                     process.close_stdin()
                     return
+
+    def _taken(self, relay: _Relay, size: int) -> None:
+        """`size` bytes of the stream's input are passed on: Weaver may send as much more."""
+        relay.queued -= size
+        self._emit(StreamAck(stream=relay.stream, bytes=size))
 
     def stream_signal(self, message: StreamSignal) -> None:
         relay = self._relays.get(message.stream)
@@ -604,6 +630,17 @@ class SandboxHost:
             relay.close()
             if relay.task is not None:
                 relay.task.cancel()
+
+    async def _uploaded(self, relay: _Relay) -> AsyncIterator[bytes]:
+        """What Weaver sends on a write's stream, until its end; each piece acknowledged
+        once the file has it."""
+        while True:
+            data, eof = await relay.inputs.get()
+            if data:
+                yield data
+            self._taken(relay, len(data))
+            if eof:
+                return
 
     def streams_of(self, sandbox_id: str) -> dict[str, int]:
         """The streams open on a sandbox, by kind."""
@@ -625,14 +662,3 @@ def _activity(seen: Any) -> tuple[int, int | None, int]:
         return 0, None, 100
     processes, ticks, hz = numbers
     return min(processes, 1_000_000), ticks, hz
-
-
-async def _uploaded(relay: _Relay) -> AsyncIterator[bytes]:
-    """What Weaver sends on a write's stream, until its end."""
-    while True:
-        data, eof = await relay.inputs.get()
-        relay.queued -= len(data)
-        if data:
-            yield data
-        if eof:
-            return

@@ -204,6 +204,11 @@ class GuestLink:
         exits (code 0) once the server has closed; `signal` closes it."""
         return await self._start({"op": "connect", "port": port}, None)
 
+    async def watch(self, path: str, *, recursive: bool = False) -> GuestProcess:
+        """Changes under the directory `path` as its output: JSON lines `{"type", "name",
+        "dir"}` (create, write, remove, rename, chmod), until it goes or `signal` ends it."""
+        return await self._start({"op": "watch", "path": path, "recursive": recursive}, None)
+
     async def _start(self, header: dict[str, Any], tag: str | None) -> GuestProcess:
         pid = self._id()
         process = GuestProcess(self, pid, tag)
@@ -270,7 +275,10 @@ class GuestLink:
         except GuestError:
             raise
         except BaseException:
-            self.send({"op": "write_close", "req": req})
+            # Given up (its client went away): the agent's answer to the close is not awaited.
+            self._abandoned.append(req)
+            with contextlib.suppress(LinkBroken):
+                self.send({"op": "write_close", "req": req})
             raise
         size: int = await self.request({"op": "write_close"}, req=req)
         return size

@@ -5,7 +5,8 @@ overhead).
   its body is read: whoever merely reaches the port cannot make Weaver read, buffer or parse
   a body. (`/v1/agent` is a WebSocket, authenticated by its own handshake; `/healthz`,
   `/openapi.json` and the docs are outside `/v1/`.)
-- A body is limited to `max_bytes` as it is read, whatever its framing: a Content-Length
+- A body is limited to `max_bytes` as it is read, whatever its framing (but a file written
+  to a sandbox, which its disk bounds): a Content-Length
   above the limit is refused at once, and a body without one (chunked) is refused as soon as
   the bytes received pass the limit, before the application gets to parse it.
 - Every body is read as JSON, the only format the API takes, so a client that forgot the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = ["RequestGuard"]
 
 log = logging.getLogger(__name__)
 _AUTHENTICATED_PREFIX = "/v1/"
+_UNLIMITED = re.compile(r"^/v1/sandboxes/[^/]+/files/content$")
 
 
 class _BodyTooLarge(Exception):
@@ -62,6 +65,11 @@ class RequestGuard:
             if refusal is not None:
                 await _respond(send, *refusal)
                 return
+        if _UNLIMITED.match(scope["path"]) and scope["method"] == "PUT":
+            # A file's content: streamed to the sandbox at the pace it writes, bounded by
+            # the sandbox's own disk (the route says so), not by the size of a request.
+            await self.app(scope, receive, send)
+            return
         length = Headers(scope=scope).get("content-length")
         if length is not None:
             try:

@@ -5,16 +5,18 @@ own file system, never on the node's."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.domain import errors
 from treadle.protocol import FileStart
-from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.deps import Caller, get_weaver, principal_of
+from treadle.weaver.api.errors import error_body
 from treadle.weaver.api.sandboxes import running_node
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.streams import Ended, ExecStream
@@ -126,9 +128,25 @@ async def write_file(
     mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
 ) -> Any:
     stream, quota = await _operation(weaver, caller.tenant_id, sandbox_id, "write", path, mode=mode)
-    async for chunk in request.stream():
-        if chunk:
-            stream.write(chunk)
+    sent = 0
+    try:
+        async for chunk in request.stream():
+            sent += len(chunk)
+            if stream.over:
+                break  # it failed (a full disk): its error says why
+            if quota is not None and sent > quota * 1024 * 1024:
+                # Where the tier does not hold the sandbox to its disk, this does.
+                raise errors.InsufficientStorage(
+                    f"{path}: larger than the sandbox's disk ({quota} MiB)",
+                    details={"path": path, "errno": "EFBIG", "quota_mib": quota},
+                )
+            if chunk:
+                stream.write(chunk)
+                await stream.drain()  # at the pace the sandbox writes it
+    except BaseException:
+        if stream.ended is None:
+            stream.detach()
+        raise
     stream.write(b"", eof=True)
     ended = await stream.wait()
     if ended.error is not None:
@@ -169,3 +187,72 @@ async def remove_file(
 ) -> Response:
     await _result(weaver, caller.tenant_id, sandbox_id, "remove", path)
     return Response(status_code=204)
+
+
+# What a node may send of one change; any other line is dropped.
+_CHANGES = frozenset({"create", "write", "remove", "rename", "chmod"})
+_MAX_LINE = 16 * 1024
+
+
+def _change(line: bytes) -> dict[str, Any] | None:
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    kind, name, is_dir = raw.get("type"), raw.get("name"), raw.get("dir")
+    if kind not in _CHANGES or not isinstance(name, str) or not isinstance(is_dir, bool):
+        return None
+    return {"type": kind, "name": name, "dir": is_dir}
+
+
+@router.websocket("/{sandbox_id}/files/watch")
+async def watch_files(websocket: WebSocket, sandbox_id: str) -> None:
+    """Changes under a directory as they happen: `{"watching": path}` once the watch is in
+    place, then `{"type": create|write|remove|rename|chmod, "name": path relative to the
+    directory, "dir": bool}` per change (a write in many
+    pieces is one), until the client leaves or the directory goes (then `{"end": …}`).
+    Query: `path`, `recursive` (its subdirectories too, those made later included)."""
+    weaver = get_weaver(websocket)
+    path = websocket.query_params.get("path", "")
+    recursive = websocket.query_params.get("recursive", "false").lower() in ("1", "true")
+    try:
+        principal = await principal_of(websocket)
+    except errors.TreadleError:
+        await websocket.close(code=1008)
+        return
+    await websocket.accept()
+    stream: ExecStream | None = None
+    try:
+        if not path or len(path) > 4096 or "\x00" in path:
+            raise errors.InvalidRequest("path must be 1-4096 characters", details={"path": path})
+        stream, quota = await _operation(
+            weaver, principal.tenant_id, sandbox_id, "watch", path, recursive=recursive
+        )
+        if await stream.started() is not None:
+            await websocket.send_json({"watching": path})
+        pending = b""
+        async for _, data in stream.output():
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            if len(pending) > _MAX_LINE:
+                pending = b""  # not a change a node would send
+            for line in lines:
+                change = _change(line)
+                if change is not None:
+                    await websocket.send_json(change)
+        ended = stream.ended
+        assert ended is not None
+        if ended.error is not None:
+            raise _failed(ended, path, quota)
+        await websocket.send_json({"end": "the directory is gone"})
+        await websocket.close(code=1000)
+    except errors.TreadleError as exc:
+        await websocket.send_json(error_body(exc.code, exc.message, exc.details))
+        await websocket.close(code=4000 + (404 if exc.code == "not_found" else 400))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        if stream is not None and stream.ended is None:
+            stream.detach()

@@ -145,6 +145,7 @@ async def proxy(sandbox_id: str, port: Port, path: str, request: Request) -> Any
         async for chunk in request.stream():
             if chunk:
                 stream.write(client.send(h11.Data(data=chunk)))
+                await stream.drain()
         stream.write(client.send(h11.EndOfMessage()) or b"")
         head = await _next_event(client, output, stream, port)
         while isinstance(head, h11.InformationalResponse):
@@ -314,6 +315,7 @@ async def _relay_websocket(
             except InvalidState:
                 return
             _flush(server, stream)
+            await stream.drain()
 
     tasks = [asyncio.create_task(from_server()), asyncio.create_task(from_client())]
     try:

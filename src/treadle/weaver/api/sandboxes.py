@@ -282,6 +282,7 @@ async def _relay(websocket: WebSocket, stream: ExecStream) -> None:
             message = await websocket.receive_json()
             if isinstance(message, dict):
                 _from_client(stream, message)
+                await stream.drain()  # the client's input, at the pace the process takes it
 
     out = asyncio.create_task(outward())
     into = asyncio.create_task(inward())

@@ -26,6 +26,7 @@ from treadle.protocol import (
     SandboxActivity,
     SandboxState,
     Started,
+    StreamAck,
     StreamData,
     StreamEnd,
     StreamStarted,
@@ -65,6 +66,7 @@ class FrameHandler:
             Heartbeat: self._heartbeat,
             StreamStarted: lambda m: streams.started(session, m),
             StreamData: lambda m: streams.data(session, m),
+            StreamAck: lambda m: streams.ack(session, m),
             StreamEnd: lambda m: streams.end(session, m),
         }
 

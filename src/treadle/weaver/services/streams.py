@@ -26,6 +26,7 @@ from treadle.protocol import (
     PortStart,
     ProcessCall,
     Pty,
+    StreamAck,
     StreamData,
     StreamDetach,
     StreamEnd,
@@ -42,6 +43,9 @@ __all__ = ["Ended", "ExecStream", "Started", "StreamHub"]
 
 log = logging.getLogger(__name__)
 WINDOW = 1024 * 1024
+# Input (stdin, an upload, a request's body) sent to a node and not yet passed on by it, per
+# stream, past which a writer that drains waits: well under what a node holds (16 MiB).
+INPUT_WINDOW = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,9 @@ class ExecStream:
         self._held = 0
         self.ended: Ended | None = None
         self._started: asyncio.Future[Started | None] = asyncio.get_running_loop().create_future()
+        self._unacked = 0  # input sent and not yet passed on by the node
+        self._over = False  # its end has come from the node (`ended` once it is read)
+        self._acked = asyncio.Event()
 
     async def started(self) -> Started | None:
         """The process the stream follows (pid, tag); None when it ended without one."""
@@ -96,6 +103,8 @@ class ExecStream:
         return self.ended
 
     def write(self, data: bytes, *, eof: bool = False) -> None:
+        """Send input now; `drain` paces a writer that sends much of it."""
+        self._unacked += len(data)
         for start in range(0, max(len(data), 1), STREAM_CHUNK_BYTES):
             piece = data[start : start + STREAM_CHUNK_BYTES]
             last = start + STREAM_CHUNK_BYTES >= len(data)
@@ -104,6 +113,21 @@ class ExecStream:
                     stream=self.number, data=base64.b64encode(piece).decode(), eof=eof and last
                 )
             )
+
+    @property
+    def over(self) -> bool:
+        """Whether its end has come from the node (read or not)."""
+        return self._over
+
+    async def drain(self) -> None:
+        """Wait until the node has passed on enough of the input sent (or the stream ended)."""
+        while self._unacked > INPUT_WINDOW and not self._over:
+            self._acked.clear()
+            await self._acked.wait()
+
+    def _ack(self, size: int) -> None:
+        self._unacked = max(0, self._unacked - size)
+        self._acked.set()
 
     def signal(self, number: int) -> None:
         self.session.send(StreamSignal(stream=self.number, signal=number))
@@ -127,6 +151,8 @@ class ExecStream:
         if not self._started.done():
             self._started.set_result(None)
         self._items.put_nowait(ended)
+        self._over = True
+        self._acked.set()
 
 
 class StreamHub:
@@ -222,6 +248,11 @@ class StreamHub:
         stream = self._owned(session, message.stream)
         if stream is not None and not stream._started.done():
             stream._started.set_result(Started(message.pid, message.tag))
+
+    def ack(self, session: NodeSession, message: StreamAck) -> None:
+        stream = self._owned(session, message.stream)
+        if stream is not None:
+            stream._ack(message.bytes)
 
     def end(self, session: NodeSession, message: StreamEnd) -> None:
         stream = self._owned(session, message.stream)
