@@ -619,3 +619,17 @@ async def test_changes_under_a_directory_are_watched(sandbox: LiveSandbox) -> No
     with pytest.raises(GuestError) as missing:
         await sandbox.link.watch("nowhere")
     assert missing.value.errno == "ENOENT"
+
+
+async def test_a_request_whose_caller_is_cancelled_leaves_the_link_working(
+    sandbox: LiveSandbox,
+) -> None:
+    for _ in range(20):
+        asked = asyncio.create_task(sandbox.link.call("stat", path="."))
+        await asyncio.sleep(0)  # sent; its answer is on its way
+        asked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asked
+    out, _, end = await run(sandbox, ["echo", "still here"])
+    assert (out, end.exit_code) == (b"still here\n", 0)
+    assert not sandbox.link.closed

@@ -70,18 +70,31 @@ class Exec:
             self.kept_bytes -= len(old)
             self.dropped += len(old)
 
-    def take(self) -> tuple[str, bytes] | None:
-        """The oldest kept output, taken."""
+    def peek(self, limit: int) -> tuple[str, bytes] | None:
+        """The oldest kept output, up to `limit` bytes of it, left in place (`drop` it)."""
         if not self.kept:
             return None
-        channel, data = self.kept.popleft()
-        self.kept_bytes -= len(data)
-        return channel, data
+        channel, data = self.kept[0]
+        return channel, data[:limit]
 
-    def put_back(self, channel: str, data: bytes) -> None:
-        """Output taken and not sent: first again."""
-        self.kept.appendleft((channel, data))
-        self.kept_bytes += len(data)
+    def drop(self, size: int) -> None:
+        channel, data = self.kept[0]
+        if size < len(data):
+            self.kept[0] = (channel, data[size:])
+        else:
+            self.kept.popleft()
+        self.kept_bytes -= min(size, len(data))
+
+    def put_back_all(self, sent: deque[tuple[str, bytes]]) -> None:
+        """Output sent to a client that may not have received it: first again, in order."""
+        for channel, data in reversed(sent):
+            self.kept.appendleft((channel, data))
+            self.kept_bytes += len(data)
+        sent.clear()
+        while self.kept_bytes > KEPT_BYTES:
+            _, old = self.kept.popleft()
+            self.kept_bytes -= len(old)
+            self.dropped += len(old)
 
     def ended(self, exit: ProcessExit | None, error: str | None) -> None:
         self.exit, self.error = exit, error

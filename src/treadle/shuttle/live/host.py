@@ -19,6 +19,7 @@ import base64
 import contextlib
 import logging
 import signal
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[str], None]
 _ToWeaver = SandboxState | SandboxActivity | StreamStarted | StreamData | StreamAck | StreamEnd
+# How long the end of a followed process waits for its client to take the last output, before
+# keeping what it did not take for the next client to attach.
+_CONFIRM_WAIT_S = 30.0
 # stdin held per stream for a process that reads slower than its client writes
 _STDIN_QUEUED_MAX = 16 * 1024 * 1024
 
@@ -97,15 +101,29 @@ class _Relay:
         self.started = asyncio.Event()  # set once `process` is known, or never will be
         self.queued = 0  # stdin bytes received and not yet written to the process
         self.upload = False  # input is a file's content (`_uploaded`), not a process's stdin
+        # Output sent and not yet granted back: Weaver grants what its client took, so this
+        # is what may be lost with the link (at most the window), kept to be sent again.
+        self.unconfirmed: deque[tuple[str, bytes]] = deque()
+        self.confirmed = asyncio.Event()  # set when `unconfirmed` empties, or it closes
 
     def grant(self, amount: int) -> None:
         self.window += amount
         if self.window > 0:
             self.granted.set()
+        while amount > 0 and self.unconfirmed:
+            channel, data = self.unconfirmed[0]
+            if len(data) > amount:
+                self.unconfirmed[0] = (channel, data[amount:])
+                return
+            self.unconfirmed.popleft()
+            amount -= len(data)
+        if not self.unconfirmed:
+            self.confirmed.set()
 
     def close(self) -> None:
         self.closed = True
         self.granted.set()
+        self.confirmed.set()
 
 
 class SandboxHost:
@@ -404,17 +422,15 @@ class SandboxHost:
             )
             self.stream_detach(previous.stream)
         self._emit(StreamStarted(stream=relay.stream, pid=ex.pid, tag=ex.tag))
+        ended = False
         try:
-            while (kept := ex.take()) is not None:
-                channel, data = kept
-                try:
-                    rest = await self._send_within(relay, channel, data)
-                except asyncio.CancelledError:
-                    ex.put_back(channel, data)
-                    raise
-                if rest:
-                    ex.put_back(channel, rest)
+            # What was kept, a piece at a time, each taken only once it is sent.
+            while (head := ex.peek(STREAM_CHUNK_BYTES)) is not None:
+                channel, piece = head
+                if not await self._room(relay, len(piece)):
                     return
+                ex.drop(len(piece))
+                self._send_piece(relay, channel, piece)
             if ex.running:
                 ex.follower = relay
                 await ex.over.wait()
@@ -428,9 +444,21 @@ class SandboxHost:
                     timed_out=ex.timed_out,
                 )
             )
+            # Its last output and end are on the way: they are delivered once its client
+            # has taken them (Weaver grants them back), or kept for the next one.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CONFIRM_WAIT_S):
+                    while relay.unconfirmed and not relay.closed:
+                        relay.confirmed.clear()
+                        await relay.confirmed.wait()
+            ended = not relay.unconfirmed
         finally:
             if ex.follower is relay:
                 ex.follower = None
+            if not ended:
+                # Its client or its link went: what it may not have received goes first to
+                # whoever attaches next (at least once: a grant lost on the way repeats some).
+                ex.put_back_all(relay.unconfirmed)
             self._done(relay)
 
     def process_call(self, message: ProcessCall) -> None:
@@ -546,20 +574,26 @@ class SandboxHost:
         the relay closes is returned."""
         for start in range(0, len(data), STREAM_CHUNK_BYTES):
             piece = data[start : start + STREAM_CHUNK_BYTES]
-            while relay.window < len(piece) and not relay.closed:
-                relay.granted.clear()
-                await relay.granted.wait()
-            if relay.closed:
+            if not await self._room(relay, len(piece)):
                 return data[start:]
-            relay.window -= len(piece)
-            self._emit(
-                StreamData(
-                    stream=relay.stream,
-                    channel=channel,
-                    data=base64.b64encode(piece).decode(),
-                )
-            )
+            self._send_piece(relay, channel, piece)
         return b""
+
+    @staticmethod
+    async def _room(relay: _Relay, size: int) -> bool:
+        """Wait until the window has room for `size` bytes; False if the relay closed."""
+        while relay.window < size and not relay.closed:
+            relay.granted.clear()
+            await relay.granted.wait()
+        return not relay.closed
+
+    def _send_piece(self, relay: _Relay, channel: str, piece: bytes) -> None:
+        relay.window -= len(piece)
+        if relay.kind == "exec":
+            relay.unconfirmed.append((channel, piece))
+        self._emit(
+            StreamData(stream=relay.stream, channel=channel, data=base64.b64encode(piece).decode())
+        )
 
     def stream_window(self, message: StreamWindow) -> None:
         relay = self._relays.get(message.stream)

@@ -306,7 +306,11 @@ class GuestLink:
             await self._drain()
             return await future
         finally:
-            if self._requests.pop(req, None) is not None and not future.done():
+            # A caller cancelled while waiting has its future cancelled with it: the answer
+            # still on its way is not waited for.
+            if self._requests.pop(req, None) is not None and (
+                not future.done() or future.cancelled()
+            ):
                 self._abandoned.append(req)
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
@@ -411,17 +415,19 @@ class GuestLink:
 
     def _answer(self, req: int, value: Any) -> None:
         future = self._requests.get(req)
+        if future is not None and future.cancelled():
+            return  # its caller was cancelled an instant ago: abandoned, not unasked
         if future is None or future.done():
-            self._unasked(req)
+            self._unasked(req, f"{type(value).__name__} {str(value)[:100]!r}")
             return
         if isinstance(value, BaseException):
             future.set_exception(value)
         else:
             future.set_result(value)
 
-    def _unasked(self, req: int) -> None:
+    def _unasked(self, req: int, what: str = "an answer") -> None:
         if req not in self._abandoned:
-            raise GuestProtocolError(f"an answer to request {req}, which is not waited for")
+            raise GuestProtocolError(f"{what} to request {req}, which is not waited for")
 
     def close(self) -> None:
         self._end(LinkBroken("the sandbox was stopped"))

@@ -390,6 +390,13 @@ class Group:
         make some), retrying while the kernel still releases them (a blocking call, for a
         cleanup thread or a sweep). Returns the errors; empty once it is gone."""
         errors: list[str] = []
+        # A frozen group's tasks (a paused sandbox's) take no signal until thawed, and no
+        # controller's directory of theirs can go before they do.
+        frozen_by = (
+            self._counters.get("freezer") if self._version == 1 else next(iter(self.dirs), None)
+        )
+        if frozen_by is not None:
+            _thaw(frozen_by)
         for directory in self.dirs:
             _destroy_dir(directory, errors)
         return errors
@@ -444,6 +451,15 @@ def _kill_tasks(directory: Path) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
+    _thaw(directory)
+
+
+def _thaw(directory: Path) -> None:
+    """Thaw a group that may be frozen (a paused sandbox's): its tasks take no signal, not
+    even SIGKILL, until they are, and its directory cannot go while they live."""
+    for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+        with contextlib.suppress(OSError):
+            _write(directory / name, value)
 
 
 def _write(path: Path, value: str) -> None:
