@@ -17,6 +17,12 @@ is not what limits the burst and the density):
     (polled, one GET after another), and the freeze and thaw alone (`LiveSandbox`);
   * `density`: `--density` idle sandboxes at once: the host memory they take (MemAvailable
     before and after, over the count) and the CPU the idle fleet uses over 10 s.
+  * `file_1mib_write`/`file_1mib_read`: a 1 MiB file written then read through the API, and
+    `upload_32mib_mb_s`: a 32 MiB upload (streamed, past the body limit) in MB/s;
+  * `port_get_api`: GET of a small file from `python3 -m http.server` inside the sandbox,
+    through Weaver's port proxy, next to `port_get_direct`: the same server on the host's
+    loopback, fetched directly (the same client, one connection per request);
+  * `attach_api`: attach to a running process (WebSocket open to its `started` message).
 
 Prints JSON: p50/p95/p99 in ms.
 """
@@ -128,6 +134,7 @@ async def through_api(api: httpx.AsyncClient, options: argparse.Namespace) -> di
         await until(api, sandbox_id, "running")
         resumes.append((time.perf_counter() - start) * 1000)
     result["pause_api"], result["resume_api"] = summary(pauses), summary(resumes)
+    result.update(await files_and_ports(api, sandbox_id))
     await api.delete(f"/v1/sandboxes/{sandbox_id}")
 
     if options.density:
@@ -216,6 +223,95 @@ async def alone(isolation: str) -> dict[str, Any]:
         "pause": summary(pauses),
         "resume": summary(resumes),
     }
+
+
+async def files_and_ports(api: httpx.AsyncClient, sandbox_id: str, n: int = 50) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    content = f"/v1/sandboxes/{sandbox_id}/files/content"
+    data = os.urandom(1024 * 1024)
+    writes, reads = [], []
+    for _ in range(n):
+        start = time.perf_counter()
+        (await api.put(content, params={"path": "one.bin"}, content=data)).raise_for_status()
+        writes.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        read = await api.get(content, params={"path": "one.bin"})
+        reads.append((time.perf_counter() - start) * 1000)
+        assert read.content == data
+    result["file_1mib_write"], result["file_1mib_read"] = summary(writes), summary(reads)
+
+    big = os.urandom(32 * 1024 * 1024)  # within the sandbox's 64 MiB of memory (its disk is tmpfs)
+
+    async def chunks() -> Any:
+        for start in range(0, len(big), 1024 * 1024):
+            yield big[start : start + 1024 * 1024]
+
+    start = time.perf_counter()
+    (await api.put(content, params={"path": "big.bin"}, content=chunks())).raise_for_status()
+    result["upload_32mib_mb_s"] = round(len(big) / 1e6 / (time.perf_counter() - start), 1)
+
+    (
+        await api.put(content, params={"path": "www/small.txt"}, content=b"x" * 100)
+    ).raise_for_status()
+    server = "cd www && exec python3 -m http.server 8000 --bind 127.0.0.1"
+    ready = "until curl -so /dev/null 127.0.0.1:8000; do sleep 0.05; done"
+    await api.post(
+        f"/v1/sandboxes/{sandbox_id}/exec", json={"cmd": f"({server}) >/dev/null 2>&1 &"}
+    )
+    (await api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"cmd": ready})).raise_for_status()
+    through = f"/v1/sandboxes/{sandbox_id}/ports/8000/small.txt"
+    result["port_get_api"] = summary(await _gets(api, through, n * 4))
+
+    with tempfile.TemporaryDirectory() as root:
+        await asyncio.to_thread(Path(root, "small.txt").write_bytes, b"x" * 100)
+        host = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "http.server",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "-d",
+            root,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert host.stdout is not None
+        line = (await host.stdout.readline()).decode()  # "Serving HTTP on … port N …"
+        port = int(line.split(" port ")[1].split()[0])
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as direct:
+            result["port_get_direct"] = summary(await _gets(direct, "/small.txt", n * 4))
+        host.terminate()
+        await host.wait()
+    result["port_get_ratio"] = round(
+        result["port_get_api"]["p50_ms"] / result["port_get_direct"]["p50_ms"], 1
+    )
+
+    ws_url = str(api.base_url).replace("http", "ws", 1) + f"/v1/sandboxes/{sandbox_id}"
+    from websockets.asyncio.client import connect
+
+    headers = {"Authorization": api.headers["Authorization"]}
+    async with connect(f"{ws_url}/exec", additional_headers=headers) as ws:
+        await ws.send(json.dumps({"cmd": ["sleep", "600"], "tag": "held"}))
+        await ws.recv()
+    attaches = []
+    for _ in range(n):
+        start = time.perf_counter()
+        async with connect(f"{ws_url}/processes/held", additional_headers=headers) as ws:
+            await ws.recv()
+            attaches.append((time.perf_counter() - start) * 1000)
+    result["attach_api"] = summary(attaches)
+    return result
+
+
+async def _gets(client: httpx.AsyncClient, path: str, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        got = await client.get(path, headers={"connection": "close"})
+        times.append((time.perf_counter() - start) * 1000)
+        got.raise_for_status()
+    return times
 
 
 def raw_true(n: int = 200) -> dict[str, float]:
