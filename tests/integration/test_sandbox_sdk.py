@@ -347,3 +347,33 @@ async def test_async_pause_and_resume(paused_sandbox: AsyncSandbox) -> None:
     await paused_sandbox.resume()
     assert (await paused_sandbox.wait_for_status("running"))["status"] == "running"
     assert (await paused_sandbox.run("echo thawed")).stdout == "thawed\n"
+
+
+def test_a_directory_is_watched_from_the_sdk(cluster: Cluster) -> None:
+    with Sandbox.create(**keys(cluster)) as sbx:
+        sbx.files.mkdir("watched")
+        changes = sbx.files.watch("watched", recursive=True)
+        sbx.files.write("watched/a.txt", b"one")  # made after watch() returned: seen
+        sbx.files.remove("watched/a.txt")
+        seen = []
+        for change in changes:
+            seen.append(change)
+            if change["type"] == "remove":
+                break
+        changes.close()  # type: ignore[attr-defined]
+        assert {"type": "create", "name": "a.txt", "dir": False} in seen
+        assert seen[-1] == {"type": "remove", "name": "a.txt", "dir": False}
+        with pytest.raises(TreadleAPIError) as missing:
+            sbx.files.watch("nowhere")
+        assert missing.value.status == 404
+
+
+async def test_a_directory_is_watched_from_the_async_sdk(cluster: Cluster) -> None:
+    async with AsyncSandbox.create(**keys(cluster)) as sbx:
+        await sbx.files.mkdir("w")
+        changes = await sbx.files.watch("w")
+        await sbx.files.write("w/b.txt", "two")
+        async for change in changes:
+            assert change == {"type": "create", "name": "b.txt", "dir": False}
+            break
+        await changes.aclose()  # type: ignore[attr-defined]

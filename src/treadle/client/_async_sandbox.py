@@ -195,6 +195,45 @@ class AsyncSandboxFiles:
     async def remove(self, path: str) -> None:
         await self._client._send(sapi.delete_file(self._id, path))
 
+    async def watch(self, path: str, *, recursive: bool = False) -> AsyncIterator[JSONObject]:
+        """`SandboxFiles.watch` for asyncio: `async for change in await files.watch(p)`;
+        every change made after the await returns is seen."""
+        from websockets.asyncio.client import connect
+
+        url = sapi.watch_url(self._client.config.url, self._id, path, recursive)
+        try:
+            websocket = await connect(
+                url,
+                additional_headers=sapi.auth_headers(self._client.config),
+                open_timeout=STREAM_OPEN_TIMEOUT_S,
+            )
+        except _api.STREAM_ERRORS as exc:
+            raise _api.stream_error(url, exc) from exc
+        try:
+            placed = sapi.watch_event(await websocket.recv(), url)
+        except BaseException as exc:
+            await websocket.close()
+            if isinstance(exc, _api.STREAM_ERRORS):
+                raise _api.stream_error(url, exc) from exc
+            raise
+        return _changes(websocket, url, ended=placed is None)
+
+
+async def _changes(
+    websocket: ClientConnection, url: str, *, ended: bool
+) -> AsyncIterator[JSONObject]:
+    async with websocket:
+        if ended:
+            return
+        try:
+            async for raw in websocket:
+                change = sapi.watch_event(raw, url)
+                if change is None:
+                    return
+                yield change
+        except _api.STREAM_ERRORS as exc:
+            raise _api.stream_error(url, exc) from exc
+
 
 def _client_for(
     url: str | None, api_key: str | None, client: AsyncClient | None

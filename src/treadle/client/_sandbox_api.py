@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, cast
+from urllib.parse import urlencode
 
 import httpx
 from websockets.exceptions import ConnectionClosed
@@ -445,6 +446,27 @@ def exec_url(base_url: str, sandbox_id: str) -> str:
 
 def attach_url(base_url: str, sandbox_id: str, ref: int | str) -> str:
     return _ws_url(base_url, _sandbox(sandbox_id, f"/processes/{_segment(str(ref))}"))
+
+
+def watch_url(base_url: str, sandbox_id: str, path: str, recursive: bool) -> str:
+    query = urlencode({"path": path, "recursive": "true" if recursive else "false"})
+    return _ws_url(base_url, _sandbox(sandbox_id, "/files/watch")) + "?" + query
+
+
+def watch_event(raw: str | bytes, url: str) -> JSONObject | None:
+    """One message of a directory watch: a change, or None once the watch ended (its
+    directory went). Raises the API's error for a refusal."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        raise TreadleConnectionError(f"unexpected frame on the watch: {raw!r:.200}", url=url)
+    if "error" in message:
+        raise _ws_error(message)
+    if "end" in message:
+        return None
+    return message
 
 
 def _encode(message: JSONObject) -> str:

@@ -165,8 +165,8 @@ class SandboxFiles:
         return self.read(path).decode(encoding)
 
     def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> JSONObject:
-        """Write a whole file (text as UTF-8; at most 8 MiB), making its parent directories:
-        `{"path", "size"}`."""
+        """Write a whole file (text as UTF-8; up to the sandbox's disk), making its parent
+        directories: `{"path", "size"}`."""
         return _send_upload(self._client, sapi.write_file(self._id, path, data, mode))
 
     def list(self, path: str = ".", depth: int = 1) -> JSONList:
@@ -187,6 +187,45 @@ class SandboxFiles:
     def remove(self, path: str) -> None:
         """Remove a file, or a directory with all it holds."""
         self._client._send(sapi.delete_file(self._id, path))
+
+    def watch(self, path: str, *, recursive: bool = False) -> Iterator[JSONObject]:
+        """Changes under the directory `path` as they happen, every one made after this
+        returns (the watch is then in place): `{"type": "create"|"write"|"remove"|"rename"|
+        "chmod", "name", "dir"}`. Ends when the directory goes; stop early by leaving the
+        loop (or `close()` on the iterator)."""
+        from websockets.sync.client import connect
+
+        url = sapi.watch_url(self._client.config.url, self._id, path, recursive)
+        try:
+            websocket = connect(
+                url,
+                additional_headers=sapi.auth_headers(self._client.config),
+                open_timeout=STREAM_OPEN_TIMEOUT_S,
+            ).__enter__()  # as `SandboxProcess._open`: left by `_changes` or `close()`
+        except _api.STREAM_ERRORS as exc:
+            raise _api.stream_error(url, exc) from exc
+        try:
+            placed = sapi.watch_event(websocket.recv(), url)  # `watching`, or a refusal
+        except BaseException as exc:
+            websocket.close()
+            if isinstance(exc, _api.STREAM_ERRORS):
+                raise _api.stream_error(url, exc) from exc
+            raise
+        return _changes(websocket, url, ended=placed is None)
+
+
+def _changes(websocket: ClientConnection, url: str, *, ended: bool) -> Iterator[JSONObject]:
+    with websocket:
+        if ended:
+            return
+        try:
+            for raw in websocket:
+                change = sapi.watch_event(raw, url)
+                if change is None:
+                    return
+                yield change
+        except _api.STREAM_ERRORS as exc:
+            raise _api.stream_error(url, exc) from exc
 
 
 def _client_for(url: str | None, api_key: str | None, client: Client | None) -> tuple[Client, bool]:

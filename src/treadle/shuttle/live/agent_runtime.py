@@ -201,6 +201,17 @@ def prepare(root: Path, *, python: str | None = None) -> AgentRuntime:
 def _agent_modules() -> tuple[list[str], list[str]]:
     """The modules the guest agent's source imports at its start, and those it imports
     later, where a feature needs them (`pty` for terminals, say)."""
+    with _PARSE_LOCK:  # `ast.parse` in two threads at once fails on CPython 3.11
+        if not _MODULES:
+            _MODULES.append(_imports())
+        return _MODULES[0]
+
+
+_PARSE_LOCK = threading.Lock()
+_MODULES: list[tuple[list[str], list[str]]] = []
+
+
+def _imports() -> tuple[list[str], list[str]]:
     tree = ast.parse(resources.files("treadle.guest").joinpath("agent.py").read_text())
     at_start = {id(node) for node in tree.body}
     first: set[str] = set()
