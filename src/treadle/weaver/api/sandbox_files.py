@@ -9,15 +9,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.domain import errors
 from treadle.protocol import FileStart
-from treadle.weaver.api.deps import Caller, get_weaver, principal_of
-from treadle.weaver.api.errors import error_body
-from treadle.weaver.api.sandboxes import running_node
+from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.sandboxes import running_node, serve_stream
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.streams import Ended, ExecStream
 
@@ -217,19 +216,18 @@ async def watch_files(websocket: WebSocket, sandbox_id: str) -> None:
     weaver = get_weaver(websocket)
     path = websocket.query_params.get("path", "")
     recursive = websocket.query_params.get("recursive", "false").lower() in ("1", "true")
-    try:
-        principal = await principal_of(websocket)
-    except errors.TreadleError:
-        await websocket.close(code=1008)
-        return
-    await websocket.accept()
-    stream: ExecStream | None = None
-    try:
+    quota: int | None = None
+
+    async def opening(tenant_id: str) -> ExecStream:
+        nonlocal quota
         if not path or len(path) > 4096 or "\x00" in path:
             raise errors.InvalidRequest("path must be 1-4096 characters", details={"path": path})
         stream, quota = await _operation(
-            weaver, principal.tenant_id, sandbox_id, "watch", path, recursive=recursive
+            weaver, tenant_id, sandbox_id, "watch", path, recursive=recursive
         )
+        return stream
+
+    async def relay(websocket: WebSocket, stream: ExecStream) -> None:
         if await stream.started() is not None:
             await websocket.send_json({"watching": path})
         pending = b""
@@ -248,11 +246,5 @@ async def watch_files(websocket: WebSocket, sandbox_id: str) -> None:
             raise _failed(ended, path, quota)
         await websocket.send_json({"end": "the directory is gone"})
         await websocket.close(code=1000)
-    except errors.TreadleError as exc:
-        await websocket.send_json(error_body(exc.code, exc.message, exc.details))
-        await websocket.close(code=4000 + (404 if exc.code == "not_found" else 400))
-    except WebSocketDisconnect:
-        pass
-    finally:
-        if stream is not None and stream.ended is None:
-            stream.detach()
+
+    await serve_stream(websocket, opening, relay)

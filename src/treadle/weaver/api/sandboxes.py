@@ -229,11 +229,17 @@ async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
     await serve_stream(websocket, opening)
 
 
+Relay = Callable[[WebSocket, ExecStream], Awaitable[None]]
+
+
 async def serve_stream(
-    websocket: WebSocket, opening: Callable[[str], Awaitable[ExecStream]]
+    websocket: WebSocket,
+    opening: Callable[[str], Awaitable[ExecStream]],
+    relay: Relay | None = None,
 ) -> None:
     """Authenticate, open the stream (`opening`, given the caller's tenant), and relay it
-    both ways; errors are an error body and a 4xxx close code."""
+    (a process's both ways, unless `relay` says otherwise); errors (raised by either) are an
+    error body and a 4xxx close code."""
     try:
         principal = await principal_of(websocket)
     except TreadleError:
@@ -243,7 +249,7 @@ async def serve_stream(
     stream: ExecStream | None = None
     try:
         stream = await opening(principal.tenant_id)
-        await _relay(websocket, stream)
+        await (relay or _relay)(websocket, stream)
     except TreadleError as exc:
         await websocket.send_json(error_body(exc.code, exc.message, exc.details))
         await websocket.close(code=4000 + (404 if exc.code == "not_found" else 400))
