@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from support.cluster import eventually
 from support.oci import KINDS, OciHarness, harness_for, oci_base  # noqa: F401
 from treadle.domain.resources import Resources
 from treadle.shuttle.oci.bundle import (
@@ -387,6 +388,8 @@ def test_sweep_removes_what_a_dead_shuttle_left(oci: OciHarness) -> None:
     container = oci.start(["/bin/sh", "-c", "echo started; exec sleep 600"])
     bundle = container.bundle
     assert container.read_until(b"started\n")
+    # The runtime writes its state a moment after the program starts: what it knows of.
+    eventually(lambda: bundle.container_id in oci.tool.containers(), what="the state")
     # The runtime process dies with its Shuttle; the container goes on without it.
     container.abandon()
     assert bundle.container_id in oci.tool.containers()
