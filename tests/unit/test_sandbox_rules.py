@@ -1,0 +1,46 @@
+"""The pure rules behind sandboxes' idle timeout and signed port URLs."""
+
+from __future__ import annotations
+
+from treadle.domain.sandbox import IDLE_CPU_CORES, awake_reasons
+from treadle.weaver.services import port_access
+
+
+def test_a_sandbox_is_idle_only_when_nothing_keeps_it_awake() -> None:
+    assert awake_reasons(0, {}, None) == []
+    assert awake_reasons(0, {"watch": 2, "call": 1}, 0.0) == []  # watching is not work
+    assert awake_reasons(0, {}, IDLE_CPU_CORES) == []  # at the threshold: idle
+    assert awake_reasons(1, {}, None) == ["1 process running"]
+    assert awake_reasons(3, {"exec": 1, "port": 2, "file": 1}, IDLE_CPU_CORES * 2) == [
+        "3 processes running",
+        "1 exec stream open",
+        "2 proxied connections open",
+        "1 file transfer open",
+        "CPU use above 5% of a core",
+    ]
+
+
+def test_a_signed_url_opens_one_port_of_one_sandbox_until_it_expires() -> None:
+    token, now = "sbt_secret", 1_000_000.0
+    expires = int(now) + 60
+    signature = port_access.sign(token, "sbx_1", 8000, expires)
+    assert port_access.valid_signature(token, "sbx_1", 8000, str(expires), signature, now)
+    # Past its expiry, or for another port, sandbox or token: refused.
+    assert not port_access.valid_signature(token, "sbx_1", 8000, str(expires), signature, now + 61)
+    assert not port_access.valid_signature(token, "sbx_1", 8001, str(expires), signature, now)
+    assert not port_access.valid_signature(token, "sbx_2", 8000, str(expires), signature, now)
+    assert not port_access.valid_signature("sbt_other", "sbx_1", 8000, str(expires), signature, now)
+    # A later expiry with the old signature, or malformed parts: refused.
+    assert not port_access.valid_signature(token, "sbx_1", 8000, str(expires + 1), signature, now)
+    for expiry in ("", "-5", "1e9", "9" * 13):
+        assert not port_access.valid_signature(token, "sbx_1", 8000, expiry, signature, now)
+    assert not port_access.valid_signature(None, "sbx_1", 8000, str(expires), signature, now)
+    assert not port_access.valid_signature(token, "sbx_1", 8000, str(expires), None, now)
+
+
+def test_an_access_token_is_compared_whole() -> None:
+    assert port_access.valid_token("sbt_abc", "sbt_abc")
+    assert not port_access.valid_token("sbt_abc", "sbt_ab")
+    assert not port_access.valid_token("sbt_abc", "")
+    assert not port_access.valid_token(None, "sbt_abc")
+    assert not port_access.valid_token("", "")
