@@ -464,3 +464,39 @@ def test_a_directory_is_watched_over_a_websocket(cluster: Cluster) -> None:
             refused = json.loads(ws.recv())
             assert refused["error"]["code"] == "not_found"
         api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_a_port_by_host_name(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_weaver(sandbox_domain="sandbox.test")
+        cluster.start_shuttle("a")
+        with cluster.client() as api:
+            sandbox = create(api)
+            sid = sandbox["id"]
+            serve(cluster, sid, HTTP_SERVER, 8080)
+            host = f"8080-{sid.removeprefix('sbx_')}.sandbox.test"
+            # The server sees its own paths, from `/`, and no prefix.
+            got = api.get("/app/page?x=1", headers={"host": host})
+            assert got.status_code == 200, got.text
+            seen = got.json()
+            assert seen["path"] == "/app/page?x=1"
+            assert "x-forwarded-prefix" not in seen["headers"]
+            signed = api.post(f"/v1/sandboxes/{sid}/urls", json={"port": 8080, "path": "/s"})
+            host_url = signed.json()["host_url"]
+            assert host_url.startswith(f"http://{host}:")
+            parts = urllib.parse.urlsplit(host_url)
+            with httpx.Client(base_url=cluster.url) as anonymous:
+                assert anonymous.get("/", headers={"host": host}).status_code == 401
+                opened = anonymous.get(f"{parts.path}?{parts.query}", headers={"host": host})
+                assert opened.status_code == 200 and opened.json()["path"] == "/s"
+                assert "Path=/;" in opened.headers["set-cookie"]
+                # Another sandbox's host name, or another port's, is not opened by it.
+                other = f"8081-{sid.removeprefix('sbx_')}.sandbox.test"
+                url = f"{parts.path}?{parts.query}"
+                assert anonymous.get(url, headers={"host": other}).status_code == 403
+            # Other hosts reach the API as before.
+            assert api.get(f"/v1/sandboxes/{sid}").status_code == 200
+            api.delete(f"/v1/sandboxes/{sid}")
+    finally:
+        cluster.stop()

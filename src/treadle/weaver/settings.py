@@ -58,6 +58,11 @@ class WeaverSettings(BaseSettings):
     # Per tenant: sandboxes not yet ended, and exec streams open at once (on this replica).
     max_sandboxes_per_tenant: int = Field(default=100, ge=0)
     max_exec_streams_per_tenant: int = Field(default=64, ge=0)
+    # Where a wildcard DNS name points at Weaver: `{port}-{id}.{domain}` then reaches a
+    # sandbox's port as `/v1/sandboxes/sbx_{id}/ports/{port}/` does (None: path routing only).
+    sandbox_domain: str | None = Field(
+        default=None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,250}[a-z0-9])?$"
+    )
     log_level: str = "warning"
 
     def resolved_database_url(self) -> str:

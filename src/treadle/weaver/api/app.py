@@ -20,6 +20,7 @@ from treadle.weaver.api import (
     sandboxes,
 )
 from treadle.weaver.api.errors import install_error_handlers
+from treadle.weaver.api.host_routing import HostRouting
 from treadle.weaver.api.limits import RequestGuard
 from treadle.weaver.core import Weaver
 from treadle.weaver.settings import WeaverSettings
@@ -47,6 +48,9 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
+    if settings.sandbox_domain:
+        # Outermost: the guard and the routes see the path it maps the host name to.
+        app.add_middleware(HostRouting, domain=settings.sandbox_domain)
     routers = (
         functions,
         executions,

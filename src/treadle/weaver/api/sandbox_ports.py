@@ -38,6 +38,7 @@ from websockets.uri import parse_uri
 from treadle.domain.errors import BadGateway, TreadleError, Unauthenticated
 from treadle.protocol import PortStart
 from treadle.weaver.api.deps import bearer, get_weaver
+from treadle.weaver.api.host_routing import HOST_ROUTED, host_for
 from treadle.weaver.api.port_auth import (
     COOKIE,
     PORT_ACCESS,
@@ -95,8 +96,9 @@ def _upstream_headers(conn: HTTPConnection, sandbox_id: str, port: int) -> list[
     headers += [
         ("x-forwarded-for", client),
         ("x-forwarded-proto", conn.url.scheme.replace("ws", "http")),
-        ("x-forwarded-prefix", port_prefix(sandbox_id, port)),
     ]
+    if not conn.scope.get(HOST_ROUTED):
+        headers.append(("x-forwarded-prefix", port_prefix(sandbox_id, port)))
     return headers
 
 
@@ -166,11 +168,12 @@ async def proxy(sandbox_id: str, port: Port, path: str, request: Request) -> Any
         if k.decode("latin-1").lower() not in _HOP - {"cookie"}
     ]
     if cookie is not None:
+        # For the port's paths only: all of the host's, when it came by host name.
+        scope = "/" if request.scope.get(HOST_ROUTED) else f"{port_prefix(sandbox_id, port)}/"
         response_headers.append(
             (
                 "set-cookie",
-                f"{COOKIE}_{sandbox_id}_{port}={cookie}; Path={port_prefix(sandbox_id, port)}/; "
-                "HttpOnly; SameSite=Lax",
+                f"{COOKIE}_{sandbox_id}_{port}={cookie}; Path={scope}; HttpOnly; SameSite=Lax",
             )
         )
     return StreamingResponse(
@@ -391,7 +394,14 @@ async def signed_url(sandbox_id: str, body: UrlBody, request: Request, weaver: W
     query = (
         query + "&" if query else ""
     ) + f"treadle_expires={expires}&treadle_signature={signature}"
-    return {
+    answer = {
         "url": f"{base}{port_prefix(sandbox_id, port)}{path}?{query}",
         "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)),
     }
+    domain = weaver.settings.sandbox_domain
+    if domain:
+        # The same, by host name: the app then sees its own paths from `/`.
+        at = request.base_url
+        host = host_for(domain, sandbox_id, port) + (f":{at.port}" if at.port else "")
+        answer["host_url"] = f"{at.scheme}://{host}{path}?{query}"
+    return answer
