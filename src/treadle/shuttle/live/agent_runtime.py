@@ -338,11 +338,19 @@ _ENV = {k: v for k, v in os.environ.items() if k == "LD_LIBRARY_PATH"}
 
 
 def _discover(executable: str, arguments: Iterable[str]) -> dict[str, Any]:
+    out = _python(executable, [_DISCOVER, *arguments], b"", "import the agent's modules")
+    found: dict[str, Any] = json.loads(out)
+    return found
+
+
+def _python(executable: str, argv: list[str], stdin: bytes, doing: str) -> bytes:
+    """Run `executable -I -S -c ...` (a trial run or a compile); its stdout, or a
+    RuntimeBuildError saying what failed."""
     try:
         proc = subprocess.run(
-            [executable, "-I", "-S", "-c", _DISCOVER, *arguments],
+            [executable, "-I", "-S", "-c", *argv],
+            input=stdin,
             env=_ENV,
-            stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=_DISCOVER_TIMEOUT_S,
             check=False,
@@ -351,9 +359,8 @@ def _discover(executable: str, arguments: Iterable[str]) -> dict[str, Any]:
         raise RuntimeBuildError(f"cannot run {executable}: {exc}") from None
     if proc.returncode != 0:
         said = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeBuildError(f"{executable} cannot import the agent's modules: {said[0]}")
-    found: dict[str, Any] = json.loads(proc.stdout)
-    return found
+        raise RuntimeBuildError(f"{executable} cannot {doing}: {said[0]}")
+    return proc.stdout
 
 
 def _under(path: str, directory: str | None) -> bool:
@@ -420,20 +427,7 @@ def _compile(executable: str, sources: list[str]) -> None:
     """Bytecode beside each source, by the interpreter that will run it, checked by nothing
     at import (the runtime never changes): the agent starts without compiling, and without
     a stat of each source."""
-    try:
-        done = subprocess.run(
-            [executable, "-I", "-S", "-c", _COMPILE],
-            input=json.dumps(sources).encode(),
-            env=_ENV,
-            capture_output=True,
-            timeout=_DISCOVER_TIMEOUT_S,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RuntimeBuildError(f"cannot run {executable}: {exc}") from None
-    if done.returncode != 0:
-        said = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeBuildError(f"cannot compile the agent's modules: {said[0]}")
+    _python(executable, [_COMPILE], json.dumps(sources).encode(), "compile the agent's modules")
 
 
 def _strip(paths: list[Path]) -> None:

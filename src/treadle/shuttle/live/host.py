@@ -163,15 +163,7 @@ class SandboxHost:
             if h.state in ("starting", "running", "paused")
         ]
 
-    def _emit(
-        self,
-        message: SandboxState
-        | SandboxActivity
-        | StreamStarted
-        | StreamData
-        | StreamAck
-        | StreamEnd,
-    ) -> None:
+    def _emit(self, message: _ToWeaver) -> None:
         if self._send is not None:
             self._send(encode(message))
 
@@ -508,12 +500,8 @@ class SandboxHost:
                 await self._send_within(relay, channel, data)
             await process.wait()
             self._emit(StreamEnd(stream=relay.stream, exit_code=0))
-        except GuestError as exc:
-            self._emit(
-                StreamEnd(stream=relay.stream, error=exc.message[:1024], error_code=exc.errno)
-            )
-        except LinkBroken as exc:
-            self._emit(StreamEnd(stream=relay.stream, error=str(exc)[:1024]))
+        except (GuestError, LinkBroken) as exc:
+            self._failed(relay, exc)
         finally:
             if process is not None and not process.over:
                 # The client went away: unlike a process, a connection ends with it.
@@ -549,14 +537,18 @@ class SandboxHost:
             else:
                 result = await link.call(message.op, path=path)
             self._emit(StreamEnd(stream=relay.stream, exit_code=0, result=result))
-        except GuestError as exc:
-            self._emit(
-                StreamEnd(stream=relay.stream, error=exc.message[:1024], error_code=exc.errno)
-            )
-        except LinkBroken as exc:
-            self._emit(StreamEnd(stream=relay.stream, error=str(exc)[:1024]))
+        except (GuestError, LinkBroken) as exc:
+            self._failed(relay, exc)
         finally:
-            self._relays.pop(relay.stream, None)
+            self._done(relay)
+
+    def _failed(self, relay: _Relay, exc: GuestError | LinkBroken) -> None:
+        """The stream ends with why: the sandbox's errno where it gave one."""
+        if isinstance(exc, GuestError):
+            end = StreamEnd(stream=relay.stream, error=exc.message[:1024], error_code=exc.errno)
+        else:
+            end = StreamEnd(stream=relay.stream, error=str(exc)[:1024])
+        self._emit(end)
 
     async def _watch_files(self, relay: _Relay, watch: GuestProcess) -> None:
         """A directory's changes to the stream, until the directory goes or the client."""
@@ -672,7 +664,7 @@ class SandboxHost:
             data, eof = await relay.inputs.get()
             if data:
                 yield data
-            self._taken(relay, len(data))
+                self._taken(relay, len(data))
             if eof:
                 return
 

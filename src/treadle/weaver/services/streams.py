@@ -176,35 +176,33 @@ class StreamHub:
         pty: tuple[int, int] | None = None,
         timeout_s: float | None = None,
     ) -> ExecStream:
-        stream = self._new(session, tenant_id)
-        session.send(
-            ExecStart(
-                stream=stream.number,
-                id=sandbox_id,
-                incarnation=incarnation,
-                argv=argv,
-                env=env or {},
-                cwd=cwd,
-                tag=tag,
-                stdin=stdin,
-                pty=None if pty is None else Pty(rows=pty[0], cols=pty[1]),
-                window=WINDOW,
-                timeout_s=timeout_s,
-            )
+        return self.start(
+            session,
+            tenant_id,
+            ExecStart,
+            sandbox_id,
+            incarnation,
+            argv=argv,
+            env=env or {},
+            cwd=cwd,
+            tag=tag,
+            stdin=stdin,
+            pty=None if pty is None else Pty(rows=pty[0], cols=pty[1]),
+            timeout_s=timeout_s,
         )
-        return stream
 
     def start(
         self,
         session: NodeSession,
         tenant_id: str,
-        frame: type[FileStart | ProcessCall | PortStart],
+        frame: type[ExecStart | FileStart | ProcessCall | PortStart],
         sandbox_id: str,
         incarnation: int,
         **fields: Any,
     ) -> ExecStream:
-        """Any other stream on a sandbox: a file operation (`FileStart`), a call about its
-        processes (`ProcessCall`), a connection to one of its ports (`PortStart`)."""
+        """A stream on a sandbox: a process (`ExecStart`, as `open` makes it), a file
+        operation (`FileStart`), a call about its processes (`ProcessCall`), a connection to
+        one of its ports (`PortStart`)."""
         stream = self._new(session, tenant_id)
         session.send(
             frame(
