@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import random
 import signal
 import time
@@ -38,13 +37,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select
 
-from support.chaos import QUICK_SETTINGS
+from support.chaos import QUICK_SETTINGS, event_log
 from support.cluster import Cluster, Proc, eventually
 from support.proxy import Proxy
 from support.sandboxes import agents_on_host, create, reaches
-from treadle.weaver.store import tables
 
 pytestmark = pytest.mark.integration
 
@@ -290,7 +287,7 @@ def check(
 ) -> list[str]:
     violations: list[str] = []
     nodes = {n["id"]: n for n in api.get("/v1/nodes").json()["items"]}
-    events = sandbox_events(cluster)
+    events = event_log(cluster, "sandbox")
     for row in rows:
         what = f"{row['id']} ({row['restart']}, {row['status']}, incarnation {row['incarnation']})"
         if row["restarts"] != row["incarnation"] - 1:
@@ -340,23 +337,3 @@ def check(
         if len(restarted) != row["restarts"]:
             violations.append(f"{what}: {len(restarted)} restart events for {row['restarts']}")
     return violations
-
-
-def sandbox_events(cluster: Cluster) -> dict[str, list[tuple[str, dict[str, Any]]]]:
-    """Each sandbox's events from the store's log, oldest first: (status, data)."""
-    engine = create_engine(f"sqlite:///{cluster.home / 'treadle.db'}")
-    events = tables.events
-    try:
-        with engine.connect() as conn:
-            found = conn.execute(
-                select(events.c.subject_id, events.c.type, events.c.data)
-                .where(events.c.type.like("sandbox.%"))
-                .order_by(events.c.seq)
-            ).all()
-    finally:
-        engine.dispose()
-    log: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for subject, kind, data in found:
-        loaded = json.loads(data) if isinstance(data, str) else data
-        log.setdefault(subject, []).append((kind.removeprefix("sandbox."), loaded))
-    return log

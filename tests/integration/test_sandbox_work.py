@@ -20,6 +20,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from support.cluster import Cluster, eventually
+from support.sandboxes import create, run, socket_to, start
 
 pytestmark = pytest.mark.integration
 
@@ -101,30 +102,6 @@ while True:
     conn, _ = s.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
 """
-
-
-def create(api: httpx.Client, **body: Any) -> dict[str, Any]:
-    response = api.post("/v1/sandboxes", json=body)
-    assert response.status_code == 201, response.text
-    return dict(response.json())
-
-
-def run(api: httpx.Client, sandbox_id: str, cmd: list[str] | str, **body: Any) -> dict[str, Any]:
-    response = api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"cmd": cmd, **body})
-    assert response.status_code == 200, response.text
-    return dict(response.json())
-
-
-def socket_to(cluster: Cluster, path: str, key: str | None = None) -> Any:
-    url = cluster.url.replace("http", "ws", 1) + path
-    return connect(url, additional_headers={"Authorization": f"Bearer {key or cluster.admin_key}"})
-
-
-def start(ws: Any, **first: Any) -> dict[str, Any]:
-    ws.send(json.dumps(first))
-    started = json.loads(ws.recv())
-    assert set(started) == {"started"}, started
-    return dict(started["started"])
 
 
 def read_until(ws: Any, marker: bytes) -> bytes:
@@ -429,8 +406,8 @@ def test_a_file_larger_than_a_request_body_streams_in_and_out(cluster: Cluster) 
 
 
 def iter_chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
-    for start in range(0, len(data), size):
-        yield data[start : start + size]
+    for offset in range(0, len(data), size):
+        yield data[offset : offset + size]
 
 
 def test_a_directory_is_watched_over_a_websocket(cluster: Cluster) -> None:

@@ -14,20 +14,9 @@ import pytest
 from websockets.sync.client import connect
 
 from support.cluster import Cluster, eventually
+from support.sandboxes import create, run, start, status_of
 
 pytestmark = pytest.mark.integration
-
-
-def create(api: httpx.Client, **body: Any) -> dict[str, Any]:
-    response = api.post("/v1/sandboxes", json=body)
-    assert response.status_code == 201, response.text
-    return dict(response.json())
-
-
-def status_of(api: httpx.Client, sandbox_id: str) -> dict[str, Any]:
-    response = api.get(f"/v1/sandboxes/{sandbox_id}")
-    assert response.status_code == 200, response.text
-    return dict(response.json())
 
 
 def reaches(api: httpx.Client, sandbox_id: str, status: str) -> dict[str, Any]:
@@ -36,12 +25,6 @@ def reaches(api: httpx.Client, sandbox_id: str, status: str) -> dict[str, Any]:
         return seen if seen["status"] == status else None
 
     return eventually(check, what=f"sandbox {sandbox_id} to be {status}")
-
-
-def run(api: httpx.Client, sandbox_id: str, cmd: list[str] | str, **body: Any) -> dict[str, Any]:
-    response = api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"cmd": cmd, **body})
-    assert response.status_code == 200, response.text
-    return dict(response.json())
 
 
 def test_an_agent_session_create_run_pause_resume_stop(cluster: Cluster) -> None:
@@ -262,14 +245,6 @@ def exec_socket(cluster: Cluster, sandbox_id: str) -> Any:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def start(ws: Any, **first: Any) -> dict[str, Any]:
-    """Start a process on an exec socket; its `started` message (pid, tag)."""
-    ws.send(json.dumps(first))
-    started = json.loads(ws.recv())
-    assert set(started) == {"started"}, started
-    return dict(started["started"])
 
 
 def exited(code: int | None = None, signal: int | None = None, **more: Any) -> dict[str, Any]:

@@ -49,6 +49,7 @@ __all__ = [
     "QUICK_SETTINGS",
     "ChaosReport",
     "Job",
+    "event_log",
     "make_jobs",
     "run_chaos",
 ]
@@ -668,6 +669,31 @@ def _check_output(api: httpx.Client, row: dict[str, Any], job: Job, violations: 
     )
 
 
+def event_log(
+    cluster: Cluster, kind: str, database_url: str | None = None
+) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Each subject's events of `kind` (`execution`, `sandbox`) from the store's log, oldest
+    first: (what happened, its data)."""
+    url = database_url or f"sqlite:///{cluster.home / 'treadle.db'}"
+    events = tables.events
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(
+                select(events.c.subject_id, events.c.type, events.c.data)
+                .where(events.c.type.like(f"{kind}.%"))
+                .order_by(events.c.seq)
+            ).all()
+    finally:
+        engine.dispose()
+    log: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for subject, event, data in found:
+        log.setdefault(subject, []).append(
+            (event.removeprefix(f"{kind}."), json.loads(data) if isinstance(data, str) else data)
+        )
+    return log
+
+
 def _check_events(
     cluster: Cluster,
     settings: Mapping[str, str],
@@ -675,23 +701,7 @@ def _check_events(
     violations: list[str],
 ) -> None:
     """Terminal exactly once, read where it is recorded: the store's event log."""
-    url = settings.get("database_url") or f"sqlite:///{cluster.home / 'treadle.db'}"
-    events = tables.events
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            found = conn.execute(
-                select(events.c.subject_id, events.c.type, events.c.data)
-                .where(events.c.type.like("execution.%"))
-                .order_by(events.c.seq)
-            ).all()
-    finally:
-        engine.dispose()
-    log: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for subject, kind, data in found:
-        log.setdefault(subject, []).append(
-            (kind.removeprefix("execution."), json.loads(data) if isinstance(data, str) else data)
-        )
+    log = event_log(cluster, "execution", settings.get("database_url"))
     for row in rows:
         history = log.get(row["id"], [])
         what = f"{row['id']} ({row['idempotency_key']})"
