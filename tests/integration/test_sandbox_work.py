@@ -440,6 +440,13 @@ def test_a_directory_is_watched_over_a_websocket(cluster: Cluster) -> None:
         with socket_to(cluster, f"/v1/sandboxes/{sid}/files/watch?path=nowhere") as ws:
             refused = json.loads(ws.recv())
             assert refused["error"]["code"] == "not_found"
+        # A path at its limit goes to the sandbox (whose file system finds it too long);
+        # one past it is refused by the API before that.
+        for length, errno in ((4096, "ENAMETOOLONG"), (4097, None)):
+            with socket_to(cluster, f"/v1/sandboxes/{sid}/files/watch?path={'a' * length}") as ws:
+                refused = json.loads(ws.recv())["error"]
+                assert refused["code"] == "invalid_request"
+                assert refused["details"].get("errno") == errno
         api.delete(f"/v1/sandboxes/{sid}")
 
 

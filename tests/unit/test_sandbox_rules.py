@@ -44,3 +44,42 @@ def test_an_access_token_is_compared_whole() -> None:
     assert not port_access.valid_token("sbt_abc", "")
     assert not port_access.valid_token(None, "sbt_abc")
     assert not port_access.valid_token("", "")
+
+
+def test_what_an_agent_says_of_its_activity_is_held_to_its_shape() -> None:
+    from treadle.shuttle.live.host import _activity
+
+    assert _activity({"processes": 2, "ticks": 150, "hz": 100}) == (2, 150, 100)
+    assert _activity({"processes": 10**9, "ticks": 1, "hz": 100})[0] == 1_000_000
+    for forged in (
+        None,
+        [],
+        {"processes": -1, "ticks": 1, "hz": 100},
+        {"processes": 1, "ticks": 1.5, "hz": 100},
+        {"processes": True, "ticks": 1, "hz": 100},
+        {"processes": 1, "ticks": 1, "hz": 0},
+        {"processes": "1", "ticks": 1, "hz": 100},
+        {"ticks": 1, "hz": 100},
+    ):
+        assert _activity(forged) == (0, None, 100), forged
+
+
+def test_a_node_s_activity_report_is_bounded() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from treadle.protocol import SandboxActivity
+
+    def report(**fields: object) -> SandboxActivity:
+        return SandboxActivity.model_validate({"id": "sbx_1", "incarnation": 1, **fields})
+
+    assert report(reasons=["r" * 256] * 8, idle_for_s=0).reasons[0] == "r" * 256
+    for bad in (
+        {"reasons": ["r"] * 9},
+        {"reasons": ["r" * 257]},
+        {"idle_for_s": -1},
+        {"idle_for_s": float("inf")},
+        {"idle_for_s": float("nan")},
+    ):
+        with pytest.raises(ValidationError):
+            report(**bad)
