@@ -21,7 +21,6 @@ from treadle.protocol.messages import (
     Ack,
     Assign,
     AssignSpec,
-    AttemptRef,
     Cancel,
     Chunk,
     Exited,
@@ -31,6 +30,7 @@ from treadle.protocol.messages import (
     ShuttleMessage,
     Started,
     Welcome,
+    WorkloadRef,
     decode_from_shuttle,
     encode,
 )
@@ -161,7 +161,7 @@ async def test_registers_runs_echo_and_reports(
     assert hello.protocol == PROTOCOL_VERSION
     assert hello.name == "node-a"
     assert hello.runtimes == [Tier.PROCESS]
-    assert hello.running == []
+    assert hello.workloads == []
     assert hello.capacity.cpu_millicores >= 1000
 
     await ws.send(assign(["/bin/echo", "13"]))
@@ -179,7 +179,7 @@ async def test_registers_runs_echo_and_reports(
     await ws.send(encode(Ack(id="ex_1", attempt=1, seq=0, exited=True)))
     await ws.close()
     ws, hello = await welcome(weaver)
-    assert hello.running == []
+    assert hello.workloads == []
 
 
 async def test_unacked_output_and_exit_are_replayed_after_reconnect(
@@ -197,7 +197,7 @@ async def test_unacked_output_and_exit_are_replayed_after_reconnect(
 
     assert ws.request is not None
     assert ws.request.headers["Authorization"] == "Bearer nd_1:s3cret"
-    assert hello.running == [AttemptRef(id="ex_1", attempt=1)]
+    assert hello.workloads == [WorkloadRef(kind="execution", id="ex_1", generation=1)]
     assert await receive(ws, Output) == first
     assert await receive(ws, Exited) == first_exit
 
@@ -226,7 +226,7 @@ async def test_only_unacked_frames_are_replayed(
 
     ws, hello = await welcome(weaver)
 
-    assert hello.running == [AttemptRef(id="ex_1", attempt=1)]
+    assert hello.workloads == [WorkloadRef(kind="execution", id="ex_1", generation=1)]
     replayed = await receive(ws, Output)
     assert replayed.chunks == chunks[1:]
     assert await receive(ws, Exited) == exited
@@ -290,7 +290,7 @@ async def test_heartbeats_list_what_the_node_holds(
 
     beat = await receive(ws, Heartbeat)
 
-    assert beat.running == [AttemptRef(id="ex_1", attempt=1)]
+    assert beat.workloads == [WorkloadRef(kind="execution", id="ex_1", generation=1)]
 
 
 async def test_output_beyond_the_unacked_window_waits_for_acks(

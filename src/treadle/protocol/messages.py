@@ -46,7 +46,6 @@ __all__ = [
     "Pty",
     "Refused",
     "SandboxControl",
-    "SandboxRef",
     "SandboxSpec",
     "SandboxStart",
     "SandboxState",
@@ -62,13 +61,14 @@ __all__ = [
     "Usage",
     "WeaverMessage",
     "Welcome",
+    "WorkloadRef",
     "decode_from_shuttle",
     "decode_from_weaver",
     "encode",
     "examine_refused",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class _Frame(BaseModel):
@@ -108,10 +108,19 @@ STREAM_CHUNK_BYTES = 256 * 1024
 Base64 = Annotated[str, Field(max_length=STREAM_CHUNK_BYTES * 4 // 3 + 8)]
 
 
-class SandboxRef(_Frame):
-    id: SandboxId
-    incarnation: Attempt
-    state: Literal["starting", "running", "paused"]
+class WorkloadRef(_Frame):
+    """One workload a node holds. Executions and sandboxes are alike to the node session:
+    a kind, an id, and a generation (an execution's attempt, a sandbox's incarnation) that
+    fencing works on. A sandbox also says the state it is in."""
+
+    kind: Literal["execution", "sandbox"]
+    id: str = Field(min_length=1, max_length=200)
+    generation: Attempt
+    state: Literal["starting", "running", "paused"] | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.id, self.generation
 
 
 # shuttle → weaver
@@ -139,14 +148,14 @@ class Hello(_Frame):
     taints: dict[str, str] = Field(default_factory=dict)
     # The tiers in which this node gives an execution network when its function asks.
     network_tiers: list[Tier] = Field(default_factory=list)
-    running: list[AttemptRef] = Field(default_factory=list)
-    # The sandboxes this node holds, each in the state it is in now.
-    sandboxes: list[SandboxRef] = Field(default_factory=list)
+    # Every workload this node holds: attempts still running or not yet stored by Weaver,
+    # and sandboxes in the state they are in now.
+    workloads: list[WorkloadRef] = Field(default_factory=list)
 
 
 class Heartbeat(_Frame):
     type: Literal["heartbeat"] = "heartbeat"
-    running: list[AttemptRef] = Field(default_factory=list)
+    workloads: list[WorkloadRef] = Field(default_factory=list)
     load: float | None = None
 
 

@@ -49,6 +49,7 @@ from treadle.protocol.messages import (
     StreamSignal,
     StreamWindow,
     Welcome,
+    WorkloadRef,
     decode_from_weaver,
     encode,
 )
@@ -244,8 +245,7 @@ class Shuttle:
             perf_score=self._perf_score,
             taints=settings.taints,
             network_tiers=self._network_tiers,
-            running=supervisor.held(),
-            sandboxes=self._sandboxes.held(),
+            workloads=self._held(supervisor),
         )
         await ws.send(encode(hello))
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -314,11 +314,13 @@ class Shuttle:
             StreamDetach: lambda m: host.stream_detach(m.stream),
         }
 
-    @staticmethod
-    async def _heartbeat(link: _Link, supervisor: Supervisor, interval_s: float) -> None:
+    def _held(self, supervisor: Supervisor) -> list[WorkloadRef]:
+        return [*supervisor.held(), *self._sandboxes.held()]
+
+    async def _heartbeat(self, link: _Link, supervisor: Supervisor, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            link.send(encode(Heartbeat(running=supervisor.held())))
+            link.send(encode(Heartbeat(workloads=self._held(supervisor))))
             # Orphans that outlived their execution by more than the runtime's own sweep.
             reaper.reap_orphans()
 

@@ -6,7 +6,7 @@ handed to the current link) and `inflight` (handed over, not yet acknowledged). 
 drops everything up to its `seq`; a new link moves `inflight` back in front of `unsent`, so
 a replay is just the next flush. Weaver stores by `(attempt, seq)`, so duplicates are free.
 
-`Started` is not replayed: the `running` list of the next Hello tells Weaver what this node
+`Started` is not replayed: the `workloads` list of the next Hello tells Weaver what this node
 holds. Sending is batched per event-loop iteration: producing a chunk marks its attempt dirty and
 schedules one flush with `call_soon`, which turns each dirty attempt's new chunks into as few
 Output frames as the frame size allows. Nothing waits on a timer, so `echo 13` costs no
@@ -34,11 +34,11 @@ from treadle.protocol.limits import OutputBudget
 from treadle.protocol.messages import (
     Ack,
     AssignSpec,
-    AttemptRef,
     Chunk,
     Exited,
     Output,
     Started,
+    WorkloadRef,
     encode,
 )
 from treadle.shuttle.gpus import GpuPool
@@ -82,7 +82,7 @@ class _Attempt:
 
     def __init__(self, spec: AssignSpec) -> None:
         self.spec = spec
-        self.ref = AttemptRef(id=spec.id, attempt=spec.attempt)
+        self.ref = WorkloadRef(kind="execution", id=spec.id, generation=spec.attempt)
         self.handle: RuntimeHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.cancelled = False
@@ -143,7 +143,7 @@ class Supervisor:
     def detach(self) -> None:
         self._send = None
 
-    def held(self) -> list[AttemptRef]:
+    def held(self) -> list[WorkloadRef]:
         """Attempts still running or with output or an exit report Weaver has not stored."""
         return [attempt.ref for attempt in self._attempts.values()]
 

@@ -34,7 +34,6 @@ from treadle.protocol.messages import (
     ProcessCall,
     SandboxActivity,
     SandboxControl,
-    SandboxRef,
     SandboxSpec,
     SandboxState,
     StreamAck,
@@ -45,6 +44,7 @@ from treadle.protocol.messages import (
     StreamSignal,
     StreamStarted,
     StreamWindow,
+    WorkloadRef,
     encode,
 )
 from treadle.shuttle.live import box
@@ -156,9 +156,9 @@ class SandboxHost:
                 relay.task.cancel()
         self._relays.clear()
 
-    def held(self) -> list[SandboxRef]:
+    def held(self) -> list[WorkloadRef]:
         return [
-            SandboxRef(id=h.spec.id, incarnation=h.incarnation, state=h.state)
+            WorkloadRef(kind="sandbox", id=h.spec.id, generation=h.incarnation, state=h.state)
             for h in self._held.values()
             if h.state in ("starting", "running", "paused")
         ]
@@ -224,6 +224,17 @@ class SandboxHost:
             if current.incarnation == spec.incarnation:
                 if current.state in ("running", "paused"):
                     self._report(current, current.state)  # a replayed start: say again
+                return
+            if current.incarnation > spec.incarnation:
+                # Fenced: a start that Weaver has since moved past never replaces its successor.
+                self._emit(
+                    SandboxState(
+                        id=spec.id,
+                        incarnation=spec.incarnation,
+                        state="stopped",
+                        reason="superseded by a newer incarnation",
+                    )
+                )
                 return
             # A newer incarnation replaces an older one still here (Weaver moved on).
             self._stop(current, "replaced by a newer incarnation")

@@ -122,8 +122,10 @@ async def _join(
     )
 
     async def reconcile(tx: Tx) -> list[WeaverMessage]:
-        replies = await weaver.reports.hello(tx, session, hello.running)
-        return replies + await weaver.sandboxes.hello(tx, session, hello.sandboxes)
+        executions = [ref for ref in hello.workloads if ref.kind == "execution"]
+        sandboxes = [ref for ref in hello.workloads if ref.kind == "sandbox"]
+        replies = await weaver.reports.hello(tx, session, executions)
+        return replies + await weaver.sandboxes.hello(tx, session, sandboxes)
 
     for reply in await weaver.writer.run(reconcile):
         session.send(reply)

@@ -23,7 +23,7 @@ from treadle.domain.execution import (
     is_terminal,
 )
 from treadle.domain.resources import Resources
-from treadle.protocol import Ack, AttemptRef, Cancel, Exited, Output, Started, WeaverMessage
+from treadle.protocol import Ack, Cancel, Exited, Output, Started, WeaverMessage, WorkloadRef
 from treadle.protocol.limits import INVALID_REPORT, OutputBudget
 from treadle.weaver.services.fleet import announce_open
 from treadle.weaver.services.nodes import RELIABILITY_ALPHA, NodeSession
@@ -72,10 +72,10 @@ class ReportService:
         self._speeds = SpeedObserver()
 
     async def hello(
-        self, tx: Tx, session: NodeSession, running: list[AttemptRef]
+        self, tx: Tx, session: NodeSession, running: list[WorkloadRef]
     ) -> list[WeaverMessage]:
-        """Reconcile what the node runs with what Weaver expects of it (DESIGN §3)."""
-        reported = {(ref.id, ref.attempt) for ref in running}
+        """Reconcile the attempts the node runs with what Weaver expects of it (DESIGN §3)."""
+        reported = {ref.key for ref in running}
         requeued = False
         for row in await self._active_on(tx, session.node_id):
             key = (row.id, row.attempt)

@@ -44,10 +44,10 @@ from treadle.domain.sandbox import (
 from treadle.protocol import (
     SandboxActivity,
     SandboxControl,
-    SandboxRef,
     SandboxStart,
     SandboxState,
     WeaverMessage,
+    WorkloadRef,
 )
 from treadle.protocol import SandboxSpec as NodeSandboxSpec
 from treadle.scheduler import Fleet, Placement, place, tiers
@@ -395,7 +395,7 @@ class SandboxService:
         return []
 
     async def hello(
-        self, tx: Tx, session: NodeSession, refs: list[SandboxRef]
+        self, tx: Tx, session: NodeSession, refs: list[WorkloadRef]
     ) -> list[WeaverMessage]:
         """Reconcile what a node that (re)connects holds with what Weaver expects of it."""
         reported = {ref.id: ref for ref in refs}
@@ -405,7 +405,7 @@ class SandboxService:
         )
         for row in list(expected):
             ref = reported.pop(row.id, None)
-            if ref is None or ref.incarnation != row.incarnation:
+            if ref is None or ref.generation != row.incarnation:
                 if row.status == SandboxStatus.STARTING.value and ref is None:
                     # The start may never have reached it: send it again.
                     replies.append(SandboxStart(spec=_node_spec(row)))
@@ -414,18 +414,18 @@ class SandboxService:
                 await self._ended_unasked(tx, row, End.CRASHED, "its node no longer holds it")
                 if ref is not None:
                     replies.append(
-                        SandboxControl(id=ref.id, incarnation=ref.incarnation, action="stop")
+                        SandboxControl(id=ref.id, incarnation=ref.generation, action="stop")
                     )
                 continue
             session.reserve((row.id, row.incarnation), _resources(row), row.tenant_id)
-            state = "running" if ref.state == "starting" else ref.state
+            state = "paused" if ref.state == "paused" else "running"
             replies += await self.reported(
                 tx,
                 session,
                 SandboxState(id=row.id, incarnation=row.incarnation, state=state),
             )
         for ref in reported.values():
-            replies.append(SandboxControl(id=ref.id, incarnation=ref.incarnation, action="stop"))
+            replies.append(SandboxControl(id=ref.id, incarnation=ref.generation, action="stop"))
         return replies
 
     async def node_lost(self, tx: Tx, node_id: str) -> None:
