@@ -22,6 +22,7 @@ from treadle.shuttle.live import box
 from treadle.shuttle.live.box import LiveSandbox, SandboxSpec
 from treadle.shuttle.live.link import GuestError, GuestProcess, LinkBroken
 from treadle.shuttle.runtimes.process import ProcessRuntime
+from treadle.shuttle.sandbox.policy import ROOT_CAPABILITIES
 
 PARAMS = runtime_params()
 HOST_PASSWD = Path("/etc/passwd").read_bytes()
@@ -201,12 +202,96 @@ async def test_what_exec_starts_meets_the_tier_s_system_call_policy(
     modules, bpf, ptrace...), run by a process a client started with exec."""
     if tier[0] == Tier.PROCESS:
         pytest.skip("the process tier filters nothing (the escape suite shows the difference)")
-    out, err, end = await run(sandbox, [PY_IN, "-c", probe_code()])
-    assert end.exit_code == 0, err
-    seen = json.loads(out)
-    assert set(seen) == set(SYSCALL_PROBES)
     refused = {"EPERM", "ENOSYS"} if tier[0] == Tier.GVISOR else {"EPERM"}
-    assert {name: answer for name, answer in seen.items() if answer not in refused} == {}
+    # The sandbox's root too: its capabilities do not open what the filter closes.
+    for user in (None, "root"):
+        out, err, end = await run(sandbox, [PY_IN, "-c", probe_code()], user=user)
+        assert end.exit_code == 0, err
+        seen = json.loads(out)
+        assert set(seen) == set(SYSCALL_PROBES)
+        assert {name: answer for name, answer in seen.items() if answer not in refused} == {}
+
+
+def _status(text: str) -> dict[str, str]:
+    return {
+        k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)
+    }
+
+
+def _capability_mask(names: tuple[str, ...]) -> int:
+    numbers = {
+        "CAP_CHOWN": 0,
+        "CAP_DAC_OVERRIDE": 1,
+        "CAP_FOWNER": 3,
+        "CAP_FSETID": 4,
+        "CAP_KILL": 5,
+        "CAP_SETGID": 6,
+        "CAP_SETUID": 7,
+        "CAP_NET_BIND_SERVICE": 10,
+    }
+    return sum(1 << numbers[name] for name in names)
+
+
+async def test_exec_and_files_act_as_the_sandbox_s_users(
+    tier: tuple[Tier, dict[str, Any]], sandbox: LiveSandbox
+) -> None:
+    ready = await sandbox.link.ready()
+    if tier[0] == Tier.PROCESS:
+        # One user: the node's own. Naming another is refused, not ignored.
+        assert not ready.users
+        other = "user" if ready.uid == 0 else "root"
+        with pytest.raises(GuestError) as refused:
+            await run(sandbox, ["true"], user=other)
+        assert refused.value.errno == "EPERM"
+        return
+    assert ready.users and ready.uid == 1000
+    show = "grep -E '^(Uid|Gid|CapEff|CapAmb):' /proc/self/status; echo $HOME $USER"
+    out, _, end = await run(sandbox, ["sh", "-c", show], user="root")
+    root = _status(out.decode())
+    assert (end.exit_code, root["Uid"].split(), root["Gid"].split()) == (0, ["0"] * 4, ["0"] * 4)
+    assert int(root["CapEff"], 16) == _capability_mask(ROOT_CAPABILITIES)
+    out, _, _ = await run(sandbox, ["sh", "-c", show], user="1000")
+    user = _status(out.decode())
+    assert user["Uid"].split() == ["1000"] * 4 and int(user["CapEff"], 16) == 0
+    assert int(user.get("CapAmb", "0"), 16) == 0
+
+    # The agent: real and saved root, acting as the user, with no effective capability;
+    # so the user's processes can neither signal nor trace it.
+    out, _, _ = await run(sandbox, ["cat", f"/proc/{ready.pid}/status"], user="root")
+    agent = _status(out.decode())
+    assert agent["Uid"].split() == ["0", "1000", "0", "1000"]
+    assert int(agent["CapEff"], 16) == 0
+    _, _, end = await run(sandbox, ["kill", "-0", str(ready.pid)])
+    assert end.exit_code != 0
+
+    # Files: each request as its user, with that user's permissions and ownership.
+    await sandbox.link.write_file("/tmp/root-only", b"secret", mode=0o600, user="root")
+    await sandbox.link.write_file("/tmp/mine", b"mine")
+    owners = {
+        entry["name"]: entry["uid"]
+        for entry in await sandbox.link.call("list", path="/tmp")
+        if entry["name"] in ("root-only", "mine")
+    }
+    assert owners == {"root-only": 0, "mine": 1000}
+    with pytest.raises(GuestError) as denied:
+        await sandbox.link.read_file("/tmp/root-only")
+    assert denied.value.errno == "EACCES"
+    _, chunks = await sandbox.link.read_file("/tmp/root-only", user="root")
+    assert b"".join([chunk async for chunk in chunks]) == b"secret"
+    # What one user's request did leaves the next request the sandbox's user's again.
+    out, _, _ = await run(sandbox, ["id", "-u"])
+    assert out == b"1000\n"
+    with pytest.raises(GuestError) as unknown:
+        await run(sandbox, ["true"], user="no-such-user")
+    assert unknown.value.errno == "EINVAL"
+    if tier[0] != Tier.GVISOR:
+        # Seen from the host, the sandbox's root is one of the workload's own ids.
+        process = await sandbox.link.exec(["sleep", "600"], user="root")
+        assert process.os_pid is not None
+        fields, _ = _host_view(_host_pid_of(sandbox.pid, process.os_pid))
+        assert 0 not in {int(u) for u in fields["Uid"].split()}
+        process.signal(signal.SIGKILL)
+        await process.wait()
 
 
 async def test_a_program_that_is_not_there_is_an_exit_not_a_crash(sandbox: LiveSandbox) -> None:
@@ -304,14 +389,22 @@ async def test_the_agent_holds_nothing_of_the_host_open(
 ) -> None:
     if tier[0] == Tier.PROCESS:
         pytest.skip("the process tier isolates nothing")
-    # The agent's fds, as its child sees them: pipes, /dev/null, the kernel's own objects
-    # (gVisor names the stdio it was given `host:[n]`, and its tier's result FIFO lives in
-    # the sandbox's own /dev).
-    out, _, _ = await run(
-        sandbox, ["sh", "-c", 'for f in /proc/$PPID/fd/*; do readlink "$f"; done']
-    )
-    held = set(out.decode().split())
-    assert held, out
+    # The agent's fds: pipes, /dev/null, the kernel's own objects (gVisor names the stdio
+    # it was given `host:[n]`, and its tier's result FIFO lives in the sandbox's own /dev).
+    if tier[0] == Tier.GVISOR:
+        # As its child sees them: the host sees gVisor's own process, not the agent.
+        script = 'for f in /proc/$PPID/fd/*; do readlink "$f"; done'
+        out, _, _ = await run(sandbox, ["sh", "-c", script], user="root")
+        held = set(out.decode().split())
+    else:
+        # As the host sees them. Nothing inside may look: having changed its ids, the
+        # agent is not dumpable, and no user of the sandbox has CAP_SYS_PTRACE.
+        agent = _agent_host_pid(sandbox)
+        held = {os.readlink(f"/proc/{agent}/fd/{fd}") for fd in os.listdir(f"/proc/{agent}/fd")}
+        inner = (await sandbox.link.ready()).pid
+        _, _, end = await run(sandbox, ["readlink", f"/proc/{inner}/fd/0"], user="root")
+        assert end.exit_code != 0
+    assert held
     unexpected = {
         target
         for target in held

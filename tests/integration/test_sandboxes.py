@@ -390,3 +390,44 @@ def test_request_fields_at_their_limit_and_one_past(cluster: Cluster) -> None:
             assert ("error" in first) is refused, first
     with cluster.client() as api:
         api.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+
+def test_exec_and_files_as_another_user_of_the_sandbox(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_weaver(process_tier=False)
+        cluster.start_shuttle("ns0", "--runtime", "namespace")
+        _as_another_user(cluster)
+    finally:
+        cluster.stop()
+
+
+def _as_another_user(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        sandbox = create(api)
+        sid = sandbox["id"]
+        assert run(api, sid, "id -u")["stdout"] == "1000\n"
+        as_root = run(api, sid, "id -u; echo $USER", user="root")
+        assert as_root["stdout"] == "0\nroot\n"
+
+        written = api.put(
+            f"/v1/sandboxes/{sid}/files/content",
+            params={"path": "/tmp/secret", "mode": 0o600, "user": "root"},
+            content=b"s3cret",
+        )
+        assert written.status_code == 200, written.text
+        read = api.get(f"/v1/sandboxes/{sid}/files/content", params={"path": "/tmp/secret"})
+        assert (read.status_code, read.json()["error"]["details"]["errno"]) == (403, "EACCES")
+        read = api.get(
+            f"/v1/sandboxes/{sid}/files/content", params={"path": "/tmp/secret", "user": "root"}
+        )
+        assert (read.status_code, read.content) == (200, b"s3cret")
+        listed = api.get(f"/v1/sandboxes/{sid}/files/stat", params={"path": "/tmp/secret"}).json()
+        assert (listed["uid"], listed["mode"]) == (0, 0o600)
+
+        unknown = api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "true", "user": "nobody2"})
+        assert unknown.status_code == 422, unknown.text
+        assert unknown.json()["error"]["details"]["user"] == "nobody2"
+        malformed = api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "true", "user": "a b"})
+        assert malformed.status_code == 422, malformed.text
+        api.delete(f"/v1/sandboxes/{sid}")

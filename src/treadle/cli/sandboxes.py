@@ -323,6 +323,10 @@ def exec_command(
         float | None,
         typer.Option("--timeout", metavar="SECONDS", min=0.001, help="Kill it after this long."),
     ] = None,
+    user: Annotated[
+        str | None,
+        typer.Option("--user", "-u", help="Run it as this user of the sandbox's (e.g. root)."),
+    ] = None,
 ) -> None:
     """Run a process in a sandbox: stream its output live, exit with its exit code.
 
@@ -336,6 +340,7 @@ def exec_command(
         env=parse_env(env or []) or None,
         cwd=cwd,
         timeout=timeout,
+        user=user,
     )
     with process:
         pump = _InputPump(process, sys.stdin.fileno(), tty=False) if interactive else None
@@ -356,6 +361,10 @@ def shell(
         list[str] | None,
         typer.Argument(metavar="[CMD...]", help="What to run, after -- (default: bash, else sh)."),
     ] = None,
+    user: Annotated[
+        str | None,
+        typer.Option("--user", "-u", help="As this user of the sandbox's (e.g. root)."),
+    ] = None,
 ) -> None:
     """Open an interactive shell in a sandbox, in a terminal the size of ours.
 
@@ -366,7 +375,7 @@ def shell(
     sandbox = _sandbox(ctx, sandbox_id)
     fd = sys.stdin.fileno()
     if not os.isatty(fd):
-        with sandbox.exec(cmd or _DEFAULT_SHELL, stdin=True) as process:
+        with sandbox.exec(cmd or _DEFAULT_SHELL, stdin=True, user=user) as process:
             pump = _InputPump(process, fd, tty=False)
             pump.start()
             try:
@@ -376,7 +385,9 @@ def shell(
     import termios
     import tty
 
-    with sandbox.exec(cmd or _DEFAULT_SHELL, stdin=True, pty=_terminal_size(fd)) as process:
+    with sandbox.exec(
+        cmd or _DEFAULT_SHELL, stdin=True, pty=_terminal_size(fd), user=user
+    ) as process:
         pump = _InputPump(process, fd, tty=True)
         saved = termios.tcgetattr(fd)
         previous = signal.signal(signal.SIGWINCH, pump.on_resize)

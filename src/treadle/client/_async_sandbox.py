@@ -355,8 +355,11 @@ class AsyncSandbox(sapi.SandboxBase[AsyncClient]):
         stdin: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - the process's, in the sandbox
         tag: str | None = None,
+        user: str | None = None,
     ) -> ExecResult:
-        call = sapi.run(self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, tag=tag)
+        call = sapi.run(
+            self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, tag=tag, user=user
+        )
         return await self._client._send(call)
 
     def exec(
@@ -369,9 +372,10 @@ class AsyncSandbox(sapi.SandboxBase[AsyncClient]):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        user: str | None = None,
     ) -> Opening[AsyncSandboxProcess]:
         messages = sapi.opening_messages(
-            cmd, stdin=stdin, pty=pty, env=env, cwd=cwd, tag=tag, timeout=timeout
+            cmd, stdin=stdin, pty=pty, env=env, cwd=cwd, tag=tag, timeout=timeout, user=user
         )
         url = sapi.exec_url(self._client.config.url, self.id)
         return Opening(AsyncSandboxProcess._open(self._client, url, messages))

@@ -301,11 +301,12 @@ def _exec_body(
     cwd: str | None,
     tag: str | None,
     timeout: float | None,
+    user: str | None = None,
 ) -> JSONObject:
     body: JSONObject = {"cmd": cmd if isinstance(cmd, str) else list(cmd)}
     if env:
         body["env"] = dict(env)
-    for key, value in (("cwd", cwd), ("tag", tag), ("timeout_s", timeout)):
+    for key, value in (("cwd", cwd), ("tag", tag), ("timeout_s", timeout), ("user", user)):
         if value is not None:
             body[key] = value
     return body
@@ -320,8 +321,9 @@ def run(
     stdin: str | None = None,
     timeout: float | None = None,
     tag: str | None = None,
+    user: str | None = None,
 ) -> Call[ExecResult]:
-    body = _exec_body(cmd, env, cwd, tag, timeout)
+    body = _exec_body(cmd, env, cwd, tag, timeout, user)
     if stdin is not None:
         body["stdin"] = stdin
     waits = _DEFAULT_EXEC_TIMEOUT_S if timeout is None else timeout
@@ -505,6 +507,7 @@ def opening_messages(
     cwd: str | None = None,
     tag: str | None = None,
     timeout: float | None = None,
+    user: str | None = None,
 ) -> list[str]:
     """What the client sends first on the exec WebSocket: the process, then its stdin.
 
@@ -512,7 +515,7 @@ def opening_messages(
     bytes or text are written and then closed. With a `pty` the terminal's input stays open
     unless data was given (a closed terminal input reads as Ctrl-D). `pty` is the
     terminal's `(rows, cols)`, True for 24x80; None or False for pipes."""
-    start = _exec_body(cmd, env, cwd, tag, timeout)
+    start = _exec_body(cmd, env, cwd, tag, timeout, user)
     if pty is True:
         pty = DEFAULT_PTY_SIZE
     if pty is False:

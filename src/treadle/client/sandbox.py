@@ -354,10 +354,14 @@ class Sandbox(sapi.SandboxBase[Client]):
         stdin: str | None = None,
         timeout: float | None = None,
         tag: str | None = None,
+        user: str | None = None,
     ) -> ExecResult:
         """Run a process to its end: `cmd` an argv, or a string for `/bin/sh -c`. `timeout`
-        (default 60 s) kills it; a non-zero exit is not an error (see `ExecResult.ok`)."""
-        call = sapi.run(self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, tag=tag)
+        (default 60 s) kills it; a non-zero exit is not an error (see `ExecResult.ok`).
+        `user`: a user of the sandbox's to run it as (e.g. "root"), where its tier has users."""
+        call = sapi.run(
+            self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, tag=tag, user=user
+        )
         return self._client._send(call)
 
     def exec(
@@ -370,14 +374,16 @@ class Sandbox(sapi.SandboxBase[Client]):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        user: str | None = None,
     ) -> SandboxProcess:
         """Start a process and stream it; returns once it started (`pid` known).
 
         `stdin`: False closes it at once, True keeps it open for `write()`, bytes or text
         are written then closed. `pty` gives it a terminal of `(rows, cols)` (True: 24x80).
-        `tag` names it for `attach`; `timeout` kills it after that many seconds."""
+        `tag` names it for `attach`; `timeout` kills it after that many seconds; `user` runs
+        it as another user of the sandbox's."""
         messages = sapi.opening_messages(
-            cmd, stdin=stdin, pty=pty, env=env, cwd=cwd, tag=tag, timeout=timeout
+            cmd, stdin=stdin, pty=pty, env=env, cwd=cwd, tag=tag, timeout=timeout, user=user
         )
         url = sapi.exec_url(self._client.config.url, self.id)
         return SandboxProcess._open(self._client, url, messages)

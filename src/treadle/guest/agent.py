@@ -15,6 +15,14 @@ unsigned 32-bit big-endian), the header (UTF-8 JSON object), then the payload. R
 `op`; events carry `ev`. The host holds what it reads to `treadle.protocol.guest`; this side
 trusts the host.
 
+Users: where Shuttle asks for it (`TREADLE_AGENT_USER=uid:gid`, in tiers whose user namespace
+maps every id of the sandbox), the agent starts as the sandbox's root with a few capabilities
+and settles at once as real and saved uid 0, effective uid the sandbox's user, with no effective
+capability: every file operation is then the user's own, the user's processes can neither
+signal nor trace it, and a request naming another `user` switches to that user for its file
+operation, or starts its process as that user (root keeping the capabilities, any other user
+losing them all). Elsewhere every process runs as the one user the sandbox has.
+
 Flow control: each exec process has an output window (bytes the host will take); the agent
 stops reading a process's pipes while its window is spent, so a client that stops reading
 one process stalls that process alone, never the channel or another process.
@@ -141,7 +149,9 @@ class Process:
         self.start(req)
 
     def start(self, req: Msg) -> None:
+        self.ids = self.agent.acting
         env = dict(self.agent.base_env)
+        env.update(self.agent.acting_env)
         env.update(req.get("env") or {})
         cwd = req.get("cwd") or self.agent.home
         size = req.get("pty")
@@ -207,7 +217,19 @@ class Process:
             for sig in (signal.SIGPIPE, signal.SIGCHLD, signal.SIGXFSZ):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
-            os.chdir(cwd)
+            if self.agent.switches:
+                uid, gid = self.ids
+                # Root first (the agent's real and saved uid), which makes its capabilities
+                # effective; then all three ids at once: leaving uid 0 on every one drops
+                # every capability, ambient ones included.
+                os.setresuid(0, 0, 0)
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            try:
+                os.chdir(cwd)
+            except OSError as exc:
+                os.write(2, f"treadle: cannot enter {cwd!r}: {exc.strerror}\n".encode())
+                os._exit(126)
             os.execvpe(self.argv[0], self.argv, env)
         except OSError as exc:
             os.write(2, f"treadle: cannot run {self.argv[0]!r}: {exc.strerror}\n".encode())
@@ -552,6 +574,15 @@ class Agent:
         self.uploads: dict[int, int] = {}
         self.downloads: dict[int, list[int]] = {}  # req -> [fd, window]
         self.home = os.environ.get("HOME") or "/"
+        self.user = (os.getuid(), os.getgid())
+        self.switches = False
+        wanted = os.environ.get("TREADLE_AGENT_USER")
+        if wanted:
+            uid, gid = (int(part) for part in wanted.split(":"))
+            self.switches = _settle(uid, gid)
+            self.user = (uid, gid)
+        self.acting = self.user  # whose request this is, while it is handled
+        self.acting_env: dict = {}
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("TREADLE_AGENT")}
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
@@ -564,7 +595,9 @@ class Agent:
     def run(self) -> None:
         if os.getpid() > 2:
             _adopt_orphans()
-        self.channel.send({"ev": "ready", "pid": os.getpid(), "uid": os.getuid()})
+        self.channel.send(
+            {"ev": "ready", "pid": os.getpid(), "uid": self.user[0], "users": self.switches}
+        )
         busy = False
         while not self.channel.closed:
             for key, _ in self.selector.select(0 if busy else None):
@@ -599,7 +632,11 @@ class Agent:
         try:
             if method is None:
                 raise ValueError(f"unknown op {op!r}")
-            method(header, payload)
+            user = header.get("user")
+            if user is None:
+                method(header, payload)
+            else:
+                self._as(user, method, header, payload)
         except OSError as exc:
             if req is not None:
                 self.channel.send(
@@ -610,6 +647,30 @@ class Agent:
                 self.channel.send(
                     {"ev": "error", "req": req, "errno": "EINVAL", "message": str(exc)}
                 )
+
+    def _as(self, user: object, method: Callable, header: Msg, payload: bytes) -> None:
+        """Handle one request as `user` (a name in the sandbox's /etc/passwd, or a uid)."""
+        uid, gid, home, name = _lookup(user)
+        if (uid, gid) != self.user and not self.switches:
+            raise PermissionError(
+                errno.EPERM, f"this sandbox runs every process as uid {self.user[0]}"
+            )
+        if self.switches:
+            os.seteuid(0)  # the capabilities to take any ids
+            os.setresgid(-1, gid, -1)
+            os.seteuid(uid)
+        self.acting = (uid, gid)
+        self.acting_env = {"USER": name, "LOGNAME": name} if name else {}
+        if home:
+            self.acting_env["HOME"] = home
+        try:
+            method(header, payload)
+        finally:
+            self.acting, self.acting_env = self.user, {}
+            if self.switches:
+                os.seteuid(0)
+                os.setresgid(-1, self.user[1], -1)
+                os.seteuid(self.user[0])
 
     # processes
 
@@ -858,6 +919,44 @@ class Agent:
                 if not isinstance(p, (Connection, Watch))
             ],
         )
+
+
+def _settle(uid: int, gid: int) -> bool:
+    """Become real and saved root, effective `uid`/`gid`, no effective capability; False
+    (nothing changed) where this agent may not take other ids."""
+    try:
+        os.setresuid(0, 0, 0)
+    except PermissionError:
+        return False
+    os.setresgid(0, gid, 0)
+    os.setresuid(0, uid, 0)  # effective 0 to `uid`: the effective capabilities go
+    return True
+
+
+def _lookup(user: object) -> tuple:
+    """(uid, gid, home, name) of `user`: a name in the sandbox's /etc/passwd ("root" and
+    "user" are there in every sandbox, even an image without them), or a number."""
+    if isinstance(user, int) and not isinstance(user, bool):
+        user = str(user)
+    if not isinstance(user, str) or not user or len(user) > 64 or ":" in user:
+        raise ValueError(f"invalid user {user!r}")
+    try:
+        with open("/etc/passwd", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 6 and user in (fields[0], fields[2]):
+                    uid, gid = int(fields[2]), int(fields[3])
+                    if not (0 <= uid < 65536 and 0 <= gid < 65536):
+                        break
+                    return uid, gid, fields[5] or None, fields[0]
+    except (OSError, ValueError):
+        pass
+    known = {"root": (0, 0, "/root", "root"), "user": (1000, 1000, None, "user")}
+    if user in known:
+        return known[user]
+    if user.isdigit() and int(user) < 65536:
+        return int(user), int(user), None, None
+    raise ValueError(f"no user {user!r} in the sandbox")
 
 
 def _adopt_orphans() -> None:

@@ -62,6 +62,8 @@ class Ready(_Event):
     ev: Literal["ready"]
     pid: int = Field(ge=1, le=INT32_MAX)
     uid: int = Field(ge=0, le=INT32_MAX)
+    # Whether it acts as other users of the sandbox when a request names one.
+    users: bool = False
 
 
 class Started(_Event):

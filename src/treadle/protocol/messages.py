@@ -31,6 +31,7 @@ from treadle.protocol.limits import (
 __all__ = [
     "PROTOCOL_VERSION",
     "STREAM_CHUNK_BYTES",
+    "USER_PATTERN",
     "Ack",
     "Assign",
     "AssignSpec",
@@ -103,6 +104,9 @@ class Usage(_Frame):
 SandboxId = Annotated[str, Field(min_length=1, max_length=64)]
 # Streams of exec'd processes, numbered by Weaver per link; their bytes travel as base64.
 StreamId = Annotated[int, Field(ge=1, le=INT32_MAX)]
+# A user inside a sandbox, by name or uid; None: the sandbox's own user.
+USER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$"
+User = Annotated[str, Field(pattern=USER_PATTERN)]
 # 256 KiB of bytes as base64, and a little room.
 STREAM_CHUNK_BYTES = 256 * 1024
 Base64 = Annotated[str, Field(max_length=STREAM_CHUNK_BYTES * 4 // 3 + 8)]
@@ -399,6 +403,7 @@ class ExecStart(_Frame):
     window: Count
     # The node kills the process (SIGKILL to its group) this long after it started.
     timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    user: User | None = None
 
 
 class ProcessCall(_Frame):
@@ -449,6 +454,7 @@ class FileStart(_Frame):
     recursive: bool = False
     mode: int = Field(default=0o644, ge=0, le=0o7777)
     window: Count = 0
+    user: User | None = None
 
 
 class StreamInput(_Frame):

@@ -41,6 +41,7 @@ from treadle.shuttle.live.link import GuestLink, LinkBroken
 from treadle.shuttle.runtimes._spawn import spawn_async
 from treadle.shuttle.runtimes.base import ExitStatus
 from treadle.shuttle.runtimes.namespace import NamespaceLauncher
+from treadle.shuttle.runtimes.oci import OciLauncher
 from treadle.shuttle.runtimes.process import (
     RESULT_FD,
     Attempt,
@@ -144,8 +145,14 @@ class LiveSandbox:
             if not isinstance(launcher, ImageLauncher):
                 raise ValueError(f"the {launcher.tier} tier cannot run an image")
             await launcher.fetch_image(assign)
+        # Where the tier can, the sandbox has users of its own (`users`): its agent acts
+        # as any of them (`treadle.guest.agent`).
         if isinstance(launcher, NamespaceLauncher):
-            attempt: Attempt = launcher.prepare(assign, workdir, binds=binds, freezable=True)
+            attempt: Attempt = launcher.prepare(
+                assign, workdir, binds=binds, freezable=True, users=True
+            )
+        elif isinstance(launcher, OciLauncher):
+            attempt = launcher.prepare(assign, workdir, binds=binds, users=True)
         else:
             attempt = launcher.prepare(assign, workdir, binds=binds)
         launch = attempt.launch

@@ -381,9 +381,10 @@ class SandboxHost:
                 tag=message.tag,
                 stdin=message.stdin,
                 pty=None if message.pty is None else (message.pty.rows, message.pty.cols),
+                user=message.user,
             )
         except (GuestError, LinkBroken) as exc:
-            self._emit(StreamEnd(stream=relay.stream, error=str(exc)[:1024]))
+            self._failed(relay, exc)
             self._done(relay)
             return
         ex = Exec(
@@ -530,23 +531,26 @@ class SandboxHost:
 
     async def _file(self, relay: _Relay, held: _Held, message: FileStart) -> None:
         assert held.sandbox is not None
-        link, path = held.sandbox.link, message.path
+        link, path, user = held.sandbox.link, message.path, message.user
         result: Any = None
         try:
             if message.op == "read":
-                _, chunks = await link.read_file(path)
+                _, chunks = await link.read_file(path, user=user)
                 async for chunk in chunks:
                     await self._send_within(relay, "stdout", chunk)
             elif message.op == "write":
-                result = await link.write_file(path, self._uploaded(relay), mode=message.mode)
+                uploaded = self._uploaded(relay)
+                result = await link.write_file(path, uploaded, mode=message.mode, user=user)
             elif message.op == "watch":
-                await self._watch_files(relay, await link.watch(path, recursive=message.recursive))
+                watch = await link.watch(path, recursive=message.recursive, user=user)
+                await self._watch_files(relay, watch)
             elif message.op == "move":
-                result = await link.call("move", source=path, target=message.target or path)
+                target = message.target or path
+                result = await link.call("move", source=path, target=target, user=user)
             elif message.op == "list":
-                result = await link.call("list", path=path, depth=message.depth)
+                result = await link.call("list", path=path, depth=message.depth, user=user)
             else:
-                result = await link.call(message.op, path=path)
+                result = await link.call(message.op, path=path, user=user)
             self._emit(StreamEnd(stream=relay.stream, exit_code=0, result=result))
         except (GuestError, LinkBroken) as exc:
             self._failed(relay, exc)

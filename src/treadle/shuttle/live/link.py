@@ -185,7 +185,10 @@ class GuestLink:
         tag: str | None = None,
         stdin: bool = False,
         pty: tuple[int, int] | None = None,
+        user: str | None = None,
     ) -> GuestProcess:
+        """Start `argv` in the sandbox, as `user` (a name or uid of the sandbox's; None: its
+        own user)."""
         header: dict[str, Any] = {
             "op": "exec",
             "argv": argv,
@@ -193,6 +196,7 @@ class GuestLink:
             "cwd": cwd,
             "tag": tag,
             "stdin": stdin,
+            "user": user,
         }
         if pty is not None:
             header["pty"] = {"rows": pty[0], "cols": pty[1]}
@@ -204,10 +208,13 @@ class GuestLink:
         exits (code 0) once the server has closed; `signal` closes it."""
         return await self._start({"op": "connect", "port": port}, None)
 
-    async def watch(self, path: str, *, recursive: bool = False) -> GuestProcess:
+    async def watch(
+        self, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> GuestProcess:
         """Changes under the directory `path` as its output: JSON lines `{"type", "name",
         "dir"}` (create, write, remove, rename, chmod), until it goes or `signal` ends it."""
-        return await self._start({"op": "watch", "path": path, "recursive": recursive}, None)
+        header = {"op": "watch", "path": path, "recursive": recursive, "user": user}
+        return await self._start(header, None)
 
     async def _start(self, header: dict[str, Any], tag: str | None) -> GuestProcess:
         pid = self._id()
@@ -226,12 +233,15 @@ class GuestLink:
 
     # files
 
-    async def read_file(self, path: str) -> tuple[int, AsyncIterator[bytes]]:
-        """The file's size when opened, and its bytes as they come."""
+    async def read_file(
+        self, path: str, *, user: str | None = None
+    ) -> tuple[int, AsyncIterator[bytes]]:
+        """The file's size when opened (as `user`), and its bytes as they come."""
         req = self._id()
         download = _Download()
         self._downloads[req] = download
-        size = await self.request({"op": "read", "path": path, "window": WINDOW}, req=req)
+        opening = {"op": "read", "path": path, "window": WINDOW, "user": user}
+        size = await self.request(opening, req=req)
         return int(size), self._download(req, download)
 
     async def _download(self, req: int, download: _Download) -> AsyncIterator[bytes]:
@@ -259,10 +269,11 @@ class GuestLink:
         mode: int = 0o644,
         parents: bool = True,
         append: bool = False,
+        user: str | None = None,
     ) -> int:
-        """Write `data` to `path`; returns the file's size after."""
+        """Write `data` to `path` (opened as `user`); returns the file's size after."""
         req = self._id()
-        open_ = {"op": "write_open", "path": path, "mode": mode, "parents": parents}
+        open_ = {"op": "write_open", "path": path, "mode": mode, "parents": parents, "user": user}
         await self.request({**open_, "append": append}, req=req)
         try:
             if isinstance(data, bytes):

@@ -145,6 +145,9 @@ class Identity:
     uid: int = SANDBOX_UID
     gid: int = SANDBOX_GID
     userns: IdMap | None = field(default_factory=IdMap)
+    # Given any, the program starts as the user namespace's root with these (and no others),
+    # to act as (uid, gid) and any other user; its work dir is still (uid, gid)'s.
+    capabilities: tuple[str, ...] = ()
 
     @property
     def host_uid(self) -> int:
@@ -269,15 +272,17 @@ def build_config(
         "ociVersion": _SPEC_VERSION,
         "process": {
             "terminal": False,
-            "user": {"uid": identity.uid, "gid": identity.gid, "additionalGids": []},
+            "user": {"uid": 0, "gid": 0, "additionalGids": []}
+            if identity.capabilities
+            else {"uid": identity.uid, "gid": identity.gid, "additionalGids": []},
             "args": process_args,
             "env": _environment(rootfs.env, env),
             "cwd": WORK_DIR,
             "capabilities": {
-                "bounding": [],
-                "effective": [],
+                "bounding": list(identity.capabilities),
+                "effective": list(identity.capabilities),
                 "inheritable": [],
-                "permitted": [],
+                "permitted": list(identity.capabilities),
                 "ambient": [],
             },
             "rlimits": [

@@ -120,9 +120,11 @@ def options(
     disk_bytes: int,
     network: bool,
     etc: Path = Path("/etc"),
+    capabilities: Sequence[str] = (),
 ) -> list[str]:
     """bubblewrap's options for one attempt (everything but the command). With `network`,
-    `fds.resolv_conf` is required."""
+    `fds.resolv_conf` is required. `capabilities`: what the program keeps (in its user
+    namespace), where it is not to be left with none."""
     if network and fds.resolv_conf is None:
         raise ValueError("a sandbox with network needs its resolv.conf")
     # A user namespace even where bubblewrap could do without (run by root).
@@ -133,6 +135,7 @@ def options(
         "--new-session",
         "--cap-drop",
         "ALL",
+        *(option for name in capabilities for option in ("--cap-add", name)),
         "--hostname",
         _HOSTNAME,
         "--clearenv",

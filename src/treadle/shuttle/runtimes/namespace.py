@@ -86,6 +86,7 @@ from treadle.shuttle.runtimes.process import (
 from treadle.shuttle.sandbox import cleanup, exits, owners, seccomp
 from treadle.shuttle.sandbox.cgroups import Cgroups, Group, GroupUsage, Limits, detect
 from treadle.shuttle.sandbox.ids import SANDBOX_GID, SANDBOX_UID, IdPool, IdRange, pool_for
+from treadle.shuttle.sandbox.policy import AGENT_USER_ENV, ROOT_CAPABILITIES
 from treadle.shuttle.settings import ShuttleSettings
 
 __all__ = [
@@ -195,12 +196,19 @@ class NamespaceLauncher:
         *,
         binds: Sequence[ReadOnlyBind] = (),
         freezable: bool = False,
+        users: bool = False,
     ) -> Attempt:
         """See `Launcher.prepare`; `freezable`: the attempt's group can be frozen (a
-        long-lived sandbox's pause), which on cgroup v1 costs one more hierarchy."""
+        long-lived sandbox's pause), which on cgroup v1 costs one more hierarchy. `users`:
+        the sandbox has users of its own (every id of its range mapped) and its program
+        starts with `ROOT_CAPABILITIES`, told so by `AGENT_USER_ENV`, to act as any of them;
+        granted only where the workload has host ids of its own (Shuttle is root)."""
         # `workdir` stays unused: the work dir lives inside the sandbox (see `bwrap`).
         files = workdir_files(spec)
         env = environment(spec, bwrap.WORK_DIR)
+        users = users and self._ids is not None
+        if users:
+            env[AGENT_USER_ENV] = f"{SANDBOX_UID}:{SANDBOX_GID}"
         bwrap.resolve_in_sandbox(
             spec.argv[0],
             env.get("PATH", ""),
@@ -213,6 +221,7 @@ class NamespaceLauncher:
         if wants_network(spec) and network is None:
             raise NoNetwork(NO_NETWORK)
         attempt = _NamespaceAttempt(self.limits, network, self._ids)
+        attempt.all_ids = users
         try:
             if self._ids is not None:
                 attempt.ids = self._ids.claim()
@@ -251,6 +260,7 @@ class NamespaceLauncher:
                 env=env,
                 disk_bytes=disk_bytes,
                 network=network is not None,
+                capabilities=ROOT_CAPABILITIES if users else (),
             )
             args_fd = give(_memfd("bwrap-args", b"\0".join(a.encode() for a in args) + b"\0"))
             if self.limits.cgroups is not None:
@@ -293,6 +303,7 @@ class _NamespaceAttempt:
         self._network = network
         self._pool = pool
         self.ids: IdRange | None = None  # the workload's host ids, where it has its own
+        self.all_ids = False  # map all of `ids`, not only the sandbox's user
         self.link: slirp.Link | None = None
         self.resources = Resources()
         self.child_ends: list[int] = []  # bubblewrap's ends, closed here once it has them
@@ -381,9 +392,13 @@ class _NamespaceAttempt:
                 uid, gid = self.ids.host(SANDBOX_UID), self.ids.host(SANDBOX_GID)
             else:
                 uid, gid = os.getuid(), os.getgid()
-            _write_proc(pid, "uid_map", f"{SANDBOX_UID} {uid} 1\n")
+            if self.all_ids and self.ids is not None:
+                uid_map = gid_map = f"0 {self.ids.start} {self.ids.size}\n"
+            else:
+                uid_map, gid_map = f"{SANDBOX_UID} {uid} 1\n", f"{SANDBOX_GID} {gid} 1\n"
+            _write_proc(pid, "uid_map", uid_map)
             _write_proc(pid, "setgroups", "deny")  # what lets an unprivileged user map gids
-            _write_proc(pid, "gid_map", f"{SANDBOX_GID} {gid} 1\n")
+            _write_proc(pid, "gid_map", gid_map)
         except (ProcessLookupError, FileNotFoundError):
             pass  # gone: bubblewrap failed, and reports why
 

@@ -31,6 +31,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from treadle.domain.resources import Tier
@@ -76,6 +77,7 @@ from treadle.shuttle.runtimes.process import (
 from treadle.shuttle.sandbox import cleanup, exits
 from treadle.shuttle.sandbox.cgroups import Group
 from treadle.shuttle.sandbox.ids import SANDBOX_GID, SANDBOX_UID, IdPool, IdRange, pool_for
+from treadle.shuttle.sandbox.policy import AGENT_USER_ENV, ROOT_CAPABILITIES
 from treadle.shuttle.sandbox.state import private_dir, state_root
 from treadle.shuttle.settings import ShuttleSettings
 
@@ -162,8 +164,15 @@ class OciLauncher:
         self._resolved[spec.image] = rootfs
 
     def prepare(
-        self, spec: AssignSpec, workdir: Path, *, binds: Sequence[ReadOnlyBind] = ()
+        self,
+        spec: AssignSpec,
+        workdir: Path,
+        *,
+        binds: Sequence[ReadOnlyBind] = (),
+        users: bool = False,
     ) -> Attempt:
+        """See `Launcher.prepare`; `users` as `NamespaceLauncher.prepare`'s (granted where the
+        workload has a user namespace over host ids of its own)."""
         container_id = new_container_id(spec.id, spec.attempt)
         # Not the work dir Shuttle offers: this one is under the tier's own state, which the
         # sweep after a crash covers (it holds a mount), and whose directories runsc's gofer,
@@ -178,10 +187,15 @@ class OciLauncher:
         if identity.userns is not None and self._ids is not None:
             ids = self._ids.claim()
             identity = Identity(SANDBOX_UID, SANDBOX_GID, IdMap(ids.start, ids.size))
+        users = users and ids is not None
+        if users:
+            identity = replace(identity, capabilities=ROOT_CAPABILITIES)
         try:
             _remove_workdir(workdir)  # left over by a crash, or a retried assignment
             files = workdir_files(spec)
             env = assign_environment(spec)
+            if users:
+                env[AGENT_USER_ENV] = f"{SANDBOX_UID}:{SANDBOX_GID}"
             if spec.image is None:
                 # The host's programs are known here; an image's are found by the runtime,
                 # which reports a missing one as a failed start.

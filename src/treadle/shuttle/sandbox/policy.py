@@ -14,11 +14,13 @@ cannot be written, capabilities or not.
 from __future__ import annotations
 
 __all__ = [
+    "AGENT_USER_ENV",
     "ARGS_FILE",
     "MASKED_PATHS",
     "PATH",
     "READONLY_PATHS",
     "RESULT_FD",
+    "ROOT_CAPABILITIES",
     "WORK_DIR",
     "masked_in_proc",
 ]
@@ -49,6 +51,27 @@ READONLY_PATHS = (
     "/proc/sys",
     "/proc/sysrq-trigger",
 )
+
+
+# What root inside a sandbox holds, in tiers whose sandboxes have users of their own (a
+# sandbox's guest agent starts as that root, and so does a process exec'd as root): enough to
+# become any of the sandbox's users and to own and reach their files, as root on a machine
+# does, and nothing more (no CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_NET_RAW, CAP_MKNOD, ...). They
+# count inside the sandbox's user namespace only, where no host id is mapped: a host file is
+# nobody's there, and capabilities do not apply to it.
+ROOT_CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SETGID",
+    "CAP_SETUID",
+)
+# Given to a guest agent started with ROOT_CAPABILITIES: "uid:gid" of the sandbox's user, the
+# one it acts as unless a request names another (`treadle.guest.agent`).
+AGENT_USER_ENV = "TREADLE_AGENT_USER"
 
 
 def masked_in_proc() -> list[str]:

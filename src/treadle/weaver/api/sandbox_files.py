@@ -1,11 +1,12 @@
 """/v1/sandboxes/{id}/files: read, write, list, stat, mkdir, move and remove, with paths as
 the sandbox sees them (relative ones from its home). The guest agent does each inside the
-boundary, as the sandbox's user: `..`, absolute paths and symlinks resolve in the sandbox's
-own file system, never on the node's."""
+boundary, as the sandbox's user (or the `user` named, where the sandbox has users): `..`,
+absolute paths and symlinks resolve in the sandbox's own file system, never on the node's."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -15,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.domain import errors
 from treadle.protocol import FileStart
+from treadle.protocol.messages import USER_PATTERN
 from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.sandbox_errors import sandbox_error
 from treadle.weaver.api.sandboxes import running_node, serve_stream
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.streams import Ended, ExecStream
@@ -25,31 +28,12 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandbox files"])
 WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 PathQuery = Annotated[str, Query(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
-
-# How the sandbox's errno names read as API errors.
-_ERRORS: dict[str, type[errors.TreadleError]] = {
-    "ENOENT": errors.NotFound,
-    "EEXIST": errors.Conflict,
-    "ENOTEMPTY": errors.Conflict,
-    "EBUSY": errors.Conflict,
-    "EACCES": errors.Forbidden,
-    "EPERM": errors.Forbidden,
-    "EROFS": errors.Forbidden,
-    "ENOSPC": errors.InsufficientStorage,
-    "EDQUOT": errors.InsufficientStorage,
-    "EFBIG": errors.InsufficientStorage,
-}
+# Whose request it is inside the sandbox (a name or uid there); none: the sandbox's user.
+UserQuery = Annotated[str | None, Query(pattern=USER_PATTERN)]
 
 
 def _failed(ended: Ended, path: str, quota_mib: int | None) -> errors.TreadleError:
-    code = ended.error_code
-    cls = _ERRORS.get(code or "", errors.InvalidRequest if code else errors.Unavailable)
-    details: dict[str, Any] = {"path": path, "errno": code}
-    message = f"{path}: {ended.error}"
-    if cls is errors.InsufficientStorage:
-        details["quota_mib"] = quota_mib
-        message += f" (the sandbox's disk quota is {quota_mib} MiB)"
-    return cls(message, details=details)
+    return sandbox_error(ended, {"path": path}, quota_mib, prefix=f"{path}: ")
 
 
 async def _operation(
@@ -84,21 +68,26 @@ async def list_files(
     caller: Caller,
     weaver: WeaverDep,
     depth: Annotated[int, Query(ge=1, le=16)] = 1,
+    user: UserQuery = None,
 ) -> Any:
-    items = await _result(weaver, caller.tenant_id, sandbox_id, "list", path, depth=depth)
+    items = await _result(
+        weaver, caller.tenant_id, sandbox_id, "list", path, depth=depth, user=user
+    )
     return {"items": items}
 
 
 @router.get("/{sandbox_id}/files/stat", summary="What a path of a sandbox is")
-async def stat_file(sandbox_id: str, path: PathQuery, caller: Caller, weaver: WeaverDep) -> Any:
-    return await _result(weaver, caller.tenant_id, sandbox_id, "stat", path)
+async def stat_file(
+    sandbox_id: str, path: PathQuery, caller: Caller, weaver: WeaverDep, user: UserQuery = None
+) -> Any:
+    return await _result(weaver, caller.tenant_id, sandbox_id, "stat", path, user=user)
 
 
 @router.get("/{sandbox_id}/files/content", summary="Read a file of a sandbox (streamed)")
 async def read_file(
-    sandbox_id: str, path: PathQuery, caller: Caller, weaver: WeaverDep
+    sandbox_id: str, path: PathQuery, caller: Caller, weaver: WeaverDep, user: UserQuery = None
 ) -> Response:
-    stream, quota = await _operation(weaver, caller.tenant_id, sandbox_id, "read", path)
+    stream, quota = await _operation(weaver, caller.tenant_id, sandbox_id, "read", path, user=user)
     chunks = stream.output()
     first = await anext(chunks, None)
     if first is None and stream.ended is not None and stream.ended.error is not None:
@@ -125,8 +114,11 @@ async def write_file(
     caller: Caller,
     weaver: WeaverDep,
     mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
+    user: UserQuery = None,
 ) -> Any:
-    stream, quota = await _operation(weaver, caller.tenant_id, sandbox_id, "write", path, mode=mode)
+    stream, quota = await _operation(
+        weaver, caller.tenant_id, sandbox_id, "write", path, mode=mode, user=user
+    )
     sent = 0
     try:
         async for chunk in request.stream():
@@ -157,13 +149,16 @@ class MkdirBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+    user: str | None = Field(default=None, pattern=USER_PATTERN)
 
 
 @router.post("/{sandbox_id}/files/mkdir", summary="Make a directory (and its parents)")
 async def make_directory(
     sandbox_id: str, body: MkdirBody, caller: Caller, weaver: WeaverDep
 ) -> Any:
-    created = await _result(weaver, caller.tenant_id, sandbox_id, "mkdir", body.path)
+    created = await _result(
+        weaver, caller.tenant_id, sandbox_id, "mkdir", body.path, user=body.user
+    )
     return {"path": body.path, "created": created}
 
 
@@ -172,19 +167,28 @@ class MoveBody(BaseModel):
 
     source: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
     target: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+    user: str | None = Field(default=None, pattern=USER_PATTERN)
 
 
 @router.post("/{sandbox_id}/files/move", summary="Move or rename a path")
 async def move_file(sandbox_id: str, body: MoveBody, caller: Caller, weaver: WeaverDep) -> Any:
-    await _result(weaver, caller.tenant_id, sandbox_id, "move", body.source, target=body.target)
+    await _result(
+        weaver,
+        caller.tenant_id,
+        sandbox_id,
+        "move",
+        body.source,
+        target=body.target,
+        user=body.user,
+    )
     return {"source": body.source, "target": body.target}
 
 
 @router.delete("/{sandbox_id}/files", status_code=204, summary="Remove a path (recursively)")
 async def remove_file(
-    sandbox_id: str, path: PathQuery, caller: Caller, weaver: WeaverDep
+    sandbox_id: str, path: PathQuery, caller: Caller, weaver: WeaverDep, user: UserQuery = None
 ) -> Response:
-    await _result(weaver, caller.tenant_id, sandbox_id, "remove", path)
+    await _result(weaver, caller.tenant_id, sandbox_id, "remove", path, user=user)
     return Response(status_code=204)
 
 
@@ -212,18 +216,21 @@ async def watch_files(websocket: WebSocket, sandbox_id: str) -> None:
     place, then `{"type": create|write|remove|rename|chmod, "name": path relative to the
     directory, "dir": bool}` per change (a write in many
     pieces is one), until the client leaves or the directory goes (then `{"end": …}`).
-    Query: `path`, `recursive` (its subdirectories too, those made later included)."""
+    Query: `path`, `recursive` (its subdirectories too, those made later included), `user`."""
     weaver = get_weaver(websocket)
     path = websocket.query_params.get("path", "")
     recursive = websocket.query_params.get("recursive", "false").lower() in ("1", "true")
+    user = websocket.query_params.get("user")
     quota: int | None = None
 
     async def opening(tenant_id: str) -> ExecStream:
         nonlocal quota
         if not path or len(path) > 4096 or "\x00" in path:
             raise errors.InvalidRequest("path must be 1-4096 characters", details={"path": path})
+        if user is not None and not re.fullmatch(USER_PATTERN, user):
+            raise errors.InvalidRequest(f"invalid user {user!r}", details={"user": user})
         stream, quota = await _operation(
-            weaver, tenant_id, sandbox_id, "watch", path, recursive=recursive
+            weaver, tenant_id, sandbox_id, "watch", path, recursive=recursive, user=user
         )
         return stream
 

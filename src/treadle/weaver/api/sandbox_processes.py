@@ -13,6 +13,7 @@ from treadle.domain.errors import InvalidRequest, InvalidTransition, NotFound
 from treadle.protocol import ProcessCall
 from treadle.protocol.limits import INT32_MAX
 from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.sandbox_errors import sandbox_error
 from treadle.weaver.api.sandboxes import running_node, serve_stream
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.streams import Ended, ExecStream
@@ -49,7 +50,7 @@ def _checked(ended: Ended, sandbox_id: str, ref: str | None = None) -> Any:
     if ended.error_code == "ESRCH":
         raise NotFound(f"sandbox {sandbox_id} has no exec'd process {ref!r}", details={"ref": ref})
     if ended.error is not None:
-        raise InvalidTransition(ended.error, details={"id": sandbox_id})
+        raise sandbox_error(ended, {"id": sandbox_id}, otherwise=InvalidTransition)
     return ended.result
 
 

@@ -12,8 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from treadle.domain.errors import InvalidRequest, InvalidTransition, TreadleError, Unavailable
 from treadle.domain.sandbox import MAX_TIMEOUT_S, Desired, SandboxSpec, SandboxStatus
+from treadle.protocol.messages import USER_PATTERN
 from treadle.weaver.api.deps import Caller, get_weaver, principal_of
 from treadle.weaver.api.errors import error_body
+from treadle.weaver.api.sandbox_errors import sandbox_error
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.nodes import NodeSession
 from treadle.weaver.services.sandboxes import sandbox_view
@@ -103,6 +105,8 @@ class ExecBody(BaseModel):
     stdin: str | None = Field(default=None, max_length=16 * 1024 * 1024)
     timeout_s: float | None = Field(default=60.0, gt=0, le=7 * 24 * 3600)
     tag: str | None = Field(default=None, min_length=1, max_length=256)
+    # A user of the sandbox's (name or uid); none: the sandbox's own user.
+    user: str | None = Field(default=None, pattern=USER_PATTERN)
 
     @field_validator("cmd")
     @classmethod
@@ -152,6 +156,9 @@ async def exec_in_sandbox(
     ended = stream.ended
     assert ended is not None
     started = await stream.started()
+    if started is None and ended.error_code is not None:
+        # Refused before it started (a user the sandbox has not, say): the request's fault.
+        raise sandbox_error(ended, {"id": sandbox_id, "user": body.user})
     return {
         "pid": None if started is None else started.pid,
         "tag": body.tag,
@@ -188,6 +195,7 @@ async def _open(
         stdin=stdin,
         pty=pty,
         timeout_s=body.timeout_s,
+        user=body.user,
     )
 
 
@@ -211,7 +219,7 @@ class _Start(ExecBody):
 @router.websocket("/{sandbox_id}/exec")
 async def exec_stream(websocket: WebSocket, sandbox_id: str) -> None:
     """Interactive exec. The client's first message is `{"cmd", "env", "cwd", "tag",
-    "timeout_s", "pty": {"rows", "cols"}?}`; then `{"stdin": base64, "eof"?: true}`,
+    "timeout_s", "user", "pty": {"rows", "cols"}?}`; then `{"stdin": base64, "eof"?: true}`,
     `{"eof": true}`, `{"signal": n}`, `{"resize": {"rows", "cols"}}` in any order. The server
     sends `{"started": {"pid", "tag"}}`, then `{"stdout"|"stderr": base64}` as the process
     writes, at the pace the client reads, and `{"exit": {...}}` last. Leaving does not kill

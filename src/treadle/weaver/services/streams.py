@@ -175,6 +175,7 @@ class StreamHub:
         stdin: bool = False,
         pty: tuple[int, int] | None = None,
         timeout_s: float | None = None,
+        user: str | None = None,
     ) -> ExecStream:
         return self.start(
             session,
@@ -189,6 +190,7 @@ class StreamHub:
             stdin=stdin,
             pty=None if pty is None else Pty(rows=pty[0], cols=pty[1]),
             timeout_s=timeout_s,
+            user=user,
         )
 
     def start(
