@@ -44,8 +44,8 @@ async def sandbox(tier: tuple[Tier, dict[str, Any]], tmp_path: Path) -> AsyncIte
         await started.stop(grace_s=1)
 
 
-async def start(tier: tuple[Tier, dict[str, Any]], home: Path, **spec: Any) -> LiveSandbox:
-    runtime = make_runtime(tier, home)
+async def start(tier: tuple[Tier, dict[str, Any]], root: Path, **spec: Any) -> LiveSandbox:
+    runtime = make_runtime(tier, root)
     assert isinstance(runtime, ProcessRuntime)
     launcher = runtime.launcher
     fields: dict[str, Any] = {
@@ -58,7 +58,7 @@ async def start(tier: tuple[Tier, dict[str, Any]], home: Path, **spec: Any) -> L
         "python": "/usr/bin/python3",
     }
     fields.update(spec)
-    return await LiveSandbox.start(launcher, SandboxSpec(**fields), home / "work" / "sbx_1-1")
+    return await LiveSandbox.start(launcher, SandboxSpec(**fields), root / "work" / "sbx_1-1")
 
 
 async def run(sandbox: LiveSandbox, argv: list[str], **options: Any) -> tuple[bytes, bytes, Any]:
@@ -726,3 +726,21 @@ async def test_a_request_whose_caller_is_cancelled_leaves_the_link_working(
     out, _, end = await run(sandbox, ["echo", "still here"])
     assert (out, end.exit_code) == (b"still here\n", 0)
     assert not sandbox.link.closed
+
+
+async def test_a_sandbox_s_home_is_where_it_asked(
+    tier: tuple[Tier, dict[str, Any]], tmp_path: Path
+) -> None:
+    if tier[0] == Tier.PROCESS:
+        pytest.skip("the process tier's home is its directory on the host")
+    sandbox = await start(tier, tmp_path, home="/home/user")
+    try:
+        out, err, end = await run(sandbox, ["sh", "-c", "pwd; echo $HOME; ls -A; touch made"])
+        assert (end.exit_code, out.decode().splitlines()) == (0, ["/home/user", "/home/user"]), err
+        await sandbox.link.write_file("note.txt", b"relative")
+        out, _, _ = await run(sandbox, ["cat", "/home/user/note.txt"])
+        assert out == b"relative"
+        names = sorted(e["name"] for e in await sandbox.link.call("list", path="."))
+        assert names == ["made", "note.txt"]  # nothing of treadle's own (no args file)
+    finally:
+        await sandbox.stop(grace_s=1)

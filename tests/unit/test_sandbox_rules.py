@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from treadle.domain.sandbox import IDLE_CPU_CORES, awake_reasons
+import pytest
+from pydantic import ValidationError
+
+from treadle.domain.sandbox import IDLE_CPU_CORES, SandboxSpec, awake_reasons, check_home
 from treadle.weaver.services import port_access
 
 
@@ -83,3 +86,38 @@ def test_a_node_s_activity_report_is_bounded() -> None:
     ):
         with pytest.raises(ValidationError):
             report(**bad)
+
+
+@pytest.mark.parametrize(
+    "home", ["/work", "/home/user", "/root", "/a/b/c/d/e/f/g/h", "/" + "x" * 64, "/srv/app.v2"]
+)
+def test_a_home_of_plain_names_is_taken(home: str) -> None:
+    assert check_home(home) == home
+    assert SandboxSpec(home=home).home == home
+
+
+@pytest.mark.parametrize(
+    "home",
+    [
+        "/",
+        "home/user",
+        "/home/../etc",
+        "/home/./user",
+        "/a/b/c/d/e/f/g/h/i",  # nine names: one past the limit
+        "/" + "x" * 65,
+        "/home//user",
+        "/home/user/",
+        "/proc/self",
+        "/usr/local",
+        "/tmp",
+        "/.treadle/agent",
+        "/etc",
+        "/home/us er",
+        "/home/user\x00",
+    ],
+)
+def test_a_home_anywhere_else_is_refused(home: str) -> None:
+    with pytest.raises(ValueError):
+        check_home(home)
+    with pytest.raises(ValidationError):
+        SandboxSpec(home=home)

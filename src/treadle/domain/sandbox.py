@@ -33,6 +33,7 @@ from treadle.domain.resources import Resources, Tier
 __all__ = [
     "ACTIVITY_INTERVAL_S",
     "BURST_MILLICORES",
+    "DEFAULT_HOME",
     "IDLE_CPU_CORES",
     "LIVE_STATUSES",
     "ON_NODE_STATUSES",
@@ -51,6 +52,7 @@ __all__ = [
     "apply",
     "awake_reasons",
     "boundary_resources",
+    "check_home",
     "desire",
     "next_step",
 ]
@@ -268,6 +270,27 @@ def after_end(policy: RestartPolicy, end: End, desired: Desired) -> Decision:
 
 
 _METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+
+# Where a sandbox's writable work dir may be mounted (its `home`: HOME and where processes and
+# relative paths start): an absolute path of plain names, never over what every sandbox needs
+# as it is (the programs, /etc, /proc, /dev, /tmp, treadle's own mounts).
+DEFAULT_HOME = "/work"
+_HOME = re.compile(r"^(/[A-Za-z0-9_][A-Za-z0-9._-]{0,63}){1,8}$")
+_RESERVED_TOP = frozenset(
+    {"bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "run", "sbin"}
+    | {"sys", "tmp", "usr", ".treadle"}
+)
+
+
+def check_home(path: str) -> str:
+    """`path` if a sandbox's home may be there; ValueError saying why not."""
+    if not _HOME.match(path) or ".." in path.split("/"):
+        raise ValueError(f"home {path!r}: an absolute path of 1-8 plain names")
+    if path.split("/")[1] in _RESERVED_TOP:
+        raise ValueError(f"home {path!r}: not under /{path.split('/')[1]}")
+    return path
+
+
 # E2B's default TTL; a sandbox nobody refreshes is not left running for good.
 DEFAULT_TIMEOUT_S = 300.0
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -284,6 +307,13 @@ class SandboxSpec(WorkloadSpec):
     idle_timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
     on_expiry: ExpiryAction = ExpiryAction.STOP
     restart: RestartPolicy = RestartPolicy.ON_FAILURE
+    # Where its writable work dir is (HOME, and where processes and relative paths start).
+    home: str = DEFAULT_HOME
+
+    @field_validator("home")
+    @classmethod
+    def _home(cls, value: str) -> str:
+        return check_home(value)
 
     @field_validator("metadata")
     @classmethod

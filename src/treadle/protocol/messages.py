@@ -14,10 +14,11 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from treadle.domain.errors import ProtocolError
 from treadle.domain.resources import Resources, Tier
+from treadle.domain.sandbox import check_home
 from treadle.protocol.limits import (
     INT32_MAX,
     INT32_MIN,
@@ -333,6 +334,16 @@ class AssignSpec(_Frame):
     # Bytes of output (stdout and stderr together) the node forwards before it cuts the rest
     # (treadle.protocol.limits.OutputBudget); None: no cap.
     max_output_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    # Where the work dir is inside the sandbox (None: the sandbox layer's own, /work); a
+    # sandbox's `home`.
+    workdir: str | None = None
+    # No args file (a long-lived sandbox has no single call's arguments).
+    no_args: bool = False
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str | None) -> str | None:
+        return None if value is None else check_home(value)
 
 
 class Assign(_Frame):
@@ -367,6 +378,12 @@ class SandboxSpec(_Frame):
     image: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     network: bool = False
+    home: str | None = None
+
+    @field_validator("home")
+    @classmethod
+    def _home(cls, value: str | None) -> str | None:
+        return None if value is None else check_home(value)
 
 
 class SandboxStart(_Frame):

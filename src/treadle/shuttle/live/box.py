@@ -90,6 +90,9 @@ class SandboxSpec:
     # The Python to run the agent on where `assign_spec` is given none; `start` always gives
     # the agent's runtime.
     python: str = "python3"
+    # Where its work dir is (None: the sandbox layer's /work): HOME, where processes and
+    # relative paths start.
+    home: str | None = None
 
     def assign_spec(self, python: Sequence[str] | None = None) -> AssignSpec:
         """The sandbox as an attempt whose program is the agent, run by the command `python`
@@ -109,6 +112,8 @@ class SandboxSpec:
             isolation=self.isolation,
             image=self.image,
             network=self.network,
+            workdir=self.home,
+            no_args=True,
         )
 
 

@@ -257,6 +257,7 @@ class SandboxHost:
             env=dict(spec.env),
             image=spec.image,
             network=spec.network,
+            home=spec.home,
         )
         workdir = self._work_root / f"{spec.id}-{spec.incarnation}"
         try:

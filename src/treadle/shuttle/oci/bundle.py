@@ -247,6 +247,8 @@ def build_config(
     cgroup_parent: str = CGROUP_PARENT,
     hostname: str = "sandbox",
     binds: Sequence[tuple[Path, str]] = (),
+    home: str = WORK_DIR,
+    args_file: bool = True,
 ) -> dict[str, Any]:
     """The OCI runtime-spec config.json for one attempt (see the module docstring).
     `result_fifo_dir`, when set, is a host directory holding the result FIFO: it is
@@ -276,8 +278,8 @@ def build_config(
             if identity.capabilities
             else {"uid": identity.uid, "gid": identity.gid, "additionalGids": []},
             "args": process_args,
-            "env": _environment(rootfs.env, env),
-            "cwd": WORK_DIR,
+            "env": _environment(rootfs.env, env, home, args_file),
+            "cwd": home,
             "capabilities": {
                 "bounding": list(identity.capabilities),
                 "effective": list(identity.capabilities),
@@ -295,7 +297,7 @@ def build_config(
         },
         "root": {"path": str(rootfs.path), "readonly": True},
         "hostname": hostname,
-        "mounts": _mounts(rootfs, workdir, limits, result_fifo_dir, binds),
+        "mounts": _mounts(rootfs, workdir, limits, result_fifo_dir, binds, home),
         "annotations": {"org.treadle.container": container_id},
         "linux": _linux(
             cgroups_path(container_id, cgroup_parent),
@@ -321,12 +323,15 @@ def prepare_bundle(
     seccomp: bool = True,
     cgroup_parent: str = CGROUP_PARENT,
     binds: Sequence[tuple[Path, str]] = (),
+    home: str = WORK_DIR,
+    args_file: bool = True,
 ) -> Bundle:
     """Write a bundle for one attempt into `bundles_dir/<container_id>` and hand `workdir`
     (already filled with the args file and source) to the sandbox's user. `traits` come
     from the tool that will run it (`OciTool.traits`). `binds`: host directories (source,
     mount point) shown read-only inside; their mount points are made in the rootfs where
-    missing (BundleError where the image has something else there).
+    missing (BundleError where the image has something else there), as is `home`'s, where
+    the work dir is mounted (default WORK_DIR).
 
     With a user namespace and a runtime that needs the result FIFO (an old runsc), the
     directories above `bundles_dir` and `workdir` must be traversable by others (mode
@@ -338,6 +343,8 @@ def prepare_bundle(
         raise BundleError(f"rootfs {rootfs.path} is not a directory")
     for _, target in binds:
         _mount_point(rootfs, target)
+    if home != WORK_DIR:
+        _mount_point(rootfs, home)
     result_fifo = traits.result_fifo
     if result_fifo and not _has_shell(rootfs):
         raise BundleError(
@@ -371,6 +378,8 @@ def prepare_bundle(
             seccomp=seccomp,
             cgroup_parent=cgroup_parent,
             binds=binds,
+            home=home,
+            args_file=args_file,
         )
         _write_file(path / "config.json", json.dumps(config, indent=1).encode())
         _give_to(workdir, identity.host_uid, identity.host_gid)
@@ -380,7 +389,9 @@ def prepare_bundle(
     return Bundle(path, container_id, cgroups_path(container_id, cgroup_parent), fifo)
 
 
-def _environment(image_env: Iterable[str], env: Mapping[str, str]) -> list[str]:
+def _environment(
+    image_env: Iterable[str], env: Mapping[str, str], home: str, args_file: bool
+) -> list[str]:
     merged = {"PATH": PATH, "LANG": "C.UTF-8"}
     for item in image_env:
         key, _, value = item.partition("=")
@@ -388,12 +399,13 @@ def _environment(image_env: Iterable[str], env: Mapping[str, str]) -> list[str]:
     merged.update(env)
     # Last, so that neither the image nor the function can point them elsewhere.
     merged.update(
-        HOME=WORK_DIR,
+        HOME=home,
         # As in every tier: temporary files go to the work dir, with the attempt's files.
-        TMPDIR=WORK_DIR,
-        TREADLE_ARGS_FILE=f"{WORK_DIR}/{ARGS_FILE}",
+        TMPDIR=home,
         TREADLE_RESULT_FD=str(RESULT_FD),
     )
+    if args_file:
+        merged["TREADLE_ARGS_FILE"] = f"{home}/{ARGS_FILE}"
     for key, value in merged.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise BundleError(f"invalid environment variable {key!r}")
@@ -406,6 +418,7 @@ def _mounts(
     limits: Limits,
     result_fifo_dir: Path | None,
     binds: Sequence[tuple[Path, str]] = (),
+    home: str = WORK_DIR,
 ) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -447,7 +460,7 @@ def _mounts(
             "options": ["nosuid", "nodev", "mode=1777", f"size={limits.tmp_mib * _MIB}"],
         },
         {
-            "destination": WORK_DIR,
+            "destination": home,
             "type": "bind",
             "source": str(workdir),
             "options": ["rbind", "rw", "nosuid", "nodev"],

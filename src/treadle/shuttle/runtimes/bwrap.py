@@ -121,10 +121,11 @@ def options(
     network: bool,
     etc: Path = Path("/etc"),
     capabilities: Sequence[str] = (),
+    home: str = WORK_DIR,
 ) -> list[str]:
     """bubblewrap's options for one attempt (everything but the command). With `network`,
     `fds.resolv_conf` is required. `capabilities`: what the program keeps (in its user
-    namespace), where it is not to be left with none."""
+    namespace), where it is not to be left with none. `home`: where its work dir is."""
     if network and fds.resolv_conf is None:
         raise ValueError("a sandbox with network needs its resolv.conf")
     # A user namespace even where bubblewrap could do without (run by root).
@@ -173,15 +174,15 @@ def options(
         "--size",
         size,
         "--tmpfs",
-        WORK_DIR,
+        home,
     ]
     for fd, name in fds.etc:
         args += ["--perms", "0644", "--file", str(fd), f"/etc/{name}"]
     for fd, name, mode in fds.files:
-        args += ["--perms", f"{mode:04o}", "--file", str(fd), f"{WORK_DIR}/{name}"]
+        args += ["--perms", f"{mode:04o}", "--file", str(fd), f"{home}/{name}"]
     # Last of the file system: everything created above on the root (mount points, /etc)
     # turns read-only.
-    args += ["--remount-ro", "/", "--chdir", WORK_DIR]
+    args += ["--remount-ro", "/", "--chdir", home]
     for key, value in env.items():
         if not key or "=" in key:
             raise ValueError(f"invalid environment variable name {key!r}")

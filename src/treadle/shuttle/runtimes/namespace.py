@@ -205,7 +205,8 @@ class NamespaceLauncher:
         granted only where the workload has host ids of its own (Shuttle is root)."""
         # `workdir` stays unused: the work dir lives inside the sandbox (see `bwrap`).
         files = workdir_files(spec)
-        env = environment(spec, bwrap.WORK_DIR)
+        home = spec.workdir or bwrap.WORK_DIR
+        env = environment(spec, home)
         users = users and self._ids is not None
         if users:
             env[AGENT_USER_ENV] = f"{SANDBOX_UID}:{SANDBOX_GID}"
@@ -261,6 +262,7 @@ class NamespaceLauncher:
                 disk_bytes=disk_bytes,
                 network=network is not None,
                 capabilities=ROOT_CAPABILITIES if users else (),
+                home=home,
             )
             args_fd = give(_memfd("bwrap-args", b"\0".join(a.encode() for a in args) + b"\0"))
             if self.limits.cgroups is not None:

@@ -77,7 +77,7 @@ from treadle.shuttle.runtimes.process import (
 from treadle.shuttle.sandbox import cleanup, exits
 from treadle.shuttle.sandbox.cgroups import Group
 from treadle.shuttle.sandbox.ids import SANDBOX_GID, SANDBOX_UID, IdPool, IdRange, pool_for
-from treadle.shuttle.sandbox.policy import AGENT_USER_ENV, ROOT_CAPABILITIES
+from treadle.shuttle.sandbox.policy import AGENT_USER_ENV, ROOT_CAPABILITIES, WORK_DIR
 from treadle.shuttle.sandbox.state import private_dir, state_root
 from treadle.shuttle.settings import ShuttleSettings
 
@@ -225,6 +225,8 @@ class OciLauncher:
                     traits=self.tool.traits,
                     cgroup_parent=self.cgroup_parent,
                     binds=[(bind.source, bind.target) for bind in binds],
+                    home=spec.workdir or WORK_DIR,
+                    args_file=not spec.no_args,
                 )
             except BundleError as exc:
                 raise ValueError(str(exc)) from exc

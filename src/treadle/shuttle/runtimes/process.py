@@ -646,7 +646,7 @@ def _reject_constant(name: str) -> Any:
 
 def workdir_files(spec: AssignSpec) -> list[tuple[str, bytes, int]]:
     """The files an attempt's work dir starts with: (name, content, mode)."""
-    files = [(ARGS_FILE, json.dumps(spec.args).encode(), 0o600)]
+    files = [] if spec.no_args else [(ARGS_FILE, json.dumps(spec.args).encode(), 0o600)]
     if spec.source is not None:
         name = spec.source_name
         if name in ("", ".", "..") or "/" in name or name == ARGS_FILE:
@@ -683,9 +683,10 @@ def environment(spec: AssignSpec, home: str) -> dict[str, str]:
         TREADLE_EXECUTION_ID=spec.id,
         TREADLE_ATTEMPT=str(spec.attempt),
         TREADLE_FUNCTION=spec.function,
-        TREADLE_ARGS_FILE=f"{home}/{ARGS_FILE}",
         TREADLE_RESULT_FD=str(RESULT_FD),
     )
+    if not spec.no_args:
+        env["TREADLE_ARGS_FILE"] = f"{home}/{ARGS_FILE}"
     return env
 
 

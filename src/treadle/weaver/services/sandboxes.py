@@ -26,6 +26,7 @@ from sqlalchemy import and_, func, select, update
 from treadle.domain.errors import InvalidRequest, InvalidTransition, LimitExceeded, NotFound
 from treadle.domain.resources import Resources, Tier
 from treadle.domain.sandbox import (
+    DEFAULT_HOME,
     ON_NODE_STATUSES,
     PAUSABLE_TIERS,
     TERMINAL_STATUSES,
@@ -87,6 +88,7 @@ def sandbox_view(row: Any) -> dict[str, Any]:
         "image": spec.get("image"),
         "resources": spec.get("resources"),
         "network": spec.get("network", False),
+        "home": spec.get("home") or DEFAULT_HOME,
         "metadata": row.metadata,
         "restart": spec.get("restart"),
         "on_expiry": spec.get("on_expiry"),
@@ -667,4 +669,5 @@ def _node_spec(row: Any) -> NodeSandboxSpec:
         image=spec.get("image"),
         env=spec.get("env") or {},
         network=bool(spec.get("network")),
+        home=None if spec.get("home") in (None, DEFAULT_HOME) else spec["home"],
     )
