@@ -328,6 +328,15 @@ def up_command(
             "tenants an admin allows it (treadle tenant allow-process) can use it.",
         ),
     ] = False,
+    allow_network: Annotated[
+        bool,
+        typer.Option(
+            "--allow-network",
+            help="Let the local Shuttle give outbound network (never to this machine, its "
+            "network or a cloud's metadata service) to the executions and sandboxes that ask "
+            "for it; E2B's SDK asks for it unless told allow_internet_access=False.",
+        ),
+    ] = False,
 ) -> None:
     """Run a Weaver and one local Shuttle, with embedded defaults (SQLite, in-process events).
     The Shuttle offers the isolating tiers that work here (bubblewrap gives `namespace`)."""
@@ -336,12 +345,14 @@ def up_command(
     settings = _weaver_settings(home, host, port)
     _require_free_port(settings.host, settings.port)
     weaver = Weaver(settings)
+    asked = {"--allow-process-runtime": allow_process_runtime, "--allow-network": allow_network}
+    flags = tuple(flag for flag, on in asked.items() if on)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_up(settings, weaver, allow_process_runtime))
+        asyncio.run(_up(settings, weaver, flags))
 
 
 def _spawn_shuttle(
-    settings: WeaverSettings, url: str, allow_process_runtime: bool
+    settings: WeaverSettings, url: str, flags: tuple[str, ...]
 ) -> subprocess.Popen[bytes]:
     # Beside Weaver's files: isolating tiers do not see them, and the process tier, which
     # could read them from anywhere as this user, is only offered when asked for.
@@ -354,9 +365,7 @@ def _spawn_shuttle(
     # Its own session: a signal meant for `up`'s process group (Ctrl-C, `timeout`) must not
     # reach the Shuttle first, or `up` would see it die and restart it while stopping.
     argv = [sys.executable, "-m", "treadle", "shuttle", "--weaver", url, "--home", str(home)]
-    argv += ["--name", f"{socket.gethostname()}-local"]
-    if allow_process_runtime:
-        argv.append("--allow-process-runtime")
+    argv += ["--name", f"{socket.gethostname()}-local", *flags]
     with (settings.home / "shuttle.log").open("ab") as log:
         return subprocess.Popen(
             argv,
@@ -391,7 +400,7 @@ def _exit_with_parent() -> None:
         raise typer.Exit(0)
 
 
-async def _up(settings: WeaverSettings, weaver: Weaver, allow_process_runtime: bool) -> None:
+async def _up(settings: WeaverSettings, weaver: Weaver, flags: tuple[str, ...]) -> None:
     from treadle.weaver.server import serve
 
     ready = asyncio.Event()
@@ -403,10 +412,8 @@ async def _up(settings: WeaverSettings, weaver: Weaver, allow_process_runtime: b
         await server
         return
     url = f"http://{settings.host}:{settings.port}"
-    shuttle = _spawn_shuttle(settings, url, allow_process_runtime)
-    supervisor = asyncio.create_task(
-        _supervise(settings, url, shuttle, weaver, allow_process_runtime)
-    )
+    shuttle = _spawn_shuttle(settings, url, flags)
+    supervisor = asyncio.create_task(_supervise(settings, url, shuttle, weaver, flags))
     try:
         await server
     finally:
@@ -420,7 +427,7 @@ async def _supervise(
     url: str,
     shuttle: subprocess.Popen[bytes],
     weaver: Weaver,
-    allow_process_runtime: bool,
+    flags: tuple[str, ...],
 ) -> None:
     """Print where things are once the local node has joined; restart it if it dies."""
     try:
@@ -441,7 +448,7 @@ async def _supervise(
         if not sessions:
             why = _last_error(settings.home / "shuttle.log") or "see its log"
             typer.secho(f"  warning: the local shuttle has not joined: {why}", fg="yellow")
-            if not allow_process_runtime:
+            if "--allow-process-runtime" not in flags:
                 typer.secho(_NO_ISOLATION_HINT, fg="yellow")
         typer.echo("Press Ctrl-C to stop.")
         backoff = 0.5
@@ -450,7 +457,7 @@ async def _supervise(
             typer.secho(f"local shuttle exited ({code}); restarting", fg="yellow", err=True)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
-            shuttle = _spawn_shuttle(settings, url, allow_process_runtime)
+            shuttle = _spawn_shuttle(settings, url, flags)
     finally:
         if shuttle.poll() is None:
             shuttle.terminate()

@@ -309,6 +309,8 @@ class SandboxSpec(WorkloadSpec):
     restart: RestartPolicy = RestartPolicy.ON_FAILURE
     # Where its writable work dir is (HOME, and where processes and relative paths start).
     home: str = DEFAULT_HOME
+    # Its ports are open to whoever has their URL, with no credential (E2B's public traffic).
+    public_ports: bool = False
 
     @field_validator("home")
     @classmethod

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from treadle import __version__
 from treadle.weaver.api import (
     agent,
+    e2b,
     executions,
     functions,
     nodes,
@@ -23,6 +24,7 @@ from treadle.weaver.api.errors import install_error_handlers
 from treadle.weaver.api.host_routing import HostRouting
 from treadle.weaver.api.limits import RequestGuard
 from treadle.weaver.core import Weaver
+from treadle.weaver.envd.app import EnvdRouting
 from treadle.weaver.settings import WeaverSettings
 
 __all__ = ["create_app"]
@@ -49,8 +51,10 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     if settings.sandbox_domain:
-        # Outermost: the guard and the routes see the path it maps the host name to.
+        # Outside them: the guard and the routes see the path it maps the host name to.
         app.add_middleware(HostRouting, domain=settings.sandbox_domain)
+    # Outermost: envd's requests (the e2b SDK's, naming a sandbox) never reach the API's.
+    app.add_middleware(EnvdRouting, weaver=core)
     routers = (
         functions,
         executions,
@@ -60,6 +64,7 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
         sandbox_ports,
         nodes,
         agent,
+        e2b,
     )
     for module in routers:
         app.include_router(module.router)

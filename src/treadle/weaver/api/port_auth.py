@@ -1,7 +1,8 @@
 """Who may reach a sandbox's port (`/v1/sandboxes/{id}/ports/{port}/…`), decided before
 anything of the request's body is read: the tenant's API key, the sandbox's access token
-(`X-Treadle-Access-Token` or `treadle_token=`), a signed URL that has not expired
-(`treadle_expires=` and `treadle_signature=`), or the cookie such a URL set for its port."""
+(`X-Treadle-Access-Token`, `E2b-Traffic-Access-Token` or `treadle_token=`), a signed URL that
+has not expired (`treadle_expires=` and `treadle_signature=`), or the cookie such a URL set for
+its port; anyone at all where the sandbox was made with `public_ports`."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 TOKEN_HEADER = "x-treadle-access-token"
+# The same token, as E2B's SDK and proxy name it (`trafficAccessToken`).
+E2B_TOKEN_HEADER = "e2b-traffic-access-token"
 QUERY_KEYS = ("treadle_token", "treadle_expires", "treadle_signature")
 COOKIE = "treadle_port"
 # Where the request guard leaves what `authorize_port` decided: (sandbox row, cookie to set).
@@ -52,10 +55,17 @@ async def authorize_port(
         principal = await weaver.auth.authenticate(key)
         return await weaver.sandboxes.get(principal.tenant_id, sandbox_id), None
     query = conn.query_params
-    token = conn.headers.get(TOKEN_HEADER) or query.get("treadle_token")
+    token = (
+        conn.headers.get(TOKEN_HEADER)
+        or conn.headers.get(E2B_TOKEN_HEADER)
+        or query.get("treadle_token")
+    )
     expires, signature = query.get("treadle_expires"), query.get("treadle_signature")
     cookie = _cookie(conn.headers, sandbox_id, port)
     if token is None and signature is None and cookie is None:
+        public = await _public(weaver, sandbox_id)
+        if public is not None:
+            return public, None
         raise Unauthenticated(
             "this port needs an API key, the sandbox's access token, or a signed URL"
         )
@@ -70,6 +80,16 @@ async def authorize_port(
         if port_access.valid_signature(row.access_token, sandbox_id, port, expires, signature, now):
             return row, None
     raise Forbidden(_REFUSED)
+
+
+async def _public(weaver: Weaver, sandbox_id: str) -> Any:
+    """The sandbox if its ports are open to all (`public_ports`), else None: whether one
+    that is not exists is not told."""
+    try:
+        row = await weaver.sandboxes.get(None, sandbox_id)
+    except TreadleError:
+        return None
+    return row if row.spec.get("public_ports") else None
 
 
 async def _row(weaver: Weaver, sandbox_id: str) -> Any:

@@ -23,7 +23,7 @@ from treadle.weaver.api.sandboxes import running_node, serve_stream
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.streams import Ended, ExecStream
 
-__all__ = ["router"]
+__all__ = ["read_through", "router", "write_through"]
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandbox files"])
 WeaverDep = Annotated[Weaver, Depends(get_weaver)]
@@ -88,10 +88,19 @@ async def read_file(
     sandbox_id: str, path: PathQuery, caller: Caller, weaver: WeaverDep, user: UserQuery = None
 ) -> Response:
     stream, quota = await _operation(weaver, caller.tenant_id, sandbox_id, "read", path, user=user)
+    body = await read_through(stream)
+    if isinstance(body, Ended):
+        raise _failed(body, path, quota)
+    return StreamingResponse(body, media_type="application/octet-stream")
+
+
+async def read_through(stream: ExecStream) -> AsyncIterator[bytes] | Ended:
+    """A read's bytes as they come, or how it failed when it failed before the first one.
+    A reader that stops early leaves the stream (the node stops reading the file)."""
     chunks = stream.output()
     first = await anext(chunks, None)
     if first is None and stream.ended is not None and stream.ended.error is not None:
-        raise _failed(stream.ended, path, quota)
+        return stream.ended
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -103,7 +112,35 @@ async def read_file(
             if stream.ended is None:
                 stream.detach()
 
-    return StreamingResponse(body(), media_type="application/octet-stream")
+    return body()
+
+
+async def write_through(
+    stream: ExecStream, chunks: AsyncIterator[bytes], path: str, quota_mib: int | None
+) -> Ended:
+    """Feed an upload at the pace the sandbox writes it, then end it; how it ended. Past the
+    sandbox's disk quota it is InsufficientStorage (where the tier does not hold the sandbox
+    to its disk, this does); given up midway, the stream is left."""
+    sent = 0
+    try:
+        async for chunk in chunks:
+            sent += len(chunk)
+            if stream.over:
+                break  # it failed (a full disk): its error says why
+            if quota_mib is not None and sent > quota_mib * 1024 * 1024:
+                raise errors.InsufficientStorage(
+                    f"{path}: larger than the sandbox's disk ({quota_mib} MiB)",
+                    details={"path": path, "errno": "EFBIG", "quota_mib": quota_mib},
+                )
+            if chunk:
+                stream.write(chunk)
+                await stream.drain()
+    except BaseException:
+        if stream.ended is None:
+            stream.detach()
+        raise
+    stream.write(b"", eof=True)
+    return await stream.wait()
 
 
 @router.put("/{sandbox_id}/files/content", summary="Write a file of a sandbox")
@@ -119,27 +156,7 @@ async def write_file(
     stream, quota = await _operation(
         weaver, caller.tenant_id, sandbox_id, "write", path, mode=mode, user=user
     )
-    sent = 0
-    try:
-        async for chunk in request.stream():
-            sent += len(chunk)
-            if stream.over:
-                break  # it failed (a full disk): its error says why
-            if quota is not None and sent > quota * 1024 * 1024:
-                # Where the tier does not hold the sandbox to its disk, this does.
-                raise errors.InsufficientStorage(
-                    f"{path}: larger than the sandbox's disk ({quota} MiB)",
-                    details={"path": path, "errno": "EFBIG", "quota_mib": quota},
-                )
-            if chunk:
-                stream.write(chunk)
-                await stream.drain()  # at the pace the sandbox writes it
-    except BaseException:
-        if stream.ended is None:
-            stream.detach()
-        raise
-    stream.write(b"", eof=True)
-    ended = await stream.wait()
+    ended = await write_through(stream, request.stream(), path, quota)
     if ended.error is not None:
         raise _failed(ended, path, quota)
     return {"path": path, "size": ended.result}

@@ -89,6 +89,7 @@ def sandbox_view(row: Any) -> dict[str, Any]:
         "resources": spec.get("resources"),
         "network": spec.get("network", False),
         "home": spec.get("home") or DEFAULT_HOME,
+        "public_ports": bool(spec.get("public_ports")),
         "metadata": row.metadata,
         "restart": spec.get("restart"),
         "on_expiry": spec.get("on_expiry"),
