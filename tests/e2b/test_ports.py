@@ -5,8 +5,12 @@ token for one without."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import socket
+import ssl
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +128,48 @@ def test_ports_without_public_traffic_need_the_traffic_token(domain_cluster: Clu
         )
         assert bad.status_code == 400, bad.text
         client.delete(f"/sandboxes/{sid}", headers=key)
+
+
+def test_envd_by_host_name_over_tls(tmp_path: Path) -> None:
+    """Without E2B_SANDBOX_URL the SDK calls `https://49983-{id}.{domain}`: with a wildcard
+    certificate configured, Weaver serves it, as that sandbox's envd."""
+    cluster = Cluster(tmp_path)
+    try:
+        ca = cluster.use_tls(f"*.{DOMAIN}")
+        cluster.start_weaver(process_tier=False, sandbox_domain=DOMAIN)
+        cluster.start_shuttle("ns0", "--runtime", "namespace")  # it dials wss://, trusting ca
+        key = {"X-API-Key": cluster.admin_key}
+        trusted = ssl.create_default_context(cafile=str(ca))
+        with httpx.Client(base_url=cluster.url, timeout=60, verify=trusted) as client:
+            created = client.post(
+                "/v2/sandboxes",
+                json={"templateID": "base", "allow_internet_access": False},
+                headers=key,
+            )
+            assert created.status_code == 201, created.text
+            body = created.json()
+            port = cluster.url.rsplit(":", 1)[1]
+            assert body["domain"] == f"{DOMAIN}:{port}"
+            envd = {
+                "host": f"49983-{body['sandboxID']}.{body['domain']}",
+                "x-access-token": body["envdAccessToken"],
+            }
+            start = json.dumps({"process": {"cmd": "/bin/sh", "args": ["-c", "pwd"]}}).encode()
+            ran = client.post(
+                "/process.Process/Start",
+                content=struct.pack(">BI", 0, len(start)) + start,
+                headers={**envd, "content-type": "application/connect+json"},
+            )
+            assert ran.status_code == 200, ran.text
+            assert base64.b64encode(b"/home/user\n") in ran.content
+            health = client.get("/health", headers=envd)
+            assert health.status_code == 204, health.text
+            # The same host name without the sandbox's token opens nothing.
+            bare = {"host": envd["host"], "content-type": "application/json"}
+            refused = client.post("/process.Process/List", content=b"{}", headers=bare)
+            assert refused.status_code == 401
+        # Plain HTTP to the HTTPS port is not served.
+        with pytest.raises(httpx.HTTPError), httpx.Client(timeout=5) as plain:
+            plain.get(cluster.url.replace("https", "http", 1) + "/healthz").raise_for_status()
+    finally:
+        cluster.stop()

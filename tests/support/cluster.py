@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -89,6 +90,42 @@ class Cluster:
         self.shuttles: list[Proc] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TREADLE_")}
         self.env["PYTHONUNBUFFERED"] = "1"
+        self.ca: Path | None = None  # with `use_tls`, the certificate clients trust
+
+    def use_tls(self, *names: str) -> Path:
+        """Serve HTTPS with a self-signed certificate for 127.0.0.1 and `names` (e.g.
+        `*.sandbox.test`): Weaver's URL turns https, and its clients, Shuttles included,
+        trust that certificate and no other. Call before `start_weaver`."""
+        cert, key = self.root / "tls.pem", self.root / "tls.key"
+        alt = ",".join(["IP:127.0.0.1", *(f"DNS:{name}" for name in names)])
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=treadle-test",
+                "-addext",
+                f"subjectAltName={alt}",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.ca = cert
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.env["SSL_CERT_FILE"] = str(cert)
+        self.env["TREADLE_TLS_CERT_FILE"] = str(cert)
+        self.env["TREADLE_TLS_KEY_FILE"] = str(key)
+        return cert
 
     # processes
 
@@ -127,7 +164,8 @@ class Cluster:
         if not self.weaver.alive():
             raise AssertionError(f"weaver exited:\n{self.weaver.output()}")
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            healthz = httpx.get(f"{self.url}/healthz", timeout=1, verify=self.verify)
+            return healthz.status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -183,11 +221,16 @@ class Cluster:
     def join_token(self) -> str:
         return (self.home / "join.token").read_text().strip()
 
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return True if self.ca is None else ssl.create_default_context(cafile=str(self.ca))
+
     def client(self, key: str | None = None) -> httpx.Client:
         return httpx.Client(
             base_url=self.url,
             timeout=60,
             headers={"Authorization": f"Bearer {key or self.admin_key}"},
+            verify=self.verify,
         )
 
     def allow_process_tier(self, tenant: str, allowed: bool = True) -> dict[str, Any]:

@@ -52,5 +52,7 @@ async def serve(
         # Longer than clients keep idle connections (the SDK: 15 s), so it is always the
         # client that closes one: a request can then never race the server's close.
         timeout_keep_alive=30,
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
     )
     await _Server(config, on_ready).serve()

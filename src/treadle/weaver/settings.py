@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from treadle.domain.function import PresetStrategy
@@ -64,6 +64,16 @@ class WeaverSettings(BaseSettings):
         default=None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,250}[a-z0-9])?$"
     )
     log_level: str = "warning"
+    # HTTPS on Weaver's own port: a PEM certificate (chain) and its key. Both or neither; for
+    # host names under `sandbox_domain`, a wildcard certificate for `*.{domain}`.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WeaverSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
 
     def resolved_database_url(self) -> str:
         if self.database_url:
