@@ -244,3 +244,27 @@ def test_envd_refuses_what_does_not_open_the_sandbox(
         assert wrong.status_code == 401
     for created in (mine, theirs):
         raw.delete(f"/sandboxes/{created.json()['sandboxID']}")
+
+
+def test_a_pty_is_a_terminal_that_takes_input_and_resizes(sdk: SDK) -> None:
+    if sdk.mode == "async":
+        pytest.skip("the same calls as the sync SDK's, awaited; one form is enough here")
+    seen = sdk.run(
+        """
+        from e2b.sandbox.commands.command_handle import PtySize
+        sbx = S.create(timeout=120)
+        terminal = sbx.pty.create(PtySize(rows=24, cols=80), timeout=0)
+        sbx.pty.resize(terminal.pid, PtySize(rows=30, cols=100))
+        sbx.pty.send_stdin(terminal.pid, b"stty size; tty; exit 5\\n")
+        got = []
+        try:
+            terminal.wait(on_pty=got.append)
+            code = 0
+        except Exception as exc:
+            code = exc.exit_code
+        out(code=code, screen=b"".join(got).decode(errors="replace"))
+        sbx.kill()
+        """
+    )
+    assert seen["code"] == 5
+    assert "30 100" in seen["screen"] and "/dev/pts/" in seen["screen"]

@@ -282,6 +282,34 @@ _RESERVED_TOP = frozenset(
 )
 
 
+# A process exec'd in a sandbox, however it is asked for (treadle's exec, envd's Start): its
+# argv, environment, working directory and tag.
+MAX_ARGS = 4096
+MAX_ARG_CHARS = 128 * 1024
+MAX_ENV = 1024
+MAX_CWD = 4096
+MAX_TAG = 256
+
+
+def check_argv(argv: list[str]) -> list[str]:
+    if not argv or not argv[0]:
+        raise ValueError("the first argument must name a program")
+    if len(argv) > MAX_ARGS:
+        raise ValueError(f"at most {MAX_ARGS} arguments")
+    if any(len(arg) > MAX_ARG_CHARS or "\x00" in arg for arg in argv):
+        raise ValueError(f"an argument is at most {MAX_ARG_CHARS} characters, without NUL")
+    return argv
+
+
+def check_env(env: dict[str, str]) -> dict[str, str]:
+    if len(env) > MAX_ENV:
+        raise ValueError(f"at most {MAX_ENV} environment variables")
+    for name, value in env.items():
+        if not name or "=" in name or "\x00" in name or "\x00" in value:
+            raise ValueError(f"env name {name[:64]!r} or its value is not valid")
+    return env
+
+
 def check_home(path: str) -> str:
     """`path` if a sandbox's home may be there; ValueError saying why not."""
     if not _HOME.match(path) or ".." in path.split("/"):

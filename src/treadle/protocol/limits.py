@@ -25,6 +25,7 @@ __all__ = [
     "INT32_MIN",
     "INT64_MAX",
     "INVALID_REPORT",
+    "MAX_FRAME_BYTES",
     "MAX_JSON_DEPTH",
     "RESULT_INVALID",
     "JsonObject",
@@ -36,6 +37,10 @@ __all__ = [
 ]
 
 MAX_JSON_DEPTH = 64
+# The largest frame a node takes from Weaver: an Assign carries the function's source (up to
+# 1 MiB) and args, JSON-escaped. Weaver refuses to make a larger one from a tenant's request
+# (a node would drop the link, and every stream of every tenant on it, rather than read it).
+MAX_FRAME_BYTES = 16 * 1024 * 1024
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1

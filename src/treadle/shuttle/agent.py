@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from treadle.domain.errors import ProtocolError
 from treadle.domain.resources import Resources, Tier
+from treadle.protocol.limits import MAX_FRAME_BYTES
 from treadle.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -72,8 +73,6 @@ log = logging.getLogger(__name__)
 
 _WELCOME_TIMEOUT_S = 10.0
 _OPEN_TIMEOUT_S = 10.0
-# An Assign carries the function's source (up to 1 MiB) and args, JSON-escaped.
-_MAX_FRAME_BYTES = 16 * 1024 * 1024
 _REFUSED = (401, 403)
 
 
@@ -174,7 +173,7 @@ class Shuttle:
                     url,
                     additional_headers={"Authorization": f"Bearer {bearer}"},
                     compression=None,  # latency over bandwidth; output is small or incompressible
-                    max_size=_MAX_FRAME_BYTES,
+                    max_size=MAX_FRAME_BYTES,
                     open_timeout=_OPEN_TIMEOUT_S,
                 ) as ws:
                     await self._session(ws, supervisor, capacity, tiers, backoff)

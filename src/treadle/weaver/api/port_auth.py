@@ -15,6 +15,7 @@ from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 
 from treadle.domain.errors import Forbidden, TreadleError, Unauthenticated
+from treadle.domain.sandbox import Desired, SandboxStatus
 from treadle.weaver.api.deps import bearer, get_weaver
 from treadle.weaver.core import Weaver
 from treadle.weaver.services import port_access
@@ -38,6 +39,9 @@ COOKIE = "treadle_port"
 PORT_ACCESS = "treadle.port_access"
 PORT_PATH = re.compile(r"^/v1/sandboxes/([^/]{1,64})/ports/([0-9]{1,5})(?:/|$)")
 _REFUSED = "the access token or signed URL does not open this port (or has expired)"
+# Seconds since the epoch, as `port_access.valid_signature` reads them.
+_EXPIRY_DIGITS = 12
+_GONE = (SandboxStatus.STOPPING.value, SandboxStatus.STOPPED.value, SandboxStatus.FAILED.value)
 
 
 def port_prefix(sandbox_id: str, port: int) -> str:
@@ -60,7 +64,7 @@ async def authorize_port(
         or conn.headers.get(E2B_TOKEN_HEADER)
         or query.get("treadle_token")
     )
-    expires, signature = query.get("treadle_expires"), query.get("treadle_signature")
+    expires, signature = _expiry(query.get("treadle_expires")), query.get("treadle_signature")
     cookie = _cookie(conn.headers, sandbox_id, port)
     if token is None and signature is None and cookie is None:
         public = await _public(weaver, sandbox_id)
@@ -77,19 +81,30 @@ async def authorize_port(
         return row, f"{expires}.{signature}"
     if cookie is not None:
         expires, _, signature = cookie.partition(".")
-        if port_access.valid_signature(row.access_token, sandbox_id, port, expires, signature, now):
+        if port_access.valid_signature(
+            row.access_token, sandbox_id, port, _expiry(expires), signature, now
+        ):
             return row, None
     raise Forbidden(_REFUSED)
 
 
 async def _public(weaver: Weaver, sandbox_id: str) -> Any:
-    """The sandbox if its ports are open to all (`public_ports`), else None: whether one
-    that is not exists is not told."""
+    """The sandbox if its ports are open to all (`public_ports`) and it is not gone, else
+    None: whether one that is not (or was) exists is not told."""
     try:
         row = await weaver.sandboxes.get(None, sandbox_id)
     except TreadleError:
         return None
+    if row.desired == Desired.STOPPED.value or row.status in _GONE:
+        return None
     return row if row.spec.get("public_ports") else None
+
+
+def _expiry(value: str | None) -> str | None:
+    """An expiry that can be one (ASCII digits, not too many to read), else None."""
+    if value is None or len(value) > _EXPIRY_DIGITS or not value.isascii():
+        return None
+    return value if value.isdigit() else None
 
 
 async def _row(weaver: Weaver, sandbox_id: str) -> Any:

@@ -11,7 +11,16 @@ from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from treadle.domain.errors import InvalidRequest, InvalidTransition, TreadleError, Unavailable
-from treadle.domain.sandbox import MAX_TIMEOUT_S, Desired, SandboxSpec, SandboxStatus
+from treadle.domain.sandbox import (
+    MAX_CWD,
+    MAX_TAG,
+    MAX_TIMEOUT_S,
+    Desired,
+    SandboxSpec,
+    SandboxStatus,
+    check_argv,
+    check_env,
+)
 from treadle.protocol.messages import USER_PATTERN
 from treadle.weaver.api.deps import Caller, get_weaver, principal_of
 from treadle.weaver.api.errors import error_body
@@ -99,34 +108,25 @@ class ExecBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    cmd: list[Annotated[str, Field(max_length=128 * 1024)]] | str = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict, max_length=1024)
-    cwd: str | None = Field(default=None, max_length=4096)
+    cmd: list[str] | str = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = Field(default=None, max_length=MAX_CWD)
     stdin: str | None = Field(default=None, max_length=16 * 1024 * 1024)
     timeout_s: float | None = Field(default=60.0, gt=0, le=7 * 24 * 3600)
-    tag: str | None = Field(default=None, min_length=1, max_length=256)
+    tag: str | None = Field(default=None, min_length=1, max_length=MAX_TAG)
     # A user of the sandbox's (name or uid); none: the sandbox's own user.
     user: str | None = Field(default=None, pattern=USER_PATTERN)
 
     @field_validator("cmd")
     @classmethod
     def _argv(cls, value: list[str] | str) -> list[str] | str:
-        parts = [value] if isinstance(value, str) else value
-        if len(parts) > 4096:
-            raise ValueError("at most 4096 arguments")
-        if any("\x00" in part for part in parts):
-            raise ValueError("cmd cannot contain NUL characters")
-        if isinstance(value, list) and not value[0]:
-            raise ValueError("cmd[0] must name a program")
+        check_argv(["/bin/sh", "-c", value] if isinstance(value, str) else value)
         return value
 
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, val in value.items():
-            if not key or "=" in key or "\x00" in key or "\x00" in val:
-                raise ValueError(f"env name {key!r} or its value is not valid")
-        return value
+        return check_env(value)
 
     @property
     def argv(self) -> list[str]:

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from connectrpc.errors import ConnectError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -29,6 +30,7 @@ from treadle.weaver.api.sandbox_errors import sandbox_error
 from treadle.weaver.api.sandbox_files import read_through, write_through
 from treadle.weaver.core import Weaver
 from treadle.weaver.envd.access import SANDBOX_HEADER, TOKEN_HEADER, Denied, EnvdCaller, authorize
+from treadle.weaver.envd.errors import HTTP_STATUS
 from treadle.weaver.envd.filesystem import open_file_stream
 from treadle.weaver.services.streams import Ended, ExecStream
 
@@ -36,6 +38,8 @@ __all__ = ["files", "signature"]
 
 _PATH_MAX = 4096
 _MAX_PARTS = 1000
+# Seconds since the epoch: 12 digits last until the year 33658.
+_EXPIRY_DIGITS = 12
 
 
 class _Failed(Exception):
@@ -71,6 +75,8 @@ async def files(weaver: Weaver, request: Request) -> Response:
         return _error(exc.status, exc.message)
     except TreadleError as exc:
         return _error(status_for(exc), str(exc))
+    except ConnectError as exc:  # from the file operations shared with the Connect services
+        return _error(HTTP_STATUS.get(exc.code, 400), exc.message)
 
 
 async def _caller(
@@ -80,8 +86,12 @@ async def _caller(
     given = request.query_params.get("signature")
     if headers.get(TOKEN_HEADER) is None and given is not None:
         # A signed URL: the signature stands for the token, for this path, user and use.
-        raw_expiry = request.query_params.get("signature_expiration")
-        expires = int(raw_expiry) if raw_expiry and raw_expiry.isdigit() else None
+        raw_expiry = request.query_params.get("signature_expiration") or None
+        if raw_expiry is not None and not (
+            len(raw_expiry) <= _EXPIRY_DIGITS and raw_expiry.isascii() and raw_expiry.isdigit()
+        ):
+            raise Denied(400, "signature_expiration is a Unix time in seconds")
+        expires = None if raw_expiry is None else int(raw_expiry)
         if expires is not None and expires < time.time():
             raise Denied(401, "the signed URL has expired")
         try:
@@ -191,20 +201,26 @@ async def _multipart(
     )
     written: list[str] = []
     current: _Part | None = None
-    async for chunk in request.stream():
-        try:
-            parser.write(chunk)
-        except Exception as exc:  # the parser's errors: a malformed body
-            raise _Failed(400, f"malformed multipart body: {exc}") from None
-        for kind, value in pieces:
-            if kind == "part":
-                current = await _Part.open(weaver, caller, value, path, len(written))
-            elif kind == "data" and current is not None:
-                await current.write(value)
-            elif kind == "end" and current is not None:
-                written += await current.close()
-                current = None
-        pieces.clear()
+    try:
+        async for chunk in request.stream():
+            try:
+                parser.write(chunk)
+            except Exception as exc:  # the parser's errors: a malformed body
+                raise _Failed(400, f"malformed multipart body: {exc}") from None
+            for kind, value in pieces:
+                if kind == "part":
+                    current = await _Part.open(weaver, caller, value, path, len(written))
+                elif kind == "data" and current is not None:
+                    await current.write(value)
+                elif kind == "end" and current is not None:
+                    written += await current.close()
+                    current = None
+            pieces.clear()
+    except BaseException:
+        # A malformed body, a refusal or a client gone, inside a part: its stream is left.
+        if current is not None:
+            current.abandon()
+        raise
     if current is not None:
         current.abandon()
         raise _Failed(400, "the multipart body ended inside a part")

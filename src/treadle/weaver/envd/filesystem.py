@@ -3,8 +3,9 @@ same operations, done by the same guest agent, as treadle's own files routes.
 
 Watches: `WatchDir` streams a directory's changes; the polled watchers (`CreateWatcher`,
 `GetWatcherEvents`, `RemoveWatcher`, which the sync SDK uses) keep a watch open here and
-hold its events until asked, at most `MAX_WATCHERS` per sandbox and `MAX_HELD` events each
-(the oldest dropped first)."""
+hold its events until asked, at most `MAX_WATCHERS` per sandbox and `MAX_HELD` events (and
+`MAX_HELD_BYTES` of names) each, the oldest dropped first. A watcher whose watch ended is
+forgotten at once when its sandbox is gone, else `KEEP_ENDED_S` after, if not asked before."""
 
 from __future__ import annotations
 
@@ -24,20 +25,35 @@ from connectrpc.request import RequestContext
 from protobuf import Oneof
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
-from treadle.domain.errors import TreadleError
+from treadle.domain.errors import NotFound, TreadleError
 from treadle.protocol import FileStart
+from treadle.weaver.api.e2b.views import state_of
 from treadle.weaver.api.sandboxes import running_node
 from treadle.weaver.core import Weaver
 from treadle.weaver.envd.access import EnvdCaller
 from treadle.weaver.envd.errors import caller_of, connect_error, failed
 from treadle.weaver.envd.gen.filesystem import filesystem_pb as pb
 from treadle.weaver.envd.gen.filesystem.filesystem_connect import Filesystem
+from treadle.weaver.services.sandboxes import sandbox_view
 from treadle.weaver.services.streams import ExecStream
 
-__all__ = ["MAX_HELD", "MAX_WATCHERS", "FilesystemService", "entry_info", "open_file_stream"]
+__all__ = [
+    "KEEP_ENDED_S",
+    "MAX_HELD",
+    "MAX_HELD_BYTES",
+    "MAX_WATCHERS",
+    "FilesystemService",
+    "entry_info",
+    "open_file_stream",
+]
 
 MAX_WATCHERS = 64
 MAX_HELD = 10_000
+# What a watcher's held events may take (their names, and a little for each): a name can be
+# 16 KiB, and ten thousand of them would otherwise be held per watcher.
+MAX_HELD_BYTES = 1024 * 1024
+_EVENT_BYTES = 64
+KEEP_ENDED_S = 300.0
 _TYPES = {"file": pb.FileType.FILE, "dir": pb.FileType.DIRECTORY, "symlink": pb.FileType.SYMLINK}
 _EVENTS = {
     "create": pb.EventType.CREATE,
@@ -90,24 +106,41 @@ async def open_file_stream(
         row, session = await running_node(weaver, caller.tenant_id, caller.sandbox_id)
     except TreadleError as exc:
         raise connect_error(exc) from None
-    return weaver.streams.start(
-        session,
-        caller.tenant_id,
-        FileStart,
-        row.id,
-        row.incarnation,
-        op=op,
-        path=path,
-        user=caller.user,
-        **options,
-    )
+    try:
+        return weaver.streams.start(
+            session,
+            caller.tenant_id,
+            FileStart,
+            row.id,
+            row.incarnation,
+            op=op,
+            path=path,
+            user=caller.user,
+            **options,
+        )
+    except TreadleError as exc:  # the tenant's streams at their limit
+        raise connect_error(exc) from None
 
 
 class _Watcher:
     def __init__(self, stream: ExecStream) -> None:
         self.stream = stream
-        self.events: deque[pb.FilesystemEvent] = deque(maxlen=MAX_HELD)
+        self.events: deque[pb.FilesystemEvent] = deque()
+        self.held_bytes = 0
         self.task: asyncio.Task[None] | None = None
+        self.forget: asyncio.TimerHandle | None = None
+
+    def hold(self, event: pb.FilesystemEvent) -> None:
+        self.events.append(event)
+        self.held_bytes += len(event.name) + _EVENT_BYTES
+        while len(self.events) > MAX_HELD or self.held_bytes > MAX_HELD_BYTES:
+            self.held_bytes -= len(self.events.popleft().name) + _EVENT_BYTES
+
+    def take(self) -> list[pb.FilesystemEvent]:
+        events = list(self.events)
+        self.events.clear()
+        self.held_bytes = 0
+        return events
 
 
 class FilesystemService(Filesystem):
@@ -188,11 +221,9 @@ class FilesystemService(Filesystem):
         ctx: RequestContext[pb.CreateWatcherRequest, pb.CreateWatcherResponse],
     ) -> pb.CreateWatcherResponse:
         caller = await caller_of(self._weaver, ctx.request_headers)
-        mine = self._watchers.setdefault(caller.sandbox_id, {})
-        if len(mine) >= MAX_WATCHERS:
-            raise ConnectError(
-                Code.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers per sandbox"
-            )
+        full = ConnectError(Code.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers per sandbox")
+        if len(self._watchers.get(caller.sandbox_id, {})) >= MAX_WATCHERS:
+            raise full
         path = _check_path(request.path)
         stream = await open_file_stream(
             self._weaver, caller, "watch", path, recursive=request.recursive
@@ -200,16 +231,39 @@ class FilesystemService(Filesystem):
         if await stream.started() is None:
             ended = await stream.wait()
             raise failed(ended, ended.error or "the watch did not start")
+        # Counted again: other calls may have made watchers meanwhile.
+        mine = self._watchers.setdefault(caller.sandbox_id, {})
+        if len(mine) >= MAX_WATCHERS:
+            if stream.ended is None:
+                stream.detach()
+            raise full
         watcher = _Watcher(stream)
         watcher_id = secrets.token_hex(12)
         mine[watcher_id] = watcher
-        watcher.task = asyncio.create_task(self._collect(watcher))
+        watcher.task = asyncio.create_task(self._collect(caller.sandbox_id, watcher_id, watcher))
         return pb.CreateWatcherResponse(watcher_id=watcher_id)
 
-    @staticmethod
-    async def _collect(watcher: _Watcher) -> None:
+    async def _collect(self, sandbox_id: str, watcher_id: str, watcher: _Watcher) -> None:
         async for event in _changes(watcher.stream):
-            watcher.events.append(event)
+            watcher.hold(event)
+        if self._watchers.get(sandbox_id, {}).get(watcher_id) is not watcher:
+            return  # removed
+        # The watch ended: its directory went, or its sandbox did. Nobody may come back for
+        # what it holds, which must not stay here for good.
+        if await self._gone(sandbox_id):
+            for other in list(self._watchers.get(sandbox_id, {})):
+                self._forget(sandbox_id, other)
+        elif self._watchers.get(sandbox_id, {}).get(watcher_id) is watcher:
+            watcher.forget = asyncio.get_running_loop().call_later(
+                KEEP_ENDED_S, self._forget, sandbox_id, watcher_id
+            )
+
+    async def _gone(self, sandbox_id: str) -> bool:
+        try:
+            row = await self._weaver.sandboxes.get(None, sandbox_id)
+        except NotFound:
+            return True
+        return state_of(sandbox_view(row)) is None
 
     def _watcher(self, caller: EnvdCaller, watcher_id: str) -> _Watcher:
         watcher = self._watchers.get(caller.sandbox_id, {}).get(watcher_id)
@@ -224,11 +278,10 @@ class FilesystemService(Filesystem):
     ) -> pb.GetWatcherEventsResponse:
         caller = await caller_of(self._weaver, ctx.request_headers)
         watcher = self._watcher(caller, request.watcher_id)
-        events = list(watcher.events)
-        watcher.events.clear()
+        events = watcher.take()
         if not events and watcher.stream.ended is not None:
             # The directory went, or the sandbox stopped: say so once, and forget it.
-            self._drop(caller, request.watcher_id)
+            self._forget(caller.sandbox_id, request.watcher_id)
             raise ConnectError(Code.NOT_FOUND, f"watcher {request.watcher_id} ended")
         return pb.GetWatcherEventsResponse(events=events)
 
@@ -239,17 +292,19 @@ class FilesystemService(Filesystem):
     ) -> pb.RemoveWatcherResponse:
         caller = await caller_of(self._weaver, ctx.request_headers)
         self._watcher(caller, request.watcher_id)
-        self._drop(caller, request.watcher_id)
+        self._forget(caller.sandbox_id, request.watcher_id)
         return pb.RemoveWatcherResponse()
 
-    def _drop(self, caller: EnvdCaller, watcher_id: str) -> None:
-        mine = self._watchers.get(caller.sandbox_id, {})
+    def _forget(self, sandbox_id: str, watcher_id: str) -> None:
+        mine = self._watchers.get(sandbox_id, {})
         watcher = mine.pop(watcher_id, None)
         if not mine:
-            self._watchers.pop(caller.sandbox_id, None)
+            self._watchers.pop(sandbox_id, None)
         if watcher is None:
             return
-        if watcher.task is not None:
+        if watcher.forget is not None:
+            watcher.forget.cancel()
+        if watcher.task is not None and watcher.task is not asyncio.current_task():
             watcher.task.cancel()
         if watcher.stream.ended is None:
             watcher.stream.detach()

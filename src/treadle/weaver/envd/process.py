@@ -24,6 +24,7 @@ from connectrpc.request import RequestContext
 from protobuf import Oneof
 
 from treadle.domain.errors import TreadleError
+from treadle.domain.sandbox import MAX_CWD, MAX_TAG, check_argv, check_env
 from treadle.protocol import ProcessCall
 from treadle.protocol.limits import INT32_MAX
 from treadle.weaver.api.sandboxes import running_node
@@ -70,6 +71,23 @@ def _data_event(channel: str, data: bytes, pty: bool) -> pb.ProcessEvent:
     return _event(data=pb.ProcessEvent.DataEvent(output=output))
 
 
+def _process(config: pb.ProcessConfig, tag: str) -> tuple[list[str], dict[str, str]]:
+    """The argv and env of a StartRequest, held to treadle's own exec rules."""
+    argv, env, cwd = [config.cmd, *config.args], dict(config.envs), config.cwd
+    try:
+        check_argv(argv)
+        check_env(env)
+    except ValueError as exc:
+        raise ConnectError(Code.INVALID_ARGUMENT, f"process: {exc}") from None
+    if len(cwd) > MAX_CWD or "\x00" in cwd:
+        raise ConnectError(
+            Code.INVALID_ARGUMENT, f"process.cwd is at most {MAX_CWD} characters, without NUL"
+        )
+    if len(tag) > MAX_TAG:
+        raise ConnectError(Code.INVALID_ARGUMENT, f"tag is at most {MAX_TAG} characters")
+    return argv, env
+
+
 def _selector(selector: pb.ProcessSelector | None) -> tuple[int | None, str | None]:
     chosen = None if selector is None else selector.selector
     if chosen is None:
@@ -78,7 +96,7 @@ def _selector(selector: pb.ProcessSelector | None) -> tuple[int | None, str | No
         if not 1 <= int(chosen.value) <= INT32_MAX:
             raise ConnectError(Code.NOT_FOUND, f"no process with pid {chosen.value}")
         return int(chosen.value), None
-    if not 1 <= len(str(chosen.value)) <= 256:
+    if not 1 <= len(str(chosen.value)) <= MAX_TAG:
         raise ConnectError(Code.INVALID_ARGUMENT, "a tag is 1-256 characters")
     return None, str(chosen.value)
 
@@ -100,6 +118,7 @@ class ProcessService(Process):
         config = request.process
         if config is None or not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
+        argv, env = _process(config, request.tag)
         timeout_ms = ctx.timeout_ms
         timeout_s = None if timeout_ms is None else min(max(timeout_ms, 1.0) / 1000, _MAX_TIMEOUT_S)
         pty = None
@@ -107,21 +126,24 @@ class ProcessService(Process):
             size = request.pty.size
             pty = (min(max(size.rows, 1), 1000), min(max(size.cols, 1), 1000))
         row, session = await _on_node(self._weaver, caller)
-        stream = self._weaver.streams.open(
-            session,
-            caller.tenant_id,
-            row.id,
-            row.incarnation,
-            [config.cmd, *config.args],
-            env=dict(config.envs),
-            cwd=config.cwd or None,
-            tag=request.tag or None,
-            # Absent: a stdin, as older clients expect.
-            stdin=request.stdin if request.has_field("stdin") else True,
-            pty=pty,
-            timeout_s=timeout_s,
-            user=caller.user,
-        )
+        try:
+            stream = self._weaver.streams.open(
+                session,
+                caller.tenant_id,
+                row.id,
+                row.incarnation,
+                argv,
+                env=env,
+                cwd=config.cwd or None,
+                tag=request.tag or None,
+                # Absent: a stdin, as older clients expect.
+                stdin=request.stdin if request.has_field("stdin") else True,
+                pty=pty,
+                timeout_s=timeout_s,
+                user=caller.user,
+            )
+        except TreadleError as exc:  # the tenant's streams at their limit
+            raise connect_error(exc) from None
         async for event in self._follow(caller, stream, pty is not None):
             yield pb.StartResponse(event=event)
 
@@ -275,9 +297,12 @@ class ProcessService(Process):
             fields["pid"] = pid
         if tag is not None:
             fields["tag"] = tag
-        return self._weaver.streams.start(
-            session, caller.tenant_id, ProcessCall, row.id, row.incarnation, op=op, **fields
-        )
+        try:
+            return self._weaver.streams.start(
+                session, caller.tenant_id, ProcessCall, row.id, row.incarnation, op=op, **fields
+            )
+        except TreadleError as exc:  # the tenant's streams at their limit
+            raise connect_error(exc) from None
 
 
 def _writer(data: bytes) -> Callable[[ExecStream], None]:

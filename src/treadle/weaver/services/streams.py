@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from treadle.domain.errors import LimitExceeded
+from pydantic import ValidationError
+
+from treadle.domain.errors import InvalidRequest, LimitExceeded
 from treadle.protocol import (
     ExecStart,
     FileStart,
@@ -36,7 +38,8 @@ from treadle.protocol import (
     StreamStarted,
     StreamWindow,
 )
-from treadle.protocol.messages import STREAM_CHUNK_BYTES
+from treadle.protocol.limits import MAX_FRAME_BYTES
+from treadle.protocol.messages import STREAM_CHUNK_BYTES, encode
 from treadle.weaver.services.nodes import NodeSession
 
 __all__ = ["Ended", "ExecStream", "Started", "StreamHub"]
@@ -205,19 +208,28 @@ class StreamHub:
         """A stream on a sandbox: a process (`ExecStart`, as `open` makes it), a file
         operation (`FileStart`), a call about its processes (`ProcessCall`), a connection to
         one of its ports (`PortStart`)."""
-        stream = self._new(session, tenant_id)
-        session.send(
-            frame(
-                stream=stream.number,
-                id=sandbox_id,
-                incarnation=incarnation,
-                window=WINDOW,
-                **fields,
+        self._admit(tenant_id)
+        number = next(self._numbers)
+        # Made (and so checked) before the stream counts: a request the frame refuses leaves
+        # nothing open behind it.
+        try:
+            message = frame(
+                stream=number, id=sandbox_id, incarnation=incarnation, window=WINDOW, **fields
             )
-        )
+        except ValidationError as exc:
+            raise InvalidRequest(f"not a request a node takes: {exc}") from None
+        size = len(encode(message).encode())
+        if size > MAX_FRAME_BYTES:
+            raise InvalidRequest(
+                f"the request is {size} bytes as a frame to its node; at most {MAX_FRAME_BYTES}",
+                details={"limit": "frame_bytes", "value": MAX_FRAME_BYTES},
+            )
+        stream = ExecStream(self, session, number, tenant_id)
+        self._streams[number] = stream
+        session.send(message)
         return stream
 
-    def _new(self, session: NodeSession, tenant_id: str) -> ExecStream:
+    def _admit(self, tenant_id: str) -> None:
         open_now = sum(1 for s in self._streams.values() if s.tenant_id == tenant_id)
         if open_now >= self._max_per_tenant:
             raise LimitExceeded(
@@ -225,9 +237,6 @@ class StreamHub:
                 f"{self._max_per_tenant} (TREADLE_MAX_EXEC_STREAMS_PER_TENANT)",
                 details={"limit": "max_exec_streams_per_tenant", "value": self._max_per_tenant},
             )
-        stream = ExecStream(self, session, next(self._numbers), tenant_id)
-        self._streams[stream.number] = stream
-        return stream
 
     def forget(self, stream: ExecStream) -> bool:
         return self._streams.pop(stream.number, None) is not None
