@@ -7,7 +7,9 @@ says lives here once. Foreign exceptions (httpx, websockets) are translated here
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -51,11 +53,20 @@ __all__ = [
     "parse_object",
     "stream_error",
     "timeout_for",
+    "tls_context",
     "update_tenant",
 ]
 
+
 # Idle connections are dropped by the client well before Weaver closes them (30 s), so a
 # request never goes out on a connection the server is closing at that instant.
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context for every client of this process, as httpx would make each: making one
+    loads the CA bundle (~20 ms), which a client per sandbox would otherwise pay every time."""
+    return httpx.create_ssl_context()
+
+
 POOL_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=15)
 
 T = TypeVar("T")

@@ -43,6 +43,7 @@ class AsyncClient:
             timeout=self._timeout,
             transport=transport,
             limits=_api.POOL_LIMITS,
+            verify=_api.tls_context(),
         )
 
     async def __aenter__(self) -> AsyncClient:

@@ -52,6 +52,7 @@ class Client:
             timeout=self._timeout,
             transport=transport,
             limits=_api.POOL_LIMITS,
+            verify=_api.tls_context(),
         )
 
     def __enter__(self) -> Client:
