@@ -78,9 +78,13 @@ def test_background_commands_are_connected_fed_listed_and_killed(sdk: SDK) -> No
         except Exception as exc:
             result = {"type": type(exc).__name__, "code": exc.exit_code}
         unknown = await w(sbx.commands.kill(999999))
+        quick = await w(sbx.commands.run("true", background=True, timeout=0))
+        await w(quick.wait())
+        ended = await w(sbx.commands.kill(quick.pid))  # it is not there to kill any more
         left = [p.pid for p in await w(sbx.commands.list())]
         out(pid=pid, listed=listed, fed=[fed.stdout, fed.exit_code], again=again.pid,
-            sleeper=sleeper.pid, killed=killed, result=result, unknown=unknown, left=left)
+            sleeper=sleeper.pid, killed=killed, result=result, unknown=unknown, left=left,
+            ended=ended)
         await w(sbx.kill())
         """
     )
@@ -89,7 +93,7 @@ def test_background_commands_are_connected_fed_listed_and_killed(sdk: SDK) -> No
     # What it wrote once connected again; what it wrote before may or may not be there, as
     # with envd (output made while no client followed is not promised to the next one).
     assert seen["fed"][0].endswith("then world\n") and seen["fed"][1] == 0, seen["fed"]
-    assert seen["killed"] is True and seen["unknown"] is False
+    assert seen["killed"] is True and seen["unknown"] is False and seen["ended"] is False
     assert seen["result"]["type"] == "CommandExitException" and seen["result"]["code"] != 0
     assert seen["sleeper"] not in seen["left"] and pid not in seen["left"]
 

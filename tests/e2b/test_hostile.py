@@ -787,6 +787,8 @@ def test_an_upload_past_the_disk_is_507(e2b_cluster: Cluster) -> None:
         ({"timeout": 10**30}, 400),
         ({"timeout": 1.5}, 400),
         ({"timeout": "soon"}, 400),
+        ({"timeout": True}, 400),
+        ({"timeout": "30"}, 400),
         ({"timeout": [60]}, 400),
         ({"network": {}}, 201),
         ({"network": {"allowPublicTraffic": False}}, 201),

@@ -211,7 +211,11 @@ class ProcessService(Process):
         number = _SIGNALS.get(request.signal)
         if number is None:
             raise ConnectError(Code.INVALID_ARGUMENT, "signal must be SIGTERM or SIGKILL")
-        await _result(await self._call(caller, "signal", pid, tag, signal=int(number)))
+        view = await _result(await self._call(caller, "signal", pid, tag, signal=int(number)))
+        if not (isinstance(view, dict) and view.get("running")):
+            # As envd: a process that already ended is not there to signal (the SDK's
+            # `kill` then says False).
+            raise ConnectError(Code.NOT_FOUND, f"process {pid or tag} is not running")
         return pb.SendSignalResponse()
 
     async def send_input(

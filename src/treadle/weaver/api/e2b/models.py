@@ -7,15 +7,18 @@ refused by name rather than dropped without a word.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from treadle.domain.sandbox import MAX_TIMEOUT_S
 
 __all__ = ["ConnectBody", "NewSandbox", "PauseBody", "RefreshBody", "TimeoutBody"]
 
 _MAX_TIMEOUT = int(MAX_TIMEOUT_S)
+# Whole seconds, as E2B's API types them: `true` or "30" is not one (lax parsing would take
+# `true` for 1 s).
+Seconds = Annotated[int, Strict()]
 # One metadata entry of treadle's 64 remembers the template.
 _MAX_METADATA = 63
 
@@ -28,7 +31,7 @@ class NewSandbox(_Body):
     """`NewSandbox` (`POST /sandboxes`) and `NewSandboxV2` (`POST /v2/sandboxes`)."""
 
     template_id: str = Field(alias="templateID", min_length=1, max_length=256)
-    timeout: int | None = Field(default=None, ge=1, le=_MAX_TIMEOUT)
+    timeout: Seconds | None = Field(default=None, ge=1, le=_MAX_TIMEOUT)
     auto_pause: bool = Field(default=False, alias="autoPause")
     auto_pause_memory: bool = Field(default=True, alias="autoPauseMemory")
     auto_resume: dict[str, Any] | None = Field(default=None, alias="autoResume")
@@ -68,7 +71,7 @@ class NewSandbox(_Body):
 class ConnectBody(_Body):
     """`ConnectSandbox`, `ConnectSandboxV2` and `ResumedSandbox`."""
 
-    timeout: int | None = Field(default=None, ge=1, le=_MAX_TIMEOUT)
+    timeout: Seconds | None = Field(default=None, ge=1, le=_MAX_TIMEOUT)
     # `false` asks for a cold boot from the disk alone; a paused sandbox here keeps its memory.
     memory: bool | None = None
     auto_pause: bool | None = Field(default=None, alias="autoPause")
@@ -81,11 +84,11 @@ class ConnectBody(_Body):
 
 
 class TimeoutBody(_Body):
-    timeout: int = Field(ge=1, le=_MAX_TIMEOUT)
+    timeout: Seconds = Field(ge=1, le=_MAX_TIMEOUT)
 
 
 class RefreshBody(_Body):
-    duration: int | None = Field(default=None, ge=0, le=3600)
+    duration: Seconds | None = Field(default=None, ge=0, le=3600)
 
 
 class PauseBody(_Body):
