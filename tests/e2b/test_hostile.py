@@ -918,3 +918,15 @@ def test_a_port_tells_nobody_without_a_credential_whether_its_sandbox_exists(
         assert len(messages) == 1, messages
     for sandbox_id in (private, public):
         admin.api.delete(f"/sandboxes/{sandbox_id}")
+
+
+def test_a_body_past_the_limit_is_413_in_e2b_s_shape(raw: httpx.Client) -> None:
+    huge = b'{"templateID": "base", "metadata": {"a": "' + b"x" * (9 * 1024 * 1024) + b'"}}'
+    for headers in ({"content-type": "application/json"}, {"transfer-encoding": "chunked"}):
+        answer = raw.post(
+            "/v2/sandboxes",
+            content=huge if "content-type" in headers else iter([huge]),
+            headers=headers,
+        )
+        assert answer.status_code == 413, answer.text
+        assert set(answer.json()) == {"code", "message"} and answer.json()["code"] == 413

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from treadle.domain.errors import TreadleError, Unauthenticated
 from treadle.weaver.api.deps import PRINCIPAL, bearer
+from treadle.weaver.api.e2b.errors import E2B_PATH
 from treadle.weaver.api.errors import error_body, status_for
 from treadle.weaver.api.port_auth import PORT_ACCESS, PORT_PATH, authorize_port
 
@@ -82,7 +83,8 @@ class RequestGuard:
                 )
                 return
             if size > self.max_bytes:
-                await _respond(send, *self._too_large(f"request body is {size} bytes"))
+                too_large = self._too_large(f"request body is {size} bytes", scope["path"])
+                await _respond(send, *too_large)
                 return
         await self._limited(scope, receive, send)
 
@@ -115,14 +117,13 @@ class RequestGuard:
             if not too_large or responded:
                 raise
         if too_large and not responded:
-            await _respond(send, *self._too_large("request body is larger"))
+            await _respond(send, *self._too_large("request body is larger", scope["path"]))
 
-    def _too_large(self, what: str) -> tuple[int, dict[str, Any]]:
-        return 413, error_body(
-            "payload_too_large",
-            f"{what}; the limit is {self.max_bytes} bytes",
-            {"limit": self.max_bytes},
-        )
+    def _too_large(self, what: str, path: str) -> tuple[int, dict[str, Any]]:
+        message = f"{what}; the limit is {self.max_bytes} bytes"
+        if E2B_PATH.match(path):
+            return 413, {"code": 413, "message": message}  # E2B's shape on E2B's routes
+        return 413, error_body("payload_too_large", message, {"limit": self.max_bytes})
 
 
 async def _authenticate(scope: Scope) -> tuple[int, dict[str, Any], Mapping[str, str]] | None:

@@ -10,6 +10,7 @@ told `Should-Retry: false`; only what is safe to repeat is left retryable.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -25,7 +26,10 @@ from treadle.domain import errors
 from treadle.weaver.api.deps import PRINCIPAL, bearer, get_weaver
 from treadle.weaver.api.errors import status_for
 
-__all__ = ["E2BAuthedRoute", "E2BRoute", "e2b_error"]
+__all__ = ["E2B_PATH", "E2BAuthedRoute", "E2BRoute", "e2b_error"]
+
+# The paths of E2B's control plane, whose errors, wherever made, are in E2B's shape.
+E2B_PATH = re.compile(r"^/(?:v2/)?sandboxes(?:/|$)")
 
 log = logging.getLogger(__name__)
 
