@@ -23,7 +23,7 @@ from treadle.weaver.api.sandboxes import running_node, serve_stream
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.streams import Ended, ExecStream
 
-__all__ = ["read_through", "router", "write_through"]
+__all__ = ["check_quota", "disk_quota_mib", "read_through", "router", "write_through"]
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandbox files"])
 WeaverDep = Annotated[Weaver, Depends(get_weaver)]
@@ -48,7 +48,23 @@ async def _operation(
     stream = weaver.streams.start(
         session, tenant_id, FileStart, row.id, row.incarnation, op=op, path=path, **options
     )
-    return stream, (row.spec.get("resources") or {}).get("disk_mib")
+    return stream, disk_quota_mib(row)
+
+
+def disk_quota_mib(row: Any) -> int | None:
+    """The disk a sandbox asked for: what an upload to it may be at most."""
+    quota: int | None = (row.spec.get("resources") or {}).get("disk_mib")
+    return quota
+
+
+def check_quota(path: str, sent: int, quota_mib: int | None) -> None:
+    """InsufficientStorage once `sent` bytes are past the sandbox's disk: where the tier does
+    not hold the sandbox to its disk, this does."""
+    if quota_mib is not None and sent > quota_mib * 1024 * 1024:
+        raise errors.InsufficientStorage(
+            f"{path}: larger than the sandbox's disk ({quota_mib} MiB)",
+            details={"path": path, "errno": "EFBIG", "quota_mib": quota_mib},
+        )
 
 
 async def _result(
@@ -119,19 +135,15 @@ async def write_through(
     stream: ExecStream, chunks: AsyncIterator[bytes], path: str, quota_mib: int | None
 ) -> Ended:
     """Feed an upload at the pace the sandbox writes it, then end it; how it ended. Past the
-    sandbox's disk quota it is InsufficientStorage (where the tier does not hold the sandbox
-    to its disk, this does); given up midway, the stream is left."""
+    sandbox's disk quota it is InsufficientStorage (`check_quota`); given up midway, the
+    stream is left."""
     sent = 0
     try:
         async for chunk in chunks:
             sent += len(chunk)
             if stream.over:
                 break  # it failed (a full disk): its error says why
-            if quota_mib is not None and sent > quota_mib * 1024 * 1024:
-                raise errors.InsufficientStorage(
-                    f"{path}: larger than the sandbox's disk ({quota_mib} MiB)",
-                    details={"path": path, "errno": "EFBIG", "quota_mib": quota_mib},
-                )
+            check_quota(path, sent, quota_mib)
             if chunk:
                 stream.write(chunk)
                 await stream.drain()

@@ -23,11 +23,16 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from treadle.domain.errors import InsufficientStorage, TreadleError
+from treadle.domain.errors import TreadleError
 from treadle.weaver.api.e2b.views import treadle_id
 from treadle.weaver.api.errors import status_for
 from treadle.weaver.api.sandbox_errors import sandbox_error
-from treadle.weaver.api.sandbox_files import read_through, write_through
+from treadle.weaver.api.sandbox_files import (
+    check_quota,
+    disk_quota_mib,
+    read_through,
+    write_through,
+)
 from treadle.weaver.core import Weaver
 from treadle.weaver.envd.access import SANDBOX_HEADER, TOKEN_HEADER, Denied, EnvdCaller, authorize
 from treadle.weaver.envd.errors import HTTP_STATUS
@@ -153,11 +158,9 @@ async def _write(
     weaver: Weaver, caller: EnvdCaller, path: str, chunks: AsyncIterator[bytes]
 ) -> None:
     stream = await open_file_stream(weaver, caller, "write", path)
-    quota = (caller.row.spec.get("resources") or {}).get("disk_mib")
+    quota = disk_quota_mib(caller.row)
     ended = await write_through(stream, chunks, path, quota)
     if ended.error is not None:
-        if ended.error_code in ("ENOSPC", "EDQUOT", "EFBIG"):
-            raise _Failed(507, str(sandbox_error(ended, {}, quota)))
         raise _refused(ended, path, quota)
 
 
@@ -250,16 +253,14 @@ class _Part:
             raise _Failed(400, f"at most {_MAX_PARTS} files in one upload")
         name = options.get(b"filename", b"").decode("utf-8", "replace")
         target = _checked_path(path or name)
-        quota = (caller.row.spec.get("resources") or {}).get("disk_mib")
-        return cls(await open_file_stream(weaver, caller, "write", target), target, quota)
+        stream = await open_file_stream(weaver, caller, "write", target)
+        return cls(stream, target, disk_quota_mib(caller.row))
 
     async def write(self, data: bytes) -> None:
         if self.stream is None or not data or self.stream.over:
             return
         self.sent += len(data)
-        if self.quota is not None and self.sent > self.quota * 1024 * 1024:
-            self.abandon()
-            raise _Failed(507, f"{self.path}: larger than the sandbox's disk ({self.quota} MiB)")
+        check_quota(self.path, self.sent, self.quota)  # `_multipart` leaves the stream then
         self.stream.write(data)
         await self.stream.drain()
 
@@ -269,8 +270,6 @@ class _Part:
         self.stream.write(b"", eof=True)
         ended = await self.stream.wait()
         if ended.error is not None:
-            if ended.error_code in ("ENOSPC", "EDQUOT", "EFBIG"):
-                raise _Failed(507, str(InsufficientStorage(ended.error)))
             raise _refused(ended, self.path, self.quota)
         return [self.path]
 

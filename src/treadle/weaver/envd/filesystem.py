@@ -200,14 +200,8 @@ class FilesystemService(Filesystem):
         ctx: RequestContext[pb.WatchDirRequest, pb.WatchDirResponse],
     ) -> AsyncIterator[pb.WatchDirResponse]:
         caller = await caller_of(self._weaver, ctx.request_headers)
-        path = _check_path(request.path)
-        stream = await open_file_stream(
-            self._weaver, caller, "watch", path, recursive=request.recursive
-        )
+        stream = await self._watch(caller, request)
         try:
-            if await stream.started() is None:
-                ended = await stream.wait()
-                raise failed(ended, ended.error or "the watch did not start")
             yield _watch_response("start", pb.WatchDirResponse.StartEvent())
             async for event in _changes(stream):
                 yield _watch_response("filesystem", event)
@@ -224,13 +218,7 @@ class FilesystemService(Filesystem):
         full = ConnectError(Code.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers per sandbox")
         if len(self._watchers.get(caller.sandbox_id, {})) >= MAX_WATCHERS:
             raise full
-        path = _check_path(request.path)
-        stream = await open_file_stream(
-            self._weaver, caller, "watch", path, recursive=request.recursive
-        )
-        if await stream.started() is None:
-            ended = await stream.wait()
-            raise failed(ended, ended.error or "the watch did not start")
+        stream = await self._watch(caller, request)
         # Counted again: other calls may have made watchers meanwhile.
         mine = self._watchers.setdefault(caller.sandbox_id, {})
         if len(mine) >= MAX_WATCHERS:
@@ -242,6 +230,19 @@ class FilesystemService(Filesystem):
         mine[watcher_id] = watcher
         watcher.task = asyncio.create_task(self._collect(caller.sandbox_id, watcher_id, watcher))
         return pb.CreateWatcherResponse(watcher_id=watcher_id)
+
+    async def _watch(
+        self, caller: EnvdCaller, request: pb.WatchDirRequest | pb.CreateWatcherRequest
+    ) -> ExecStream:
+        """A watch of the directory the request names, once it is in place."""
+        path = _check_path(request.path)
+        stream = await open_file_stream(
+            self._weaver, caller, "watch", path, recursive=request.recursive
+        )
+        if await stream.started() is None:
+            ended = await stream.wait()
+            raise failed(ended, ended.error or "the watch did not start")
+        return stream
 
     async def _collect(self, sandbox_id: str, watcher_id: str, watcher: _Watcher) -> None:
         async for event in _changes(watcher.stream):

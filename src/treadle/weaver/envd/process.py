@@ -224,9 +224,7 @@ class ProcessService(Process):
         ctx: RequestContext[pb.SendInputRequest, pb.SendInputResponse],
     ) -> pb.SendInputResponse:
         caller = await self._caller(ctx)
-        chosen = None if request.input is None else request.input.input
-        data = b"" if chosen is None else bytes(chosen.value)
-        await self._through_stream(caller, request.process, lambda s: s.write(data))
+        await self._through_stream(caller, request.process, _writer(_input(request.input)))
         return pb.SendInputResponse()
 
     async def stream_input(
@@ -245,9 +243,7 @@ class ProcessService(Process):
                 continue
             if selector is None:
                 raise ConnectError(Code.INVALID_ARGUMENT, "input before the start event")
-            chosen = event.value.input.input if event.value.input is not None else None
-            data = b"" if chosen is None else bytes(chosen.value)
-            await self._through_stream(caller, selector, _writer(data))
+            await self._through_stream(caller, selector, _writer(_input(event.value.input)))
         return pb.StreamInputResponse()
 
     async def close_stdin(
@@ -307,6 +303,12 @@ class ProcessService(Process):
             )
         except TreadleError as exc:  # the tenant's streams at their limit
             raise connect_error(exc) from None
+
+
+def _input(given: pb.ProcessInput | None) -> bytes:
+    """What a ProcessInput carries, stdin or a PTY's keys alike (the stream takes either)."""
+    chosen = None if given is None else given.input
+    return b"" if chosen is None else bytes(chosen.value)
 
 
 def _writer(data: bytes) -> Callable[[ExecStream], None]:
