@@ -148,7 +148,7 @@ async def test_the_runtime_is_read_only_and_only_itself(sandbox: LiveSandbox) ->
     assert code != 0
     # Its own files, nothing else of the host's.
     listing = await sandbox.link.call("list", path=MOUNT_POINT)
-    assert sorted(e["name"] for e in listing) == ["bin", "lib"]
+    assert sorted(e["name"] for e in listing) == ["bin", "lib", "libexec", "tools"]
     listing = await sandbox.link.call("list", path="/.treadle")
     assert [e["name"] for e in listing] == ["agent"]
 

@@ -30,6 +30,7 @@ def test_commands_stream_and_end_as_the_sdk_expects(sdk: SDK) -> None:
             envs={"FROM_COMMAND": "c"}, on_stdout=out_.append, on_stderr=err_.append))
         in_tmp = await w(sbx.commands.run("pwd", cwd="/tmp"))
         as_root = await w(sbx.commands.run("id -u", user="root"))
+        sudo = await w(sbx.commands.run("sudo whoami; sudo -n true && command -v python3"))
         failed = await failure(lambda: sbx.commands.run("echo partial; exit 3"))
         exit_code = None
         try:
@@ -39,8 +40,8 @@ def test_commands_stream_and_end_as_the_sdk_expects(sdk: SDK) -> None:
         timed = await failure(lambda: sbx.commands.run("sleep 30", timeout=1))
         after = await w(sbx.commands.run("ps -eo args", user="root"))
         out(stdout=r.stdout, stderr=r.stderr, code=r.exit_code, streamed=[out_, err_],
-            tmp=in_tmp.stdout, root=as_root.stdout, failed=failed, exit_code=exit_code,
-            timed=timed, after=after.stdout)
+            tmp=in_tmp.stdout, root=as_root.stdout, sudo=sudo.stdout, failed=failed,
+            exit_code=exit_code, timed=timed, after=after.stdout)
         await w(sbx.kill())
         """
     )
@@ -49,6 +50,8 @@ def test_commands_stream_and_end_as_the_sdk_expects(sdk: SDK) -> None:
     assert "".join(seen["streamed"][0]) == seen["stdout"]
     assert "".join(seen["streamed"][1]) == "two\n"
     assert (seen["tmp"], seen["root"]) == ("/tmp\n", "0\n")
+    # `base`: the user has sudo without a password, and python3 on PATH.
+    assert seen["sudo"].startswith("root\n/") and seen["sudo"].endswith("/python3\n")
     assert seen["failed"]["type"] == "CommandExitException", seen["failed"]
     assert seen["exit_code"] == 7
     assert seen["timed"]["type"] == "TimeoutException", seen["timed"]

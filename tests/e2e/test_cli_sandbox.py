@@ -71,10 +71,12 @@ def test_create_ls_get_rm(cluster: Cluster) -> None:
 
 
 def test_create_json_prints_the_sandbox(cluster: Cluster) -> None:
-    created = treadle(cluster, "create", "--json", "--cpu", "500", "--memory", "128")
+    options = ("--cpu", "500", "--memory", "128", "--home", "/home/agent", "--sudo")
+    created = treadle(cluster, "create", "--json", *options)
     sandbox = json.loads(created.stdout)
     assert sandbox["resources"]["cpu_millicores"] == 500
     assert sandbox["resources"]["memory_mib"] == 128
+    assert (sandbox["home"], sandbox["sudo"]) == ("/home/agent", True)
     assert treadle(cluster, "rm", sandbox["id"]).returncode == 0
 
 

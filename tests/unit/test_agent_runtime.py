@@ -48,7 +48,7 @@ def test_ensure_remembers_the_runtime_for_the_process(tmp_path: Path) -> None:
 
 def test_the_runtime_runs_the_agent_on_its_own_files(tmp_path: Path) -> None:
     runtime = agent_runtime.prepare(tmp_path)
-    assert sorted(p.name for p in runtime.path.iterdir()) == ["bin", "lib"]
+    assert sorted(p.name for p in runtime.path.iterdir()) == ["bin", "lib", "libexec", "tools"]
     assert runtime.size_bytes < 64 * 1024 * 1024
     # Python finds its standard library in the runtime, and nothing outside it.
     found = _run(runtime, "import sys, json; print(json.dumps([sys.prefix, *sys.path]))")

@@ -145,6 +145,16 @@ def create(
             help="on_failure, always or never: whether it starts again, fresh, when lost.",
         ),
     ] = None,
+    home: Annotated[
+        str | None,
+        typer.Option(
+            "--home", metavar="PATH", help="Its writable work dir: HOME, where processes start."
+        ),
+    ] = None,
+    sudo: Annotated[
+        bool,
+        typer.Option("--sudo", help="Its user may run commands as root with `sudo`."),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sandbox as JSON.")] = False,
 ) -> None:
     """Create a sandbox and print its id.
@@ -165,6 +175,8 @@ def create(
         "network": network,
         "resources": {k: v for k, v in resources.items() if v is not None} or None,
         "restart": restart,
+        "home": home,
+        "sudo": sudo or None,
     }
     sandbox = Sandbox.create(client=client_from(ctx), **options)
     if as_json:

@@ -125,6 +125,9 @@ class SandboxOptions(TypedDict, total=False):
     idle_timeout: float
     on_expiry: str
     restart: str
+    home: str
+    public_ports: bool
+    sudo: bool
 
 
 _RENAMED = {"timeout": "timeout_s", "idle_timeout": "idle_timeout_s"}

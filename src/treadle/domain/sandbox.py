@@ -339,6 +339,8 @@ class SandboxSpec(WorkloadSpec):
     home: str = DEFAULT_HOME
     # Its ports are open to whoever has their URL, with no credential (E2B's public traffic).
     public_ports: bool = False
+    # Its user may run commands as root with `sudo` (where the tier has users of its own).
+    sudo: bool = False
 
     @field_validator("home")
     @classmethod

@@ -4,7 +4,7 @@ environment, and the envd half of the E2B surface applies the user, working dire
 shell to the commands it starts.
 
 Only built-in templates exist for now. `base` looks like E2B's own from inside: commands run
-as `user` in `/home/user` through a login bash (E2B-NOTES §6).
+as `user` in `/home/user` through a login bash, and `user` has `sudo` without a password.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class Template:
     # What a command line is run with: the line is appended as the last argument.
     shell: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Its user may become root with `sudo`, without a password.
+    sudo: bool = False
 
     def command(self, line: str) -> list[str]:
         return [*self.shell, line]
@@ -41,6 +43,7 @@ BUILTIN: Mapping[str, Template] = MappingProxyType(
             user="user",
             workdir="/home/user",
             shell=("/bin/bash", "-l", "-c"),
+            sudo=True,
         ),
     }
 )

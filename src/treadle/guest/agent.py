@@ -54,6 +54,21 @@ HEADER = struct.Struct(">II")
 READ_SIZE = 64 * 1024
 FILE_CHUNK = 256 * 1024
 MAX_LISTED = 2000
+# `sudo` (treadle.guest.sudo): the largest request, how many at once, and what of the
+# caller's environment its command keeps without -E (as sudo's env_reset does).
+SUDO_MAX_REQUEST = 128 * 1024
+SUDO_MAX_SESSIONS = 64
+SUDO_KEEP = (
+    "TERM",
+    "COLORTERM",
+    "DISPLAY",
+    "XAUTHORITY",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "COLUMNS",
+    "LINES",
+)
 
 
 def _errno_name(exc: OSError) -> str:
@@ -126,6 +141,53 @@ class Channel:
             payload = bytes(self.inbuf[HEADER.size + hlen : end])
             del self.inbuf[:end]
             yield header, payload
+
+
+def _become(
+    argv: list,
+    env: dict,
+    cwd: str,
+    fds: tuple,
+    ids: tuple | None,
+    new_session: bool,
+    fallback: str | None = None,
+) -> None:  # pragma: no cover - runs in a forked child, and execs or exits
+    """In a forked child: take `fds` as stdin, stdout and stderr, the user `ids` (uid, gid;
+    None: stay who the agent is), `cwd` (or `fallback` where the user may not enter it), and
+    exec `argv` with `env`."""
+    try:
+        if new_session:
+            os.setsid()
+        for target, source in enumerate(fds):
+            os.dup2(source, target)
+        os.closerange(3, 65536)
+        for sig in (signal.SIGPIPE, signal.SIGCHLD, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        if ids is not None:
+            uid, gid = ids
+            # Root first (the agent's real and saved uid), which makes its capabilities
+            # effective; then all three ids at once: leaving uid 0 on every one drops
+            # every capability, ambient ones included.
+            os.setresuid(0, 0, 0)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        try:
+            try:
+                os.chdir(cwd)
+            except OSError:
+                if fallback is None:
+                    raise
+                os.chdir(fallback)
+        except OSError as exc:
+            os.write(2, f"treadle: cannot enter {cwd!r}: {exc.strerror}\n".encode())
+            os._exit(126)
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        os.write(2, f"treadle: cannot run {argv[0]!r}: {exc.strerror}\n".encode())
+        os._exit(127 if exc.errno == errno.ENOENT else 126)
+    except BaseException:
+        os._exit(126)
 
 
 class Process:
@@ -208,34 +270,14 @@ class Process:
     def _child(
         self, env: dict[str, str], cwd: str, fd0: int, fd1: int, fd2: int, new_session: bool = True
     ) -> None:  # pragma: no cover - runs in the forked child
-        try:
-            if new_session:
-                os.setsid()
-            for target, source in ((0, fd0), (1, fd1), (2, fd2)):
-                os.dup2(source, target)
-            os.closerange(3, 65536)
-            for sig in (signal.SIGPIPE, signal.SIGCHLD, signal.SIGXFSZ):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, set())
-            if self.agent.switches:
-                uid, gid = self.ids
-                # Root first (the agent's real and saved uid), which makes its capabilities
-                # effective; then all three ids at once: leaving uid 0 on every one drops
-                # every capability, ambient ones included.
-                os.setresuid(0, 0, 0)
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, uid)
-            try:
-                os.chdir(cwd)
-            except OSError as exc:
-                os.write(2, f"treadle: cannot enter {cwd!r}: {exc.strerror}\n".encode())
-                os._exit(126)
-            os.execvpe(self.argv[0], self.argv, env)
-        except OSError as exc:
-            os.write(2, f"treadle: cannot run {self.argv[0]!r}: {exc.strerror}\n".encode())
-            os._exit(127 if exc.errno == errno.ENOENT else 126)
-        except BaseException:
-            os._exit(126)
+        _become(
+            self.argv,
+            env,
+            cwd,
+            (fd0, fd1, fd2),
+            self.ids if self.agent.switches else None,
+            new_session,
+        )
 
     def _reader(self, fd: int) -> Callable[[], None]:
         return lambda: self.read(fd)
@@ -565,6 +607,143 @@ def _set_size(fd: int, size: Msg) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
+class Sudo:
+    """One `sudo` asked for by a process in the sandbox (`treadle.guest.sudo`): the command
+    it named, started as the user it named with the caller's own stdin, stdout and stderr,
+    and the caller's connection, which forwards the caller's signals and hears the command's
+    end. A caller that goes away takes its command with it, as a killed `sudo` would.
+
+    Who asks is known by the credentials that come with the request (SCM_CREDENTIALS, which
+    the kernel checks: no process can claim a uid other than its own without CAP_SETUID), not
+    by SO_PEERCRED, which gVisor answers with the listener's."""
+
+    def __init__(self, agent: Agent, conn: object) -> None:
+        self.agent = agent
+        self.conn = conn
+        self.caller = (-1, -1)  # (uid, gid) of the process that asked
+        self.pid = 0
+        self.fd = conn.fileno()  # type: ignore[attr-defined]
+        agent.selector.register(self.fd, selectors.EVENT_READ, self.on_readable)
+
+    def on_readable(self) -> None:
+        import _socket
+
+        try:
+            data, ancillary, flags, _ = self.conn.recvmsg(  # type: ignore[attr-defined]
+                SUDO_MAX_REQUEST + 1, _socket.CMSG_SPACE(4 * 4) + _socket.CMSG_SPACE(3 * 4)
+            )
+        except BlockingIOError:
+            return
+        except OSError:
+            data, ancillary, flags = b"", [], 0
+        fds: list = []
+        caller = None
+        for level, kind, body in ancillary:
+            if level != _socket.SOL_SOCKET:
+                continue
+            if kind == _socket.SCM_RIGHTS:
+                fds += struct.unpack(f"{len(body) // 4}i", body[: len(body) - len(body) % 4])
+            elif kind == _socket.SCM_CREDENTIALS and len(body) >= 12:
+                caller = struct.unpack_from("3i", body)[1:]
+        try:
+            if not data:
+                self.close()
+            elif self.pid:
+                self.signal(data)
+            elif caller is None:
+                self.finish({"error": "the request carries no credentials"})
+            elif caller[0] not in (0, self.agent.user[0]):
+                self.finish({"error": f"{_name_of(caller[0])} is not in the sudoers file"})
+            elif flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC) or len(fds) != 3:
+                self.finish({"error": "the request is malformed or too long"})
+            else:
+                self.caller = caller
+                self.start(json.loads(data), fds)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.finish({"error": str(exc)})
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def start(self, req: Msg, fds: list) -> None:
+        argv = req["argv"]
+        if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
+            raise ValueError("no command, or an argument that is not text")
+        uid, gid, home, name = _lookup(req["user"])
+        self.agent.switch(uid, gid)
+        try:
+            home = self.agent.home_of(home)
+        finally:
+            self.agent.switch(*self.agent.user)
+        caller_env = req.get("env") or {}
+        preserve = req.get("preserve")
+        if preserve is True:
+            env = dict(self.agent.base_env)
+            env.update(caller_env)
+        else:
+            keep = set(SUDO_KEEP).union(preserve or ())
+            env = dict(self.agent.base_env)
+            env.update((k, v) for k, v in caller_env.items() if k in keep or k.startswith("LC_"))
+        caller_name = _name_of(self.caller[0])
+        env.update(
+            HOME=home,
+            USER=name or str(uid),
+            LOGNAME=name or str(uid),
+            SUDO_USER=caller_name,
+            SUDO_UID=str(self.caller[0]),
+            SUDO_GID=str(self.caller[1]),
+            SUDO_COMMAND=" ".join(argv)[:4096],
+        )
+        # sudo's secure_path: the sandbox's own PATH, whatever the caller's
+        if "PATH" in self.agent.base_env:
+            env["PATH"] = self.agent.base_env["PATH"]
+        env.update(req.get("assign") or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ValueError("an environment variable that is not text")
+        cwd = home if req.get("login") else str(req.get("cwd") or home)
+        # As sudo does: the caller's directory where the user may enter it, else the root;
+        # a directory asked for (-D) or none at all.
+        fallback = None if req.get("chdir") else "/"
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child execs at once
+            _become(argv, env, cwd, tuple(fds), (uid, gid), True, fallback)
+        self.pid = pid
+        self.agent.sudo[pid] = self
+
+    def signal(self, data: bytes) -> None:
+        """The caller got a signal: the command gets it too. Anything else is ignored."""
+        try:
+            number = json.loads(data).get("signal")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(number, int) and 0 < number < 65:
+            self.agent.kill_group(self.pid, number)
+
+    def ended(self, status: int) -> None:
+        if os.WIFSIGNALED(status):
+            self.finish({"signal": os.WTERMSIG(status)})
+        else:
+            self.finish({"exit": os.WEXITSTATUS(status)})
+
+    def finish(self, answer: Msg) -> None:
+        try:  # noqa: SIM105 - contextlib costs this program's start time
+            self.conn.send(json.dumps(answer).encode())  # type: ignore[attr-defined]
+        except OSError:
+            pass
+        self.pid = 0
+        self.close()
+
+    def close(self) -> None:
+        if self.pid:  # the caller is gone while its command runs
+            self.agent.kill_group(self.pid, signal.SIGKILL)
+            self.pid = 0
+        if self.fd >= 0:
+            self.agent.selector.unregister(self.fd)
+            self.agent.sudoers.discard(self)
+            self.conn.close()  # type: ignore[attr-defined]
+            self.fd = -1
+
+
 class Agent:
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
@@ -591,6 +770,67 @@ class Agent:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self.reap)
+        self.sudo: dict[int, Sudo] = {}  # the os pid of a command -> its session
+        self.sudoers: set[Sudo] = set()  # every connection of a `sudo`, running or not
+        self.listener: object = None
+        sudo = os.environ.get("TREADLE_AGENT_SUDO")
+        if sudo and self.switches:
+            self.listen(sudo)
+
+    def listen(self, name: str) -> None:
+        """Take `sudo` requests at the abstract socket `name` (`treadle.guest.sudo`)."""
+        import _socket
+
+        listener = _socket.socket(
+            _socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC | _socket.SOCK_NONBLOCK
+        )
+        listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_PASSCRED, 1)
+        listener.bind("\0" + name)
+        listener.listen(16)
+        self.listener = listener
+        self.selector.register(listener.fileno(), selectors.EVENT_READ, self.accept)
+
+    def accept(self) -> None:
+        import _socket
+
+        try:
+            fd, _ = self.listener._accept()  # type: ignore[attr-defined]
+        except OSError:
+            return
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd)
+        conn.setblocking(False)
+        conn.setsockopt(_socket.SOL_SOCKET, _socket.SO_PASSCRED, 1)
+        session = Sudo(self, conn)
+        self.sudoers.add(session)
+        if len(self.sudoers) > SUDO_MAX_SESSIONS:
+            session.finish({"error": "too many sudo commands at once in this sandbox"})
+
+    def home_of(self, home: str | None) -> str:
+        """The HOME of the user the agent acts as, whose /etc/passwd home is `home`: that,
+        where the user may write in it, else the sandbox's own (the read-only root file
+        system of the host's programs holds no home of anyone's)."""
+        if home and os.access(home, os.W_OK, effective_ids=True):
+            return home
+        return self.home
+
+    def switch(self, uid: int, gid: int) -> None:
+        """Act as `uid`/`gid` (effective ids) from now on, where this agent can."""
+        if self.switches:
+            os.seteuid(0)  # the capabilities to take any ids
+            os.setresgid(-1, gid, -1)
+            os.seteuid(uid)
+
+    def kill_group(self, pid: int, number: int) -> None:
+        """Signal the process group `pid`, whoever runs it (with the capability to)."""
+        if self.switches:
+            os.seteuid(0)
+        try:
+            os.killpg(pid, number)
+        except OSError:
+            pass
+        finally:
+            if self.switches:
+                os.seteuid(self.user[0])
 
     def run(self) -> None:
         if os.getpid() > 2:
@@ -607,6 +847,8 @@ class Agent:
             busy = self.pump()
         for process in list(self.processes.values()):
             process.signal(signal.SIGKILL)
+        for session in list(self.sudoers):
+            session.close()
 
     def reap(self) -> None:
         try:
@@ -624,6 +866,9 @@ class Agent:
             process = self.by_os_pid.get(pid)
             if process is not None:
                 process.reaped(status)
+            session = self.sudo.pop(pid, None)
+            if session is not None:
+                session.ended(status)
 
     def handle(self, header: Msg, payload: bytes) -> None:
         op = header.get("op")
@@ -655,22 +900,15 @@ class Agent:
             raise PermissionError(
                 errno.EPERM, f"this sandbox runs every process as uid {self.user[0]}"
             )
-        if self.switches:
-            os.seteuid(0)  # the capabilities to take any ids
-            os.setresgid(-1, gid, -1)
-            os.seteuid(uid)
+        self.switch(uid, gid)
         self.acting = (uid, gid)
         self.acting_env = {"USER": name, "LOGNAME": name} if name else {}
-        if home:
-            self.acting_env["HOME"] = home
+        self.acting_env["HOME"] = self.home_of(home)
         try:
             method(header, payload)
         finally:
             self.acting, self.acting_env = self.user, {}
-            if self.switches:
-                os.seteuid(0)
-                os.setresgid(-1, self.user[1], -1)
-                os.seteuid(self.user[0])
+            self.switch(*self.user)
 
     # processes
 
@@ -957,6 +1195,14 @@ def _lookup(user: object) -> tuple:
     if user.isdigit() and int(user) < 65536:
         return int(user), int(user), None, None
     raise ValueError(f"no user {user!r} in the sandbox")
+
+
+def _name_of(uid: int) -> str:
+    """The name of `uid` in the sandbox's /etc/passwd, else the number."""
+    try:
+        return _lookup(uid)[3] or str(uid)
+    except ValueError:
+        return str(uid)
 
 
 def _adopt_orphans() -> None:

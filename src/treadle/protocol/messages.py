@@ -379,6 +379,7 @@ class SandboxSpec(_Frame):
     env: dict[str, str] = Field(default_factory=dict)
     network: bool = False
     home: str | None = None
+    sudo: bool = False
 
     @field_validator("home")
     @classmethod

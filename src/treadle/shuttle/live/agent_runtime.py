@@ -16,6 +16,9 @@ Python or libc makes a new one::
     lib/python3.X/…                 the standard-library modules the agent imports (found by
                                     importing them in a trial run), all of `encodings`, with
                                     their bytecode; lib-dynload/ their extension modules
+    libexec/sudo.py                 `sudo` (`treadle.guest.sudo`), run on this Python
+    tools/sudo                      the command that runs it: the directory that a sandbox
+                                    with sudo has first on its PATH (`TOOLS`)
 
 Nothing else of the host is in it. Binaries are stripped of debug information and local
 symbols where `strip` is installed (a shared libpython carries tens of MB of them).
@@ -58,15 +61,27 @@ from typing import Any
 
 from treadle.shuttle.sandbox.state import private_dir, state_root
 
-__all__ = ["MOUNT_POINT", "AgentRuntime", "RuntimeBuildError", "ensure", "ensure_async", "prepare"]
+__all__ = [
+    "MOUNT_POINT",
+    "TOOLS",
+    "AgentRuntime",
+    "RuntimeBuildError",
+    "ensure",
+    "ensure_async",
+    "prepare",
+]
 
 log = logging.getLogger(__name__)
 
 # Where every sandbox sees the runtime: hidden from a plain `ls /`, and not a place any
 # image uses.
 MOUNT_POINT = "/.treadle/agent"
+# Programs for the sandbox's own processes (`sudo`): a directory of the mounted runtime.
+TOOLS = f"{MOUNT_POINT}/tools"
 # The layout's version: a change of this module's output changes every runtime's name.
-_FORMAT = 1
+_FORMAT = 2
+# The programs of `TOOLS`, each run on the runtime's Python from `libexec/`.
+_TOOL_SOURCES = {"sudo": "sudo.py"}
 _ENTRY = "python3"
 _DISCOVER_TIMEOUT_S = 60.0
 _STRIP_TIMEOUT_S = 120.0
@@ -140,10 +155,14 @@ class AgentRuntime:
     def argv(self, root: str) -> list[str]:
         """The command that starts the runtime's Python where the sandbox sees the runtime
         at `root`; Python's options and the program follow."""
-        interpreter = f"{root}/bin/{self.interpreter}"
-        if self.loader is None:
-            return [interpreter]
-        return [f"{root}/bin/{_ENTRY}", "--library-path", f"{root}/lib", interpreter]
+        return _argv(root, self.interpreter, self.loader)
+
+
+def _argv(root: str, interpreter: str, loader: str | None) -> list[str]:
+    program = f"{root}/bin/{interpreter}"
+    if loader is None:
+        return [program]
+    return [f"{root}/bin/{_ENTRY}", "--library-path", f"{root}/lib", program]
 
 
 def default_root() -> Path:
@@ -212,18 +231,20 @@ _MODULES: list[tuple[list[str], list[str]]] = []
 
 
 def _imports() -> tuple[list[str], list[str]]:
-    tree = ast.parse(resources.files("treadle.guest").joinpath("agent.py").read_text())
-    at_start = {id(node) for node in tree.body}
     first: set[str] = set()
     later: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = {node.module}
-        else:
-            continue
-        (first if id(node) in at_start else later).update(names)
+    for source in ("agent.py", *_TOOL_SOURCES.values()):
+        tree = ast.parse(resources.files("treadle.guest").joinpath(source).read_text())
+        # What the tools import is needed only when they run, not at the agent's start.
+        at_start = {id(node) for node in tree.body} if source == "agent.py" else set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = {node.module}
+            else:
+                continue
+            (first if id(node) in at_start else later).update(names)
     return sorted(first), sorted(later - first)
 
 
@@ -231,7 +252,7 @@ def _imports() -> tuple[list[str], list[str]]:
 class _File:
     source: Path
     dest: str  # relative to the runtime's directory
-    kind: str  # "elf" or "py"
+    kind: str  # "elf", "py" (a module, compiled) or "tool" (a program's source, as is)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +263,9 @@ class _Plan:
     version: str
     executable: str  # the interpreter copied, on the host
     files: tuple[_File, ...]
+
+    def runtime_argv(self, root: str) -> list[str]:
+        return _argv(root, self.interpreter, self.loader)
 
     def runtime(self, path: Path, *, built: bool) -> AgentRuntime:
         size = count = 0
@@ -306,6 +330,9 @@ def _plan(executable: str, first: Iterable[str], later: Iterable[str]) -> _Plan:
         else:
             raise RuntimeBuildError(f"the agent imports {name}, outside the standard library")
         add(real, dest, "py" if real.endswith(".py") else "elf")
+    guest = resources.files("treadle.guest")
+    for source in _TOOL_SOURCES.values():
+        add(str(guest.joinpath(source)), f"libexec/{source}", "tool")
     # Its landmark: where Python finds it, it takes the directory above bin/ for its prefix.
     add(os.path.join(stdlib, "os.py"), f"{stdlib_dest}/os.py", "py")
     encodings = os.path.join(stdlib, "encodings")
@@ -391,6 +418,7 @@ def _build(plan: _Plan, root: Path, final: Path) -> None:
         _strip(elves)
         target = f"../lib/{plan.loader}" if plan.loader else plan.interpreter
         os.symlink(target, staging / "bin" / _ENTRY)
+        _write_tools(plan, staging)
         for directory in _directories(staging):
             directory.chmod(0o755)
         try:
@@ -404,6 +432,18 @@ def _build(plan: _Plan, root: Path, final: Path) -> None:
         raise RuntimeBuildError(f"cannot build the agent runtime in {final}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_tools(plan: _Plan, staging: Path) -> None:
+    """`tools/NAME`: a shell script that runs the tool's source on the runtime's Python, as
+    the sandbox sees the runtime (at `MOUNT_POINT`)."""
+    tools = staging / "tools"
+    tools.mkdir(mode=0o755)
+    python = " ".join(plan.runtime_argv(MOUNT_POINT))
+    for name, source in _TOOL_SOURCES.items():
+        script = tools / name
+        script.write_text(f'#!/bin/sh\nexec {python} -I -S {MOUNT_POINT}/libexec/{source} "$@"\n')
+        script.chmod(0o755)
 
 
 def _sweep(tmp: Path) -> None:

@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 
 from treadle.domain.resources import Resources, Tier
 from treadle.domain.sandbox import boundary_resources
+from treadle.guest.sudo import SOCKET_NAME
 from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper
 from treadle.shuttle.live import agent_runtime
@@ -50,6 +51,7 @@ from treadle.shuttle.runtimes.process import (
     ReadOnlyBind,
 )
 from treadle.shuttle.sandbox import exits
+from treadle.shuttle.sandbox.policy import AGENT_SUDO_ENV, PATH
 
 __all__ = ["LiveSandbox", "SandboxSpec", "Unsupported"]
 
@@ -93,11 +95,20 @@ class SandboxSpec:
     # Where its work dir is (None: the sandbox layer's /work): HOME, where processes and
     # relative paths start.
     home: str | None = None
+    # Its user may become root with `sudo` (`treadle.guest.sudo`), where the tier has users.
+    sudo: bool = False
 
-    def assign_spec(self, python: Sequence[str] | None = None) -> AssignSpec:
+    def assign_spec(
+        self, python: Sequence[str] | None = None, tools: str | None = None
+    ) -> AssignSpec:
         """The sandbox as an attempt whose program is the agent, run by the command `python`
-        (`AgentRuntime.argv`; default: `self.python`)."""
+        (`AgentRuntime.argv`; default: `self.python`). `tools`: where the sandbox sees the
+        runtime's programs (`agent_runtime.TOOLS`); None: it does not (no `sudo` then)."""
         interpreter = [self.python] if python is None else list(python)
+        env = self.env
+        if self.sudo and tools is not None:
+            # First on PATH: a host's own sudo cannot work in a sandbox (no_new_privs).
+            env = {**env, AGENT_SUDO_ENV: SOCKET_NAME, "PATH": f"{tools}:{env.get('PATH', PATH)}"}
         return AssignSpec(
             id=self.id,
             attempt=self.incarnation,
@@ -105,7 +116,7 @@ class SandboxSpec:
             function="sandbox",
             version=1,
             argv=[*interpreter, "-I", "-S", "-c", AGENT_SOURCE],
-            env=self.env,
+            env=env,
             # A sandbox ends when stopped; its TTL is Weaver's to enforce.
             timeout_s=365 * 24 * 3600,
             resources=boundary_resources(self.resources),
@@ -145,7 +156,9 @@ class LiveSandbox:
             assign = spec.assign_spec(runtime.argv(str(runtime.path)))
         else:
             binds = (ReadOnlyBind(runtime.path, agent_runtime.MOUNT_POINT),)
-            assign = spec.assign_spec(runtime.argv(agent_runtime.MOUNT_POINT))
+            assign = spec.assign_spec(
+                runtime.argv(agent_runtime.MOUNT_POINT), tools=agent_runtime.TOOLS
+            )
         if assign.image is not None:
             if not isinstance(launcher, ImageLauncher):
                 raise ValueError(f"the {launcher.tier} tier cannot run an image")

@@ -258,6 +258,7 @@ class SandboxHost:
             image=spec.image,
             network=spec.network,
             home=spec.home,
+            sudo=spec.sudo,
         )
         workdir = self._work_root / f"{spec.id}-{spec.incarnation}"
         try:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 from treadle.domain.errors import TreadleError
 from treadle.domain.images import ImageReferenceError, is_tag, parse_image
 from treadle.shuttle.oci.rootfs import Rootfs, add_mount_points
+from treadle.shuttle.runtimes.bwrap import sandbox_etc
 
 __all__ = [
     "HOST_BINDS",
@@ -68,7 +69,7 @@ _INDEXES = (
 )
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _COPY_TAG = "treadle"
-_HOST_ROOTFS_VERSION = 2
+_HOST_ROOTFS_VERSION = 3
 
 
 class ImageError(TreadleError):
@@ -453,18 +454,11 @@ def _write_json(path: Path, data: Mapping[str, Any], *, atomic: bool = False) ->
 
 
 def _write_etc(etc: Path) -> None:
-    # Enough for programs that look their user up (Python's getpass, `id`, ssh clients).
+    """The same /etc files as the namespace tier's sandboxes: the same users, by the same
+    names, in every tier that runs the host's programs."""
     etc.mkdir(mode=0o755, exist_ok=True)
-    files = {
-        "passwd": "root:x:0:0:root:/root:/bin/sh\n"
-        "sandbox:x:1000:1000:sandbox:/work:/bin/sh\n"
-        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-        "group": "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n",
-        "hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
-    }
-    for name, text in files.items():
-        (etc / name).write_text(text)
+    for name, data in sandbox_etc():
+        (etc / name).write_bytes(data)
         (etc / name).chmod(0o644)
 
 

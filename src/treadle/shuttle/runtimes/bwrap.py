@@ -75,10 +75,14 @@ class Fds:
 
 
 def read_only_binds(binds: Iterable[tuple[Path, str]]) -> list[str]:
-    """The options that show each host directory `source` read-only at `target` (bubblewrap
-    makes the missing parents of `target` on the sandbox's own root)."""
+    """The options that show each host directory `source` read-only at `target`. The missing
+    parents of `target` are made on the sandbox's own root, open to every user of the
+    sandbox (bubblewrap would make them its user's alone, 0700)."""
     args: list[str] = []
     for source, target in binds:
+        parent = posixpath.dirname(target.rstrip("/"))
+        if parent not in ("", "/"):
+            args += ["--perms", "0755", "--dir", parent]
         args += ["--ro-bind", str(source), target]
     return args
 

@@ -14,6 +14,7 @@ cannot be written, capabilities or not.
 from __future__ import annotations
 
 __all__ = [
+    "AGENT_SUDO_ENV",
     "AGENT_USER_ENV",
     "ARGS_FILE",
     "MASKED_PATHS",
@@ -72,6 +73,8 @@ ROOT_CAPABILITIES = (
 # Given to a guest agent started with ROOT_CAPABILITIES: "uid:gid" of the sandbox's user, the
 # one it acts as unless a request names another (`treadle.guest.agent`).
 AGENT_USER_ENV = "TREADLE_AGENT_USER"
+# Given to a guest agent that is to take `sudo` requests: the abstract socket to listen on.
+AGENT_SUDO_ENV = "TREADLE_AGENT_SUDO"
 
 
 def masked_in_proc() -> list[str]:

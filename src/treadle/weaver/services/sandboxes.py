@@ -90,6 +90,7 @@ def sandbox_view(row: Any) -> dict[str, Any]:
         "network": spec.get("network", False),
         "home": spec.get("home") or DEFAULT_HOME,
         "public_ports": bool(spec.get("public_ports")),
+        "sudo": bool(spec.get("sudo")),
         "metadata": row.metadata,
         "restart": spec.get("restart"),
         "on_expiry": spec.get("on_expiry"),
@@ -671,4 +672,5 @@ def _node_spec(row: Any) -> NodeSandboxSpec:
         env=spec.get("env") or {},
         network=bool(spec.get("network")),
         home=None if spec.get("home") in (None, DEFAULT_HOME) else spec["home"],
+        sudo=bool(spec.get("sudo")),
     )

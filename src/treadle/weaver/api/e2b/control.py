@@ -1,4 +1,4 @@
-"""E2B's control-plane routes (E2B-NOTES §2.1), a thin translation onto treadle's sandboxes
+"""E2B's control-plane routes, a thin translation onto treadle's sandboxes
 (DESIGN §11): create (v1 and v2), get, list (v1 and v2), kill, timeout and refresh, pause,
 connect and resume, metrics. Every route is the caller's tenant's: another tenant's sandbox,
 like one that was killed, is not found.
@@ -95,6 +95,7 @@ async def create(body: NewSandbox, request: Request, tenant: Tenant, weaver: Wea
             # allows network can then hold it.
             network=body.allow_internet_access is not False,
             home=template.workdir,
+            sudo=template.sudo,
             public_ports=body.public_traffic,
         )
     except ValidationError as exc:
