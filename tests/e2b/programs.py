@@ -17,7 +17,7 @@ from support.cluster import Cluster
 __all__ = ["MODES", "SDK", "SDKS"]
 
 ROOT = Path(__file__).resolve().parents[2]
-# The newest SDK, and the last before create and connect moved to /v2 (E2B-NOTES §0.5).
+# The newest SDK, and the last before create and connect moved to /v2.
 SDKS = ["2.63", "2.50"]
 MODES = ["sync", "async"]
 # A bound on one SDK program, so that a hang fails the test instead of the suite.
@@ -51,7 +51,7 @@ async def main():
 {body}
 
 asyncio.run(main())
-# The async SDK can abort at interpreter shutdown (E2B-NOTES §4.3): what it printed stands.
+# The async SDK can abort at interpreter shutdown: what it printed stands.
 sys.stdout.flush()
 os._exit(0)
 """

@@ -1,4 +1,4 @@
-"""A private NATS server with JetStream on loopback for the tests (HOST-NOTES: ready in
+"""A private NATS server with JetStream on loopback for the tests (ready in
 milliseconds). Each caller gets its own stream name, so tests sharing the server never see
 each other's events."""
 

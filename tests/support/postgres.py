@@ -1,5 +1,5 @@
 """A private PostgreSQL server on loopback for the tests: initdb into a temporary directory,
-started with pg_ctl, one fresh database per caller (HOST-NOTES: ready in well under a second)."""
+started with pg_ctl, one fresh database per caller (ready in well under a second)."""
 
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ __all__ = [
 
 _SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # runsc's platforms, best first: systrap (2023+) is faster than ptrace; kvm needs real
-# hardware virtualization, which a host may claim and not have (HOST-NOTES), so it is never
+# hardware virtualization, which a host may claim and not have, so it is never
 # picked automatically.
 _RUNSC_PLATFORMS = ("systrap", "ptrace")
 # The gVisor sandbox's own threads (sentry, gofer) and its platform's host tasks for each

@@ -1,6 +1,6 @@
 """The E2B-compatible surface (DESIGN §11): E2B's control-plane REST routes and envd's
 `/health`, so that the stock `e2b` SDK works against Weaver with `E2B_API_URL`,
-`E2B_SANDBOX_URL` and `E2B_API_KEY` set. Facts about the wire come from E2B-NOTES."""
+`E2B_SANDBOX_URL` and `E2B_API_KEY` set. The wire facts are listed in docs/e2b.md."""
 
 from __future__ import annotations
 

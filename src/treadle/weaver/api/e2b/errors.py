@@ -3,7 +3,7 @@ app-wide handlers keep treadle's own shape for the rest of the API, so the E2B r
 route class that answers their errors itself (and, for the control plane, authenticates
 before anything of the body is read, as `limits.RequestGuard` does for `/v1/`).
 
-The SDK maps statuses to its exceptions (E2B-NOTES §2) and retries 429/502/503/504 unless
+The SDK maps statuses to its exceptions and retries 429/502/503/504 unless
 told `Should-Retry: false`; only what is safe to repeat is left retryable.
 """
 

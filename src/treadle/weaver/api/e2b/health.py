@@ -1,4 +1,4 @@
-"""envd's `GET /health`, routed by the `E2b-Sandbox-Id` header (E2B-NOTES §1.5, §3.5): what
+"""envd's `GET /health`, routed by the `E2b-Sandbox-Id` header: what
 `sbx.is_running()` asks. 204 while the sandbox runs; otherwise the 502 E2B's proxy answers,
 which the SDK reads as "not running" (and, saying "was not found", as killed or timed out).
 

@@ -1,4 +1,4 @@
-"""The E2B control plane's request bodies, with E2B's JSON names (E2B-NOTES §2.2).
+"""The E2B control plane's request bodies, with E2B's JSON names.
 
 Fields a newer SDK adds are ignored, so that an upgrade does not break creation; the ones
 that ask for what treadle cannot do (volumes, IAM, MCP, network rules, auto-resume) are

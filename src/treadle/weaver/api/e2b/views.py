@@ -1,4 +1,4 @@
-"""Treadle sandboxes as E2B's control plane shows them (E2B-NOTES §2.2): ids, states, the
+"""Treadle sandboxes as E2B's control plane shows them: ids, states, the
 `domain` the SDK builds host names from, and the `Sandbox`, `SandboxDetail` and
 `ListedSandbox` bodies, made from `sandbox_view`'s dicts so that one mapping serves every
 route."""
@@ -29,7 +29,7 @@ __all__ = [
     "treadle_id",
 ]
 
-# What the SDK gates its envd features on (E2B-NOTES §3.6), so the version of the envd half
+# What the SDK gates its envd features on, so the version of the envd half
 # treadle serves: 0.3.0 `stdin=False`; 0.4.0 the default user is envd's (no per-request
 # `Authorization: Basic user:`); 0.5.2 `close_stdin`; 0.5.7 streamed octet-stream uploads.
 # Not 0.6.2 or later: file metadata (xattrs) and watch events carrying entries are not served.
@@ -70,7 +70,7 @@ def state_of(view: dict[str, Any]) -> State | None:
 def domain_for(conn: HTTPConnection) -> str:
     """Where `{port}-{id}.{domain}` reaches Weaver's host routing: the sandbox domain with
     the port the client reached Weaver on. Without a sandbox domain, Weaver's own address:
-    never nothing, for then the SDK would send envd traffic to E2B's cloud (E2B-NOTES §1.2)."""
+    never nothing, for then the SDK would send envd traffic to E2B's cloud."""
     settings = get_weaver(conn).settings
     host = conn.headers.get("host", "")
     if not _HOST.match(host):
