@@ -231,4 +231,5 @@ def test_host_rootfs_binds_the_host_system_read_only(store: ImageStore) -> None:
 def test_host_rootfs_runs(oci: OciHarness, store: ImageStore) -> None:
     script = "id -un; test -x /usr/bin/python3 && echo python"
     run = oci.run(["/bin/sh", "-c", script], rootfs=store.resolve(None))
-    assert (run.exit_code, run.stdout) == (0, b"sandbox\npython\n"), run.stderr
+    # The same users, by the same names, as the namespace tier's sandboxes.
+    assert (run.exit_code, run.stdout) == (0, b"user\npython\n"), run.stderr
