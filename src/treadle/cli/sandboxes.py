@@ -65,6 +65,16 @@ def split_location(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+def _display(size: str) -> dict[str, int]:
+    """--desktop WxH as the create body's `desktop`."""
+    width, sep, height = size.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise typer.BadParameter(
+            f"{size!r} is not WIDTHxHEIGHT (e.g. 1280x800)", param_hint="--desktop"
+        )
+    return {"width": int(width), "height": int(height)}
+
+
 def _sandbox(ctx: typer.Context, sandbox_id: str) -> Sandbox:
     from treadle.client import Sandbox
 
@@ -155,6 +165,14 @@ def create(
         bool,
         typer.Option("--sudo", help="Its user may run commands as root with `sudo`."),
     ] = False,
+    desktop: Annotated[
+        str | None,
+        typer.Option(
+            "--desktop",
+            metavar="WxH",
+            help="A display of this size (e.g. 1280x800), with ctrl and a live view.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sandbox as JSON.")] = False,
 ) -> None:
     """Create a sandbox and print its id.
@@ -177,6 +195,7 @@ def create(
         "restart": restart,
         "home": home,
         "sudo": sudo or None,
+        "desktop": _display(desktop) if desktop else None,
     }
     sandbox = Sandbox.create(client=client_from(ctx), **options)
     if as_json:
@@ -306,6 +325,63 @@ def url(
     The URL works without any header (in a browser, with curl) until it expires.
     """
     typer.echo(_sandbox(ctx, sandbox_id).url(port, path=path, expires_in=expires_in))
+
+
+# --- desktop ---------------------------------------------------------------------------
+
+
+@app.command("screenshot")
+def screenshot(
+    ctx: typer.Context,
+    sandbox_id: SandboxId,
+    output: Annotated[
+        str,
+        typer.Option("--output", "-o", metavar="FILE", help="Where to write it (- for stdout)."),
+    ],
+    image_format: Annotated[
+        str | None,
+        typer.Option("--format", help="png or jpeg (default: from FILE's name, else png)."),
+    ] = None,
+    quality: Annotated[
+        int | None, typer.Option("--quality", min=1, max=100, help="JPEG's quality.")
+    ] = None,
+) -> None:
+    """Save a desktop sandbox's screen as PNG or JPEG."""
+    chosen = image_format or ("jpeg" if output.lower().endswith((".jpg", ".jpeg")) else "png")
+    data = _sandbox(ctx, sandbox_id).desktop.screenshot(format=chosen, quality=quality)
+    if output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        Path(output).write_bytes(data)
+
+
+@app.command("view")
+def view(
+    ctx: typer.Context,
+    sandbox_id: SandboxId,
+    control: Annotated[
+        bool, typer.Option("--control", help="Let whoever opens it use the mouse and keyboard.")
+    ] = False,
+    expires_in: Annotated[
+        float, typer.Option("--expires-in", metavar="SECONDS", min=1, help="How long it works.")
+    ] = 3600.0,
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Open it in this machine's browser too.")
+    ] = False,
+) -> None:
+    """Print a URL that shows a desktop sandbox's screen live in a browser.
+
+    View-only unless --control; anyone with the URL can open it until it expires.
+    """
+    link = _sandbox(ctx, sandbox_id).desktop.stream_url(
+        view_only=not control, expires_in=expires_in
+    )
+    typer.echo(link)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(link)
 
 
 # --- processes -------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from treadle.client._api import JSONObject
 from treadle.client._async import AsyncClient
 from treadle.client._sandbox_api import Chunk, ExecResult, ProcessStream, SandboxOptions
 from treadle.client._sync import STREAM_OPEN_TIMEOUT_S
+from treadle.client.desktop import AsyncDesktop
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
@@ -255,6 +256,7 @@ class AsyncSandbox(sapi.SandboxBase[AsyncClient]):
     ) -> None:
         super().__init__(sandbox_id, client=client, info=info, owns_client=owns_client)
         self.files = AsyncSandboxFiles(client, sandbox_id)
+        self.desktop = AsyncDesktop(client, sandbox_id)
 
     @classmethod
     def create(

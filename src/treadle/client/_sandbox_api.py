@@ -128,6 +128,8 @@ class SandboxOptions(TypedDict, total=False):
     home: str
     public_ports: bool
     sudo: bool
+    # a display: {"width": 1280, "height": 800, "depth": 24} (True: those)
+    desktop: Mapping[str, Any] | bool
 
 
 _RENAMED = {"timeout": "timeout_s", "idle_timeout": "idle_timeout_s"}
@@ -137,8 +139,10 @@ def create_body(options: Mapping[str, Any]) -> JSONObject:
     """The create body from `SandboxOptions`; None means "the server's default"."""
     body: JSONObject = {}
     for key, value in options.items():
-        if value is None:
+        if value is None or (key == "desktop" and value is False):
             continue
+        if key == "desktop" and value is True:
+            value = {}  # the default display
         body[_RENAMED.get(key, key)] = dict(value) if isinstance(value, Mapping) else value
     return body
 

@@ -28,6 +28,7 @@ from treadle.client import _sandbox_api as sapi
 from treadle.client._api import JSONObject
 from treadle.client._sandbox_api import Chunk, ExecResult, ProcessStream, SandboxOptions
 from treadle.client._sync import STREAM_OPEN_TIMEOUT_S, Client
+from treadle.client.desktop import Desktop
 
 if TYPE_CHECKING:
     from websockets.sync.client import ClientConnection
@@ -250,6 +251,7 @@ class Sandbox(sapi.SandboxBase[Client]):
     ) -> None:
         super().__init__(sandbox_id, client=client, info=info, owns_client=owns_client)
         self.files = SandboxFiles(client, sandbox_id)
+        self.desktop = Desktop(client, sandbox_id)
 
     @classmethod
     def create(

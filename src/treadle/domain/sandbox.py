@@ -26,6 +26,7 @@ from enum import StrEnum
 
 from pydantic import Field, field_validator
 
+from treadle.domain.desktop import DesktopSpec
 from treadle.domain.errors import InvalidTransition
 from treadle.domain.function import WorkloadSpec
 from treadle.domain.resources import Resources, Tier
@@ -341,6 +342,8 @@ class SandboxSpec(WorkloadSpec):
     public_ports: bool = False
     # Its user may run commands as root with `sudo` (where the tier has users of its own).
     sudo: bool = False
+    # A display, driven through ctrl and watched through stream (`treadle.domain.desktop`).
+    desktop: DesktopSpec | None = None
 
     @field_validator("home")
     @classmethod

@@ -10,9 +10,10 @@ as `user` in `/home/user` through a login bash, and `user` has `sudo` without a 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from treadle.domain.desktop import DesktopSpec
 from treadle.domain.errors import InvalidRequest
 
 __all__ = ["BUILTIN", "Template", "resolve"]
@@ -30,21 +31,26 @@ class Template:
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Its user may become root with `sudo`, without a password.
     sudo: bool = False
+    # A display of this size, with ctrl and stream (None: no desktop).
+    desktop: DesktopSpec | None = None
 
     def command(self, line: str) -> list[str]:
         return [*self.shell, line]
 
 
+_BASE = Template(
+    name="base",
+    image=None,
+    user="user",
+    workdir="/home/user",
+    shell=("/bin/bash", "-l", "-c"),
+    sudo=True,
+)
 BUILTIN: Mapping[str, Template] = MappingProxyType(
     {
-        "base": Template(
-            name="base",
-            image=None,
-            user="user",
-            workdir="/home/user",
-            shell=("/bin/bash", "-l", "-c"),
-            sudo=True,
-        ),
+        "base": _BASE,
+        # `base` with a desktop: an X display of 1280x800, a window manager, ctrl and stream.
+        "desktop": replace(_BASE, name="desktop", desktop=DesktopSpec()),
     }
 )
 

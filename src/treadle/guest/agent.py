@@ -197,6 +197,7 @@ class Process:
         self.agent = agent
         self.id = pid
         self.tag = req.get("tag")
+        self.service = bool(req.get("service"))
         self.argv = req.get("argv") or []
         self.window = int(req.get("window", 1 << 20))
         self.paused: set[int] = set()
@@ -949,6 +950,9 @@ class Agent:
                 continue
             fields = raw[raw.rfind(b")") + 2 :].split()
             table[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]), fields[0])
+        children: dict = {}  # pid -> its children
+        for pid, entry in table.items():
+            children.setdefault(entry[0], []).append(pid)
         if own <= 2:
             # The sandbox's own pid namespace: everything in it is the sandbox's, and what
             # is neither the agent nor the init above it is work.
@@ -961,9 +965,6 @@ class Agent:
             workers = [p for p in table if p not in above]
         else:
             # The process tier shares the host's: the agent's descendants only.
-            children: dict = {}
-            for pid, entry in table.items():
-                children.setdefault(entry[0], []).append(pid)
             mine = {own}
             todo = [own]
             while todo:
@@ -972,12 +973,24 @@ class Agent:
                         mine.add(child)
                         todo.append(child)
             workers = [p for p in mine if p != own]
-        running = [p for p in workers if p in table and table[p][2] not in (b"Z", b"X")]
+        # Services (the desktop's sidecars) and what they started are not work.
+        services = {p.os_pid for p in self.processes.values() if p.service and p.status is None}
+        todo = [p for p in services if p in table]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                if child not in services:
+                    services.add(child)
+                    todo.append(child)
+        running = [
+            p
+            for p in workers
+            if p in table and table[p][2] not in (b"Z", b"X") and p not in services
+        ]
         self._result(
             header,
             {
                 "processes": len(running),
-                "ticks": sum(table[p][1] for p in mine if p in table),
+                "ticks": sum(table[p][1] for p in mine if p in table and p not in services),
                 "hz": os.sysconf("SC_CLK_TCK"),
             },
         )

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from treadle.domain.desktop import DesktopSpec
 from treadle.domain.errors import ProtocolError
 from treadle.domain.resources import Resources, Tier
 from treadle.domain.sandbox import check_home
@@ -380,6 +381,8 @@ class SandboxSpec(_Frame):
     network: bool = False
     home: str | None = None
     sudo: bool = False
+    # A desktop sandbox's display: its node starts the desktop's sidecars in it.
+    desktop: DesktopSpec | None = None
 
     @field_validator("home")
     @classmethod

@@ -17,6 +17,8 @@ Python or libc makes a new one::
                                     importing them in a trial run), all of `encodings`, with
                                     their bytecode; lib-dynload/ their extension modules
     libexec/sudo.py                 `sudo` (`treadle.guest.sudo`), run on this Python
+    libexec/ctrl.py                 a desktop's ctrl (`treadle.guest.ctrl`), run on the
+                                    sandbox's own Python
     tools/sudo                      the command that runs it: the directory that a sandbox
                                     with sudo has first on its PATH (`TOOLS`)
 
@@ -62,6 +64,7 @@ from typing import Any
 from treadle.shuttle.sandbox.state import private_dir, state_root
 
 __all__ = [
+    "LIBEXEC",
     "MOUNT_POINT",
     "TOOLS",
     "AgentRuntime",
@@ -78,10 +81,15 @@ log = logging.getLogger(__name__)
 MOUNT_POINT = "/.treadle/agent"
 # Programs for the sandbox's own processes (`sudo`): a directory of the mounted runtime.
 TOOLS = f"{MOUNT_POINT}/tools"
+# Programs' sources, as the sandbox sees them.
+LIBEXEC = f"{MOUNT_POINT}/libexec"
 # The layout's version: a change of this module's output changes every runtime's name.
 _FORMAT = 2
 # The programs of `TOOLS`, each run on the runtime's Python from `libexec/`.
 _TOOL_SOURCES = {"sudo": "sudo.py"}
+# Programs in `libexec/` that the sandbox's own Python runs (the desktop's ctrl, which needs
+# the sandbox's X and imaging libraries): copied, their imports none of the runtime's.
+_SANDBOX_PROGRAMS = ("ctrl.py",)
 _ENTRY = "python3"
 _DISCOVER_TIMEOUT_S = 60.0
 _STRIP_TIMEOUT_S = 120.0
@@ -331,7 +339,7 @@ def _plan(executable: str, first: Iterable[str], later: Iterable[str]) -> _Plan:
             raise RuntimeBuildError(f"the agent imports {name}, outside the standard library")
         add(real, dest, "py" if real.endswith(".py") else "elf")
     guest = resources.files("treadle.guest")
-    for source in _TOOL_SOURCES.values():
+    for source in (*_TOOL_SOURCES.values(), *_SANDBOX_PROGRAMS):
         add(str(guest.joinpath(source)), f"libexec/{source}", "tool")
     # Its landmark: where Python finds it, it takes the directory above bin/ for its prefix.
     add(os.path.join(stdlib, "os.py"), f"{stdlib_dest}/os.py", "py")

@@ -47,7 +47,7 @@ from treadle.protocol.messages import (
     WorkloadRef,
     encode,
 )
-from treadle.shuttle.live import box
+from treadle.shuttle.live import box, desktop
 from treadle.shuttle.live.box import LiveSandbox, Unsupported
 from treadle.shuttle.live.execs import Exec, ExecTable
 from treadle.shuttle.live.link import GuestError, GuestProcess, LinkBroken
@@ -68,7 +68,16 @@ _STDIN_QUEUED_MAX = 16 * 1024 * 1024
 
 
 class _Held:
-    __slots__ = ("activity", "execs", "incarnation", "sandbox", "spec", "state", "task")
+    __slots__ = (
+        "activity",
+        "execs",
+        "incarnation",
+        "sandbox",
+        "sidecars",
+        "spec",
+        "state",
+        "task",
+    )
 
     def __init__(self, spec: SandboxSpec) -> None:
         self.spec = spec
@@ -78,6 +87,7 @@ class _Held:
         self.task: asyncio.Task[None] | None = None
         self.execs = ExecTable()
         self.activity: list[str] | None = None  # the reasons last reported to Weaver
+        self.sidecars: asyncio.Task[None] | None = None  # a desktop's, drained
 
 
 class _Relay:
@@ -254,7 +264,7 @@ class SandboxHost:
             tenant_id=spec.tenant_id,
             resources=spec.resources,
             isolation=spec.isolation,
-            env=dict(spec.env),
+            env=desktop.environment(spec.env) if spec.desktop else dict(spec.env),
             image=spec.image,
             network=spec.network,
             home=spec.home,
@@ -267,6 +277,13 @@ class SandboxHost:
             self._end(held, "failed", f"cannot start the sandbox: {exc}")
             return
         held.sandbox = sandbox
+        if spec.desktop is not None and self._held.get(spec.id) is held:
+            try:
+                held.sidecars = await desktop.start(sandbox.link, spec.desktop)
+            except desktop.DesktopFailed as exc:
+                await sandbox.stop(grace_s=0)
+                self._end(held, "failed", str(exc))
+                return
         if self._held.get(spec.id) is not held:  # stopped while starting
             await sandbox.stop(grace_s=0)
             return

@@ -186,9 +186,11 @@ class GuestLink:
         stdin: bool = False,
         pty: tuple[int, int] | None = None,
         user: str | None = None,
+        service: bool = False,
     ) -> GuestProcess:
         """Start `argv` in the sandbox, as `user` (a name or uid of the sandbox's; None: its
-        own user)."""
+        own user). A `service` (the desktop's sidecars) is not work: neither it nor what it
+        starts keeps the sandbox from being idle."""
         header: dict[str, Any] = {
             "op": "exec",
             "argv": argv,
@@ -198,6 +200,8 @@ class GuestLink:
             "stdin": stdin,
             "user": user,
         }
+        if service:
+            header["service"] = True
         if pty is not None:
             header["pty"] = {"rows": pty[0], "cols": pty[1]}
         return await self._start(header, tag)

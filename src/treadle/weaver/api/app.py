@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from treadle import __version__
 from treadle.weaver.api import (
@@ -15,6 +16,7 @@ from treadle.weaver.api import (
     executions,
     functions,
     nodes,
+    sandbox_desktop,
     sandbox_files,
     sandbox_ports,
     sandbox_processes,
@@ -62,12 +64,19 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
         sandbox_files,
         sandbox_processes,
         sandbox_ports,
+        sandbox_desktop,
         nodes,
         agent,
         e2b,
     )
     for module in routers:
         app.include_router(module.router)
+    if (settings.novnc_dir / "core" / "rfb.js").is_file():
+        app.mount(
+            sandbox_desktop.NOVNC_PATH,
+            StaticFiles(directory=settings.novnc_dir),
+            name="novnc",
+        )
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     async def healthz() -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Coroutine
 from typing import Annotated, Any
@@ -14,6 +13,7 @@ from treadle.domain.errors import TreadleError
 from treadle.domain.execution import ExecutionState, is_terminal
 from treadle.weaver.api.deps import Caller, get_weaver, principal_of
 from treadle.weaver.api.errors import error_body
+from treadle.weaver.api.relays import until_either
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.executions import OUTPUT_BATCH, output_complete
 from treadle.weaver.views import execution_view
@@ -124,15 +124,8 @@ async def _until_gone(websocket: WebSocket, follow: Coroutine[Any, Any, None]) -
     would not learn that its client left until the execution ended, perhaps days later,
     polling and holding its subscription all that time. Reading the socket is what reveals
     the disconnect."""
-    follower = asyncio.create_task(follow)
-    listener = asyncio.create_task(_disconnected(websocket))
-    try:
-        await asyncio.wait((follower, listener), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (follower, listener):
-            task.cancel()
-        # Wait for both, so the follower's subscription is closed before we return.
-        await asyncio.gather(follower, listener, return_exceptions=True)
+    # Both waited for, so the follower's subscription is closed before this returns.
+    follower, listener = await until_either(follow, _disconnected(websocket))
     if not follower.cancelled():
         follower.result()  # its own end, or its error for the caller to report
     elif not listener.cancelled():

@@ -38,6 +38,9 @@ __all__ = ["RequestGuard"]
 log = logging.getLogger(__name__)
 _AUTHENTICATED_PREFIX = "/v1/"
 _UNLIMITED = re.compile(r"^/v1/sandboxes/[^/]+/files/content$")
+# Routes that check their own credentials: a desktop's, which a sandbox's access token or a
+# signed viewer URL opens too (`sandbox_desktop`).
+_OWN_ACCESS = re.compile(r"^/v1/sandboxes/[^/]{1,64}/desktop(?:/|$)")
 
 
 class _BodyTooLarge(Exception):
@@ -58,7 +61,7 @@ class RequestGuard:
             headers = [(n, v) for n, v in scope["headers"] if n != b"content-type"]
             headers.append((b"content-type", b"application/json"))
             scope = dict(scope, headers=headers)
-        if scope["path"].startswith(_AUTHENTICATED_PREFIX):
+        if scope["path"].startswith(_AUTHENTICATED_PREFIX) and not _OWN_ACCESS.match(scope["path"]):
             if port is not None:
                 refusal = await _authorize_port(scope, port.group(1), int(port.group(2)))
             else:

@@ -17,7 +17,6 @@ to. None of these reach the server: Weaver's own credentials are taken off the r
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +46,7 @@ from treadle.weaver.api.port_auth import (
     authorize_port,
     port_prefix,
 )
+from treadle.weaver.api.relays import until_either
 from treadle.weaver.api.sandboxes import running_node
 from treadle.weaver.core import Weaver
 from treadle.weaver.services import port_access
@@ -320,13 +320,7 @@ async def _relay_websocket(
             _flush(server, stream)
             await stream.drain()
 
-    tasks = [asyncio.create_task(from_server()), asyncio.create_task(from_client())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await until_either(from_server(), from_client())
     with_close = server.close_rcvd
     with contextlib.suppress(RuntimeError, WebSocketDisconnect):
         await websocket.close(code=with_close.code if with_close is not None else 1000)

@@ -24,6 +24,7 @@ from treadle.domain.sandbox import (
 from treadle.protocol.messages import USER_PATTERN
 from treadle.weaver.api.deps import Caller, get_weaver, principal_of
 from treadle.weaver.api.errors import error_body
+from treadle.weaver.api.relays import until_either
 from treadle.weaver.api.sandbox_errors import sandbox_error
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.nodes import NodeSession
@@ -298,14 +299,7 @@ async def _relay(websocket: WebSocket, stream: ExecStream) -> None:
                 _from_client(stream, message)
                 await stream.drain()  # the client's input, at the pace the process takes it
 
-    out = asyncio.create_task(outward())
-    into = asyncio.create_task(inward())
-    try:
-        await asyncio.wait((out, into), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (out, into):
-            task.cancel()
-        await asyncio.gather(out, into, return_exceptions=True)
+    await until_either(outward(), inward())
 
 
 def _from_client(stream: ExecStream, message: dict[str, Any]) -> None:

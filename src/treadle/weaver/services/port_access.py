@@ -2,9 +2,9 @@
 of a URL signed with it that has not expired.
 
 A signature is HMAC-SHA256, keyed by the sandbox's access token, over the sandbox, the port
-and the expiry: a URL opens one port of one sandbox until it expires, and every URL signed
-for a sandbox dies with its token. Nothing is stored per URL, and every replica checks one
-the same way.
+(or another scope: a desktop viewer's, say) and the expiry: a URL opens one port of one
+sandbox until it expires, and every URL signed for a sandbox dies with its token. Nothing is
+stored per URL, and every replica checks one the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ __all__ = ["MAX_EXPIRY_S", "sign", "valid_signature", "valid_token"]
 MAX_EXPIRY_S = 7 * 24 * 3600.0
 
 
-def sign(access_token: str, sandbox_id: str, port: int, expires: int) -> str:
+def sign(access_token: str, sandbox_id: str, port: int | str, expires: int) -> str:
     message = f"{sandbox_id}:{port}:{expires}".encode()
     return hmac.new(access_token.encode(), message, hashlib.sha256).hexdigest()
 
@@ -25,7 +25,7 @@ def sign(access_token: str, sandbox_id: str, port: int, expires: int) -> str:
 def valid_signature(
     access_token: str | None,
     sandbox_id: str,
-    port: int,
+    port: int | str,
     expires: str | None,
     signature: str | None,
     now: float,

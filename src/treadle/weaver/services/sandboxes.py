@@ -91,6 +91,7 @@ def sandbox_view(row: Any) -> dict[str, Any]:
         "home": spec.get("home") or DEFAULT_HOME,
         "public_ports": bool(spec.get("public_ports")),
         "sudo": bool(spec.get("sudo")),
+        "desktop": spec.get("desktop"),
         "metadata": row.metadata,
         "restart": spec.get("restart"),
         "on_expiry": spec.get("on_expiry"),
@@ -673,4 +674,5 @@ def _node_spec(row: Any) -> NodeSandboxSpec:
         network=bool(spec.get("network")),
         home=None if spec.get("home") in (None, DEFAULT_HOME) else spec["home"],
         sudo=bool(spec.get("sudo")),
+        desktop=spec.get("desktop"),
     )

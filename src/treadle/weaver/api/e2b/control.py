@@ -96,6 +96,7 @@ async def create(body: NewSandbox, request: Request, tenant: Tenant, weaver: Wea
             network=body.allow_internet_access is not False,
             home=template.workdir,
             sudo=template.sudo,
+            desktop=template.desktop,
             public_ports=body.public_traffic,
         )
     except ValidationError as exc:
