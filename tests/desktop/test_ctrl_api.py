@@ -172,3 +172,116 @@ def test_the_desktop_s_own_processes_leave_the_sandbox_idle(
 
     # Xvfb, the window manager, x11vnc and ctrl run, yet nothing is work.
     eventually(lambda: reasons() == [], timeout=30, what="the desktop sandbox to be idle")
+
+
+def test_a_session_keeps_one_connection_and_sends_only_what_changed(
+    desktop_cluster: Cluster, desktop: Sandbox
+) -> None:
+    from websockets.sync.client import connect
+
+    url = desktop_cluster.url.replace("http", "ws", 1)
+    url += f"/v1/sandboxes/{desktop.id}/desktop/session"
+    changed = json.dumps({"screenshot": {"changed_only": True}})
+    auth = {"Authorization": f"Bearer {desktop_cluster.admin_key}"}
+    with connect(url, additional_headers=auth, open_timeout=30) as session:
+        session.send(changed)  # the first: all of the screen
+        first = json.loads(session.recv(timeout=30))
+        assert first["screenshot"]["region"] == [0, 0, 640, 400]
+        assert Image.open(io.BytesIO(session.recv(timeout=30))).size == (640, 400)
+
+        session.send(changed)  # nothing changed: no image
+        assert json.loads(session.recv(timeout=30))["screenshot"]["unchanged"] is True
+
+        drawer = desktop.exec([SANDBOX_PYTHON, "-c", DRAWER, "200", "100", "40", "30", "00ff00"])
+        try:
+            for stream, data in drawer:
+                if stream == "stdout" and b"drawn" in data:
+                    break
+            session.send(changed)
+            box = json.loads(session.recv(timeout=30))["screenshot"]
+            assert box["region"] == [200, 100, 40, 30]
+            patch = Image.open(io.BytesIO(session.recv(timeout=30))).convert("RGB")
+            assert patch.size == (40, 30) and patch.getpixel((20, 15)) == (0, 255, 0)
+        finally:
+            drawer.kill()
+            drawer.close()
+
+        # A bad message is answered, and the session goes on.
+        session.send(json.dumps({"actions": [{"type": "click", "x": 9999, "y": 0}]}))
+        error = json.loads(session.recv(timeout=30))["error"]
+        assert error["code"] == "invalid_request" and error["details"][0]["loc"][-1] == "x"
+        session.send(json.dumps({"actions": [{"type": "size"}]}))
+        assert json.loads(session.recv(timeout=30))["results"] == [[640, 400]]
+
+
+def test_a_viewer_keeps_the_sandbox_awake(desktop_cluster: Cluster, desktop: Sandbox) -> None:
+    from websockets.sync.client import connect
+
+    def reasons() -> list[str] | None:
+        awake = desktop.refresh().get("awake")
+        return None if awake is None else list(awake["reasons"])
+
+    eventually(lambda: reasons() == [], timeout=30, what="the desktop sandbox to be idle")
+    url = desktop.desktop.stream_url(view_only=True, expires_in=300)
+    vnc = url.replace("http", "ws", 1).replace("/desktop/view?", "/desktop/vnc?")
+    with connect(vnc, open_timeout=30) as viewer:
+        assert viewer.recv(timeout=10) == b"RFB 003.008\n"
+        eventually(
+            lambda: reasons() == ["1 proxied connection open"],
+            timeout=30,
+            what="the viewer to keep it awake",
+        )
+    eventually(lambda: reasons() == [], timeout=30, what="it to be idle once the viewer left")
+
+
+HOSTILE_CTRL = r"""
+import socket, struct, sys
+answers = {
+    "huge": struct.pack(">II", 0xFFFFFFFF, 0),
+    "not-json": struct.pack(">II", 5, 0) + b"nope!",
+    "a-list": struct.pack(">II", 2, 0) + b"[]",
+    "close": b"",
+}
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", 49990))
+listener.listen(8)
+print("listening", flush=True)
+for name in sys.argv[1:]:
+    conn, _ = listener.accept()
+    conn.recv(65536)
+    conn.sendall(answers[name])
+    conn.close()
+"""
+
+
+def test_a_ctrl_that_lies_cannot_harm_weaver(desktop_cluster: Cluster, client: Client) -> None:
+    sandbox = Sandbox.create(client=client, desktop={"width": 320, "height": 200}, timeout=300)
+    try:
+        sandbox.wait_for_status("running", timeout=60)
+        # The desktop is the tenant's: it can end ctrl and put its own program on its port.
+        # ([c]: the pattern must not match this shell's own command line)
+        ended = sandbox.run(
+            "pkill -f 'libexec/[c]trl.py'; while pgrep -f 'libexec/[c]trl.py'; do :; done"
+        )
+        assert ended.exit_code == 0, ended
+        answers = ["huge", "not-json", "a-list", "close"]
+        liar = sandbox.exec([SANDBOX_PYTHON, "-c", HOSTILE_CTRL, *answers])
+        try:
+            for stream, data in liar:
+                if stream == "stdout" and b"listening" in data:
+                    break
+            with desktop_cluster.client() as http:
+                path = f"/v1/sandboxes/{sandbox.id}/desktop/actions"
+                for answer in answers:
+                    said = http.post(path, json={"actions": [{"type": "size"}]})
+                    assert said.status_code == 502, (answer, said.text)
+                # Nothing listens now: a clear "not serving", retry-safe.
+                gone = http.post(path, json={"actions": [{"type": "size"}]})
+                assert gone.status_code == 503, gone.text
+                assert http.get("/healthz").status_code == 200
+        finally:
+            liar.kill()
+            liar.close()
+    finally:
+        sandbox.kill()

@@ -141,3 +141,14 @@ def test_a_batch_is_bounded() -> None:
     assert "add up to at most 60000 ms" in str(error)
     error = refused(screenshot={"region": [1200, 0, 100, 10]})
     assert error.details[0]["loc"] == ["body", "screenshot", "region"]
+
+
+def test_a_desktop_runs_in_a_tier_with_a_network_of_its_own() -> None:
+    from treadle.domain.resources import Tier
+    from treadle.domain.sandbox import SandboxSpec
+
+    assert SandboxSpec(desktop={}).tier_floor is Tier.NAMESPACE
+    assert SandboxSpec(desktop={}, min_isolation="gvisor").tier_floor is Tier.GVISOR
+    assert SandboxSpec().tier_floor is None
+    with pytest.raises(ValueError, match="a desktop needs a tier"):
+        SandboxSpec(desktop={}, isolation="process")

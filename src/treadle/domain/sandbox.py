@@ -23,8 +23,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from treadle.domain.desktop import DesktopSpec
 from treadle.domain.errors import InvalidTransition
@@ -349,6 +350,24 @@ class SandboxSpec(WorkloadSpec):
     @classmethod
     def _home(cls, value: str) -> str:
         return check_home(value)
+
+    @model_validator(mode="after")
+    def _desktop_needs_a_boundary(self) -> Self:
+        if self.desktop is not None and self.isolation is Tier.PROCESS:
+            raise ValueError(
+                "a desktop needs a tier with a display and network of its own (namespace "
+                "or stronger), not process"
+            )
+        return self
+
+    @property
+    def tier_floor(self) -> Tier | None:
+        """As for any workload; a desktop also needs a sandbox of its own network (its X
+        server and ports are on the sandbox's loopback): the namespace tier at least."""
+        floor = super().tier_floor
+        if self.desktop is not None and (floor is None or floor.strength < Tier.NAMESPACE.strength):
+            return Tier.NAMESPACE
+        return floor
 
     @field_validator("metadata")
     @classmethod

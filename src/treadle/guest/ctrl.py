@@ -75,6 +75,7 @@ MAX_CONNECTIONS = 64
 MAX_TEXT = 100_000
 XVFB_TIMEOUT = 20.0
 WM_TIMEOUT = 3.0
+VNC_TIMEOUT = 15.0
 # A spare keycode is bound to another keysym only once its last use is this old (seconds).
 REBIND_GAP = 0.5
 # GetImage in strips of about this many bytes: python-xlib joins what it reads chunk after
@@ -913,6 +914,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether something listens on 127.0.0.1:`port` within `timeout` seconds, while
+    `process` (which is to listen there) runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -975,7 +989,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 vnc_argv = [vnc, "-display", display, "-rfbport", str(args.vnc_port)]
                 vnc_argv += ["-localhost", "-shared", "-forever", "-nopw", "-quiet", "-noxdamage"]
-                children.start("x11vnc", vnc_argv)
+                vnc_process = children.start("x11vnc", vnc_argv)
+                # `ready` means a viewer can connect: wait until it listens.
+                if not wait_for_port(args.vnc_port, vnc_process, VNC_TIMEOUT):
+                    sys.stderr.write("ctrl: x11vnc did not listen; no VNC\n")
 
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -144,10 +144,14 @@ class CtrlSession:
                 header_len, payload_len = struct.unpack(">II", head)
                 if header_len > MAX_HEADER or payload_len > MAX_IMAGE:
                     raise BadGateway("the sandbox's ctrl answered with more than it may")
-                header = json.loads(await self._read(header_len))
+                said = await self._read(header_len)
                 payload = await self._read(payload_len)
+        try:
+            header = json.loads(said)
+        except ValueError:
+            header = None
         if not isinstance(header, dict):
-            raise BadGateway("the sandbox's ctrl answered with something else than an object")
+            raise BadGateway("the sandbox's ctrl answered with something else than a JSON object")
         if not header.get("ok"):
             index = header.get("index")
             loc: list[Any] = ["body", "actions"] + ([index] if isinstance(index, int) else [])
