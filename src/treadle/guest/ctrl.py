@@ -76,6 +76,9 @@ MAX_TEXT = 100_000
 XVFB_TIMEOUT = 20.0
 WM_TIMEOUT = 3.0
 VNC_TIMEOUT = 15.0
+# A child that ends is started again (`Children.keep`) after a pause: its first, its longest.
+KEEP_FIRST_PAUSE = 0.2
+KEEP_MAX_PAUSE = 30.0
 # A spare keycode is bound to another keysym only once its last use is this old (seconds).
 REBIND_GAP = 0.5
 # GetImage in strips of about this many bytes: python-xlib joins what it reads chunk after
@@ -821,6 +824,27 @@ class Children:
         self.procs.append((name, p))
         return p
 
+    def keep(self, name: str, argv: list[str], process: subprocess.Popen[bytes]) -> None:
+        """Start `name` again whenever it ends, until the sidecar stops: at once after a
+        minute's run, else after a pause that doubles up to half a minute."""
+        pause = KEEP_FIRST_PAUSE
+        while True:
+            started = time.monotonic()
+            process.wait()
+            if time.monotonic() - started > 60:
+                pause = KEEP_FIRST_PAUSE
+            time.sleep(pause)
+            pause = min(pause * 2, KEEP_MAX_PAUSE)
+            with self.lock:
+                if self.stopping:
+                    return
+                self.procs = [(n, p) for n, p in self.procs if p is not process]
+                try:
+                    process = self.start(name, argv)
+                except OSError as e:
+                    sys.stderr.write(f"ctrl: cannot start {name} again: {e}\n")
+                    return
+
     def stop(self) -> None:
         with self.lock:
             self.stopping = True
@@ -993,6 +1017,10 @@ def main(argv: list[str] | None = None) -> int:
                 # `ready` means a viewer can connect: wait until it listens.
                 if not wait_for_port(args.vnc_port, vnc_process, VNC_TIMEOUT):
                     sys.stderr.write("ctrl: x11vnc did not listen; no VNC\n")
+                # The sandbox's programs may end it (`pkill x11vnc`): it comes back.
+                threading.Thread(
+                    target=children.keep, args=("x11vnc", vnc_argv, vnc_process), daemon=True
+                ).start()
 
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
