@@ -285,3 +285,30 @@ def test_a_ctrl_that_lies_cannot_harm_weaver(desktop_cluster: Cluster, client: C
             liar.close()
     finally:
         sandbox.kill()
+
+
+def test_the_desktop_s_ports_are_not_plain_ports(desktop_cluster: Cluster, client: Client) -> None:
+    # Not even for a sandbox whose ports are public: VNC there would be control, unfiltered.
+    sandbox = Sandbox.create(
+        client=client, desktop={"width": 320, "height": 200}, public_ports=True, timeout=300
+    )
+    try:
+        sandbox.wait_for_status("running", timeout=60)
+        with (
+            desktop_cluster.client() as http,
+            httpx.Client(base_url=desktop_cluster.url, timeout=30) as anyone,
+        ):
+            for port in (5900, 49990):
+                path = f"/v1/sandboxes/{sandbox.id}/ports/{port}/"
+                assert http.get(path).status_code == 403
+                assert anyone.get(path).status_code == 403
+                signed = http.post(f"/v1/sandboxes/{sandbox.id}/urls", json={"port": port})
+                assert signed.status_code == 403, signed.text
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect
+
+        ws = desktop_cluster.url.replace("http", "ws", 1)
+        with pytest.raises(InvalidStatus):
+            connect(f"{ws}/v1/sandboxes/{sandbox.id}/ports/5900/", subprotocols=["binary"])
+    finally:
+        sandbox.kill()

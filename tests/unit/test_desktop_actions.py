@@ -152,3 +152,13 @@ def test_a_desktop_runs_in_a_tier_with_a_network_of_its_own() -> None:
     assert SandboxSpec().tier_floor is None
     with pytest.raises(ValueError, match="a desktop needs a tier"):
         SandboxSpec(desktop={}, isolation="process")
+
+
+def test_what_an_action_expands_to_is_bounded_too() -> None:
+    chords = " ".join(["a"] * 600)
+    error = refused({"action": "key", "text": chords}, {"action": "key", "text": chords})
+    assert "at most 1000 steps" in str(error)
+    assert error.details[0]["loc"] == ["body", "actions", 1]
+    # A scroll at a point names both coordinates, as a click does.
+    error = refused({"type": "scroll", "x": 5, "dy": 1})
+    assert "give both x and y" in str(error)

@@ -62,3 +62,24 @@ def test_a_message_that_has_not_come_whole_waits() -> None:
     screen = ClientFilter(view_only=False)
     assert screen.feed(OPENING + POINTER[:3]) == b"RFB 003.008\n\x01\x01"
     assert screen.feed(POINTER[3:]) == POINTER
+
+
+@pytest.mark.parametrize("minor", [b"+08", b" 08", b"08x", b"0x8", b"-08", b"\xd9\xa8\xd9"])
+def test_only_an_exact_version_opens_the_stream(minor: bytes) -> None:
+    # A server that reads "003.+08" as 3.8 would frame what follows apart from the filter,
+    # and a view-only viewer's input would slip through as part of another message.
+    with pytest.raises(ValueError):
+        ClientFilter(view_only=True).feed(b"RFB 003." + minor + b"\n\x01")
+
+
+def test_the_server_reads_the_version_the_filter_decided() -> None:
+    screen = ClientFilter(view_only=True)
+    assert screen.feed(b"RFB 003.889\n\x01\x00") == b"RFB 003.008\n\x01\x01"
+    old = ClientFilter(view_only=True)
+    assert old.feed(b"RFB 003.005\n\x00" + KEY) == b"RFB 003.003\n\x01"
+
+
+def test_a_megabyte_of_small_messages_is_framed_whole() -> None:
+    stream = OPENING + POINTER * ((1 << 20) // len(POINTER)) + UPDATE
+    assert ClientFilter(view_only=True).feed(stream) == b"RFB 003.008\n\x01\x01" + UPDATE
+    assert ClientFilter(view_only=False).feed(stream) == stream[:12] + b"\x01\x01" + stream[14:]

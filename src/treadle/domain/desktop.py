@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -23,6 +23,7 @@ from treadle.domain.errors import InvalidRequest
 
 __all__ = [
     "CTRL_PORT",
+    "DESKTOP_PORTS",
     "MAX_ACTIONS",
     "VNC_PORT",
     "ActionsRequest",
@@ -36,8 +37,13 @@ __all__ = [
 # node's link, as it does any port).
 CTRL_PORT = 49990
 VNC_PORT = 5900
+# Never reached as plain ports (`/ports/…`, whatever opens them there, public ports
+# included): the desktop's routes are the only way in, with their own access and filter.
+DESKTOP_PORTS = frozenset({CTRL_PORT, VNC_PORT})
 # One batch: how many actions, how long its waits may add up to, and the longest text.
 MAX_ACTIONS = 100
+# ... and the steps they come to (a tool call's "a b c …" is a chord each).
+MAX_STEPS = 1000
 MAX_WAIT_MS = 60_000
 MAX_TEXT = 10_000
 MAX_PATH_POINTS = 1_000
@@ -86,20 +92,25 @@ class Move(_Action):
     y: Coordinate
 
 
-class Click(_Action):
-    type: Literal["click"]
+class _At(_Action):
+    """An action at a point, or where the pointer is."""
+
     x: Coordinate | None = None
     y: Coordinate | None = None
+
+    @model_validator(mode="after")
+    def _both(self) -> Self:
+        if (self.x is None) != (self.y is None):
+            raise ValueError("give both x and y, or neither (where the pointer is)")
+        return self
+
+
+class Click(_At):
+    type: Literal["click"]
     button: Button = "left"
     count: int = Field(default=1, ge=1, le=3)
     # keys held while clicking (shift-click)
     hold: list[str] = Field(default_factory=list, max_length=8)
-
-    @model_validator(mode="after")
-    def _both(self) -> Click:
-        if (self.x is None) != (self.y is None):
-            raise ValueError("give both x and y, or neither (click where the pointer is)")
-        return self
 
 
 class Press(_Action):
@@ -113,10 +124,8 @@ class Drag(_Action):
     button: Button = "left"
 
 
-class Scroll(_Action):
+class Scroll(_At):
     type: Literal["scroll"]
-    x: Coordinate | None = None
-    y: Coordinate | None = None
     # clicks of the wheel: dy > 0 down, dx > 0 right
     dx: int = Field(default=0, ge=-100, le=100)
     dy: int = Field(default=0, ge=-100, le=100)
@@ -356,6 +365,12 @@ def canonical(
             _check_bounds(step, width, height, loc)
             waited += step.get("ms", 0) if step["type"] == "wait" else 0
         steps += added
+        if len(steps) > MAX_STEPS:
+            raise InvalidRequest(
+                f"the actions of one batch come to at most {MAX_STEPS} steps (chords, keys "
+                "held, moves); send the rest in another",
+                details=[{"loc": loc, "msg": "too many steps"}],
+            )
     if waited > MAX_WAIT_MS:
         raise InvalidRequest(
             f"the waits of one batch add up to at most {MAX_WAIT_MS} ms",

@@ -623,6 +623,7 @@ class Sudo:
         self.conn = conn
         self.caller = (-1, -1)  # (uid, gid) of the process that asked
         self.pid = 0
+        self.since = agent.accepted = agent.accepted + 1  # the order of arrival
         self.fd = conn.fileno()  # type: ignore[attr-defined]
         agent.selector.register(self.fd, selectors.EVENT_READ, self.on_readable)
 
@@ -660,11 +661,11 @@ class Sudo:
             else:
                 self.caller = caller
                 self.start(json.loads(data), fds)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            self.finish({"error": str(exc)})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            self.finish({"error": str(exc)[:1000]})
         finally:
             for fd in fds:
-                os.close(fd)
+                _close_at_once(fd)
 
     def start(self, req: Msg, fds: list) -> None:
         argv = req["argv"]
@@ -772,6 +773,7 @@ class Agent:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self.reap)
         self.sudo: dict[int, Sudo] = {}  # the os pid of a command -> its session
+        self.accepted = 0
         self.sudoers: set[Sudo] = set()  # every connection of a `sudo`, running or not
         self.listener: object = None
         sudo = os.environ.get("TREADLE_AGENT_SUDO")
@@ -801,6 +803,12 @@ class Agent:
         conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd)
         conn.setblocking(False)
         conn.setsockopt(_socket.SOL_SOCKET, _socket.SO_PASSCRED, 1)
+        if len(self.sudoers) >= SUDO_MAX_SESSIONS:
+            # Connections that asked nothing yet go first, the oldest of them: whoever holds
+            # many open cannot keep the sandbox's user from its sudo.
+            idle = [s for s in self.sudoers if not s.pid]
+            if idle:
+                min(idle, key=lambda s: s.since).finish({"error": "too many sudo requests"})
         session = Sudo(self, conn)
         self.sudoers.add(session)
         if len(self.sudoers) > SUDO_MAX_SESSIONS:
@@ -973,14 +981,12 @@ class Agent:
                         mine.add(child)
                         todo.append(child)
             workers = [p for p in mine if p != own]
-        # Services (the desktop's sidecars) and what they started are not work.
+        # Services (the desktop's ctrl) and the programs they start themselves (its X server,
+        # window manager, VNC server) are not work; what those start in turn (an application
+        # opened from the desktop) is.
         services = {p.os_pid for p in self.processes.values() if p.service and p.status is None}
-        todo = [p for p in services if p in table]
-        while todo:
-            for child in children.get(todo.pop(), []):
-                if child not in services:
-                    services.add(child)
-                    todo.append(child)
+        for service in list(services):
+            services.update(children.get(service, []))
         running = [
             p
             for p in workers
@@ -1208,6 +1214,23 @@ def _lookup(user: object) -> tuple:
     if user.isdigit() and int(user) < 65536:
         return int(user), int(user), None, None
     raise ValueError(f"no user {user!r} in the sandbox")
+
+
+def _close_at_once(fd: int) -> None:
+    """Close a descriptor a caller passed, never waiting on it: a socket's lingering unsent
+    data is dropped, not waited for."""
+    try:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            import _socket
+
+            sock = _socket.socket(fileno=fd)
+            try:
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 0, 0))
+            finally:
+                sock.detach()
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def _name_of(uid: int) -> str:

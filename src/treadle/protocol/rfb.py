@@ -12,11 +12,18 @@ off. A message of a type this does not know cannot be framed: the stream is refu
 
 from __future__ import annotations
 
+import re
 import struct
 
-__all__ = ["ClientFilter"]
+__all__ = ["MAX_MESSAGE", "ClientFilter"]
+
+# RFB's version, exactly: "RFB 003.008\n". Servers read it with a looser scanf.
+_VERSION = re.compile(rb"RFB 003\.(\d{3})\n")
 
 _MAX_CUT_TEXT = 1 << 20
+# The largest message a viewer sends (clipboard text and its header); a WebSocket message
+# longer than this is not a viewer's.
+MAX_MESSAGE = _MAX_CUT_TEXT + 8
 _SECURITY_NONE = 1
 
 # Client messages by type: (fixed size, or None where the size is read from the message).
@@ -43,51 +50,62 @@ class ClientFilter:
     def __init__(self, *, view_only: bool) -> None:
         self.view_only = view_only
         self._buffer = bytearray()
+        self._at = 0  # how much of `_buffer` is read
         self._stage = "version"  # then "security", "init", "messages"
-        self._version = 8
 
     def feed(self, data: bytes) -> bytes:
         self._buffer += data
         out = bytearray()
-        while True:
-            taken = self._next()
-            if taken is None:
-                return bytes(out)
-            out += taken
+        try:
+            while True:
+                taken = self._next()
+                if taken is None:
+                    return bytes(out)
+                out += taken
+        finally:
+            # Drop what was read at once, not message by message: a megabyte of small
+            # messages stays one pass over it.
+            del self._buffer[: self._at]
+            self._at = 0
+
+    def _left(self) -> int:
+        return len(self._buffer) - self._at
 
     def _next(self) -> bytes | None:
         """The next whole unit of the viewer's, as it may go on (b"" to drop it); None until
         it has come whole."""
-        buffer = self._buffer
         if self._stage == "version":
-            if len(buffer) < 12:
+            if self._left() < 12:
                 return None
-            version = bytes(buffer[:12])
-            if version[:4] != b"RFB " or version[7:8] != b"." or version[11:] != b"\n":
+            found = _VERSION.fullmatch(self._take(12))
+            if found is None:
                 raise ValueError("not an RFB protocol version")
-            minor = int(version[8:11]) if version[8:11].isdigit() else -1
-            self._version = 3 if minor < 7 else 8
-            self._stage = "init" if self._version == 3 else "security"
-            return self._take(12)
+            # What the server reads is what was decided here, never the viewer's own bytes
+            # (a server that parses "003.+08" as 8 would otherwise frame the rest apart).
+            if int(found.group(1)) >= 7:
+                self._stage = "security"
+                return b"RFB 003.008\n"
+            self._stage = "init"
+            return b"RFB 003.003\n"
         if self._stage == "security":
-            if len(buffer) < 1:
+            if self._left() < 1:
                 return None
-            if buffer[0] != _SECURITY_NONE:
+            if self._take(1) != bytes([_SECURITY_NONE]):
                 # The server inside the sandbox asks for none; Weaver is the gate.
                 raise ValueError("a security type other than none")
             self._stage = "init"
-            return self._take(1)
+            return bytes([_SECURITY_NONE])
         if self._stage == "init":
-            if len(buffer) < 1:
+            if self._left() < 1:
                 return None
             self._take(1)
             self._stage = "messages"
             return b"\x01"  # shared, whatever the viewer asked
-        if not buffer:
+        if self._left() < 1:
             return None
-        kind = buffer[0]
+        kind = self._buffer[self._at]
         size = self._size(kind)
-        if size is None or len(buffer) < size:
+        if size is None or self._left() < size:
             return None
         message = self._take(size)
         if self.view_only and kind in _INPUT:
@@ -95,37 +113,35 @@ class ClientFilter:
         return message
 
     def _size(self, kind: int) -> int | None:
-        buffer = self._buffer
+        buffer, at, left = self._buffer, self._at, self._left()
         if kind in _FIXED:
             return _FIXED[kind]
         if kind == _SET_ENCODINGS:
-            if len(buffer) < 4:
+            if left < 4:
                 return None
-            count: int = struct.unpack_from(">H", buffer, 2)[0]
+            count: int = struct.unpack_from(">H", buffer, at + 2)[0]
             return 4 + 4 * count
         if kind == _CUT_TEXT:
-            if len(buffer) < 8:
+            if left < 8:
                 return None
-            length: int = abs(
-                struct.unpack_from(">i", buffer, 4)[0]
-            )  # negative: the extended clipboard's format
+            length: int = abs(struct.unpack_from(">i", buffer, at + 4)[0])
             if length > _MAX_CUT_TEXT:
                 raise ValueError("clipboard text over 1 MiB")
             return 8 + length
         if kind == _SET_DESKTOP_SIZE:
-            if len(buffer) < 8:
+            if left < 8:
                 return None
-            return 8 + 16 * buffer[6]
+            return 8 + 16 * buffer[at + 6]
         if kind == _FENCE:
-            if len(buffer) < 9:
+            if left < 9:
                 return None
-            length = buffer[8]
-            if length > 64:
+            fence = buffer[at + 8]
+            if fence > 64:
                 raise ValueError("a fence's payload is at most 64 bytes")
-            return 9 + length
+            return 9 + fence
         raise ValueError(f"an RFB client message of unknown type {kind}")
 
     def _take(self, size: int) -> bytes:
-        taken = bytes(self._buffer[:size])
-        del self._buffer[:size]
+        taken = bytes(self._buffer[self._at : self._at + size])
+        self._at += size
         return taken

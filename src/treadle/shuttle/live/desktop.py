@@ -28,6 +28,7 @@ DISPLAY = ":0"
 PYTHON = "/usr/bin/python3"
 _READY_TIMEOUT_S = 30.0
 _KEEP = 4096  # of ctrl's stderr, for the reason of a failed start
+_MAX_OUTPUT = 1 << 20  # what ctrl may write in all (it writes `ready`, and its warnings)
 
 
 def environment(env: dict[str, str]) -> dict[str, str]:
@@ -69,8 +70,8 @@ async def start(link: GuestLink, desktop: DesktopSpec) -> asyncio.Task[None]:
     output = process.output().__aiter__()
     try:
         async with asyncio.timeout(_READY_TIMEOUT_S):
-            out = bytearray()
-            while b"ready\n" not in out:
+            tail, seen = b"", 0  # the end of what ctrl wrote, and how much it wrote
+            while b"ready\n" not in tail:
                 try:
                     stream, data = await anext(output)
                 except StopAsyncIteration:
@@ -78,7 +79,11 @@ async def start(link: GuestLink, desktop: DesktopSpec) -> asyncio.Task[None]:
                     why = said.decode(errors="replace").strip() or f"it exited ({end})"
                     raise DesktopFailed(f"the desktop did not start: {why}") from None
                 if stream == "stdout":
-                    out += data
+                    seen += len(data)
+                    tail = tail[-5:] + data
+                    if seen > _MAX_OUTPUT:
+                        process.signal(9)
+                        raise DesktopFailed("the desktop's ctrl wrote too much before it was ready")
                 else:
                     said += data
                     del said[:-_KEEP]
@@ -88,11 +93,18 @@ async def start(link: GuestLink, desktop: DesktopSpec) -> asyncio.Task[None]:
             f"the desktop did not start within {_READY_TIMEOUT_S:.0f} s: "
             + (said.decode(errors="replace").strip() or "no word from it")
         ) from None
-    return asyncio.create_task(_drain(output))
+    return asyncio.create_task(_drain(process, output))
 
 
-async def _drain(output: AsyncIterator[tuple[str, bytes]]) -> None:
-    """Read (and drop) what ctrl writes, so that it never waits on a full window."""
+async def _drain(process: GuestProcess, output: AsyncIterator[tuple[str, bytes]]) -> None:
+    """Read (and drop) what ctrl writes, so that it never waits on a full window; a ctrl
+    that writes more than it does (its program is the sandbox's own) is ended, not read on
+    at Shuttle's expense."""
+    written = 0
     with contextlib.suppress(LinkBroken, GuestError):
-        async for _ in output:
-            pass
+        async for _, data in output:
+            written += len(data)
+            if written > _MAX_OUTPUT:
+                log.warning("a desktop's ctrl wrote over %d bytes: ended", _MAX_OUTPUT)
+                process.signal(9)
+                return

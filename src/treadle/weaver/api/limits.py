@@ -31,16 +31,24 @@ from treadle.domain.errors import TreadleError, Unauthenticated
 from treadle.weaver.api.deps import PRINCIPAL, bearer
 from treadle.weaver.api.e2b.errors import E2B_PATH
 from treadle.weaver.api.errors import error_body, status_for
-from treadle.weaver.api.port_auth import PORT_ACCESS, PORT_PATH, authorize_port
+from treadle.weaver.api.port_auth import (
+    PORT_ACCESS,
+    PORT_PATH,
+    SANDBOX_ACCESS,
+    authorize_port,
+    authorize_sandbox,
+)
 
 __all__ = ["RequestGuard"]
 
 log = logging.getLogger(__name__)
 _AUTHENTICATED_PREFIX = "/v1/"
 _UNLIMITED = re.compile(r"^/v1/sandboxes/[^/]+/files/content$")
-# Routes that check their own credentials: a desktop's, which a sandbox's access token or a
-# signed viewer URL opens too (`sandbox_desktop`).
-_OWN_ACCESS = re.compile(r"^/v1/sandboxes/[^/]{1,64}/desktop(?:/|$)")
+# A desktop's routes (`sandbox_desktop`): the sandbox's access token opens them too, checked
+# here before a body is read; the viewer page checks its signed URL itself (it has no body).
+_DESKTOP_PATH = re.compile(r"^/v1/sandboxes/([^/]{1,64})/desktop(/[a-z]+)?$")
+_OWN_ACCESS = ("/view",)
+_KEY_ONLY = ("/viewer",)
 
 
 class _BodyTooLarge(Exception):
@@ -61,9 +69,14 @@ class RequestGuard:
             headers = [(n, v) for n, v in scope["headers"] if n != b"content-type"]
             headers.append((b"content-type", b"application/json"))
             scope = dict(scope, headers=headers)
-        if scope["path"].startswith(_AUTHENTICATED_PREFIX) and not _OWN_ACCESS.match(scope["path"]):
+        desktop = _DESKTOP_PATH.match(scope["path"])
+        if scope["path"].startswith(_AUTHENTICATED_PREFIX) and not (
+            desktop is not None and desktop.group(2) in _OWN_ACCESS
+        ):
             if port is not None:
                 refusal = await _authorize_port(scope, port.group(1), int(port.group(2)))
+            elif desktop is not None and desktop.group(2) not in _KEY_ONLY:
+                refusal = await _authorize_sandbox(scope, desktop.group(1))
             else:
                 refusal = await _authenticate(scope)
             if refusal is not None:
@@ -144,6 +157,18 @@ async def _authenticate(scope: Scope) -> tuple[int, dict[str, Any], Mapping[str,
         # Outside the application its error handlers do not apply: answer as they would.
         log.exception("authenticating a request failed")
         return 500, error_body("internal", "internal error"), {}
+    return None
+
+
+async def _authorize_sandbox(
+    scope: Scope, sandbox_id: str
+) -> tuple[int, dict[str, Any], Mapping[str, str]] | None:
+    """As `_authenticate`, for a sandbox's own routes that its access token opens too."""
+    try:
+        scope[SANDBOX_ACCESS] = await authorize_sandbox(HTTPConnection(scope), sandbox_id)
+    except TreadleError as exc:
+        body = error_body(exc.code, exc.message, exc.details)
+        return status_for(exc), body, {"www-authenticate": "Bearer"}
     return None
 
 

@@ -25,8 +25,10 @@ __all__ = [
     "PORT_ACCESS",
     "PORT_PATH",
     "QUERY_KEYS",
+    "SANDBOX_ACCESS",
     "TOKEN_HEADER",
     "authorize_port",
+    "authorize_sandbox",
     "port_prefix",
 ]
 
@@ -37,6 +39,8 @@ QUERY_KEYS = ("treadle_token", "treadle_expires", "treadle_signature")
 COOKIE = "treadle_port"
 # Where the request guard leaves what `authorize_port` decided: (sandbox row, cookie to set).
 PORT_ACCESS = "treadle.port_access"
+# The sandbox a desktop route's caller may reach, once the guard has checked (`authorize_sandbox`).
+SANDBOX_ACCESS = "treadle.sandbox_access"
 PORT_PATH = re.compile(r"^/v1/sandboxes/([^/]{1,64})/ports/([0-9]{1,5})(?:/|$)")
 _REFUSED = "the access token or signed URL does not open this port (or has expired)"
 # Seconds since the epoch, as `port_access.valid_signature` reads them.
@@ -86,6 +90,24 @@ async def authorize_port(
         ):
             return row, None
     raise Forbidden(_REFUSED)
+
+
+async def authorize_sandbox(conn: HTTPConnection, sandbox_id: str) -> Any:
+    """The sandbox, if the caller holds the tenant's API key or the sandbox's access token
+    (a desktop's routes: no signed URL, and public ports do not open them). Raises
+    Unauthenticated (no credential) or Forbidden."""
+    weaver = get_weaver(conn)
+    key = bearer(conn.headers)
+    if key is not None:
+        principal = await weaver.auth.authenticate(key)
+        return await weaver.sandboxes.get(principal.tenant_id, sandbox_id)
+    token = conn.headers.get(TOKEN_HEADER) or conn.query_params.get("treadle_token")
+    if token is None:
+        raise Unauthenticated("send 'Authorization: Bearer <key>' or the sandbox's access token")
+    row = await _row(weaver, sandbox_id)
+    if not port_access.valid_token(row.access_token, token):
+        raise Forbidden("the access token does not open this sandbox")
+    return row
 
 
 async def _public(weaver: Weaver, sandbox_id: str) -> Any:

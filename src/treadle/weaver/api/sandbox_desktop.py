@@ -23,6 +23,7 @@ import base64
 import contextlib
 import html
 import json
+import logging
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -52,10 +53,10 @@ from treadle.domain.errors import (
     Unavailable,
 )
 from treadle.protocol import PortStart
-from treadle.protocol.rfb import ClientFilter
+from treadle.protocol.rfb import MAX_MESSAGE, ClientFilter
 from treadle.weaver.api.deps import bearer, get_weaver
 from treadle.weaver.api.errors import error_body
-from treadle.weaver.api.port_auth import TOKEN_HEADER
+from treadle.weaver.api.port_auth import SANDBOX_ACCESS, authorize_sandbox
 from treadle.weaver.api.relays import until_either
 from treadle.weaver.api.sandboxes import running_node
 from treadle.weaver.core import Weaver
@@ -64,16 +65,23 @@ from treadle.weaver.services.streams import ExecStream
 
 __all__ = ["NOVNC_PATH", "router"]
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandbox desktop"])
 WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 
 # Where Weaver serves noVNC's files (`app`) for the viewer page: public, as any static file.
 NOVNC_PATH = "/static/novnc"
-# What ctrl may answer with: a header, and an image.
+# What ctrl may answer with: a header (and an image, `_image_bound`).
 MAX_HEADER = 1 << 20
-MAX_IMAGE = 64 << 20
 # How long one call may take: its waits (a minute at most) and the rest.
 _CALL_TIMEOUT_S = 90.0
+# What ctrl takes in one request (`treadle.guest.ctrl`), and how many calls a replica has
+# open at once (each may hold a screen's image).
+MAX_REQUEST = 1 << 20
+_MAX_CALLS = 8
+# Viewers of one sandbox at once, on one replica.
+MAX_VIEWERS = 8
 # Signed viewer URLs: what they open.
 _VIEW, _CONTROL = "desktop-view", "desktop-control"
 _MEDIA = {"png": "image/png", "jpeg": "image/jpeg"}
@@ -81,18 +89,7 @@ _MEDIA = {"png": "image/png", "jpeg": "image/jpeg"}
 
 async def _sandbox(conn: HTTPConnection, sandbox_id: str) -> Any:
     """The sandbox, if the caller holds the tenant's API key or the sandbox's token."""
-    weaver = get_weaver(conn)
-    key = bearer(conn.headers)
-    if key is not None:
-        principal = await weaver.auth.authenticate(key)
-        return await weaver.sandboxes.get(principal.tenant_id, sandbox_id)
-    token = conn.headers.get(TOKEN_HEADER) or conn.query_params.get("treadle_token")
-    if token is None:
-        raise Unauthenticated("send 'Authorization: Bearer <key>' or the sandbox's access token")
-    row = await _row(weaver, sandbox_id)
-    if not port_access.valid_token(row.access_token, token):
-        raise Forbidden("the access token does not open this sandbox")
-    return row
+    return conn.scope.get(SANDBOX_ACCESS) or await authorize_sandbox(conn, sandbox_id)
 
 
 async def _row(weaver: Weaver, sandbox_id: str) -> Any:
@@ -132,23 +129,35 @@ class CtrlSession:
         return cls(stream)
 
     async def call(
-        self, steps: list[dict[str, Any]], shot: Screenshot | None
+        self, steps: list[dict[str, Any]], shot: Screenshot | None, desktop: DesktopSpec
     ) -> tuple[dict[str, Any], bytes]:
         request = {"actions": steps, "screenshot": shot.model_dump() if shot else None}
         body = json.dumps(request).encode()
+        if len(body) > MAX_REQUEST:
+            raise InvalidRequest(
+                f"these actions are {len(body)} bytes for ctrl, more than the {MAX_REQUEST} "
+                "it takes at once: send them in more than one batch",
+                details=[{"loc": ["body", "actions"], "msg": "too much at once"}],
+            )
+        most = _image_bound(shot, desktop)
         async with self._lock:
-            self.stream.write(struct.pack(">I", len(body)) + body)
-            await self.stream.drain()
-            async with asyncio.timeout(_CALL_TIMEOUT_S):
-                head = await self._read(8)
-                header_len, payload_len = struct.unpack(">II", head)
-                if header_len > MAX_HEADER or payload_len > MAX_IMAGE:
-                    raise BadGateway("the sandbox's ctrl answered with more than it may")
-                said = await self._read(header_len)
-                payload = await self._read(payload_len)
+            try:
+                async with asyncio.timeout(_CALL_TIMEOUT_S):
+                    self.stream.write(struct.pack(">I", len(body)) + body)
+                    await self.stream.drain()
+                    head = await self._read(8)
+                    header_len, payload_len = struct.unpack(">II", head)
+                    if header_len > MAX_HEADER or payload_len > most:
+                        raise BadGateway("the sandbox's ctrl answered with more than it may")
+                    said = await self._read(header_len)
+                    payload = await self._read(payload_len)
+            except TimeoutError:
+                raise BadGateway(
+                    f"the sandbox's ctrl did not answer within {_CALL_TIMEOUT_S:.0f} s"
+                ) from None
         try:
-            header = json.loads(said)
-        except ValueError:
+            header = json.loads(said, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
             header = None
         if not isinstance(header, dict):
             raise BadGateway("the sandbox's ctrl answered with something else than a JSON object")
@@ -206,11 +215,39 @@ def _answer(header: dict[str, Any], payload: bytes, *, inline: bool) -> dict[str
 async def _run(weaver: Weaver, row: Any, request: ActionsRequest) -> tuple[dict[str, Any], bytes]:
     desktop = _desktop(row)
     steps, shot = canonical(request, desktop.width, desktop.height)
-    ctrl = await CtrlSession.open(weaver, row)
-    try:
-        return await ctrl.call(steps, shot)
-    finally:
-        ctrl.close()
+    async with _calls(weaver):
+        ctrl = await CtrlSession.open(weaver, row)
+        try:
+            return await ctrl.call(steps, shot, desktop)
+        finally:
+            ctrl.close()
+
+
+def _image_bound(shot: Screenshot | None, desktop: DesktopSpec) -> int:
+    """The most an image ctrl answers `shot` with may be: none without a screenshot, else
+    the pixels asked for, 4 bytes each, and room for a format's own overhead."""
+    if shot is None:
+        return 0
+    width, height = (
+        (shot.region[2], shot.region[3]) if shot.region else (desktop.width, desktop.height)
+    )
+    return width * height * 4 + (1 << 20)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+@contextlib.asynccontextmanager
+async def _calls(weaver: Weaver) -> AsyncIterator[None]:
+    """One of the ctrl calls this replica has open at once (`_MAX_CALLS`): their images are
+    held in memory, so their number is bounded; past it a call waits its turn."""
+    gate: asyncio.Semaphore | None = getattr(weaver, "_desktop_calls", None)
+    if gate is None:
+        gate = asyncio.Semaphore(_MAX_CALLS)
+        weaver._desktop_calls = gate  # type: ignore[attr-defined]
+    async with gate:
+        yield
 
 
 @router.get("/{sandbox_id}/desktop", summary="A sandbox's display")
@@ -260,8 +297,9 @@ async def screenshot(
         ) from None
     row = await _sandbox(request, sandbox_id)
     header, payload = await _run(get_weaver(request), row, ActionsRequest(screenshot=shot))
-    said = header.get("screenshot") or {}
-    headers = {"X-Treadle-Region": json.dumps(said.get("region")), "Cache-Control": "no-store"}
+    said = header.get("screenshot")
+    region = said.get("region") if isinstance(said, dict) else None
+    headers = {"X-Treadle-Region": json.dumps(region), "Cache-Control": "no-store"}
     return Response(payload, media_type=_MEDIA[format], headers=headers)
 
 
@@ -286,7 +324,8 @@ async def session(websocket: WebSocket, sandbox_id: str) -> None:
             try:
                 body = ActionsRequest.model_validate_json(text)
                 steps, shot = canonical(body, desktop.width, desktop.height)
-                header, payload = await ctrl.call(steps, shot)
+                async with _calls(weaver):
+                    header, payload = await ctrl.call(steps, shot, desktop)
             except ValidationError as exc:
                 first = exc.errors()[0]
                 loc = ["body", *first["loc"]]
@@ -302,9 +341,13 @@ async def session(websocket: WebSocket, sandbox_id: str) -> None:
                 await websocket.send_bytes(payload)
     except (WebSocketDisconnect, RuntimeError):
         pass
-    except TreadleError as exc:
+    except TreadleError as exc:  # the connection to ctrl is gone, or ctrl is not ctrl
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await websocket.close(code=1011, reason=str(exc)[:120])
+    except Exception:
+        log.exception("desktop session of %s failed", sandbox_id)
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close(code=1011, reason="internal error")
     finally:
         ctrl.close()
 
@@ -333,9 +376,14 @@ async def viewer(sandbox_id: str, body: ViewerBody, request: Request) -> Any:
     principal = await weaver.auth.authenticate(key)
     row = await weaver.sandboxes.get(principal.tenant_id, sandbox_id)
     _desktop(row)
+    if not row.access_token:
+        raise Conflict(
+            f"sandbox {sandbox_id} has no access token to sign a viewer URL with",
+            details={"id": sandbox_id},
+        )
     expires = int(time.time() + body.expires_in_s)
     scope = _VIEW if body.view_only else _CONTROL
-    signature = port_access.sign(row.access_token or "", sandbox_id, scope, expires)
+    signature = port_access.sign(row.access_token, sandbox_id, scope, expires)
     query = f"view_only={int(body.view_only)}&treadle_expires={expires}"
     query += f"&treadle_signature={signature}"
     base = str(request.base_url).rstrip("/")
@@ -346,29 +394,29 @@ async def viewer(sandbox_id: str, body: ViewerBody, request: Request) -> Any:
     }
 
 
-async def _viewer_access(conn: HTTPConnection, sandbox_id: str) -> tuple[Any, bool]:
-    """The sandbox and whether its viewer may only watch: a signed viewer URL (view-only
-    unless signed for control), else the API key or access token (control unless
-    `view_only=1`)."""
+async def _viewer_access(conn: HTTPConnection, sandbox_id: str) -> tuple[Any, bool, float | None]:
+    """The sandbox, whether its viewer may only watch, and when its access ends: a signed
+    viewer URL (view-only unless signed for control) at its expiry, else the API key or
+    access token (control unless `view_only=1`), never."""
     asked_view_only = conn.query_params.get("view_only", "1") != "0"
     expires = conn.query_params.get("treadle_expires")
     signature = conn.query_params.get("treadle_signature")
     if signature is None:
         row = await _sandbox(conn, sandbox_id)
-        return row, asked_view_only
+        return row, asked_view_only, None
     row = await _row(get_weaver(conn), sandbox_id)
     now = time.time()
     for scope, view_only in ((_CONTROL, asked_view_only), (_VIEW, True)):
         if port_access.valid_signature(
             row.access_token, sandbox_id, scope, expires, signature, now
         ):
-            return row, view_only
+            return row, view_only, float(expires or 0)
     raise Forbidden("the viewer URL does not open this sandbox (or has expired)")
 
 
 @router.get("/{sandbox_id}/desktop/view", response_class=HTMLResponse, summary="A viewer page")
 async def view(sandbox_id: str, request: Request) -> HTMLResponse:
-    row, view_only = await _viewer_access(request, sandbox_id)
+    row, view_only, _ = await _viewer_access(request, sandbox_id)
     _desktop(row)
     page = _PAGE.replace("{{title}}", html.escape(f"treadle · {sandbox_id}"))
     page = page.replace("{{novnc}}", NOVNC_PATH)
@@ -382,9 +430,14 @@ async def view(sandbox_id: str, request: Request) -> HTMLResponse:
 async def vnc(websocket: WebSocket, sandbox_id: str) -> None:
     """The sandbox's VNC server, over a WebSocket (binary messages), as noVNC speaks it."""
     weaver = get_weaver(websocket)
+    viewers: dict[str, int] = weaver.__dict__.setdefault("_desktop_viewers", {})
     try:
-        row, view_only = await _viewer_access(websocket, sandbox_id)
+        row, view_only, until = await _viewer_access(websocket, sandbox_id)
         _desktop(row)
+        if viewers.get(row.id, 0) >= MAX_VIEWERS:
+            # A URL handed around opens this many at most, and not the tenant's every stream.
+            await websocket.close(code=1013, reason=f"{MAX_VIEWERS} viewers watch it already")
+            return
         row, node = await running_node(weaver, row.tenant_id, sandbox_id)
         stream = weaver.streams.start(
             node, row.tenant_id, PortStart, row.id, row.incarnation, port=VNC_PORT
@@ -392,6 +445,18 @@ async def vnc(websocket: WebSocket, sandbox_id: str) -> None:
     except TreadleError as exc:
         await websocket.close(code=1008 if exc.code in _REFUSED else 1011, reason=str(exc)[:120])
         return
+    viewers[row.id] = viewers.get(row.id, 0) + 1
+    try:
+        await _relay_vnc(websocket, stream, view_only, until)
+    finally:
+        viewers[row.id] -= 1
+        if not viewers[row.id]:
+            del viewers[row.id]
+
+
+async def _relay_vnc(
+    websocket: WebSocket, stream: ExecStream, view_only: bool, until: float | None
+) -> None:
     offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
     await websocket.accept(subprotocol="binary" if "binary" in offered else None)
     screen = ClientFilter(view_only=view_only)
@@ -406,6 +471,8 @@ async def vnc(websocket: WebSocket, sandbox_id: str) -> None:
             if message["type"] == "websocket.disconnect":
                 return
             data = message.get("bytes") or (message.get("text") or "").encode()
+            if len(data) > MAX_MESSAGE:
+                return  # more than a viewer ever sends at once
             try:
                 passed = screen.feed(data)
             except ValueError:
@@ -414,8 +481,12 @@ async def vnc(websocket: WebSocket, sandbox_id: str) -> None:
                 stream.write(passed)
                 await stream.drain()
 
+    async def expiry() -> None:
+        # A signed URL's viewer watches until the URL expires, not for ever after.
+        await asyncio.sleep(max(0.0, until - time.time()) if until else float("inf"))
+
     try:
-        await until_either(from_server(), from_viewer())
+        await until_either(from_server(), from_viewer(), expiry())
     finally:
         if stream.ended is None:
             stream.write(b"", eof=True)

@@ -34,7 +34,8 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response as WSResponse
 from websockets.uri import parse_uri
 
-from treadle.domain.errors import BadGateway, TreadleError, Unauthenticated
+from treadle.domain.desktop import DESKTOP_PORTS
+from treadle.domain.errors import BadGateway, Forbidden, TreadleError, Unauthenticated
 from treadle.protocol import PortStart
 from treadle.weaver.api.deps import bearer, get_weaver
 from treadle.weaver.api.host_routing import HOST_ROUTED, host_for
@@ -104,12 +105,21 @@ def _upstream_headers(conn: HTTPConnection, sandbox_id: str, port: int) -> list[
 
 async def _connect(conn: HTTPConnection, sandbox_id: str, port: int) -> tuple[ExecStream, Any]:
     row, cookie = conn.scope.get(PORT_ACCESS) or await authorize_port(conn, sandbox_id, port)
+    _not_the_desktop_s(row, port)
     weaver = get_weaver(conn)
     row, session = await running_node(weaver, row.tenant_id, sandbox_id)
     stream = weaver.streams.start(
         session, row.tenant_id, PortStart, row.id, row.incarnation, port=port
     )
     return stream, cookie
+
+
+def _not_the_desktop_s(row: Any, port: int) -> None:
+    if port in DESKTOP_PORTS and row.spec.get("desktop"):
+        raise Forbidden(
+            f"port {port} of a desktop sandbox is its desktop's: use its /desktop routes",
+            details={"port": port},
+        )
 
 
 def _refused(stream: ExecStream, port: int) -> BadGateway:
@@ -381,6 +391,7 @@ async def signed_url(sandbox_id: str, body: UrlBody, request: Request, weaver: W
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
     principal = await weaver.auth.authenticate(key)
     row = await weaver.sandboxes.get(principal.tenant_id, sandbox_id)
+    _not_the_desktop_s(row, port)
     expires = int(time.time() + body.expires_in_s)
     signature = port_access.sign(row.access_token or "", sandbox_id, port, expires)
     base = str(request.base_url).rstrip("/")

@@ -30,12 +30,15 @@ def valid_signature(
     signature: str | None,
     now: float,
 ) -> bool:
-    if not access_token or not expires or not signature or not expires.isdigit():
+    if not access_token or not expires or not signature:
         return False
-    if int(expires) < now or len(expires) > 12:
+    # ASCII digits only, and few: `int` takes "²" and a thousand digits alike.
+    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+        return False
+    if int(expires) < now:
         return False
     expected = sign(access_token, sandbox_id, port, int(expires))
-    return hmac.compare_digest(expected, signature)
+    return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace"))
 
 
 def valid_token(access_token: str | None, offered: str | None) -> bool:
