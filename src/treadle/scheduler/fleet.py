@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
+from treadle.domain import pricing
 from treadle.scheduler.filters import static_rejection
 from treadle.scheduler.nodes import NodeView, failure_domain
 from treadle.scheduler.request import Request
@@ -158,17 +159,17 @@ def _row(node: NodeView) -> Row:
     cpu = capacity.cpu_millicores if capacity.cpu_millicores > 0 else 1
     mem = capacity.memory_mib if capacity.memory_mib > 0 else 1
     gpu = capacity.gpu_count
-    price = node.effective_price
     # The cost of a request's share is max over resources of (amount * unit price), the
-    # form the cheapest-first scan bounds from below.
+    # form the cheapest-first scan bounds from below (`treadle.domain.pricing`).
+    per_cpu, per_mib, per_gpu = pricing.unit_prices(node.effective_price, cpu, mem, gpu)
     return (
         free.cpu_millicores,
         free.memory_mib,
         free.disk_mib,
         free.gpu_count,
-        price / cpu,
-        price / mem,
-        price / gpu if gpu > 0 else price,
+        per_cpu,
+        per_mib,
+        per_gpu,
         cpu,
         mem,
         gpu,

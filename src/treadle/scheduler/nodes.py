@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from treadle.domain import pricing
 from treadle.domain.resources import Resources, Tier
 
 __all__ = ["NodeView", "check_economics", "failure_domain"]
@@ -59,9 +60,7 @@ class NodeView:
     @property
     def effective_price(self) -> float:
         """What an hour of the whole node costs as it is billed now."""
-        if self.spot and self.spot_price_per_hour is not None:
-            return self.spot_price_per_hour
-        return self.price_per_hour
+        return pricing.node_price(self.price_per_hour, self.spot, self.spot_price_per_hour)
 
     @property
     def gpu_type(self) -> str | None:

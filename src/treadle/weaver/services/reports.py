@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from treadle.domain import pricing
 from treadle.domain.execution import (
     Event,
     ExecutionState,
@@ -55,14 +56,11 @@ def _is_current(row: Any, session: NodeSession, attempt: int) -> bool:
 
 
 def _cost(session: NodeSession, resources: Resources, wall_ms: float) -> float:
-    """The requested share of the node's hourly price for the time the attempt ran."""
-    cap = session.capacity
-    share = max(
-        resources.cpu_millicores / cap.cpu_millicores if cap.cpu_millicores else 0.0,
-        resources.memory_mib / cap.memory_mib if cap.memory_mib else 0.0,
-        resources.gpu_count / cap.gpu_count if cap.gpu_count else 0.0,
-    )
-    return session.hello.price_per_hour * min(share, 1.0) * wall_ms / 3_600_000
+    """The share of the node the attempt reserved, at the node's price as billed (its spot
+    price on a spot node), for the time it ran (`treadle.domain.pricing`)."""
+    hello = session.hello
+    price = pricing.node_price(hello.price_per_hour, hello.spot, hello.spot_price_per_hour)
+    return pricing.cost(price, pricing.share(resources, session.capacity), wall_ms / 1000)
 
 
 class ReportService:
