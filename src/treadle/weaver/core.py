@@ -10,6 +10,7 @@ from typing import Any
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.events.bus import EventBus, InProcessBus
 from treadle.weaver.events.nats import NatsBus
+from treadle.weaver.metrics import WeaverMetrics
 from treadle.weaver.providers.config import FleetConfig, load_fleet_config
 from treadle.weaver.services.auth import AuthService
 from treadle.weaver.services.dispatcher import Dispatcher, Pending
@@ -37,6 +38,7 @@ _SANDBOX_PASS_S = 1.0
 class Weaver:
     def __init__(self, settings: WeaverSettings, bus: EventBus | None = None) -> None:
         self.settings = settings
+        self.metrics = WeaverMetrics()
         self.db = Database(settings.resolved_database_url())
         self._nats: NatsBus | None = None
         if bus is None and settings.nats_url:
@@ -79,6 +81,7 @@ class Weaver:
             default_strategy=settings.default_strategy,
             default_min_isolation=settings.default_min_isolation,
             provisioner=self.provisioner,
+            metrics=self.metrics,
         )
         self.sandboxes = SandboxService(
             self.db,

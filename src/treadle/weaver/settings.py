@@ -64,6 +64,8 @@ class WeaverSettings(BaseSettings):
         default=None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,250}[a-z0-9])?$"
     )
     log_level: str = "warning"
+    # `/metrics` without an admin key (for a scraper on a network of its own).
+    metrics_public: bool = False
     # noVNC's files (Debian's `novnc`), served for desktop sandboxes' viewer pages.
     novnc_dir: Path = Path("/usr/share/novnc")
     # HTTPS on Weaver's own port: a PEM certificate (chain) and its key. Both or neither; for

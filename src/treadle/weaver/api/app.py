@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
 from treadle import __version__
@@ -22,11 +22,14 @@ from treadle.weaver.api import (
     sandbox_processes,
     sandboxes,
 )
+from treadle.weaver.api.deps import admin_of
 from treadle.weaver.api.errors import install_error_handlers
 from treadle.weaver.api.host_routing import HostRouting
 from treadle.weaver.api.limits import RequestGuard
+from treadle.weaver.api.request_metrics import RequestMetrics
 from treadle.weaver.core import Weaver
 from treadle.weaver.envd.app import EnvdRouting
+from treadle.weaver.metrics import CONTENT_TYPE
 from treadle.weaver.settings import WeaverSettings
 
 __all__ = ["create_app"]
@@ -52,6 +55,7 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=core.metrics)
     if settings.sandbox_domain:
         # Outside them: the guard and the routes see the path it maps the host name to.
         app.add_middleware(HostRouting, domain=settings.sandbox_domain)
@@ -77,6 +81,15 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
             StaticFiles(directory=settings.novnc_dir),
             name="novnc",
         )
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        """Weaver's metrics in Prometheus' text format; an admin key unless
+        `TREADLE_METRICS_PUBLIC` (a scraper sends it as a bearer token)."""
+        if not settings.metrics_public:
+            await admin_of(request)
+        await core.metrics.refresh(core)
+        return Response(core.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     async def healthz() -> Any:

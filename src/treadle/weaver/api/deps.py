@@ -47,6 +47,11 @@ async def _caller(request: Request) -> Principal:
     return await principal_of(request)
 
 
+async def admin_of(conn: HTTPConnection) -> Principal:
+    """The caller, who must hold an admin key."""
+    return await _admin(await principal_of(conn))
+
+
 async def _admin(principal: Annotated[Principal, Depends(_caller)]) -> Principal:
     if not principal.admin:
         raise Forbidden("this action needs an admin key")

@@ -68,7 +68,7 @@ class RequestGuard:
         if port is None:
             headers = [(n, v) for n, v in scope["headers"] if n != b"content-type"]
             headers.append((b"content-type", b"application/json"))
-            scope = dict(scope, headers=headers)
+            scope["headers"] = headers  # in place: what routing adds to it, all outer layers see
         desktop = _DESKTOP_PATH.match(scope["path"])
         if scope["path"].startswith(_AUTHENTICATED_PREFIX) and not (
             desktop is not None and desktop.group(2) in _OWN_ACCESS

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import bindparam, select
@@ -35,6 +36,7 @@ from treadle.scheduler import (
     tiers,
 )
 from treadle.weaver.background import cancel_and_wait
+from treadle.weaver.metrics import WeaverMetrics
 from treadle.weaver.services.auth import process_tier_tenants
 from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
@@ -112,6 +114,8 @@ class Pending:
     # What placement carries over for this execution: the invoke's strategy, the nodes and
     # regions where earlier attempts were lost (`reports.retry_placement`).
     hint: dict[str, Any] | None = None
+    # When this replica queued it (monotonic): for the dispatch latency it measures.
+    since: float = field(default_factory=time.monotonic)
 
     @classmethod
     def from_row(cls, row: Any, function: FunctionRecord) -> Pending:
@@ -213,7 +217,9 @@ class Dispatcher:
         default_strategy: str = "balanced",
         default_min_isolation: Tier = tiers.DEFAULT,
         provisioner: Provisioner | None = None,
+        metrics: WeaverMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._default_strategy = default_strategy
         self._default_tier = default_min_isolation
         self._process_tenants: frozenset[str] = frozenset()
@@ -374,6 +380,9 @@ class Dispatcher:
                     decision.pending.tenant_id,
                 )
             current.send(decision.pending.assignment(decision.tier))
+            if self._metrics is not None:
+                self._metrics.dispatched.inc()
+                self._metrics.dispatch_latency.observe(time.monotonic() - decision.pending.since)
 
     def _place(
         self,
