@@ -4,12 +4,14 @@ any label."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from integration.test_executions import register, run
-from support.cluster import PYTHON, Cluster
+from support.cluster import PYTHON, Cluster, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +74,27 @@ def test_metrics_are_for_an_admin(cluster: Cluster) -> None:
         key = admin.post("/v1/tenants", json={"name": "metrics-tenant"}).json()["api_key"]
     with cluster.client(key) as tenant:
         assert tenant.get("/metrics").status_code == 403
+
+
+def test_a_shuttle_serves_its_own_metrics(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_weaver()
+        port = free_port()
+        cluster.start_shuttle("metered", "--metrics-addr", f"127.0.0.1:{port}")
+        with cluster.client() as api:
+            register(api, "noisy", [PYTHON, "-c", "print('x' * 999)"])
+            assert run(api, "noisy")["state"] == "success"
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        assert samples[("treadle_shuttle_link_connected", ())] == 1
+        assert samples[("treadle_shuttle_link_connects_total", ())] >= 1
+        assert samples[("treadle_shuttle_spawn_seconds_count", (("tier", "process"),))] == 1
+        assert samples[("treadle_shuttle_output_bytes_total", (("stream", "stdout"),))] == 1000
+        assert "noisy" not in text
+    finally:
+        cluster.stop()

@@ -253,6 +253,14 @@ def shuttle_command(
             help="Pull images from this registry over plain HTTP (repeatable).",
         ),
     ] = [],  # noqa: B006
+    metrics_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-addr",
+            metavar="HOST:PORT",
+            help="Serve Prometheus metrics there (e.g. 127.0.0.1:9101); default: none.",
+        ),
+    ] = None,
     sandbox_ids_base: Annotated[
         int | None,
         typer.Option(
@@ -286,6 +294,7 @@ def shuttle_command(
         "cpu_millicores": cpu,
         "memory_mib": memory,
         "sandbox_ids_base": sandbox_ids_base,
+        "metrics_addr": metrics_addr,
     }
     if label:
         overrides["labels"] = _parse_labels(label)

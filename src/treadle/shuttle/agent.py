@@ -62,6 +62,7 @@ from treadle.shuttle.credentials import NodeCredential, load_credential, save_cr
 from treadle.shuttle.errors import ShuttleError
 from treadle.shuttle.gpus import GpuPool, detect_gpus, simulated_gpus
 from treadle.shuttle.live.host import SandboxHost
+from treadle.shuttle.metrics import ShuttleMetrics
 from treadle.shuttle.runtimes import Runtime, available_runtimes, gives_network
 from treadle.shuttle.sandbox import cleanup
 from treadle.shuttle.settings import ShuttleSettings
@@ -89,6 +90,7 @@ class Shuttle:
         self._perf_score = 1.0
         self._network_tiers: list[Tier] = []
         self._sandboxes = SandboxHost({}, Path("/nonexistent"))  # replaced in `_run`
+        self.metrics = ShuttleMetrics()
 
     async def run(self) -> None:
         settings = self._settings
@@ -139,9 +141,18 @@ class Shuttle:
         self._perf_score = measured
         self._network_tiers = [tier for tier in tiers if gives_network(runtimes[tier])]
         supervisor = Supervisor(
-            runtimes, work_root, max_unacked=settings.max_unacked_bytes, gpus=GpuPool(gpus)
+            runtimes,
+            work_root,
+            max_unacked=settings.max_unacked_bytes,
+            gpus=GpuPool(gpus),
+            metrics=self.metrics,
         )
         self._sandboxes = SandboxHost(runtimes, work_root)
+        self.metrics.count_workloads(supervisor.held)
+        self.metrics.count_workloads(self._sandboxes.held)
+        if settings.metrics_addr is not None:
+            self.metrics.serve(settings.metrics_addr)
+            log.info("metrics at http://%s/metrics", settings.metrics_addr)
         log.info(
             "shuttle %s: runtimes %s, capacity %s, Weaver at %s",
             settings.name,
@@ -263,6 +274,8 @@ class Shuttle:
             self._node_credential_refused = False
         log.info("connected to Weaver as node %s", welcome.node_id)
         backoff.reset()
+        self.metrics.connects.inc()
+        self.metrics.connected.set(1)
 
         link = _Link(ws)
         supervisor.attach(link.send)
@@ -273,6 +286,7 @@ class Shuttle:
             async for raw in ws:
                 self._dispatch(handlers, raw)
         finally:
+            self.metrics.connected.set(0)
             supervisor.detach()
             self._sandboxes.detach()
             heartbeat.cancel()

@@ -48,6 +48,10 @@ class ShuttleSettings(BaseSettings):
     # None: measured at start-up.
     perf_score: float | None = Field(default=None, gt=0, le=1e6)
     taints: dict[str, str] = Field(default_factory=dict)
+    # Where to serve Prometheus metrics ("host:port"); None: nowhere.
+    metrics_addr: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9.:\[\]-]{0,253}:[0-9]{1,5}$"
+    )
     # "COUNT:TYPE": advertise GPUs that are not there (demos and tests of placement on a
     # machine without GPUs); programs see made-up device ids.
     simulated_gpus: str | None = Field(

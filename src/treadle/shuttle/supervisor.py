@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -42,6 +43,7 @@ from treadle.protocol.messages import (
     encode,
 )
 from treadle.shuttle.gpus import GpuPool
+from treadle.shuttle.metrics import ShuttleMetrics
 from treadle.shuttle.output import OutputDecoder
 from treadle.shuttle.runtimes.base import (
     ExitStatus,
@@ -116,7 +118,9 @@ class Supervisor:
         *,
         max_unacked: int,
         gpus: GpuPool | None = None,
+        metrics: ShuttleMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or ShuttleMetrics()
         self._runtimes = runtimes
         self._gpus = gpus or GpuPool([])
         self._work_root = work_root
@@ -203,7 +207,9 @@ class Supervisor:
     async def _run(self, attempt: _Attempt) -> None:
         spec = attempt.spec
         try:
+            started = time.monotonic()
             handle = await self._start(spec)
+            self._metrics.spawn.labels(spec.isolation.value).observe(time.monotonic() - started)
             attempt.handle = handle
             if attempt.cancelled:
                 handle.kill()
@@ -273,6 +279,7 @@ class Supervisor:
         kept = attempt.budget.take(text)
         if not kept:  # past the cap: read, so that the program goes on, and dropped
             return
+        self._metrics.output.labels(stream).inc(len(kept.encode()))
         attempt.unsent.append(Chunk(stream=stream, seq=attempt.next_seq, data=kept))
         attempt.next_seq += 1
         attempt.unacked += len(kept)
