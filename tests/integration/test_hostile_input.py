@@ -297,16 +297,20 @@ class FakeNode:
     """A node played by hand over the real agent socket. It runs nothing: the test sends
     what the node would report. Its taint keeps other tests' work off it."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(
+        self, ws: ClientConnection, *, cpu_millicores: int = 64_000, price_per_hour: float = 0.0
+    ) -> None:
         self.tag = uuid.uuid4().hex[:12]
         self.ws = ws
+        capacity = Resources(cpu_millicores=cpu_millicores, memory_mib=65_536, disk_mib=1_000_000)
         hello = Hello(
             protocol=PROTOCOL_VERSION,
             name=f"fake-{self.tag}",
-            capacity=Resources(cpu_millicores=64_000, memory_mib=65_536, disk_mib=1_000_000),
+            capacity=capacity,
             runtimes=[Tier.PROCESS],
             labels={"fake": self.tag},
             taints={"fake": "yes"},
+            price_per_hour=price_per_hour,
         )
         self.ws.send(encode(hello))
         welcome = self.receive(lambda m: isinstance(m, Welcome))

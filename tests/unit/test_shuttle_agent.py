@@ -29,6 +29,9 @@ from treadle.protocol.messages import (
     Output,
     ShuttleMessage,
     Started,
+    UsageAck,
+    UsageKey,
+    UsageReport,
     Welcome,
     WorkloadRef,
     decode_from_shuttle,
@@ -107,10 +110,11 @@ async def start_shuttle(
 
 
 async def receive(ws: ServerConnection, kind: type[M]) -> M:
-    """The next frame, which must be a `kind` (heartbeats are skipped unless asked for)."""
+    """The next frame, which must be a `kind` (heartbeats and usage reports are skipped
+    unless asked for)."""
     while True:
         message: ShuttleMessage = decode_from_shuttle(await asyncio.wait_for(ws.recv(), 10))
-        if isinstance(message, Heartbeat) and kind is not Heartbeat:
+        if isinstance(message, (Heartbeat, UsageReport)) and kind is not type(message):
             continue
         assert isinstance(message, kind), message
         return message
@@ -320,6 +324,8 @@ async def test_output_beyond_the_unacked_window_waits_for_acks(
         message = decode_from_shuttle(await asyncio.wait_for(ws.recv(), 10))
         if isinstance(message, Exited):
             break
+        if isinstance(message, UsageReport):  # the attempt's usage, right before its exit
+            continue
         assert isinstance(message, Output)
         received += sum(len(c.data) for c in message.chunks)
         seqs += [c.seq for c in message.chunks]
@@ -391,3 +397,40 @@ async def test_offering_only_tiers_that_do_not_work_here_is_a_clear_error(home: 
     )
     with pytest.raises(ShuttleError, match=r"asked for \(microvm\).*these do: .*process"):
         await Shuttle(settings).run()
+
+
+async def test_an_attempt_s_usage_goes_before_its_exit_until_acknowledged(
+    weaver: FakeWeaver, start_shuttle: Callable[..., asyncio.Task[None]], home: Path
+) -> None:
+    start_shuttle()
+    ws, _ = await welcome(weaver)
+    await ws.send(assign([PY, "-c", "pass"]))
+    await receive(ws, Started)
+    report = await receive(ws, UsageReport)
+    (record,) = report.records
+    assert (record.kind, record.id, record.generation, record.seq) == ("execution", "ex_1", 1, 1)
+    assert record.final and record.wall_s > 0 and record.end >= record.start
+    exited = await receive(ws, Exited)
+    await ws.send(encode(Ack(id="ex_1", attempt=1, exited=True)))
+    await ws.close()
+
+    # Not acknowledged: sent again on the next link, first.
+    ws, _ = await welcome(weaver)
+    assert await receive(ws, UsageReport) == report
+    key = UsageKey(kind="execution", id="ex_1", generation=1, seq=1)
+    await ws.send(encode(UsageAck(keys=[key])))
+    # Acknowledged: the journal says so, and the next link has nothing to send again.
+    journal = home / "usage.journal"
+    for _ in range(200):
+        if '"acked"' in journal.read_text():
+            break
+        await asyncio.sleep(0.05)
+    await ws.close()
+    ws, _ = await welcome(weaver)
+    await ws.send(assign([PY, "-c", "pass"], id="ex_2"))
+    while True:  # the first frame but heartbeats: ex_2's start, nothing of ex_1 before it
+        first = decode_from_shuttle(await asyncio.wait_for(ws.recv(), 10))
+        if not isinstance(first, Heartbeat):
+            break
+    assert isinstance(first, Started) and first.id == "ex_2", first
+    assert exited.id == "ex_1"

@@ -14,7 +14,15 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from treadle.domain.desktop import DesktopSpec
 from treadle.domain.errors import ProtocolError
@@ -62,6 +70,10 @@ __all__ = [
     "StreamSignal",
     "StreamWindow",
     "Usage",
+    "UsageAck",
+    "UsageKey",
+    "UsageRecord",
+    "UsageReport",
     "WeaverMessage",
     "Welcome",
     "WorkloadRef",
@@ -71,7 +83,10 @@ __all__ = [
     "examine_refused",
 ]
 
-PROTOCOL_VERSION = 2
+# 3: usage records (`usage`, `usage_ack`).
+PROTOCOL_VERSION = 3
+# Usage records in one frame (a report, or an acknowledgement).
+MAX_USAGE_RECORDS = 1000
 
 
 class _Frame(BaseModel):
@@ -99,6 +114,62 @@ class Usage(_Frame):
     wall_ms: float = Field(default=0.0, ge=0)
     cpu_ms: float | None = Field(default=None, ge=0)
     max_rss_kib: int | None = Field(default=None, ge=0, le=INT64_MAX)
+
+
+# Metering (DESIGN §13): what a workload used over an interval of its life, as its node
+# measured it. Each record is one interval: a workload's records, numbered from 1 without
+# gaps, add up to its whole use, so they are stored once each (by kind, id, generation and
+# seq) and never summed twice. A node keeps a record until Weaver acknowledges it. What a
+# node says is bounded here (it may lie; Weaver prices, and checks the times against its
+# own); `final` marks a workload's last record.
+_SECONDS = Annotated[float, Field(ge=0, le=366 * 24 * 3600)]
+_BYTES = Annotated[int, Field(ge=0, le=2**53)]
+
+
+class UsageRecord(_Frame):
+    kind: Literal["execution", "sandbox"]
+    id: str = Field(min_length=1, max_length=200)
+    generation: Attempt
+    seq: Attempt
+    # The interval, in seconds since the epoch by the node's clock.
+    start: float = Field(ge=0, le=1e11)
+    end: float = Field(ge=0, le=1e11)
+    final: bool = False
+    wall_s: _SECONDS = 0.0
+    paused_s: _SECONDS = 0.0
+    cpu_s: _SECONDS = 0.0
+    memory_peak_mib: float = Field(default=0.0, ge=0, le=2**40)
+    memory_gib_s: float = Field(default=0.0, ge=0, le=2**40)
+    disk_read_bytes: _BYTES = 0
+    disk_write_bytes: _BYTES = 0
+    net_in_bytes: _BYTES = 0
+    net_out_bytes: _BYTES = 0
+    gpu_s: _SECONDS = 0.0
+    gpu_memory_peak_mib: float = Field(default=0.0, ge=0, le=2**40)
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return self.kind, self.id, self.generation, self.seq
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UsageRecord:
+        if self.end < self.start:
+            raise ValueError("a usage interval ends before it starts")
+        if self.paused_s > self.wall_s or self.wall_s > self.end - self.start + 1.0:
+            raise ValueError("a usage interval's times do not add up")
+        return self
+
+
+class UsageKey(_Frame):
+    kind: Literal["execution", "sandbox"]
+    id: str = Field(min_length=1, max_length=200)
+    generation: Attempt
+    seq: Attempt
+
+
+class UsageReport(_Frame):
+    type: Literal["usage"] = "usage"
+    records: list[UsageRecord] = Field(min_length=1, max_length=MAX_USAGE_RECORDS)
 
 
 # Sandboxes (long-lived workloads). A sandbox's `incarnation` is to it what an attempt is
@@ -297,7 +368,8 @@ ShuttleMessage = Annotated[
     | StreamStarted
     | StreamData
     | StreamAck
-    | StreamEnd,
+    | StreamEnd
+    | UsageReport,
     Field(discriminator="type"),
 ]
 
@@ -357,6 +429,13 @@ class Cancel(_Frame):
     id: str
     attempt: Attempt
     reason: str = "cancelled"
+
+
+class UsageAck(_Frame):
+    """Weaver stored these usage records (or refused them for good): the node drops them."""
+
+    type: Literal["usage_ack"] = "usage_ack"
+    keys: list[UsageKey] = Field(max_length=MAX_USAGE_RECORDS)
 
 
 class Ack(_Frame):
@@ -526,7 +605,8 @@ WeaverMessage = Annotated[
     | StreamWindow
     | StreamSignal
     | StreamResize
-    | StreamDetach,
+    | StreamDetach
+    | UsageAck,
     Field(discriminator="type"),
 ]
 

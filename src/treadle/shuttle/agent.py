@@ -49,6 +49,7 @@ from treadle.protocol.messages import (
     StreamResize,
     StreamSignal,
     StreamWindow,
+    UsageAck,
     Welcome,
     WorkloadRef,
     decode_from_weaver,
@@ -60,6 +61,7 @@ from treadle.shuttle.benchmark import cpu_score
 from treadle.shuttle.capacity import detect_capacity
 from treadle.shuttle.credentials import NodeCredential, load_credential, save_credential
 from treadle.shuttle.errors import ShuttleError
+from treadle.shuttle.gauge.outbox import UsageOutbox
 from treadle.shuttle.gpus import GpuPool, detect_gpus, simulated_gpus
 from treadle.shuttle.live.host import SandboxHost
 from treadle.shuttle.metrics import ShuttleMetrics
@@ -91,6 +93,7 @@ class Shuttle:
         self._network_tiers: list[Tier] = []
         self._sandboxes = SandboxHost({}, Path("/nonexistent"))  # replaced in `_run`
         self.metrics = ShuttleMetrics()
+        self._usage: UsageOutbox | None = None  # made in `_run`
 
     async def run(self) -> None:
         settings = self._settings
@@ -140,12 +143,15 @@ class Shuttle:
             measured = await asyncio.to_thread(cpu_score)
         self._perf_score = measured
         self._network_tiers = [tier for tier in tiers if gives_network(runtimes[tier])]
+        usage = UsageOutbox(settings.home / "usage.journal")
+        self._usage = usage
         supervisor = Supervisor(
             runtimes,
             work_root,
             max_unacked=settings.max_unacked_bytes,
             gpus=GpuPool(gpus),
             metrics=self.metrics,
+            usage=usage,
         )
         self._sandboxes = SandboxHost(runtimes, work_root)
         self.metrics.count_workloads(supervisor.held)
@@ -165,6 +171,7 @@ class Shuttle:
         finally:
             await self._sandboxes.stop_all()
             await supervisor.shutdown()
+            usage.close()
             if not await cleanup.drain():
                 log.warning("cleanup after some workloads did not finish; the next start sweeps")
 
@@ -278,6 +285,9 @@ class Shuttle:
         self.metrics.connected.set(1)
 
         link = _Link(ws)
+        # Usage first: an exit replayed below is priced when it lands.
+        if self._usage is not None:
+            self._usage.attach(link.send)
         supervisor.attach(link.send)
         self._sandboxes.attach(link.send)
         heartbeat = asyncio.create_task(self._heartbeat(link, supervisor, welcome.heartbeat_s))
@@ -287,6 +297,8 @@ class Shuttle:
                 self._dispatch(handlers, raw)
         finally:
             self.metrics.connected.set(0)
+            if self._usage is not None:
+                self._usage.detach()
             supervisor.detach()
             self._sandboxes.detach()
             heartbeat.cancel()
@@ -314,6 +326,7 @@ class Shuttle:
             Assign: lambda m: supervisor.assign(m.spec),
             Ack: supervisor.ack,
             Cancel: lambda m: supervisor.cancel(m.id, m.attempt),
+            UsageAck: self._usage_ack,
             SandboxStart: lambda m: host.start(m.spec),
             SandboxControl: host.control,
             ExecStart: host.exec_start,
@@ -326,6 +339,10 @@ class Shuttle:
             StreamResize: host.stream_resize,
             StreamDetach: lambda m: host.stream_detach(m.stream),
         }
+
+    def _usage_ack(self, ack: UsageAck) -> None:
+        if self._usage is not None:
+            self._usage.ack(ack)
 
     def _held(self, supervisor: Supervisor) -> list[WorkloadRef]:
         return [*supervisor.held(), *self._sandboxes.held()]

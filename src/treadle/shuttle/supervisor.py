@@ -39,9 +39,12 @@ from treadle.protocol.messages import (
     Exited,
     Output,
     Started,
+    Usage,
+    UsageRecord,
     WorkloadRef,
     encode,
 )
+from treadle.shuttle.gauge.outbox import UsageOutbox
 from treadle.shuttle.gpus import GpuPool
 from treadle.shuttle.metrics import ShuttleMetrics
 from treadle.shuttle.output import OutputDecoder
@@ -119,8 +122,10 @@ class Supervisor:
         max_unacked: int,
         gpus: GpuPool | None = None,
         metrics: ShuttleMetrics | None = None,
+        usage: UsageOutbox | None = None,
     ) -> None:
         self._metrics = metrics or ShuttleMetrics()
+        self._usage = usage
         self._runtimes = runtimes
         self._gpus = gpus or GpuPool([])
         self._work_root = work_root
@@ -206,6 +211,7 @@ class Supervisor:
 
     async def _run(self, attempt: _Attempt) -> None:
         spec = attempt.spec
+        since = time.time()
         try:
             started = time.monotonic()
             handle = await self._start(spec)
@@ -234,6 +240,8 @@ class Supervisor:
             status = ExitStatus(exit_code=None, reason="node_error")
         finally:
             self._gpus.give_back(attempt.key)
+        # What it used goes before its exit, so Weaver has priced it when the exit lands.
+        self._metered(spec, since, status.usage)
         try:
             attempt.exited = Exited.report(
                 id=spec.id,
@@ -255,6 +263,30 @@ class Supervisor:
                 chunks=attempt.next_seq,
             )
         self._mark_dirty(attempt)
+
+    def _metered(self, spec: AssignSpec, since: float, usage: Usage | None) -> None:
+        """The attempt's usage record: one, its last, from what its runtime measured."""
+        if self._usage is None:
+            return
+        end = max(time.time(), since)
+        wall = (usage.wall_ms / 1000) if usage is not None else end - since
+        try:
+            record = UsageRecord(
+                kind="execution",
+                id=spec.id,
+                generation=spec.attempt,
+                seq=1,
+                start=since,
+                end=end,
+                final=True,
+                wall_s=min(wall, end - since),
+                cpu_s=((usage.cpu_ms or 0.0) / 1000) if usage is not None else 0.0,
+                memory_peak_mib=((usage.max_rss_kib or 0) / 1024) if usage is not None else 0.0,
+            )
+        except ValidationError:
+            log.exception("the usage of %s attempt %d cannot be reported", spec.id, spec.attempt)
+            return
+        self._usage.add(record)
 
     async def _start(self, spec: AssignSpec) -> RuntimeHandle:
         runtime = self._runtimes.get(spec.isolation)

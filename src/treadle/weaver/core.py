@@ -24,6 +24,7 @@ from treadle.weaver.services.reconciler import Reconciler
 from treadle.weaver.services.reports import ReportService
 from treadle.weaver.services.sandboxes import SandboxService
 from treadle.weaver.services.streams import StreamHub
+from treadle.weaver.services.usage import UsageService
 from treadle.weaver.settings import WeaverSettings
 from treadle.weaver.store import migrate
 from treadle.weaver.store.database import Database
@@ -96,6 +97,7 @@ class Weaver:
         self.streams = StreamHub(settings.max_exec_streams_per_tenant)
         self._sandbox_wake = asyncio.Event()
         self._sandbox_task: asyncio.Task[None] | None = None
+        self.usage = UsageService(self.db)
         self.reports = ReportService(
             on_capacity=self._capacity_changed, on_requeue=self.dispatcher.scan_soon
         )

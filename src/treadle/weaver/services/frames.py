@@ -30,6 +30,7 @@ from treadle.protocol import (
     StreamData,
     StreamEnd,
     StreamStarted,
+    UsageReport,
     WeaverMessage,
     decode_from_shuttle,
     examine_refused,
@@ -60,6 +61,7 @@ class FrameHandler:
             Exited: lambda m: lambda tx: reports.exited(tx, session, m),
             SandboxState: lambda m: lambda tx: sandboxes.reported(tx, session, m),
             SandboxActivity: lambda m: lambda tx: sandboxes.activity(tx, session, m),
+            UsageReport: lambda m: lambda tx: weaver.usage.report(tx, session, m),
         }
         # frames handled at once
         self._direct: dict[type, Callable[[Any], None]] = {

@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from treadle.domain import pricing
 from treadle.domain.execution import (
     Event,
     ExecutionState,
@@ -53,14 +52,6 @@ async def _current(tx: Tx, execution_id: str) -> Any:
 
 def _is_current(row: Any, session: NodeSession, attempt: int) -> bool:
     return row is not None and row.attempt == attempt and row.node_id == session.node_id
-
-
-def _cost(session: NodeSession, resources: Resources, wall_ms: float) -> float:
-    """The share of the node the attempt reserved, at the node's price as billed (its spot
-    price on a spot node), for the time it ran (`treadle.domain.pricing`)."""
-    hello = session.hello
-    price = pricing.node_price(hello.price_per_hour, hello.spot, hello.spot_price_per_hour)
-    return pricing.cost(price, pricing.share(resources, session.capacity), wall_ms / 1000)
 
 
 class ReportService:
@@ -264,12 +255,12 @@ class ReportService:
 
     @staticmethod
     def _facts(session: NodeSession, resources: Resources, msg: Exited) -> dict[str, Any]:
-        """What the node observed of an ended attempt, kept whatever the execution's state."""
+        """What the node observed of an ended attempt, kept whatever the execution's state.
+        (Its cost is the usage ledger's: `services.usage`.)"""
         return {
             "exit_code": msg.exit_code,
             "output_chunks": msg.chunks,
             "duration_ms": msg.usage.wall_ms,
-            "cost": _cost(session, resources, msg.usage.wall_ms),
         }
 
     async def exited(self, tx: Tx, session: NodeSession, msg: Exited) -> list[WeaverMessage]:

@@ -144,6 +144,41 @@ executions = Table(
 Index("ix_executions_tenant_id", executions.c.tenant_id, executions.c.id)
 Index("ix_executions_state", executions.c.state, executions.c.node_id)
 
+# The usage ledger (DESIGN §13): one row per usage record a node sent, stored once (its key
+# is the record's), never updated, priced by Weaver when stored.
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("kind", String(16), primary_key=True),
+    Column("workload_id", String(40), primary_key=True),
+    Column("generation", Integer, primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("tenant_id", String(40), nullable=False),
+    Column("node_id", String(40), nullable=False),
+    # what it is of: a function's name (executions) or the sandbox's id again (sandboxes)
+    Column("subject", String(64), nullable=False),
+    Column("start", Float, nullable=False),
+    Column("end", Float, nullable=False),
+    Column("final", Boolean, nullable=False),
+    Column("wall_s", Float, nullable=False),
+    Column("paused_s", Float, nullable=False),
+    Column("cpu_s", Float, nullable=False),
+    Column("memory_peak_mib", Float, nullable=False),
+    Column("memory_gib_s", Float, nullable=False),
+    Column("disk_read_bytes", BigInteger, nullable=False),
+    Column("disk_write_bytes", BigInteger, nullable=False),
+    Column("net_in_bytes", BigInteger, nullable=False),
+    Column("net_out_bytes", BigInteger, nullable=False),
+    Column("gpu_s", Float, nullable=False),
+    Column("gpu_memory_peak_mib", Float, nullable=False),
+    # the price: the node's per hour as billed then, the share reserved, and what it came to
+    Column("price_per_hour", Float, nullable=False),
+    Column("share", Float, nullable=False),
+    Column("cost", Float, nullable=False),
+    Column("recorded_at", Float, nullable=False),
+)
+Index("ix_usage_records_tenant", usage_records.c.tenant_id, usage_records.c.end)
+
 output_chunks = Table(
     "output_chunks",
     metadata,

@@ -1,0 +1,160 @@
+"""The usage ledger: a node's usage records are stored once each and priced by Weaver, and an
+execution's cost is the sum of its records', at the node's price as billed (its spot price).
+A record sent twice counts once; a record for a workload the node does not hold, or outside
+the workload's life, counts for nothing; each is acknowledged so the node stops sending it."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from websockets.sync import client as ws_client
+
+from integration.test_executions import register, run
+from integration.test_hostile_input import FakeNode, ended, start
+from support.cluster import PYTHON, Cluster, eventually
+from treadle.protocol import (
+    UsageAck,
+    UsageKey,
+    UsageRecord,
+    UsageReport,
+    encode,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def priced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A node that lists at $36/h and is billed at its spot price of $3.60/h, with 2 cores:
+    a 1-core execution holds half of it."""
+    cluster = Cluster(tmp_path_factory.mktemp("ledger"))
+    try:
+        cluster.start_weaver(node_down_after_s="120")
+        cluster.start_shuttle(
+            "priced", "--price", "36", "--spot", "--spot-price", "3.6", "--cpu", "2000"
+        )
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def ledger(cluster: Cluster, workload_id: str) -> list[Any]:
+    engine = sa.create_engine(f"sqlite:///{cluster.home / 'treadle.db'}")
+    try:
+        with engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.text("SELECT * FROM usage_records WHERE workload_id = :id ORDER BY seq"),
+                    {"id": workload_id},
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+def test_an_execution_costs_what_its_records_say_at_its_node_s_price(priced: Cluster) -> None:
+    with priced.client() as api:
+        sleep = [PYTHON, "-c", "import time; time.sleep(0.3)"]
+        register(api, "metered-sleep", sleep, placement={"spot": True})
+        execution = run(api, "metered-sleep")
+        assert execution["state"] == "success"
+        found = eventually(lambda: api.get(f"/v1/executions/{execution['id']}").json()["cost"])
+    (record,) = ledger(priced, execution["id"])
+    assert (record.kind, record.generation, record.seq, record.final) == ("execution", 1, 1, True)
+    assert 0.3 <= record.wall_s < 30 and record.cpu_s > 0
+    # The spot price, for half of the node, for the time it ran.
+    assert (record.price_per_hour, record.share) == (3.6, 0.5)
+    assert math.isclose(record.cost, 3.6 * 0.5 * record.wall_s / 3600, rel_tol=1e-9)
+    assert math.isclose(found, record.cost, rel_tol=1e-9)
+
+
+@pytest.fixture
+def node(priced: Cluster) -> Iterator[FakeNode]:
+    url = priced.url.replace("http", "ws") + "/v1/agent"
+    headers = {"Authorization": f"Bearer {priced.join_token}"}
+    with ws_client.connect(url, additional_headers=headers) as ws:
+        # $3,600 an hour for 4 cores: a 1-core execution holds a quarter, 25 cents a second.
+        yield FakeNode(ws, cpu_millicores=4000, price_per_hour=3600.0)
+
+
+def record(spec: Any, seq: int, wall: float, **fields: Any) -> UsageRecord:
+    now = time.time()
+    return UsageRecord(
+        kind="execution",
+        id=spec.id,
+        generation=spec.attempt,
+        seq=seq,
+        start=now - wall,
+        end=now,
+        wall_s=wall,
+        **fields,
+    )
+
+
+def acked(node: FakeNode, records: list[UsageRecord]) -> list[UsageKey]:
+    node.send(encode(UsageReport(records=records)))
+    message = node.receive(lambda m: isinstance(m, UsageAck))
+    assert isinstance(message, UsageAck)
+    return list(message.keys)
+
+
+def test_a_record_sent_again_counts_once(priced: Cluster, node: FakeNode) -> None:
+    with priced.client() as api:
+        (spec,) = start(api, node, "ledger-once", 1)
+        first, second = record(spec, 1, 10.0, cpu_s=1.0), record(spec, 2, 20.0)
+        assert len(acked(node, [first])) == 1
+        # A reconnect's replay: both again, the first a second time.
+        keys = acked(node, [first, second])
+        assert [(k.id, k.seq) for k in keys] == [(spec.id, 1), (spec.id, 2)]
+        assert len(acked(node, [second])) == 1
+        rows = ledger(priced, spec.id)
+        assert [(r.seq, r.share, r.cost) for r in rows] == [(1, 0.25, 2.5), (2, 0.25, 5.0)]
+        cost = api.get(f"/v1/executions/{spec.id}").json()["cost"]
+        assert math.isclose(cost, 7.5)  # 10 s and 20 s at 25 cents, each once
+
+
+def test_records_a_node_may_not_make_count_for_nothing(priced: Cluster, node: FakeNode) -> None:
+    with priced.client() as api:
+        (spec,) = start(api, node, "ledger-lies", 1)
+        other = run_elsewhere(api)
+        lies = [
+            # another node's execution
+            record(type("S", (), {"id": other, "attempt": 1})(), 1, 1.0),
+            # an attempt it does not hold
+            UsageRecord(**{**record(spec, 1, 1.0).model_dump(), "generation": 7}),
+            # from before the execution was
+            UsageRecord(**{**record(spec, 2, 1.0).model_dump(), "start": 1000.0, "end": 1001.0}),
+            # from an hour ahead of Weaver's clock
+            UsageRecord(
+                **{
+                    **record(spec, 3, 1.0).model_dump(),
+                    "start": time.time() + 3600,
+                    "end": time.time() + 3601,
+                }
+            ),
+        ]
+        keys = acked(node, lies)
+        assert len(keys) == 4  # the node is told to stop sending them all
+        assert ledger(priced, spec.id) == []
+        assert len(ledger(priced, other)) == 1  # its own node's record alone
+        node.send(encode_exited(spec))
+        assert ended(api, spec)["cost"] is None
+
+
+def run_elsewhere(api: Any) -> str:
+    register(api, "ledger-elsewhere", [PYTHON, "-c", "pass"], placement={"spot": True})
+    execution = run(api, "ledger-elsewhere")
+    return str(execution["id"])
+
+
+def encode_exited(spec: Any) -> str:
+    import json
+
+    from integration.test_hostile_input import exited
+
+    return json.dumps(exited(spec))
