@@ -5,6 +5,7 @@ the workload's life, counts for nothing; each is acknowledged so the node stops 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -158,3 +159,76 @@ def encode_exited(spec: Any) -> str:
     from integration.test_hostile_input import exited
 
     return json.dumps(exited(spec))
+
+
+@pytest.fixture(scope="module")
+def isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A namespace-tier node ($3,600 an hour for 4 cores and 4 GiB) that records a running
+    sandbox's usage every half second."""
+    cluster = Cluster(tmp_path_factory.mktemp("ledger-sandboxes"))
+    try:
+        cluster.start_weaver(process_tier=False)
+        cluster.start_shuttle(
+            "isolated",
+            "--runtime",
+            "namespace",
+            "--price",
+            "3600",
+            "--cpu",
+            "4000",
+            "--memory",
+            "4096",
+            "--usage-interval",
+            "0.5",
+        )
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_a_sandbox_s_records_add_up_to_its_life_and_pause_costs_memory_only(
+    isolated: Cluster,
+) -> None:
+    from treadle.client import Client, Sandbox
+
+    with Client(url=isolated.url, api_key=isolated.admin_key) as client:
+        sandbox = Sandbox.create(
+            client=client, resources={"cpu_millicores": 2000, "memory_mib": 512}, timeout=300
+        )
+        sandbox.wait_for_status("running", timeout=60)
+        burn = (
+            "import time; t = time.process_time(); exec('while time.process_time() - t < 1: pass')"
+        )
+        assert sandbox.run(["python3", "-c", burn]).exit_code == 0
+        eventually(
+            lambda: sum(r.cpu_s for r in ledger(isolated, sandbox.id)) >= 1.0,
+            timeout=30,
+            what="the CPU second to be recorded",
+        )
+        sandbox.pause()
+        sandbox.wait_for_status("paused", timeout=30)
+        eventually(
+            lambda: sum(r.paused_s for r in ledger(isolated, sandbox.id)) >= 1.0,
+            timeout=30,
+            what="a paused second to be recorded",
+        )
+        sandbox.resume()
+        sandbox.wait_for_status("running", timeout=30)
+        sandbox.kill()
+        rows = eventually(
+            lambda: (rows := ledger(isolated, sandbox.id)) and rows[-1].final and rows,
+            timeout=30,
+            what="its last record",
+        )
+    assert [r.seq for r in rows] == list(range(1, len(rows) + 1))  # none missing, none twice
+    for before, after in itertools.pairwise(rows):
+        assert after.start == pytest.approx(before.end)  # intervals that meet: its whole life
+    cpu = sum(r.cpu_s for r in rows)
+    assert 1.0 <= cpu < sum(r.wall_s for r in rows) * 4
+    assert max(r.memory_peak_mib for r in rows) > 1
+    # 2 of 4 cores: half the node while it runs, 512 MiB of 4 GiB (an eighth) while paused.
+    assert {r.share for r in rows} == {0.5}
+    for r in rows:
+        expected = 3600 * 0.5 * (r.wall_s - r.paused_s) / 3600 + 3600 * 0.125 * r.paused_s / 3600
+        assert math.isclose(r.cost, expected, rel_tol=1e-9, abs_tol=1e-12)
+    assert sum(r.paused_s for r in rows) >= 1.0

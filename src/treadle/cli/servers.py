@@ -253,6 +253,15 @@ def shuttle_command(
             help="Pull images from this registry over plain HTTP (repeatable).",
         ),
     ] = [],  # noqa: B006
+    usage_interval: Annotated[
+        float | None,
+        typer.Option(
+            "--usage-interval",
+            metavar="SECONDS",
+            min=0.1,
+            help="How often a running sandbox's usage is recorded (default 5).",
+        ),
+    ] = None,
     metrics_addr: Annotated[
         str | None,
         typer.Option(
@@ -295,6 +304,7 @@ def shuttle_command(
         "memory_mib": memory,
         "sandbox_ids_base": sandbox_ids_base,
         "metrics_addr": metrics_addr,
+        "usage_interval_s": usage_interval,
     }
     if label:
         overrides["labels"] = _parse_labels(label)

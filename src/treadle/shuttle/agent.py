@@ -153,7 +153,9 @@ class Shuttle:
             metrics=self.metrics,
             usage=usage,
         )
-        self._sandboxes = SandboxHost(runtimes, work_root)
+        self._sandboxes = SandboxHost(
+            runtimes, work_root, usage=usage, usage_interval_s=settings.usage_interval_s
+        )
         self.metrics.count_workloads(supervisor.held)
         self.metrics.count_workloads(self._sandboxes.held)
         if settings.metrics_addr is not None:

@@ -51,6 +51,7 @@ from treadle.shuttle.runtimes.process import (
     ReadOnlyBind,
 )
 from treadle.shuttle.sandbox import exits
+from treadle.shuttle.sandbox.cgroups import GroupUsage
 from treadle.shuttle.sandbox.policy import AGENT_SUDO_ENV, PATH
 
 __all__ = ["LiveSandbox", "SandboxSpec", "Unsupported"]
@@ -77,6 +78,13 @@ class Pausable(Protocol):
     async def pause(self) -> None: ...
 
     async def resume(self) -> None: ...
+
+
+@runtime_checkable
+class Meterable(Protocol):
+    """An attempt whose cgroup's counters can be read while it runs."""
+
+    def counters(self) -> GroupUsage | None: ...
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,7 @@ class LiveSandbox:
         self._started = time.monotonic()
         self._kill_reason: str | None = None
         self._frozen = False
+        self.final_counters: GroupUsage | None = None
         self.ended: asyncio.Future[ExitStatus] = self._loop.create_future()
         self._loop.add_reader(pidfd, self._on_exit)
 
@@ -224,6 +233,13 @@ class LiveSandbox:
 
     # lifecycle
 
+    def counters(self) -> GroupUsage | None:
+        """Its cgroup's counters now; the last read before it ended, once it has; None where
+        its tier has none to read."""
+        if self._pidfd is None:
+            return self.final_counters
+        return self._attempt.counters() if isinstance(self._attempt, Meterable) else None
+
     async def pause(self) -> None:
         """Freeze every process of the sandbox in place; `Unsupported` where this tier or
         node cannot."""
@@ -291,6 +307,10 @@ class LiveSandbox:
         self._pidfd = None
         reaper.untrack(self.pid)
         self.link.close()
+        if isinstance(self._attempt, Meterable):
+            # Before the attempt is finished, which removes its cgroup: its last use.
+            with contextlib.suppress(OSError):
+                self.final_counters = self._attempt.counters()
         code = os.waitstatus_to_exitcode(status)
         reason = self._kill_reason
         if reason is None and code < 0:

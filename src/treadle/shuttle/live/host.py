@@ -44,9 +44,12 @@ from treadle.protocol.messages import (
     StreamSignal,
     StreamStarted,
     StreamWindow,
+    UsageRecord,
     WorkloadRef,
     encode,
 )
+from treadle.shuttle.gauge.meter import Meter
+from treadle.shuttle.gauge.outbox import UsageOutbox
 from treadle.shuttle.live import box, desktop
 from treadle.shuttle.live.box import LiveSandbox, Unsupported
 from treadle.shuttle.live.execs import Exec, ExecTable
@@ -57,6 +60,9 @@ from treadle.shuttle.runtimes.process import ProcessRuntime
 __all__ = ["SandboxHost"]
 
 log = logging.getLogger(__name__)
+
+# How often a running sandbox's usage is recorded (and sent), in seconds.
+USAGE_INTERVAL_S = 5.0
 
 Send = Callable[[str], None]
 _ToWeaver = SandboxState | SandboxActivity | StreamStarted | StreamData | StreamAck | StreamEnd
@@ -72,6 +78,7 @@ class _Held:
         "activity",
         "execs",
         "incarnation",
+        "meter",
         "sandbox",
         "sidecars",
         "spec",
@@ -88,6 +95,7 @@ class _Held:
         self.execs = ExecTable()
         self.activity: list[str] | None = None  # the reasons last reported to Weaver
         self.sidecars: asyncio.Task[None] | None = None  # a desktop's, drained
+        self.meter: Meter | None = None  # its usage, once it runs
 
 
 class _Relay:
@@ -137,9 +145,18 @@ class _Relay:
 
 
 class SandboxHost:
-    def __init__(self, runtimes: Mapping[Tier, Runtime], work_root: Path) -> None:
+    def __init__(
+        self,
+        runtimes: Mapping[Tier, Runtime],
+        work_root: Path,
+        *,
+        usage: UsageOutbox | None = None,
+        usage_interval_s: float = USAGE_INTERVAL_S,
+    ) -> None:
         self._runtimes = runtimes
         self._work_root = work_root
+        self._usage = usage
+        self._usage_interval_s = usage_interval_s
         self._held: dict[str, _Held] = {}
         self._relays: dict[int, _Relay] = {}
         self._send: Send | None = None
@@ -188,6 +205,20 @@ class SandboxHost:
                 reason=reason[:1024] if reason else None,
             )
         )
+
+    # usage (DESIGN §13)
+
+    async def _metering(self, meter: Meter, sandbox: LiveSandbox) -> None:
+        """A usage record of the sandbox every `usage_interval_s`, while it runs (its last
+        comes when it ends)."""
+        while True:
+            await asyncio.sleep(self._usage_interval_s)
+            counters = await asyncio.to_thread(sandbox.counters)
+            self._meter(meter.sample(counters))
+
+    def _meter(self, record: UsageRecord) -> None:
+        if self._usage is not None:
+            self._usage.add(record)
 
     # activity, for the idle timeout
 
@@ -288,11 +319,17 @@ class SandboxHost:
             await sandbox.stop(grace_s=0)
             return
         self._report(held, "running")
+        meter = Meter("sandbox", spec.id, spec.incarnation)
+        meter.start(sandbox.counters())
+        held.meter = meter
         watcher = asyncio.create_task(self._watch(held, sandbox))
+        metering = asyncio.create_task(self._metering(meter, sandbox))
         try:
             status = await sandbox.ended
         finally:
             watcher.cancel()
+            metering.cancel()
+        self._meter(meter.sample(sandbox.counters(), final=True))
         if self._held.get(spec.id) is held:
             reason = status.reason or f"its agent exited with {status.exit_code}"
             self._end(held, "stopped" if status.reason == "stopped" else "failed", reason)
@@ -318,8 +355,12 @@ class SandboxHost:
         try:
             if action == "pause":
                 await sandbox.pause()
+                if held.meter is not None:
+                    held.meter.pause()
             else:
                 await sandbox.resume()
+                if held.meter is not None:
+                    held.meter.resume()
         except (Unsupported, OSError) as exc:
             log.warning("sandbox %s: cannot %s: %s", held.spec.id, action, exc)
             self._report(held, held.state, f"cannot {action}: {exc}")

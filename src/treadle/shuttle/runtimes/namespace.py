@@ -457,6 +457,10 @@ class _NamespaceAttempt:
         # A pidfd turns readable once its process has ended; PID 1 of a namespace ends last.
         loop.add_reader(pidfd, gone)
 
+    def counters(self) -> GroupUsage | None:
+        """Its cgroup's counters now (None without one)."""
+        return None if self.group is None else self.group.usage()
+
     def finish(self, status: ExitStatus) -> ExitStatus:
         self._release_fds()
         self._release_ids()

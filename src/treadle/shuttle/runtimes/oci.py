@@ -75,7 +75,7 @@ from treadle.shuttle.runtimes.process import (
     workdir_files,
 )
 from treadle.shuttle.sandbox import cleanup, exits
-from treadle.shuttle.sandbox.cgroups import Group
+from treadle.shuttle.sandbox.cgroups import Group, GroupUsage
 from treadle.shuttle.sandbox.ids import SANDBOX_GID, SANDBOX_UID, IdPool, IdRange, pool_for
 from treadle.shuttle.sandbox.policy import AGENT_USER_ENV, ROOT_CAPABILITIES, WORK_DIR
 from treadle.shuttle.sandbox.state import private_dir, state_root
@@ -295,6 +295,10 @@ class _OciAttempt:
             name="treadle-oci-kill",
             daemon=True,
         ).start()
+
+    def counters(self) -> GroupUsage | None:
+        """Its container's cgroup counters now."""
+        return Group.at(self._bundle.cgroups_path).usage()
 
     def exited(self, settled: Callable[[], None]) -> None:
         # What tells how the container ended is a few small reads, done now; deleting it

@@ -101,6 +101,7 @@ class GroupUsage:
     pids_denied: int = 0  # forks refused by pids.max
     cpu_ns: int | None = None
     peak_bytes: int | None = None
+    memory_bytes: int | None = None  # held now
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +363,7 @@ class Group:
                 pids_denied=_key(pids, "pids.events", "max") or 0,
                 cpu_ns=_times(_key(cpu, "cpu.stat", "usage_usec"), 1000),
                 peak_bytes=_number(memory, "memory.peak"),
+                memory_bytes=_number(memory, "memory.current"),
             )
         memory = self._dir("memory")
         return GroupUsage(
@@ -369,6 +371,7 @@ class Group:
             pids_denied=_key(self._dir("pids"), "pids.events", "max") or 0,
             cpu_ns=_number(self._dir("cpuacct"), "cpuacct.usage"),
             peak_bytes=_number(memory, "memory.max_usage_in_bytes"),
+            memory_bytes=_number(memory, "memory.usage_in_bytes"),
         )
 
     def remove(self) -> list[Path]:

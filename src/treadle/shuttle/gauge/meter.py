@@ -1,0 +1,89 @@
+"""One workload's usage, read now and then from its cgroup's counters, as usage records: one
+per interval, numbered from 1, each what the workload used since the last (the counters are
+cumulative; the records are their differences, so they add up to the whole).
+
+Memory held over time is the trapezoid of what it held at each end of an interval (GiB
+seconds); its peak is the most either end saw. Paused time is counted from the moments the
+workload was paused and resumed (`pause`, `resume`): a paused interval is charged for memory
+alone (`treadle.domain.pricing`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from treadle.protocol import UsageRecord
+from treadle.shuttle.sandbox.cgroups import GroupUsage
+
+__all__ = ["Meter"]
+
+_GIB = float(2**30)
+_MIB = float(2**20)
+
+
+class Meter:
+    def __init__(
+        self, kind: Literal["execution", "sandbox"], workload_id: str, generation: int
+    ) -> None:
+        self.kind = kind
+        self.id = workload_id
+        self.generation = generation
+        self.seq = 0
+        self._since = time.time()
+        self._cpu_ns: int | None = None
+        self._memory: int | None = None
+        self._paused_s = 0.0  # in the interval so far
+        self._paused_at: float | None = None
+
+    def start(self, counters: GroupUsage | None) -> None:
+        """The workload runs from now: what its counters say now is where its use starts."""
+        self._since = time.time()
+        if counters is not None:
+            self._cpu_ns, self._memory = counters.cpu_ns, counters.memory_bytes
+
+    def pause(self) -> None:
+        if self._paused_at is None:
+            self._paused_at = time.time()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self._paused_s += max(0.0, time.time() - max(self._paused_at, self._since))
+            self._paused_at = None
+
+    def sample(self, counters: GroupUsage | None, *, final: bool = False) -> UsageRecord:
+        """The record of the interval since the last one (or the start), ending now."""
+        now = max(time.time(), self._since)
+        wall = now - self._since
+        paused = self._paused_s
+        if self._paused_at is not None:
+            paused += max(0.0, now - max(self._paused_at, self._since))
+        cpu_ns = counters.cpu_ns if counters is not None else None
+        memory = counters.memory_bytes if counters is not None else None
+        cpu_s = 0.0
+        if cpu_ns is not None and self._cpu_ns is not None and cpu_ns >= self._cpu_ns:
+            cpu_s = (cpu_ns - self._cpu_ns) / 1e9
+        ends = [m for m in (self._memory, memory) if m is not None]
+        gib_s = (sum(ends) / len(ends)) / _GIB * wall if ends else 0.0
+        self.seq += 1
+        record = UsageRecord(
+            kind=self.kind,
+            id=self.id,
+            generation=self.generation,
+            seq=self.seq,
+            start=self._since,
+            end=now,
+            final=final,
+            wall_s=wall,
+            paused_s=min(paused, wall),
+            cpu_s=min(cpu_s, 366 * 24 * 3600.0),
+            memory_peak_mib=max(ends) / _MIB if ends else 0.0,
+            memory_gib_s=gib_s,
+        )
+        self._since = now
+        self._paused_s = 0.0
+        if cpu_ns is not None:
+            self._cpu_ns = cpu_ns
+        if memory is not None:
+            self._memory = memory
+        return record

@@ -1,0 +1,74 @@
+"""A workload's usage records from its cgroup's counters (`treadle.shuttle.gauge.meter`):
+the differences of cumulative counters, numbered, meeting end to start, with the time it was
+paused counted from the pause and the resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from treadle.shuttle.gauge import meter as meter_module
+from treadle.shuttle.gauge.meter import Meter
+from treadle.shuttle.sandbox.cgroups import GroupUsage
+
+MIB = 2**20
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(meter_module.time, "time", fake)
+    return fake
+
+
+def at(cpu_s: float, memory_mib: int) -> GroupUsage:
+    return GroupUsage(cpu_ns=int(cpu_s * 1e9), memory_bytes=memory_mib * MIB)
+
+
+def test_records_are_the_differences_and_add_up(clock: Clock) -> None:
+    meter = Meter("sandbox", "sbx_1", 2)
+    meter.start(at(5.0, 100))  # what it had used before it ran is not its
+    clock.now += 10
+    first = meter.sample(at(6.5, 300))
+    clock.now += 5
+    last = meter.sample(at(7.0, 100), final=True)
+    assert (first.seq, last.seq, last.final) == (1, 2, True)
+    assert (first.start, first.end, last.start, last.end) == (1000, 1010, 1010, 1015)
+    assert (first.cpu_s, last.cpu_s) == pytest.approx((1.5, 0.5))
+    assert (first.memory_peak_mib, last.memory_peak_mib) == (300, 300)
+    # GiB-seconds: the mean of each interval's ends, over its length
+    assert first.memory_gib_s == pytest.approx((100 + 300) / 2 / 1024 * 10)
+    assert (first.generation, first.kind) == (2, "sandbox")
+
+
+def test_paused_time_counts_from_the_pause_to_the_resume(clock: Clock) -> None:
+    meter = Meter("sandbox", "sbx_1", 1)
+    meter.start(at(0, 10))
+    clock.now += 2
+    meter.pause()
+    clock.now += 3
+    record = meter.sample(at(0, 10))  # still paused: 3 of its 5 seconds
+    assert (record.wall_s, record.paused_s) == (5, 3)
+    clock.now += 4
+    meter.resume()
+    clock.now += 1
+    record = meter.sample(at(0, 10))
+    assert (record.wall_s, record.paused_s) == (5, 4)
+
+
+def test_a_counter_that_goes_back_or_is_not_there_counts_nothing(clock: Clock) -> None:
+    meter = Meter("sandbox", "sbx_1", 1)
+    meter.start(None)
+    clock.now += 1
+    assert meter.sample(None).cpu_s == 0.0  # a tier with no cgroup to read
+    clock.now += 1
+    meter.sample(at(9.0, 1))
+    clock.now += 1
+    assert meter.sample(at(1.0, 1)).cpu_s == 0.0  # a new cgroup, say: never negative
