@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from websockets.sync import client as ws_client
 
+from conftest import STORES, store_settings
 from integration.test_executions import register, run
 from integration.test_hostile_input import FakeNode, ended, start
 from support.cluster import PYTHON, Cluster, eventually
@@ -25,17 +26,24 @@ from treadle.protocol import (
     UsageReport,
     encode,
 )
+from treadle.weaver.store.database import sync_url
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def priced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@pytest.fixture(scope="module", params=STORES)
+def priced(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     """A node that lists at $36/h and is billed at its spot price of $3.60/h, with 2 cores:
-    a 1-core execution holds half of it."""
+    a 1-core execution holds half of it. Once on each store."""
     cluster = Cluster(tmp_path_factory.mktemp("ledger"))
+    settings = store_settings(request)
+    DATABASES[id(cluster)] = settings.get("database_url") or (
+        f"sqlite:///{cluster.home / 'treadle.db'}"
+    )
     try:
-        cluster.start_weaver(node_down_after_s="120")
+        cluster.start_weaver(node_down_after_s="120", **settings)
         cluster.start_shuttle(
             "priced", "--price", "36", "--spot", "--spot-price", "3.6", "--cpu", "2000"
         )
@@ -44,8 +52,13 @@ def priced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cluster.stop()
 
 
+# The store of each cluster the tests started, by the cluster's id.
+DATABASES: dict[int, str] = {}
+
+
 def ledger(cluster: Cluster, workload_id: str) -> list[Any]:
-    engine = sa.create_engine(f"sqlite:///{cluster.home / 'treadle.db'}")
+    url = DATABASES.get(id(cluster), f"sqlite:///{cluster.home / 'treadle.db'}")
+    engine = sa.create_engine(sync_url(url))
     try:
         with engine.connect() as conn:
             return list(
@@ -232,3 +245,35 @@ def test_a_sandbox_s_records_add_up_to_its_life_and_pause_costs_memory_only(
         expected = 3600 * 0.5 * (r.wall_s - r.paused_s) / 3600 + 3600 * 0.125 * r.paused_s / 3600
         assert math.isclose(r.cost, expected, rel_tol=1e-9, abs_tol=1e-12)
     assert sum(r.paused_s for r in rows) >= 1.0
+
+
+def test_usage_sums_the_ledger_per_group_for_its_tenant_alone(priced: Cluster) -> None:
+    with priced.client() as api:
+        register(api, "usage-a", [PYTHON, "-c", "pass"], placement={"spot": True})
+        register(api, "usage-b", [PYTHON, "-c", "pass"], placement={"spot": True})
+        ran = [run(api, "usage-a"), run(api, "usage-a"), run(api, "usage-b")]
+        for execution in ran:
+            eventually(lambda e=execution: ledger(priced, e["id"]), what="its record")
+        summary = api.get(
+            "/v1/usage", params={"group_by": "function,day", "kind": "execution"}
+        ).json()
+        by_function = {g["key"]["function"]: g for g in summary["groups"]}
+        assert by_function["usage-a"]["records"] == 2 and by_function["usage-b"]["records"] == 1
+        rows = [row for e in ran for row in ledger(priced, e["id"])]
+        a_cost = sum(r.cost for e, r in zip(ran, rows, strict=True) if e["function"] == "usage-a")
+        assert math.isclose(by_function["usage-a"]["cost"], a_cost, rel_tol=1e-6)
+        assert by_function["usage-a"]["key"]["day"].endswith("T00:00:00Z")
+        everything = api.get("/v1/usage").json()["totals"]
+        assert everything["records"] >= 3
+        assert everything["cost"] >= summary["totals"]["cost"] * (1 - 1e-9)
+        only_a = api.get("/v1/usage", params={"function": "usage-a"}).json()["totals"]
+        assert only_a["records"] == 2
+
+        other = api.post("/v1/tenants", json={"name": "usage-other"}).json()["api_key"]
+        tenant_id = api.get(f"/v1/executions/{ran[0]['id']}").json()["tenant_id"]
+    with priced.client(other) as stranger:
+        assert stranger.get("/v1/usage").json()["totals"]["records"] == 0
+        refused = stranger.get("/v1/usage", params={"tenant": tenant_id})
+        assert refused.status_code == 403
+        for bad in ({"group_by": "colour"}, {"from": "yesterday"}, {"from": "2030-01-01"}):
+            assert stranger.get("/v1/usage", params=bad).status_code == 422, bad

@@ -91,6 +91,7 @@ app.command()(executions.cancel)
 app.command()(executions.ps)
 app.command()(explain.explain)
 app.command()(nodes.nodes)
+app.command()(nodes.usage)
 servers.register(app)
 
 

@@ -29,6 +29,50 @@ def nodes(
         print_table(nodes_table(items, datetime.now(UTC)), empty="no nodes")
 
 
+def usage(
+    ctx: typer.Context,
+    start: Annotated[
+        str | None, typer.Option("--from", metavar="TIME", help="ISO 8601 (default: a day ago).")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option("--to", metavar="TIME", help="ISO 8601 (default: now).")
+    ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            "--by",
+            metavar="GROUPS",
+            help="Comma-separated: tenant, kind, function, sandbox, node, hour, day.",
+        ),
+    ] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="execution or sandbox.")] = None,
+    function: Annotated[str | None, typer.Option("--function", help="Only this function.")] = None,
+    sandbox: Annotated[str | None, typer.Option("--sandbox", help="Only this sandbox.")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="Only this node.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="Only this tenant (admin; default: all).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What work used and cost, from the usage ledger, summed per group."""
+    from treadle.cli.tables import print_table, usage_table
+
+    summary = client_from(ctx).usage(
+        start=start,
+        end=end,
+        group_by=[g for g in (by or "").split(",") if g.strip()] or None,
+        kind=kind,
+        function=function,
+        sandbox=sandbox,
+        node=node,
+        tenant=tenant,
+    )
+    if as_json:
+        print_json(summary)
+    else:
+        print_table(usage_table(summary), empty="no usage in that period")
+
+
 @tenant_app.command("create")
 def create_tenant(
     ctx: typer.Context,

@@ -18,6 +18,7 @@ __all__ = [
     "nodes_table",
     "print_table",
     "tenants_table",
+    "usage_table",
 ]
 
 _STATE_STYLES = {
@@ -172,6 +173,32 @@ def tenants_table(tenants: Iterable[Mapping[str, Any]], now: datetime) -> Table:
             "[yellow]allowed[/]" if tenant.get("allow_process_tier") else "-",
             format_age(tenant.get("created_at"), now),
         )
+    return table
+
+
+def usage_table(summary: Mapping[str, Any]) -> Table:
+    """One row per group of `GET /v1/usage`, and the totals."""
+    groups = list(summary.get("group_by") or [])
+    table = _table(*(g.upper() for g in groups), "RECORDS", "WALL", "CPU s", "GiB·s", "COST")
+    for column in table.columns[len(groups) :]:
+        column.justify = "right"
+
+    def row(key: Mapping[str, Any], values: Mapping[str, Any]) -> list[str]:
+        return [
+            *(_text(key.get(g)) for g in groups),
+            str(values.get("records", 0)),
+            format_duration(float(values.get("wall_s") or 0) * 1000),
+            f"{float(values.get('cpu_s') or 0):.2f}",
+            f"{float(values.get('memory_gib_s') or 0):.2f}",
+            f"{float(values.get('cost') or 0):.6f}",
+        ]
+
+    for group in summary.get("groups") or []:
+        table.add_row(*row(group.get("key") or {}, group))
+    totals = summary.get("totals") or {}
+    if totals.get("records"):
+        label = ["total", *([""] * (len(groups) - 1))] if groups else []
+        table.add_row(*label, *row({}, totals)[len(groups) :], style="bold")
     return table
 
 

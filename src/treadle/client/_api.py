@@ -316,6 +316,13 @@ def stream_error(url: str, exc: Exception | None = None) -> TreadleClientError:
 # --- nodes, tenants, health ------------------------------------------------------------
 
 
+def usage(**filters: str | None) -> Call[JSONObject]:
+    """`GET /v1/usage`: `from`, `to` (ISO 8601), `group_by` (comma-separated), `kind`,
+    `function`, `sandbox`, `node`, `tenant`."""
+    params: Params = {key: value for key, value in filters.items() if value is not None}
+    return Call("GET", "/v1/usage", parse_object, params=params)
+
+
 def nodes() -> Call[JSONObject]:
     return Call("GET", "/v1/nodes", parse_object)
 

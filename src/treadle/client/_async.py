@@ -189,6 +189,31 @@ class AsyncClient:
 
     # nodes, tenants, health
 
+    async def usage(
+        self,
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        group_by: list[str] | None = None,
+        kind: str | None = None,
+        function: str | None = None,
+        sandbox: str | None = None,
+        node: str | None = None,
+        tenant: str | None = None,
+    ) -> JSONObject:
+        """As `Client.usage`."""
+        return await self._send(
+            _api.usage(
+                **{"from": start, "to": end},
+                group_by=",".join(group_by) if group_by else None,
+                kind=kind,
+                function=function,
+                sandbox=sandbox,
+                node=node,
+                tenant=tenant,
+            )
+        )
+
     async def nodes(self) -> JSONObject:
         return await self._send(_api.nodes())
 

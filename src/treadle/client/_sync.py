@@ -203,6 +203,34 @@ class Client:
 
     # nodes, tenants, health
 
+    def usage(
+        self,
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        group_by: list[str] | None = None,
+        kind: str | None = None,
+        function: str | None = None,
+        sandbox: str | None = None,
+        node: str | None = None,
+        tenant: str | None = None,
+    ) -> JSONObject:
+        """What work used and cost over [start, end) (ISO 8601; default the last day), summed
+        per group (`group_by`: tenant, kind, function, sandbox, node, hour, day):
+        `{"from", "to", "group_by", "groups": [{"key", "records", "cost", "cpu_s", …}],
+        "totals"}`. See docs/metering.md."""
+        return self._send(
+            _api.usage(
+                **{"from": start, "to": end},
+                group_by=",".join(group_by) if group_by else None,
+                kind=kind,
+                function=function,
+                sandbox=sandbox,
+                node=node,
+                tenant=tenant,
+            )
+        )
+
     def nodes(self) -> JSONObject:
         return self._send(_api.nodes())
 

@@ -21,6 +21,7 @@ from treadle.weaver.api import (
     sandbox_ports,
     sandbox_processes,
     sandboxes,
+    usage,
 )
 from treadle.weaver.api.deps import admin_of
 from treadle.weaver.api.errors import install_error_handlers
@@ -70,6 +71,7 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
         sandbox_ports,
         sandbox_desktop,
         nodes,
+        usage,
         agent,
         e2b,
     )

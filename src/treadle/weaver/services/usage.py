@@ -21,7 +21,8 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Integer, case, func, select, update
+from sqlalchemy import cast as sa_cast
 
 from treadle.domain import pricing
 from treadle.domain.resources import Resources
@@ -40,9 +41,85 @@ CLOCK_SKEW_S = 300.0
 _E, _S, _U = tables.executions, tables.sandboxes, tables.usage_records
 
 
+# What `summary` totals, and what it may group by.
+MEASURES = (
+    "wall_s",
+    "paused_s",
+    "cpu_s",
+    "memory_gib_s",
+    "disk_read_bytes",
+    "disk_write_bytes",
+    "net_in_bytes",
+    "net_out_bytes",
+    "gpu_s",
+    "cost",
+)
+GROUPS = ("tenant", "kind", "function", "sandbox", "node", "hour", "day")
+_BUCKETS = {"hour": 3600, "day": 86400}
+
+
 class UsageService:
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    async def summary(
+        self,
+        *,
+        tenant_id: str | None,
+        start: float,
+        end: float,
+        group_by: list[str],
+        kind: str | None = None,
+        function: str | None = None,
+        sandbox: str | None = None,
+        node: str | None = None,
+    ) -> dict[str, Any]:
+        """The ledger's records that ended in [start, end), of a tenant (None: all), summed
+        per group: `{"groups": [{"key": {...}, "records", measures...}], "totals": {...}}`.
+        A record counts wholly in the group of the time it ended in."""
+        columns: list[Any] = []
+        for name in group_by:
+            if name in _BUCKETS:
+                columns.append(self._bucket(_BUCKETS[name]).label(name))
+            else:
+                columns.append(_GROUP_COLUMNS[name].label(name))
+        sums = [func.coalesce(func.sum(_U.c[m]), 0).label(m) for m in MEASURES]
+        query = select(*columns, func.count().label("records"), *sums).where(
+            _U.c.end >= start, _U.c.end < end
+        )
+        if tenant_id is not None:
+            query = query.where(_U.c.tenant_id == tenant_id)
+        if kind is not None:
+            query = query.where(_U.c.kind == kind)
+        if function is not None:
+            query = query.where(_U.c.kind == "execution", _U.c.subject == function)
+        if sandbox is not None:
+            query = query.where(_U.c.kind == "sandbox", _U.c.workload_id == sandbox)
+        if node is not None:
+            query = query.where(_U.c.node_id == node)
+        if columns:
+            query = query.group_by(*columns).order_by(*columns)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        groups: list[dict[str, Any]] = []
+        for row in rows:
+            values = row._mapping
+            groups.append(
+                {
+                    "key": {name: _key_value(name, values[name]) for name in group_by},
+                    "records": int(values["records"]),
+                    **{m: _number(m, values[m]) for m in MEASURES},
+                }
+            )
+        totals = {m: _number(m, sum(g[m] for g in groups)) for m in MEASURES}
+        totals["records"] = sum(int(g["records"]) for g in groups)
+        return {"groups": groups if group_by else [], "totals": totals}
+
+    def _bucket(self, seconds: int) -> Any:
+        """The start of the hour or day (UTC) a record ended in, in SQL of either store."""
+        if self._db.dialect == "postgresql":
+            return func.floor(_U.c.end / seconds) * seconds
+        return sa_cast(_U.c.end / seconds, Integer) * seconds  # SQLite truncates
 
     async def report(self, tx: Tx, session: NodeSession, msg: UsageReport) -> list[WeaverMessage]:
         now = time.time()
@@ -142,11 +219,33 @@ class UsageService:
             "cost": cost,
             "recorded_at": now,
         }
-        inserted = await tx.conn.execute(self._db.insert_ignoring_conflicts(_U), values)
-        if inserted.rowcount == 1 and record.kind == "execution" and cost:
+        statement = self._db.insert_ignoring_conflicts(_U).returning(_U.c.seq)
+        inserted = (await tx.conn.execute(statement, values)).first() is not None
+        if inserted and record.kind == "execution" and cost:
             # Once per record: the insert just made is what says it is new.
             await tx.conn.execute(
                 update(_E)
                 .where(_E.c.id == record.id)
                 .values(cost=func.coalesce(_E.c.cost, 0.0) + cost)
             )
+
+
+_GROUP_COLUMNS = {
+    "tenant": _U.c.tenant_id,
+    "kind": _U.c.kind,
+    # a sandbox is of no function, and an execution is no sandbox
+    "function": case((_U.c.kind == "execution", _U.c.subject), else_=None),
+    "sandbox": case((_U.c.kind == "sandbox", _U.c.workload_id), else_=None),
+    "node": _U.c.node_id,
+}
+_INTEGERS = {"disk_read_bytes", "disk_write_bytes", "net_in_bytes", "net_out_bytes"}
+
+
+def _number(measure: str, value: Any) -> float | int:
+    return int(value or 0) if measure in _INTEGERS else float(value or 0.0)
+
+
+def _key_value(name: str, value: Any) -> Any:
+    if name in _BUCKETS:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(value)))
+    return value
