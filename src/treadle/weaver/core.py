@@ -15,6 +15,7 @@ from treadle.weaver.providers.config import FleetConfig, load_fleet_config
 from treadle.weaver.services.auth import AuthService
 from treadle.weaver.services.dispatcher import Dispatcher, Pending
 from treadle.weaver.services.executions import ExecutionService, InvokeRequest
+from treadle.weaver.services.export import UsageExporter
 from treadle.weaver.services.fleet import FleetListener
 from treadle.weaver.services.functions import FunctionService
 from treadle.weaver.services.leadership import leadership_for
@@ -98,6 +99,13 @@ class Weaver:
         self._sandbox_wake = asyncio.Event()
         self._sandbox_task: asyncio.Task[None] | None = None
         self.usage = UsageService(self.db)
+        self.exporter = (
+            UsageExporter(
+                self, settings.openmeter_url, settings.openmeter_token, settings.openmeter_batch
+            )
+            if settings.openmeter_url
+            else None
+        )
         self.reports = ReportService(
             on_capacity=self._capacity_changed, on_requeue=self.dispatcher.scan_soon
         )
@@ -131,11 +139,15 @@ class Weaver:
         self.reconciler.start()
         self.provisioner.start()
         self._sandbox_task = asyncio.create_task(self._sandbox_loop(), name="treadle-sandboxes")
+        if self.exporter is not None:
+            self.exporter.start()
 
     async def stop(self) -> None:
         for session in self.registry.sessions():
             session.close()
         await cancel_and_wait(self._sandbox_task)
+        if self.exporter is not None:
+            await self.exporter.stop()
         await self.reconciler.stop()
         await self.dispatcher.stop()
         await self.provisioner.stop()

@@ -72,6 +72,16 @@ class WeaverMetrics:
             ["status"],
             registry=registry,
         )
+        self.export_lag = Gauge(
+            "treadle_usage_export_lag_seconds",
+            "How long the oldest usage record not yet exported has been stored (0: none).",
+            registry=registry,
+        )
+        self.exported = Counter(
+            "treadle_usage_exported_records",
+            "Usage records this replica exported (a batch sent again counts again).",
+            registry=registry,
+        )
         self.nodes = Gauge(
             "treadle_nodes",
             "Nodes in the store by state; `connected` counts the links this replica holds.",

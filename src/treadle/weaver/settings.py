@@ -64,6 +64,13 @@ class WeaverSettings(BaseSettings):
         default=None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,250}[a-z0-9])?$"
     )
     log_level: str = "warning"
+    # The usage ledger exported as CloudEvents to an OpenMeter-compatible ingest endpoint
+    # (e.g. https://openmeter.example/api/v1/events), with this bearer token; None: no export.
+    openmeter_url: str | None = None
+    openmeter_token: str | None = Field(default=None, repr=False)
+    openmeter_batch: int = Field(default=500, ge=1, le=10_000)
+    # The events' `source` is treadle/<this>.
+    export_source: str = Field(default="weaver", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     # `/metrics` without an admin key (for a scraper on a network of its own).
     metrics_public: bool = False
     # noVNC's files (Debian's `novnc`), served for desktop sandboxes' viewer pages.

@@ -178,6 +178,28 @@ usage_records = Table(
     Column("recorded_at", Float, nullable=False),
 )
 Index("ix_usage_records_tenant", usage_records.c.tenant_id, usage_records.c.end)
+Index(
+    "ix_usage_records_export",
+    usage_records.c.recorded_at,
+    usage_records.c.kind,
+    usage_records.c.workload_id,
+    usage_records.c.generation,
+    usage_records.c.seq,
+)
+
+# How far each export of the ledger got: the last record it delivered, in the ledger's
+# export order (recorded_at, then the record's key).
+export_cursors = Table(
+    "export_cursors",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("recorded_at", Float, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("workload_id", String(40), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
 
 output_chunks = Table(
     "output_chunks",
