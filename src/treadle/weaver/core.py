@@ -21,6 +21,7 @@ from treadle.weaver.services.functions import FunctionService
 from treadle.weaver.services.leadership import leadership_for
 from treadle.weaver.services.nodes import NodeRegistry, NodeService
 from treadle.weaver.services.provisioner import Provisioner
+from treadle.weaver.services.quotas import QuotaService
 from treadle.weaver.services.reconciler import Reconciler
 from treadle.weaver.services.reports import ReportService
 from treadle.weaver.services.sandboxes import SandboxService
@@ -98,6 +99,9 @@ class Weaver:
         self.streams = StreamHub(settings.max_exec_streams_per_tenant)
         self._sandbox_wake = asyncio.Event()
         self._sandbox_task: asyncio.Task[None] | None = None
+        self.quotas = QuotaService(self)
+        self.executions.admit = self.quotas.admit
+        self.sandboxes.admit = self.quotas.admit
         self.usage = UsageService(self.db)
         self.exporter = (
             UsageExporter(
@@ -141,6 +145,7 @@ class Weaver:
         self._sandbox_task = asyncio.create_task(self._sandbox_loop(), name="treadle-sandboxes")
         if self.exporter is not None:
             self.exporter.start()
+        self.quotas.start()
 
     async def stop(self) -> None:
         for session in self.registry.sessions():
@@ -148,6 +153,7 @@ class Weaver:
         await cancel_and_wait(self._sandbox_task)
         if self.exporter is not None:
             await self.exporter.stop()
+        await self.quotas.stop()
         await self.reconciler.stop()
         await self.dispatcher.stop()
         await self.provisioner.stop()

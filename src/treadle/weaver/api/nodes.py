@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from treadle.domain.quotas import TenantLimits
 from treadle.weaver.api.deps import Admin, get_weaver
 from treadle.weaver.core import Weaver
 
@@ -80,3 +81,28 @@ async def update_tenant(
 async def create_key(tenant_id: str, body: KeyRequest, _admin: Admin, weaver: WeaverDep) -> Any:
     key_id, key = await weaver.auth.create_key(tenant_id, body.admin)
     return JSONResponse({"id": key_id, "api_key": key}, status_code=201)
+
+
+@router.put("/tenants/{tenant_id}/limits", summary="Set a tenant's quotas and budget")
+async def set_limits(tenant_id: str, body: TenantLimits, _admin: Admin, weaver: WeaverDep) -> Any:
+    """Replace them whole: a limit left out is no limit (`{}`: none at all)."""
+    await weaver.auth.get_tenant(tenant_id)  # 404 for one that is not there
+    await weaver.quotas.set_limits(tenant_id, body)
+    return await limits_view(tenant_id, weaver)
+
+
+@router.get("/tenants/{tenant_id}/limits", summary="A tenant's quotas, budget and use")
+async def get_limits(tenant_id: str, _admin: Admin, weaver: WeaverDep) -> Any:
+    await weaver.auth.get_tenant(tenant_id)
+    return await limits_view(tenant_id, weaver)
+
+
+async def limits_view(tenant_id: str, weaver: Weaver) -> dict[str, Any]:
+    limits = await weaver.quotas.limits(tenant_id)
+    period = limits.period if limits is not None else "month"
+    used = await weaver.quotas.in_use(tenant_id, period)
+    return {
+        "tenant_id": tenant_id,
+        "limits": None if limits is None else limits.model_dump(),
+        "in_use": used.model_dump(),
+    }

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy import and_, func, select
 from treadle.domain.errors import InvalidTransition, NotFound, PayloadTooLarge
 from treadle.domain.execution import Event, ExecutionState, is_terminal
 from treadle.domain.function import PresetStrategy, ensure_json_safe, render_command
+from treadle.domain.quotas import BUDGET_EXCEEDED
 from treadle.protocol.limits import JsonObject
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
@@ -31,6 +33,9 @@ from treadle.weaver.store.statements import (
 )
 from treadle.weaver.store.writer import Tx, Writer
 from treadle.weaver.views import execution_view
+
+# What checks a tenant's quotas and budget before new work is stored.
+Admission = Callable[..., Awaitable[None]]
 
 __all__ = ["ExecutionService", "InvokeRequest", "Invoked", "output_complete"]
 
@@ -96,6 +101,8 @@ class ExecutionService:
         self._functions = functions
         self._settings = settings
         self._on_cancel = on_cancel
+        # The tenant's quotas and budget, checked before new work is stored (`quotas`).
+        self.admit: Admission | None = None
 
     def check_limits(self, body: InvokeRequest) -> None:
         args_size = len(json.dumps(body.args, separators=(",", ":")))
@@ -117,6 +124,8 @@ class ExecutionService:
         function = await self._functions.get(tenant_id, name, version)
         spec = function.spec
         render_command(spec.command, body.args)  # a missing placeholder is a 422 now, not later
+        if self.admit is not None:
+            await self.admit(tenant_id, spec.resources, sandbox=False)
         execution_id = new_id("ex")
 
         key = body.idempotency_key
@@ -210,7 +219,26 @@ class ExecutionService:
         next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
         return [execution_view(row) for row in rows[:limit]], next_cursor
 
-    async def cancel(self, tenant_id: str, execution_id: str) -> Any:
+    async def over_budget(self, tenant_id: str) -> None:
+        """The tenant's hard budget is spent: cancel its open and running executions."""
+        async with self._db.read() as conn:
+            ids = (
+                (
+                    await conn.execute(
+                        select(tables.executions.c.id).where(
+                            tables.executions.c.tenant_id == tenant_id,
+                            tables.executions.c.state.in_(("open", "running")),
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        for execution_id in ids:
+            with contextlib.suppress(InvalidTransition, NotFound):
+                await self.cancel(tenant_id, execution_id, reason=BUDGET_EXCEEDED)
+
+    async def cancel(self, tenant_id: str, execution_id: str, reason: str = "cancelled") -> Any:
         async def write(tx: Tx) -> tuple[Any, Any]:
             while True:
                 row = await load_execution(tx, execution_id, tenant_id)
@@ -219,11 +247,9 @@ class ExecutionService:
                         f"execution {execution_id} already ended ({row.state})",
                         details={"id": execution_id, "state": row.state},
                     )
-                if await transition(
-                    tx, row, Event.CANCEL, error="cancelled", cancel_requested=True
-                ):
+                if await transition(tx, row, Event.CANCEL, error=reason, cancel_requested=True):
                     if row.node_id:
-                        order_cancel(tx, row.node_id, row.id, row.attempt, "cancelled")
+                        order_cancel(tx, row.node_id, row.id, row.attempt, reason)
                     return row, await load_execution(tx, execution_id)
 
         before, after = await self._writer.run(write)

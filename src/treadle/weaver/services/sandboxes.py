@@ -18,12 +18,13 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 from sqlalchemy import and_, func, select, update
 
 from treadle.domain.errors import InvalidRequest, InvalidTransition, LimitExceeded, NotFound
+from treadle.domain.quotas import BUDGET_EXCEEDED
 from treadle.domain.resources import Resources, Tier
 from treadle.domain.sandbox import (
     DEFAULT_HOME,
@@ -174,11 +175,15 @@ class SandboxService:
         self._default_tier = default_min_isolation
         self._on_change = on_change
         self._max_per_tenant = max_per_tenant
+        # The tenant's quotas and budget, checked before a sandbox is stored (`quotas`).
+        self.admit: Callable[..., Awaitable[None]] | None = None
 
     # what users do
 
     async def create(self, tenant_id: str, spec: SandboxSpec) -> Any:
         sandbox_id = new_id("sbx")
+        if self.admit is not None:
+            await self.admit(tenant_id, spec.resources, sandbox=True)
 
         async def write(tx: Tx) -> Any:
             if tiers.names_process(spec) and tenant_id not in await process_tier_tenants(tx.conn):
@@ -267,7 +272,34 @@ class SandboxService:
         next_cursor = encode_cursor(found[limit - 1].id) if len(found) > limit else None
         return [sandbox_view(row) for row in found[:limit]], next_cursor
 
-    async def desire(self, tenant_id: str, sandbox_id: str, wanted: Desired) -> Any:
+    async def over_budget(self, tenant_id: str, action: str) -> None:
+        """The tenant's hard budget is spent: stop (or pause, where its tier can) every
+        sandbox of its that runs or is to."""
+        async with self._db.read() as conn:
+            ids = (
+                (
+                    await conn.execute(
+                        select(tables.sandboxes.c.id).where(
+                            tables.sandboxes.c.tenant_id == tenant_id,
+                            tables.sandboxes.c.desired == Desired.RUNNING.value,
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        for sandbox_id in ids:
+            wanted = Desired.PAUSED if action == "pause" else Desired.STOPPED
+            try:
+                await self.desire(tenant_id, sandbox_id, wanted, reason=BUDGET_EXCEEDED)
+            except InvalidTransition:  # a tier that cannot pause: stopped instead
+                await self.desire(tenant_id, sandbox_id, Desired.STOPPED, reason=BUDGET_EXCEEDED)
+            except NotFound:
+                continue
+
+    async def desire(
+        self, tenant_id: str, sandbox_id: str, wanted: Desired, reason: str = "stopped"
+    ) -> Any:
         async def write(tx: Tx) -> Any:
             while True:
                 row = await _load(tx, sandbox_id, tenant_id)
@@ -276,13 +308,13 @@ class SandboxService:
                 desired = desire(Desired(row.desired), wanted, status, tier)
                 values: dict[str, Any] = {"desired": desired.value}
                 if desired == Desired.STOPPED and row.desired != Desired.STOPPED.value:
-                    values["end_reason"] = "stopped"
+                    values["end_reason"] = reason
                 if desired == Desired.STOPPED and status == SandboxStatus.PENDING:
                     # Nothing of it is on any node: it is stopped now.
                     values.update(
                         status=apply(status, SandboxEvent.STOP).value,
                         ended_at=tx.now,
-                        end_reason="stopped",
+                        end_reason=reason,
                     )
                 if await _swap(tx, row, **values):
                     tx.emit(

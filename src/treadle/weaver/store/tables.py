@@ -45,6 +45,8 @@ tenants = Table(
     Column("created_at", Float, nullable=False),
     # the unisolated process tier is for tenants the operator trusts with the node itself
     Column("allow_process_tier", Boolean, nullable=False, default=False, server_default=false()),
+    # its quotas and budget (`treadle.domain.quotas.TenantLimits`); None: none
+    Column("limits", JSON),
 )
 
 api_keys = Table(

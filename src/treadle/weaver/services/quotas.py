@@ -1,0 +1,146 @@
+"""Tenants' quotas and budgets (`treadle.domain.quotas`), as the store holds them: what each
+tenant's work holds and spent, checked before new work is stored, and a hard budget enforced
+on running work by the leading replica.
+
+Admission reads the use at the moment of the request: two requests at once may both pass
+where only one fits (as with `max_sandboxes_per_tenant`), by at most one workload each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select, update
+
+from treadle.domain.quotas import InUse, TenantLimits, admit, over_budget, period_start
+from treadle.domain.resources import Resources
+from treadle.weaver.store import tables
+
+if TYPE_CHECKING:
+    from treadle.weaver.core import Weaver
+
+__all__ = ["QuotaService"]
+
+log = logging.getLogger(__name__)
+
+_T, _E, _S, _U = tables.tenants, tables.executions, tables.sandboxes, tables.usage_records
+_HOLDING = ("open", "running")
+_ENDED = ("stopped", "failed")
+_ENFORCE_S = 2.0
+
+
+class QuotaService:
+    def __init__(self, weaver: Weaver) -> None:
+        self._weaver = weaver
+        self._task: asyncio.Task[None] | None = None
+        self._warned: dict[str, float] = {}  # tenant -> the period it was warned in
+
+    async def limits(self, tenant_id: str) -> TenantLimits | None:
+        async with self._weaver.db.read() as conn:
+            raw = (await conn.execute(select(_T.c.limits).where(_T.c.id == tenant_id))).scalar()
+        return None if not raw else TenantLimits.model_validate(raw)
+
+    async def set_limits(self, tenant_id: str, limits: TenantLimits | None) -> None:
+        value = None if limits is None else limits.model_dump(exclude_none=True)
+
+        async def write(tx: Any) -> None:
+            await tx.conn.execute(update(_T).where(_T.c.id == tenant_id).values(limits=value))
+
+        await self._weaver.writer.run(write)
+
+    async def in_use(self, tenant_id: str, period: str = "month") -> InUse:
+        """What the tenant's work holds now (its open and running executions, its sandboxes
+        that have not ended), and what it cost since the period began."""
+        async with self._weaver.db.read() as conn:
+            executions = (
+                await conn.execute(
+                    select(_E.c.resources).where(
+                        _E.c.tenant_id == tenant_id, _E.c.state.in_(_HOLDING)
+                    )
+                )
+            ).all()
+            sandboxes = (
+                await conn.execute(
+                    select(_S.c.spec).where(
+                        _S.c.tenant_id == tenant_id,
+                        _S.c.status.notin_(_ENDED),
+                        _S.c.desired != "stopped",
+                    )
+                )
+            ).all()
+            spent = (
+                await conn.execute(
+                    select(func.coalesce(func.sum(_U.c.cost), 0.0)).where(
+                        _U.c.tenant_id == tenant_id, _U.c.end >= period_start(period)
+                    )
+                )
+            ).scalar()
+        used = InUse(sandboxes=len(sandboxes), spent=float(spent or 0.0))
+        reserved = [row.resources for row in executions]
+        reserved += [(row.spec or {}).get("resources") for row in sandboxes]
+        for raw in reserved:
+            try:
+                held = Resources.model_validate(raw or {})
+            except ValueError:
+                continue
+            used.cpu_millicores += held.cpu_millicores
+            used.memory_mib += held.memory_mib
+            used.gpus += held.gpu_count
+        return used
+
+    async def admit(self, tenant_id: str, asked: Resources, *, sandbox: bool) -> None:
+        """Refuse (`LimitExceeded`) new work of the tenant's that would pass a limit."""
+        limits = await self.limits(tenant_id)
+        if limits is None:
+            return
+        admit(limits, await self.in_use(tenant_id, limits.period), asked, sandbox=sandbox)
+
+    # a hard budget, enforced
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._enforce(), name="treadle-budgets")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _enforce(self) -> None:
+        while True:
+            await asyncio.sleep(_ENFORCE_S)
+            if not self._weaver.leads:
+                continue
+            try:
+                await self.enforce()
+            except Exception:
+                log.exception("enforcing budgets failed; trying again")
+
+    async def enforce(self) -> None:
+        """Stop (or pause) the running work of every tenant whose hard budget is spent, and
+        warn, once a period, of those whose soft budget is."""
+        async with self._weaver.db.read() as conn:
+            query = select(_T.c.id, _T.c.limits).where(_T.c.limits.is_not(None))
+            rows = (await conn.execute(query)).all()
+        for row in rows:
+            limits = TenantLimits.model_validate(row.limits)
+            if limits.budget is None:
+                continue
+            used = await self.in_use(row.id, limits.period)
+            if not over_budget(limits, used.spent):
+                continue
+            if not limits.hard:
+                since = period_start(limits.period)
+                if self._warned.get(row.id) != since:
+                    self._warned[row.id] = since
+                    log.warning(
+                        "tenant %s spent %.6g of its soft budget of %g this %s",
+                        row.id,
+                        used.spent,
+                        limits.budget,
+                        limits.period,
+                    )
+                continue
+            await self._weaver.sandboxes.over_budget(row.id, limits.on_exceeded)
+            await self._weaver.executions.over_budget(row.id)

@@ -1,0 +1,109 @@
+"""A tenant's quotas and budget, set by an admin: new work past a quota, or once the budget is
+spent, is refused with a 429 naming the limit and the use; a hard budget, once spent, stops the
+tenant's running sandboxes and cancels its executions; a soft one refuses new work only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from integration.test_executions import register, run
+from support.cluster import PYTHON, Cluster, eventually
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A node at $36,000 an hour for 2 cores: a second of a 1-core sandbox costs $5."""
+    made = Cluster(tmp_path_factory.mktemp("quotas"))
+    try:
+        made.start_weaver()
+        made.start_shuttle("dear", "--price", "36000", "--cpu", "2000", "--usage-interval", "0.3")
+        yield made
+    finally:
+        made.stop()
+
+
+def tenant(cluster: Cluster, name: str) -> tuple[str, httpx.Client]:
+    with cluster.client() as admin:
+        made = admin.post("/v1/tenants", json={"name": name}).json()
+        tenant_id = made["tenant"]["id"]
+        admin.patch(f"/v1/tenants/{tenant_id}", json={"allow_process_tier": True})
+    return tenant_id, cluster.client(made["api_key"])
+
+
+def limit(cluster: Cluster, tenant_id: str, **limits: object) -> dict[str, object]:
+    with cluster.client() as admin:
+        answer = admin.put(f"/v1/tenants/{tenant_id}/limits", json=limits)
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def test_work_past_a_quota_is_refused_naming_the_limit_and_the_use(cluster: Cluster) -> None:
+    tenant_id, api = tenant(cluster, "quota-cpu")
+    with api:
+        limit(cluster, tenant_id, cpu_millicores=1500, sandboxes=1)
+        first = api.post("/v1/sandboxes", json={"resources": {"cpu_millicores": 1000}})
+        assert first.status_code == 201, first.text
+        refused = api.post("/v1/sandboxes", json={"resources": {"cpu_millicores": 1000}})
+        assert refused.status_code == 429
+        error = refused.json()["error"]
+        assert error["code"] == "limit_exceeded"
+        assert error["details"]["limit"] in ("cpu_millicores", "sandboxes")
+        assert error["details"]["in_use"] == (
+            1000 if error["details"]["limit"] == "cpu_millicores" else 1
+        )
+        register(api, "big", [PYTHON, "-c", "pass"], resources={"cpu_millicores": 1000})
+        invoked = api.post("/v1/functions/big/invoke", json={})
+        assert invoked.status_code == 429
+        assert "cpu_millicores quota is 1500" in invoked.json()["error"]["message"]
+        # What the tenant holds, as the admin reads it.
+        with cluster.client() as admin:
+            shown = admin.get(f"/v1/tenants/{tenant_id}/limits").json()
+        assert shown["in_use"]["cpu_millicores"] == 1000 and shown["in_use"]["sandboxes"] == 1
+        assert api.delete(f"/v1/sandboxes/{first.json()['id']}").status_code in (200, 202)
+    with cluster.client() as admin:
+        assert admin.put("/v1/tenants/tn_none/limits", json={}).status_code == 404
+        bad = admin.put(f"/v1/tenants/{tenant_id}/limits", json={"budget": -1})
+        assert bad.status_code == 422
+    other, stranger = tenant(cluster, "quota-stranger")
+    with stranger:
+        assert stranger.put(f"/v1/tenants/{other}/limits", json={}).status_code == 403
+
+
+def test_a_hard_budget_spent_stops_running_work_and_refuses_more(cluster: Cluster) -> None:
+    tenant_id, api = tenant(cluster, "budget-hard")
+    with api:
+        limit(cluster, tenant_id, budget=3.0, period="day", hard=True)
+        sandbox = api.post("/v1/sandboxes", json={"isolation": "process"}).json()
+        # $5 a second: the budget is spent within the first record or two.
+        eventually(
+            lambda: api.get(f"/v1/sandboxes/{sandbox['id']}").json()["status"] == "stopped",
+            timeout=60,
+            what="the sandbox stopped by the budget",
+        )
+        assert api.get(f"/v1/sandboxes/{sandbox['id']}").json()["end_reason"] == "budget_exceeded"
+        refused = api.post("/v1/sandboxes", json={"isolation": "process"})
+        assert refused.status_code == 429
+        details = refused.json()["error"]["details"]
+        assert details["limit"] == "budget" and details["spent"] >= 3.0
+        register(api, "after", [PYTHON, "-c", "pass"])
+        assert api.post("/v1/functions/after/invoke", json={}).status_code == 429
+
+
+def test_a_soft_budget_refuses_new_work_and_leaves_running_work(cluster: Cluster) -> None:
+    tenant_id, api = tenant(cluster, "budget-soft")
+    with api:
+        register(api, "cheap", [PYTHON, "-c", "import time; time.sleep(0.4)"])
+        assert run(api, "cheap")["state"] == "success"  # spends about $1
+        sandbox = api.post("/v1/sandboxes", json={"isolation": "process"}).json()
+        limit(cluster, tenant_id, budget=0.01, period="month", hard=False)
+        refused = api.post("/v1/functions/cheap/invoke", json={})
+        assert refused.status_code == 429
+        assert refused.json()["error"]["details"]["limit"] == "budget"
+        # Still running: a soft budget only refuses what is new.
+        assert api.get(f"/v1/sandboxes/{sandbox['id']}").json()["desired"] == "running"
+        api.delete(f"/v1/sandboxes/{sandbox['id']}")
