@@ -1,0 +1,241 @@
+"""What metering costs: the ledger's write rate, and a node's CPU with many idle sandboxes
+metered every 5 s next to the same node metering them once an hour, in one run.
+
+    .venv/bin/python bench/metering.py [--sandboxes 100] [--seconds 30] [--records 20000]
+
+It starts its own Weaver (SQLite, or `--database-url`) and Shuttles on loopback, in a
+temporary home:
+
+  * `ledger`: a node played by this program holds 50 executions and sends `--records` usage
+    records for them in frames of 500, as a node replaying its journal would; records stored
+    and acknowledged per second, from the first frame to the last acknowledgement;
+  * `idle_node`: a Shuttle (namespace tier) holding `--sandboxes` idle sandboxes; the CPU time
+    the Shuttle process used over `--seconds`, with `--usage-interval 5` and with 3600.
+
+Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from websockets.sync.client import connect
+
+from treadle.domain.resources import Resources, Tier
+from treadle.protocol import (
+    PROTOCOL_VERSION,
+    Assign,
+    Hello,
+    Started,
+    UsageAck,
+    UsageRecord,
+    UsageReport,
+    Welcome,
+    decode_from_weaver,
+    encode,
+)
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Weaver:
+    def __init__(self, home: Path, database_url: str | None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, TREADLE_NODE_DOWN_AFTER_S="300")
+        if database_url:
+            env["TREADLE_DATABASE_URL"] = database_url
+        self.home = home
+        argv = [PY, "-m", "treadle", "weaver", "--home", str(home), "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        until(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, 60)
+        self.key = (home / "admin.key").read_text().strip()
+        self.token = (home / "join.token").read_text().strip()
+        self.api = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=120
+        )
+
+    def stop(self) -> None:
+        self.api.close()
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def until(check: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = check()
+        except (httpx.HTTPError, OSError):
+            found = None
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(str(check))
+        time.sleep(0.05)
+
+
+def ledger_rate(weaver: Weaver, records: int) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    url = weaver.url.replace("http", "ws") + "/v1/agent"
+    with connect(url, additional_headers={"Authorization": f"Bearer {weaver.token}"}) as ws:
+        hello = Hello(
+            protocol=PROTOCOL_VERSION,
+            name=f"bench-{tag}",
+            capacity=Resources(cpu_millicores=64_000, memory_mib=65_536, disk_mib=10**6),
+            runtimes=[Tier.PROCESS],
+            labels={"bench": tag},
+            taints={"bench": "yes"},
+            price_per_hour=1.0,
+        )
+        ws.send(encode(hello))
+        while not isinstance(decode_from_weaver(ws.recv(timeout=30)), Welcome):
+            pass
+        tenant = next(t for t in weaver.api.get("/v1/tenants").json()["items"])
+        weaver.api.patch(f"/v1/tenants/{tenant['id']}", json={"allow_process_tier": True})
+        placement = {"labels": {"bench": tag}, "tolerations": ["bench"]}
+        function = {
+            "name": "metered",
+            "command": ["true"],
+            "isolation": "process",
+            "placement": placement,
+        }
+        weaver.api.post("/v1/functions", json=function)
+        for _ in range(50):
+            weaver.api.post("/v1/functions/metered/invoke", json={})
+        specs: list[Any] = []
+        while len(specs) < 50:
+            message = decode_from_weaver(ws.recv(timeout=30))
+            if isinstance(message, Assign):
+                specs.append(message.spec)
+                ws.send(encode(Started(id=message.spec.id, attempt=message.spec.attempt)))
+        now = time.time()
+        made = [
+            UsageRecord(
+                kind="execution",
+                id=specs[i % 50].id,
+                generation=1,
+                seq=i // 50 + 1,
+                start=now - 1,
+                end=now,
+                wall_s=1.0,
+                cpu_s=0.1,
+            )
+            for i in range(records)
+        ]
+        started = time.perf_counter()
+        for at in range(0, records, 500):
+            ws.send(encode(UsageReport(records=made[at : at + 500])))
+        acked = 0
+        while acked < records:
+            message = decode_from_weaver(ws.recv(timeout=120))
+            if isinstance(message, UsageAck):
+                acked += len(message.keys)
+        elapsed = time.perf_counter() - started
+    return {
+        "records": records,
+        "seconds": round(elapsed, 3),
+        "records_per_s": round(records / elapsed),
+    }
+
+
+def shuttle_cpu(
+    weaver: Weaver, home: Path, sandboxes: int, seconds: float, interval: float
+) -> dict[str, Any]:
+    env = dict(os.environ, TREADLE_SHUTTLE_TOKEN=weaver.token)
+    name = f"idle-{int(interval)}"
+    argv = [PY, "-m", "treadle", "shuttle", "--weaver", weaver.url, "--home", str(home / name)]
+    argv += ["--name", name, "--runtime", "namespace", "--usage-interval", str(interval)]
+    argv += ["--cpu", "1000000", "--memory", "1000000", "--label", f"node={name}"]
+    shuttle = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        until(
+            lambda: any(
+                n["name"] == name and n["state"] == "ready"
+                for n in weaver.api.get("/v1/nodes").json()["items"]
+            ),
+            60,
+        )
+        ids = []
+        for _ in range(sandboxes):
+            body = {
+                "resources": {"cpu_millicores": 10, "memory_mib": 64, "disk_mib": 64},
+                "placement": {"labels": {"node": name}},
+                "timeout_s": 3600,
+            }
+            ids.append(weaver.api.post("/v1/sandboxes", json=body).json()["id"])
+        for sandbox_id in ids:
+            until(
+                lambda s=sandbox_id: (
+                    weaver.api.get(f"/v1/sandboxes/{s}").json()["status"] == "running"
+                ),
+                300,
+            )
+        time.sleep(2 * interval if interval < 10 else 2)  # settled: every sandbox metered once
+        before = cpu_seconds(shuttle.pid)
+        time.sleep(seconds)
+        used = cpu_seconds(shuttle.pid) - before
+        for sandbox_id in ids:
+            weaver.api.delete(f"/v1/sandboxes/{sandbox_id}")
+        return {
+            "usage_interval_s": interval,
+            "sandboxes": sandboxes,
+            "shuttle_cpu_s": round(used, 3),
+            "shuttle_cores": round(used / seconds, 4),
+        }
+    finally:
+        shuttle.terminate()
+        shuttle.wait(60)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sandboxes", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--database-url")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="treadle-bench-metering-"))
+    weaver = Weaver(root / "weaver", args.database_url)
+    try:
+        report: dict[str, Any] = {"ledger": ledger_rate(weaver, args.records)}
+        report["idle_node"] = [
+            shuttle_cpu(weaver, root, args.sandboxes, args.seconds, interval)
+            for interval in (5.0, 3600.0)
+        ]
+    finally:
+        weaver.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    metered, unmetered = report["idle_node"]
+    report["sampling_cores"] = round(metered["shuttle_cores"] - unmetered["shuttle_cores"], 4)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
