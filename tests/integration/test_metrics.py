@@ -44,6 +44,9 @@ def test_metrics_count_what_the_store_holds_and_what_happened(cluster: Cluster) 
     assert dispatched - before.get("treadle_dispatched_executions_total", {}).get((), 0) >= 3
     assert after["treadle_dispatch_latency_seconds_count"][()] >= 3
     assert after["treadle_dispatch_queue_depth"][()] >= 0
+    # Each execution's usage record, stored: how long after its end.
+    stored = after["treadle_usage_record_delay_seconds_count"][()]
+    assert stored - before.get("treadle_usage_record_delay_seconds_count", {}).get((), 0) >= 3
     assert after["treadle_nodes"][(("state", "connected"),)] == 1
 
     invoke = (

@@ -102,7 +102,7 @@ class Weaver:
         self.quotas = QuotaService(self)
         self.executions.admit = self.quotas.admit
         self.sandboxes.admit = self.quotas.admit
-        self.usage = UsageService(self.db)
+        self.usage = UsageService(self.db, self.metrics)
         self.exporter = (
             UsageExporter(
                 self, settings.openmeter_url, settings.openmeter_token, settings.openmeter_batch

@@ -72,6 +72,12 @@ class WeaverMetrics:
             ["status"],
             registry=registry,
         )
+        self.ledger_delay = Histogram(
+            "treadle_usage_record_delay_seconds",
+            "From the end of a usage record's interval (by its node's clock) to its storage.",
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
+            registry=registry,
+        )
         self.export_lag = Gauge(
             "treadle_usage_export_lag_seconds",
             "How long the oldest usage record not yet exported has been stored (0: none).",

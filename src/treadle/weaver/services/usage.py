@@ -27,6 +27,7 @@ from sqlalchemy import cast as sa_cast
 from treadle.domain import pricing
 from treadle.domain.resources import Resources
 from treadle.protocol import UsageAck, UsageKey, UsageRecord, UsageReport, WeaverMessage
+from treadle.weaver.metrics import WeaverMetrics
 from treadle.weaver.services.nodes import NodeSession
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
@@ -59,8 +60,9 @@ _BUCKETS = {"hour": 3600, "day": 86400}
 
 
 class UsageService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, metrics: WeaverMetrics | None = None) -> None:
         self._db = db
+        self._metrics = metrics
 
     async def summary(
         self,
@@ -221,6 +223,8 @@ class UsageService:
         }
         statement = self._db.insert_ignoring_conflicts(_U).returning(_U.c.seq)
         inserted = (await tx.conn.execute(statement, values)).first() is not None
+        if inserted and self._metrics is not None:
+            self._metrics.ledger_delay.observe(max(0.0, now - record.end))
         if inserted and record.kind == "execution" and cost:
             # Once per record: the insert just made is what says it is new.
             await tx.conn.execute(
