@@ -277,3 +277,24 @@ def test_usage_sums_the_ledger_per_group_for_its_tenant_alone(priced: Cluster) -
         assert refused.status_code == 403
         for bad in ({"group_by": "colour"}, {"from": "yesterday"}, {"from": "2030-01-01"}):
             assert stranger.get("/v1/usage", params=bad).status_code == 422, bad
+
+
+def test_a_long_execution_is_metered_while_it_runs(isolated: Cluster) -> None:
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"
+    with isolated.client() as api:
+        register(api, "long-burn", ["python3", "-c", burn])
+        execution = run(api, "long-burn")
+        assert execution["state"] == "success"
+        rows = eventually(
+            lambda: (rows := ledger(isolated, execution["id"])) and rows[-1].final and rows,
+            what="its last record",
+        )
+        cost = api.get(f"/v1/executions/{execution['id']}").json()["cost"]
+    # Every half second while it ran, then its last: numbered, meeting, adding up.
+    assert len(rows) >= 3 and [r.seq for r in rows] == list(range(1, len(rows) + 1))
+    for earlier, later in itertools.pairwise(rows):
+        assert later.start == pytest.approx(earlier.end)
+    assert [r.final for r in rows] == [False] * (len(rows) - 1) + [True]
+    assert sum(r.cpu_s for r in rows) >= 1.5
+    assert sum(r.cpu_s for r in rows[:-1]) > 0  # measured while it ran, not only at its end
+    assert math.isclose(cost, sum(r.cost for r in rows), rel_tol=1e-9)

@@ -152,6 +152,7 @@ class Shuttle:
             gpus=GpuPool(gpus),
             metrics=self.metrics,
             usage=usage,
+            usage_interval_s=settings.usage_interval_s,
         )
         self._sandboxes = SandboxHost(
             runtimes, work_root, usage=usage, usage_interval_s=settings.usage_interval_s

@@ -44,6 +44,7 @@ from treadle.protocol.messages import (
     WorkloadRef,
     encode,
 )
+from treadle.shuttle.gauge.meter import Meter
 from treadle.shuttle.gauge.outbox import UsageOutbox
 from treadle.shuttle.gpus import GpuPool
 from treadle.shuttle.metrics import ShuttleMetrics
@@ -55,6 +56,7 @@ from treadle.shuttle.runtimes.base import (
     SpawnFailed,
     Stream,
 )
+from treadle.shuttle.sandbox.cgroups import GroupUsage
 
 __all__ = ["FRAME_MAX_CHARS", "Supervisor"]
 
@@ -123,9 +125,11 @@ class Supervisor:
         gpus: GpuPool | None = None,
         metrics: ShuttleMetrics | None = None,
         usage: UsageOutbox | None = None,
+        usage_interval_s: float = 5.0,
     ) -> None:
         self._metrics = metrics or ShuttleMetrics()
         self._usage = usage
+        self._usage_interval_s = usage_interval_s
         self._runtimes = runtimes
         self._gpus = gpus or GpuPool([])
         self._work_root = work_root
@@ -211,12 +215,17 @@ class Supervisor:
 
     async def _run(self, attempt: _Attempt) -> None:
         spec = attempt.spec
-        since = time.time()
+        # Its use counts from zero (a new cgroup, a new process), wherever it is read from.
+        meter = Meter("execution", spec.id, spec.attempt)
+        meter.start(GroupUsage(cpu_ns=0))
+        metering: asyncio.Task[None] | None = None
         try:
             started = time.monotonic()
             handle = await self._start(spec)
             self._metrics.spawn.labels(spec.isolation.value).observe(time.monotonic() - started)
             attempt.handle = handle
+            if self._usage is not None:
+                metering = asyncio.create_task(self._metering(meter, handle))
             if attempt.cancelled:
                 handle.kill()
             if self._send is not None:
@@ -240,8 +249,10 @@ class Supervisor:
             status = ExitStatus(exit_code=None, reason="node_error")
         finally:
             self._gpus.give_back(attempt.key)
+            if metering is not None:
+                metering.cancel()
         # What it used goes before its exit, so Weaver has priced it when the exit lands.
-        self._metered(spec, since, status.usage)
+        self._metered(meter, status.usage)
         try:
             attempt.exited = Exited.report(
                 id=spec.id,
@@ -264,29 +275,36 @@ class Supervisor:
             )
         self._mark_dirty(attempt)
 
-    def _metered(self, spec: AssignSpec, since: float, usage: Usage | None) -> None:
-        """The attempt's usage record: one, its last, from what its runtime measured."""
+    async def _metering(self, meter: Meter, handle: RuntimeHandle) -> None:
+        """A usage record of the attempt every `usage_interval_s` while it runs, from its
+        cgroup where its tier keeps one (the times alone elsewhere; its last record, at its
+        end, holds what its runtime measured in all)."""
+        counters = getattr(handle, "counters", None)
+        while True:
+            await asyncio.sleep(self._usage_interval_s)
+            read = await asyncio.to_thread(counters) if callable(counters) else None
+            self._record(meter.sample(read))
+
+    def _metered(self, meter: Meter, usage: Usage | None) -> None:
+        """The attempt's last usage record, from what its runtime measured in all."""
         if self._usage is None:
             return
-        end = max(time.time(), since)
-        wall = (usage.wall_ms / 1000) if usage is not None else end - since
+        total = None
+        if usage is not None and usage.cpu_ms is not None:
+            total = GroupUsage(cpu_ns=int(usage.cpu_ms * 1e6))
+        peak = usage.max_rss_kib * 1024 if usage is not None and usage.max_rss_kib else None
         try:
-            record = UsageRecord(
-                kind="execution",
-                id=spec.id,
-                generation=spec.attempt,
-                seq=1,
-                start=since,
-                end=end,
-                final=True,
-                wall_s=min(wall, end - since),
-                cpu_s=((usage.cpu_ms or 0.0) / 1000) if usage is not None else 0.0,
-                memory_peak_mib=((usage.max_rss_kib or 0) / 1024) if usage is not None else 0.0,
-            )
+            record = meter.sample(total, final=True, peak_bytes=peak)
         except ValidationError:
-            log.exception("the usage of %s attempt %d cannot be reported", spec.id, spec.attempt)
+            log.exception(
+                "the usage of %s attempt %d cannot be reported", meter.id, meter.generation
+            )
             return
-        self._usage.add(record)
+        self._record(record)
+
+    def _record(self, record: UsageRecord) -> None:
+        if self._usage is not None:
+            self._usage.add(record)
 
     async def _start(self, spec: AssignSpec) -> RuntimeHandle:
         runtime = self._runtimes.get(spec.isolation)

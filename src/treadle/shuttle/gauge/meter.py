@@ -51,8 +51,11 @@ class Meter:
             self._paused_s += max(0.0, time.time() - max(self._paused_at, self._since))
             self._paused_at = None
 
-    def sample(self, counters: GroupUsage | None, *, final: bool = False) -> UsageRecord:
-        """The record of the interval since the last one (or the start), ending now."""
+    def sample(
+        self, counters: GroupUsage | None, *, final: bool = False, peak_bytes: int | None = None
+    ) -> UsageRecord:
+        """The record of the interval since the last one (or the start), ending now;
+        `peak_bytes`: the most memory it held in the interval, where known otherwise."""
         now = max(time.time(), self._since)
         wall = now - self._since
         paused = self._paused_s
@@ -65,6 +68,7 @@ class Meter:
             cpu_s = (cpu_ns - self._cpu_ns) / 1e9
         ends = [m for m in (self._memory, memory) if m is not None]
         gib_s = (sum(ends) / len(ends)) / _GIB * wall if ends else 0.0
+        peaks = [*ends, *([peak_bytes] if peak_bytes is not None else [])]
         self.seq += 1
         record = UsageRecord(
             kind=self.kind,
@@ -77,7 +81,7 @@ class Meter:
             wall_s=wall,
             paused_s=min(paused, wall),
             cpu_s=min(cpu_s, 366 * 24 * 3600.0),
-            memory_peak_mib=max(ends) / _MIB if ends else 0.0,
+            memory_peak_mib=max(peaks) / _MIB if peaks else 0.0,
             memory_gib_s=gib_s,
         )
         self._since = now

@@ -37,6 +37,7 @@ from treadle.shuttle import reaper
 from treadle.shuttle.runtimes._spawn import resolve_program, spawn_async
 from treadle.shuttle.runtimes.base import ExitStatus, RuntimeHandle, SpawnFailed, Stream
 from treadle.shuttle.sandbox import exits
+from treadle.shuttle.sandbox.cgroups import GroupUsage
 from treadle.shuttle.sandbox.policy import ARGS_FILE, PATH, RESULT_FD
 
 __all__ = [
@@ -298,6 +299,11 @@ class ProcessRuntime:
 
 class ProcessHandle:
     """One running program. Its output iterator is the handle itself."""
+
+    def counters(self) -> GroupUsage | None:
+        """The cgroup counters of what it runs, where its tier keeps a cgroup; else None."""
+        counters = getattr(self._attempt, "counters", None)
+        return counters() if callable(counters) else None
 
     @classmethod
     async def spawn(
