@@ -61,7 +61,9 @@ class Weaver:
     def __init__(self, home: Path, database_url: str | None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, TREADLE_NODE_DOWN_AFTER_S="300")
+        env = dict(
+            os.environ, TREADLE_NODE_DOWN_AFTER_S="300", TREADLE_MAX_SANDBOXES_PER_TENANT="10000"
+        )
         if database_url:
             env["TREADLE_DATABASE_URL"] = database_url
         self.home = home
@@ -184,7 +186,10 @@ def shuttle_cpu(
                 "placement": {"labels": {"node": name}},
                 "timeout_s": 3600,
             }
-            ids.append(weaver.api.post("/v1/sandboxes", json=body).json()["id"])
+            created = weaver.api.post("/v1/sandboxes", json=body)
+            if created.status_code != 201:
+                raise RuntimeError(f"cannot create a sandbox: {created.text}")
+            ids.append(created.json()["id"])
         for sandbox_id in ids:
             until(
                 lambda s=sandbox_id: (
@@ -198,6 +203,13 @@ def shuttle_cpu(
         used = cpu_seconds(shuttle.pid) - before
         for sandbox_id in ids:
             weaver.api.delete(f"/v1/sandboxes/{sandbox_id}")
+        for sandbox_id in ids:
+            until(
+                lambda s=sandbox_id: (
+                    weaver.api.get(f"/v1/sandboxes/{s}").json()["status"] in ("stopped", "failed")
+                ),
+                300,
+            )
         return {
             "usage_interval_s": interval,
             "sandboxes": sandboxes,
