@@ -37,11 +37,25 @@ def test_create_reads_back_what_it_was_given_and_kill_ends_it(sdk: SDK) -> None:
                                envs={{"GREETING": "hello there"}}, timeout=120))
         info = await w(sbx.get_info())
         by_id = await w(S.get_info(sbx.sandbox_id))
-        out(id=sbx.sandbox_id, domain=sbx.sandbox_domain, host=sbx.get_host(8080),
+        seen = dict(id=sbx.sandbox_id, domain=sbx.sandbox_domain, host=sbx.get_host(8080),
             template=info.template_id, metadata=info.metadata, state=str(info.state.value),
             started=info.started_at.isoformat(), end=info.end_at.isoformat(),
             envd=info.envd_version, same=by_id.sandbox_id == sbx.sandbox_id,
-            metrics=await w(sbx.get_metrics()), running=await w(sbx.is_running()))
+            running=await w(sbx.is_running()))
+        # Some CPU, then its metrics: one per usage record (every 5 s while it runs),
+        # until one ends after the burn, so the records seen cover it.
+        await w(sbx.commands.run("timeout 0.5 sh -c 'while :; do :; done' || true"))
+        import time
+        after = time.time()
+        metrics = []
+        for _ in range(300):
+            metrics = await w(sbx.get_metrics())
+            if metrics and metrics[-1].timestamp.timestamp() > after:
+                break
+            await asyncio.sleep(0.05)
+        out(**seen, metrics=[{{"cpus": m.cpu_count, "pct": m.cpu_used_pct, "mem": m.mem_used,
+                              "total": m.mem_total, "disk": m.disk_total}}
+                             for m in metrics])
         """
     )
     sandbox_id = seen["id"]
@@ -50,7 +64,12 @@ def test_create_reads_back_what_it_was_given_and_kill_ends_it(sdk: SDK) -> None:
     assert (seen["template"], seen["metadata"], seen["state"]) == ("base", {"run": tag}, "running")
     assert when(seen["end"]) - when(seen["started"]) == timedelta(seconds=120)
     assert seen["envd"] == "0.5.7" and seen["same"] is True
-    assert seen["metrics"] == [] and seen["running"] is True
+    assert seen["running"] is True
+    assert seen["metrics"], "no metrics within 15 s"
+    for metric in seen["metrics"]:
+        assert (metric["cpus"], metric["total"], metric["disk"]) == (1, 256 * 2**20, 2**30)
+        assert 0 < metric["mem"] < metric["total"] and 0 <= metric["pct"] <= 100
+    assert any(metric["pct"] > 0 for metric in seen["metrics"])
 
     own = treadle(sdk.cluster, sandbox_id)
     assert own["timeout_s"] == 120 and own["network"] is True
@@ -255,6 +274,10 @@ def test_errors_for_ids_keys_and_states(raw: httpx.Client, e2b_cluster: Cluster)
     for path in ("/sandboxes/nope", "/sandboxes/Not-An-Id", "/sandboxes/sbx_nope/metrics"):
         missing = raw.get(path)
         assert missing.status_code == 404 and missing.json()["code"] == 404, missing.text
+    for query in ("start=-1", "end=abc", f"start={10**12}"):
+        bad = raw.get(f"/sandboxes/{sid}/metrics?{query}")
+        assert bad.status_code == 400 and bad.json()["code"] == 400, (query, bad.text)
+    assert raw.get(f"/sandboxes/{sid}/metrics?start=0&end=1").json() == []
     assert raw.delete("/sandboxes/nope").json() == {
         "code": 404,
         "message": "sandbox 'nope' not found",

@@ -117,6 +117,27 @@ class UsageService:
         totals["records"] = sum(int(g["records"]) for g in groups)
         return {"groups": groups if group_by else [], "totals": totals}
 
+    async def records(
+        self, tenant_id: str, kind: str, workload_id: str, start: float, end: float, limit: int
+    ) -> list[Any]:
+        """A workload's ledger rows that ended in [start, end), oldest first, the last
+        `limit` of them."""
+        query = (
+            select(_U)
+            .where(
+                _U.c.tenant_id == tenant_id,
+                _U.c.kind == kind,
+                _U.c.workload_id == workload_id,
+                _U.c.end >= start,
+                _U.c.end < end,
+            )
+            .order_by(_U.c.end.desc())
+            .limit(limit)
+        )
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return list(reversed(rows))
+
     def _bucket(self, seconds: int) -> Any:
         """The start of the hour or day (UTC) a record ended in, in SQL of either store."""
         if self._db.dialect == "postgresql":

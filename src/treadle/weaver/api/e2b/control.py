@@ -192,10 +192,21 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-@router.get("/sandboxes/{sandbox_id}/metrics", summary="A sandbox's metrics (none yet)")
-async def metrics(sandbox_id: str, tenant: Tenant, weaver: WeaverDep) -> Any:
-    await _live(weaver, tenant, sandbox_id)
-    return []
+@router.get("/sandboxes/{sandbox_id}/metrics", summary="A sandbox's metrics")
+async def metrics(
+    sandbox_id: str,
+    tenant: Tenant,
+    weaver: WeaverDep,
+    start: Annotated[int | None, Query(ge=0, le=10**11)] = None,
+    end: Annotated[int | None, Query(ge=0, le=10**11)] = None,
+) -> Any:
+    """One `SandboxMetric` per usage record of the sandbox (every 5 s while it runs), from
+    the usage ledger: its use over that interval (docs/metering.md)."""
+    view = await _live(weaver, tenant, sandbox_id)
+    until = float(end) if end is not None else time.time() + 1
+    since = float(start) if start is not None else 0.0
+    rows = await weaver.usage.records(tenant, "sandbox", view["id"], since, until, 1000)
+    return [views.metric(row, view) for row in rows]
 
 
 # change

@@ -14,6 +14,7 @@ from starlette.requests import HTTPConnection
 from treadle.domain.errors import NotFound
 from treadle.domain.sandbox import SandboxStatus
 from treadle.weaver.api.deps import get_weaver
+from treadle.weaver.views import iso
 
 __all__ = [
     "CLIENT_ID",
@@ -105,7 +106,7 @@ def listed(view: dict[str, Any]) -> dict[str, Any]:
         "startedAt": view["created_at"],
         # A TTL that already fired (or none) leaves the last moment known of it.
         "endAt": view["expires_at"] or view["ended_at"] or view["created_at"],
-        "cpuCount": max(1, math.ceil(resources.get("cpu_millicores", 1000) / 1000)),
+        "cpuCount": _cores(resources),
         "memoryMB": resources.get("memory_mib", 256),
         "diskSizeMB": resources.get("disk_mib", 1024),
         "state": state_of(view) or "running",
@@ -138,3 +139,30 @@ def _identity(view: dict[str, Any]) -> dict[str, Any]:
     if template is not None:
         found["alias"] = template
     return found
+
+
+def metric(row: Any, view: dict[str, Any]) -> dict[str, Any]:
+    """`SandboxMetric`: a usage record of the sandbox (docs/metering.md) as E2B's metrics
+    show one interval: its CPU as a share of the cores it reserved, its mean memory."""
+    resources = view.get("resources") or {}
+    cores = _cores(resources)
+    running = max(row.wall_s - row.paused_s, 1e-9)
+    used_pct = min(100.0, max(0.0, row.cpu_s / running / cores * 100))
+    memory = int(row.memory_gib_s / max(row.wall_s, 1e-9) * 2**30)
+    return {
+        "timestamp": iso(row.end),
+        "timestampUnix": int(row.end),
+        "cpuCount": cores,
+        "cpuUsedPct": round(used_pct, 2),
+        "memUsed": memory,
+        "memTotal": int(resources.get("memory_mib") or 0) * 2**20,
+        "memCache": 0,
+        # What the sandbox's disk holds is not measured yet (docs/metering.md).
+        "diskUsed": 0,
+        "diskTotal": int(resources.get("disk_mib") or 0) * 2**20,
+    }
+
+
+def _cores(resources: dict[str, Any]) -> int:
+    """Whole CPUs, as E2B counts them, for the millicores a sandbox reserved."""
+    return max(1, math.ceil(int(resources.get("cpu_millicores") or 1000) / 1000))
