@@ -73,3 +73,44 @@ def test_destroy_kills_what_runs_and_removes_groups_below(group: Group) -> None:
 
     assert sleeper.wait(timeout=10) == -9
     assert [d for d in (*below, *group.dirs) if os.path.exists(d)] == []
+
+
+# Waits for a line, then writes 2 MiB to a file and reads it back, both past the page cache
+# (O_DIRECT), so that the disk is used whatever the cache holds.
+_DIRECT_IO = """
+import mmap, os, sys
+sys.stdin.readline()
+buffer = mmap.mmap(-1, 1 << 20)
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+written = sum(os.pwritev(fd, [buffer], i << 20) for i in range(2))
+read = sum(os.preadv(fd, [buffer], i << 20) for i in range(2))
+print(written, read)
+"""
+
+
+def test_a_group_counts_its_disk_reads_and_writes(tmp_path: os.PathLike[str]) -> None:
+    assert LAYOUT is not None
+    if not LAYOUT.has("io") and not LAYOUT.has("blkio"):
+        pytest.skip("no io or blkio controller here")
+    from treadle.domain.resources import Resources
+
+    limits = Limits.for_resources(Resources(), pids_max=16)
+    made = Cgroups(LAYOUT).create(f"test-{uuid.uuid4().hex[:12]}", limits)
+    try:
+        before = made.usage()
+        assert (before.disk_read_bytes, before.disk_write_bytes) == (0, 0)
+        target = os.path.join(tmp_path, "written")
+        child = subprocess.Popen(
+            ["python3", "-c", _DIRECT_IO, target],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        made.place(child.pid)
+        out, _ = child.communicate("go\n", timeout=60)
+        assert child.returncode == 0 and out.split() == [str(2 << 20), str(2 << 20)]
+        after = made.usage()
+        assert after.disk_read_bytes is not None and after.disk_read_bytes >= 2 << 20
+        assert after.disk_write_bytes is not None and after.disk_write_bytes >= 2 << 20
+    finally:
+        made.destroy()

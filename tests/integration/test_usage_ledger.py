@@ -9,6 +9,7 @@ import itertools
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -193,6 +194,7 @@ def isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "4096",
             "--usage-interval",
             "0.5",
+            "--allow-network",
         )
         yield cluster
     finally:
@@ -247,6 +249,67 @@ def test_a_sandbox_s_records_add_up_to_its_life_and_pause_costs_memory_only(
     assert sum(r.paused_s for r in rows) >= 1.0
 
 
+def cgroup_cpu_s(group: Path) -> float:
+    """A cgroup's own CPU counter, in seconds (v1's cpuacct or v2's cpu.stat)."""
+    if (group / "cpuacct.usage").exists():
+        return int((group / "cpuacct.usage").read_text()) / 1e9
+    stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+    return int(stat["usage_usec"]) / 1e6
+
+
+def cpu_groups() -> tuple[Path, set[str]]:
+    """Where workloads' CPU is counted on this host, and the groups there now."""
+    root = Path("/sys/fs/cgroup/cpuacct/treadle")
+    if not root.is_dir():
+        root = Path("/sys/fs/cgroup/treadle")
+    return root, {entry.name for entry in root.iterdir() if entry.is_dir()}
+
+
+# Reads 4 MiB of the largest program on the host past the page cache (O_DIRECT), so that the
+# disk is read whatever the cache holds; sends 100 datagrams of 1,000 bytes out of its
+# network interface.
+_IO = """
+import mmap, os, socket
+programs = (os.path.join("/usr/bin", name) for name in os.listdir("/usr/bin"))
+largest = max(programs, key=lambda p: os.path.getsize(p) if os.path.isfile(p) else 0)
+fd = os.open(largest, os.O_RDONLY | os.O_DIRECT)
+buffer = mmap.mmap(-1, 1 << 20)
+print(sum(os.preadv(fd, [buffer], i << 20) for i in range(4)))
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(100):
+    udp.sendto(b"x" * 1000, ("10.0.2.3", 9))
+"""
+
+
+def test_a_sandbox_s_cpu_disk_and_network_are_its_counters_summed(isolated: Cluster) -> None:
+    from treadle.client import Client, Sandbox
+
+    root, before = cpu_groups()
+    with Client(url=isolated.url, api_key=isolated.admin_key) as client:
+        sandbox = Sandbox.create(client=client, network=True, timeout=300)
+        sandbox.wait_for_status("running", timeout=60)
+        (group,) = cpu_groups()[1] - before
+        done = sandbox.run(["python3", "-c", _IO])
+        assert (done.exit_code, done.stdout.strip()) == (0, str(4 << 20)), done.stderr
+        # Frozen, its counter stands still: once a record ends after it was read, the
+        # records hold all of it.
+        sandbox.pause()
+        sandbox.wait_for_status("paused", timeout=30)
+        counted = cgroup_cpu_s(root / group)
+        read_at = time.time()
+        rows = eventually(
+            lambda: (rows := ledger(isolated, sandbox.id)) and rows[-1].end > read_at and rows,
+            timeout=30,
+            what="a record after the pause",
+        )
+        sandbox.kill()
+    assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
+    assert math.isclose(sum(r.cpu_s for r in rows), counted, abs_tol=1e-6)
+    assert sum(r.disk_read_bytes for r in rows) >= 4 << 20
+    assert sum(r.net_out_bytes for r in rows) >= 100 * 1000
+    assert all(r.disk_write_bytes >= 0 and r.net_in_bytes >= 0 for r in rows)
+
+
 def test_usage_sums_the_ledger_per_group_for_its_tenant_alone(priced: Cluster) -> None:
     with priced.client() as api:
         register(api, "usage-a", [PYTHON, "-c", "pass"], placement={"spot": True})
@@ -268,6 +331,59 @@ def test_usage_sums_the_ledger_per_group_for_its_tenant_alone(priced: Cluster) -
         assert everything["cost"] >= summary["totals"]["cost"] * (1 - 1e-9)
         only_a = api.get("/v1/usage", params={"function": "usage-a"}).json()["totals"]
         assert only_a["records"] == 2
+
+        # A sandbox's metadata labels its usage: filtered and grouped by.
+        created = api.post(
+            "/v1/sandboxes",
+            json={
+                "metadata": {"team": "blue"},
+                "isolation": "process",
+                "placement": {"spot": True},
+            },
+        )
+        assert created.status_code == 201, created.text
+        labelled = created.json()
+        eventually(
+            lambda: api.get(f"/v1/sandboxes/{labelled['id']}").json()["status"] == "running",
+            what="the sandbox to run",
+        )
+        assert api.delete(f"/v1/sandboxes/{labelled['id']}").status_code < 300
+        rows = eventually(
+            lambda: (rows := ledger(priced, labelled["id"])) and rows[-1].final and rows,
+            what="the sandbox's last record",
+        )
+        by_team = api.get(
+            "/v1/usage", params={"label": "team=blue", "group_by": "label:team,sandbox"}
+        ).json()
+        assert by_team["groups"] == [
+            {**by_team["groups"][0], "key": {"label:team": "blue", "sandbox": labelled["id"]}}
+        ]
+        assert by_team["totals"]["records"] == len(rows)
+        assert math.isclose(by_team["totals"]["cpu_s"], sum(r.cpu_s for r in rows), abs_tol=1e-9)
+        from typer.testing import CliRunner
+
+        from treadle.cli.main import app
+        from treadle.client import Client
+
+        with Client(url=priced.url, api_key=priced.admin_key) as client:
+            sdk = client.usage(labels={"team": "blue"}, group_by=["label:team"])
+        assert sdk["groups"] == [{**sdk["groups"][0], "key": {"label:team": "blue"}}]
+        assert sdk["totals"]["records"] == len(rows)
+        base = ["--url", priced.url, "--api-key", priced.admin_key, "usage"]
+        table = CliRunner().invoke(app, [*base, "--label", "team=blue", "--by", "label:team"])
+        assert table.exit_code == 0, table.output
+        assert "LABEL:TEAM" in table.output and "blue" in table.output
+        assert CliRunner().invoke(app, [*base, "--label", "team"]).exit_code == 2
+        none = api.get("/v1/usage", params={"label": "team=red"}).json()["totals"]
+        assert none["records"] == 0
+        by_any = api.get("/v1/usage", params={"group_by": "label:team"}).json()["groups"]
+        assert {g["key"]["label:team"] for g in by_any} >= {"blue", None}  # None: executions
+        for bad in ("team", "=blue", "odd key'\"=x", f"{'k' * 65}=v", f"team={'v' * 513}"):
+            refused = api.get("/v1/usage", params={"label": bad})
+            assert refused.status_code == 422, (bad, refused.text)
+        for bad_group in ("label:", "label:odd key", "a,b,c,d,e"):
+            refused = api.get("/v1/usage", params={"group_by": bad_group})
+            assert refused.status_code == 422, (bad_group, refused.text)
 
         other = api.post("/v1/tenants", json={"name": "usage-other"}).json()["api_key"]
         tenant_id = api.get(f"/v1/executions/{ran[0]['id']}").json()["tenant_id"]

@@ -13,6 +13,7 @@ from treadle.shuttle.sandbox.cgroups import (
     GroupUsage,
     Layout,
     Limits,
+    block_devices,
     cgroup_roots,
     cpu_bandwidth,
     detect,
@@ -45,7 +46,20 @@ def mountinfo(entries: dict[str, tuple[str, str]]) -> str:
 def test_limits_follow_the_functions_resources() -> None:
     limits = Limits.for_resources(Resources(cpu_millicores=250, memory_mib=64), pids_max=128)
 
-    assert limits == Limits(memory_bytes=64 << 20, cpu_quota_us=25_000, pids_max=128)
+    assert limits == Limits(
+        memory_bytes=64 << 20, cpu_quota_us=25_000, pids_max=128, io_devices=block_devices()
+    )
+
+
+def test_disks_get_a_rule_that_counts_their_io_without_limiting_it() -> None:
+    writes = limit_writes(1, Limits(io_devices=("254:0", "8:16")))
+    assert writes["blkio"] == [
+        ("blkio.throttle.read_bps_device", f"254:0 {2**60}"),
+        ("blkio.throttle.write_bps_device", f"254:0 {2**60}"),
+        ("blkio.throttle.read_bps_device", f"8:16 {2**60}"),
+        ("blkio.throttle.write_bps_device", f"8:16 {2**60}"),
+    ]
+    assert "blkio" not in limit_writes(1, Limits())
 
 
 def test_a_tiny_cpu_share_gets_the_smallest_quota_the_kernel_takes() -> None:
@@ -130,7 +144,7 @@ def test_v2_is_used_when_it_has_the_controllers(tmp_path: Path) -> None:
 
     layout, _ = detect(mountinfo({str(tmp_path): ("cgroup2", "rw")}))
 
-    assert layout == Layout(2, dict.fromkeys(["memory", "pids", "cpu"], tmp_path / "treadle"))
+    assert layout == Layout(2, dict.fromkeys(["memory", "pids", "cpu", "io"], tmp_path / "treadle"))
 
 
 def test_v1_is_used_when_the_unified_hierarchy_lacks_controllers(tmp_path: Path) -> None:

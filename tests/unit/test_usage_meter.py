@@ -4,10 +4,14 @@ paused counted from the pause and the resume."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from treadle.shuttle.gauge import meter as meter_module
-from treadle.shuttle.gauge.meter import Meter
+from treadle.shuttle.gauge.meter import ZERO, Meter
+from treadle.shuttle.runtimes.slirp import interface_bytes
+from treadle.shuttle.sandbox import cgroups
 from treadle.shuttle.sandbox.cgroups import GroupUsage
 
 MIB = 2**20
@@ -72,3 +76,46 @@ def test_a_counter_that_goes_back_or_is_not_there_counts_nothing(clock: Clock) -
     meter.sample(at(9.0, 1))
     clock.now += 1
     assert meter.sample(at(1.0, 1)).cpu_s == 0.0  # a new cgroup, say: never negative
+
+
+def test_disk_and_network_are_the_rise_of_their_counters_from_zero(clock: Clock) -> None:
+    meter = Meter("execution", "exe_1", 1)
+    meter.start(ZERO)
+    clock.now += 1
+    first = meter.sample(
+        GroupUsage(disk_read_bytes=4096, disk_write_bytes=0, net_in_bytes=10, net_out_bytes=20)
+    )
+    clock.now += 1
+    # The network gone (its namespace ended with the workload): its last read stands.
+    last = meter.sample(GroupUsage(disk_read_bytes=8192, disk_write_bytes=512), final=True)
+    assert (first.disk_read_bytes, first.net_in_bytes, first.net_out_bytes) == (4096, 10, 20)
+    assert (last.disk_read_bytes, last.disk_write_bytes) == (4096, 512)
+    assert (last.net_in_bytes, last.net_out_bytes) == (0, 0)
+
+
+def test_group_usage_reads_disk_counters_of_either_cgroup_version(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "io.stat").write_text(
+        "254:0 rbytes=4096 wbytes=512 rios=1 wios=1 dbytes=0 dios=0\n"
+        "8:16 rbytes=100 wbytes=7 rios=1 wios=1 dbytes=0 dios=0\n"
+    )
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "blkio.throttle.io_service_bytes_recursive").write_text(
+        "254:0 Read 4096\n254:0 Write 512\n254:0 Sync 512\n254:0 Async 0\n"
+        "254:0 Discard 0\n254:0 Total 4608\n8:16 Read 100\n8:16 Write 7\nTotal 4715\n"
+    )
+    assert cgroups._io_stat(v2) == (4196, 519)
+    assert cgroups._blkio(v1) == (4196, 519)
+    assert cgroups._io_stat(tmp_path / "absent") is None
+
+
+def test_network_bytes_leave_out_loopback() -> None:
+    net_dev = (
+        "Inter-|   Receive                            |  Transmit\n"
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes ...\n"
+        "    lo: 900 9 0 0 0 0 0 0 900 9 0 0 0 0 0 0\n"
+        "  tap0: 1500 3 0 0 0 0 0 0 2500 4 0 0 0 0 0 0\n"
+    )
+    assert interface_bytes(net_dev) == (1500, 2500)

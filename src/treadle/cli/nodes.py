@@ -42,13 +42,20 @@ def usage(
         typer.Option(
             "--by",
             metavar="GROUPS",
-            help="Comma-separated: tenant, kind, function, sandbox, node, hour, day.",
+            help="Comma-separated: tenant, kind, function, sandbox, node, hour, day, or "
+            "label:KEY (a sandbox's metadata KEY).",
         ),
     ] = None,
     kind: Annotated[str | None, typer.Option("--kind", help="execution or sandbox.")] = None,
     function: Annotated[str | None, typer.Option("--function", help="Only this function.")] = None,
     sandbox: Annotated[str | None, typer.Option("--sandbox", help="Only this sandbox.")] = None,
     node: Annotated[str | None, typer.Option("--node", help="Only this node.")] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label", metavar="KEY=VALUE", help="Only sandboxes with this metadata (repeatable)."
+        ),
+    ] = None,
     tenant: Annotated[
         str | None, typer.Option("--tenant", help="Only this tenant (admin; default: all).")
     ] = None,
@@ -57,6 +64,9 @@ def usage(
     """What work used and cost, from the usage ledger, summed per group."""
     from treadle.cli.tables import print_table, usage_table
 
+    for pair in label or []:
+        if "=" not in pair:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--label")
     summary = client_from(ctx).usage(
         start=start,
         end=end,
@@ -66,6 +76,7 @@ def usage(
         sandbox=sandbox,
         node=node,
         tenant=tenant,
+        labels=dict(pair.partition("=")[::2] for pair in label or []),
     )
     if as_json:
         print_json(summary)

@@ -12,7 +12,7 @@ import json
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, Unpack
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -71,7 +71,7 @@ POOL_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, ke
 
 T = TypeVar("T")
 JSONObject = dict[str, Any]
-Params = dict[str, str | int | float]
+Params = dict[str, str | int | float | list[str]]
 
 # Slack on top of `wait`: the server answers after up to `wait` seconds, then needs time to
 # serialize and send; a read timeout equal to `wait` would race it.
@@ -316,10 +316,34 @@ def stream_error(url: str, exc: Exception | None = None) -> TreadleClientError:
 # --- nodes, tenants, health ------------------------------------------------------------
 
 
-def usage(**filters: str | None) -> Call[JSONObject]:
-    """`GET /v1/usage`: `from`, `to` (ISO 8601), `group_by` (comma-separated), `kind`,
-    `function`, `sandbox`, `node`, `tenant`."""
-    params: Params = {key: value for key, value in filters.items() if value is not None}
+class UsageFilters(TypedDict, total=False):
+    """What `GET /v1/usage` is asked for (see `Client.usage`)."""
+
+    start: str | None
+    end: str | None
+    group_by: list[str] | None
+    kind: str | None
+    function: str | None
+    sandbox: str | None
+    node: str | None
+    tenant: str | None
+    labels: dict[str, str] | None
+
+
+def usage(**asked: Unpack[UsageFilters]) -> Call[JSONObject]:
+    """`GET /v1/usage` (see `Client.usage`)."""
+    filters: dict[str, str | list[str] | None] = {
+        "from": asked.get("start"),
+        "to": asked.get("end"),
+        "group_by": ",".join(asked.get("group_by") or []),
+        "kind": asked.get("kind"),
+        "function": asked.get("function"),
+        "sandbox": asked.get("sandbox"),
+        "node": asked.get("node"),
+        "tenant": asked.get("tenant"),
+        "label": [f"{key}={value}" for key, value in (asked.get("labels") or {}).items()],
+    }
+    params: Params = {key: value for key, value in filters.items() if value}
     return Call("GET", "/v1/usage", parse_object, params=params)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 import httpx
 
@@ -189,30 +189,9 @@ class AsyncClient:
 
     # nodes, tenants, health
 
-    async def usage(
-        self,
-        *,
-        start: str | None = None,
-        end: str | None = None,
-        group_by: list[str] | None = None,
-        kind: str | None = None,
-        function: str | None = None,
-        sandbox: str | None = None,
-        node: str | None = None,
-        tenant: str | None = None,
-    ) -> JSONObject:
+    async def usage(self, **filters: Unpack[_api.UsageFilters]) -> JSONObject:
         """As `Client.usage`."""
-        return await self._send(
-            _api.usage(
-                **{"from": start, "to": end},
-                group_by=",".join(group_by) if group_by else None,
-                kind=kind,
-                function=function,
-                sandbox=sandbox,
-                node=node,
-                tenant=tenant,
-            )
-        )
+        return await self._send(_api.usage(**filters))
 
     async def nodes(self) -> JSONObject:
         return await self._send(_api.nodes())

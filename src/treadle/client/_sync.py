@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 import httpx
 
@@ -203,33 +203,13 @@ class Client:
 
     # nodes, tenants, health
 
-    def usage(
-        self,
-        *,
-        start: str | None = None,
-        end: str | None = None,
-        group_by: list[str] | None = None,
-        kind: str | None = None,
-        function: str | None = None,
-        sandbox: str | None = None,
-        node: str | None = None,
-        tenant: str | None = None,
-    ) -> JSONObject:
-        """What work used and cost over [start, end) (ISO 8601; default the last day), summed
-        per group (`group_by`: tenant, kind, function, sandbox, node, hour, day):
+    def usage(self, **filters: Unpack[_api.UsageFilters]) -> JSONObject:
+        """What work used and cost over [`start`, `end`) (ISO 8601; default the last day), summed
+        per group (`group_by`: tenant, kind, function, sandbox, node, hour, day, or
+        `label:KEY`), of the sandboxes with all of `labels` in their metadata where given:
         `{"from", "to", "group_by", "groups": [{"key", "records", "cost", "cpu_s", …}],
         "totals"}`. See docs/metering.md."""
-        return self._send(
-            _api.usage(
-                **{"from": start, "to": end},
-                group_by=",".join(group_by) if group_by else None,
-                kind=kind,
-                function=function,
-                sandbox=sandbox,
-                node=node,
-                tenant=tenant,
-            )
-        )
+        return self._send(_api.usage(**filters))
 
     def nodes(self) -> JSONObject:
         return self._send(_api.nodes())

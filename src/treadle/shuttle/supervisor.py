@@ -21,6 +21,7 @@ program can make this node send a frame Weaver refuses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -39,12 +40,11 @@ from treadle.protocol.messages import (
     Exited,
     Output,
     Started,
-    Usage,
     UsageRecord,
     WorkloadRef,
     encode,
 )
-from treadle.shuttle.gauge.meter import Meter
+from treadle.shuttle.gauge.meter import ZERO, Meter
 from treadle.shuttle.gauge.outbox import UsageOutbox
 from treadle.shuttle.gpus import GpuPool
 from treadle.shuttle.metrics import ShuttleMetrics
@@ -217,7 +217,7 @@ class Supervisor:
         spec = attempt.spec
         # Its use counts from zero (a new cgroup, a new process), wherever it is read from.
         meter = Meter("execution", spec.id, spec.attempt)
-        meter.start(GroupUsage(cpu_ns=0))
+        meter.start(ZERO)
         metering: asyncio.Task[None] | None = None
         try:
             started = time.monotonic()
@@ -252,7 +252,7 @@ class Supervisor:
             if metering is not None:
                 metering.cancel()
         # What it used goes before its exit, so Weaver has priced it when the exit lands.
-        self._metered(meter, status.usage)
+        self._metered(meter, status)
         try:
             attempt.exited = Exited.report(
                 id=spec.id,
@@ -285,14 +285,16 @@ class Supervisor:
             read = await asyncio.to_thread(counters) if callable(counters) else None
             self._record(meter.sample(read))
 
-    def _metered(self, meter: Meter, usage: Usage | None) -> None:
-        """The attempt's last usage record, from what its runtime measured in all."""
+    def _metered(self, meter: Meter, status: ExitStatus) -> None:
+        """The attempt's last usage record, from what its runtime measured in all and its
+        counters' last read."""
         if self._usage is None:
             return
-        total = None
-        if usage is not None and usage.cpu_ms is not None:
-            total = GroupUsage(cpu_ns=int(usage.cpu_ms * 1e6))
-        peak = usage.max_rss_kib * 1024 if usage is not None and usage.max_rss_kib else None
+        usage = status.usage
+        total = status.counters
+        if usage.cpu_ms is not None:
+            total = dataclasses.replace(total or GroupUsage(), cpu_ns=int(usage.cpu_ms * 1e6))
+        peak = usage.max_rss_kib * 1024 if usage.max_rss_kib else None
         try:
             record = meter.sample(total, final=True, peak_bytes=peak)
         except ValidationError:

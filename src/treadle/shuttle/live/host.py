@@ -48,7 +48,7 @@ from treadle.protocol.messages import (
     WorkloadRef,
     encode,
 )
-from treadle.shuttle.gauge.meter import Meter
+from treadle.shuttle.gauge.meter import ZERO, Meter
 from treadle.shuttle.gauge.outbox import UsageOutbox
 from treadle.shuttle.live import box, desktop
 from treadle.shuttle.live.box import LiveSandbox, Unsupported
@@ -320,7 +320,7 @@ class SandboxHost:
             return
         self._report(held, "running")
         meter = Meter("sandbox", spec.id, spec.incarnation)
-        meter.start(sandbox.counters())
+        meter.start(ZERO)  # its cgroup and network are new: all they count is its own
         held.meter = meter
         watcher = asyncio.create_task(self._watch(held, sandbox))
         metering = asyncio.create_task(self._metering(meter, sandbox))

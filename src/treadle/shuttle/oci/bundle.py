@@ -38,7 +38,7 @@ from typing import Any
 from treadle.domain.resources import Resources
 from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.oci.rootfs import RESULT_DIR, WORK_DIR, Rootfs
-from treadle.shuttle.sandbox.cgroups import cpu_bandwidth
+from treadle.shuttle.sandbox.cgroups import UNTHROTTLED_BPS, block_devices, cpu_bandwidth
 from treadle.shuttle.sandbox.ids import DEFAULT_BASE, SANDBOX_GID, SANDBOX_UID, SLOT_SIZE
 from treadle.shuttle.sandbox.policy import (
     ARGS_FILE,
@@ -496,6 +496,16 @@ def _mounts(
     return mounts
 
 
+def _counted_io() -> dict[str, Any]:
+    """Rules that make cgroup v1 count the container's disk I/O without limiting it (see
+    `cgroups.UNTHROTTLED_BPS`)."""
+    devices = []
+    for device in block_devices():
+        major, minor = device.split(":")
+        devices.append({"major": int(major), "minor": int(minor), "rate": UNTHROTTLED_BPS})
+    return {"throttleReadBpsDevice": devices, "throttleWriteBpsDevice": devices}
+
+
 def _linux(
     cgroup: str,
     limits: Limits,
@@ -519,6 +529,8 @@ def _linux(
         "maskedPaths": list(MASKED_PATHS),
         "readonlyPaths": list(READONLY_PATHS),
     }
+    if block_devices():
+        linux["resources"]["blockIO"] = _counted_io()
     if identity.userns is not None:
         namespaces.append({"type": "user"})
         mapping = [

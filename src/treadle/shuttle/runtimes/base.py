@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 
 from treadle.domain.resources import Tier
 from treadle.protocol.messages import AssignSpec, Usage
+from treadle.shuttle.sandbox.cgroups import GroupUsage
 
 __all__ = ["ExitStatus", "Runtime", "RuntimeHandle", "SpawnFailed", "Stream"]
 
@@ -47,6 +48,9 @@ class ExitStatus:
     reason: str | None = None
     result: Any = None
     usage: Usage = field(default_factory=Usage)
+    # The last read of its counters (cgroup, network), where its tier keeps them: what it
+    # used in all, for its last usage record.
+    counters: GroupUsage | None = None
 
 
 class RuntimeHandle(Protocol):

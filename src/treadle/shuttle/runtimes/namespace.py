@@ -313,6 +313,8 @@ class _NamespaceAttempt:
         self.block: int | None = None
         self.group: Group | None = None
         self._sandbox: int | None = None  # pidfd of the sandbox's PID 1
+        self._pid: int | None = None  # and its pid
+        self._net: tuple[int, int] | None = None  # its network's bytes in and out, last read
         self._killed = False
         self._ended: asyncio.Future[None] | None = None  # done once all is released
 
@@ -386,6 +388,7 @@ class _NamespaceAttempt:
             self._sandbox = os.pidfd_open(pid)
         except ProcessLookupError:
             return  # bubblewrap failed and took it down already
+        self._pid = pid
         try:
             if self.group is not None:
                 self.group.place(pid)
@@ -422,6 +425,8 @@ class _NamespaceAttempt:
 
     def kill(self) -> None:
         self._killed = True
+        if self._sandbox is not None and self._network is not None:
+            self._read_net()  # the last chance: its network ends with it
         if self._sandbox is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._sandbox, signal.SIGKILL)
@@ -458,8 +463,23 @@ class _NamespaceAttempt:
         loop.add_reader(pidfd, gone)
 
     def counters(self) -> GroupUsage | None:
-        """Its cgroup's counters now (None without one)."""
-        return None if self.group is None else self.group.usage()
+        """Its cgroup's counters now (None without one), and its network's."""
+        if self.group is None:
+            return None
+        return self.group.usage().with_net(self._read_net())
+
+    def _read_net(self) -> tuple[int, int] | None:
+        """Bytes in and out on its network's interfaces, from its network namespace (the
+        last read once its PID 1 is gone); None without a network of its own."""
+        if self._network is None or self._pid is None:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            net = slirp.interface_bytes(Path(f"/proc/{self._pid}/net/dev").read_text())
+            # The pid is checked after the read: a pid reused by another process fails it.
+            if self._sandbox is not None:
+                signal.pidfd_send_signal(self._sandbox, 0)
+                self._net = net
+        return self._net
 
     def finish(self, status: ExitStatus) -> ExitStatus:
         self._release_fds()
@@ -468,7 +488,7 @@ class _NamespaceAttempt:
             self._ended.set_result(None)
         if self.group is None:
             return _classify(status, None)
-        usage = self.group.usage()
+        usage = self.group.usage().with_net(self._net)
         self._remove_group()
         return _classify(status, usage)
 
@@ -523,6 +543,7 @@ def _classify(status: ExitStatus, usage: GroupUsage | None) -> ExitStatus:
         exit_code=code,
         reason=reason,
         result=status.result,
+        counters=usage,
         usage=Usage(
             wall_ms=status.usage.wall_ms,
             # bubblewrap's own rusage says nothing of the sandbox: only the cgroup knows.

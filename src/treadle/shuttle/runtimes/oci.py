@@ -275,7 +275,7 @@ class _OciAttempt:
         self._oom_log = oom_log
         self._oom_kills = 0
         self._pids_denied = False
-        self._peak_kib: int | None = None
+        self._counters: GroupUsage | None = None  # its cgroup's, read as it ended
         self._runtime_error: str | None = None
 
     async def spawned(self, pid: int) -> None:
@@ -308,7 +308,7 @@ class _OciAttempt:
         usage = Group.at(path).usage()
         self._oom_kills = max(usage.oom_kills, self._oom_log.take(path))
         self._pids_denied = usage.pids_denied > 0
-        self._peak_kib = None if usage.peak_bytes is None else usage.peak_bytes // 1024
+        self._counters = usage
         self._runtime_error = runtime_error(self._tool, self._bundle.path / _RUNTIME_LOG)
         settled()
 
@@ -330,7 +330,7 @@ class _OciAttempt:
         if self._runtime_error is not None and status.reason is None and status.exit_code:
             # The container never ran the program: the runtime said why (also on stderr).
             return ExitStatus(None, exits.SPAWN_FAILED, status.result, status.usage)
-        return _classify(status, self._oom_kills, self._pids_denied, self._peak_kib)
+        return _classify(status, self._oom_kills, self._pids_denied, self._counters)
 
     def abandon(self) -> None:
         self._bundle.remove()
@@ -348,8 +348,9 @@ def _remove_workdir(workdir: Path) -> None:
 
 
 def _classify(
-    status: ExitStatus, oom_kills: int, pids_denied: bool, peak_kib: int | None
+    status: ExitStatus, oom_kills: int, pids_denied: bool, counters: GroupUsage | None
 ) -> ExitStatus:
+    peak = None if counters is None or counters.peak_bytes is None else counters.peak_bytes
     code, reason = exits.classify(
         status.exit_code, status.reason, oom_killed=bool(oom_kills), pids_denied=pids_denied
     )
@@ -358,7 +359,12 @@ def _classify(
         reason=reason,
         result=status.result,
         # The runtime's own usage is not the program's: only the cgroup's peak is.
-        usage=Usage(wall_ms=status.usage.wall_ms, cpu_ms=status.usage.cpu_ms, max_rss_kib=peak_kib),
+        usage=Usage(
+            wall_ms=status.usage.wall_ms,
+            cpu_ms=status.usage.cpu_ms,
+            max_rss_kib=None if peak is None else peak // 1024,
+        ),
+        counters=counters,
     )
 
 

@@ -66,7 +66,16 @@ from pathlib import Path
 from treadle.shuttle import reaper
 from treadle.shuttle.runtimes._spawn import spawn
 
-__all__ = ["LINK_LOCAL", "RESOLV_CONF", "Link", "Slirp", "SlirpFailed", "fenced", "find"]
+__all__ = [
+    "LINK_LOCAL",
+    "RESOLV_CONF",
+    "Link",
+    "Slirp",
+    "SlirpFailed",
+    "fenced",
+    "find",
+    "interface_bytes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +106,20 @@ def find(weaver: Iterable[str] = ()) -> Slirp | None:
     if path is None or nsenter is None or ip is None or unshare is None:
         return None
     return Slirp(path, fence_tools=(nsenter, ip), weaver=tuple(weaver), unshare=unshare)
+
+
+def interface_bytes(net_dev: str) -> tuple[int, int]:
+    """Bytes received and sent on every interface but loopback, from a network namespace's
+    `/proc/net/dev` (two header lines, then "name: rx_bytes rx_packets ... tx_bytes ...")."""
+    received = sent = 0
+    for line in net_dev.splitlines()[2:]:
+        name, _, counters = line.partition(":")
+        fields = counters.split()
+        if name.strip() == "lo" or len(fields) < 9:
+            continue
+        received += int(fields[0])
+        sent += int(fields[8])
+    return received, sent
 
 
 def host_addresses(fib_trie: str | None = None) -> set[str]:

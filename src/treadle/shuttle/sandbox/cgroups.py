@@ -15,7 +15,9 @@ groups of another Shuttle on the same host.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import functools
 import logging
 import os
 import re
@@ -30,11 +32,13 @@ from treadle.domain.resources import Resources
 
 __all__ = [
     "PARENT",
+    "UNTHROTTLED_BPS",
     "Cgroups",
     "Group",
     "GroupUsage",
     "Layout",
     "Limits",
+    "block_devices",
     "cgroup_roots",
     "cpu_bandwidth",
     "detect",
@@ -54,8 +58,11 @@ _CPU_QUOTA_MIN_US = 1_000  # the kernel refuses a smaller cfs quota
 # CPU: at 10 millicores and the usual 100 ms period (a 1 ms quota) that set-up alone waited
 # out one or two periods, and `echo` took 100-200 ms where it takes 5 ms unthrottled.
 CPU_BURST_US = 20_000
-_WANTED = ("memory", "pids", "cpu")
-_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
+_WANTED = ("memory", "pids", "cpu", "io")
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer", "blkio")
+# v1's blkio counts a group's I/O on a device only where the group has a throttle rule for
+# it; a rule far above what any device moves makes it count without ever slowing it.
+UNTHROTTLED_BPS = 2**60
 # A group's last task may still be leaving it (v1 in particular) when we first try rmdir.
 _SWEEP_RETRIES = 100
 _SWEEP_RETRY_S = 0.01
@@ -83,6 +90,7 @@ class Limits:
     cpu_quota_us: int | None = None
     pids_max: int | None = None
     cpu_period_us: int = CPU_PERIOD_US
+    io_devices: tuple[str, ...] = ()  # "major:minor" of the disks whose I/O is counted
 
     @classmethod
     def for_resources(cls, resources: Resources, pids_max: int | None) -> Limits:
@@ -92,7 +100,28 @@ class Limits:
             cpu_quota_us=quota,
             pids_max=pids_max,
             cpu_period_us=period,
+            io_devices=block_devices(),
         )
+
+
+@functools.cache
+def block_devices(sys_block: str = "/sys/block") -> tuple[str, ...]:
+    """ "major:minor" of this host's disks (not loop, RAM or compressed-RAM devices), where
+    its workloads' storage I/O goes, when they need a rule for it to be counted: on hosts
+    that use v1's blkio hierarchy (v2 counts every group's I/O)."""
+    layout, _ = detect()
+    if layout is None or layout.version != 1 or not layout.has("blkio"):
+        return ()
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.scandir(sys_block), key=lambda e: e.name):
+            if entry.name.startswith(("loop", "ram", "zram")):
+                continue
+            with contextlib.suppress(OSError):
+                number = Path(entry.path, "dev").read_text().strip()
+                if re.fullmatch(r"\d+:\d+", number):
+                    found.append(number)
+    return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +131,21 @@ class GroupUsage:
     cpu_ns: int | None = None
     peak_bytes: int | None = None
     memory_bytes: int | None = None  # held now
+    disk_read_bytes: int | None = None
+    disk_write_bytes: int | None = None
+    # Not a cgroup's: the bytes on the workload's network interfaces, where its tier reads them.
+    net_in_bytes: int | None = None
+    net_out_bytes: int | None = None
+
+    def with_disk(self, disk: tuple[int, int] | None) -> GroupUsage:
+        if disk is None:
+            return self
+        return dataclasses.replace(self, disk_read_bytes=disk[0], disk_write_bytes=disk[1])
+
+    def with_net(self, net: tuple[int, int] | None) -> GroupUsage:
+        if net is None:
+            return self
+        return dataclasses.replace(self, net_in_bytes=net[0], net_out_bytes=net[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +183,12 @@ def limit_writes(version: Version, limits: Limits) -> dict[str, list[tuple[str, 
             ]
     if limits.pids_max is not None:
         writes["pids"] = [("pids.max", str(limits.pids_max))]
+    if limits.io_devices:
+        writes["blkio"] = [
+            (f"blkio.throttle.{way}_bps_device", f"{device} {UNTHROTTLED_BPS}")
+            for device in limits.io_devices
+            for way in ("read", "write")
+        ]
     return writes
 
 
@@ -223,6 +273,11 @@ class Cgroups:
                         path.exists()
                     ):
                         continue  # no swap accounting on this kernel: nothing to stretch
+                    if controller == "blkio":
+                        # Counting, not limiting: a disk that takes no rule is not counted.
+                        with contextlib.suppress(OSError):
+                            _write(path, value)
+                        continue
                     _write(path, value)
         except BaseException:
             group.remove()
@@ -364,7 +419,7 @@ class Group:
                 cpu_ns=_times(_key(cpu, "cpu.stat", "usage_usec"), 1000),
                 peak_bytes=_number(memory, "memory.peak"),
                 memory_bytes=_number(memory, "memory.current"),
-            )
+            ).with_disk(_io_stat(self._dir("io")))
         memory = self._dir("memory")
         return GroupUsage(
             oom_kills=_key(memory, "memory.oom_control", "oom_kill") or 0,
@@ -372,7 +427,7 @@ class Group:
             cpu_ns=_number(self._dir("cpuacct"), "cpuacct.usage"),
             peak_bytes=_number(memory, "memory.max_usage_in_bytes"),
             memory_bytes=_number(memory, "memory.usage_in_bytes"),
-        )
+        ).with_disk(_blkio(self._dir("blkio")))
 
     def remove(self) -> list[Path]:
         """rmdir what is left of the group; returns the directories still busy."""
@@ -503,6 +558,51 @@ def _key(directory: Path | None, filename: str, key: str) -> int | None:
             with contextlib.suppress(ValueError):
                 return int(value)
     return None
+
+
+def _io_stat(directory: Path | None) -> tuple[int, int] | None:
+    """Bytes read and written, summed over devices, from v2's `io.stat`
+    ("8:0 rbytes=1 wbytes=2 rios=3 ...")."""
+    if directory is None:
+        return None
+    try:
+        lines = (directory / "io.stat").read_text().splitlines()
+    except OSError:
+        return None
+    read = written = 0
+    for line in lines:
+        for field in line.split()[1:]:
+            name, _, value = field.partition("=")
+            if name in ("rbytes", "wbytes") and value.isdigit():
+                if name == "rbytes":
+                    read += int(value)
+                else:
+                    written += int(value)
+    return read, written
+
+
+def _blkio(directory: Path | None) -> tuple[int, int] | None:
+    """Bytes read and written, summed over devices, from v1's blkio throttle counters
+    ("8:0 Read 1", "8:0 Write 2", ..., "Total 3"), the group's and its descendants'."""
+    if directory is None:
+        return None
+    text = None
+    for name in ("recursive", None):
+        filename = "blkio.throttle.io_service_bytes" + (f"_{name}" if name else "")
+        with contextlib.suppress(OSError):
+            text = (directory / filename).read_text()
+            break
+    if text is None:
+        return None
+    read = written = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[2].isdigit():
+            if fields[1] == "Read":
+                read += int(fields[2])
+            elif fields[1] == "Write":
+                written += int(fields[2])
+    return read, written
 
 
 def _times(value: int | None, factor: int) -> int | None:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query
 from treadle.domain.errors import Forbidden, InvalidRequest
 from treadle.weaver.api.deps import Caller, get_weaver
 from treadle.weaver.core import Weaver
-from treadle.weaver.services.usage import GROUPS
+from treadle.weaver.services.usage import GROUPS, LABEL_GROUP, LABEL_KEY
 from treadle.weaver.views import iso
 
 __all__ = ["router"]
@@ -49,11 +49,13 @@ async def usage(
     sandbox: Annotated[str | None, Query(max_length=64)] = None,
     node: Annotated[str | None, Query(max_length=64)] = None,
     tenant: Annotated[str | None, Query(max_length=64)] = None,
+    label: Annotated[list[str] | None, Query(max_length=8)] = None,
 ) -> Any:
     """Records that ended in [`from`, `to`) (default: the last 24 hours), summed per group
     (`group_by`, repeatable or comma-separated: tenant, kind, function, sandbox, node, hour,
-    day). A tenant
-    sees its own; an admin sees every tenant's, or one (`tenant`)."""
+    day, or `label:KEY` for the value of a sandbox's metadata KEY); `label=KEY=VALUE`
+    (repeatable) keeps the sandboxes whose metadata has KEY set to VALUE. A tenant sees its
+    own; an admin sees every tenant's, or one (`tenant`)."""
     now = time.time()
     until = _instant(end, "to", now)
     since = _instant(start, "from", until - _DAY_S)
@@ -64,12 +66,28 @@ async def usage(
         )
     asked = [name.strip() for value in group_by or [] for name in value.split(",")]
     groups = list(dict.fromkeys(name for name in asked if name))
+    if len(groups) > 4:
+        raise InvalidRequest(
+            "group_by names 4 groups at most",
+            details=[{"loc": ["query", "group_by"], "msg": "too many groups"}],
+        )
     for name in groups:
-        if name not in GROUPS:
+        key = name.removeprefix(LABEL_GROUP) if name.startswith(LABEL_GROUP) else None
+        if name not in GROUPS and (key is None or not LABEL_KEY.fullmatch(key)):
             raise InvalidRequest(
-                f"group_by {name!r} is none of {', '.join(GROUPS)}",
+                f"group_by {name!r} is none of {', '.join(GROUPS)}, nor label:KEY",
                 details=[{"loc": ["query", "group_by"], "msg": "unknown group"}],
             )
+    labels: dict[str, str] = {}
+    for pair in label or []:
+        key, equals, value = pair.partition("=")
+        if not equals or not LABEL_KEY.fullmatch(key) or len(value) > 512:
+            raise InvalidRequest(
+                f"label {pair[:80]!r} is not KEY=VALUE (KEY: letters, digits, _.:/-, "
+                "64 at most; VALUE: 512 characters at most)",
+                details=[{"loc": ["query", "label"], "msg": "not KEY=VALUE"}],
+            )
+        labels[key] = value
     if caller.admin:
         tenant_id = tenant
     elif tenant is not None and tenant != caller.tenant_id:
@@ -85,5 +103,6 @@ async def usage(
         function=function,
         sandbox=sandbox,
         node=node,
+        labels=labels,
     )
     return {"from": iso(since), "to": iso(until), "group_by": groups, **summary}

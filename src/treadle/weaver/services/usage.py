@@ -18,6 +18,7 @@ anything else is acknowledged (so the node stops sending it) and dropped, with a
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -56,6 +57,10 @@ MEASURES = (
     "cost",
 )
 GROUPS = ("tenant", "kind", "function", "sandbox", "node", "hour", "day")
+# A group of its own per value of a sandbox's metadata key: `label:KEY`.
+LABEL_GROUP = "label:"
+# The metadata keys usage can be filtered and grouped by (quoted into a JSON path in SQL).
+LABEL_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 _BUCKETS = {"hour": 3600, "day": 86400}
 
 
@@ -75,6 +80,7 @@ class UsageService:
         function: str | None = None,
         sandbox: str | None = None,
         node: str | None = None,
+        labels: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """The ledger's records that ended in [start, end), of a tenant (None: all), summed
         per group: `{"groups": [{"key": {...}, "records", measures...}], "totals": {...}}`.
@@ -83,6 +89,8 @@ class UsageService:
         for name in group_by:
             if name in _BUCKETS:
                 columns.append(self._bucket(_BUCKETS[name]).label(name))
+            elif name.startswith(LABEL_GROUP):
+                columns.append(_label(name.removeprefix(LABEL_GROUP)).label(name))
             else:
                 columns.append(_GROUP_COLUMNS[name].label(name))
         sums = [func.coalesce(func.sum(_U.c[m]), 0).label(m) for m in MEASURES]
@@ -99,6 +107,8 @@ class UsageService:
             query = query.where(_U.c.kind == "sandbox", _U.c.workload_id == sandbox)
         if node is not None:
             query = query.where(_U.c.node_id == node)
+        for key, value in (labels or {}).items():
+            query = query.where(_U.c.kind == "sandbox", _label(key) == value)
         if columns:
             query = query.group_by(*columns).order_by(*columns)
         async with self._db.read() as conn:
@@ -268,6 +278,18 @@ _INTEGERS = {"disk_read_bytes", "disk_write_bytes", "net_in_bytes", "net_out_byt
 
 def _number(measure: str, value: Any) -> float | int:
     return int(value or 0) if measure in _INTEGERS else float(value or 0.0)
+
+
+def _label(key: str) -> Any:
+    """The value of a sandbox's metadata `key` for a record (NULL for executions, which
+    carry no metadata, and for sandboxes without the key)."""
+    if not LABEL_KEY.fullmatch(key):
+        raise ValueError(f"not a label key: {key!r}")
+    return (
+        select(_S.c.metadata[key].as_string())
+        .where(_S.c.id == _U.c.workload_id, _U.c.kind == "sandbox")
+        .scalar_subquery()
+    )
 
 
 def _key_value(name: str, value: Any) -> Any:
