@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -414,3 +415,52 @@ def test_a_long_execution_is_metered_while_it_runs(isolated: Cluster) -> None:
     assert sum(r.cpu_s for r in rows) >= 1.5
     assert sum(r.cpu_s for r in rows[:-1]) > 0  # measured while it ran, not only at its end
     assert math.isclose(cost, sum(r.cost for r in rows), rel_tol=1e-9)
+
+
+# nvidia-smi cannot run without an NVIDIA GPU: this stand-in answers the two queries Shuttle
+# makes, in nvidia-smi's CSV format, for one device half busy and holding 1,024 MiB.
+_NVIDIA_SMI = """#!/bin/sh
+case "$1" in
+--query-gpu=index,uuid,name,memory.total) echo "0, GPU-5e1f, NVIDIA H100 80GB HBM3, 81559" ;;
+--query-gpu=uuid,utilization.gpu,memory.used) echo "GPU-5e1f, 50, 1024" ;;
+*) echo "unexpected query: $*" >&2; exit 2 ;;
+esac
+"""
+
+
+@pytest.fixture(scope="module")
+def with_gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A node with one (stood-in) NVIDIA device, metering every 0.3 s."""
+    root = tmp_path_factory.mktemp("ledger-gpu")
+    tools = root / "tools"
+    tools.mkdir()
+    (tools / "nvidia-smi").write_text(_NVIDIA_SMI)
+    (tools / "nvidia-smi").chmod(0o755)
+    cluster = Cluster(root)
+    cluster.env["PATH"] = f"{tools}:{cluster.env.get('PATH', os.environ['PATH'])}"
+    try:
+        cluster.start_weaver()
+        cluster.start_shuttle("gpu", "--usage-interval", "0.3")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_an_execution_s_gpu_use_is_read_from_its_devices(with_gpu: Cluster) -> None:
+    wait = "import time; time.sleep(1)"
+    with with_gpu.client() as api:
+        register(api, "on-gpu", [PYTHON, "-c", wait], resources={"gpu_count": 1})
+        register(api, "no-gpu", [PYTHON, "-c", "pass"])
+        on_gpu, no_gpu = run(api, "on-gpu"), run(api, "no-gpu")
+        assert (on_gpu["state"], no_gpu["state"]) == ("success", "success")
+        rows = eventually(
+            lambda: (rows := ledger(with_gpu, on_gpu["id"])) and rows[-1].final and rows,
+            what="its last record",
+        )
+        plain = eventually(lambda: ledger(with_gpu, no_gpu["id"]), what="the other's record")
+    # Half of one device over every interval it ran, and what the device held.
+    assert len(rows) >= 3
+    running = sum(r.wall_s - r.paused_s for r in rows)
+    assert math.isclose(sum(r.gpu_s for r in rows), 0.5 * running, rel_tol=1e-6)
+    assert {r.gpu_memory_peak_mib for r in rows} == {1024}
+    assert [(r.gpu_s, r.gpu_memory_peak_mib) for r in plain] == [(0, 0)] * len(plain)

@@ -10,6 +10,7 @@ import pytest
 
 from treadle.shuttle.gauge import meter as meter_module
 from treadle.shuttle.gauge.meter import ZERO, Meter
+from treadle.shuttle.gpus import GpuUse, GpuUseReader, parse_use
 from treadle.shuttle.runtimes.slirp import interface_bytes
 from treadle.shuttle.sandbox import cgroups
 from treadle.shuttle.sandbox.cgroups import GroupUsage
@@ -119,3 +120,33 @@ def test_network_bytes_leave_out_loopback() -> None:
         "  tap0: 1500 3 0 0 0 0 0 0 2500 4 0 0 0 0 0 0\n"
     )
     assert interface_bytes(net_dev) == (1500, 2500)
+
+
+def test_gpu_use_is_read_from_nvidia_smi_and_what_it_cannot_give_is_zero() -> None:
+    out = (
+        "GPU-a, 37, 2048\n"
+        "GPU-b, [N/A], [N/A]\n"
+        "GPU-c, nan, inf\n"
+        "GPU-d, 250, -5\n"
+        "not a line\n"
+        ", 10, 10\n"
+    )
+    assert parse_use(out) == {
+        "GPU-a": (0.37, 2048.0),
+        "GPU-b": (0.0, 0.0),
+        "GPU-c": (0.0, 0.0),
+        "GPU-d": (1.0, 0.0),
+    }
+    # Simulated devices are never read: they do not exist.
+    assert GpuUseReader(smi="/nonexistent").read(["GPU-simulated-0"]) is None
+
+
+def test_gpu_seconds_are_how_busy_its_devices_are_over_the_time_it_ran(clock: Clock) -> None:
+    meter = Meter("execution", "exe_1", 1)
+    meter.start(ZERO)
+    clock.now += 2
+    meter.pause()
+    clock.now += 2
+    record = meter.sample(None, gpus=GpuUse(busy=1.5, memory_mib=512))
+    assert (record.gpu_s, record.gpu_memory_peak_mib) == (3.0, 512)  # 2 s running
+    assert meter.sample(None).gpu_s == 0

@@ -62,7 +62,7 @@ from treadle.shuttle.capacity import detect_capacity
 from treadle.shuttle.credentials import NodeCredential, load_credential, save_credential
 from treadle.shuttle.errors import ShuttleError
 from treadle.shuttle.gauge.outbox import UsageOutbox
-from treadle.shuttle.gpus import GpuPool, detect_gpus, simulated_gpus
+from treadle.shuttle.gpus import GpuPool, GpuUseReader, detect_gpus, simulated_gpus
 from treadle.shuttle.live.host import SandboxHost
 from treadle.shuttle.metrics import ShuttleMetrics
 from treadle.shuttle.runtimes import Runtime, available_runtimes, gives_network
@@ -153,6 +153,7 @@ class Shuttle:
             metrics=self.metrics,
             usage=usage,
             usage_interval_s=settings.usage_interval_s,
+            gpu_use=GpuUseReader() if gpus and settings.simulated_gpus is None else None,
         )
         self._sandboxes = SandboxHost(
             runtimes, work_root, usage=usage, usage_interval_s=settings.usage_interval_s

@@ -46,7 +46,7 @@ from treadle.protocol.messages import (
 )
 from treadle.shuttle.gauge.meter import ZERO, Meter
 from treadle.shuttle.gauge.outbox import UsageOutbox
-from treadle.shuttle.gpus import GpuPool
+from treadle.shuttle.gpus import GpuPool, GpuUse, GpuUseReader
 from treadle.shuttle.metrics import ShuttleMetrics
 from treadle.shuttle.output import OutputDecoder
 from treadle.shuttle.runtimes.base import (
@@ -126,8 +126,10 @@ class Supervisor:
         metrics: ShuttleMetrics | None = None,
         usage: UsageOutbox | None = None,
         usage_interval_s: float = 5.0,
+        gpu_use: GpuUseReader | None = None,
     ) -> None:
         self._metrics = metrics or ShuttleMetrics()
+        self._gpu_use = gpu_use
         self._usage = usage
         self._usage_interval_s = usage_interval_s
         self._runtimes = runtimes
@@ -248,11 +250,16 @@ class Supervisor:
                 attempt.handle.kill()
             status = ExitStatus(exit_code=None, reason="node_error")
         finally:
-            self._gpus.give_back(attempt.key)
             if metering is not None:
                 metering.cancel()
+        # nvidia-smi's utilization is a mean over its last fraction of a second: read as
+        # the attempt ends, it is how busy the devices were at its end.
+        try:
+            gpus = await self._gpus_used(meter) if self._usage is not None else None
+        finally:
+            self._gpus.give_back(attempt.key)
         # What it used goes before its exit, so Weaver has priced it when the exit lands.
-        self._metered(meter, status)
+        self._metered(meter, status, gpus)
         try:
             attempt.exited = Exited.report(
                 id=spec.id,
@@ -283,9 +290,16 @@ class Supervisor:
         while True:
             await asyncio.sleep(self._usage_interval_s)
             read = await asyncio.to_thread(counters) if callable(counters) else None
-            self._record(meter.sample(read))
+            self._record(meter.sample(read, gpus=await self._gpus_used(meter)))
 
-    def _metered(self, meter: Meter, status: ExitStatus) -> None:
+    async def _gpus_used(self, meter: Meter) -> GpuUse | None:
+        """How busy the devices an attempt holds are now, where they are real."""
+        held = self._gpus.held((meter.id, meter.generation))
+        if not held or self._gpu_use is None:
+            return None
+        return await asyncio.to_thread(self._gpu_use.read, [gpu.uuid for gpu in held])
+
+    def _metered(self, meter: Meter, status: ExitStatus, gpus: GpuUse | None) -> None:
         """The attempt's last usage record, from what its runtime measured in all and its
         counters' last read."""
         if self._usage is None:
@@ -296,7 +310,7 @@ class Supervisor:
             total = dataclasses.replace(total or GroupUsage(), cpu_ns=int(usage.cpu_ms * 1e6))
         peak = usage.max_rss_kib * 1024 if usage.max_rss_kib else None
         try:
-            record = meter.sample(total, final=True, peak_bytes=peak)
+            record = meter.sample(total, final=True, peak_bytes=peak, gpus=gpus)
         except ValidationError:
             log.exception(
                 "the usage of %s attempt %d cannot be reported", meter.id, meter.generation

@@ -17,6 +17,7 @@ import time
 from typing import Literal
 
 from treadle.protocol import UsageRecord
+from treadle.shuttle.gpus import GpuUse
 from treadle.shuttle.sandbox.cgroups import GroupUsage
 
 __all__ = ["ZERO", "Meter"]
@@ -60,10 +61,16 @@ class Meter:
             self._paused_at = None
 
     def sample(
-        self, counters: GroupUsage | None, *, final: bool = False, peak_bytes: int | None = None
+        self,
+        counters: GroupUsage | None,
+        *,
+        final: bool = False,
+        peak_bytes: int | None = None,
+        gpus: GpuUse | None = None,
     ) -> UsageRecord:
         """The record of the interval since the last one (or the start), ending now;
-        `peak_bytes`: the most memory it held in the interval, where known otherwise."""
+        `peak_bytes`: the most memory it held in the interval, where known otherwise;
+        `gpus`: how busy its devices are now, taken for the whole interval it ran."""
         now = max(time.time(), self._since)
         wall = now - self._since
         paused = self._paused_s
@@ -92,6 +99,8 @@ class Meter:
             disk_write_bytes=rises["disk_write_bytes"],
             net_in_bytes=rises["net_in_bytes"],
             net_out_bytes=rises["net_out_bytes"],
+            gpu_s=0.0 if gpus is None else gpus.busy * max(0.0, wall - min(paused, wall)),
+            gpu_memory_peak_mib=0.0 if gpus is None else gpus.memory_mib,
         )
         self._since = now
         self._paused_s = 0.0
