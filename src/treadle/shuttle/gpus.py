@@ -49,17 +49,7 @@ def detect_gpus() -> list[Gpu]:
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("nvidia-smi is installed but failed, advertising no GPUs: %s", exc)
-        return []
+    out = _query(smi, "index,uuid,name,memory.total", "advertising no GPUs")
     gpus = []
     for line in out.splitlines():
         fields = [f.strip() for f in line.split(",")]
@@ -109,22 +99,24 @@ class GpuUseReader:
 
     def _query(self) -> dict[str, tuple[float, float]]:
         assert self._smi is not None
-        try:
-            out = subprocess.run(
-                [
-                    self._smi,
-                    "--query-gpu=uuid,utilization.gpu,memory.used",
-                    "--format=csv,noheader,nounits",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            ).stdout
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("nvidia-smi failed; GPU use is not read this time: %s", exc)
-            return {}
-        return parse_use(out)
+        return parse_use(
+            _query(self._smi, "uuid,utilization.gpu,memory.used", "GPU use is not read this time")
+        )
+
+
+def _query(smi: str, fields: str, otherwise: str) -> str:
+    """nvidia-smi's CSV answer for `fields` of every device ("" when it fails)."""
+    try:
+        return subprocess.run(
+            [smi, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("nvidia-smi failed, %s: %s", otherwise, exc)
+        return ""
 
 
 def parse_use(out: str) -> dict[str, tuple[float, float]]:
