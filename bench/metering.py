@@ -1,7 +1,9 @@
-"""What metering costs: the ledger's write rate, and a node's CPU with many idle sandboxes
-metered every 5 s next to the same node metering them once an hour, in one run.
+"""What metering costs: the ledger's write rate, a node's CPU with many idle sandboxes
+metered every 5 s next to the same node not metering, and dispatch throughput with and
+without metering, in one run.
 
-    .venv/bin/python bench/metering.py [--sandboxes 100] [--seconds 30] [--records 20000]
+    .venv/bin/python bench/metering.py [--sandboxes 200] [--seconds 30] [--records 20000]
+        [--dispatch-seconds 15] [--clients 4]
 
 It starts its own Weaver (SQLite, or `--database-url`) and Shuttles on loopback, in a
 temporary home:
@@ -10,7 +12,12 @@ temporary home:
     records for them in frames of 500, as a node replaying its journal would; records stored
     and acknowledged per second, from the first frame to the last acknowledgement;
   * `idle_node`: a Shuttle (namespace tier) holding `--sandboxes` idle sandboxes; the CPU time
-    the Shuttle process used over `--seconds`, with `--usage-interval 5` and with 3600.
+    the Shuttle process used over `--seconds`, with `--usage-interval 5` and with
+    `--no-metering`;
+  * `dispatch`: `--clients` clients each invoking a no-op function (`true`, process tier)
+    with `?wait` back to back for `--dispatch-seconds`, on a Shuttle that meters and on one
+    that does not (`--no-metering`), twice each, alternating; executions per second and
+    latency through the API.
 
 Prints JSON.
 """
@@ -162,23 +169,29 @@ def ledger_rate(weaver: Weaver, records: int) -> dict[str, Any]:
     }
 
 
-def shuttle_cpu(
-    weaver: Weaver, home: Path, sandboxes: int, seconds: float, interval: float
-) -> dict[str, Any]:
+def start_shuttle(weaver: Weaver, home: Path, name: str, *extra: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, TREADLE_SHUTTLE_TOKEN=weaver.token)
-    name = f"idle-{int(interval)}"
     argv = [PY, "-m", "treadle", "shuttle", "--weaver", weaver.url, "--home", str(home / name)]
-    argv += ["--name", name, "--runtime", "namespace", "--usage-interval", str(interval)]
-    argv += ["--cpu", "1000000", "--memory", "1000000", "--label", f"node={name}"]
+    argv += ["--name", name, "--label", f"node={name}", *extra]
     shuttle = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    until(
+        lambda: any(
+            n["name"] == name and n["state"] == "ready"
+            for n in weaver.api.get("/v1/nodes").json()["items"]
+        ),
+        60,
+    )
+    return shuttle
+
+
+def shuttle_cpu(
+    weaver: Weaver, home: Path, sandboxes: int, seconds: float, metering: bool
+) -> dict[str, Any]:
+    name = "idle-metered" if metering else "idle-unmetered"
+    extra = ["--runtime", "namespace", "--cpu", "1000000", "--memory", "1000000"]
+    extra += ["--usage-interval", "5"] if metering else ["--no-metering"]
+    shuttle = start_shuttle(weaver, home, name, *extra)
     try:
-        until(
-            lambda: any(
-                n["name"] == name and n["state"] == "ready"
-                for n in weaver.api.get("/v1/nodes").json()["items"]
-            ),
-            60,
-        )
         ids = []
         for _ in range(sandboxes):
             body = {
@@ -197,7 +210,7 @@ def shuttle_cpu(
                 ),
                 300,
             )
-        time.sleep(2 * interval if interval < 10 else 2)  # settled: every sandbox metered once
+        time.sleep(10)  # settled: every sandbox metered at least once
         before = cpu_seconds(shuttle.pid)
         time.sleep(seconds)
         used = cpu_seconds(shuttle.pid) - before
@@ -211,7 +224,7 @@ def shuttle_cpu(
                 300,
             )
         return {
-            "usage_interval_s": interval,
+            "metering": metering,
             "sandboxes": sandboxes,
             "shuttle_cpu_s": round(used, 3),
             "shuttle_cores": round(used / seconds, 4),
@@ -221,6 +234,90 @@ def shuttle_cpu(
         shuttle.wait(60)
 
 
+def dispatch(weaver: Weaver, home: Path, seconds: float, clients: int) -> dict[str, Any]:
+    tenant = next(t for t in weaver.api.get("/v1/tenants").json()["items"])
+    weaver.api.patch(f"/v1/tenants/{tenant['id']}", json={"allow_process_tier": True})
+    shuttles = {
+        metering: start_shuttle(
+            weaver,
+            home,
+            f"dispatch-{'metered' if metering else 'unmetered'}",
+            "--allow-process-runtime",
+            "--runtime",
+            "process",
+            *([] if metering else ["--no-metering"]),
+        )
+        for metering in (True, False)
+    }
+    for metering in shuttles:
+        node = f"dispatch-{'metered' if metering else 'unmetered'}"
+        function = {
+            "name": node,
+            "command": ["true"],
+            "isolation": "process",
+            "placement": {"labels": {"node": node}},
+        }
+        weaver.api.post("/v1/functions", json=function)
+    runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    try:
+        for metering in (False, True, False, True):
+            name = f"dispatch-{'metered' if metering else 'unmetered'}"
+            runs[metering].append(closed_loop(weaver, name, seconds, clients))
+    finally:
+        for shuttle in shuttles.values():
+            shuttle.terminate()
+            shuttle.wait(60)
+    summary = {}
+    for metering, phases in runs.items():
+        latencies = sorted(x for phase in phases for x in phase.pop("latencies"))
+        done = sum(phase["executions"] for phase in phases)
+        summary["metered" if metering else "unmetered"] = {
+            "executions": done,
+            "per_s": round(done / sum(phase["seconds"] for phase in phases), 1),
+            "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
+            "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
+            "phases_per_s": [phase["per_s"] for phase in phases],
+        }
+    summary["ratio"] = round(summary["metered"]["per_s"] / summary["unmetered"]["per_s"], 3)
+    return summary
+
+
+def closed_loop(weaver: Weaver, function: str, seconds: float, clients: int) -> dict[str, Any]:
+    import threading
+
+    latencies: list[float] = []
+    failures: list[str] = []
+    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+
+    def client() -> None:
+        with httpx.Client(
+            base_url=weaver.url, headers={"Authorization": f"Bearer {weaver.key}"}, timeout=60
+        ) as api:
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                answer = api.post(f"/v1/functions/{function}/invoke?wait=30", json={})
+                if answer.status_code != 200 or answer.json().get("state") != "success":
+                    failures.append(answer.text[:200])
+                    continue
+                latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    if failures:
+        raise RuntimeError(f"{len(failures)} invocations failed, e.g. {failures[0]}")
+    return {
+        "executions": len(latencies),
+        "seconds": elapsed,
+        "per_s": round(len(latencies) / elapsed, 1),
+        "latencies": latencies,
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -228,18 +325,21 @@ def cpu_seconds(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sandboxes", type=int, default=100)
+    parser.add_argument("--sandboxes", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--dispatch-seconds", type=float, default=15.0)
+    parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--database-url")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="treadle-bench-metering-"))
     weaver = Weaver(root / "weaver", args.database_url)
     try:
         report: dict[str, Any] = {"ledger": ledger_rate(weaver, args.records)}
+        report["dispatch"] = dispatch(weaver, root, args.dispatch_seconds, args.clients)
         report["idle_node"] = [
-            shuttle_cpu(weaver, root, args.sandboxes, args.seconds, interval)
-            for interval in (5.0, 3600.0)
+            shuttle_cpu(weaver, root, args.sandboxes, args.seconds, metering)
+            for metering in (True, False)
         ]
     finally:
         weaver.stop()

@@ -256,8 +256,9 @@ async def test_exec_and_files_act_as_the_sandbox_s_users(
     assert int(user.get("CapAmb", "0"), 16) == 0
 
     # The agent: real and saved root, acting as the user, with no effective capability;
-    # so the user's processes can neither signal nor trace it.
-    out, _, _ = await run(sandbox, ["cat", f"/proc/{ready.pid}/status"], user="root")
+    # so the user's processes can neither signal nor trace it. (Read by the user's own
+    # process: while it starts a root one, the agent acts as root until that one runs.)
+    out, _, _ = await run(sandbox, ["cat", f"/proc/{ready.pid}/status"])
     agent = _status(out.decode())
     assert agent["Uid"].split() == ["0", "1000", "0", "1000"]
     assert int(agent["CapEff"], 16) == 0

@@ -2,7 +2,8 @@
 node's link is cut, Weaver is killed and started again, and the Shuttle is SIGKILLed and
 started again. Afterwards every incarnation's records are there once each, numbered without a
 gap, meeting end to start, and those that were stopped end with their final record: nothing
-was lost and nothing counted twice."""
+was lost and nothing counted twice. The CPU seconds metered of the last incarnations are
+their cgroups' own counters."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from support.cgroups import cpu_s, groups_of
 from support.cluster import Cluster, eventually
 from support.proxy import Proxy
 from treadle.client import Client, Sandbox
@@ -97,9 +99,26 @@ def test_records_survive_cut_links_and_restarts_once_each(
                 )
             before = sum(len(r) for r in records(url).values())
             eventually(grows(url, before + 6), timeout=30, what="the new incarnations' records")
+
+            # Frozen, a sandbox's CPU counter stands still: once each incarnation has a record
+            # that ends after the counters were read, its records hold all of its CPU.
+            current = {(s.id, s.refresh()["incarnation"]) for s in sandboxes}
+            for sandbox in sandboxes:
+                sandbox.pause()
+            for sandbox in sandboxes:
+                sandbox.wait_for_status("paused", timeout=30)
+            groups = groups_of(cluster.root / "metered")
+            assert len(groups) == len(sandboxes)  # the killed Shuttle's were swept
+            counted = sum(cpu_s(group) for group in groups)
+            read_at = time.time()
+            eventually(
+                lambda: all(records(url)[key][-1].end > read_at for key in current),
+                timeout=30,
+                what="a record after the counters were read",
+            )
+            metered = sum(r.cpu_s for key in current for r in records(url)[key])
             for sandbox in sandboxes:
                 sandbox.kill()
-            current = {(s.id, s.refresh()["incarnation"]) for s in sandboxes}
             eventually(
                 lambda: all((rows := records(url).get(key)) and rows[-1].final for key in current),
                 timeout=60,
@@ -123,3 +142,5 @@ def test_records_survive_cut_links_and_restarts_once_each(
     for key in current:
         assert found[key][-1].final
     assert sum(r.cpu_s for rows in found.values() for r in rows) > 0
+    # What was metered of the incarnations that ran last is what their cgroups counted.
+    assert counted > 0 and metered == pytest.approx(counted, abs=1e-5)

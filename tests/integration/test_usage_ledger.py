@@ -10,7 +10,6 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from websockets.sync import client as ws_client
 from conftest import STORES, store_settings
 from integration.test_executions import register, run
 from integration.test_hostile_input import FakeNode, ended, start
+from support.cgroups import cpu_s, groups_of
 from support.cluster import PYTHON, Cluster, eventually
 from treadle.protocol import (
     UsageAck,
@@ -250,22 +250,6 @@ def test_a_sandbox_s_records_add_up_to_its_life_and_pause_costs_memory_only(
     assert sum(r.paused_s for r in rows) >= 1.0
 
 
-def cgroup_cpu_s(group: Path) -> float:
-    """A cgroup's own CPU counter, in seconds (v1's cpuacct or v2's cpu.stat)."""
-    if (group / "cpuacct.usage").exists():
-        return int((group / "cpuacct.usage").read_text()) / 1e9
-    stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
-    return int(stat["usage_usec"]) / 1e6
-
-
-def cpu_groups() -> tuple[Path, set[str]]:
-    """Where workloads' CPU is counted on this host, and the groups there now."""
-    root = Path("/sys/fs/cgroup/cpuacct/treadle")
-    if not root.is_dir():
-        root = Path("/sys/fs/cgroup/treadle")
-    return root, {entry.name for entry in root.iterdir() if entry.is_dir()}
-
-
 # Reads 4 MiB of the largest program on the host past the page cache (O_DIRECT), so that the
 # disk is read whatever the cache holds; sends 100 datagrams of 1,000 bytes out of its
 # network interface.
@@ -285,18 +269,18 @@ for _ in range(100):
 def test_a_sandbox_s_cpu_disk_and_network_are_its_counters_summed(isolated: Cluster) -> None:
     from treadle.client import Client, Sandbox
 
-    root, before = cpu_groups()
+    before = groups_of(isolated.root / "isolated")
     with Client(url=isolated.url, api_key=isolated.admin_key) as client:
         sandbox = Sandbox.create(client=client, network=True, timeout=300)
         sandbox.wait_for_status("running", timeout=60)
-        (group,) = cpu_groups()[1] - before
+        (group,) = groups_of(isolated.root / "isolated") - before
         done = sandbox.run(["python3", "-c", _IO])
         assert (done.exit_code, done.stdout.strip()) == (0, str(4 << 20)), done.stderr
         # Frozen, its counter stands still: once a record ends after it was read, the
         # records hold all of it.
         sandbox.pause()
         sandbox.wait_for_status("paused", timeout=30)
-        counted = cgroup_cpu_s(root / group)
+        counted = cpu_s(group)
         read_at = time.time()
         rows = eventually(
             lambda: (rows := ledger(isolated, sandbox.id)) and rows[-1].end > read_at and rows,
@@ -430,7 +414,8 @@ esac
 
 @pytest.fixture(scope="module")
 def with_gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A node with one (stood-in) NVIDIA device, metering every 0.3 s."""
+    """A node with one (stood-in) NVIDIA device, metering every 0.3 s, and a node that
+    meters nothing."""
     root = tmp_path_factory.mktemp("ledger-gpu")
     tools = root / "tools"
     tools.mkdir()
@@ -440,7 +425,8 @@ def with_gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cluster.env["PATH"] = f"{tools}:{cluster.env.get('PATH', os.environ['PATH'])}"
     try:
         cluster.start_weaver()
-        cluster.start_shuttle("gpu", "--usage-interval", "0.3")
+        cluster.start_shuttle("gpu", "--usage-interval", "0.3", "--label", "metering=on")
+        cluster.start_shuttle("unmetered", "--no-metering", "--label", "metering=off")
         yield cluster
     finally:
         cluster.stop()
@@ -450,7 +436,7 @@ def test_an_execution_s_gpu_use_is_read_from_its_devices(with_gpu: Cluster) -> N
     wait = "import time; time.sleep(1)"
     with with_gpu.client() as api:
         register(api, "on-gpu", [PYTHON, "-c", wait], resources={"gpu_count": 1})
-        register(api, "no-gpu", [PYTHON, "-c", "pass"])
+        register(api, "no-gpu", [PYTHON, "-c", "pass"], placement={"labels": {"metering": "on"}})
         on_gpu, no_gpu = run(api, "on-gpu"), run(api, "no-gpu")
         assert (on_gpu["state"], no_gpu["state"]) == ("success", "success")
         rows = eventually(
@@ -464,3 +450,14 @@ def test_an_execution_s_gpu_use_is_read_from_its_devices(with_gpu: Cluster) -> N
     assert math.isclose(sum(r.gpu_s for r in rows), 0.5 * running, rel_tol=1e-6)
     assert {r.gpu_memory_peak_mib for r in rows} == {1024}
     assert [(r.gpu_s, r.gpu_memory_peak_mib) for r in plain] == [(0, 0)] * len(plain)
+
+
+def test_a_node_that_does_not_meter_records_nothing(with_gpu: Cluster) -> None:
+    placement = {"labels": {"metering": "off"}}
+    with with_gpu.client() as api:
+        register(api, "unmetered", [PYTHON, "-c", "pass"], placement=placement)
+        done = run(api, "unmetered")
+    # A record would have come before the exit, on the same link: stored by now.
+    assert done["state"] == "success" and done["cost"] is None
+    assert ledger(with_gpu, done["id"]) == []
+    assert not (with_gpu.root / "unmetered" / "usage.journal").exists()

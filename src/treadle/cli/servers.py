@@ -259,9 +259,17 @@ def shuttle_command(
             "--usage-interval",
             metavar="SECONDS",
             min=0.1,
-            help="How often a running sandbox's usage is recorded (default 5).",
+            help="How often running work's usage is recorded (default 5).",
         ),
     ] = None,
+    no_metering: Annotated[
+        bool,
+        typer.Option(
+            "--no-metering",
+            help="Record no usage: this node's work is neither metered nor priced "
+            "(for measuring what metering costs).",
+        ),
+    ] = False,
     metrics_addr: Annotated[
         str | None,
         typer.Option(
@@ -305,6 +313,7 @@ def shuttle_command(
         "sandbox_ids_base": sandbox_ids_base,
         "metrics_addr": metrics_addr,
         "usage_interval_s": usage_interval,
+        "metering": False if no_metering else None,
     }
     if label:
         overrides["labels"] = _parse_labels(label)

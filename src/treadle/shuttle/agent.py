@@ -143,7 +143,7 @@ class Shuttle:
             measured = await asyncio.to_thread(cpu_score)
         self._perf_score = measured
         self._network_tiers = [tier for tier in tiers if gives_network(runtimes[tier])]
-        usage = UsageOutbox(settings.home / "usage.journal")
+        usage = UsageOutbox(settings.home / "usage.journal") if settings.metering else None
         self._usage = usage
         supervisor = Supervisor(
             runtimes,
@@ -175,7 +175,8 @@ class Shuttle:
         finally:
             await self._sandboxes.stop_all()
             await supervisor.shutdown()
-            usage.close()
+            if usage is not None:
+                usage.close()
             if not await cleanup.drain():
                 log.warning("cleanup after some workloads did not finish; the next start sweeps")
 

@@ -48,8 +48,11 @@ class ShuttleSettings(BaseSettings):
     # None: measured at start-up.
     perf_score: float | None = Field(default=None, gt=0, le=1e6)
     taints: dict[str, str] = Field(default_factory=dict)
-    # How often a running sandbox's usage is recorded and sent to Weaver, in seconds.
+    # How often running work's usage is recorded and sent to Weaver, in seconds.
     usage_interval_s: float = Field(default=5.0, ge=0.1, le=3600)
+    # False: record no usage at all (for measuring what metering costs; this node's work
+    # is then neither metered nor priced).
+    metering: bool = True
     # Where to serve Prometheus metrics ("host:port"); None: nowhere.
     metrics_addr: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9.:\[\]-]{0,253}:[0-9]{1,5}$"
