@@ -1,0 +1,258 @@
+"""The guest image: a kernel and an initramfs, built on the node from Debian packages and
+the node's own files, cached by a hash of everything they are made of.
+
+    <state root>/microvm/<digest>/vmlinux    the kernel, uncompressed (`kernel.vmlinux`)
+    <state root>/microvm/<digest>/initrd     a newc cpio, uncompressed (faster to unpack
+                                             under software emulation than a gzipped one)
+
+The initramfs holds busybox (Debian's `busybox-static`), the kernel's virtio modules, `/init`
+(`INIT`), the guest agent (`treadle.guest.agent`) and the Python it runs on (the node's agent
+runtime, `treadle.shuttle.live.agent_runtime`, at its usual mount point). Nothing is
+downloaded here: the kernel package is fetched by the node's set-up (`scripts/build-guest`).
+
+Building is atomic, as the agent runtime's: a finished directory is renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import lzma
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from treadle.shuttle.live import agent_runtime
+from treadle.shuttle.microvm import cpio
+from treadle.shuttle.microvm.kernel import vmlinux
+from treadle.shuttle.sandbox.state import private_dir, state_root
+
+__all__ = ["INIT", "PORT_NAME", "GuestImage", "build", "find_package", "module_depends"]
+
+# The layout's version: a change of this module's output changes every image's digest.
+_FORMAT = 1
+# The virtio-serial port the guest agent talks on, found in the guest by this name.
+PORT_NAME = "treadle.agent"
+# The modules the guest needs; what they depend on comes along, loaded first (in the order
+# `/lib/modules/order` lists, found from each module's own `depends=`).
+MODULES = ("virtio_mmio", "virtio_console", "virtio_blk")
+# Where `scripts/build-guest` leaves the kernel package.
+PACKAGE_DIR = Path("/var/cache/treadle/guest")
+_AGENT = "/.treadle/guest-agent.py"
+
+# PID 1 of the guest: the file systems the agent needs, the modules, the agent's port; then
+# the agent itself, as PID 1, with its port as stdin and stdout. The port opens once, so one
+# descriptor serves both. Its end ends the guest: the kernel then panics, and QEMU, told
+# not to reboot, exits.
+INIT = f"""#!/bin/busybox sh
+export PATH=/bin
+/bin/busybox mkdir -p /proc /sys /dev /tmp /bin
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs -o mode=1777 tmp /tmp
+for module in $(cat /lib/modules/order); do
+  insmod /lib/modules/$module.ko || echo "treadle: cannot load $module" >&2
+done
+port=
+tries=0
+while [ -z "$port" ] && [ $tries -lt 100000 ]; do
+  for found in /sys/class/virtio-ports/*; do
+    if [ -r "$found/name" ] && [ "$(cat "$found/name")" = {PORT_NAME} ]; then
+      port=/dev/${{found##*/}}
+    fi
+  done
+  tries=$((tries + 1))
+done
+while [ -n "$port" ] && [ ! -e "$port" ] && [ $tries -lt 200000 ]; do tries=$((tries + 1)); done
+if [ -z "$port" ]; then
+  echo "treadle: no virtio port named {PORT_NAME}" >&2
+  poweroff -f
+fi
+exec 3<>"$port"
+exec @AGENT@ -I -S -c "$(cat {_AGENT})" 0<&3 1>&3 3>&-
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+    digest: str
+    built: bool = False  # made by this call (False: found ready)
+    seconds: float = 0.0  # what building took
+
+
+def find_package(directory: Path = PACKAGE_DIR) -> Path | None:
+    """The newest kernel package `scripts/build-guest` left in `directory`."""
+    try:
+        found = sorted(directory.glob("linux-image-*.deb"))
+    except OSError:
+        return None
+    return found[-1] if found else None
+
+
+def build(
+    package: Path,
+    root: Path | None = None,
+    busybox: str | None = None,
+    agent: bytes | None = None,
+) -> GuestImage:
+    """The image for kernel `package` (a Debian `linux-image-*.deb`), built under `root`
+    (default: the node's state root) unless there already; `agent`: another guest agent's
+    source (a hostile one, in tests). Blocking: about two seconds where it builds."""
+    started = time.monotonic()
+    root = private_dir(root or (state_root() / "microvm"))
+    runtime = agent_runtime.ensure()
+    busybox_path = busybox or shutil.which("busybox") or "/bin/busybox"
+    if agent is None:
+        agent = resources.files("treadle.guest").joinpath("agent.py").read_bytes()
+    init = INIT.replace("@AGENT@", " ".join(runtime.argv(agent_runtime.MOUNT_POINT))).encode()
+    digest = hashlib.sha256()
+    for part in (
+        str(_FORMAT).encode(),
+        _file_digest(package).encode(),
+        runtime.path.name.encode(),
+        _file_digest(Path(busybox_path)).encode(),
+        agent,
+        init,
+    ):
+        digest.update(hashlib.sha256(part).digest())
+    name = digest.hexdigest()[:24]
+    final = root / name
+    if (final / "initrd").is_file():
+        return GuestImage(final / "vmlinux", final / "initrd", name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        with tempfile.TemporaryDirectory() as unpacked:
+            subprocess.run(
+                ["dpkg-deb", "-x", str(package), unpacked],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+            kernel, modules = _kernel_files(Path(unpacked))
+            (staging / "vmlinux").write_bytes(vmlinux(kernel.read_bytes()))
+            with open(staging / "initrd", "wb") as out:
+                cpio.write(_initramfs(modules, Path(busybox_path), runtime.path, agent, init), out)
+        for path in (staging / "vmlinux", staging / "initrd"):
+            path.chmod(0o644)
+        staging.chmod(0o755)
+        try:
+            staging.rename(final)
+        except OSError:
+            if not (final / "initrd").is_file():
+                raise  # not a race lost to another builder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return GuestImage(
+        final / "vmlinux", final / "initrd", name, built=True, seconds=time.monotonic() - started
+    )
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _kernel_files(unpacked: Path) -> tuple[Path, dict[str, bytes]]:
+    """The package's compressed kernel, and the modules the guest loads, in the order to
+    load them (each after what it depends on)."""
+    kernels = sorted((unpacked / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise FileNotFoundError("the package holds no boot/vmlinuz-*")
+    found: dict[str, bytes] = {}
+    for path in (unpacked / "lib" / "modules").rglob("*.ko*"):
+        name = path.name.split(".ko")[0].replace("-", "_")
+        data = path.read_bytes()
+        found[name] = lzma.decompress(data) if path.name.endswith(".xz") else data
+    ordered: dict[str, bytes] = {}
+
+    def load(name: str, chain: tuple[str, ...]) -> None:
+        if name in ordered:
+            return
+        if name not in found:
+            raise FileNotFoundError(f"the package holds no module {name}")
+        if name in chain:
+            raise ValueError(f"modules depend on each other in a circle: {chain}")
+        for needed in module_depends(found[name]):
+            load(needed, (*chain, name))
+        ordered[name] = found[name]
+
+    for name in MODULES:
+        load(name, ())
+    return kernels[-1], ordered
+
+
+def module_depends(module: bytes) -> list[str]:
+    """The modules a module names in its `.modinfo` (`depends=a,b`)."""
+    at = module.find(b"\0depends=")
+    if at < 0:
+        return []
+    value = module[at + len(b"\0depends=") : module.index(b"\0", at + 1)]
+    return [name.replace("-", "_") for name in value.decode().split(",") if name]
+
+
+def _initramfs(
+    modules: dict[str, bytes], busybox: Path, runtime: Path, agent: bytes, init: bytes
+) -> Iterator[cpio.Entry]:
+    directory = stat.S_IFDIR | 0o755
+    for name in ("bin", "lib", "lib/modules", ".treadle"):
+        yield cpio.Entry(name, directory)
+    yield cpio.Entry("init", stat.S_IFREG | 0o755, init)
+    yield cpio.Entry("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes())
+    for name, data in modules.items():
+        yield cpio.Entry(f"lib/modules/{name}.ko", stat.S_IFREG | 0o644, data)
+    order = "".join(f"{name}\n" for name in modules).encode()
+    yield cpio.Entry("lib/modules/order", stat.S_IFREG | 0o644, order)
+    yield cpio.Entry(_AGENT.lstrip("/"), stat.S_IFREG | 0o644, agent)
+    mount = agent_runtime.MOUNT_POINT.lstrip("/")
+    yield cpio.Entry(mount, directory)
+    for dirpath, dirnames, filenames in os.walk(runtime):
+        dirnames.sort()
+        relative = os.path.relpath(dirpath, runtime)
+        for name in sorted(dirnames) + sorted(filenames):
+            path = os.path.join(dirpath, name)
+            inside = os.path.normpath(os.path.join(mount, relative, name))
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                yield cpio.Entry(inside, stat.S_IFLNK | 0o777, os.readlink(path).encode())
+            elif stat.S_ISDIR(info.st_mode):
+                yield cpio.Entry(inside, directory)
+            elif stat.S_ISREG(info.st_mode):
+                data = Path(path).read_bytes()
+                yield cpio.Entry(inside, stat.S_IFREG | stat.S_IMODE(info.st_mode), data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m treadle.shuttle.microvm.image",
+        description="Build the microvm tier's guest image from a kernel package.",
+    )
+    parser.add_argument(
+        "--package", type=Path, help=f"a linux-image-*.deb (default: newest in {PACKAGE_DIR})"
+    )
+    parser.add_argument("--root", type=Path, help="where images are kept (default: the node's)")
+    args = parser.parse_args(argv)
+    package = args.package or find_package()
+    if package is None:
+        print(f"no kernel package in {PACKAGE_DIR}: run scripts/build-guest", file=sys.stderr)
+        return 1
+    image = build(package, args.root)
+    what = f"built in {image.seconds:.2f}s" if image.built else "already built"
+    size = (image.kernel.stat().st_size + image.initrd.stat().st_size) / 2**20
+    print(f"{image.kernel.parent} ({what}; {size:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Booting the guest with QEMU's `microvm` machine: the command line, the accelerator, and the
+guest agent's channel.
+
+The channel is a virtio-serial port named `image.PORT_NAME`, whose host end is a Unix socket
+that Shuttle listens on before QEMU starts and QEMU connects to (its chardev in client mode):
+no waiting for a socket file to appear, and QEMU is the one that connects, once. Everything
+that comes over it is the guest's, held to `treadle.protocol.guest` like the other tiers'.
+
+The accelerator: KVM where a real boot under it reaches the guest agent within a timeout
+(`probe`), software emulation (TCG) otherwise. `/dev/kvm` existing is not enough: nested KVM
+on some hosts opens and then fails on the first MSR the guest sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from treadle.protocol.guest import FrameReader, GuestProtocolError, Ready
+from treadle.shuttle.microvm.image import PORT_NAME, GuestImage
+
+__all__ = ["Accel", "BootFailed", "Vm", "argv", "boot", "probe"]
+
+Accel = Literal["kvm", "tcg"]
+# What the guest is told: a quiet console on the one serial port, no reboot (a guest that
+# ends ends QEMU), and what keeps a microvm booting fast, or at all, under TCG (the TSC's
+# rate given, so that calibrating it cannot hang).
+_CMDLINE = (
+    "console=ttyS0 quiet panic=-1 reboot=t mitigations=off no_timer_check "
+    "cryptomgr.notests i8042.noaux 8250.nr_uarts=1 nokaslr random.trust_cpu=on"
+)
+_TCG_CMDLINE = "tsc_early_khz=2000000"
+_CONSOLE_KEEP = 16 * 1024
+
+
+class BootFailed(OSError):
+    """The guest did not come up; the message says what was seen."""
+
+
+def argv(
+    qemu: str,
+    image: GuestImage,
+    channel: Path,
+    *,
+    memory_mib: int,
+    cpus: int,
+    accel: Accel,
+) -> list[str]:
+    """QEMU's command line for one guest: no devices but a serial console and the agent's
+    port, no firmware, no network, no reboot."""
+    cmdline = _CMDLINE if accel == "kvm" else f"{_CMDLINE} {_TCG_CMDLINE}"
+    cpu = "host" if accel == "kvm" else "max"
+    return [
+        qemu,
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-m",
+        str(memory_mib),
+        "-smp",
+        str(cpus),
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,acpi=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(image.initrd),
+        "-append",
+        cmdline,
+        "-serial",
+        "stdio",
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        f"socket,id=agent,path={channel}",
+        "-device",
+        f"virtserialport,chardev=agent,name={PORT_NAME}",
+    ]
+
+
+@dataclass
+class Vm:
+    """A running guest: QEMU's process and the host end of the agent's channel."""
+
+    process: asyncio.subprocess.Process
+    channel: socket.socket
+    workdir: Path
+    accel: Accel
+    console: bytearray = field(default_factory=bytearray)
+    _reader: asyncio.Task[None] | None = None
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        code = await self.process.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        return code
+
+    async def close(self) -> None:
+        """Kill the guest, wait for QEMU, and remove what it left."""
+        self.kill()
+        await self.wait()
+        self.channel.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def boot(
+    image: GuestImage,
+    workdir: Path,
+    *,
+    memory_mib: int = 256,
+    cpus: int = 1,
+    accel: Accel = "tcg",
+    timeout_s: float = 60.0,
+    qemu: str | None = None,
+) -> Vm:
+    """Start a guest in `workdir` (made here, removed by `Vm.close`) and wait until QEMU has
+    connected its agent's channel, which it does before the guest runs: the agent's own
+    word (`ready`) comes over that channel, and a guest that cannot boot ends it, QEMU's
+    reason in `Vm.console`."""
+    program = qemu or shutil.which("qemu-system-x86_64")
+    if program is None:
+        raise BootFailed("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
+    os.mkdir(workdir, 0o700)
+    path = workdir / "agent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.setblocking(False)
+        process = await asyncio.create_subprocess_exec(
+            *argv(program, image, path, memory_mib=memory_mib, cpus=cpus, accel=accel),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        vm_console = bytearray()
+        reader = asyncio.create_task(_keep_console(process, vm_console))
+        loop = asyncio.get_running_loop()
+        accept = asyncio.ensure_future(loop.sock_accept(listener))
+        exited = asyncio.ensure_future(process.wait())
+        done, _ = await asyncio.wait(
+            {accept, exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if accept not in done:
+            accept.cancel()
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            await asyncio.gather(reader, return_exceptions=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+            seen = bytes(vm_console[-2000:]).decode(errors="replace").strip()
+            raise BootFailed(f"QEMU did not connect the agent's channel: {seen or 'no output'}")
+        exited.cancel()
+        channel, _ = accept.result()
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    vm = Vm(process, channel, workdir, accel, vm_console)
+    vm._reader = reader
+    return vm
+
+
+async def _keep_console(process: asyncio.subprocess.Process, kept: bytearray) -> None:
+    """What the guest's console and QEMU say, the last 16 KiB of it: a guest that writes
+    without end costs nothing but this."""
+    assert process.stdout is not None
+    while data := await process.stdout.read(65536):
+        kept += data
+        if len(kept) > _CONSOLE_KEEP:
+            del kept[: len(kept) - _CONSOLE_KEEP]
+
+
+async def ready(vm: Vm, timeout_s: float) -> Ready:
+    """The guest agent's first frame, `ready`, read off the channel."""
+    loop = asyncio.get_running_loop()
+    reader = FrameReader()
+    deadline = time.monotonic() + timeout_s
+    vm.channel.setblocking(False)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BootFailed("the guest agent did not say it was ready in time")
+        data = await asyncio.wait_for(loop.sock_recv(vm.channel, 65536), left)
+        if not data:
+            raise BootFailed("the guest ended before its agent was ready")
+        for event, _ in reader.feed(data):
+            if isinstance(event, Ready):
+                return event
+            raise BootFailed(f"the guest agent's first word was not `ready`: {event!r}")
+
+
+async def probe(image: GuestImage, workdir: Path, timeout_s: float = 20.0) -> Accel:
+    """KVM where a guest boots under it to its agent's `ready` within `timeout_s`, else TCG."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    try:
+        vm = await boot(image, workdir, accel="kvm", timeout_s=timeout_s)
+    except BootFailed:
+        return "tcg"
+    try:
+        await ready(vm, timeout_s)
+    except (BootFailed, TimeoutError, OSError, GuestProtocolError):
+        return "tcg"
+    finally:
+        await vm.close()
+    return "kvm"
