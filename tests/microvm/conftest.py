@@ -1,5 +1,7 @@
 """Fixtures for the microvm suite: the guest image, built from the kernel package that
-`scripts/build-guest` fetched (scripts/test runs it), into this test run's own state."""
+`scripts/build-guest` fetched (scripts/test runs it), where a node keeps it (a jailed VMM
+reads it as the workload's own uid: the node's state directory lets it; a test's temporary
+directory would not)."""
 
 from __future__ import annotations
 
@@ -23,13 +25,12 @@ MISSING = [
 
 
 @pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if MISSING:
+def package() -> Path:
+    if MISSING or PACKAGE is None:
         pytest.skip(f"not installed: {', '.join(MISSING)} (scripts/test installs them)")
-    return tmp_path_factory.mktemp("microvm-images")
+    return PACKAGE
 
 
 @pytest.fixture(scope="session")
-def image(images: Path) -> GuestImage:
-    assert PACKAGE is not None
-    return build(PACKAGE, images)
+def image(package: Path) -> GuestImage:
+    return build(package)

@@ -35,12 +35,23 @@ from treadle.shuttle.microvm import cpio
 from treadle.shuttle.microvm.kernel import vmlinux
 from treadle.shuttle.sandbox.state import private_dir, state_root
 
-__all__ = ["INIT", "PORT_NAME", "GuestImage", "build", "find_package", "module_depends"]
+__all__ = [
+    "CONFIG_ARG",
+    "INIT",
+    "PORT_NAME",
+    "GuestImage",
+    "build",
+    "find_package",
+    "module_depends",
+]
 
 # The layout's version: a change of this module's output changes every image's digest.
 _FORMAT = 1
 # The virtio-serial port the guest agent talks on, found in the guest by this name.
 PORT_NAME = "treadle.agent"
+# On the kernel's command line where a config disk is attached (the first virtio disk):
+# JSON, padded with NULs, that the agent reads its environment from.
+CONFIG_ARG = "treadle.config=vda"
 # The modules the guest needs; what they depend on comes along, loaded first (in the order
 # `/lib/modules/order` lists, found from each module's own `depends=`).
 MODULES = ("virtio_mmio", "virtio_console", "virtio_blk")
@@ -77,6 +88,10 @@ while [ -n "$port" ] && [ ! -e "$port" ] && [ $tries -lt 200000 ]; do tries=$((t
 if [ -z "$port" ]; then
   echo "treadle: no virtio port named {PORT_NAME}" >&2
   poweroff -f
+fi
+if grep -q "{CONFIG_ARG}" /proc/cmdline; then
+  while [ ! -b /dev/vda ] && [ $tries -lt 300000 ]; do tries=$((tries + 1)); done
+  export TREADLE_AGENT_CONFIG=/dev/vda
 fi
 exec 3<>"$port"
 exec @AGENT@ -I -S -c "$(cat {_AGENT})" 0<&3 1>&3 3>&-

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from treadle.protocol.guest import FrameReader, GuestProtocolError, Ready
-from treadle.shuttle.microvm.image import PORT_NAME, GuestImage
+from treadle.shuttle.microvm.image import CONFIG_ARG, PORT_NAME, GuestImage
 
 __all__ = ["Accel", "BootFailed", "Vm", "argv", "boot", "probe"]
 
@@ -49,20 +49,45 @@ class BootFailed(OSError):
 def argv(
     qemu: str,
     image: GuestImage,
-    channel: Path,
+    channel: Path | None,
     *,
     memory_mib: int,
     cpus: int,
     accel: Accel,
+    config_fd: int | None = None,
+    kernel_args: str = "",
 ) -> list[str]:
-    """QEMU's command line for one guest: no devices but a serial console and the agent's
-    port, no firmware, no network, no reboot."""
+    """QEMU's command line for one guest: no devices but a serial console, the agent's port
+    and a config disk (the sandbox's settings: read-only, from `config_fd`, a descriptor
+    open for reading that QEMU inherits), no firmware, no network, no reboot. `channel`: the
+    Unix socket the port connects to; None: QEMU's own stdin and stdout (the console is then
+    dropped). `kernel_args` go after the kernel's own."""
     cmdline = _CMDLINE if accel == "kvm" else f"{_CMDLINE} {_TCG_CMDLINE}"
+    if config_fd is not None:
+        cmdline = f"{cmdline} {CONFIG_ARG}"
+    if kernel_args:
+        cmdline = f"{cmdline} {kernel_args}"
+    if channel is None:
+        agent = ["-serial", "null", "-chardev", "stdio,id=agent,signal=off"]
+    else:
+        agent = ["-serial", "stdio", "-chardev", f"socket,id=agent,path={channel}"]
+    drives = []
+    if config_fd is not None:
+        drives = [
+            "-add-fd",
+            f"fd={config_fd},set=1",
+            "-drive",
+            "id=config,file=/dev/fdset/1,format=raw,if=none,readonly=on",
+            "-device",
+            "virtio-blk-device,drive=config",
+        ]
     cpu = "host" if accel == "kvm" else "max"
     return [
         qemu,
         "-accel",
-        accel,
+        # Software emulation's cache of translated code: 64 MiB, not QEMU's default of a
+        # gigabyte, which would count against the workload's memory limit.
+        "kvm" if accel == "kvm" else "tcg,tb-size=64",
         "-cpu",
         cpu,
         "-m",
@@ -81,14 +106,12 @@ def argv(
         str(image.initrd),
         "-append",
         cmdline,
-        "-serial",
-        "stdio",
+        *agent,
         "-device",
         "virtio-serial-device",
-        "-chardev",
-        f"socket,id=agent,path={channel}",
         "-device",
         f"virtserialport,chardev=agent,name={PORT_NAME}",
+        *drives,
     ]
 
 

@@ -1,0 +1,71 @@
+"""A long-lived sandbox on the microvm tier: the node's own `LiveSandbox` (the same code as
+every tier's) over QEMU jailed by the namespace tier, the guest agent answering through
+QEMU's stdio, its environment from a config disk QEMU reads from a memfd. Seen from the
+host, the VMM runs as the workload's unprivileged ids in its own cgroup; stopping the
+sandbox leaves no VMM."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import pytest
+
+from microvm.test_boot import qemu_running
+from support.runtimes import make_runtime
+from treadle.domain.resources import Resources, Tier
+from treadle.shuttle.live.box import LiveSandbox, SandboxSpec
+from treadle.shuttle.microvm.image import GuestImage
+from treadle.shuttle.microvm.launcher import MicrovmLauncher
+from treadle.shuttle.runtimes.process import ProcessRuntime
+
+pytestmark = pytest.mark.microvm
+
+
+def proc(pid: int | str, name: str) -> str:
+    with open(f"/proc/{pid}/{name}") as f:
+        return f.read()
+
+
+async def test_a_sandbox_runs_in_its_own_vm_behind_the_namespace_jail(
+    image: GuestImage, tmp_path: Path
+) -> None:
+    jail = make_runtime((Tier.NAMESPACE, {}), tmp_path / "node")
+    assert isinstance(jail, ProcessRuntime)
+    launcher = MicrovmLauncher(jail.launcher, image)  # type: ignore[arg-type]
+    spec = SandboxSpec(
+        id="sbx_1",
+        incarnation=1,
+        tenant_id="tn_1",
+        resources=Resources(cpu_millicores=1000, memory_mib=256),
+        isolation=Tier.MICROVM,
+        env={"GREETING": "hello from the host", "ODD": "a\nb=c\0"[:-1]},
+    )
+    workdir = tmp_path / "work" / "sbx_1-1"
+    sandbox = await LiveSandbox.start(launcher, spec, workdir)
+    try:
+        ready = await sandbox.link.ready()
+        assert (ready.pid, ready.uid) == (1, 0)  # the agent is the guest's init
+        process = await sandbox.link.exec(
+            ["/bin/sh", "-c", 'echo "$GREETING"; printf %s "$ODD" | od -c | head -1; uname -r']
+        )
+        out = bytearray()
+        async for _stream, data in process.output():
+            out += data
+        assert (await process.wait()).exit_code == 0
+        greeting, odd, kernel = out.decode().splitlines()
+        assert greeting == "hello from the host"
+        assert odd.split()[1:] == ["a", "\\n", "b", "=", "c"]
+        assert kernel != platform.release()
+
+        vmm = qemu_running(Path("/.treadle/guest"))
+        assert len(vmm) == 1
+        uid, cgroup, own = proc(vmm[0], "status"), proc(vmm[0], "cgroup"), proc("self", "cgroup")
+        ids = next(line.split()[1:] for line in uid.splitlines() if line.startswith("Uid:"))
+        if os.geteuid() == 0:
+            assert "0" not in ids  # the workload's own host ids, never root
+        assert cgroup != own  # the workload's cgroup, not Shuttle's
+    finally:
+        await sandbox.stop(grace_s=1)
+    assert not qemu_running(Path("/.treadle/guest"))
