@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,14 @@ from treadle.shuttle.microvm.launcher import MicrovmLauncher
 from treadle.shuttle.runtimes.process import ProcessRuntime
 
 pytestmark = pytest.mark.microvm
+
+
+HOST_PYTHON = subprocess.run(
+    ["/usr/bin/python3", "-c", "import sys; print(sys.version.split()[0])"],
+    capture_output=True,
+    text=True,
+    check=True,
+).stdout.strip()
 
 
 def proc(pid: int | str, name: str) -> str:
@@ -58,6 +67,21 @@ async def test_a_sandbox_runs_in_its_own_vm_behind_the_namespace_jail(
         assert greeting == "hello from the host"
         assert odd.split()[1:] == ["a", "\\n", "b", "=", "c"]
         assert kernel != platform.release()
+
+        # Its root: the host's programs, read-only; its home and /tmp its own.
+        process = await sandbox.link.exec(
+            [
+                "/bin/sh",
+                "-c",
+                "python3 -c 'import sys; print(sys.version.split()[0])'; pwd;"
+                " echo kept > note && cat note; touch /usr/bin/x 2>/dev/null || echo read-only",
+            ]
+        )
+        out = bytearray()
+        async for _stream, data in process.output():
+            out += data
+        assert (await process.wait()).exit_code == 0
+        assert out.decode().splitlines() == [HOST_PYTHON, "/work", "kept", "read-only"]
 
         vmm = qemu_running(Path("/.treadle/guest"))
         assert len(vmm) == 1

@@ -37,8 +37,11 @@ from treadle.shuttle.sandbox.state import private_dir, state_root
 
 __all__ = [
     "CONFIG_ARG",
+    "HOME_ARG",
     "INIT",
     "PORT_NAME",
+    "ROOT_ARG",
+    "ROOT_TAG",
     "GuestImage",
     "build",
     "find_package",
@@ -54,7 +57,12 @@ PORT_NAME = "treadle.agent"
 CONFIG_ARG = "treadle.config=vda"
 # The modules the guest needs; what they depend on comes along, loaded first (in the order
 # `/lib/modules/order` lists, found from each module's own `depends=`).
-MODULES = ("virtio_mmio", "virtio_console", "virtio_blk")
+MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "9pnet_virtio", "9p")
+# On the kernel's command line where the workload's root is the VMM's view of the host's
+# programs, shared read-only over 9p (tag `ROOT_TAG`): `treadle.root=9p treadle.home=PATH`.
+ROOT_ARG = "treadle.root=9p"
+ROOT_TAG = "root"
+HOME_ARG = "treadle.home="
 # Where `scripts/build-guest` leaves the kernel package.
 PACKAGE_DIR = Path("/var/cache/treadle/guest")
 _AGENT = "/.treadle/guest-agent.py"
@@ -94,7 +102,22 @@ if grep -q "{CONFIG_ARG}" /proc/cmdline; then
   export TREADLE_AGENT_CONFIG=/dev/vda
 fi
 exec 3<>"$port"
-exec @AGENT@ -I -S -c "$(cat {_AGENT})" 0<&3 1>&3 3>&-
+agent="$(cat {_AGENT})"
+if grep -q "{ROOT_ARG}" /proc/cmdline; then
+  # The workload's root: the host's programs, read-only, and its own writable places.
+  home=$(sed -n 's/.*{HOME_ARG}\\([^ ]*\\).*/\\1/p' /proc/cmdline)
+  mkdir -p /root9p
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose {ROOT_TAG} /root9p
+  mount -t devtmpfs dev /root9p/dev
+  mount -t proc proc /root9p/proc
+  mount -t sysfs sys /root9p/sys
+  mount -t tmpfs -o mode=1777 tmp /root9p/tmp
+  if [ -n "$home" ] && [ -d "/root9p$home" ]; then
+    mount -t tmpfs -o mode=0755 home "/root9p$home"
+  fi
+  exec chroot /root9p @AGENT@ -I -S -c "$agent" 0<&3 1>&3 3>&-
+fi
+exec @AGENT@ -I -S -c "$agent" 0<&3 1>&3 3>&-
 """
 
 
@@ -108,9 +131,10 @@ class GuestImage:
 
 
 def find_package(directory: Path = PACKAGE_DIR) -> Path | None:
-    """The newest kernel package `scripts/build-guest` left in `directory`."""
+    """The newest kernel package `scripts/build-guest` left in `directory` (the generic
+    flavour: the cloud one has no 9p)."""
     try:
-        found = sorted(directory.glob("linux-image-*.deb"))
+        found = sorted(p for p in directory.glob("linux-image-*.deb") if "-cloud-" not in p.name)
     except OSError:
         return None
     return found[-1] if found else None

@@ -88,8 +88,9 @@ class MicrovmLauncher:
         freezable: bool = True,
         users: bool = False,
     ) -> Attempt:
-        """See `Launcher.prepare`. `binds` are the host's view of what other tiers mount
-        (the agent's runtime): the guest image carries its own, so they are not used."""
+        """See `Launcher.prepare`. The guest's root is QEMU's view of the host's programs
+        (shared read-only), so `binds` (the agent's runtime) are shown to QEMU's jail and
+        through it to the guest."""
         if spec.image is not None:
             raise ValueError("the microvm tier runs the guest's own programs: no images yet")
         if spec.network:
@@ -111,9 +112,12 @@ class MicrovmLauncher:
                 cpus=max(1, math.ceil(spec.resources.cpu_millicores / 1000)),
                 accel=self._accel,
                 config_fd=CONFIG_FD,
+                root_share=True,
+                home=home,
             )
             jailed = spec.model_copy(
                 update={
+                    "workdir": home,
                     "argv": command,
                     "env": {},
                     "network": False,
@@ -125,7 +129,7 @@ class MicrovmLauncher:
             attempt = self._jail.prepare(
                 jailed,
                 workdir,
-                binds=[ReadOnlyBind(self._image.kernel.parent, _IMAGE_AT)],
+                binds=[*binds, ReadOnlyBind(self._image.kernel.parent, _IMAGE_AT)],
                 freezable=freezable,
             )
         except BaseException:

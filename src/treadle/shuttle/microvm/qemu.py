@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Literal
 
 from treadle.protocol.guest import FrameReader, GuestProtocolError, Ready
-from treadle.shuttle.microvm.image import CONFIG_ARG, PORT_NAME, GuestImage
+from treadle.shuttle.microvm.image import (
+    CONFIG_ARG,
+    HOME_ARG,
+    PORT_NAME,
+    ROOT_ARG,
+    ROOT_TAG,
+    GuestImage,
+)
 
 __all__ = ["Accel", "BootFailed", "Vm", "argv", "boot", "probe"]
 
@@ -55,16 +62,33 @@ def argv(
     cpus: int,
     accel: Accel,
     config_fd: int | None = None,
+    root_share: bool = False,
+    home: str | None = None,
     kernel_args: str = "",
 ) -> list[str]:
     """QEMU's command line for one guest: no devices but a serial console, the agent's port
     and a config disk (the sandbox's settings: read-only, from `config_fd`, a descriptor
     open for reading that QEMU inherits), no firmware, no network, no reboot. `channel`: the
     Unix socket the port connects to; None: QEMU's own stdin and stdout (the console is then
-    dropped). `kernel_args` go after the kernel's own."""
+    dropped). `root_share`: the guest's root is QEMU's own view of `/` (in its jail: the
+    host's programs), shared read-only over 9p, with a tmpfs at `home`. `kernel_args` go
+    after the kernel's own."""
     cmdline = _CMDLINE if accel == "kvm" else f"{_CMDLINE} {_TCG_CMDLINE}"
     if config_fd is not None:
         cmdline = f"{cmdline} {CONFIG_ARG}"
+    shares: list[str] = []
+    if root_share:
+        cmdline = f"{cmdline} {ROOT_ARG}"
+        if home:
+            if not home.startswith("/") or any(c.isspace() or c in "\"'\\" for c in home):
+                raise ValueError(f"cannot give the guest the home {home!r}")
+            cmdline = f"{cmdline} {HOME_ARG}{home}"
+        shares = [
+            "-fsdev",
+            f"local,id={ROOT_TAG},path=/,security_model=none,readonly=on",
+            "-device",
+            f"virtio-9p-device,fsdev={ROOT_TAG},mount_tag={ROOT_TAG}",
+        ]
     if kernel_args:
         cmdline = f"{cmdline} {kernel_args}"
     if channel is None:
@@ -112,6 +136,7 @@ def argv(
         "-device",
         f"virtserialport,chardev=agent,name={PORT_NAME}",
         *drives,
+        *shares,
     ]
 
 
