@@ -21,6 +21,7 @@ from treadle.domain.resources import Resources, Tier
 from treadle.shuttle.live import box
 from treadle.shuttle.live.box import LiveSandbox, SandboxSpec
 from treadle.shuttle.live.link import GuestError, GuestProcess, LinkBroken
+from treadle.shuttle.microvm.runtime import MicrovmRuntime
 from treadle.shuttle.runtimes.process import ProcessRuntime
 from treadle.shuttle.sandbox.policy import ROOT_CAPABILITIES
 
@@ -46,7 +47,7 @@ async def sandbox(tier: tuple[Tier, dict[str, Any]], tmp_path: Path) -> AsyncIte
 
 async def start(tier: tuple[Tier, dict[str, Any]], root: Path, **spec: Any) -> LiveSandbox:
     runtime = make_runtime(tier, root)
-    assert isinstance(runtime, ProcessRuntime)
+    assert isinstance(runtime, (ProcessRuntime, MicrovmRuntime))
     launcher = runtime.launcher
     fields: dict[str, Any] = {
         "id": "sbx_1",

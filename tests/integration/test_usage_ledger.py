@@ -435,8 +435,10 @@ def with_gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def test_an_execution_s_gpu_use_is_read_from_its_devices(with_gpu: Cluster) -> None:
     wait = "import time; time.sleep(1)"
     with with_gpu.client() as api:
-        register(api, "on-gpu", [PYTHON, "-c", wait], resources={"gpu_count": 1})
-        register(api, "no-gpu", [PYTHON, "-c", "pass"], placement={"labels": {"metering": "on"}})
+        # Both nodes see the stand-in device: the metered one is asked for.
+        metered = {"labels": {"metering": "on"}}
+        register(api, "on-gpu", [PYTHON, "-c", wait], resources={"gpu_count": 1}, placement=metered)
+        register(api, "no-gpu", [PYTHON, "-c", "pass"], placement=metered)
         on_gpu, no_gpu = run(api, "on-gpu"), run(api, "no-gpu")
         assert (on_gpu["state"], no_gpu["state"]) == ("success", "success")
         rows = eventually(

@@ -71,25 +71,33 @@ _EXPECTED = (
     ("crun", Tier.OCI, "crun"),
     ("runc", Tier.OCI, "runc"),
     ("runsc", Tier.GVISOR, None),
+    ("qemu-system-x86_64", Tier.MICROVM, None),
 )
 
 
-def runtime_params(*, process: bool = True) -> list[Any]:
+def runtime_params(*, process: bool = True, microvm: bool = False) -> list[Any]:
     """pytest params `(tier, settings overrides)` for every runtime this host offers: the
     oci tier once per program behind it (crun and runc), the others once. A tier whose tool
     is installed but which does not work here is a skipped param naming why, and in CI (where
-    everything is installed) an error: it must never go untested unnoticed."""
+    everything is installed) an error: it must never go untested unnoticed. `microvm`: the
+    microvm tier too, for the suites it passes (the runtime contract; not yet the sandbox
+    and escape suites)."""
     params: list[Any] = []
     if process:
         params.append(pytest.param((Tier.PROCESS, {}), id="process"))
     for program, tier, tool in _EXPECTED:
+        if tier == Tier.MICROVM and not microvm:
+            continue
         overrides: dict[str, Any] = {} if tool is None else {"oci_tool": tool}
+        if tier == Tier.MICROVM:
+            overrides["microvm"] = True
         name = str(tier) if tool is None else f"{tier}-{tool}"
         if shutil.which(program) is None:
             continue
         offered, why = _offered(tier, overrides)
+        slow = [pytest.mark.microvm] if tier == Tier.MICROVM else []
         if offered:
-            params.append(pytest.param((tier, overrides), id=name))
+            params.append(pytest.param((tier, overrides), id=name, marks=slow))
             continue
         if os.environ.get("CI"):
             raise RuntimeError(f"{program} is installed but the {name} tier does not work: {why}")

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 
 from treadle.shuttle.runtimes import process
-from treadle.shuttle.runtimes.process import _ResultLines
+from treadle.shuttle.runtimes.process import ResultLines
 
 LIMIT = 1024
 
 
 def test_the_newest_line_that_parses_wins() -> None:
-    lines = _ResultLines(LIMIT)
+    lines = ResultLines(LIMIT)
     for chunk in (b'{"a": 1}\n[2, "tw', b'o"]\nnot json\n\n{"torn": '):
         lines.feed(chunk)
 
@@ -32,7 +32,7 @@ def test_lines_are_parsed_once_the_program_has_ended_not_as_they_come(
         return real(text, **options)
 
     monkeypatch.setattr(process.json, "loads", counting)
-    lines = _ResultLines(LIMIT)
+    lines = ResultLines(LIMIT)
     big = json.dumps([[]] * 200).encode() + b"\n"  # 800 bytes, valid
     for _ in range(1000):
         lines.feed(big)
@@ -43,7 +43,7 @@ def test_lines_are_parsed_once_the_program_has_ended_not_as_they_come(
 
 
 def test_only_the_last_limit_bytes_of_lines_count() -> None:
-    lines = _ResultLines(LIMIT)
+    lines = ResultLines(LIMIT)
     lines.feed(b'{"result": 1}\n')
     lines.feed(b"x" * 600 + b"\n")
     assert lines.value() == {"result": 1}  # within the limit: still found
@@ -53,7 +53,7 @@ def test_only_the_last_limit_bytes_of_lines_count() -> None:
 
 
 def test_a_line_past_the_limit_is_skipped_whole() -> None:
-    lines = _ResultLines(LIMIT)
+    lines = ResultLines(LIMIT)
     lines.feed(b"[1]\n")
     lines.feed(b"[" + b"0," * LIMIT)
     lines.feed(b"0]\n")

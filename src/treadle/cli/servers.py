@@ -226,6 +226,14 @@ def shuttle_command(
             help="Offer only this tier (repeatable); default: every tier that works here.",
         ),
     ] = [],  # noqa: B006
+    microvm: Annotated[
+        bool,
+        typer.Option(
+            "--microvm",
+            help="Offer the 'microvm' tier (QEMU; the guest image of scripts/build-guest). "
+            "Incomplete: no images, network or warm pool yet.",
+        ),
+    ] = False,
     allow_network: Annotated[
         bool,
         typer.Option(
@@ -325,6 +333,8 @@ def shuttle_command(
         overrides["allow_process_runtime"] = True
     if runtime:
         overrides["runtimes"] = runtime
+    if microvm:
+        overrides["microvm"] = True
     if allow_network:
         overrides["allow_network"] = True
     if oci_tool is not None:

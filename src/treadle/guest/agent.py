@@ -40,6 +40,7 @@ import stat
 import struct
 import sys
 import termios
+import time
 
 # os.execvpe looks PATH up with os.get_exec_path, which imports `warnings`: imported here
 # once, not in every forked child.
@@ -51,6 +52,7 @@ from collections.abc import Callable, Iterator
 Msg = dict
 
 HEADER = struct.Struct(">II")
+_PF_KTHREAD = 0x00200000  # /proc/PID/stat's flags: a kernel thread
 READ_SIZE = 64 * 1024
 FILE_CHUNK = 256 * 1024
 MAX_LISTED = 2000
@@ -209,6 +211,11 @@ class Process:
         self.pty_fd: int | None = None
         self.os_pid = 0
         self.status: int | None = None
+        # Seconds its output may go on once it exited (a process it left holds its pipes):
+        # then the pipes are closed and its exit reported. None: until they close.
+        drain = req.get("drain_s")
+        self.drain_s = float(drain) if isinstance(drain, (int, float)) else None
+        self.deadline: float | None = None
         self.start(req)
 
     def start(self, req: Msg) -> None:
@@ -390,13 +397,17 @@ class Process:
         self._drop_stdin()
         self.maybe_done()
 
-    def maybe_done(self) -> None:
+    def maybe_done(self, force: bool = False) -> None:
         # The exit is reported once the process is gone and its output read to the end
-        # (a PTY's output ends when the last holder of the terminal is gone, or at once).
+        # (a PTY's output ends when the last holder of the terminal is gone, or at once),
+        # or, with `drain_s`, that long after it is gone.
         if self.status is None:
             return
-        if self.streams and self.pty_fd is None:
+        if self.streams and self.pty_fd is None and not force:
+            if self.drain_s is not None and self.deadline is None:
+                self.deadline = time.monotonic() + max(0.0, min(self.drain_s, 3600.0))
             return
+        self.deadline = None
         for fd in list(self.streams):
             if fd in self.paused:
                 self.paused.discard(fd)
@@ -850,8 +861,16 @@ class Agent:
         )
         busy = False
         while not self.channel.closed:
-            for key, _ in self.selector.select(0 if busy else None):
+            deadlines = [d for p in self.processes.values() if (d := getattr(p, "deadline", None))]
+            timeout = None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+            for key, _ in self.selector.select(0 if busy else timeout):
                 key.data()
+            if deadlines:
+                now = time.monotonic()
+                for process in list(self.processes.values()):
+                    deadline = getattr(process, "deadline", None)
+                    if deadline is not None and deadline <= now:
+                        process.maybe_done(force=True)
             for header, payload in self.channel.frames():
                 self.handle(header, payload)
             busy = self.pump()
@@ -958,6 +977,8 @@ class Agent:
             except OSError:
                 continue
             fields = raw[raw.rfind(b")") + 2 :].split()
+            if int(fields[6]) & _PF_KTHREAD:
+                continue  # the kernel's own threads: a microVM's agent sees them
             table[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]), fields[0])
         children: dict = {}  # pid -> its children
         for pid, entry in table.items():

@@ -63,6 +63,9 @@ class ShuttleSettings(BaseSettings):
         default=None, pattern=r"^[1-9][0-9]{0,3}:[a-z0-9][a-z0-9-]{0,63}$"
     )
     allow_process_runtime: bool = False
+    # Offer the microvm tier (QEMU and the guest image of scripts/build-guest): off until
+    # the tier does all that the others do (docs/architecture.md).
+    microvm: bool = False
     # Network for sandboxed executions whose function asks for it (namespace tier and up);
     # without it, no execution has network.
     allow_network: bool = False

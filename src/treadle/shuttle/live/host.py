@@ -55,7 +55,6 @@ from treadle.shuttle.live.box import LiveSandbox, Unsupported
 from treadle.shuttle.live.execs import Exec, ExecTable
 from treadle.shuttle.live.link import GuestError, GuestProcess, LinkBroken
 from treadle.shuttle.runtimes.base import Runtime
-from treadle.shuttle.runtimes.process import ProcessRuntime
 
 __all__ = ["SandboxHost"]
 
@@ -285,8 +284,9 @@ class SandboxHost:
 
     async def _run(self, held: _Held) -> None:
         spec = held.spec
-        runtime = self._runtimes.get(spec.isolation)
-        if not isinstance(runtime, ProcessRuntime):
+        # A tier runs sandboxes where its runtime has a launcher to start their agent with.
+        launcher = getattr(self._runtimes.get(spec.isolation), "launcher", None)
+        if launcher is None:
             self._end(held, "failed", f"this node does not run {spec.isolation} sandboxes")
             return
         live_spec = box.SandboxSpec(
@@ -303,7 +303,7 @@ class SandboxHost:
         )
         workdir = self._work_root / f"{spec.id}-{spec.incarnation}"
         try:
-            sandbox = await LiveSandbox.start(runtime.launcher, live_spec, workdir)
+            sandbox = await LiveSandbox.start(launcher, live_spec, workdir)
         except (OSError, ValueError) as exc:
             self._end(held, "failed", f"cannot start the sandbox: {exc}")
             return

@@ -187,10 +187,13 @@ class GuestLink:
         pty: tuple[int, int] | None = None,
         user: str | None = None,
         service: bool = False,
+        drain_s: float | None = None,
     ) -> GuestProcess:
         """Start `argv` in the sandbox, as `user` (a name or uid of the sandbox's; None: its
         own user). A `service` (the desktop's sidecars) is not work: neither it nor what it
-        starts keeps the sandbox from being idle."""
+        starts keeps the sandbox from being idle. `drain_s`: its exit is reported that long
+        after it exited at the latest, even while a process it left holds its output open
+        (None: once its output has ended)."""
         header: dict[str, Any] = {
             "op": "exec",
             "argv": argv,
@@ -202,6 +205,8 @@ class GuestLink:
         }
         if service:
             header["service"] = True
+        if drain_s is not None:
+            header["drain_s"] = drain_s
         if pty is not None:
             header["pty"] = {"rows": pty[0], "cols": pty[1]}
         return await self._start(header, tag)

@@ -101,6 +101,7 @@ if grep -q "{CONFIG_ARG}" /proc/cmdline; then
   while [ ! -b /dev/vda ] && [ $tries -lt 300000 ]; do tries=$((tries + 1)); done
   export TREADLE_AGENT_CONFIG=/dev/vda
 fi
+ip link set lo up
 exec 3<>"$port"
 agent="$(cat {_AGENT})"
 if grep -q "{ROOT_ARG}" /proc/cmdline; then
@@ -112,6 +113,10 @@ if grep -q "{ROOT_ARG}" /proc/cmdline; then
   mount -t proc proc /root9p/proc
   mount -t sysfs sys /root9p/sys
   mount -t tmpfs -o mode=1777 tmp /root9p/tmp
+  mkdir -p /root9p/dev/pts /root9p/dev/shm
+  mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /root9p/dev/pts
+  ln -sf pts/ptmx /root9p/dev/ptmx
+  mount -t tmpfs -o mode=1777 shm /root9p/dev/shm
   if [ -n "$home" ] && [ -d "/root9p$home" ]; then
     mount -t tmpfs -o mode=0755 home "/root9p$home"
   fi

@@ -51,7 +51,27 @@ def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:
         runtimes.update(oci_runtimes(settings))
     except (Unavailable, OSError) as exc:
         log.warning("oci and gvisor runtimes unavailable: %s", exc)
+    if settings.microvm:
+        microvm = _microvm_runtime(namespace)
+        if microvm is not None:
+            runtimes[Tier.MICROVM] = microvm
     return runtimes
+
+
+def _microvm_runtime(jail: NamespaceRuntime | None) -> Runtime | None:
+    """The microvm tier, where QEMU, the guest image's kernel package and the namespace tier
+    (QEMU's jail) are all here; KVM where a guest boots under it, else software emulation."""
+    from treadle.shuttle.microvm.runtime import available
+
+    if jail is None:
+        log.warning("microvm runtime unavailable: it needs the namespace tier to jail QEMU")
+        return None
+    runtime, reason = available(jail.launcher)  # type: ignore[arg-type]
+    if runtime is None:
+        log.warning("microvm runtime unavailable: %s", reason)
+    else:
+        log.info("microvm runtime available: %s", reason)
+    return runtime
 
 
 def _namespace_runtime(settings: ShuttleSettings) -> NamespaceRuntime | None:

@@ -43,6 +43,7 @@ from treadle.shuttle.sandbox.policy import ARGS_FILE, PATH, RESULT_FD
 __all__ = [
     "ARGS_FILE",
     "RESULT_FD",
+    "RESULT_LINE_LIMIT",
     "Attempt",
     "HostLauncher",
     "Launch",
@@ -50,6 +51,7 @@ __all__ = [
     "ProcessHandle",
     "ProcessRuntime",
     "ReadOnlyBind",
+    "ResultLines",
     "describe",
     "environment",
     "workdir_files",
@@ -58,7 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 64 * 1024
-_RESULT_LINE_LIMIT = 1024 * 1024
+RESULT_LINE_LIMIT = 1024 * 1024
 # Output read but not yet taken by the consumer: above HIGH the pipes are no longer read
 # (the program blocks on write), below LOW reading resumes.
 _BUFFER_HIGH = 256 * 1024
@@ -401,7 +403,7 @@ class ProcessHandle:
         self._queued = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self._result = _ResultLines(_RESULT_LINE_LIMIT)
+        self._result = ResultLines(RESULT_LINE_LIMIT)
         self._kill_reason: str | None = None
         self._wait_status: int | None = None
         self._usage = Usage()
@@ -586,7 +588,7 @@ class ProcessHandle:
         self._done.set_result(status)
 
 
-class _ResultLines:
+class ResultLines:
     """The result: of the last complete lines of fd 3 (those within `limit` bytes together,
     the newest always), the newest that parses as JSON. Lines are kept as bytes and parsed
     once the program has ended, newest first: parsing each line as it came let a program
