@@ -5,6 +5,7 @@ files both ways, per-stream flow control, pause/resume and stop."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from treadle.shuttle.microvm.runtime import MicrovmRuntime
 from treadle.shuttle.runtimes.process import ProcessRuntime
 from treadle.shuttle.sandbox.policy import ROOT_CAPABILITIES
 
-PARAMS = runtime_params()
+PARAMS = runtime_params(microvm=True)
 HOST_PASSWD = Path("/etc/passwd").read_bytes()
 PY_IN = "python3"  # the sandbox's own, on its PATH
 
@@ -106,10 +107,14 @@ async def test_what_exec_starts_is_inside_the_boundary(
     if tier[0] == Tier.GVISOR:
         return  # its processes live in gVisor's own kernel: the host sees none of them
     # Seen from the host: the workload's own ids (not Shuttle's), in the sandbox's cgroup
-    # (the one its agent is in), not in Shuttle's.
-    listed = await sandbox.link.call("ps")
-    sleeper = next(p for p in listed if "sleep 600" in " ".join(p["argv"]))
-    host_pid = _host_pid_of(sandbox.pid, sleeper["os_pid"])
+    # (the one its agent is in), not in Shuttle's. A microVM's processes live in its own
+    # kernel: what the host sees is the VMM that holds them.
+    if tier[0] == Tier.MICROVM:
+        host_pid = _agent_host_pid(sandbox)
+    else:
+        listed = await sandbox.link.call("ps")
+        sleeper = next(p for p in listed if "sleep 600" in " ".join(p["argv"]))
+        host_pid = _host_pid_of(sandbox.pid, sleeper["os_pid"])
     fields, cgroups = _host_view(host_pid)
     if os.geteuid() == 0:
         assert 0 not in {int(u) for u in fields["Uid"].split()}
@@ -118,6 +123,16 @@ async def test_what_exec_starts_is_inside_the_boundary(
     _, own_cgroups = _host_view(os.getpid())
     assert cgroups == agent_cgroups
     assert _memory_cgroup(cgroups) != _memory_cgroup(own_cgroups)
+
+
+def _open_files(pid: int) -> dict[str, int]:
+    """What a host process holds open, each with its access mode."""
+    opened = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+            flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+        opened[os.readlink(f"/proc/{pid}/fd/{fd}")] = flags & os.O_ACCMODE
+    return opened
 
 
 def _memory_cgroup(cgroups: str) -> str:
@@ -129,7 +144,8 @@ def _memory_cgroup(cgroups: str) -> str:
 
 
 def _agent_host_pid(sandbox: LiveSandbox) -> int:
-    """The host pid of the sandbox's guest agent (a descendant of what Shuttle spawned)."""
+    """The host pid of the sandbox's guest agent (a descendant of what Shuttle spawned); in
+    a microVM, of the VMM that runs the guest."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or not _descends(int(entry), sandbox.pid):
             continue
@@ -140,6 +156,8 @@ def _agent_host_pid(sandbox: LiveSandbox) -> int:
             continue
         # The python3 itself, not bubblewrap's processes, whose argv ends the same.
         if argv[0].endswith(b"python3") and b"Agent().run()" in argv[-2]:
+            return int(entry)
+        if argv[0].endswith(b"qemu-system-x86_64"):
             return int(entry)
     raise AssertionError("no agent found")
 
@@ -286,7 +304,7 @@ async def test_exec_and_files_act_as_the_sandbox_s_users(
     with pytest.raises(GuestError) as unknown:
         await run(sandbox, ["true"], user="no-such-user")
     assert unknown.value.errno == "EINVAL"
-    if tier[0] != Tier.GVISOR:
+    if tier[0] not in (Tier.GVISOR, Tier.MICROVM):  # their processes: not the host's
         # Seen from the host, the sandbox's root is one of the workload's own ids.
         process = await sandbox.link.exec(["sleep", "600"], user="root")
         assert process.os_pid is not None
@@ -391,6 +409,15 @@ async def test_the_agent_holds_nothing_of_the_host_open(
 ) -> None:
     if tier[0] == Tier.PROCESS:
         pytest.skip("the process tier isolates nothing")
+    if tier[0] == Tier.MICROVM:
+        # The agent holds its guest's objects. What the host sees is the VMM's: its stdio,
+        # its own kernel objects, the config disk, and files of the read-only root it
+        # shares with the guest (those the guest has open), each open for reading only.
+        opened = _open_files(_agent_host_pid(sandbox))
+        assert not [t for t in opened if t.startswith("socket:")]
+        shared = {t: mode for t, mode in opened.items() if t.startswith("/") and t != "/dev/null"}
+        assert shared and set(shared.values()) == {os.O_RDONLY}
+        return
     # The agent's fds: pipes, /dev/null, the kernel's own objects (gVisor names the stdio
     # it was given `host:[n]`, and its tier's result FIFO lives in the sandbox's own /dev).
     if tier[0] == Tier.GVISOR:
@@ -470,7 +497,8 @@ async def test_pause_freezes_every_process_and_resume_goes_on(
     await sandbox.pause()
     assert sandbox.paused
     agent = None if tier[0] == Tier.GVISOR else _agent_host_pid(sandbox)
-    if agent is not None:  # gVisor's processes are in its own kernel, out of sight
+    if agent is not None:  # gVisor's processes are in its own kernel, out of sight (a
+        # microVM's are too, but its VMM is frozen with them)
         assert _frozen_from_host(agent)
     await sandbox.resume()
     assert not sandbox.paused
@@ -654,6 +682,12 @@ async def test_a_paused_counter_loses_no_work_and_its_gap_is_the_pause(
 
     # No work lost or done twice: its own count goes on by one.
     assert [n for n, _ in lines] == list(range(1, len(lines) + 1))
+    if tier[0] == Tier.MICROVM:
+        # Its clock is its own kernel's, set from the node's at boot to within QEMU's own
+        # start: the pause shows as a gap in it, at least as long.
+        gaps = [b - a for (_, a), (_, b) in itertools.pairwise(lines)]
+        assert max(gaps) >= thawed_at - frozen_at
+        return
     # Nothing ran while frozen, and its clock jumped by (at least) the pause.
     assert not [t for _, t in lines if frozen_at < t < thawed_at]
     before = max(t for _, t in lines if t <= frozen_at)

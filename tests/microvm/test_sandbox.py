@@ -55,7 +55,8 @@ async def test_a_sandbox_runs_in_its_own_vm_behind_the_namespace_jail(
     sandbox = await LiveSandbox.start(launcher, spec, workdir)
     try:
         ready = await sandbox.link.ready()
-        assert (ready.pid, ready.uid) == (1, 0)  # the agent is the guest's init
+        # The agent is the guest's init, acting as the sandbox's user as in every tier.
+        assert (ready.pid, ready.uid) == (1, 1000)
         process = await sandbox.link.exec(
             ["/bin/sh", "-c", 'echo "$GREETING"; printf %s "$ODD" | od -c | head -1; uname -r']
         )

@@ -80,8 +80,8 @@ def runtime_params(*, process: bool = True, microvm: bool = False) -> list[Any]:
     oci tier once per program behind it (crun and runc), the others once. A tier whose tool
     is installed but which does not work here is a skipped param naming why, and in CI (where
     everything is installed) an error: it must never go untested unnoticed. `microvm`: the
-    microvm tier too, for the suites it passes (the runtime contract; not yet the sandbox
-    and escape suites)."""
+    microvm tier too, for the suites it passes (the runtime and sandbox contracts; not yet
+    the escape suite)."""
     params: list[Any] = []
     if process:
         params.append(pytest.param((Tier.PROCESS, {}), id="process"))

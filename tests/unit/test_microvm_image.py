@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import lzma
 import shutil
 import stat
 import subprocess
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from treadle.shuttle.microvm import cpio
+from treadle.shuttle.live import agent_runtime
+from treadle.shuttle.microvm import cpio, qemu
 from treadle.shuttle.microvm.image import module_depends
 from treadle.shuttle.microvm.kernel import KernelError, vmlinux
 
@@ -85,3 +88,65 @@ def test_a_module_s_dependencies_come_from_its_modinfo() -> None:
     module = b"\x7fELF...\0license=GPL\0depends=virtio,virtio-ring\0vermagic=6.1\0"
     assert module_depends(module) == ["virtio", "virtio_ring"]
     assert module_depends(b"\x7fELF\0license=GPL\0") == []
+
+
+@pytest.mark.parametrize("module", ["vmboot", "vsock_stdio"])
+def test_the_guest_s_programs_run_on_the_agent_runtime_s_python(
+    module: str, tmp_path: Path
+) -> None:
+    """The guest runs them on the agent runtime's Python, which lacks much of the standard
+    library (`typing` among it): each must at least start there and fail with its own word."""
+    runtime = agent_runtime.ensure()
+    source = resources.files("treadle.guest").joinpath(f"{module}.py").read_text()
+    done = subprocess.run(
+        [*runtime.argv(str(runtime.path)), "-I", "-S", "-c", source],
+        env={"TREADLE_AGENT_CONFIG": str(tmp_path / "missing")},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "Traceback" not in done.stderr and "Error" not in done.stderr.split(":")[0]
+    assert done.returncode != 0 and done.stderr.startswith(("treadle:", "usage:"))
+
+
+def test_vmboot_runs_the_named_program_with_exactly_its_environment(tmp_path: Path) -> None:
+    runtime = agent_runtime.ensure()
+    config = tmp_path / "config"
+    home = tmp_path / "home"
+    config.write_bytes(
+        json.dumps(
+            {
+                "argv": ["/bin/sh", "-c", 'echo "$GREETING $(pwd) $(env | wc -l)"'],
+                "env": {"GREETING": "hi", "HOME": str(home)},
+            }
+        ).encode()
+        + b"\0" * 512
+    )
+    source = resources.files("treadle.guest").joinpath("vmboot.py").read_text()
+    done = subprocess.run(
+        [*runtime.argv(str(runtime.path)), "-I", "-S", "-c", source],
+        env={"TREADLE_AGENT_CONFIG": str(config), "LEAK": "x"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout.split()) == (0, ["hi", str(home), "3"]), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "khz"),
+    [
+        ("cpu MHz\t\t: 2596.126\nflags\t\t: fpu tsc constant_tsc hypervisor\n" * 2, 2596126),
+        # Cores at different clocks: the reported rate is not the TSC's.
+        ("cpu MHz : 2596.1\nflags : constant_tsc hypervisor\ncpu MHz : 1400.0\n", None),
+        ("cpu MHz : 2596.1\nflags : constant_tsc\n", None),  # bare metal: the current clock
+        ("cpu MHz : 2596.1\nflags : hypervisor\n", None),  # a TSC whose rate changes
+        ("cpu MHz : nan\nflags : constant_tsc hypervisor\n", None),
+        ("cpu MHz : 1e308\nflags : constant_tsc hypervisor\n", None),
+        ("", None),
+    ],
+)
+def test_the_guest_is_told_the_tsc_rate_only_where_the_host_says_it(
+    cpuinfo: str, khz: int | None
+) -> None:
+    assert qemu.tsc_khz(cpuinfo) == khz

@@ -759,7 +759,6 @@ class Sudo:
 
 class Agent:
     def __init__(self) -> None:
-        _configure()
         self.selector = selectors.DefaultSelector()
         self.channel = Channel(self.selector)
         self.processes: dict[int, Process] = {}
@@ -1298,21 +1297,6 @@ def _describe(path: str, name: str) -> Msg:
     if kind == "symlink":
         described["target"] = _text(os.readlink(path))
     return described
-
-
-def _configure() -> None:
-    """In a microVM the agent is started by the guest's init, which knows nothing of the
-    sandbox: its environment is the one in the config disk the node attached (a JSON object
-    `{"env": {...}}` padded with NULs, at `TREADLE_AGENT_CONFIG`), in place of init's."""
-    path = os.environ.get("TREADLE_AGENT_CONFIG")
-    if not path:
-        return
-    with open(path, "rb") as f:
-        data = f.read(1 << 20)
-    config, _ = json.JSONDecoder().raw_decode(data.split(b"\0", 1)[0].decode())
-    os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in config["env"].items()})
-    os.makedirs(os.environ.get("HOME") or "/", exist_ok=True)
 
 
 def _text(name: str) -> str:

@@ -39,6 +39,7 @@ from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper
 from treadle.shuttle.live import agent_runtime
 from treadle.shuttle.live.link import GuestLink, LinkBroken
+from treadle.shuttle.microvm.launcher import MicrovmLauncher
 from treadle.shuttle.runtimes._spawn import spawn_async
 from treadle.shuttle.runtimes.base import ExitStatus
 from treadle.shuttle.runtimes.namespace import NamespaceLauncher
@@ -178,7 +179,7 @@ class LiveSandbox:
             attempt: Attempt = launcher.prepare(
                 assign, workdir, binds=binds, freezable=True, users=True
             )
-        elif isinstance(launcher, OciLauncher):
+        elif isinstance(launcher, (OciLauncher, MicrovmLauncher)):
             attempt = launcher.prepare(assign, workdir, binds=binds, users=True)
         else:
             attempt = launcher.prepare(assign, workdir, binds=binds)

@@ -30,12 +30,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from treadle.guest.vsock_stdio import PORT as VSOCK_PORT
 from treadle.shuttle.live import agent_runtime
 from treadle.shuttle.microvm import cpio
 from treadle.shuttle.microvm.kernel import vmlinux
 from treadle.shuttle.sandbox.state import private_dir, state_root
 
 __all__ = [
+    "CHANNEL_ARG",
     "CONFIG_ARG",
     "HOME_ARG",
     "INIT",
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 # The layout's version: a change of this module's output changes every image's digest.
-_FORMAT = 1
+_FORMAT = 2
 # The virtio-serial port the guest agent talks on, found in the guest by this name.
 PORT_NAME = "treadle.agent"
 # On the kernel's command line where a config disk is attached (the first virtio disk):
@@ -57,7 +59,17 @@ PORT_NAME = "treadle.agent"
 CONFIG_ARG = "treadle.config=vda"
 # The modules the guest needs; what they depend on comes along, loaded first (in the order
 # `/lib/modules/order` lists, found from each module's own `depends=`).
-MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "9pnet_virtio", "9p")
+MODULES = (
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_blk",
+    "9pnet_virtio",
+    "9p",
+    "vmw_vsock_virtio_transport",
+)
+# On the kernel's command line where the agent's channel is a vsock port (Firecracker's,
+# which has no virtio-serial): `treadle.guest.vsock_stdio` takes the host's connection.
+CHANNEL_ARG = "treadle.channel=vsock"
 # On the kernel's command line where the workload's root is the VMM's view of the host's
 # programs, shared read-only over 9p (tag `ROOT_TAG`): `treadle.root=9p treadle.home=PATH`.
 ROOT_ARG = "treadle.root=9p"
@@ -66,6 +78,8 @@ HOME_ARG = "treadle.home="
 # Where `scripts/build-guest` leaves the kernel package.
 PACKAGE_DIR = Path("/var/cache/treadle/guest")
 _AGENT = "/.treadle/guest-agent.py"
+_BOOT = "/.treadle/vmboot.py"
+_VSOCK_STDIO = "/.treadle/vsock-stdio.py"
 
 # PID 1 of the guest: the file systems the agent needs, the modules, the agent's port; then
 # the agent itself, as PID 1, with its port as stdin and stdout. The port opens once, so one
@@ -80,11 +94,23 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs -o mode=1777 tmp /tmp
 for module in $(cat /lib/modules/order); do
-  insmod /lib/modules/$module.ko || echo "treadle: cannot load $module" >&2
+  # Firecracker names its virtio-mmio devices on the command line, where busybox's insmod
+  # does not look for a module's parameters.
+  args=
+  if [ $module = virtio_mmio ]; then
+    args=$(tr ' ' '\\n' < /proc/cmdline | sed -n 's/^virtio_mmio\\.//p')
+  fi
+  insmod /lib/modules/$module.ko $args || echo "treadle: cannot load $module" >&2
 done
+# The agent's channel: the virtio-serial port, or (Firecracker) a vsock port whose one
+# connection `vsock_stdio` makes the agent's stdin and stdout before it executes the agent.
+set --
+if grep -q "{CHANNEL_ARG}" /proc/cmdline; then
+  set -- @AGENT@ -I -S -c "$(cat {_VSOCK_STDIO})" {VSOCK_PORT}
+fi
 port=
 tries=0
-while [ -z "$port" ] && [ $tries -lt 100000 ]; do
+while [ $# -eq 0 ] && [ -z "$port" ] && [ $tries -lt 100000 ]; do
   for found in /sys/class/virtio-ports/*; do
     if [ -r "$found/name" ] && [ "$(cat "$found/name")" = {PORT_NAME} ]; then
       port=/dev/${{found##*/}}
@@ -93,7 +119,7 @@ while [ -z "$port" ] && [ $tries -lt 100000 ]; do
   tries=$((tries + 1))
 done
 while [ -n "$port" ] && [ ! -e "$port" ] && [ $tries -lt 200000 ]; do tries=$((tries + 1)); done
-if [ -z "$port" ]; then
+if [ $# -eq 0 ] && [ -z "$port" ]; then
   echo "treadle: no virtio port named {PORT_NAME}" >&2
   poweroff -f
 fi
@@ -102,8 +128,11 @@ if grep -q "{CONFIG_ARG}" /proc/cmdline; then
   export TREADLE_AGENT_CONFIG=/dev/vda
 fi
 ip link set lo up
-exec 3<>"$port"
-agent="$(cat {_AGENT})"
+if [ $# -eq 0 ]; then exec 3<>"$port"; else exec 3<>/dev/console; fi
+# With a config disk, the node names the program (`treadle.guest.vmboot` reads it, confines
+# the guest and executes it); without one, the image's own agent runs.
+program="$(cat {_AGENT})"
+if [ -n "$TREADLE_AGENT_CONFIG" ]; then program="$(cat {_BOOT})"; fi
 if grep -q "{ROOT_ARG}" /proc/cmdline; then
   # The workload's root: the host's programs, read-only, and its own writable places.
   home=$(sed -n 's/.*{HOME_ARG}\\([^ ]*\\).*/\\1/p' /proc/cmdline)
@@ -120,9 +149,9 @@ if grep -q "{ROOT_ARG}" /proc/cmdline; then
   if [ -n "$home" ] && [ -d "/root9p$home" ]; then
     mount -t tmpfs -o mode=0755 home "/root9p$home"
   fi
-  exec chroot /root9p @AGENT@ -I -S -c "$agent" 0<&3 1>&3 3>&-
+  exec "$@" chroot /root9p @AGENT@ -I -S -c "$program" 0<&3 1>&3 3>&-
 fi
-exec @AGENT@ -I -S -c "$agent" 0<&3 1>&3 3>&-
+exec "$@" @AGENT@ -I -S -c "$program" 0<&3 1>&3 3>&-
 """
 
 
@@ -160,6 +189,8 @@ def build(
     busybox_path = busybox or shutil.which("busybox") or "/bin/busybox"
     if agent is None:
         agent = resources.files("treadle.guest").joinpath("agent.py").read_bytes()
+    boot = resources.files("treadle.guest").joinpath("vmboot.py").read_bytes()
+    vsock_stdio = resources.files("treadle.guest").joinpath("vsock_stdio.py").read_bytes()
     init = INIT.replace("@AGENT@", " ".join(runtime.argv(agent_runtime.MOUNT_POINT))).encode()
     digest = hashlib.sha256()
     for part in (
@@ -168,6 +199,8 @@ def build(
         runtime.path.name.encode(),
         _file_digest(Path(busybox_path)).encode(),
         agent,
+        boot,
+        vsock_stdio,
         init,
     ):
         digest.update(hashlib.sha256(part).digest())
@@ -187,7 +220,12 @@ def build(
             kernel, modules = _kernel_files(Path(unpacked))
             (staging / "vmlinux").write_bytes(vmlinux(kernel.read_bytes()))
             with open(staging / "initrd", "wb") as out:
-                cpio.write(_initramfs(modules, Path(busybox_path), runtime.path, agent, init), out)
+                cpio.write(
+                    _initramfs(
+                        modules, Path(busybox_path), runtime.path, agent, boot, vsock_stdio, init
+                    ),
+                    out,
+                )
         for path in (staging / "vmlinux", staging / "initrd"):
             path.chmod(0o644)
         staging.chmod(0o755)
@@ -247,7 +285,13 @@ def module_depends(module: bytes) -> list[str]:
 
 
 def _initramfs(
-    modules: dict[str, bytes], busybox: Path, runtime: Path, agent: bytes, init: bytes
+    modules: dict[str, bytes],
+    busybox: Path,
+    runtime: Path,
+    agent: bytes,
+    boot: bytes,
+    vsock_stdio: bytes,
+    init: bytes,
 ) -> Iterator[cpio.Entry]:
     directory = stat.S_IFDIR | 0o755
     for name in ("bin", "lib", "lib/modules", ".treadle"):
@@ -259,6 +303,8 @@ def _initramfs(
     order = "".join(f"{name}\n" for name in modules).encode()
     yield cpio.Entry("lib/modules/order", stat.S_IFREG | 0o644, order)
     yield cpio.Entry(_AGENT.lstrip("/"), stat.S_IFREG | 0o644, agent)
+    yield cpio.Entry(_BOOT.lstrip("/"), stat.S_IFREG | 0o644, boot)
+    yield cpio.Entry(_VSOCK_STDIO.lstrip("/"), stat.S_IFREG | 0o644, vsock_stdio)
     mount = agent_runtime.MOUNT_POINT.lstrip("/")
     yield cpio.Entry(mount, directory)
     for dirpath, dirnames, filenames in os.walk(runtime):

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,12 @@ from treadle.shuttle.microvm.image import GuestImage
 from treadle.shuttle.runtimes.base import ExitStatus
 from treadle.shuttle.runtimes.namespace import NamespaceLauncher
 from treadle.shuttle.runtimes.process import Attempt, Launch, ReadOnlyBind, environment
+from treadle.shuttle.sandbox.ids import SANDBOX_GID, SANDBOX_UID
+from treadle.shuttle.sandbox.policy import (
+    AGENT_USER_ENV,
+    CAPABILITY_NUMBERS,
+    ROOT_CAPABILITIES,
+)
 
 __all__ = ["GUEST_MIN_MIB", "VMM_OVERHEAD_MIB", "MicrovmLauncher"]
 
@@ -96,7 +103,25 @@ class MicrovmLauncher:
         if spec.network:
             raise ValueError("the microvm tier gives no network yet")
         home = spec.workdir or _GUEST_HOME
-        config = _memfd_read_only("treadle-config", _config_disk(environment(spec, home)))
+        env = environment(spec, home)
+        if users:
+            env[AGENT_USER_ENV] = f"{SANDBOX_UID}:{SANDBOX_GID}"
+        config = _memfd_read_only(
+            "treadle-config",
+            _config_disk(
+                {
+                    "argv": spec.argv,
+                    "env": env,
+                    "time": time.time(),
+                    # Without users of its own, everything runs as the sandbox's user.
+                    "user": None if users else [SANDBOX_UID, SANDBOX_GID],
+                    "capabilities": sorted(
+                        CAPABILITY_NUMBERS[name] for name in (ROOT_CAPABILITIES if users else ())
+                    ),
+                    "seccomp": self._jail.seccomp_program.hex(),
+                }
+            ),
+        )
         try:
             guest = GuestImage(
                 Path(_IMAGE_AT) / self._image.kernel.name,
@@ -156,10 +181,10 @@ def _memfd_read_only(name: str, data: bytes) -> int:
         os.close(fd)
 
 
-def _config_disk(env: dict[str, str]) -> bytes:
-    """The config disk's bytes: `{"env": ...}` as JSON (no NUL in it: JSON escapes control
-    characters), padded with NULs to whole sectors."""
-    data = json.dumps({"env": env}, ensure_ascii=True).encode()
+def _config_disk(config: dict[str, Any]) -> bytes:
+    """The config disk's bytes (what `treadle.guest.vmboot` reads): JSON (no NUL in it: JSON
+    escapes control characters), padded with NULs to whole sectors."""
+    data = json.dumps(config, ensure_ascii=True).encode()
     return data + b"\0" * (-len(data) % _SECTOR or _SECTOR)
 
 

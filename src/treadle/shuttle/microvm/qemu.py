@@ -35,17 +35,47 @@ from treadle.shuttle.microvm.image import (
     GuestImage,
 )
 
-__all__ = ["Accel", "BootFailed", "Vm", "argv", "boot", "probe"]
+__all__ = ["Accel", "BootFailed", "Vm", "argv", "boot", "probe", "tsc_khz"]
 
 Accel = Literal["kvm", "tcg"]
 # What the guest is told: a quiet console on the one serial port, no reboot (a guest that
-# ends ends QEMU), and what keeps a microvm booting fast, or at all, under TCG (the TSC's
-# rate given, so that calibrating it cannot hang).
+# ends ends QEMU), and what keeps a microvm booting fast, or at all, under TCG (with the
+# TSC's rate, `tsc_khz`, where the host says it).
 _CMDLINE = (
     "console=ttyS0 quiet panic=-1 reboot=t mitigations=off no_timer_check "
     "cryptomgr.notests i8042.noaux 8250.nr_uarts=1 nokaslr random.trust_cpu=on"
 )
-_TCG_CMDLINE = "tsc_early_khz=2000000"
+
+
+def tsc_khz(cpuinfo: str | None = None) -> int | None:
+    """The host's TSC rate in kHz, which is the rate of a software-emulated guest's TSC
+    (QEMU's TCG reads the host's), where the host says it: a TSC of constant rate on a
+    virtual machine, whose reported clock is the rate its hypervisor gives. Given to the
+    guest (`tsc_early_khz`), it spares the guest calibrating against the emulated PIT,
+    which on a busy host under emulation fails, or hangs the boot; a wrong rate would make
+    the guest's clock run fast or slow. None: let the guest calibrate."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    rates, flags = set(), set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            rates.add(value.strip())
+        elif key.strip() == "flags":
+            flags.update(value.split())
+    if len(rates) != 1 or not {"constant_tsc", "hypervisor"} <= flags:
+        return None
+    try:
+        mhz = float(rates.pop())
+    except ValueError:
+        return None
+    return round(mhz * 1000) if 100 <= mhz <= 10_000 else None  # NaN and inf compare false
+
+
 _CONSOLE_KEEP = 16 * 1024
 
 
@@ -73,7 +103,9 @@ def argv(
     dropped). `root_share`: the guest's root is QEMU's own view of `/` (in its jail: the
     host's programs), shared read-only over 9p, with a tmpfs at `home`. `kernel_args` go
     after the kernel's own."""
-    cmdline = _CMDLINE if accel == "kvm" else f"{_CMDLINE} {_TCG_CMDLINE}"
+    cmdline = _CMDLINE
+    if accel == "tcg" and (khz := tsc_khz()) is not None:
+        cmdline = f"{cmdline} tsc_early_khz={khz}"
     if config_fd is not None:
         cmdline = f"{cmdline} {CONFIG_ARG}"
     shares: list[str] = []

@@ -189,6 +189,12 @@ class NamespaceLauncher:
     def gives_network(self) -> bool:
         return self.slirp is not None
 
+    @property
+    def seccomp_program(self) -> bytes:
+        """The filter every sandbox of this launcher runs under (a microVM's guest installs
+        the same one)."""
+        return self._seccomp
+
     def prepare(
         self,
         spec: AssignSpec,

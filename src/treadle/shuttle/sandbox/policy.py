@@ -17,6 +17,7 @@ __all__ = [
     "AGENT_SUDO_ENV",
     "AGENT_USER_ENV",
     "ARGS_FILE",
+    "CAPABILITY_NUMBERS",
     "MASKED_PATHS",
     "PATH",
     "READONLY_PATHS",
@@ -70,6 +71,56 @@ ROOT_CAPABILITIES = (
     "CAP_SETGID",
     "CAP_SETUID",
 )
+# Linux's capability numbers (linux/capability.h), for what sets capabilities by number (a
+# microVM guest's bounding set).
+CAPABILITY_NUMBERS = {
+    name: number
+    for number, name in enumerate(
+        [
+            "CAP_CHOWN",
+            "CAP_DAC_OVERRIDE",
+            "CAP_DAC_READ_SEARCH",
+            "CAP_FOWNER",
+            "CAP_FSETID",
+            "CAP_KILL",
+            "CAP_SETGID",
+            "CAP_SETUID",
+            "CAP_SETPCAP",
+            "CAP_LINUX_IMMUTABLE",
+            "CAP_NET_BIND_SERVICE",
+            "CAP_NET_BROADCAST",
+            "CAP_NET_ADMIN",
+            "CAP_NET_RAW",
+            "CAP_IPC_LOCK",
+            "CAP_IPC_OWNER",
+            "CAP_SYS_MODULE",
+            "CAP_SYS_RAWIO",
+            "CAP_SYS_CHROOT",
+            "CAP_SYS_PTRACE",
+            "CAP_SYS_PACCT",
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_BOOT",
+            "CAP_SYS_NICE",
+            "CAP_SYS_RESOURCE",
+            "CAP_SYS_TIME",
+            "CAP_SYS_TTY_CONFIG",
+            "CAP_MKNOD",
+            "CAP_LEASE",
+            "CAP_AUDIT_WRITE",
+            "CAP_AUDIT_CONTROL",
+            "CAP_SETFCAP",
+            "CAP_MAC_OVERRIDE",
+            "CAP_MAC_ADMIN",
+            "CAP_SYSLOG",
+            "CAP_WAKE_ALARM",
+            "CAP_BLOCK_SUSPEND",
+            "CAP_AUDIT_READ",
+            "CAP_PERFMON",
+            "CAP_BPF",
+            "CAP_CHECKPOINT_RESTORE",
+        ]
+    )
+}
 # Given to a guest agent started with ROOT_CAPABILITIES: "uid:gid" of the sandbox's user, the
 # one it acts as unless a request names another (`treadle.guest.agent`).
 AGENT_USER_ENV = "TREADLE_AGENT_USER"
