@@ -25,6 +25,7 @@ import pytest
 
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol.messages import AssignSpec
+from treadle.shuttle.microvm.runtime import MicrovmExecution
 from treadle.shuttle.runtimes import (
     ExitStatus,
     OciRuntime,
@@ -188,8 +189,22 @@ class Gate:
         self._locate = locate
         self._dir: int | None = None
         self._released = 0
+        self._vm: MicrovmExecution | None = None
+        self._touching: list[asyncio.Task[object]] = []
+
+    def attach(self, handle: RuntimeHandle) -> None:
+        """The handle of the gated program: where it runs in a VM, the gate is reached
+        through the VM's agent (nothing of a guest's is on the host)."""
+        if isinstance(handle, MicrovmExecution):
+            self._vm = handle
 
     def release(self) -> None:
+        if self._vm is not None:
+            self._released += 1
+            link, home = self._vm.sandbox.link, self._vm.home
+            touch = link.exec(["touch", f"gate.{self._released}"], cwd=home)
+            self._touching.append(asyncio.ensure_future(touch))
+            return
         if self._dir is None:
             self._dir = self._open()
         self._released += 1

@@ -150,3 +150,13 @@ def test_the_guest_is_told_the_tsc_rate_only_where_the_host_says_it(
     cpuinfo: str, khz: int | None
 ) -> None:
     assert qemu.tsc_khz(cpuinfo) == khz
+
+
+def test_kvm_is_used_only_where_a_workload_s_vmm_may_open_it(tmp_path: Path) -> None:
+    # A workload's VMM runs as the workload's own ids, in no group of the host's.
+    assert qemu.kvm_open_to_workloads("/dev/null")  # a character device open to all
+    regular = tmp_path / "kvm"
+    regular.touch(0o666)
+    regular.chmod(0o666)
+    assert not qemu.kvm_open_to_workloads(str(regular))  # not a device
+    assert not qemu.kvm_open_to_workloads(str(tmp_path / "missing"))

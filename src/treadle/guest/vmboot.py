@@ -5,11 +5,15 @@ it (JSON padded with NULs, at the path in `TREADLE_AGENT_CONFIG`): the program t
 guest agent, as in every tier), its environment, the wall-clock time to take, and the
 confinement every tier gives sandboxed code. Here, as the guest's root, it:
 
-- sets the guest's clock to the node's (the guest's own clock starts from a one-second RTC),
-  less nothing: the node writes the time when QEMU starts, and adds the seconds the guest
-  took to get here;
+- sets the guest's clock to the node's (the guest's own starts from a one-second RTC): the
+  node's time as it prepared the VM plus the guest's own time since its kernel started, so
+  behind by QEMU's own start-up (a fraction of a second);
 - drops from the bounding set every capability but those the node lists, so a process that
   runs as the sandbox's root holds those and nothing more, as in the other tiers;
+- holds the workload to its limits within the guest as the other tiers do on the host: a
+  cgroup (memory, pids) for the agent and all it starts, the size of its writable places
+  (its home, /tmp, /dev/shm), and no core dumps; and it masks the paths of /proc the
+  other tiers mask;
 - sets no_new_privs and installs the node's seccomp filter (the sandbox layer's, the same
   program bubblewrap installs), so the agent and all it starts meet the same system-call
   policy as everywhere else, even though the guest's kernel is the boundary here;
@@ -33,6 +37,10 @@ _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _CLOCK_REALTIME = 0
+_MS_RDONLY = 1
+_MS_REMOUNT = 32
+_MS_BIND = 4096
+_RLIMIT_CORE = 4
 
 
 class _Filter(ctypes.Structure):
@@ -50,6 +58,53 @@ def read_config(path: str) -> dict:
     return config
 
 
+def limit(libc: ctypes.CDLL, limits: dict) -> None:
+    """The workload's cgroup in the guest's own kernel (mounted where the workload's root
+    does not show it), and no core dumps."""
+    group = "/sys/fs/cgroup"
+    if libc.mount(b"cgroup2", group.encode(), b"cgroup2", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "cannot mount cgroup2")
+    with open(f"{group}/cgroup.subtree_control", "w") as f:
+        f.write("+memory +pids")
+    os.mkdir(f"{group}/workload")
+    settings = {
+        "memory.max": int(limits["memory_mib"]) << 20,
+        "memory.swap.max": 0,
+        "pids.max": int(limits["pids"]),
+    }
+    for name, value in settings.items():
+        with open(f"{group}/workload/{name}", "w") as f:
+            f.write(str(value))
+    with open(f"{group}/workload/cgroup.procs", "w") as f:
+        f.write(str(os.getpid()))
+    if libc.setrlimit(_RLIMIT_CORE, ctypes.byref((ctypes.c_ulong * 2)(0, 0))) != 0:
+        raise OSError(ctypes.get_errno(), "cannot turn core dumps off")
+
+
+def bound_places(libc: ctypes.CDLL, limits: dict, home: object) -> None:
+    """The size of the workload's writable places: each at most its disk."""
+    size = f"size={int(limits['disk_mib']) << 20}".encode()
+    for place in {"/tmp", "/dev/shm", str(home or "/tmp")}:
+        if (
+            os.path.ismount(place)
+            and libc.mount(None, place.encode(), None, _MS_REMOUNT, size) != 0
+        ):
+            raise OSError(ctypes.get_errno(), f"cannot bound {place}")
+
+
+def mask(libc: ctypes.CDLL, path: str) -> None:
+    """Hide a path of /proc as the other tiers do (though here it shows the guest's kernel,
+    not the host's): an empty read-only directory, or /dev/null, over it."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        done = libc.mount(b"tmpfs", path.encode(), b"tmpfs", _MS_RDONLY, b"size=0")
+    else:
+        done = libc.mount(b"/dev/null", path.encode(), None, _MS_BIND, None)
+    if done != 0:
+        raise OSError(ctypes.get_errno(), f"cannot mask {path}")
+
+
 def main() -> None:
     config = read_config(os.environ["TREADLE_AGENT_CONFIG"])
     libc = ctypes.CDLL(None, use_errno=True)
@@ -65,6 +120,17 @@ def main() -> None:
         for cap in range(last + 1):
             if cap not in keep and libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), f"cannot drop capability {cap}")
+    limits = config.get("limits")
+    if limits:
+        limit(libc, limits)
+    root = os.environ.get("TREADLE_ROOT")
+    if root:  # the workload's root, where the guest's init has mounted it
+        os.chroot(root)
+        os.chdir("/")
+    if limits:
+        bound_places(libc, limits, config["env"].get("HOME"))
+    for path in config.get("masked") or ():
+        mask(libc, str(path))
     env = {str(k): str(v) for k, v in config["env"].items()}
     home = env.get("HOME")
     if home:

@@ -6,7 +6,7 @@ here.
 - One that names a minimum (`min_isolation`) runs in the weakest tier the node offers that is
   at least that strong. One that names neither runs in the weakest offered tier at least the
   fleet default (`DEFAULT`, `namespace`, unless the operator raises it). An `image` raises
-  either floor to `oci`.
+  either floor to `oci`, and keeps the work to the tiers that run images (`IMAGE_TIERS`).
 - `process` isolates nothing, so it is used only for a tenant the operator allows and only
   when the function, or the operator's default, names it. For any other tenant a floor of
   `process` counts as `namespace`, and an exact `process` is refused.
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from treadle.domain.function import WorkloadSpec
+from treadle.domain.function import IMAGE_TIERS, WorkloadSpec
 from treadle.domain.resources import Tier
 
 __all__ = [
@@ -60,6 +60,7 @@ class TierRule:
     isolation: Tier | None = None
     floor: Tier = ISOLATING
     refused: str | None = None
+    only: frozenset[Tier] | None = None  # where the work can run at all (an image's tiers)
 
     @property
     def admits_process(self) -> bool:
@@ -77,7 +78,8 @@ def rule_for(spec: WorkloadSpec, *, allow_process: bool, default: Tier = DEFAULT
     required = spec.tier_floor
     if required is not None and required.strength > floor.strength:
         floor = required
-    return TierRule(floor=_permitted(floor, allow_process))
+    only = frozenset(IMAGE_TIERS) if spec.image is not None else None
+    return TierRule(floor=_permitted(floor, allow_process), only=only)
 
 
 def default_tier(runtimes: Collection[Tier], default: Tier = DEFAULT) -> Tier | None:
@@ -103,7 +105,14 @@ def choose(
         return None
     if rule.isolation is not None:
         return rule.isolation if rule.isolation in runtimes else None
-    usable = sorted((t for t in runtimes if t.strength >= rule.floor.strength), key=_strength)
+    usable = sorted(
+        (
+            t
+            for t in runtimes
+            if t.strength >= rule.floor.strength and (rule.only is None or t in rule.only)
+        ),
+        key=_strength,
+    )
     if network:
         # Placement chose this node because one of these gives network; without one the
         # work still runs, as it would have on a node without network anywhere.

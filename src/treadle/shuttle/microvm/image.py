@@ -149,6 +149,11 @@ if grep -q "{ROOT_ARG}" /proc/cmdline; then
   if [ -n "$home" ] && [ -d "/root9p$home" ]; then
     mount -t tmpfs -o mode=0755 home "/root9p$home"
   fi
+  if [ -n "$TREADLE_AGENT_CONFIG" ]; then
+    # vmboot enters the root itself, once it has set up what the root does not show.
+    export TREADLE_ROOT=/root9p
+    exec "$@" @AGENT@ -I -S -c "$program" 0<&3 1>&3 3>&-
+  fi
   exec "$@" chroot /root9p @AGENT@ -I -S -c "$program" 0<&3 1>&3 3>&-
 fi
 exec "$@" @AGENT@ -I -S -c "$program" 0<&3 1>&3 3>&-

@@ -39,6 +39,7 @@ from treadle.shuttle.sandbox.policy import (
     AGENT_USER_ENV,
     CAPABILITY_NUMBERS,
     ROOT_CAPABILITIES,
+    masked_in_proc,
 )
 
 __all__ = ["GUEST_MIN_MIB", "VMM_OVERHEAD_MIB", "MicrovmLauncher"]
@@ -119,6 +120,12 @@ class MicrovmLauncher:
                         CAPABILITY_NUMBERS[name] for name in (ROOT_CAPABILITIES if users else ())
                     ),
                     "seccomp": self._jail.seccomp_program.hex(),
+                    "masked": masked_in_proc(),
+                    "limits": {
+                        "memory_mib": spec.resources.memory_mib,
+                        "pids": self._jail.limits.pids_max,
+                        "disk_mib": spec.resources.disk_mib,
+                    },
                 }
             ),
         )
@@ -156,6 +163,7 @@ class MicrovmLauncher:
                 workdir,
                 binds=[*binds, ReadOnlyBind(self._image.kernel.parent, _IMAGE_AT)],
                 freezable=freezable,
+                devices=["/dev/kvm"] if self._accel == "kvm" else [],
             )
         except BaseException:
             os.close(config)

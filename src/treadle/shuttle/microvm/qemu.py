@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -290,9 +291,21 @@ async def ready(vm: Vm, timeout_s: float) -> Ready:
             raise BootFailed(f"the guest agent's first word was not `ready`: {event!r}")
 
 
+def kvm_open_to_workloads(path: str = "/dev/kvm") -> bool:
+    """Whether a workload's VMM, which runs as the workload's own host ids and no group of
+    the host's, may open `path` for reading and writing (Debian's udev rules make it
+    0666; a host that keeps it to the `kvm` group keeps its VMMs on software emulation)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) and mode & 0o006 == 0o006
+
+
 async def probe(image: GuestImage, workdir: Path, timeout_s: float = 20.0) -> Accel:
-    """KVM where a guest boots under it to its agent's `ready` within `timeout_s`, else TCG."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    """KVM where a guest boots under it to its agent's `ready` within `timeout_s` and the
+    workloads' VMMs may open it too, else TCG."""
+    if not kvm_open_to_workloads():
         return "tcg"
     try:
         vm = await boot(image, workdir, accel="kvm", timeout_s=timeout_s)

@@ -41,7 +41,7 @@ from treadle.shuttle.runtimes.process import (
 )
 from treadle.shuttle.sandbox import exits
 
-__all__ = ["MicrovmRuntime", "available"]
+__all__ = ["MicrovmExecution", "MicrovmRuntime", "available"]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class MicrovmRuntime:
             sandbox = await LiveSandbox.start(self.launcher, sandbox_spec, workdir)
         except (OSError, ValueError) as exc:
             return SpawnFailed(f"treadle: {exc}\n")
-        execution = _Execution(sandbox, spec, home)
+        execution = MicrovmExecution(sandbox, spec, home)
         try:
             await execution.begin()
         except (GuestError, LinkBroken, OSError, ValueError) as exc:
@@ -118,7 +118,7 @@ class MicrovmRuntime:
         return execution
 
 
-class _Execution:
+class MicrovmExecution:
     def __init__(self, sandbox: LiveSandbox, spec: AssignSpec, home: str) -> None:
         self._sandbox = sandbox
         self._spec = spec
@@ -128,6 +128,16 @@ class _Execution:
         self._timer: asyncio.TimerHandle | None = None
         self._status: asyncio.Task[ExitStatus] | None = None
         self._started = asyncio.get_running_loop().time()
+
+    @property
+    def sandbox(self) -> LiveSandbox:
+        """The VM it runs in."""
+        return self._sandbox
+
+    @property
+    def home(self) -> str:
+        """Its work dir, in the VM."""
+        return self._home
 
     async def begin(self) -> None:
         spec, link = self._spec, self._sandbox.link

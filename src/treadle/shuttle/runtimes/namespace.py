@@ -203,12 +203,14 @@ class NamespaceLauncher:
         binds: Sequence[ReadOnlyBind] = (),
         freezable: bool = False,
         users: bool = False,
+        devices: Sequence[str] = (),
     ) -> Attempt:
         """See `Launcher.prepare`; `freezable`: the attempt's group can be frozen (a
         long-lived sandbox's pause), which on cgroup v1 costs one more hierarchy. `users`:
         the sandbox has users of its own (every id of its range mapped) and its program
         starts with `ROOT_CAPABILITIES`, told so by `AGENT_USER_ENV`, to act as any of them;
-        granted only where the workload has host ids of its own (Shuttle is root)."""
+        granted only where the workload has host ids of its own (Shuttle is root). `devices`:
+        host device nodes shown at their own paths (a microVM's VMM needs /dev/kvm)."""
         # `workdir` stays unused: the work dir lives inside the sandbox (see `bwrap`).
         files = workdir_files(spec)
         home = spec.workdir or bwrap.WORK_DIR
@@ -262,6 +264,7 @@ class NamespaceLauncher:
                 binds=[
                     *self._binds,
                     *bwrap.read_only_binds((bind.source, bind.target) for bind in binds),
+                    *(arg for device in devices for arg in ("--dev-bind", device, device)),
                 ],
                 fds=fds,
                 env=env,
