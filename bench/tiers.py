@@ -1,6 +1,7 @@
 """Start-to-exit of `echo 13` per isolation tier, next to the raw tools.
 
     .venv/bin/python bench/tiers.py [-n 300] [--warmup 20] [--url URL] [--sustained 15]
+        [--microvm]
 
 For every tier this host offers (the process tier included), N runs one after another of
 `/bin/echo 13` through the runtime interface: `start` → the whole output → `wait`, which is
@@ -264,12 +265,18 @@ def main() -> None:
     parser.add_argument(
         "--sustained", type=float, metavar="S", help="also raw bubblewrap's throughput, S s"
     )
+    parser.add_argument(
+        "--microvm", action="store_true", help="the microvm tier too (seconds per run under TCG)"
+    )
     options = parser.parse_args()
 
     result: dict[str, Any] = {"host": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
     with tempfile.TemporaryDirectory(prefix="treadle-bench-tiers-") as scratch:
         settings = ShuttleSettings(
-            weaver_url="http://127.0.0.1:9", home=Path(scratch), allow_process_runtime=True
+            weaver_url="http://127.0.0.1:9",
+            home=Path(scratch),
+            allow_process_runtime=True,
+            microvm=options.microvm,
         )
         runtimes: dict[str, Runtime] = {
             str(tier): runtime for tier, runtime in available_runtimes(settings).items()
@@ -330,8 +337,15 @@ def main() -> None:
             result["namespace_runtime"]["p50_ms"] / result["raw_bwrap"]["p50_ms"], 2
         )
     if options.url is not None:
-        raw_of = {"process": "raw_echo", "namespace": "raw_bwrap", "oci": "raw_crun"}
-        for tier in ("process", "namespace", "oci", "gvisor"):
+        raw_of = {
+            "process": "raw_echo",
+            "namespace": "raw_bwrap",
+            "oci": "raw_crun",
+            "microvm": "microvm_runtime",  # its raw QEMU boot: bench/microvm.py
+        }
+        for tier in ("process", "namespace", "oci", "gvisor", "microvm"):
+            if tier == "microvm" and not options.microvm:
+                continue
             measured = through_api(options.url, tier, options.n, options.warmup)
             if measured is None:
                 continue
