@@ -14,6 +14,8 @@ confinement every tier gives sandboxed code. Here, as the guest's root, it:
   cgroup (memory, pids) for the agent and all it starts, the size of its writable places
   (its home, /tmp, /dev/shm), and no core dumps; and it masks the paths of /proc the
   other tiers mask;
+- where the workload has network, sets up the guest's interface and the node's fence in its
+  routes (the same prefixes the namespace tier prohibits);
 - sets no_new_privs and installs the node's seccomp filter (the sandbox layer's, the same
   program bubblewrap installs), so the agent and all it starts meet the same system-call
   policy as everywhere else, even though the guest's kernel is the boundary here;
@@ -105,6 +107,28 @@ def mask(libc: ctypes.CDLL, path: str) -> None:
         raise OSError(ctypes.get_errno(), f"cannot mask {path}")
 
 
+def network(settings: dict) -> None:
+    """The guest's one interface, named and addressed as in the namespace tier's sandboxes,
+    and the node's fence in its routes (before the chroot: busybox's `ip` is the initramfs's)."""
+    steps = [
+        ["link", "set", "eth0", "name", "tap0"],
+        ["addr", "add", "10.0.2.100/24", "dev", "tap0"],
+        ["link", "set", "tap0", "up"],
+        ["route", "add", "default", "via", "10.0.2.2"],
+        *(["route", "add", "prohibit", str(prefix)] for prefix in settings["fence"]),
+    ]
+    for step in steps:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.execv("/bin/ip", ["ip", *step])
+            finally:
+                os._exit(127)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise OSError(f"cannot set up the network: ip {' '.join(step)} failed")
+
+
 def main() -> None:
     config = read_config(os.environ["TREADLE_AGENT_CONFIG"])
     libc = ctypes.CDLL(None, use_errno=True)
@@ -113,6 +137,8 @@ def main() -> None:
         now = float(config["time"]) + time.clock_gettime(time.CLOCK_BOOTTIME)
         spec = _Timespec(int(now), int((now % 1) * 1e9))
         libc.clock_settime(_CLOCK_REALTIME, ctypes.byref(spec))
+    if config.get("network"):  # first: `ip` runs as a program, with the bounding set as is
+        network(config["network"])
     keep = config.get("capabilities")
     if keep is not None:
         with open("/proc/sys/kernel/cap_last_cap") as f:

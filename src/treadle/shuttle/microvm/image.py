@@ -66,6 +66,7 @@ MODULES = (
     "9pnet_virtio",
     "9p",
     "vmw_vsock_virtio_transport",
+    "virtio_net",
 )
 # On the kernel's command line where the agent's channel is a vsock port (Firecracker's,
 # which has no virtio-serial): `treadle.guest.vsock_stdio` takes the host's connection.
@@ -200,6 +201,7 @@ def build(
     digest = hashlib.sha256()
     for part in (
         str(_FORMAT).encode(),
+        " ".join(MODULES).encode(),
         _file_digest(package).encode(),
         runtime.path.name.encode(),
         _file_digest(Path(busybox_path)).encode(),

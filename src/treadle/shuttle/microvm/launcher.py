@@ -32,7 +32,7 @@ from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.microvm import qemu
 from treadle.shuttle.microvm.image import GuestImage
 from treadle.shuttle.runtimes.base import ExitStatus
-from treadle.shuttle.runtimes.namespace import NamespaceLauncher
+from treadle.shuttle.runtimes.namespace import NO_NETWORK, NamespaceLauncher, NoNetwork
 from treadle.shuttle.runtimes.process import Attempt, Launch, ReadOnlyBind, environment
 from treadle.shuttle.sandbox.ids import SANDBOX_GID, SANDBOX_UID
 from treadle.shuttle.sandbox.policy import (
@@ -81,7 +81,9 @@ class MicrovmLauncher:
 
     @property
     def gives_network(self) -> bool:
-        return False
+        """Network goes to a guest through its VMM's jail, which gets the namespace tier's
+        (slirp4netns, fenced off this host, its cloud and Weaver)."""
+        return self._jail.gives_network
 
     @property
     def accel(self) -> qemu.Accel:
@@ -101,8 +103,8 @@ class MicrovmLauncher:
         through it to the guest."""
         if spec.image is not None:
             raise ValueError("the microvm tier runs the guest's own programs: no images yet")
-        if spec.network:
-            raise ValueError("the microvm tier gives no network yet")
+        if spec.network and self._jail.slirp is None:
+            raise NoNetwork(NO_NETWORK)
         home = spec.workdir or _GUEST_HOME
         env = environment(spec, home)
         if users:
@@ -121,6 +123,10 @@ class MicrovmLauncher:
                     ),
                     "seccomp": self._jail.seccomp_program.hex(),
                     "masked": masked_in_proc(),
+                    # The same fence again, in the guest's own routes: refused there at once.
+                    "network": None
+                    if not spec.network or self._jail.slirp is None
+                    else {"fence": self._jail.slirp.fenced()},
                     "limits": {
                         "memory_mib": spec.resources.memory_mib,
                         "pids": self._jail.limits.pids_max,
@@ -146,13 +152,14 @@ class MicrovmLauncher:
                 config_fd=CONFIG_FD,
                 root_share=True,
                 home=home,
+                network=spec.network,
             )
             jailed = spec.model_copy(
                 update={
                     "workdir": home,
                     "argv": command,
                     "env": {},
-                    "network": False,
+                    "network": spec.network,
                     "resources": spec.resources.model_copy(
                         update={"memory_mib": memory + VMM_OVERHEAD_MIB}
                     ),

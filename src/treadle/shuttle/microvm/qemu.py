@@ -96,14 +96,15 @@ def argv(
     root_share: bool = False,
     home: str | None = None,
     kernel_args: str = "",
+    network: bool = False,
 ) -> list[str]:
     """QEMU's command line for one guest: no devices but a serial console, the agent's port
     and a config disk (the sandbox's settings: read-only, from `config_fd`, a descriptor
-    open for reading that QEMU inherits), no firmware, no network, no reboot. `channel`: the
-    Unix socket the port connects to; None: QEMU's own stdin and stdout (the console is then
-    dropped). `root_share`: the guest's root is QEMU's own view of `/` (in its jail: the
-    host's programs), shared read-only over 9p, with a tmpfs at `home`. `kernel_args` go
-    after the kernel's own."""
+    open for reading that QEMU inherits), no firmware, no reboot. `channel`: the Unix socket
+    the port connects to; None: QEMU's own stdin and stdout (the console is then dropped).
+    `root_share`: the guest's root is QEMU's own view of `/` (in its jail: the host's
+    programs), shared read-only over 9p, with a tmpfs at `home`. `network`: a virtio NIC on
+    QEMU's user-mode network (none otherwise). `kernel_args` go after the kernel's own."""
     cmdline = _CMDLINE
     if accel == "tcg" and (khz := tsc_khz()) is not None:
         cmdline = f"{cmdline} tsc_early_khz={khz}"
@@ -138,6 +139,16 @@ def argv(
             "-device",
             "virtio-blk-device,drive=config",
         ]
+    nic = []
+    if network:
+        # QEMU's user-mode network in its own network namespace (the jail's, where slirp4netns
+        # carries it on): the guest's gateway 10.0.2.2 is that namespace's empty loopback.
+        nic = [
+            "-netdev",
+            "user,id=net,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,ipv6=off",
+            "-device",
+            "virtio-net-device,netdev=net",
+        ]
     cpu = "host" if accel == "kvm" else "max"
     return [
         qemu,
@@ -170,6 +181,7 @@ def argv(
         f"virtserialport,chardev=agent,name={PORT_NAME}",
         *drives,
         *shares,
+        *nic,
     ]
 
 

@@ -85,6 +85,10 @@ class MicrovmRuntime:
     def tier(self) -> Tier:
         return Tier.MICROVM
 
+    @property
+    def gives_network(self) -> bool:
+        return self.launcher.gives_network
+
     async def start(self, spec: AssignSpec, workdir: Path) -> RuntimeHandle:
         home = spec.workdir or _WORK_DIR
         try:

@@ -30,9 +30,11 @@ log = logging.getLogger(__name__)
 
 def gives_network(runtime: Runtime) -> bool:
     """Whether executions in `runtime` get network when their function asks: only where
-    the tier can give it without exposing the host (today the namespace tier, through
-    slirp4netns) and the operator allowed it."""
-    return isinstance(runtime, NamespaceRuntime) and runtime.gives_network
+    the tier can give it without exposing the host (the namespace tier, through slirp4netns,
+    and the microvm tier, whose VMM's jail gets the same) and the operator allowed it."""
+    from treadle.shuttle.microvm.runtime import MicrovmRuntime
+
+    return isinstance(runtime, (NamespaceRuntime, MicrovmRuntime)) and runtime.gives_network
 
 
 def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:

@@ -185,6 +185,10 @@ class Slirp:
             unshare=self._unshare,
         )
 
+    def fenced(self) -> list[str]:
+        """The prefixes this node fences a sandbox's network off (see `fenced`)."""
+        return fenced(self._weaver)
+
     async def fence(self, pid: int, pidfd: int) -> None:
         """Fence the network namespace of process `pid` (of which `pidfd` is a pidfd) off
         this host, its cloud and Weaver (see the module's docstring). Raises SlirpFailed
@@ -192,7 +196,7 @@ class Slirp:
         if self._fence_tools is None:
             raise SlirpFailed("nsenter and ip are needed to fence a sandbox's network")
         nsenter, ip = self._fence_tools
-        batch = "".join(f"route add prohibit {prefix}\n" for prefix in fenced(self._weaver))
+        batch = "".join(f"route add prohibit {prefix}\n" for prefix in self.fenced())
         theirs: list[int] = []
         try:
             netns = _open(f"/proc/{pid}/ns/net", theirs)
