@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import lzma
+import os
 import shutil
 import stat
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from treadle.shuttle.live import agent_runtime
-from treadle.shuttle.microvm import cpio, qemu
+from treadle.shuttle.microvm import cpio, image, qemu
 from treadle.shuttle.microvm.image import module_depends
 from treadle.shuttle.microvm.kernel import KernelError, vmlinux
 
@@ -160,3 +161,19 @@ def test_kvm_is_used_only_where_a_workload_s_vmm_may_open_it(tmp_path: Path) -> 
     regular.chmod(0o666)
     assert not qemu.kvm_open_to_workloads(str(regular))  # not a device
     assert not qemu.kvm_open_to_workloads(str(tmp_path / "missing"))
+
+
+def test_images_no_shuttle_asked_for_in_a_week_are_pruned(tmp_path: Path) -> None:
+    now = 1_000_000_000.0
+    for name, age_days in (("current", 30), ("old", 8), ("recent", 6), (".staging-x", 9)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "initrd").write_bytes(b"x")
+        os.utime(tmp_path / name, (now - age_days * 86400, now - age_days * 86400))
+    (tmp_path / "a-file").write_bytes(b"not an image")
+    os.utime(tmp_path / "a-file", (now - 30 * 86400, now - 30 * 86400))
+
+    removed = image.prune(tmp_path, "current", now)
+
+    assert sorted(removed) == [".staging-x", "old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "current", "recent"]
+    assert (tmp_path / "current").stat().st_mtime == now  # marked in use: kept a week more

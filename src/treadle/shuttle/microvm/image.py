@@ -16,6 +16,7 @@ Building is atomic, as the agent runtime's: a finished directory is renamed into
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import lzma
 import os
@@ -48,6 +49,7 @@ __all__ = [
     "build",
     "find_package",
     "module_depends",
+    "prune",
 ]
 
 # The layout's version: a change of this module's output changes every image's digest.
@@ -76,6 +78,8 @@ CHANNEL_ARG = "treadle.channel=vsock"
 ROOT_ARG = "treadle.root=9p"
 ROOT_TAG = "root"
 HOME_ARG = "treadle.home="
+# How long an image no Shuttle asked for is kept (`prune`).
+UNUSED_FOR_S = 7 * 24 * 3600
 # Where `scripts/build-guest` leaves the kernel package.
 PACKAGE_DIR = Path("/var/cache/treadle/guest")
 _AGENT = "/.treadle/guest-agent.py"
@@ -214,6 +218,7 @@ def build(
     name = digest.hexdigest()[:24]
     final = root / name
     if (final / "initrd").is_file():
+        prune(root, name)
         return GuestImage(final / "vmlinux", final / "initrd", name)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
@@ -243,9 +248,30 @@ def build(
                 raise  # not a race lost to another builder
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    prune(root, name)
     return GuestImage(
         final / "vmlinux", final / "initrd", name, built=True, seconds=time.monotonic() - started
     )
+
+
+def prune(root: Path, keep: str, now: float | None = None) -> list[str]:
+    """Mark image `keep` in use (now), and remove every other entry of `root` not marked in
+    `UNUSED_FOR_S`: an upgrade leaves the old image behind otherwise, 80 MiB each. A
+    Shuttle of another version on the same host keeps its own image by asking for it at
+    each start; a VM already running holds what it loaded. Returns what was removed."""
+    now = time.time() if now is None else now
+    with contextlib.suppress(OSError):
+        os.utime(root / keep, (now, now))
+    removed = []
+    for entry in root.iterdir():
+        try:
+            info = entry.lstat()
+        except OSError:
+            continue
+        if entry.name != keep and stat.S_ISDIR(info.st_mode) and now - info.st_mtime > UNUSED_FOR_S:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
 
 
 def _file_digest(path: Path) -> str:
