@@ -231,7 +231,7 @@ def shuttle_command(
         typer.Option(
             "--microvm",
             help="Offer the 'microvm' tier (QEMU; the guest image of scripts/build-guest). "
-            "Incomplete: no images, network or warm pool yet.",
+            "Incomplete: no images or warm pool yet.",
         ),
     ] = False,
     allow_network: Annotated[

@@ -66,7 +66,7 @@ class ShuttleSettings(BaseSettings):
     # Offer the microvm tier (QEMU and the guest image of scripts/build-guest): off until
     # the tier does all that the others do (docs/architecture.md).
     microvm: bool = False
-    # Network for sandboxed executions whose function asks for it (namespace tier and up);
+    # Network for sandboxed executions whose function asks for it (namespace and microvm);
     # without it, no execution has network.
     allow_network: bool = False
     # Registries (host:port) reached over plain HTTP without certificate checks: meant for
