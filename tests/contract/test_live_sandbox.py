@@ -314,6 +314,39 @@ async def test_exec_and_files_act_as_the_sandbox_s_users(
         await process.wait()
 
 
+KERNEL_SETTINGS = r"""
+import json, os
+seen = {}
+for path in ("/proc/sys/kernel/core_pattern", "/proc/sys/kernel/modprobe",
+             "/proc/sys/vm/drop_caches", "/proc/sysrq-trigger", "/sys/kernel/uevent_helper"):
+    try:
+        with open(path, "w") as f:
+            f.write("|/tmp/x\n" if "pattern" in path or "helper" in path else "1\n")
+        seen[path] = "written"
+    except OSError as exc:
+        seen[path] = exc.strerror
+for path in ("/dev/mem", "/dev/kmsg", "/dev/vda", "/dev/port"):
+    seen[path] = "there" if os.path.exists(path) else "absent"
+print(json.dumps(seen))
+"""
+
+
+async def test_the_sandbox_s_root_cannot_change_the_kernel_s_settings(
+    tier: tuple[Tier, dict[str, Any]], sandbox: LiveSandbox
+) -> None:
+    """A core_pattern or uevent helper would run as the kernel's own root, past every
+    confinement: in a microVM, the guest's root is that kernel's root."""
+    if tier[0] == Tier.PROCESS:
+        pytest.skip("the process tier runs as Shuttle's user and confines nothing")
+    ready = await sandbox.link.ready()
+    out, err, end = await run(
+        sandbox, [PY_IN, "-c", KERNEL_SETTINGS], user="root" if ready.users else None
+    )
+    assert end.exit_code == 0, err
+    seen = json.loads(out)
+    assert {path: what for path, what in seen.items() if what in ("written", "there")} == {}
+
+
 async def test_a_program_that_is_not_there_is_an_exit_not_a_crash(sandbox: LiveSandbox) -> None:
     _, err, end = await run(sandbox, ["no-such-program-here"])
     assert end.exit_code == 127

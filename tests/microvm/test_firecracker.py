@@ -502,6 +502,8 @@ async def serve_once(path: Path, answer: bytes, *, endless: bool = False) -> asy
         (b"HTTP/1.1 200 \r\nX: ", True, "longer than 8192"),
         (b"HTTP/1.1 200 \r\nContent-Length: 10\r\n\r\nabc", False, "socket failed"),
         (b"HTTP/1.1 200 \r\nContent-Length: 3\r\n\r\nabc", False, "not JSON"),
+        # Nested past Python's recursion limit, within the body's bound.
+        (b"HTTP/1.1 200 \r\nContent-Length: 60000\r\n\r\n" + b"[" * 60000, False, "not JSON"),
         (b"HTTP/1.1 200 \r\n\r\n", False, "without a Content-Length"),
         (b'HTTP/1.1 200 \r\nContent-Length: 9\r\n\r\n{"id": 1}', False, "not an instance"),
         (b"", False, "no answer within 0.5s"),

@@ -119,6 +119,7 @@ def test_vmboot_runs_the_named_program_with_exactly_its_environment(tmp_path: Pa
             {
                 "argv": ["/bin/sh", "-c", 'echo "$GREETING $(pwd) $(env | wc -l)"'],
                 "env": {"GREETING": "hi", "HOME": str(home)},
+                "home": str(home),
             }
         ).encode()
         + b"\0" * 512
@@ -165,15 +166,20 @@ def test_kvm_is_used_only_where_a_workload_s_vmm_may_open_it(tmp_path: Path) -> 
 
 def test_images_no_shuttle_asked_for_in_a_week_are_pruned(tmp_path: Path) -> None:
     now = 1_000_000_000.0
-    for name, age_days in (("current", 30), ("old", 8), ("recent", 6), (".staging-x", 9)):
+    current, old, recent = "a" * 24, "b" * 24, "c" * 24
+    staging = f".{'d' * 24}-x1y2"  # a build that never finished
+    for name, age_days in ((current, 30), (old, 8), (recent, 6), (staging, 9), ("other", 30)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "initrd").write_bytes(b"x")
         os.utime(tmp_path / name, (now - age_days * 86400, now - age_days * 86400))
-    (tmp_path / "a-file").write_bytes(b"not an image")
-    os.utime(tmp_path / "a-file", (now - 30 * 86400, now - 30 * 86400))
+    (tmp_path / ("e" * 24)).symlink_to(tmp_path / "other")  # a link is never followed
 
-    removed = image.prune(tmp_path, "current", now)
+    removed = image.prune(tmp_path, current, now)
 
-    assert sorted(removed) == [".staging-x", "old"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "current", "recent"]
-    assert (tmp_path / "current").stat().st_mtime == now  # marked in use: kept a week more
+    assert sorted(removed) == sorted([staging, old])
+    # Only what a build names is pruned: "other" is not the image root's.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [current, recent, "e" * 24, "other"]
+    )
+    assert (tmp_path / "other" / "initrd").exists()
+    assert (tmp_path / current).stat().st_mtime == now  # marked in use: kept a week more

@@ -12,8 +12,8 @@ confinement every tier gives sandboxed code. Here, as the guest's root, it:
   runs as the sandbox's root holds those and nothing more, as in the other tiers;
 - holds the workload to its limits within the guest as the other tiers do on the host: a
   cgroup (memory, pids) for the agent and all it starts, the size of its writable places
-  (its home, /tmp, /dev/shm), and no core dumps; and it masks the paths of /proc the
-  other tiers mask;
+  (its home, /tmp, /dev/shm), and no core dumps; and it masks, or makes read-only, the
+  paths the other tiers do (/proc/sys among them: the guest's root is its kernel's root);
 - where the workload has network, sets up the guest's interface and the node's fence in its
   routes (the same prefixes the namespace tier prohibits);
 - sets no_new_privs and installs the node's seccomp filter (the sandbox layer's, the same
@@ -40,8 +40,11 @@ _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _CLOCK_REALTIME = 0
 _MS_RDONLY = 1
+_MS_NOSUID = 2
+_MS_NODEV = 4
 _MS_REMOUNT = 32
 _MS_BIND = 4096
+_MS_REC = 16384
 _RLIMIT_CORE = 4
 
 
@@ -87,11 +90,21 @@ def bound_places(libc: ctypes.CDLL, limits: dict, home: object) -> None:
     """The size of the workload's writable places: each at most its disk."""
     size = f"size={int(limits['disk_mib']) << 20}".encode()
     for place in {"/tmp", "/dev/shm", str(home or "/tmp")}:
-        if (
-            os.path.ismount(place)
-            and libc.mount(None, place.encode(), None, _MS_REMOUNT, size) != 0
-        ):
+        flags = _MS_REMOUNT | _MS_NOSUID | _MS_NODEV  # a remount sets every flag anew
+        if os.path.ismount(place) and libc.mount(None, place.encode(), None, flags, size) != 0:
             raise OSError(ctypes.get_errno(), f"cannot bound {place}")
+
+
+def read_only(libc: ctypes.CDLL, path: str) -> None:
+    """Make a path read-only, as the other tiers do: in the guest, its root is the kernel's
+    own root, and /proc/sys (core_pattern, say) would otherwise be its to change."""
+    if not os.path.lexists(path):
+        return
+    target = path.encode()
+    if libc.mount(target, target, None, _MS_BIND | _MS_REC, None) != 0 or (
+        libc.mount(None, target, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY, None) != 0
+    ):
+        raise OSError(ctypes.get_errno(), f"cannot make {path} read-only")
 
 
 def mask(libc: ctypes.CDLL, path: str) -> None:
@@ -153,12 +166,14 @@ def main() -> None:
     if root:  # the workload's root, where the guest's init has mounted it
         os.chroot(root)
         os.chdir("/")
+    home = config.get("home")  # the node's word for it, not the workload's HOME
     if limits:
-        bound_places(libc, limits, config["env"].get("HOME"))
+        bound_places(libc, limits, home)
     for path in config.get("masked") or ():
         mask(libc, str(path))
+    for path in config.get("readonly") or ():
+        read_only(libc, str(path))
     env = {str(k): str(v) for k, v in config["env"].items()}
-    home = env.get("HOME")
     if home:
         os.makedirs(home, exist_ok=True)
         owner = config.get("user") or env.get("TREADLE_AGENT_USER", "").split(":")

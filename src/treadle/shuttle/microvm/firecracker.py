@@ -128,7 +128,7 @@ class FirecrackerApi:
                 return None
             try:
                 return json.loads(content)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past Python's depth: not JSON here
                 raise FirecrackerError(f"{method} {path}: {status} with a body not JSON") from None
         fault = _fault(content)
         raise ApiError(method, path, status, fault)
@@ -237,7 +237,7 @@ def _status(line: str) -> int:
 def _fault(content: bytes) -> str:
     try:
         body = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = None
     if isinstance(body, dict) and isinstance(body.get("fault_message"), str):
         return str(body["fault_message"])

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import lzma
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -50,6 +51,7 @@ __all__ = [
     "find_package",
     "module_depends",
     "prune",
+    "touch",
 ]
 
 # The layout's version: a change of this module's output changes every image's digest.
@@ -80,6 +82,9 @@ ROOT_TAG = "root"
 HOME_ARG = "treadle.home="
 # How long an image no Shuttle asked for is kept (`prune`).
 UNUSED_FOR_S = 7 * 24 * 3600
+# What `build` names an image directory, and a build's staging directory: nothing else
+# under the root is pruned.
+_IMAGE_NAME = re.compile(r"\.?[0-9a-f]{24}(-[A-Za-z0-9_]+)?")
 # Where `scripts/build-guest` leaves the kernel package.
 PACKAGE_DIR = Path("/var/cache/treadle/guest")
 _AGENT = "/.treadle/guest-agent.py"
@@ -143,16 +148,27 @@ if grep -q "{ROOT_ARG}" /proc/cmdline; then
   home=$(sed -n 's/.*{HOME_ARG}\\([^ ]*\\).*/\\1/p' /proc/cmdline)
   mkdir -p /root9p
   mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose {ROOT_TAG} /root9p
-  mount -t devtmpfs dev /root9p/dev
-  mount -t proc proc /root9p/proc
-  mount -t sysfs sys /root9p/sys
-  mount -t tmpfs -o mode=1777 tmp /root9p/tmp
+  # A /dev of the few devices a sandbox has (as bubblewrap's), not the kernel's all.
+  mount -t tmpfs -o mode=0755,nosuid,noexec,size=64k dev /root9p/dev
+  for node in null:1:3 zero:1:5 full:1:7 random:1:8 urandom:1:9 tty:5:0; do
+    IFS=: read name major minor <<EOF_NODE
+$node
+EOF_NODE
+    mknod -m 666 "/root9p/dev/$name" c "$major" "$minor"
+  done
   mkdir -p /root9p/dev/pts /root9p/dev/shm
-  mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /root9p/dev/pts
+  ln -s /proc/self/fd /root9p/dev/fd
+  ln -s /proc/self/fd/0 /root9p/dev/stdin
+  ln -s /proc/self/fd/1 /root9p/dev/stdout
+  ln -s /proc/self/fd/2 /root9p/dev/stderr
+  mount -t proc -o nosuid,nodev,noexec proc /root9p/proc
+  mount -t sysfs -o ro,nosuid,nodev,noexec sys /root9p/sys 2>/dev/null
+  mount -t tmpfs -o mode=1777,nosuid,nodev tmp /root9p/tmp
+  mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,nosuid,noexec devpts /root9p/dev/pts
   ln -sf pts/ptmx /root9p/dev/ptmx
-  mount -t tmpfs -o mode=1777 shm /root9p/dev/shm
+  mount -t tmpfs -o mode=1777,nosuid,nodev shm /root9p/dev/shm
   if [ -n "$home" ] && [ -d "/root9p$home" ]; then
-    mount -t tmpfs -o mode=0755 home "/root9p$home"
+    mount -t tmpfs -o mode=0755,nosuid,nodev home "/root9p$home"
   fi
   if [ -n "$TREADLE_AGENT_CONFIG" ]; then
     # vmboot enters the root itself, once it has set up what the root does not show.
@@ -254,11 +270,17 @@ def build(
     )
 
 
+def touch(image: GuestImage) -> None:
+    """Mark `image` in use, so that no `prune` removes it while a Shuttle uses it."""
+    with contextlib.suppress(OSError):
+        os.utime(image.kernel.parent)
+
+
 def prune(root: Path, keep: str, now: float | None = None) -> list[str]:
-    """Mark image `keep` in use (now), and remove every other entry of `root` not marked in
+    """Mark image `keep` in use (now), and remove every other image of `root` not marked in
     `UNUSED_FOR_S`: an upgrade leaves the old image behind otherwise, 80 MiB each. A
-    Shuttle of another version on the same host keeps its own image by asking for it at
-    each start; a VM already running holds what it loaded. Returns what was removed."""
+    Shuttle keeps its own image marked as it uses it (`touch`); a VM already running holds
+    what it loaded. Returns what was removed."""
     now = time.time() if now is None else now
     with contextlib.suppress(OSError):
         os.utime(root / keep, (now, now))
@@ -268,7 +290,12 @@ def prune(root: Path, keep: str, now: float | None = None) -> list[str]:
             info = entry.lstat()
         except OSError:
             continue
-        if entry.name != keep and stat.S_ISDIR(info.st_mode) and now - info.st_mtime > UNUSED_FOR_S:
+        if (
+            entry.name != keep
+            and _IMAGE_NAME.fullmatch(entry.name)
+            and stat.S_ISDIR(info.st_mode)
+            and now - info.st_mtime > UNUSED_FOR_S
+        ):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
     return removed

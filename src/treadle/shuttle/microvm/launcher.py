@@ -30,7 +30,7 @@ from typing import Any
 from treadle.domain.resources import Tier
 from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.microvm import qemu
-from treadle.shuttle.microvm.image import GuestImage
+from treadle.shuttle.microvm.image import GuestImage, touch
 from treadle.shuttle.runtimes.base import ExitStatus
 from treadle.shuttle.runtimes.namespace import NO_NETWORK, NamespaceLauncher, NoNetwork
 from treadle.shuttle.runtimes.process import Attempt, Launch, ReadOnlyBind, environment
@@ -38,8 +38,9 @@ from treadle.shuttle.sandbox.ids import SANDBOX_GID, SANDBOX_UID
 from treadle.shuttle.sandbox.policy import (
     AGENT_USER_ENV,
     CAPABILITY_NUMBERS,
+    MASKED_PATHS,
+    READONLY_PATHS,
     ROOT_CAPABILITIES,
-    masked_in_proc,
 )
 
 __all__ = ["GUEST_MIN_MIB", "VMM_OVERHEAD_MIB", "MicrovmLauncher"]
@@ -106,6 +107,7 @@ class MicrovmLauncher:
         if spec.network and self._jail.slirp is None:
             raise NoNetwork(NO_NETWORK)
         home = spec.workdir or _GUEST_HOME
+        touch(self._image)  # in use: no other version's build prunes it
         env = environment(spec, home)
         if users:
             env[AGENT_USER_ENV] = f"{SANDBOX_UID}:{SANDBOX_GID}"
@@ -122,7 +124,9 @@ class MicrovmLauncher:
                         CAPABILITY_NUMBERS[name] for name in (ROOT_CAPABILITIES if users else ())
                     ),
                     "seccomp": self._jail.seccomp_program.hex(),
-                    "masked": masked_in_proc(),
+                    "home": home,
+                    "masked": MASKED_PATHS,
+                    "readonly": READONLY_PATHS,
                     # The same fence again, in the guest's own routes: refused there at once.
                     "network": None
                     if not spec.network or self._jail.slirp is None
