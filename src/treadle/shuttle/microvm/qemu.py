@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -46,6 +47,12 @@ _CMDLINE = (
     "console=ttyS0 quiet panic=-1 reboot=t mitigations=off no_timer_check "
     "cryptomgr.notests i8042.noaux 8250.nr_uarts=1 nokaslr random.trust_cpu=on"
 )
+
+
+@functools.cache
+def _host_tsc_khz() -> int | None:
+    """`tsc_khz` of this host, read once: every boot asks for it."""
+    return tsc_khz()
 
 
 def tsc_khz(cpuinfo: str | None = None) -> int | None:
@@ -106,7 +113,7 @@ def argv(
     programs), shared read-only over 9p, with a tmpfs at `home`. `network`: a virtio NIC on
     QEMU's user-mode network (none otherwise). `kernel_args` go after the kernel's own."""
     cmdline = _CMDLINE
-    if accel == "tcg" and (khz := tsc_khz()) is not None:
+    if accel == "tcg" and (khz := _host_tsc_khz()) is not None:
         cmdline = f"{cmdline} tsc_early_khz={khz}"
     if config_fd is not None:
         cmdline = f"{cmdline} {CONFIG_ARG}"
