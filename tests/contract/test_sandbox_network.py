@@ -229,6 +229,34 @@ print(json.dumps(seen))
 """
 
 
+def reach_code(
+    this_host: str,
+    elsewhere: Listener,
+    on_this_host: Listener,
+    everywhere: Listener,
+    loopback: Listener,
+) -> str:
+    """A program that tries every destination a networked sandbox must or must not reach,
+    and reports what it managed (`report`)."""
+    return (
+        PROBE
+        + f"""
+# First thing: the network is up before the program runs.
+connect("other host", {OTHER_HOST!r}, {elsewhere.port})
+connect("this host", {this_host!r}, {on_this_host.port})
+connect("this host, any address", {this_host!r}, {everywhere.port})
+connect("127.0.0.1", "127.0.0.1", {loopback.port})
+connect("gateway to loopback", "10.0.2.2", {loopback.port})
+connect("gateway to any address", "10.0.2.2", {everywhere.port})
+connect("dns address", "10.0.2.3", {loopback.port})
+route("metadata service", "169.254.169.254")
+route("link-local", "169.254.1.1")
+route("other host's route", {OTHER_HOST!r})
+"""
+        + REPORT
+    )
+
+
 def report(result: Run) -> dict[str, Any]:
     assert (result.status.exit_code, result.status.reason) == (0, None), result.text("stderr")
     seen: dict[str, Any] = json.loads(result.text("stdout"))
@@ -270,23 +298,7 @@ async def test_asked_and_allowed_reaches_other_hosts_but_not_this_one(
         listening("127.0.0.1") as loopback,
         listening("0.0.0.0") as everywhere,
     ):
-        code = (
-            PROBE
-            + f"""
-# First thing: the network is up before the program runs.
-connect("other host", {OTHER_HOST!r}, {elsewhere.port})
-connect("this host", {this_host!r}, {on_this_host.port})
-connect("this host, any address", {this_host!r}, {everywhere.port})
-connect("127.0.0.1", "127.0.0.1", {loopback.port})
-connect("gateway to loopback", "10.0.2.2", {loopback.port})
-connect("gateway to any address", "10.0.2.2", {everywhere.port})
-connect("dns address", "10.0.2.3", {loopback.port})
-route("metadata service", "169.254.169.254")
-route("link-local", "169.254.1.1")
-route("other host's route", {OTHER_HOST!r})
-"""
-            + REPORT
-        )
+        code = reach_code(this_host, elsewhere, on_this_host, everywhere, loopback)
 
         seen = report(await run(allowed, spec([PY, "-c", code], network=True), home / "w"))
 
