@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from support.cluster import eventually, free_port
 from support.processes import pids_with
+from treadle.shuttle.microvm.image import find_package
 
 
 def _shuttle_pids(home: Path) -> list[int]:
@@ -89,6 +91,9 @@ def test_up_offers_no_process_tier_and_runs_functions_isolated(tmp_path: Path) -
         banner = log.read_text()
         offered = _banner_line(banner, "runtime tiers:")
         assert "process" not in offered and "namespace" in offered, banner
+        # The microvm tier wherever it works: QEMU and the guest's kernel package here.
+        microvm = shutil.which("qemu-system-x86_64") is not None and find_package() is not None
+        assert ("microvm" in offered) == microvm, banner
         assert _banner_line(banner, "default tier:").split()[2] == "namespace", banner
         assert "warning" not in banner, banner
         node = json.loads(_cli(env, "nodes", "--json").stdout)[0]

@@ -271,3 +271,41 @@ def test_cgroup_roots_are_every_hierarchy() -> None:
         Path(f"/sys/fs/cgroup/{name}")
         for name in ("cpu", "cpuacct", "memory", "pids", "systemd", "unified")
     ]
+
+
+def test_usage_since_an_earlier_read_counts_only_what_came_after() -> None:
+    """A warm VM's counters start at its hand-over: running totals less theirs then; what
+    is held, and the peak, as they are; a total not read then is taken whole."""
+    boot = GroupUsage(
+        oom_kills=0,
+        pids_denied=1,
+        cpu_ns=2_000,
+        peak_bytes=300,
+        memory_bytes=250,
+        disk_read_bytes=10,
+        disk_write_bytes=None,
+        net_in_bytes=5,
+        net_out_bytes=7,
+    )
+    later = GroupUsage(
+        oom_kills=1,
+        pids_denied=1,
+        cpu_ns=2_500,
+        peak_bytes=400,
+        memory_bytes=260,
+        disk_read_bytes=15,
+        disk_write_bytes=3,
+        net_in_bytes=None,
+        net_out_bytes=9,
+    )
+    assert later.since(boot) == GroupUsage(
+        oom_kills=1,
+        pids_denied=0,
+        cpu_ns=500,
+        peak_bytes=400,
+        memory_bytes=260,
+        disk_read_bytes=15 - 10,
+        disk_write_bytes=3,
+        net_in_bytes=None,
+        net_out_bytes=2,
+    )

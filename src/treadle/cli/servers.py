@@ -230,10 +230,31 @@ def shuttle_command(
         bool,
         typer.Option(
             "--microvm",
-            help="Offer the 'microvm' tier (QEMU; the guest image of scripts/build-guest). "
-            "Incomplete: no images or warm pool yet.",
+            help="Offer the 'microvm' tier (QEMU; the guest image of scripts/build-guest) "
+            "where it works here. It runs no images yet.",
         ),
     ] = False,
+    microvm_warm: Annotated[
+        int,
+        typer.Option(
+            "--microvm-warm",
+            metavar="COUNT",
+            min=0,
+            max=64,
+            help="Keep COUNT microVMs booted ahead for each shape of workload asked for "
+            "(0: no warm pool).",
+        ),
+    ] = 0,
+    microvm_warm_mib: Annotated[
+        int,
+        typer.Option(
+            "--microvm-warm-mib",
+            metavar="MIB",
+            min=0,
+            help="The memory all warm microVMs may hold together (guest and QEMU); the node "
+            "advertises that much less.",
+        ),
+    ] = 2048,
     allow_network: Annotated[
         bool,
         typer.Option(
@@ -335,6 +356,9 @@ def shuttle_command(
         overrides["runtimes"] = runtime
     if microvm:
         overrides["microvm"] = True
+    if microvm_warm:
+        overrides["microvm_warm"] = microvm_warm
+        overrides["microvm_warm_mib"] = microvm_warm_mib
     if allow_network:
         overrides["allow_network"] = True
     if oci_tool is not None:
@@ -377,14 +401,17 @@ def up_command(
     ] = False,
 ) -> None:
     """Run a Weaver and one local Shuttle, with embedded defaults (SQLite, in-process events).
-    The Shuttle offers the isolating tiers that work here (bubblewrap gives `namespace`)."""
+    The Shuttle offers the isolating tiers that work here (bubblewrap gives `namespace`;
+    QEMU and the guest kernel package of scripts/build-guest give `microvm`)."""
     from treadle.weaver.core import Weaver
 
     settings = _weaver_settings(home, host, port)
     _require_free_port(settings.host, settings.port)
     weaver = Weaver(settings)
     asked = {"--allow-process-runtime": allow_process_runtime, "--allow-network": allow_network}
-    flags = tuple(flag for flag, on in asked.items() if on)
+    # The microvm tier where it works here (QEMU, and the kernel package of
+    # scripts/build-guest): never the default tier, since it is the strongest.
+    flags = (*(flag for flag, on in asked.items() if on), "--microvm")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_up(settings, weaver, flags))
 

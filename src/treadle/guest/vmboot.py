@@ -5,9 +5,14 @@ it (JSON padded with NULs, at the path in `TREADLE_AGENT_CONFIG`): the program t
 guest agent, as in every tier), its environment, the wall-clock time to take, and the
 confinement every tier gives sandboxed code. Here, as the guest's root, it:
 
+- where the VM was booted ahead of its workload (a node's warm pool), says so on its
+  channel (`WAITING`) and waits there for the rest of its settings (the workload's
+  environment and the node's time), sent by the node as one frame (`settings_frame`) when
+  it hands the VM over; nothing of the workload's is known to the guest before then;
 - sets the guest's clock to the node's (the guest's own starts from a one-second RTC): the
-  node's time as it prepared the VM plus the guest's own time since its kernel started, so
-  behind by QEMU's own start-up (a fraction of a second);
+  node's time as it handed the VM over, or, booted for its workload, as it prepared the VM
+  plus the guest's own time since its kernel started (so behind by QEMU's own start-up, a
+  fraction of a second);
 - drops from the bounding set every capability but those the node lists, so a process that
   runs as the sandbox's root holds those and nothing more, as in the other tiers;
 - holds the workload to its limits within the guest as the other tiers do on the host: a
@@ -46,6 +51,10 @@ _MS_REMOUNT = 32
 _MS_BIND = 4096
 _MS_REC = 16384
 _RLIMIT_CORE = 4
+# What a VM booted ahead of its workload writes on its channel once it waits for settings.
+WAITING = b"treadle: booted, waiting for the workload\n"
+# The settings frame: a 4-byte big-endian length, then that much JSON.
+_SETTINGS_MAX = 1 << 22
 
 
 class _Filter(ctypes.Structure):
@@ -61,6 +70,36 @@ def read_config(path: str) -> dict:
         data = f.read(1 << 22)
     config: dict = json.JSONDecoder().raw_decode(data.split(b"\0", 1)[0].decode())[0]
     return config
+
+
+def settings_frame(settings: dict) -> bytes:
+    """What the node sends a waiting VM: the settings its config disk left out."""
+    data = json.dumps(settings, ensure_ascii=True).encode()
+    if len(data) > _SETTINGS_MAX:
+        raise ValueError("the workload's settings are too large for its VM")
+    return len(data).to_bytes(4, "big") + data
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise OSError("the node closed the channel before the settings came")
+        data += chunk
+    return data
+
+
+def await_settings() -> dict:
+    """Say the VM waits, on its channel (stdout), and read the settings frame from it (stdin)."""
+    view = memoryview(WAITING)
+    while view:
+        view = view[os.write(1, view) :]
+    size = int.from_bytes(_read_exactly(0, 4), "big")
+    if size > _SETTINGS_MAX:
+        raise ValueError("settings frame too large")
+    settings: dict = json.loads(_read_exactly(0, size).decode())
+    return settings
 
 
 def limit(libc: ctypes.CDLL, limits: dict) -> None:
@@ -145,9 +184,14 @@ def network(settings: dict) -> None:
 def main() -> None:
     config = read_config(os.environ["TREADLE_AGENT_CONFIG"])
     libc = ctypes.CDLL(None, use_errno=True)
+    # The node's clock when QEMU started, plus the guest's time since its kernel did; or,
+    # handed over from a warm pool, the node's clock as it did.
+    since = time.clock_gettime(time.CLOCK_BOOTTIME)
+    if config.get("settings") == "channel":
+        config.update(await_settings())
+        since = 0.0
     if config.get("time") is not None:
-        # The node's clock when QEMU started, plus the guest's time since its kernel did.
-        now = float(config["time"]) + time.clock_gettime(time.CLOCK_BOOTTIME)
+        now = float(config["time"]) + since
         spec = _Timespec(int(now), int((now % 1) * 1e9))
         libc.clock_settime(_CLOCK_REALTIME, ctypes.byref(spec))
     if config.get("network"):  # first: `ip` runs as a program, with the bounding set as is

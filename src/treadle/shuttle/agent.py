@@ -64,7 +64,9 @@ from treadle.shuttle.errors import ShuttleError
 from treadle.shuttle.gauge.outbox import UsageOutbox
 from treadle.shuttle.gpus import GpuPool, GpuUseReader, detect_gpus, simulated_gpus
 from treadle.shuttle.live.host import SandboxHost
+from treadle.shuttle.live.pool import WarmPool
 from treadle.shuttle.metrics import ShuttleMetrics
+from treadle.shuttle.microvm.runtime import MicrovmRuntime
 from treadle.shuttle.runtimes import Runtime, available_runtimes, gives_network
 from treadle.shuttle.sandbox import cleanup
 from treadle.shuttle.settings import ShuttleSettings
@@ -77,6 +79,27 @@ log = logging.getLogger(__name__)
 _WELCOME_TIMEOUT_S = 10.0
 _OPEN_TIMEOUT_S = 10.0
 _REFUSED = (401, 403)
+
+
+def _warm_pool(
+    settings: ShuttleSettings, runtime: Runtime | None, workdir: Path
+) -> WarmPool | None:
+    """The microvm tier's warm pool, where the tier is here and the operator asked for one."""
+    if settings.microvm_warm == 0 or not isinstance(runtime, MicrovmRuntime):
+        return None
+    pool = WarmPool(
+        runtime.launcher,
+        per_shape=settings.microvm_warm,
+        budget_mib=settings.microvm_warm_mib,
+        workdir=workdir,
+    )
+    runtime.launcher.pool = pool
+    log.info(
+        "microvm warm pool: %d per shape, within %d MiB",
+        settings.microvm_warm,
+        settings.microvm_warm_mib,
+    )
+    return pool
 
 
 class Shuttle:
@@ -137,6 +160,12 @@ class Shuttle:
         else:
             gpus = await asyncio.to_thread(detect_gpus)
         capacity = detect_capacity(settings, gpus)
+        pool = _warm_pool(settings, runtimes.get(Tier.MICROVM), work_root)
+        if pool is not None:
+            # What the pool's VMs hold is not there for placed work.
+            memory = max(1, capacity.memory_mib - settings.microvm_warm_mib)
+            capacity = capacity.model_copy(update={"memory_mib": memory})
+            self.metrics.watch_pool(pool.stats)
         tiers = sorted(runtimes, key=lambda tier: tier.strength)
         measured = settings.perf_score
         if measured is None:
@@ -175,6 +204,8 @@ class Shuttle:
         finally:
             await self._sandboxes.stop_all()
             await supervisor.shutdown()
+            if pool is not None:
+                await pool.close()
             if usage is not None:
                 usage.close()
             if not await cleanup.drain():

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from treadle.protocol.messages import WorkloadRef
+from treadle.shuttle.live.pool import PoolStats
 
 __all__ = ["ShuttleMetrics"]
 
@@ -55,6 +56,10 @@ class ShuttleMetrics:
         """Count, at each scrape, the workloads `held` says the node holds."""
         self._workloads.append(held)
 
+    def watch_pool(self, stats: Callable[[], PoolStats]) -> None:
+        """Report, at each scrape, the microvm warm pool's takes and VMs."""
+        self.registry.register(_Pool(stats))
+
     def serve(self, address: str) -> None:
         """Serve the metrics at `address` ("host:port") from now on."""
         host, _, port = address.rpartition(":")
@@ -83,3 +88,35 @@ class _Workloads(Collector):
         for (kind, state), count in sorted(counts.items()):
             family.add_metric([kind, state], count)
         yield family
+
+
+class _Pool(Collector):
+    def __init__(self, stats: Callable[[], PoolStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        try:
+            stats = self._stats()
+        except RuntimeError:  # changed while read from this thread: the next scrape
+            return
+        takes = CounterMetricFamily(
+            "treadle_shuttle_warm_pool_takes",
+            "Starts on the microvm tier that found a warm VM of their shape (hit) or not.",
+            labels=["result"],
+        )
+        takes.add_metric(["hit"], stats.hits)
+        takes.add_metric(["miss"], stats.misses)
+        yield takes
+        vms = GaugeMetricFamily(
+            "treadle_shuttle_warm_pool_vms",
+            "The warm pool's VMs: waiting to be taken (ready), or booting.",
+            labels=["state"],
+        )
+        vms.add_metric(["ready"], stats.ready)
+        vms.add_metric(["booting"], stats.booting)
+        yield vms
+        yield GaugeMetricFamily(
+            "treadle_shuttle_warm_pool_memory_mib",
+            "The memory the warm pool's VMs may hold (guest and VMM).",
+            value=stats.held_mib,
+        )

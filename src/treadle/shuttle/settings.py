@@ -63,9 +63,14 @@ class ShuttleSettings(BaseSettings):
         default=None, pattern=r"^[1-9][0-9]{0,3}:[a-z0-9][a-z0-9-]{0,63}$"
     )
     allow_process_runtime: bool = False
-    # Offer the microvm tier (QEMU and the guest image of scripts/build-guest): off until
-    # the tier does all that the others do (docs/architecture.md).
+    # Offer the microvm tier (QEMU and the guest image of scripts/build-guest), where it
+    # works here (`treadle up` asks for it).
     microvm: bool = False
+    # The microvm tier's warm pool (`treadle.shuttle.live.pool`): VMs kept booted for each
+    # shape of workload asked for (0: no pool), and the memory they may hold together,
+    # which the node then does not advertise as its capacity.
+    microvm_warm: int = Field(default=0, ge=0, le=64)
+    microvm_warm_mib: int = Field(default=2048, ge=0, le=1 << 24)
     # Network for sandboxed executions whose function asks for it (namespace and microvm);
     # without it, no execution has network.
     allow_network: bool = False

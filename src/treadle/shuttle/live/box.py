@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,6 +35,7 @@ from typing import Protocol, runtime_checkable
 from treadle.domain.resources import Resources, Tier
 from treadle.domain.sandbox import boundary_resources
 from treadle.guest.sudo import SOCKET_NAME
+from treadle.guest.vmboot import WAITING
 from treadle.protocol.messages import AssignSpec, Usage
 from treadle.shuttle import reaper
 from treadle.shuttle.live import agent_runtime
@@ -152,6 +153,7 @@ class LiveSandbox:
         self._started = time.monotonic()
         self._kill_reason: str | None = None
         self._frozen = False
+        self._baseline: GroupUsage | None = None  # counted before it was handed over
         self.final_counters: GroupUsage | None = None
         self.ended: asyncio.Future[ExitStatus] = self._loop.create_future()
         self._loop.add_reader(pidfd, self._on_exit)
@@ -159,16 +161,39 @@ class LiveSandbox:
     @classmethod
     async def start(cls, launcher: Launcher, spec: SandboxSpec, workdir: Path) -> LiveSandbox:
         """Start the sandbox and wait for its agent's word; raises OSError or ValueError
-        when it cannot start (the reason in the message)."""
-        runtime = await agent_runtime.ensure_async()
-        binds: tuple[ReadOnlyBind, ...] = ()
-        if launcher.tier is Tier.PROCESS:
-            assign = spec.assign_spec(runtime.argv(str(runtime.path)))
-        else:
-            binds = (ReadOnlyBind(runtime.path, agent_runtime.MOUNT_POINT),)
-            assign = spec.assign_spec(
-                runtime.argv(agent_runtime.MOUNT_POINT), tools=agent_runtime.TOOLS
-            )
+        when it cannot start (the reason in the message). Where the launcher keeps VMs
+        booted ahead (`MicrovmLauncher.pool`), one of the sandbox's shape is taken and
+        handed the sandbox's settings instead."""
+        assign, binds = await _agent_spec(launcher, spec)
+        pool = launcher.pool if isinstance(launcher, MicrovmLauncher) else None
+        warm = None if pool is None else pool.take(assign, binds)
+        if warm is not None:
+            assert isinstance(launcher, MicrovmLauncher)
+            warm.spec = spec
+            try:
+                await warm.hand_over(launcher.settings(assign, users=True))
+                return warm
+            except OSError as exc:  # it ended as it was taken: boot one as if none waited
+                log.warning("sandbox %s: the warm VM taken failed (%s)", spec.id, exc)
+        sandbox = await cls.boot(launcher, spec, assign, binds, workdir)
+        await sandbox._until(sandbox.link.ready(), "the sandbox's agent did not start")
+        return sandbox
+
+    @classmethod
+    async def boot(
+        cls,
+        launcher: Launcher,
+        spec: SandboxSpec,
+        assign: AssignSpec,
+        binds: Sequence[ReadOnlyBind],
+        workdir: Path,
+        *,
+        waiting: bool = False,
+    ) -> LiveSandbox:
+        """Start the boundary with the agent as its program (`assign`, `binds`: from
+        `agent_spec`), not waiting for the agent. `waiting` (microvm only): the VM boots
+        without the workload's settings and waits for them (`hand_over`); returns once it
+        says it waits."""
         if assign.image is not None:
             if not isinstance(launcher, ImageLauncher):
                 raise ValueError(f"the {launcher.tier} tier cannot run an image")
@@ -179,7 +204,9 @@ class LiveSandbox:
             attempt: Attempt = launcher.prepare(
                 assign, workdir, binds=binds, freezable=True, users=True
             )
-        elif isinstance(launcher, (OciLauncher, MicrovmLauncher)):
+        elif isinstance(launcher, MicrovmLauncher):
+            attempt = launcher.prepare(assign, workdir, binds=binds, users=True, waiting=waiting)
+        elif isinstance(launcher, OciLauncher):
             attempt = launcher.prepare(assign, workdir, binds=binds, users=True)
         else:
             attempt = launcher.prepare(assign, workdir, binds=binds)
@@ -216,30 +243,57 @@ class LiveSandbox:
             for sandbox in owner:
                 sandbox.kill("protocol_error")
 
-        link = GuestLink(to_w, from_r, on_broken=broken)
+        link = GuestLink(to_w, from_r, on_broken=broken, preamble=WAITING if waiting else b"")
         sandbox = cls(spec, attempt, pid, link)
         owner.append(sandbox)
-        try:
-            await attempt.spawned(pid)
-            async with asyncio.timeout(_READY_TIMEOUT_S):
-                await link.ready()
-        except BaseException as exc:
-            sandbox.kill("spawn_failed")
-            await asyncio.shield(sandbox.ended)
-            if isinstance(exc, (LinkBroken, TimeoutError)):
-                status = sandbox.ended.result()
-                raise OSError(f"the sandbox's agent did not start ({status.reason})") from exc
-            raise
+        await sandbox._until(attempt.spawned(pid), "the sandbox did not start")
+        await sandbox._until(link.booted(), "the VM did not boot")
         return sandbox
 
+    async def hand_over(self, settings: bytes) -> None:
+        """Give a VM booted `waiting` its workload's settings, and wait for its agent. What
+        its cgroup counted so far (the boot) is nobody's: the sandbox's counters start
+        here."""
+        if isinstance(self._attempt, Meterable):
+            self._baseline = self._attempt.counters()
+        self._started = time.monotonic()
+        try:
+            self.link.preface(settings)
+        except LinkBroken as exc:
+            self.kill("spawn_failed")
+            await asyncio.shield(self.ended)
+            raise OSError(f"the VM ended before it was handed over ({exc})") from exc
+        await self._until(self.link.ready(), "the sandbox's agent did not start")
+
+    async def _until(self, step: Awaitable[object], failure: str) -> None:
+        """Wait for a step of its start; the sandbox is ended where the step fails."""
+        try:
+            async with asyncio.timeout(_READY_TIMEOUT_S):
+                await step
+        except BaseException as exc:
+            self.kill("spawn_failed")
+            await asyncio.shield(self.ended)
+            if isinstance(exc, (LinkBroken, TimeoutError)):
+                status = self.ended.result()
+                raise OSError(f"{failure} ({status.reason})") from exc
+            raise
+
     # lifecycle
+
+    @property
+    def counted_before(self) -> GroupUsage | None:
+        """What its cgroup counted before it was handed over (a warm VM's boot), which its
+        counters leave out; None where it booted for this sandbox."""
+        return self._baseline
 
     def counters(self) -> GroupUsage | None:
         """Its cgroup's counters now; the last read before it ended, once it has; None where
         its tier has none to read."""
         if self._pidfd is None:
             return self.final_counters
-        return self._attempt.counters() if isinstance(self._attempt, Meterable) else None
+        if not isinstance(self._attempt, Meterable):
+            return None
+        return _since(self._attempt.counters(), self._baseline)
 
     async def pause(self) -> None:
         """Freeze every process of the sandbox in place; `Unsupported` where this tier or
@@ -311,7 +365,7 @@ class LiveSandbox:
         if isinstance(self._attempt, Meterable):
             # Before the attempt is finished, which removes its cgroup: its last use.
             with contextlib.suppress(OSError):
-                self.final_counters = self._attempt.counters()
+                self.final_counters = _since(self._attempt.counters(), self._baseline)
         code = os.waitstatus_to_exitcode(status)
         reason = self._kill_reason
         if reason is None and code < 0:
@@ -333,3 +387,20 @@ class LiveSandbox:
         except Exception:
             log.exception("after the end of sandbox %s", self.spec.id)
             settled()
+
+
+async def _agent_spec(
+    launcher: Launcher, spec: SandboxSpec
+) -> tuple[AssignSpec, tuple[ReadOnlyBind, ...]]:
+    """The sandbox as an attempt of `launcher`'s tier whose program is the agent, and what
+    it needs bound (the agent's runtime)."""
+    runtime = await agent_runtime.ensure_async()
+    if launcher.tier is Tier.PROCESS:
+        return spec.assign_spec(runtime.argv(str(runtime.path))), ()
+    binds = (ReadOnlyBind(runtime.path, agent_runtime.MOUNT_POINT),)
+    assign = spec.assign_spec(runtime.argv(agent_runtime.MOUNT_POINT), tools=agent_runtime.TOOLS)
+    return assign, binds
+
+
+def _since(now: GroupUsage | None, baseline: GroupUsage | None) -> GroupUsage | None:
+    return now if now is None or baseline is None else now.since(baseline)

@@ -143,10 +143,23 @@ class _Download:
 
 class GuestLink:
     """Requests to the agent and what it answers. `on_broken` is called once, with why,
-    when the agent breaks the protocol (not when the link simply ends)."""
+    when the agent breaks the protocol (not when the link simply ends). `preamble`: the
+    exact bytes the guest says before its agent speaks (a VM booted ahead of its workload
+    says it waits); anything else breaks the link."""
 
-    def __init__(self, to_guest: int, from_guest: int, *, on_broken: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        to_guest: int,
+        from_guest: int,
+        *,
+        on_broken: Callable[[str], None],
+        preamble: bytes = b"",
+    ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._preamble = preamble
+        self._booted: asyncio.Future[None] = self._loop.create_future()
+        if not preamble:
+            self._booted.set_result(None)
         self._to, self._from = to_guest, from_guest
         for fd in (to_guest, from_guest):
             os.set_blocking(fd, False)
@@ -169,6 +182,18 @@ class GuestLink:
 
     async def ready(self) -> Ready:
         return await asyncio.shield(self._ready)
+
+    async def booted(self) -> None:
+        """Once the guest has said its preamble."""
+        await asyncio.shield(self._booted)
+
+    def preface(self, data: bytes) -> None:
+        """Send `data` as is, ahead of any request: what the guest reads before its agent
+        runs (a waiting VM's settings)."""
+        if self._closed is not None:
+            raise LinkBroken(str(self._closed))
+        self._out += data
+        self._flush()
 
     @property
     def closed(self) -> bool:
@@ -380,6 +405,16 @@ class GuestLink:
         if not data:
             self._end(LinkBroken("the guest agent is gone"))
             return
+        if self._preamble:
+            said, data = data[: len(self._preamble)], data[len(self._preamble) :]
+            if not self._preamble.startswith(said):
+                reason = "the guest broke the protocol: not the preamble it was to say"
+                self._end(LinkBroken(reason))
+                self._on_broken(reason)
+                return
+            self._preamble = self._preamble[len(said) :]
+            if not self._preamble:
+                self._booted.set_result(None)
         try:
             for event, payload in self._reader.feed(data):
                 self._dispatch(event, payload)
@@ -466,9 +501,10 @@ class GuestLink:
                 os.close(fd)
         self._out.clear()
         self._drained.set()
-        if not self._ready.done():
-            self._ready.set_exception(error)
-            self._ready.exception()
+        for waited in (self._booted, self._ready):
+            if not waited.done():
+                waited.set_exception(error)
+                waited.exception()
         for future in self._requests.values():
             if not future.done():
                 future.set_exception(error)

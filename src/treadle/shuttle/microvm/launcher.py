@@ -25,9 +25,10 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from treadle.domain.resources import Tier
+from treadle.guest.vmboot import settings_frame
 from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.microvm import qemu
 from treadle.shuttle.microvm.image import GuestImage, touch
@@ -42,6 +43,9 @@ from treadle.shuttle.sandbox.policy import (
     READONLY_PATHS,
     ROOT_CAPABILITIES,
 )
+
+if TYPE_CHECKING:
+    from treadle.shuttle.live.pool import WarmPool
 
 __all__ = ["GUEST_MIN_MIB", "VMM_OVERHEAD_MIB", "MicrovmLauncher"]
 
@@ -75,6 +79,8 @@ class MicrovmLauncher:
         self._image = image
         self._accel = accel
         self._qemu = os.path.realpath(program)
+        # Where VMs booted ahead of their workloads wait (`treadle.shuttle.live.pool`).
+        self.pool: WarmPool | None = None
 
     @property
     def tier(self) -> Tier:
@@ -98,26 +104,29 @@ class MicrovmLauncher:
         binds: Sequence[ReadOnlyBind] = (),
         freezable: bool = True,
         users: bool = False,
+        waiting: bool = False,
     ) -> Attempt:
         """See `Launcher.prepare`. The guest's root is QEMU's view of the host's programs
         (shared read-only), so `binds` (the agent's runtime) are shown to QEMU's jail and
-        through it to the guest."""
+        through it to the guest. `waiting`: the VM boots ahead of its workload, knowing only
+        its shape; it waits, before any confinement, for `settings` on its channel."""
         if spec.image is not None:
             raise ValueError("the microvm tier runs the guest's own programs: no images yet")
         if spec.network and self._jail.slirp is None:
             raise NoNetwork(NO_NETWORK)
         home = spec.workdir or _GUEST_HOME
         touch(self._image)  # in use: no other version's build prunes it
-        env = environment(spec, home)
-        if users:
-            env[AGENT_USER_ENV] = f"{SANDBOX_UID}:{SANDBOX_GID}"
+        settings = self._settings(spec, users)
+        if waiting:  # the guest waits for them on its channel (`treadle.guest.vmboot`)
+            settings = {"settings": "channel"}
         config = _memfd_read_only(
             "treadle-config",
             _config_disk(
                 {
                     "argv": spec.argv,
-                    "env": env,
-                    "time": time.time(),
+                    "env": {},
+                    "time": None,
+                    **settings,
                     # Without users of its own, everything runs as the sandbox's user.
                     "user": None if users else [SANDBOX_UID, SANDBOX_GID],
                     "capabilities": sorted(
@@ -145,7 +154,7 @@ class MicrovmLauncher:
                 Path(_IMAGE_AT) / self._image.initrd.name,
                 self._image.digest,
             )
-            memory = max(spec.resources.memory_mib, GUEST_MIN_MIB)
+            memory = _guest_mib(spec)
             command = qemu.argv(
                 self._qemu,
                 guest,
@@ -165,7 +174,7 @@ class MicrovmLauncher:
                     "env": {},
                     "network": spec.network,
                     "resources": spec.resources.model_copy(
-                        update={"memory_mib": memory + VMM_OVERHEAD_MIB}
+                        update={"memory_mib": self.footprint_mib(spec)}
                     ),
                 }
             )
@@ -180,6 +189,44 @@ class MicrovmLauncher:
             os.close(config)
             raise
         return _MicrovmAttempt(attempt, config)
+
+    def _settings(self, spec: AssignSpec, users: bool) -> dict[str, Any]:
+        """What of the config only the workload says, not its VM's shape: its environment,
+        and the node's clock."""
+        env = environment(spec, spec.workdir or _GUEST_HOME)
+        if users:
+            env[AGENT_USER_ENV] = f"{SANDBOX_UID}:{SANDBOX_GID}"
+        return {"env": env, "time": time.time()}
+
+    def settings(self, spec: AssignSpec, *, users: bool = False) -> bytes:
+        """The frame that hands a VM prepared `waiting` (for a workload of `shape(spec)`)
+        over to `spec`."""
+        return settings_frame(self._settings(spec, users))
+
+    @staticmethod
+    def shape(spec: AssignSpec, binds: Sequence[ReadOnlyBind] = ()) -> str:
+        """What a VM is booted with, from its workload: two workloads of one shape can take
+        each other's VM, as long as it waits for their settings (`prepare(waiting=True)`)."""
+        return json.dumps(
+            {
+                "argv": spec.argv,
+                "resources": spec.resources.model_dump(mode="json"),
+                "network": spec.network,
+                "home": spec.workdir or _GUEST_HOME,
+                "image": spec.image,
+                "binds": [[str(bind.source), bind.target] for bind in binds],
+            },
+            sort_keys=True,
+        )
+
+    @staticmethod
+    def footprint_mib(spec: AssignSpec) -> int:
+        """The memory its VM may hold: the guest's, and QEMU's own."""
+        return _guest_mib(spec) + VMM_OVERHEAD_MIB
+
+
+def _guest_mib(spec: AssignSpec) -> int:
+    return max(spec.resources.memory_mib, GUEST_MIN_MIB)
 
 
 def _memfd_read_only(name: str, data: bytes) -> int:

@@ -137,6 +137,24 @@ class GroupUsage:
     net_in_bytes: int | None = None
     net_out_bytes: int | None = None
 
+    def since(self, earlier: GroupUsage) -> GroupUsage:
+        """What was counted after `earlier` (a read of the same group): the running totals
+        less theirs then; what is held now, and the peak, as they are."""
+
+        def less(now: int | None, then: int | None) -> int | None:
+            return now if now is None or then is None else max(0, now - then)
+
+        return dataclasses.replace(
+            self,
+            oom_kills=max(0, self.oom_kills - earlier.oom_kills),
+            pids_denied=max(0, self.pids_denied - earlier.pids_denied),
+            cpu_ns=less(self.cpu_ns, earlier.cpu_ns),
+            disk_read_bytes=less(self.disk_read_bytes, earlier.disk_read_bytes),
+            disk_write_bytes=less(self.disk_write_bytes, earlier.disk_write_bytes),
+            net_in_bytes=less(self.net_in_bytes, earlier.net_in_bytes),
+            net_out_bytes=less(self.net_out_bytes, earlier.net_out_bytes),
+        )
+
     def with_disk(self, disk: tuple[int, int] | None) -> GroupUsage:
         if disk is None:
             return self
