@@ -1305,8 +1305,12 @@ def _text(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-if __name__ == "__main__":
+def main() -> None:
     try:
         Agent().run()
     except KeyboardInterrupt:
         sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
