@@ -1,6 +1,7 @@
 """The microvm tier through treadle's API: a node started with `--microvm` offers it, a
 function asking for it runs in a VM of its own (its kernel, not the host's), and so does a
-sandbox, exec'd into through the API like any other."""
+sandbox, exec'd into through the API like any other. The node keeps a warm pool: a start
+of a shape it saw before takes a VM booted ahead, and its metrics say so."""
 
 from __future__ import annotations
 
@@ -8,13 +9,29 @@ import platform
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from integration.test_executions import output, register, run
-from support.cluster import Cluster
+from support.cluster import Cluster, eventually, free_port
 from treadle.client import Client, Sandbox
 
 pytestmark = [pytest.mark.integration, pytest.mark.microvm]
+
+
+WARM_MIB = 2048
+METRICS_PORT = free_port()
+
+
+def pool_metrics() -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
+    return {
+        name + "".join(sample.labels.values()): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if (name := sample.name).startswith("treadle_shuttle_warm_pool")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +40,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, package: Path) -> Iterator
     try:
         cluster.start_weaver(process_tier=False)
         tiers = ("--runtime", "namespace", "--runtime", "microvm", "--microvm")
-        cluster.start_shuttle("vm0", *tiers, "--cpu", "4000", "--memory", "4096")
+        pool = ("--microvm-warm", "1", "--microvm-warm-mib", str(WARM_MIB))
+        metrics = ("--metrics-addr", f"127.0.0.1:{METRICS_PORT}")
+        cluster.start_shuttle("vm0", *tiers, *pool, *metrics, "--cpu", "4000", "--memory", "4096")
         yield cluster
     finally:
         cluster.stop()
@@ -58,3 +77,31 @@ def test_a_sandbox_runs_in_its_own_vm(cluster: Cluster) -> None:
             assert who == "vm" and kernel != platform.release()
         finally:
             sandbox.kill()
+
+
+def test_a_start_of_a_shape_seen_before_takes_a_warm_vm(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        node = api.get("/v1/nodes").json()["items"][0]
+        # What the pool may hold is not offered to placement.
+        assert node["capacity"]["memory_mib"] == 4096 - WARM_MIB
+        echo = ["sh", "-c", 'cat "$TREADLE_ARGS_FILE"; echo 13 >&3']
+        register(api, "warm-echo", echo, isolation="microvm")
+        for n in (1, 2):
+            before = pool_metrics()
+
+            def filled() -> bool:
+                now = pool_metrics()
+                return (
+                    now["treadle_shuttle_warm_pool_vmsready"] >= 1
+                    and not (now["treadle_shuttle_warm_pool_vmsbooting"])
+                )
+
+            if n == 2:  # its shape was seen: the pool boots one for it
+                eventually(filled, timeout=120, what="a warm VM of the function's shape")
+                before = pool_metrics()
+            done = run(api, "warm-echo", {"args": {"n": n}})
+            assert (done["state"], done["result"]) == ("success", 13), done
+            assert output(api, done["id"])["stdout"] == f'{{"n": {n}}}'  # its own args
+            after = pool_metrics()
+            hits = "treadle_shuttle_warm_pool_takes_totalhit"
+            assert after[hits] - before[hits] == (n == 2)

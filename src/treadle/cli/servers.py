@@ -36,6 +36,17 @@ HomeOption = Annotated[
         "--home", help="Data directory (default $TREADLE_HOME or ~/.local/share/treadle)."
     ),
 ]
+MicrovmWarmOption = Annotated[
+    int,
+    typer.Option(
+        "--microvm-warm",
+        metavar="COUNT",
+        min=0,
+        max=64,
+        help="Keep COUNT microVMs booted ahead for each shape of workload asked for (0: no "
+        "warm pool; `up`: within 2048 MiB).",
+    ),
+]
 PortOption = Annotated[int | None, typer.Option("--port", help="Port to listen on (default 8700).")]
 HostOption = Annotated[
     str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1).")
@@ -234,17 +245,7 @@ def shuttle_command(
             "where it works here. It runs no images yet.",
         ),
     ] = False,
-    microvm_warm: Annotated[
-        int,
-        typer.Option(
-            "--microvm-warm",
-            metavar="COUNT",
-            min=0,
-            max=64,
-            help="Keep COUNT microVMs booted ahead for each shape of workload asked for "
-            "(0: no warm pool).",
-        ),
-    ] = 0,
+    microvm_warm: MicrovmWarmOption = 0,
     microvm_warm_mib: Annotated[
         int,
         typer.Option(
@@ -399,6 +400,7 @@ def up_command(
             "for it; E2B's SDK asks for it unless told allow_internet_access=False.",
         ),
     ] = False,
+    microvm_warm: MicrovmWarmOption = 0,
 ) -> None:
     """Run a Weaver and one local Shuttle, with embedded defaults (SQLite, in-process events).
     The Shuttle offers the isolating tiers that work here (bubblewrap gives `namespace`;
@@ -412,6 +414,8 @@ def up_command(
     # The microvm tier where it works here (QEMU, and the kernel package of
     # scripts/build-guest): never the default tier, since it is the strongest.
     flags = (*(flag for flag, on in asked.items() if on), "--microvm")
+    if microvm_warm:
+        flags += ("--microvm-warm", str(microvm_warm))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_up(settings, weaver, flags))
 
