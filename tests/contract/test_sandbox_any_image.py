@@ -1,8 +1,8 @@
 """A sandbox works in any image, one with no Python included (DESIGN §10: "nothing is
 required inside the image"): its guest agent runs on the Python runtime Shuttle brings, bound
 read-only at `/.treadle/agent`, in every tier that runs images here (oci with crun and runc,
-gvisor). The image is a static busybox pushed to a registry on loopback; everything runs for
-real."""
+gvisor, and microvm, whose guest's root is the image, shared read-only over 9p). The image
+is a static busybox pushed to a registry on loopback; everything runs for real."""
 
 from __future__ import annotations
 
@@ -14,19 +14,26 @@ from typing import Any
 
 import pytest
 
-from support.registry import Registry, build_busybox_layout, registry, require  # noqa: F401
+from support.registry import (  # noqa: F401
+    Registry,
+    build_busybox_layout,
+    push_busybox,
+    registry,
+    require,
+)
 from support.runtimes import make_runtime, runtime_params
 from treadle.domain.resources import Resources, Tier
 from treadle.shuttle.live.agent_runtime import MOUNT_POINT
 from treadle.shuttle.live.box import LiveSandbox, SandboxSpec
 from treadle.shuttle.live.link import GuestError
+from treadle.shuttle.microvm.runtime import MicrovmRuntime
 from treadle.shuttle.runtimes.process import ProcessRuntime
 
 REPOSITORY = "treadle/busybox-any-image"
 IMAGE_TIERS = [
     param
-    for param in runtime_params(process=False)
-    if param.values[0][0] in (Tier.OCI, Tier.GVISOR)
+    for param in runtime_params(process=False, microvm=True)
+    if param.values[0][0] in (Tier.OCI, Tier.GVISOR, Tier.MICROVM)
 ]
 # What would point a program at the runtime's interpreter or libraries if it leaked.
 RUNTIME_VARIABLES = ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONHOME", "PYTHONPATH")
@@ -34,9 +41,7 @@ RUNTIME_VARIABLES = ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONHOME", "PYTHONPATH"
 
 @pytest.fixture(scope="module")
 def pushed(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: F811
-    require("umoci", "/bin/busybox")
-    layout = build_busybox_layout(tmp_path_factory.mktemp("busybox") / "layout", "v1")
-    return registry.push(layout, "v1", REPOSITORY)
+    return push_busybox(registry, tmp_path_factory.mktemp("busybox"), REPOSITORY)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +96,7 @@ async def start(
     insecure: list[str] | None = None,
 ) -> LiveSandbox:
     runtime = make_runtime(tier, home, insecure_registries=insecure or [])
-    assert isinstance(runtime, ProcessRuntime)
+    assert isinstance(runtime, (ProcessRuntime, MicrovmRuntime))
     spec = SandboxSpec(
         id="sbx_img",
         incarnation=1,

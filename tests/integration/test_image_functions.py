@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from support.cluster import Cluster, eventually
-from support.registry import Registry, build_busybox_layout, registry, require  # noqa: F401
+from support.registry import Registry, push_busybox, registry  # noqa: F401
 from support.runtimes import shuttle_settings
 from treadle.domain.resources import Tier
 from treadle.shuttle.runtimes import available_runtimes
@@ -28,9 +28,7 @@ def _has(tier: Tier) -> bool:
 
 @pytest.fixture(scope="module")
 def image(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: F811
-    require("umoci", "/bin/busybox")
-    layout = build_busybox_layout(tmp_path_factory.mktemp("layout") / "busybox", "v1")
-    return registry.push(layout, "v1", REPOSITORY)
+    return push_busybox(registry, tmp_path_factory.mktemp("busybox"), REPOSITORY)
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,8 @@ def test_the_node_offers_the_tier_and_a_function_runs_in_its_own_vm(cluster: Clu
     with cluster.client() as api:
         node = api.get("/v1/nodes").json()["items"][0]
         assert "microvm" in node["runtimes"]
+        # How its VMs run, chosen by a real boot: software emulation on this kind of host.
+        assert node["labels"]["microvm-accel"] in ("kvm", "tcg")
         register(
             api,
             "in-a-vm",

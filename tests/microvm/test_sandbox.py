@@ -94,3 +94,41 @@ async def test_a_sandbox_runs_in_its_own_vm_behind_the_namespace_jail(
     finally:
         await sandbox.stop(grace_s=1)
     assert not qemu_running(Path("/.treadle/guest"))
+
+
+async def test_its_writable_places_are_a_disk_of_its_own_not_its_memory(
+    image: GuestImage, tmp_path: Path
+) -> None:
+    """Home, /tmp and /dev/shm are on the VM's scratch disk (ext4, `disk_mib` of it, on the
+    node's disk, gone with the VM): a sandbox writes more than its memory there, and no more
+    than its disk, all places together."""
+    jail = make_runtime((Tier.NAMESPACE, {}), tmp_path / "node")
+    assert isinstance(jail, ProcessRuntime)
+    launcher = MicrovmLauncher(jail.launcher, image)  # type: ignore[arg-type]
+    spec = SandboxSpec(
+        id="sbx_disk",
+        incarnation=1,
+        tenant_id="tn_1",
+        resources=Resources(cpu_millicores=1000, memory_mib=256, disk_mib=400),
+        isolation=Tier.MICROVM,
+        env={},
+    )
+    sandbox = await LiveSandbox.start(launcher, spec, tmp_path / "work")
+    try:
+        process = await sandbox.link.exec(
+            [
+                "/bin/sh",
+                "-c",
+                "dd if=/dev/zero of=big bs=1M count=300 2>/dev/null && echo home-ok;"
+                " dd if=/dev/zero of=/tmp/more bs=1M count=200 2>&1 | grep -o 'No space left';"
+                " mount | grep -c ' ext4 '",
+            ]
+        )
+        out = bytearray()
+        async for _stream, data in process.output():
+            out += data
+        assert (await process.wait()).exit_code == 0
+        # 300 MiB in a 256 MiB guest, then /tmp full past the disk's 400 MiB together.
+        assert out.decode().split("\n")[:3] == ["home-ok", "No space left", "3"], out
+    finally:
+        await sandbox.stop(grace_s=1)

@@ -134,6 +134,14 @@ def build_busybox_layout(layout: Path, tag: str) -> Path:
     return layout
 
 
+def push_busybox(registry: Registry, directory: Path, repository: str, tag: str = "v1") -> str:
+    """The busybox image (`build_busybox_layout`), built under `directory` and pushed to
+    `registry` as `repository:tag`: its reference."""
+    require("umoci", "/bin/busybox")
+    layout = build_busybox_layout(directory / "layout", tag)
+    return registry.push(layout, tag, repository)
+
+
 def _umoci(*args: str) -> None:
     subprocess.run(["umoci", *args], check=True, capture_output=True, timeout=120)
 

@@ -183,3 +183,73 @@ def test_images_no_shuttle_asked_for_in_a_week_are_pruned(tmp_path: Path) -> Non
     )
     assert (tmp_path / "other" / "initrd").exists()
     assert (tmp_path / current).stat().st_mtime == now  # marked in use: kept a week more
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sets the process's capabilities, as root")
+def test_vmboot_runs_this_interpreter_s_program_in_its_own_process(tmp_path: Path) -> None:
+    """The guest agent (the same interpreter and options, with source to run) is loaded and
+    run by vmboot itself, with exactly its environment and as many capabilities as an
+    executed program would hold; any other program is executed as before (above)."""
+    runtime = agent_runtime.ensure()
+    command = [*runtime.argv(str(runtime.path)), "-I", "-S", "-c"]
+    program = (
+        "import os, sys\n"
+        "def main():\n"
+        "    status = open('/proc/self/status').read().split('\\n')\n"
+        "    caps = [line.split()[1] for line in status if line.startswith('CapPrm')]\n"
+        "    print(os.getpid(), os.environ['GREETING'], len(os.environ), sys.argv, caps[0])\n"
+        "print('not as a program: nothing runs on load')\n"
+    )
+    config = tmp_path / "config"
+    config.write_bytes(
+        json.dumps(
+            {"argv": [*command, program], "env": {"GREETING": "hi"}, "capabilities": [0, 7]}
+        ).encode()
+        + b"\0" * 512
+    )
+    source = resources.files("treadle.guest").joinpath("vmboot.py").read_text()
+    vmboot = subprocess.Popen(
+        [*command, source],
+        env={"TREADLE_AGENT_CONFIG": str(config), "LEAK": "x"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = vmboot.communicate(timeout=30)
+    assert vmboot.returncode == 0, err
+    loaded, ran = out.splitlines()
+    assert loaded == "not as a program: nothing runs on load"
+    # Its own process, its own environment only, and CAP_CHOWN and CAP_SETUID alone.
+    assert ran.split() == [str(vmboot.pid), "hi", "1", "['-c']", f"{(1 << 0) | (1 << 7):016x}"]
+
+
+def test_qemu_shares_an_image_root_the_runtime_beside_it_and_a_scratch_disk() -> None:
+    guest = image.GuestImage(Path("/g/vmlinux"), Path("/g/initrd"), "d")
+    argv = qemu.argv(
+        "qemu",
+        guest,
+        None,
+        memory_mib=256,
+        cpus=1,
+        accel="kvm",
+        config_fd=100,
+        root_share=True,
+        home="/work",
+        root="/.treadle/image",
+        binds=[("/.treadle/agent", "/.treadle/agent")],
+        scratch_fd=101,
+    )
+    line = " ".join(argv)
+    assert "local,id=root,path=/.treadle/image,security_model=none,readonly=on" in line
+    assert "local,id=bind0,path=/.treadle/agent,security_model=none,readonly=on" in line
+    assert "fd=101,set=2" in line and "serial=treadle-scratch" in line
+    cmdline = argv[argv.index("-append") + 1].split()
+    assert {"treadle.binds=/.treadle/agent", "treadle.scratch=1", "treadle.home=/work"} <= set(
+        cmdline
+    )
+    for target in ("/a b", "/a,b", "relative", "/$(x)"):
+        with pytest.raises(ValueError, match="cannot share"):
+            qemu.argv(
+                "qemu", guest, None, memory_mib=256, cpus=1, accel="kvm", root_share=True,
+                binds=[("/x", target)],
+            )  # fmt: skip

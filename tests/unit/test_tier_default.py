@@ -61,9 +61,10 @@ def test_an_image_needs_a_container_tier_whatever_the_default() -> None:
     assert tier({N, C, G}, image=IMAGE) is C
     assert tier({N, C, G}, image=IMAGE, default=G) is G
     assert tier({N}, image=IMAGE) is None
-    # The microvm tier runs no images (yet): stronger than gvisor, but not a place for one.
-    assert tier({N, Tier.MICROVM}, image=IMAGE) is None
+    # The microvm tier runs images too: the weakest image tier still comes first.
+    assert tier({N, Tier.MICROVM}, image=IMAGE) is Tier.MICROVM
     assert tier({Tier.MICROVM, G}, image=IMAGE, min_isolation=G) is G
+    assert tier({Tier.MICROVM, C}, image=IMAGE, isolation="microvm") is Tier.MICROVM
 
 
 def test_the_process_tier_only_when_named_and_allowed() -> None:

@@ -42,8 +42,7 @@ _RESERVED_ENV_PREFIX = "TREADLE_"
 # Validation context of a spec read back from the store: it was accepted when registered.
 STORED = "stored"
 # Tiers that can run a function's own root filesystem.
-# The microvm tier runs the guest's own programs only, so far.
-IMAGE_TIERS = (Tier.OCI, Tier.GVISOR)
+IMAGE_TIERS = (Tier.OCI, Tier.GVISOR, Tier.MICROVM)
 
 
 def ensure_json_safe(value: Any) -> None:

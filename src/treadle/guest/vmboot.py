@@ -17,7 +17,8 @@ confinement every tier gives sandboxed code. Here, as the guest's root, it:
   runs as the sandbox's root holds those and nothing more, as in the other tiers;
 - holds the workload to its limits within the guest as the other tiers do on the host: a
   cgroup (memory, pids) for the agent and all it starts, the size of its writable places
-  (its home, /tmp, /dev/shm), and no core dumps; and it masks, or makes read-only, the
+  (its home, /tmp, /dev/shm: tmpfs each sized to its disk, unless they are on its scratch
+  disk, whose size bounds them together), and no core dumps; and it masks, or makes read-only, the
   paths the other tiers do (/proc/sys among them: the guest's root is its kernel's root);
 - where the workload has network, sets up the guest's interface and the node's fence in its
   routes (the same prefixes the namespace tier prohibits);
@@ -279,7 +280,7 @@ def main() -> None:
         os.chroot(root)
         os.chdir("/")
     home = config.get("home")  # the node's word for it, not the workload's HOME
-    if limits:
+    if limits and not config.get("scratch"):  # on a scratch disk, the disk bounds them
         bound_places(libc, limits, home)
     for path in config.get("masked") or ():
         mask(libc, str(path))

@@ -81,6 +81,10 @@ _OPEN_TIMEOUT_S = 10.0
 _REFUSED = (401, 403)
 
 
+# The node label that says how the microvm tier's VMs run (an operator's own value wins).
+MICROVM_ACCEL_LABEL = "microvm-accel"
+
+
 def _warm_pool(
     settings: ShuttleSettings, runtime: Runtime | None, workdir: Path
 ) -> WarmPool | None:
@@ -114,6 +118,7 @@ class Shuttle:
         self._node_credential_refused = False
         self._perf_score = 1.0
         self._network_tiers: list[Tier] = []
+        self._labels = dict(settings.labels)
         self._sandboxes = SandboxHost({}, Path("/nonexistent"))  # replaced in `_run`
         self.metrics = ShuttleMetrics()
         self._usage: UsageOutbox | None = None  # made in `_run`
@@ -160,7 +165,11 @@ class Shuttle:
         else:
             gpus = await asyncio.to_thread(detect_gpus)
         capacity = detect_capacity(settings, gpus)
-        pool = _warm_pool(settings, runtimes.get(Tier.MICROVM), work_root)
+        microvm = runtimes.get(Tier.MICROVM)
+        if isinstance(microvm, MicrovmRuntime):
+            # How its VMs run, for people and placement rules: `kvm`, or `tcg` (emulation).
+            self._labels.setdefault(MICROVM_ACCEL_LABEL, microvm.launcher.accel)
+        pool = _warm_pool(settings, microvm, work_root)
         if pool is not None:
             # What the pool's VMs hold is not there for placed work.
             memory = max(1, capacity.memory_mib - settings.microvm_warm_mib)
@@ -287,7 +296,7 @@ class Shuttle:
             name=settings.name,
             capacity=capacity,
             runtimes=tiers,
-            labels=settings.labels,
+            labels=self._labels,
             region=settings.region,
             zone=settings.zone,
             provider=settings.provider,

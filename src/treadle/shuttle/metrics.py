@@ -120,3 +120,8 @@ class _Pool(Collector):
             "The memory the warm pool's VMs may hold (guest and VMM).",
             value=stats.held_mib,
         )
+        yield GaugeMetricFamily(
+            "treadle_shuttle_warm_pool_shapes",
+            "The shapes of workload the warm pool keeps VMs of.",
+            value=stats.shapes,
+        )

@@ -165,6 +165,7 @@ class LiveSandbox:
         booted ahead (`MicrovmLauncher.pool`), one of the sandbox's shape is taken and
         handed the sandbox's settings instead."""
         assign, binds = await _agent_spec(launcher, spec)
+        await _fetch_image(launcher, assign)  # the shape's image, known before a VM is taken
         pool = launcher.pool if isinstance(launcher, MicrovmLauncher) else None
         warm = None if pool is None else pool.take(assign, binds)
         if warm is not None:
@@ -194,10 +195,7 @@ class LiveSandbox:
         `agent_spec`), not waiting for the agent. `waiting` (microvm only): the VM boots
         without the workload's settings and waits for them (`hand_over`); returns once it
         says it waits."""
-        if assign.image is not None:
-            if not isinstance(launcher, ImageLauncher):
-                raise ValueError(f"the {launcher.tier} tier cannot run an image")
-            await launcher.fetch_image(assign)
+        await _fetch_image(launcher, assign)
         # Where the tier can, the sandbox has users of its own (`users`): its agent acts
         # as any of them (`treadle.guest.agent`).
         if isinstance(launcher, NamespaceLauncher):
@@ -400,6 +398,13 @@ async def _agent_spec(
     binds = (ReadOnlyBind(runtime.path, agent_runtime.MOUNT_POINT),)
     assign = spec.assign_spec(runtime.argv(agent_runtime.MOUNT_POINT), tools=agent_runtime.TOOLS)
     return assign, binds
+
+
+async def _fetch_image(launcher: Launcher, assign: AssignSpec) -> None:
+    if assign.image is not None:
+        if not isinstance(launcher, ImageLauncher):
+            raise ValueError(f"the {launcher.tier} tier cannot run an image")
+        await launcher.fetch_image(assign)  # once per image and node: cached after
 
 
 def _since(now: GroupUsage | None, baseline: GroupUsage | None) -> GroupUsage | None:

@@ -12,7 +12,8 @@ waiting VM comes from any tenant.
 The pool learns its shapes from demand: a start that finds no VM of its shape (a miss)
 starts keeping that shape warm, `per_shape` VMs of it, booted one at a time in the
 background and within `budget_mib` of memory for all the pool's idle VMs together; a shape
-nobody asked for in `idle_shape_s` loses its VMs. A VM that ends while it waits is dropped.
+nobody asked for in `idle_shape_s` loses its VMs, and so does the least recently asked for
+past `MAX_SHAPES`. A VM that ends while it waits is dropped.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 _RETRY_S = 30.0
 # How often the pool looks for shapes gone idle, when nothing else wakes it.
 _TRIM_EVERY_S = 60.0
+# The most shapes the pool keeps track of: past it, the one asked for least recently goes
+# (a tenant's many sizes must not grow it without end).
+MAX_SHAPES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,7 @@ class PoolStats:
     ready: int  # VMs waiting to be taken
     booting: int
     held_mib: int  # the memory of both, as reserved
+    shapes: int  # kept warm
 
 
 @dataclass
@@ -98,6 +103,7 @@ class WarmPool:
             ready=sum(len(shape.ready) for shape in shapes),
             booting=sum(shape.booting for shape in shapes),
             held_mib=self._held_mib(),
+            shapes=len(shapes),
         )
 
     def take(self, assign: AssignSpec, binds: Sequence[ReadOnlyBind]) -> LiveSandbox | None:
@@ -114,6 +120,9 @@ class WarmPool:
             )
             footprint = self._launcher.footprint_mib(assign)
             shape = _Shape(key, template, tuple(binds), footprint, 0.0)
+            if len(self._shapes) >= MAX_SHAPES:
+                oldest = min(self._shapes.values(), key=lambda s: s.wanted)
+                self._drop(oldest)
             self._shapes[key] = shape
         shape.wanted = time.monotonic()
         self._kick()
@@ -212,6 +221,7 @@ class WarmPool:
             resources=shape.assign.resources,
             isolation=Tier.MICROVM,
             env={},
+            image=shape.assign.image,
             network=shape.assign.network,
             home=shape.assign.workdir,
         )
@@ -222,13 +232,17 @@ class WarmPool:
 
     def _trim(self) -> None:
         now = time.monotonic()
-        for key, shape in list(self._shapes.items()):
+        for shape in list(self._shapes.values()):
             if now - shape.wanted >= self._idle_shape_s:
-                del self._shapes[key]
-                while shape.ready:
-                    vm = shape.ready.popleft()
-                    vm.ended.remove_done_callback(self._on_idle_end)
-                    vm.kill("stopped")
+                self._drop(shape)
+
+    def _drop(self, shape: _Shape) -> None:
+        """Forget a shape: its waiting VMs end (one booting ends once booted)."""
+        del self._shapes[shape.key]
+        while shape.ready:
+            vm = shape.ready.popleft()
+            vm.ended.remove_done_callback(self._on_idle_end)
+            vm.kill("stopped")
 
     def _on_idle_end(self, ended: asyncio.Future[ExitStatus]) -> None:
         for shape in self._shapes.values():

@@ -39,13 +39,18 @@ from treadle.shuttle.microvm.kernel import vmlinux
 from treadle.shuttle.sandbox.state import private_dir, state_root
 
 __all__ = [
+    "BINDS_ARG",
+    "BIND_TAG",
     "CHANNEL_ARG",
     "CONFIG_ARG",
+    "CONFIG_SERIAL",
     "HOME_ARG",
     "INIT",
     "PORT_NAME",
     "ROOT_ARG",
     "ROOT_TAG",
+    "SCRATCH_ARG",
+    "SCRATCH_SERIAL",
     "GuestImage",
     "build",
     "find_package",
@@ -55,12 +60,19 @@ __all__ = [
 ]
 
 # The layout's version: a change of this module's output changes every image's digest.
-_FORMAT = 2
+_FORMAT = 3
 # The virtio-serial port the guest agent talks on, found in the guest by this name.
 PORT_NAME = "treadle.agent"
 # On the kernel's command line where a config disk is attached (the first virtio disk):
 # JSON, padded with NULs, that the agent reads its environment from.
 CONFIG_ARG = "treadle.config=vda"
+# The serial QEMU gives the config disk, which the guest finds it by (Firecracker's drives
+# have none: the config disk is then the first).
+CONFIG_SERIAL = "treadle-config"
+# On the kernel's command line where a scratch disk is attached (serial `SCRATCH_SERIAL`):
+# an ext4 file system, made by the node, that holds the workload's home, /tmp and /dev/shm.
+SCRATCH_ARG = "treadle.scratch=1"
+SCRATCH_SERIAL = "treadle-scratch"
 # The modules the guest needs; what they depend on comes along, loaded first (in the order
 # `/lib/modules/order` lists, found from each module's own `depends=`).
 MODULES = (
@@ -71,6 +83,9 @@ MODULES = (
     "9p",
     "vmw_vsock_virtio_transport",
     "virtio_net",
+    "ext4",
+    # ext4 asks the crypto API for crc32c by name when it mounts, whatever the features.
+    "crc32c_generic",
 )
 # On the kernel's command line where the agent's channel is a vsock port (Firecracker's,
 # which has no virtio-serial): `treadle.guest.vsock_stdio` takes the host's connection.
@@ -80,6 +95,10 @@ CHANNEL_ARG = "treadle.channel=vsock"
 ROOT_ARG = "treadle.root=9p"
 ROOT_TAG = "root"
 HOME_ARG = "treadle.home="
+# Host directories shared read-only at their places in a root that does not hold them (an
+# image's): `treadle.binds=/a,/b`, their 9p tags `bind0`, `bind1`, ...
+BINDS_ARG = "treadle.binds="
+BIND_TAG = "bind"
 # How long an image no Shuttle asked for is kept (`prune`).
 UNUSED_FOR_S = 7 * 24 * 3600
 # What `build` names an image directory, and a build's staging directory: nothing else
@@ -133,10 +152,35 @@ if [ $# -eq 0 ] && [ -z "$port" ]; then
   echo "treadle: no virtio port named {PORT_NAME}" >&2
   poweroff -f
 fi
+# Disks by their serial where they have one (QEMU's), else the config disk is the first.
+disk() {{
+  for found in /sys/block/vd*; do
+    if [ "$(cat "$found/serial" 2>/dev/null)" = "$1" ]; then echo "/dev/${{found##*/}}"; fi
+  done
+}}
 if grep -q "{CONFIG_ARG}" /proc/cmdline; then
   while [ ! -b /dev/vda ] && [ $tries -lt 300000 ]; do tries=$((tries + 1)); done
-  export TREADLE_AGENT_CONFIG=/dev/vda
+  config=$(disk {CONFIG_SERIAL})
+  export TREADLE_AGENT_CONFIG=${{config:-/dev/vda}}
 fi
+scratch=
+if grep -q "{SCRATCH_ARG}" /proc/cmdline; then
+  while [ -z "$scratch" ] && [ $tries -lt 400000 ]; do
+    scratch=$(disk {SCRATCH_SERIAL}); tries=$((tries + 1))
+  done
+  mkdir -p /scratch
+  mount -t ext4 -o nosuid,nodev "$scratch" /scratch || poweroff -f
+  mkdir -p /scratch/home /scratch/tmp /scratch/shm
+  chmod 1777 /scratch/tmp /scratch/shm
+fi
+# A writable place of the workload's: on its scratch disk where it has one, else a tmpfs.
+place() {{
+  if [ -n "$scratch" ]; then
+    mount --bind "/scratch/$1" "$2"
+  else
+    mount -t tmpfs -o "mode=$3,nosuid,nodev" "$1" "$2"
+  fi
+}}
 ip link set lo up
 if [ $# -eq 0 ]; then exec 3<>"$port"; else exec 3<>/dev/console; fi
 # With a config disk, the node names the program (`treadle.guest.vmboot` reads it, confines
@@ -163,13 +207,19 @@ EOF_NODE
   ln -s /proc/self/fd/2 /root9p/dev/stderr
   mount -t proc -o nosuid,nodev,noexec proc /root9p/proc
   mount -t sysfs -o ro,nosuid,nodev,noexec sys /root9p/sys 2>/dev/null
-  mount -t tmpfs -o mode=1777,nosuid,nodev tmp /root9p/tmp
+  place tmp /root9p/tmp 1777
   mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,nosuid,noexec devpts /root9p/dev/pts
   ln -sf pts/ptmx /root9p/dev/ptmx
-  mount -t tmpfs -o mode=1777,nosuid,nodev shm /root9p/dev/shm
+  place shm /root9p/dev/shm 1777
   if [ -n "$home" ] && [ -d "/root9p$home" ]; then
-    mount -t tmpfs -o mode=0755,nosuid,nodev home "/root9p$home"
+    place home "/root9p$home" 0755
   fi
+  n=0
+  options=trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose
+  for target in $(sed -n 's/.*{BINDS_ARG}\\([^ ]*\\).*/\\1/p' /proc/cmdline | tr , ' '); do
+    mount -t 9p -o "$options" {BIND_TAG}$n "/root9p$target"
+    n=$((n + 1))
+  done
   if [ -n "$TREADLE_AGENT_CONFIG" ]; then
     # vmboot enters the root itself, once it has set up what the root does not show.
     export TREADLE_ROOT=/root9p

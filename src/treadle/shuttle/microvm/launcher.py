@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from treadle.guest.vmboot import settings_frame
 from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.microvm import qemu
 from treadle.shuttle.microvm.image import GuestImage, touch
+from treadle.shuttle.oci.rootfs import mount_point
 from treadle.shuttle.runtimes.base import ExitStatus
 from treadle.shuttle.runtimes.namespace import NO_NETWORK, NamespaceLauncher, NoNetwork
 from treadle.shuttle.runtimes.process import Attempt, Launch, ReadOnlyBind, environment
@@ -43,16 +45,20 @@ from treadle.shuttle.sandbox.policy import (
     READONLY_PATHS,
     ROOT_CAPABILITIES,
 )
+from treadle.shuttle.sandbox.state import private_dir, state_root
 
 if TYPE_CHECKING:
     from treadle.shuttle.live.pool import WarmPool
+    from treadle.shuttle.oci.fetch import ImageFetcher
 
 __all__ = ["GUEST_MIN_MIB", "VMM_OVERHEAD_MIB", "MicrovmLauncher"]
 
 # Where the jail shows QEMU the guest image.
 _IMAGE_AT = "/.treadle/guest"
-# The config disk's descriptor in QEMU: above what the jail gives bubblewrap.
+# The config and scratch disks' descriptors in QEMU: above what the jail gives bubblewrap
+# (the scratch disk's twice: for reading and writing, and for reading alone).
 CONFIG_FD = 100
+SCRATCH_FD = 101
 _SECTOR = 512
 # The least memory a guest boots and runs its agent in: the kernel and the unpacked
 # initramfs (busybox, the agent and its Python) take most of 100 MiB.
@@ -61,6 +67,10 @@ GUEST_MIN_MIB = 192
 # included, capped by `tb-size`): added to the workload's cgroup limit.
 VMM_OVERHEAD_MIB = 160
 _GUEST_HOME = "/work"
+# Where the jail shows QEMU a function's image, to share as the guest's root.
+_IMAGE_ROOT = "/.treadle/image"
+# What the guest's init mounts over in its root (`image.INIT`).
+_GUEST_MOUNTS = ("/dev", "/proc", "/sys", "/tmp")
 
 
 class MicrovmLauncher:
@@ -71,6 +81,7 @@ class MicrovmLauncher:
         *,
         accel: qemu.Accel = "tcg",
         qemu_path: str | None = None,
+        images: ImageFetcher | None = None,
     ) -> None:
         program = qemu_path or shutil.which("qemu-system-x86_64")
         if program is None:
@@ -79,6 +90,7 @@ class MicrovmLauncher:
         self._image = image
         self._accel = accel
         self._qemu = os.path.realpath(program)
+        self._images = images
         # Where VMs booted ahead of their workloads wait (`treadle.shuttle.live.pool`).
         self.pool: WarmPool | None = None
 
@@ -96,6 +108,23 @@ class MicrovmLauncher:
     def accel(self) -> qemu.Accel:
         return self._accel
 
+    async def fetch_image(self, spec: AssignSpec) -> None:
+        """See `ImageLauncher.fetch_image`: from the node's image store, as the oci tiers'."""
+        if spec.image is None:
+            return
+        if self._images is None:
+            raise ValueError("this node runs no images in the microvm tier")
+        await self._images.fetch(spec.image)
+
+    def environment(self, spec: AssignSpec) -> dict[str, str]:
+        """The workload's environment in its guest: its image's variables under its own."""
+        image_env = (
+            ()
+            if spec.image is None or self._images is None
+            else (self._images.fetched(spec.image).env)
+        )
+        return environment(spec, spec.workdir or _GUEST_HOME, image_env)
+
     def prepare(
         self,
         spec: AssignSpec,
@@ -110,45 +139,65 @@ class MicrovmLauncher:
         (shared read-only), so `binds` (the agent's runtime) are shown to QEMU's jail and
         through it to the guest. `waiting`: the VM boots ahead of its workload, knowing only
         its shape; it waits, before any confinement, for `settings` on its channel."""
-        if spec.image is not None:
-            raise ValueError("the microvm tier runs the guest's own programs: no images yet")
         if spec.network and self._jail.slirp is None:
             raise NoNetwork(NO_NETWORK)
         home = spec.workdir or _GUEST_HOME
+        root, shares, jail_binds = "/", [], list(binds)
+        if spec.image is not None:
+            # The guest's root is the image, shared read-only from where the jail shows it
+            # to QEMU; the agent's runtime (`binds`) is shared beside it, at its place.
+            if self._images is None:
+                raise ValueError("this node runs no images in the microvm tier")
+            rootfs = self._images.fetched(spec.image)
+            for target in (*_GUEST_MOUNTS, home, *(bind.target for bind in binds)):
+                mount_point(rootfs, target)  # directories, not links out of the image
+            root = _IMAGE_ROOT
+            shares = [(bind.target, bind.target) for bind in binds]
+            jail_binds.append(ReadOnlyBind(rootfs.path, _IMAGE_ROOT))
         touch(self._image)  # in use: no other version's build prunes it
+        scratch = _scratch_disk(max(spec.resources.disk_mib, 1))
         settings = self._settings(spec, users)
         if waiting:  # the guest waits for them on its channel (`treadle.guest.vmboot`)
             settings = {"settings": "channel"}
-        config = _memfd_read_only(
-            "treadle-config",
-            _config_disk(
-                {
-                    "argv": spec.argv,
-                    "env": {},
-                    "time": None,
-                    **settings,
-                    # Without users of its own, everything runs as the sandbox's user.
-                    "user": None if users else [SANDBOX_UID, SANDBOX_GID],
-                    "capabilities": sorted(
-                        CAPABILITY_NUMBERS[name] for name in (ROOT_CAPABILITIES if users else ())
-                    ),
-                    "seccomp": self._jail.seccomp_program.hex(),
-                    "home": home,
-                    "masked": MASKED_PATHS,
-                    "readonly": READONLY_PATHS,
-                    # The same fence again, in the guest's own routes: refused there at once.
-                    "network": None
-                    if not spec.network or self._jail.slirp is None
-                    else {"fence": self._jail.slirp.fenced()},
-                    "limits": {
-                        "memory_mib": spec.resources.memory_mib,
-                        "pids": self._jail.limits.pids_max,
-                        "disk_mib": spec.resources.disk_mib,
-                    },
-                }
-            ),
-        )
+        fds: dict[int, int] = {SCRATCH_FD: scratch}
         try:
+            fds[SCRATCH_FD + 1] = os.open(f"/proc/self/fd/{scratch}", os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(scratch)
+            raise
+        try:
+            fds[CONFIG_FD] = _memfd_read_only(
+                "treadle-config",
+                _config_disk(
+                    {
+                        "argv": spec.argv,
+                        "env": {},
+                        "time": None,
+                        **settings,
+                        # Without users of its own, everything runs as the sandbox's user.
+                        "user": None if users else [SANDBOX_UID, SANDBOX_GID],
+                        "capabilities": sorted(
+                            CAPABILITY_NUMBERS[name]
+                            for name in (ROOT_CAPABILITIES if users else ())
+                        ),
+                        "seccomp": self._jail.seccomp_program.hex(),
+                        "home": home,
+                        "masked": MASKED_PATHS,
+                        "readonly": READONLY_PATHS,
+                        # Its writable places are on its scratch disk, which bounds them.
+                        "scratch": True,
+                        # The same fence again, in the guest's own routes: refused there at once.
+                        "network": None
+                        if not spec.network or self._jail.slirp is None
+                        else {"fence": self._jail.slirp.fenced()},
+                        "limits": {
+                            "memory_mib": spec.resources.memory_mib,
+                            "pids": self._jail.limits.pids_max,
+                            "disk_mib": spec.resources.disk_mib,
+                        },
+                    }
+                ),
+            )
             guest = GuestImage(
                 Path(_IMAGE_AT) / self._image.kernel.name,
                 Path(_IMAGE_AT) / self._image.initrd.name,
@@ -166,6 +215,9 @@ class MicrovmLauncher:
                 root_share=True,
                 home=home,
                 network=spec.network,
+                root=root,
+                binds=shares,
+                scratch_fd=SCRATCH_FD,
             )
             jailed = spec.model_copy(
                 update={
@@ -181,19 +233,20 @@ class MicrovmLauncher:
             attempt = self._jail.prepare(
                 jailed,
                 workdir,
-                binds=[*binds, ReadOnlyBind(self._image.kernel.parent, _IMAGE_AT)],
+                binds=[*jail_binds, ReadOnlyBind(self._image.kernel.parent, _IMAGE_AT)],
                 freezable=freezable,
                 devices=["/dev/kvm"] if self._accel == "kvm" else [],
             )
         except BaseException:
-            os.close(config)
+            for fd in fds.values():
+                os.close(fd)
             raise
-        return _MicrovmAttempt(attempt, config)
+        return _MicrovmAttempt(attempt, fds)
 
     def _settings(self, spec: AssignSpec, users: bool) -> dict[str, Any]:
         """What of the config only the workload says, not its VM's shape: its environment,
         and the node's clock."""
-        env = environment(spec, spec.workdir or _GUEST_HOME)
+        env = self.environment(spec)
         if users:
             env[AGENT_USER_ENV] = f"{SANDBOX_UID}:{SANDBOX_GID}"
         return {"env": env, "time": time.time()}
@@ -229,6 +282,43 @@ def _guest_mib(spec: AssignSpec) -> int:
     return max(spec.resources.memory_mib, GUEST_MIN_MIB)
 
 
+def _scratch_disk(disk_mib: int) -> int:
+    """A descriptor, open for reading and writing, of a new file of `disk_mib` on the node's
+    disk (sparse, and unlinked from the start: it is gone once QEMU and this process close
+    it, whatever happens to either) holding an empty ext4 file system: the guest's writable
+    places. No journal, and no metadata checksums (the guest has no crc32c module): it lives
+    as long as its VM."""
+    directory = private_dir(state_root() / "microvm-scratch")
+    fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, disk_mib << 20)
+        subprocess.run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-O",
+                "^has_journal,^metadata_csum",
+                "-E",
+                "lazy_itable_init=1,nodiscard,root_owner=0:0",
+                "-m",
+                "0",
+                f"/dev/fd/{fd}",
+            ],
+            pass_fds=[fd],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        os.close(fd)
+        raise OSError(f"cannot make the VM's scratch disk: {exc}") from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _memfd_read_only(name: str, data: bytes) -> int:
     """A descriptor, open for reading only, of a sealed memfd holding `data` (QEMU takes a
     read-only disk's descriptor only when it is open for reading only)."""
@@ -255,24 +345,24 @@ def _config_disk(config: dict[str, Any]) -> bytes:
 
 
 class _MicrovmAttempt:
-    """The jail's attempt, with the config disk's descriptor given to QEMU and closed here
-    once the attempt is over."""
+    """The jail's attempt, with the config and scratch disks' descriptors given to QEMU and
+    closed here once QEMU holds its own copies, or the attempt is over."""
 
-    def __init__(self, inner: Attempt, config: int) -> None:
+    def __init__(self, inner: Attempt, fds: dict[int, int]) -> None:
         self._inner = inner
-        self._config: int | None = config
+        self._fds = dict(fds)
         launch = inner.launch
-        self._launch = dataclasses.replace(launch, fds={**launch.fds, CONFIG_FD: config})
+        self._launch = dataclasses.replace(launch, fds={**launch.fds, **fds})
 
     @property
     def launch(self) -> Launch:
         return self._launch
 
     def _close(self) -> None:
-        if self._config is not None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
             with contextlib.suppress(OSError):
-                os.close(self._config)
-            self._config = None
+                os.close(fd)
 
     async def spawned(self, pid: int) -> None:
         self._close()  # QEMU holds its own copy now

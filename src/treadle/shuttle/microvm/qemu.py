@@ -23,17 +23,23 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from treadle.protocol.guest import FrameReader, GuestProtocolError, Ready
 from treadle.shuttle.microvm.image import (
+    BIND_TAG,
+    BINDS_ARG,
     CONFIG_ARG,
+    CONFIG_SERIAL,
     HOME_ARG,
     PORT_NAME,
     ROOT_ARG,
     ROOT_TAG,
+    SCRATCH_ARG,
+    SCRATCH_SERIAL,
     GuestImage,
 )
 
@@ -104,14 +110,22 @@ def argv(
     home: str | None = None,
     kernel_args: str = "",
     network: bool = False,
+    root: str = "/",
+    binds: Sequence[tuple[str, str]] = (),
+    scratch_fd: int | None = None,
 ) -> list[str]:
     """QEMU's command line for one guest: no devices but a serial console, the agent's port
     and a config disk (the sandbox's settings: read-only, from `config_fd`, a descriptor
     open for reading that QEMU inherits), no firmware, no reboot. `channel`: the Unix socket
     the port connects to; None: QEMU's own stdin and stdout (the console is then dropped).
-    `root_share`: the guest's root is QEMU's own view of `/` (in its jail: the host's
-    programs), shared read-only over 9p, with a tmpfs at `home`. `network`: a virtio NIC on
-    QEMU's user-mode network (none otherwise). `kernel_args` go after the kernel's own."""
+    `root_share`: the guest's root is QEMU's own view of `root` (in its jail: the host's
+    programs, or an image), shared read-only over 9p, with a tmpfs at `home`, and each of
+    `binds` (QEMU's path, the guest's) shared read-only at its place in that root (where the
+    root is QEMU's `/`, its jail shows them there already). `network`: a virtio NIC on
+    QEMU's user-mode network (none otherwise). `scratch_fd`: a descriptor, open for reading
+    and writing, of the workload's scratch disk (an ext4 file system), which the guest
+    mounts for its home, /tmp and /dev/shm, and `scratch_fd + 1` one of it open for reading
+    only. `kernel_args` go after the kernel's own."""
     cmdline = _CMDLINE
     if accel == "tcg" and (khz := _host_tsc_khz()) is not None:
         cmdline = f"{cmdline} tsc_early_khz={khz}"
@@ -121,15 +135,25 @@ def argv(
     if root_share:
         cmdline = f"{cmdline} {ROOT_ARG}"
         if home:
-            if not home.startswith("/") or any(c.isspace() or c in "\"'\\" for c in home):
+            if not _plain_path(home):
                 raise ValueError(f"cannot give the guest the home {home!r}")
             cmdline = f"{cmdline} {HOME_ARG}{home}"
-        shares = [
-            "-fsdev",
-            f"local,id={ROOT_TAG},path=/,security_model=none,readonly=on",
-            "-device",
-            f"virtio-9p-device,fsdev={ROOT_TAG},mount_tag={ROOT_TAG}",
-        ]
+        exported = [(ROOT_TAG, root)]
+        for n, (path, target) in enumerate(binds):
+            if not _plain_path(target) or "," in target or "," in path:
+                raise ValueError(f"cannot share {path!r} with the guest at {target!r}")
+            exported.append((f"{BIND_TAG}{n}", path))
+        if binds:
+            cmdline = f"{cmdline} {BINDS_ARG}{','.join(target for _, target in binds)}"
+        for tag, path in exported:
+            shares += [
+                "-fsdev",
+                # Its own inode numbers for each file system under `path` (the jail's
+                # mounts): the same number on two of them would be one file to the guest.
+                f"local,id={tag},path={path},security_model=none,readonly=on,multidevs=remap",
+                "-device",
+                f"virtio-9p-device,fsdev={tag},mount_tag={tag}",
+            ]
     if kernel_args:
         cmdline = f"{cmdline} {kernel_args}"
     if channel is None:
@@ -144,7 +168,21 @@ def argv(
             "-drive",
             "id=config,file=/dev/fdset/1,format=raw,if=none,readonly=on",
             "-device",
-            "virtio-blk-device,drive=config",
+            f"virtio-blk-device,drive=config,serial={CONFIG_SERIAL}",
+        ]
+    if scratch_fd is not None:
+        cmdline = f"{cmdline} {SCRATCH_ARG}"
+        drives += [
+            # QEMU opens a disk for reading alone as well as for writing: one descriptor of
+            # each, the second `scratch_fd + 1`.
+            "-add-fd",
+            f"fd={scratch_fd},set=2",
+            "-add-fd",
+            f"fd={scratch_fd + 1},set=2",
+            "-drive",
+            "id=scratch,file=/dev/fdset/2,format=raw,if=none,discard=unmap",
+            "-device",
+            f"virtio-blk-device,drive=scratch,serial={SCRATCH_SERIAL}",
         ]
     nic = []
     if network:
@@ -337,3 +375,8 @@ async def probe(image: GuestImage, workdir: Path, timeout_s: float = 20.0) -> Ac
     finally:
         await vm.close()
     return "kvm"
+
+
+def _plain_path(path: str) -> bool:
+    """An absolute path the guest's init can take from its command line as it is."""
+    return path.startswith("/") and not any(c.isspace() or c in "\"'\\$`" for c in path)

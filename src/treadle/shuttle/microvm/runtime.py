@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from treadle.domain.resources import Tier
 from treadle.protocol.messages import AssignSpec, Usage
@@ -41,6 +42,9 @@ from treadle.shuttle.runtimes.process import (
 )
 from treadle.shuttle.sandbox import exits
 
+if TYPE_CHECKING:
+    from treadle.shuttle.oci.fetch import ImageFetcher
+
 __all__ = ["MicrovmExecution", "MicrovmRuntime", "available"]
 
 log = logging.getLogger(__name__)
@@ -54,11 +58,14 @@ _WITH_RESULT_FD = f'exec {RESULT_FD}>"$0"; exec "$@"'
 _DRAIN_S = 1.0
 
 
-def available(jail: NamespaceLauncher) -> tuple[MicrovmRuntime | None, str]:
+def available(
+    jail: NamespaceLauncher, images: ImageFetcher | None = None
+) -> tuple[MicrovmRuntime | None, str]:
     """The tier's runtime on this host, and what was found (or why there is none): the
     guest image built (or found) from the kernel package, and the accelerator a real boot
-    chose. Blocking: a build where none is cached (seconds), and a trial boot under KVM
-    where /dev/kvm is there."""
+    chose. `images`: where functions' images come from (None: it runs none). Blocking: a
+    build where none is cached (seconds), and a trial boot under KVM where /dev/kvm is
+    there."""
     if shutil.which("qemu-system-x86_64") is None:
         return None, "qemu-system-x86_64 is not installed (Debian package qemu-system-x86)"
     package = find_package()
@@ -73,7 +80,7 @@ def available(jail: NamespaceLauncher) -> tuple[MicrovmRuntime | None, str]:
         ThreadPoolExecutor(1, thread_name_prefix="treadle-probe") as pool,
     ):
         accel = pool.submit(asyncio.run, probe(image, Path(scratch) / "vm")).result()
-    launcher = MicrovmLauncher(jail, image, accel=accel)
+    launcher = MicrovmLauncher(jail, image, accel=accel, images=images)
     return MicrovmRuntime(launcher), f"guest {image.digest}, {accel}"
 
 
@@ -93,9 +100,11 @@ class MicrovmRuntime:
         home = spec.workdir or _WORK_DIR
         try:
             # Found, and executable, before a VM boots for it: a missing program ends as
-            # "spawn_failed", as in every tier, not as an exit code.
+            # "spawn_failed", as in every tier, not as an exit code. (An image's programs
+            # are its own: a missing one fails in the guest, as in the oci tiers.)
             files = {name: mode for name, _, mode in workdir_files(spec)}
-            bwrap.resolve_in_sandbox(spec.argv[0], environment(spec, home)["PATH"], files)
+            if spec.image is None:
+                bwrap.resolve_in_sandbox(spec.argv[0], environment(spec, home)["PATH"], files)
         except (OSError, ValueError) as exc:
             return SpawnFailed(f"treadle: {exc}\n")
         sandbox_spec = SandboxSpec(
@@ -113,7 +122,7 @@ class MicrovmRuntime:
             sandbox = await LiveSandbox.start(self.launcher, sandbox_spec, workdir)
         except (OSError, ValueError) as exc:
             return SpawnFailed(f"treadle: {exc}\n")
-        execution = MicrovmExecution(sandbox, spec, home)
+        execution = MicrovmExecution(sandbox, spec, home, self.launcher.environment(spec))
         try:
             await execution.begin()
         except (GuestError, LinkBroken, OSError, ValueError) as exc:
@@ -123,10 +132,13 @@ class MicrovmRuntime:
 
 
 class MicrovmExecution:
-    def __init__(self, sandbox: LiveSandbox, spec: AssignSpec, home: str) -> None:
+    def __init__(
+        self, sandbox: LiveSandbox, spec: AssignSpec, home: str, env: dict[str, str]
+    ) -> None:
         self._sandbox = sandbox
         self._spec = spec
         self._home = home
+        self._env = env
         self._process: GuestProcess | None = None
         self._kill_reason: str | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -150,7 +162,7 @@ class MicrovmExecution:
         result = f"{self._home}/{_RESULT}"
         self._process = await link.exec(
             ["/bin/sh", "-c", _WITH_RESULT_FD, result, *spec.argv],
-            env=environment(spec, self._home),
+            env=self._env,
             cwd=self._home,
             stdin=spec.stdin is not None,
             drain_s=_DRAIN_S,

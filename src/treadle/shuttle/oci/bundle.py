@@ -37,7 +37,7 @@ from typing import Any
 
 from treadle.domain.resources import Resources
 from treadle.protocol.messages import AssignSpec
-from treadle.shuttle.oci.rootfs import RESULT_DIR, WORK_DIR, Rootfs
+from treadle.shuttle.oci.rootfs import RESULT_DIR, WORK_DIR, Rootfs, mount_point
 from treadle.shuttle.sandbox.cgroups import UNTHROTTLED_BPS, block_devices, cpu_bandwidth
 from treadle.shuttle.sandbox.ids import DEFAULT_BASE, SANDBOX_GID, SANDBOX_UID, SLOT_SIZE
 from treadle.shuttle.sandbox.policy import (
@@ -341,10 +341,13 @@ def prepare_bundle(
         raise BundleError(f"work directory {workdir} does not exist")
     if not rootfs.path.is_dir() or rootfs.path.is_symlink():
         raise BundleError(f"rootfs {rootfs.path} is not a directory")
-    for _, target in binds:
-        _mount_point(rootfs, target)
-    if home != WORK_DIR:
-        _mount_point(rootfs, home)
+    try:
+        for _, target in binds:
+            mount_point(rootfs, target)
+        if home != WORK_DIR:
+            mount_point(rootfs, home)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from exc
     result_fifo = traits.result_fifo
     if result_fifo and not _has_shell(rootfs):
         raise BundleError(
@@ -541,39 +544,6 @@ def _linux(
     if seccomp is not None:
         linux["seccomp"] = seccomp
     return linux
-
-
-def _mount_point(rootfs: Rootfs, target: str) -> None:
-    """Make the directory `target` in the rootfs where missing, as `add_mount_points` does
-    for the rootfs's own: a runtime that finds a mount point missing creates it itself, in
-    the shared cache or failing on a read-only one. Every step is taken without following
-    links: an image's `/.x -> /etc` must not have Shuttle make directories on the host. An
-    image with anything but directories on the way cannot have the mount."""
-    parts = [part for part in target.split("/") if part]
-    if not parts or any(part in (".", "..") for part in parts):
-        raise BundleError(f"invalid mount point {target!r}")
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(rootfs.path, flags)
-    try:
-        for part in parts:
-            made = True
-            try:
-                os.mkdir(part, 0o755, dir_fd=fd)
-            except FileExistsError:
-                made = False
-            try:
-                step = os.open(part, flags, dir_fd=fd)
-            except OSError as exc:  # a link (ELOOP) or a file (ENOTDIR)
-                raise BundleError(
-                    f"image {rootfs.reference!r} has {target} other than as directories, "
-                    "where treadle mounts its own"
-                ) from exc
-            os.close(fd)
-            fd = step
-            if made:
-                os.fchmod(fd, 0o755)  # whatever the umask: the sandbox's user passes through
-    finally:
-        os.close(fd)
 
 
 def _has_shell(rootfs: Rootfs) -> bool:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from treadle.shuttle.sandbox.policy import WORK_DIR
 
-__all__ = ["MOUNT_POINTS", "RESULT_DIR", "WORK_DIR", "Rootfs", "add_mount_points"]
+__all__ = [
+    "MOUNT_POINTS",
+    "RESULT_DIR",
+    "WORK_DIR",
+    "Rootfs",
+    "add_mount_points",
+    "mount_point",
+]
 
 # Where the result FIFO is mounted when the runtime cannot pass fd 3 itself.
 RESULT_DIR = "/dev/treadle"
@@ -44,3 +52,36 @@ def add_mount_points(rootfs: Path) -> None:
         path.mkdir(parents=True)
         # runc gives a tmpfs the mode of the directory it covers.
         path.chmod(0o1777 if name == "/tmp" else 0o755)
+
+
+def mount_point(rootfs: Rootfs, target: str) -> None:
+    """Make the directory `target` in the rootfs where missing, as `add_mount_points` does
+    for the rootfs's own: a runtime that finds a mount point missing creates it itself, in
+    the shared cache or failing on a read-only one. Every step is taken without following
+    links: an image's `/.x -> /etc` must not have Shuttle make directories on the host. An
+    image with anything but directories on the way cannot have the mount."""
+    parts = [part for part in target.split("/") if part]
+    if not parts or any(part in (".", "..") for part in parts):
+        raise ValueError(f"invalid mount point {target!r}")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(rootfs.path, flags)
+    try:
+        for part in parts:
+            made = True
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                made = False
+            try:
+                step = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:  # a link (ELOOP) or a file (ENOTDIR)
+                raise ValueError(
+                    f"image {rootfs.reference!r} has {target} other than as directories, "
+                    "where treadle mounts its own"
+                ) from exc
+            os.close(fd)
+            fd = step
+            if made:
+                os.fchmod(fd, 0o755)  # whatever the umask: the sandbox's user passes through
+    finally:
+        os.close(fd)

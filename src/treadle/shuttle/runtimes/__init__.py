@@ -54,21 +54,31 @@ def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:
     except (Unavailable, OSError) as exc:
         log.warning("oci and gvisor runtimes unavailable: %s", exc)
     if settings.microvm:
-        microvm = _microvm_runtime(namespace)
+        microvm = _microvm_runtime(namespace, settings)
         if microvm is not None:
             runtimes[Tier.MICROVM] = microvm
     return runtimes
 
 
-def _microvm_runtime(jail: NamespaceRuntime | None) -> Runtime | None:
+def _microvm_runtime(jail: NamespaceRuntime | None, settings: ShuttleSettings) -> Runtime | None:
     """The microvm tier, where QEMU, the guest image's kernel package and the namespace tier
-    (QEMU's jail) are all here; KVM where a guest boots under it, else software emulation."""
+    (QEMU's jail) are all here; KVM where a guest boots under it, else software emulation.
+    Functions' images come from the node's image store, as the oci tiers' do."""
     from treadle.shuttle.microvm.runtime import available
+    from treadle.shuttle.oci.fetch import ImageFetcher
+    from treadle.shuttle.runtimes.oci import image_store
 
     if jail is None:
         log.warning("microvm runtime unavailable: it needs the namespace tier to jail QEMU")
         return None
-    runtime, reason = available(jail.launcher)  # type: ignore[arg-type]
+    try:
+        images: ImageFetcher | None = ImageFetcher(
+            image_store(settings), settings.allowed_registries
+        )
+    except OSError as exc:
+        log.warning("microvm runtime: no image store (%s): it runs no images", exc)
+        images = None
+    runtime, reason = available(jail.launcher, images)  # type: ignore[arg-type]
     if runtime is None:
         log.warning("microvm runtime unavailable: %s", reason)
     else:

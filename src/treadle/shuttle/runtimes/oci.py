@@ -49,7 +49,8 @@ from treadle.shuttle.oci.bundle import (
     new_container_id,
     prepare_bundle,
 )
-from treadle.shuttle.oci.images import ImageError, ImageStore, parse_reference
+from treadle.shuttle.oci.fetch import ImageFetcher
+from treadle.shuttle.oci.images import ImageStore
 from treadle.shuttle.oci.rootfs import Rootfs
 from treadle.shuttle.oci.tools import (
     OciTool,
@@ -123,11 +124,9 @@ class OciLauncher:
     ) -> None:
         self.tool = tool
         self._ids = ids
-        self._allowed = None if allowed_registries is None else frozenset(allowed_registries)
         self.work_root = work_root
         self._rootfs = rootfs
-        self._images = images
-        self._resolved: dict[str, Rootfs] = {}
+        self.images = ImageFetcher(images, allowed_registries)
         # gVisor counts the sandbox's processes itself and enforces this rlimit as the limit
         # (its cgroup holds the sentry's threads, not the program's processes). Elsewhere the
         # rlimit is a backstop above the cgroup's limit: checked first, at the same number it
@@ -144,24 +143,8 @@ class OciLauncher:
         return self.tool.tier
 
     async def fetch_image(self, spec: AssignSpec) -> None:
-        if spec.image is None or spec.image in self._resolved:
-            return
-        if self._images is None:
-            raise ValueError("this node has no image store")
-        if self._allowed is not None:
-            try:
-                registry = parse_reference(spec.image).registry or "docker.io"
-            except ImageError as exc:
-                raise ValueError(str(exc)) from None
-            if registry not in self._allowed:
-                raise ValueError(
-                    f"image {spec.image}: registry {registry} is not one this node pulls from"
-                )
-        try:
-            rootfs = await asyncio.to_thread(self._images.resolve, spec.image)
-        except ImageError as exc:
-            raise ValueError(str(exc)) from None
-        self._resolved[spec.image] = rootfs
+        if spec.image is not None:
+            await self.images.fetch(spec.image)
 
     def prepare(
         self,
@@ -180,9 +163,7 @@ class OciLauncher:
         workdir = self.work_root / container_id
         rootfs = self._rootfs
         if spec.image is not None:
-            if spec.image not in self._resolved:
-                raise ValueError(f"image {spec.image} was not fetched")
-            rootfs = self._resolved[spec.image]
+            rootfs = self.images.fetched(spec.image)
         identity, ids = self._identity, None
         if identity.userns is not None and self._ids is not None:
             ids = self._ids.claim()
@@ -430,6 +411,13 @@ class OciRuntime(ProcessRuntime):
         return f"cgroup ({self._oci.tool.name})"
 
 
+def image_store(settings: ShuttleSettings) -> ImageStore:
+    """The node's cache of unpacked images, shared by every tier that runs them."""
+    return ImageStore(
+        private_dir(_state_base() / "images"), insecure_registries=settings.insecure_registries
+    )
+
+
 def oci_runtimes(settings: ShuttleSettings) -> dict[Tier, OciRuntime]:
     """The `oci` and `gvisor` tiers, those of them whose tool passes a trial run here. Sweeps
     what containers of dead Shuttles left behind first."""
@@ -444,9 +432,7 @@ def oci_runtimes(settings: ShuttleSettings) -> dict[Tier, OciRuntime]:
     me = f"{owner}.{os.getpid()}"
     _sweep_dead(owned)
     state_dir = private_dir(owned / me)
-    images = ImageStore(
-        private_dir(base / "images"), insecure_registries=settings.insecure_registries
-    )
+    images = image_store(settings)
     rootfs = images.resolve(None)
     cgroup_parent = f"{CGROUP_PARENT}/{me}"
     oom_log = OomLog(cgroup_parent)

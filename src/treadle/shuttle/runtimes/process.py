@@ -681,11 +681,16 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def environment(spec: AssignSpec, home: str) -> dict[str, str]:
+def environment(spec: AssignSpec, home: str, image_env: Sequence[str] = ()) -> dict[str, str]:
     """The program's environment, with `home` (its work dir, as the program sees it) as
-    HOME, TMPDIR and the place of the args file."""
+    HOME, TMPDIR and the place of the args file. `image_env`: an image's configured
+    variables (`KEY=VALUE`), over the defaults and under the function's own."""
     # Built from scratch: Shuttle's own environment may hold its join token.
-    env = {"PATH": PATH, "HOME": home, "LANG": "C.UTF-8", "TMPDIR": home}
+    env = {"PATH": PATH, "LANG": "C.UTF-8"}
+    for item in image_env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    env.update(HOME=home, TMPDIR=home)
     env.update(spec.env)
     env.update(
         TREADLE_EXECUTION_ID=spec.id,
