@@ -7,6 +7,7 @@ is a static busybox pushed to a registry on loopback; everything runs for real."
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -66,6 +67,28 @@ def hostile(
         timeout=120,
     )
     return registry.push(layout, "v1", f"{REPOSITORY}-hostile"), target
+
+
+@pytest.fixture(scope="module")
+def with_device(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: F811
+    """An image holding a block device node, readable and writable by all, at /disk: 254:0,
+    the first virtio disk (on a host that is itself a VM, often its root disk; in a microVM
+    guest, the config disk)."""
+    require("umoci", "/bin/busybox")
+    if os.geteuid() != 0:
+        pytest.skip("making a device node in an image needs root")
+    base = tmp_path_factory.mktemp("device")
+    layout = build_busybox_layout(base / "layout", "v1")
+    extra = base / "extra"
+    extra.mkdir()
+    os.mknod(extra / "disk", 0o666 | stat.S_IFBLK, os.makedev(254, 0))
+    subprocess.run(
+        ["umoci", "insert", "--image", f"{layout}:v1", str(extra), "/"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return registry.push(layout, "v1", f"{REPOSITORY}-device")
 
 
 @pytest.fixture(params=IMAGE_TIERS)
@@ -200,3 +223,19 @@ async def test_an_image_cannot_point_the_runtime_s_mount_at_the_host(
     with pytest.raises(ValueError, match=r"/\.treadle/agent other than as directories"):
         await start(tier, tmp_path, image=image, insecure=[registry.host])
     assert list(target.iterdir()) == []  # nothing made on the host through the link
+
+
+async def test_an_image_s_device_nodes_open_nothing(
+    tier: tuple[Tier, dict[str, Any]],
+    tmp_path: Path,
+    registry: Registry,  # noqa: F811
+    with_device: str,
+) -> None:
+    sandbox = await start(tier, tmp_path, image=with_device, insecure=[registry.host])
+    try:
+        out, _, _ = await run(sandbox, ["sh", "-c", "head -c 3 /disk | wc -c"])
+        # Refused: by the devices cgroup's allowlist in the oci tiers, by gVisor's own /dev,
+        # by the guest's mount of the image (nodev) in a microVM.
+        assert out.split() == [b"0"]
+    finally:
+        await sandbox.stop(grace_s=1)

@@ -242,7 +242,7 @@ def shuttle_command(
         typer.Option(
             "--microvm",
             help="Offer the 'microvm' tier (QEMU; the guest image of scripts/build-guest) "
-            "where it works here. It runs no images yet.",
+            "where it works here.",
         ),
     ] = False,
     microvm_warm: MicrovmWarmOption = 0,

@@ -66,6 +66,8 @@ _CAPABILITY_VERSION_3 = 0x20080522
 WAITING = b"treadle: booted, waiting for the workload\n"
 # The settings frame: a 4-byte big-endian length, then that much JSON.
 _SETTINGS_MAX = 1 << 22
+# The most of a config disk that is read: its JSON must end before.
+CONFIG_MAX = 1 << 22
 
 
 class _Filter(ctypes.Structure):
@@ -78,7 +80,7 @@ class _Timespec(ctypes.Structure):
 
 def read_config(path: str) -> dict:
     with open(path, "rb") as f:
-        data = f.read(1 << 22)
+        data = f.read(CONFIG_MAX)
     config: dict = json.JSONDecoder().raw_decode(data.split(b"\0", 1)[0].decode())[0]
     return config
 

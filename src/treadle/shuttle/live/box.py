@@ -151,6 +151,7 @@ class LiveSandbox:
         pidfd = os.pidfd_open(pid)
         self._pidfd: int | None = pidfd
         self._started = time.monotonic()
+        self.booted_at = self._started  # monotonic: when its boundary started
         self._kill_reason: str | None = None
         self._frozen = False
         self._baseline: GroupUsage | None = None  # counted before it was handed over
@@ -166,16 +167,17 @@ class LiveSandbox:
         handed the sandbox's settings instead."""
         assign, binds = await _agent_spec(launcher, spec)
         await _fetch_image(launcher, assign)  # the shape's image, known before a VM is taken
-        pool = launcher.pool if isinstance(launcher, MicrovmLauncher) else None
-        warm = None if pool is None else pool.take(assign, binds)
-        if warm is not None:
-            assert isinstance(launcher, MicrovmLauncher)
-            warm.spec = spec
-            try:
-                await warm.hand_over(launcher.settings(assign, users=True))
-                return warm
-            except OSError as exc:  # it ended as it was taken: boot one as if none waited
-                log.warning("sandbox %s: the warm VM taken failed (%s)", spec.id, exc)
+        if isinstance(launcher, MicrovmLauncher) and launcher.pool is not None:
+            # Made before a VM is taken: settings that cannot be sent leave the pool as it was.
+            settings = launcher.settings(assign, users=True)
+            warm = launcher.pool.take(assign, binds)
+            if warm is not None:
+                warm.spec = spec
+                try:
+                    await warm.hand_over(settings)
+                    return warm
+                except OSError as exc:  # it ended as it was taken: boot one as if none waited
+                    log.warning("sandbox %s: the warm VM taken failed (%s)", spec.id, exc)
         sandbox = await cls.boot(launcher, spec, assign, binds, workdir)
         await sandbox._until(sandbox.link.ready(), "the sandbox's agent did not start")
         return sandbox
@@ -203,7 +205,11 @@ class LiveSandbox:
                 assign, workdir, binds=binds, freezable=True, users=True
             )
         elif isinstance(launcher, MicrovmLauncher):
-            attempt = launcher.prepare(assign, workdir, binds=binds, users=True, waiting=waiting)
+            # Its scratch disk is made off the event loop first (`mkfs`).
+            scratch = await launcher.scratch_disk(assign)
+            attempt = launcher.prepare(
+                assign, workdir, binds=binds, users=True, waiting=waiting, scratch=scratch
+            )
         elif isinstance(launcher, OciLauncher):
             attempt = launcher.prepare(assign, workdir, binds=binds, users=True)
         else:
@@ -252,15 +258,17 @@ class LiveSandbox:
         """Give a VM booted `waiting` its workload's settings, and wait for its agent. What
         its cgroup counted so far (the boot) is nobody's: the sandbox's counters start
         here."""
-        if isinstance(self._attempt, Meterable):
-            self._baseline = self._attempt.counters()
-        self._started = time.monotonic()
         try:
+            if isinstance(self._attempt, Meterable):
+                self._baseline = self._attempt.counters()
+            self._started = time.monotonic()
             self.link.preface(settings)
-        except LinkBroken as exc:
+        except BaseException as exc:  # the VM is the caller's now: it must not be left waiting
             self.kill("spawn_failed")
             await asyncio.shield(self.ended)
-            raise OSError(f"the VM ended before it was handed over ({exc})") from exc
+            if isinstance(exc, (LinkBroken, OSError)):
+                raise OSError(f"the VM ended before it was handed over ({exc})") from exc
+            raise
         await self._until(self.link.ready(), "the sandbox's agent did not start")
 
     async def _until(self, step: Awaitable[object], failure: str) -> None:

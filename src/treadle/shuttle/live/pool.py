@@ -13,7 +13,8 @@ The pool learns its shapes from demand: a start that finds no VM of its shape (a
 starts keeping that shape warm, `per_shape` VMs of it, booted one at a time in the
 background and within `budget_mib` of memory for all the pool's idle VMs together; a shape
 nobody asked for in `idle_shape_s` loses its VMs, and so does the least recently asked for
-past `MAX_SHAPES`. A VM that ends while it waits is dropped.
+past `MAX_SHAPES`. A VM that ends while it waits is dropped, and one that waited
+`MAX_WAIT_S` is replaced.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ _TRIM_EVERY_S = 60.0
 # The most shapes the pool keeps track of: past it, the one asked for least recently goes
 # (a tenant's many sizes must not grow it without end).
 MAX_SHAPES = 64
+# How long a VM may wait: what it was booted with (the node's fence of its network, its
+# seccomp program) is the node's as it booted, and the node's may change.
+MAX_WAIT_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +239,11 @@ class WarmPool:
         for shape in list(self._shapes.values()):
             if now - shape.wanted >= self._idle_shape_s:
                 self._drop(shape)
+                continue
+            for vm in [vm for vm in shape.ready if now - vm.booted_at >= MAX_WAIT_S]:
+                shape.ready.remove(vm)
+                vm.ended.remove_done_callback(self._on_idle_end)
+                vm.kill("stopped")  # the refill boots a new one
 
     def _drop(self, shape: _Shape) -> None:
         """Forget a shape: its waiting VMs end (one booting ends once booted)."""

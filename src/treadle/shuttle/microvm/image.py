@@ -191,7 +191,9 @@ if grep -q "{ROOT_ARG}" /proc/cmdline; then
   # The workload's root: the host's programs, read-only, and its own writable places.
   home=$(sed -n 's/.*{HOME_ARG}\\([^ ]*\\).*/\\1/p' /proc/cmdline)
   mkdir -p /root9p
-  mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose {ROOT_TAG} /root9p
+  # No device nodes or set-id programs of its own (an image's): /dev is the init's.
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro,nosuid,nodev,msize=262144,cache=loose \
+    {ROOT_TAG} /root9p
   # A /dev of the few devices a sandbox has (as bubblewrap's), not the kernel's all.
   mount -t tmpfs -o mode=0755,nosuid,noexec,size=64k dev /root9p/dev
   for node in null:1:3 zero:1:5 full:1:7 random:1:8 urandom:1:9 tty:5:0; do
@@ -215,7 +217,7 @@ EOF_NODE
     place home "/root9p$home" 0755
   fi
   n=0
-  options=trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose
+  options=trans=virtio,version=9p2000.L,ro,nosuid,nodev,msize=262144,cache=loose
   for target in $(sed -n 's/.*{BINDS_ARG}\\([^ ]*\\).*/\\1/p' /proc/cmdline | tr , ' '); do
     mount -t 9p -o "$options" {BIND_TAG}$n "/root9p$target"
     n=$((n + 1))

@@ -15,6 +15,7 @@ that a workload's environment (its secrets, often) never lies in a file.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from treadle.domain.resources import Tier
-from treadle.guest.vmboot import settings_frame
+from treadle.guest.vmboot import CONFIG_MAX, settings_frame
 from treadle.protocol.messages import AssignSpec
 from treadle.shuttle.microvm import qemu
 from treadle.shuttle.microvm.image import GuestImage, touch
@@ -82,6 +83,7 @@ class MicrovmLauncher:
         accel: qemu.Accel = "tcg",
         qemu_path: str | None = None,
         images: ImageFetcher | None = None,
+        scratch_dir: Path | None = None,
     ) -> None:
         program = qemu_path or shutil.which("qemu-system-x86_64")
         if program is None:
@@ -91,6 +93,8 @@ class MicrovmLauncher:
         self._accel = accel
         self._qemu = os.path.realpath(program)
         self._images = images
+        # Where scratch disks are made: the node's own disk, whose free space it advertises.
+        self._scratch_dir = scratch_dir or state_root() / "microvm-scratch"
         # Where VMs booted ahead of their workloads wait (`treadle.shuttle.live.pool`).
         self.pool: WarmPool | None = None
 
@@ -134,11 +138,41 @@ class MicrovmLauncher:
         freezable: bool = True,
         users: bool = False,
         waiting: bool = False,
+        scratch: int | None = None,
     ) -> Attempt:
         """See `Launcher.prepare`. The guest's root is QEMU's view of the host's programs
         (shared read-only), so `binds` (the agent's runtime) are shown to QEMU's jail and
         through it to the guest. `waiting`: the VM boots ahead of its workload, knowing only
-        its shape; it waits, before any confinement, for `settings` on its channel."""
+        its shape; it waits, before any confinement, for `settings` on its channel. `scratch`:
+        its scratch disk (`scratch_disk`), which the attempt then owns; None: made here."""
+        if scratch is None:
+            scratch = _scratch_disk(self._scratch_dir, max(spec.resources.disk_mib, 1))
+        try:
+            return self._prepare(spec, workdir, binds, freezable, users, waiting, scratch)
+        finally:
+            os.close(scratch)  # the attempt holds a copy of its own
+
+    async def scratch_disk(self, spec: AssignSpec) -> int:
+        """A scratch disk for `spec`'s VM, for `prepare`, made off the event loop."""
+        made = asyncio.ensure_future(
+            asyncio.to_thread(_scratch_disk, self._scratch_dir, max(spec.resources.disk_mib, 1))
+        )
+        try:
+            return await asyncio.shield(made)
+        except asyncio.CancelledError:  # not the caller's any more: closed once made
+            made.add_done_callback(_close_made)
+            raise
+
+    def _prepare(
+        self,
+        spec: AssignSpec,
+        workdir: Path,
+        binds: Sequence[ReadOnlyBind],
+        freezable: bool,
+        users: bool,
+        waiting: bool,
+        scratch: int,
+    ) -> Attempt:
         if spec.network and self._jail.slirp is None:
             raise NoNetwork(NO_NETWORK)
         home = spec.workdir or _GUEST_HOME
@@ -155,17 +189,12 @@ class MicrovmLauncher:
             shares = [(bind.target, bind.target) for bind in binds]
             jail_binds.append(ReadOnlyBind(rootfs.path, _IMAGE_ROOT))
         touch(self._image)  # in use: no other version's build prunes it
-        scratch = _scratch_disk(max(spec.resources.disk_mib, 1))
         settings = self._settings(spec, users)
         if waiting:  # the guest waits for them on its channel (`treadle.guest.vmboot`)
             settings = {"settings": "channel"}
-        fds: dict[int, int] = {SCRATCH_FD: scratch}
+        fds: dict[int, int] = {}
         try:
             fds[SCRATCH_FD + 1] = os.open(f"/proc/self/fd/{scratch}", os.O_RDONLY | os.O_CLOEXEC)
-        except BaseException:
-            os.close(scratch)
-            raise
-        try:
             fds[CONFIG_FD] = _memfd_read_only(
                 "treadle-config",
                 _config_disk(
@@ -241,7 +270,8 @@ class MicrovmLauncher:
             for fd in fds.values():
                 os.close(fd)
             raise
-        return _MicrovmAttempt(attempt, fds)
+        # Its own copy of the scratch disk's descriptor: the caller closes the one it gave.
+        return _MicrovmAttempt(attempt, {**fds, SCRATCH_FD: os.dup(scratch)})
 
     def _settings(self, spec: AssignSpec, users: bool) -> dict[str, Any]:
         """What of the config only the workload says, not its VM's shape: its environment,
@@ -282,14 +312,19 @@ def _guest_mib(spec: AssignSpec) -> int:
     return max(spec.resources.memory_mib, GUEST_MIN_MIB)
 
 
-def _scratch_disk(disk_mib: int) -> int:
+def _close_made(made: asyncio.Future[int]) -> None:
+    if not made.cancelled() and made.exception() is None:
+        os.close(made.result())
+
+
+def _scratch_disk(directory: Path, disk_mib: int) -> int:
     """A descriptor, open for reading and writing, of a new file of `disk_mib` on the node's
     disk (sparse, and unlinked from the start: it is gone once QEMU and this process close
     it, whatever happens to either) holding an empty ext4 file system: the guest's writable
-    places. No journal, and no metadata checksums (the guest has no crc32c module): it lives
-    as long as its VM."""
-    directory = private_dir(state_root() / "microvm-scratch")
-    fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    places. No journal (it lives as long as its VM); its inode tables left for the guest's
+    kernel to initialise (`uninit_bg`), so that making one writes next to nothing whatever
+    its size."""
+    fd = os.open(private_dir(directory), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, disk_mib << 20)
         subprocess.run(
@@ -298,7 +333,7 @@ def _scratch_disk(disk_mib: int) -> int:
                 "-q",
                 "-F",
                 "-O",
-                "^has_journal,^metadata_csum",
+                "^has_journal,^metadata_csum,uninit_bg",
                 "-E",
                 "lazy_itable_init=1,nodiscard,root_owner=0:0",
                 "-m",
@@ -338,9 +373,11 @@ def _memfd_read_only(name: str, data: bytes) -> int:
 
 
 def _config_disk(config: dict[str, Any]) -> bytes:
-    """The config disk's bytes (what `treadle.guest.vmboot` reads): JSON (no NUL in it: JSON
-    escapes control characters), padded with NULs to whole sectors."""
+    """The config disk's bytes (what `treadle.guest.vmboot` reads, up to its limit): JSON
+    (no NUL in it: JSON escapes control characters), padded with NULs to whole sectors."""
     data = json.dumps(config, ensure_ascii=True).encode()
+    if len(data) >= CONFIG_MAX:
+        raise ValueError("the workload's settings are too large for its VM")
     return data + b"\0" * (-len(data) % _SECTOR or _SECTOR)
 
 

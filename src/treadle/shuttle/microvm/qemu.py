@@ -180,7 +180,10 @@ def argv(
             "-add-fd",
             f"fd={scratch_fd + 1},set=2",
             "-drive",
-            "id=scratch,file=/dev/fdset/2,format=raw,if=none,discard=unmap",
+            # A host out of space fails the guest's write, not the whole VM (QEMU's default
+            # for a full host disk is to pause the VM).
+            "id=scratch,file=/dev/fdset/2,format=raw,if=none,discard=unmap,"
+            "werror=report,rerror=report",
             "-device",
             f"virtio-blk-device,drive=scratch,serial={SCRATCH_SERIAL}",
         ]

@@ -59,11 +59,12 @@ _DRAIN_S = 1.0
 
 
 def available(
-    jail: NamespaceLauncher, images: ImageFetcher | None = None
+    jail: NamespaceLauncher, images: ImageFetcher | None = None, scratch_dir: Path | None = None
 ) -> tuple[MicrovmRuntime | None, str]:
     """The tier's runtime on this host, and what was found (or why there is none): the
     guest image built (or found) from the kernel package, and the accelerator a real boot
-    chose. `images`: where functions' images come from (None: it runs none). Blocking: a
+    chose. `images`: where functions' images come from (None: it runs none); `scratch_dir`:
+    where VMs' scratch disks are made (`MicrovmLauncher`). Blocking: a
     build where none is cached (seconds), and a trial boot under KVM where /dev/kvm is
     there."""
     if shutil.which("qemu-system-x86_64") is None:
@@ -80,7 +81,7 @@ def available(
         ThreadPoolExecutor(1, thread_name_prefix="treadle-probe") as pool,
     ):
         accel = pool.submit(asyncio.run, probe(image, Path(scratch) / "vm")).result()
-    launcher = MicrovmLauncher(jail, image, accel=accel, images=images)
+    launcher = MicrovmLauncher(jail, image, accel=accel, images=images, scratch_dir=scratch_dir)
     return MicrovmRuntime(launcher), f"guest {image.digest}, {accel}"
 
 

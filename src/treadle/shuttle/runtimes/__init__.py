@@ -78,7 +78,9 @@ def _microvm_runtime(jail: NamespaceRuntime | None, settings: ShuttleSettings) -
     except OSError as exc:
         log.warning("microvm runtime: no image store (%s): it runs no images", exc)
         images = None
-    runtime, reason = available(jail.launcher, images)  # type: ignore[arg-type]
+    # Scratch disks on the disk the node advertises (its home's), made when first needed.
+    scratch = settings.home / "microvm-scratch"
+    runtime, reason = available(jail.launcher, images, scratch)  # type: ignore[arg-type]
     if runtime is None:
         log.warning("microvm runtime unavailable: %s", reason)
     else:

@@ -684,12 +684,15 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 def environment(spec: AssignSpec, home: str, image_env: Sequence[str] = ()) -> dict[str, str]:
     """The program's environment, with `home` (its work dir, as the program sees it) as
     HOME, TMPDIR and the place of the args file. `image_env`: an image's configured
-    variables (`KEY=VALUE`), over the defaults and under the function's own."""
+    variables (`KEY=VALUE`), over the defaults and under the function's own (those with a
+    name treadle keeps, `TREADLE_*`, or that no environment can hold are left out)."""
     # Built from scratch: Shuttle's own environment may hold its join token.
     env = {"PATH": PATH, "LANG": "C.UTF-8"}
     for item in image_env:
         key, _, value = item.partition("=")
-        env[key] = value
+        # An image's own names only: not treadle's, which tell the agent what it may do.
+        if key and "\0" not in item and not key.startswith("TREADLE_"):
+            env[key] = value
     env.update(HOME=home, TMPDIR=home)
     env.update(spec.env)
     env.update(
