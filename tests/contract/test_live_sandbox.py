@@ -445,11 +445,14 @@ async def test_the_agent_holds_nothing_of_the_host_open(
     if tier[0] == Tier.MICROVM:
         # The agent holds its guest's objects. What the host sees is the VMM's: its stdio,
         # its own kernel objects, the config disk, and files of the read-only root it
-        # shares with the guest (those the guest has open), each open for reading only.
+        # shares with the guest (those the guest has open), each open for reading only;
+        # and the one file it may write, its scratch disk, unlinked from the start.
         opened = _open_files(_agent_host_pid(sandbox))
         assert not [t for t in opened if t.startswith("socket:")]
         shared = {t: mode for t, mode in opened.items() if t.startswith("/") and t != "/dev/null"}
-        assert shared and set(shared.values()) == {os.O_RDONLY}
+        writable = [t for t, mode in shared.items() if mode != os.O_RDONLY]
+        assert shared and [shared[t] for t in writable] == [os.O_RDWR]
+        assert "/microvm-scratch/" in writable[0] and writable[0].endswith(" (deleted)")
         return
     # The agent's fds: pipes, /dev/null, the kernel's own objects (gVisor names the stdio
     # it was given `host:[n]`, and its tier's result FIFO lives in the sandbox's own /dev).
