@@ -258,18 +258,16 @@ class LiveSandbox:
         """Give a VM booted `waiting` its workload's settings, and wait for its agent. What
         its cgroup counted so far (the boot) is nobody's: the sandbox's counters start
         here."""
-        try:
+
+        async def handed() -> None:
             if isinstance(self._attempt, Meterable):
                 self._baseline = self._attempt.counters()
             self._started = time.monotonic()
             self.link.preface(settings)
-        except BaseException as exc:  # the VM is the caller's now: it must not be left waiting
-            self.kill("spawn_failed")
-            await asyncio.shield(self.ended)
-            if isinstance(exc, (LinkBroken, OSError)):
-                raise OSError(f"the VM ended before it was handed over ({exc})") from exc
-            raise
-        await self._until(self.link.ready(), "the sandbox's agent did not start")
+            await self.link.ready()
+
+        # As any start: the VM is the caller's now, and ended where a step fails.
+        await self._until(handed(), "the warm VM did not take its workload")
 
     async def _until(self, step: Awaitable[object], failure: str) -> None:
         """Wait for a step of its start; the sandbox is ended where the step fails."""
