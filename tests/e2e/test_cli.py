@@ -190,3 +190,22 @@ def test_tenant_allow_process_by_name_or_id_and_revoke(cluster: Cluster) -> None
     assert json.loads(revoked.stdout)["allow_process_tier"] is False
     missing = treadle(cluster, "tenant", "allow-process", "nobody")
     assert missing.returncode == 1 and "no tenant named 'nobody'" in missing.stderr
+
+
+def test_map_prints_a_line_per_input_in_order(cluster: Cluster, tmp_path: Path) -> None:
+    made = treadle(cluster, "fn", "create", "echoes", "--command", "echo {word}")
+    assert made.returncode == 0, made.stderr
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"word": "a"}\n{"word": "b"}\n\n{"word": "c"}\n')
+    done = treadle(cluster, "map", "echoes", "--args-file", str(inputs), "--batch-size", "2")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["args"] for line in lines] == [{"word": w} for w in "abc"]
+    assert {line["state"] for line in lines} == {"success"}
+    # One input refused (its placeholder has no value): its line says why, the exit code 1.
+    refused = treadle(cluster, "map", "echoes", "--args-file", "-", stdin='[{"word": "x"}, {}]')
+    assert refused.returncode == 1
+    first, second = (json.loads(line) for line in refused.stdout.splitlines())
+    assert first["state"] == "success" and second["error"]["code"] == "invalid_request"
+    broken = treadle(cluster, "map", "echoes", "--args-file", "-", stdin="[1, 2]")
+    assert broken.returncode == 2 and "not a JSON object" in broken.stderr

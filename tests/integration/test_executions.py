@@ -198,6 +198,9 @@ def test_idempotency_key_returns_the_same_execution(cluster: Cluster) -> None:
         assert first.json()["id"] == second.json()["id"]
         listed = api.get("/v1/executions", params={"function": "once", "limit": 500}).json()
         assert [e["id"] for e in listed["items"]].count(first.json()["id"]) == 1
+        # A key PostgreSQL's text could not store is refused, on every store alike.
+        nul = api.post("/v1/functions/once/invoke", json={"idempotency_key": "a\x00b"})
+        assert nul.status_code == 422, nul.text
 
 
 def test_list_filters_and_paginates(cluster: Cluster) -> None:

@@ -107,3 +107,23 @@ def test_a_soft_budget_refuses_new_work_and_leaves_running_work(cluster: Cluster
         # Still running: a soft budget only refuses what is new.
         assert api.get(f"/v1/sandboxes/{sandbox['id']}").json()["desired"] == "running"
         api.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+
+def test_a_batch_past_a_quota_runs_the_items_that_fit_and_refuses_the_rest(
+    cluster: Cluster,
+) -> None:
+    tenant_id, api = tenant(cluster, "quota-batch")
+    with api:
+        limit(cluster, tenant_id, cpu_millicores=1000)
+        register(api, "tenth", [PYTHON, "-c", "pass"], resources={"cpu_millicores": 400})
+        items = [{"args": {}} for _ in range(5)]
+        made = api.post("/v1/functions/tenth/map", params={"wait": 60}, json={"items": items})
+        assert made.status_code == 200, made.text
+        batch = made.json()
+        ran = [item["index"] for item in batch["items"] if item["execution"]]
+        assert ran == [0, 1]
+        refused = [item["error"] for item in batch["items"] if item["error"]]
+        assert len(refused) == 3
+        assert {error["code"] for error in refused} == {"limit_exceeded"}
+        assert refused[0]["details"]["limit"] == "cpu_millicores"
+        assert batch["counts"] == {"success": 2, "refused": 3}

@@ -65,14 +65,27 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        if self.popen is None or self.popen.poll() is not None:
+        if self.popen is None:
+            return
+        if self.popen.poll() is not None:
+            self._note(f"had already exited with {self.popen.returncode} when stopped")
             return
         self.popen.send_signal(sig)
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+            # Its stacks, for the log (Shuttle's stall watchdog enables this), then its end.
+            self._note(f"did not stop within {timeout} s of signal {sig}; its stacks follow")
+            self.popen.send_signal(signal.SIGABRT)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def _note(self, line: str) -> None:
+        with self.log.open("a") as handle:
+            handle.write(f"[test harness] pid {self.pid} {line}\n")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -8,7 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from treadle import __version__
-from treadle.cli import executions, explain, functions, nodes, sandboxes, servers
+from treadle.cli import batches, executions, explain, functions, nodes, sandboxes, servers
 from treadle.cli.state import CLIState
 
 __all__ = ["app", "main"]
@@ -86,6 +86,7 @@ app.add_typer(functions.app)
 app.add_typer(nodes.tenant_app)
 app.add_typer(sandboxes.app)
 app.command()(executions.invoke)
+app.command("map")(batches.map_command)
 app.command()(executions.logs)
 app.command()(executions.cancel)
 app.command()(executions.ps)

@@ -12,7 +12,7 @@ Sandboxes have their own classes, `Sandbox` and `AsyncSandbox` (docs/sdk-sandbox
 from treadle.client._async import AsyncClient
 from treadle.client._async_sandbox import AsyncSandbox, AsyncSandboxFiles, AsyncSandboxProcess
 from treadle.client._sandbox_api import ExecResult
-from treadle.client._sync import DEFAULT_TIMEOUT, Client
+from treadle.client._sync import DEFAULT_TIMEOUT, Client, Function
 from treadle.client.config import DEFAULT_URL, ClientConfig, load_config
 from treadle.client.errors import (
     TreadleAPIError,
@@ -32,6 +32,7 @@ __all__ = [
     "Client",
     "ClientConfig",
     "ExecResult",
+    "Function",
     "Sandbox",
     "SandboxFiles",
     "SandboxProcess",

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 import httpx
 
-from treadle.client import _api
+from treadle.client import _api, _map
 from treadle.client._api import Call, JSONObject
 from treadle.client._sync import DEFAULT_TIMEOUT, STREAM_OPEN_TIMEOUT_S
 from treadle.client.config import ClientConfig, load_config
+from treadle.client.errors import TreadleConnectionError
 
 if TYPE_CHECKING:
     from treadle.domain.function import FunctionSpec
@@ -120,6 +121,79 @@ class AsyncClient:
 
     async def get_execution(self, execution_id: str) -> JSONObject:
         return await self._send(_api.get_execution(execution_id))
+
+    # batches (map)
+
+    async def map(
+        self,
+        name: str,
+        inputs: Iterable[Mapping[str, Any]],
+        *,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        batch_size: int = _map.DEFAULT_BATCH_SIZE,
+        version: int | None = None,
+        strategy: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """As `Client.map`: `async for execution in treadle.map("f", inputs)`."""
+        chunks = _map.batches(inputs, batch_size)
+        ahead = await self._submit(name, next(chunks, None), version, strategy)
+        while ahead is not None:
+            current = ahead
+            ahead = await self._submit(name, next(chunks, None), version, strategy)
+            async for value in self._gather(current, ordered, return_exceptions):
+                yield value
+
+    async def get_batch(
+        self, batch_id: str, cursor: str | None = None, limit: int = 100, wait: float | None = None
+    ) -> JSONObject:
+        """As `Client.get_batch`."""
+        return await self._send(_map.get_batch(batch_id, cursor=cursor, limit=limit, wait=wait))
+
+    async def _submit(
+        self, name: str, items: list[JSONObject] | None, version: int | None, strategy: str | None
+    ) -> JSONObject | None:
+        if items is None:
+            return None
+        call = _map.map_batch(
+            name, items, idempotency_key=_map.new_key(), version=version, strategy=strategy
+        )
+        for attempt in range(_map.MAX_REOPEN + 1):
+            try:
+                return await self._send(call)
+            except TreadleConnectionError:
+                if attempt == _map.MAX_REOPEN:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _gather(
+        self, batch: JSONObject, ordered: bool, return_exceptions: bool
+    ) -> AsyncIterator[Any]:
+        from websockets.asyncio.client import connect
+
+        url = _map.results_url(self.config.url, batch["id"])
+        gather = _map.Gather(
+            batch["size"], ordered=ordered, return_exceptions=return_exceptions, url=url
+        )
+        headers = {"Authorization": f"Bearer {self.config.require_api_key()}"}
+        breaks = 0
+        while not gather.complete:
+            try:
+                async with connect(
+                    url,
+                    additional_headers=headers,
+                    open_timeout=STREAM_OPEN_TIMEOUT_S,
+                    max_size=None,
+                ) as websocket:
+                    async for raw in websocket:
+                        for value in gather.take(raw):
+                            yield value
+                        if gather.ended:
+                            return
+            except _api.STREAM_ERRORS as exc:
+                breaks += 1
+                if breaks > _map.MAX_REOPEN:
+                    raise _api.stream_error(url, exc) from exc
 
     async def list_executions(
         self,

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 import httpx
 
-from treadle.client import _api
+from treadle.client import _api, _map
 from treadle.client._api import Call, JSONObject
 from treadle.client.config import ClientConfig, load_config
+from treadle.client.errors import TreadleConnectionError
 
 if TYPE_CHECKING:
     from treadle.domain.function import FunctionSpec
 
-__all__ = ["DEFAULT_TIMEOUT", "Client"]
+__all__ = ["DEFAULT_TIMEOUT", "Client", "Function"]
 
 T = TypeVar("T")
 
@@ -131,6 +132,86 @@ class Client:
     def get_execution(self, execution_id: str) -> JSONObject:
         return self._send(_api.get_execution(execution_id))
 
+    # batches (map)
+
+    def function(self, name: str) -> Function:
+        """A handle on the function `name`: `invoke`, `map`, `map_unordered`."""
+        return Function(self, name)
+
+    def map(
+        self,
+        name: str,
+        inputs: Iterable[Mapping[str, Any]],
+        *,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        batch_size: int = _map.DEFAULT_BATCH_SIZE,
+        version: int | None = None,
+        strategy: str | None = None,
+    ) -> Iterator[Any]:
+        """Run `name` once per args object of `inputs`, yielding each execution (a dict, its
+        `state` `success` or `failure`) once it ends: in the order of `inputs`, or, with
+        `ordered=False`, in the order they end. An input the server refuses (invalid, past a
+        quota) raises its `TreadleAPIError`, or is yielded as one with `return_exceptions`.
+
+        Inputs go `batch_size` at a time, the next batch sent while the last one runs."""
+        chunks = _map.batches(inputs, batch_size)
+        ahead = self._submit(name, next(chunks, None), version, strategy)
+        while ahead is not None:
+            current = ahead
+            ahead = self._submit(name, next(chunks, None), version, strategy)
+            yield from self._gather(current, ordered, return_exceptions)
+
+    def get_batch(
+        self, batch_id: str, cursor: str | None = None, limit: int = 100, wait: float | None = None
+    ) -> JSONObject:
+        """A batch with a page of its items by index: `{"id", "size", "counts", "done",
+        "items": [{"index", "execution", "error"}], "next_cursor"}`; with `wait`, once the
+        page's items have ended or that many seconds passed."""
+        return self._send(_map.get_batch(batch_id, cursor=cursor, limit=limit, wait=wait))
+
+    def _submit(
+        self, name: str, items: list[JSONObject] | None, version: int | None, strategy: str | None
+    ) -> JSONObject | None:
+        if items is None:
+            return None
+        call = _map.map_batch(
+            name, items, idempotency_key=_map.new_key(), version=version, strategy=strategy
+        )
+        for attempt in range(_map.MAX_REOPEN + 1):
+            try:
+                return self._send(call)
+            except TreadleConnectionError:
+                if attempt == _map.MAX_REOPEN:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _gather(self, batch: JSONObject, ordered: bool, return_exceptions: bool) -> Iterator[Any]:
+        from websockets.sync.client import connect
+
+        url = _map.results_url(self.config.url, batch["id"])
+        gather = _map.Gather(
+            batch["size"], ordered=ordered, return_exceptions=return_exceptions, url=url
+        )
+        headers = {"Authorization": f"Bearer {self.config.require_api_key()}"}
+        breaks = 0
+        while not gather.complete:
+            try:
+                with connect(
+                    url,
+                    additional_headers=headers,
+                    open_timeout=STREAM_OPEN_TIMEOUT_S,
+                    max_size=None,
+                ) as websocket:
+                    for raw in websocket:
+                        yield from gather.take(raw)
+                        if gather.ended:
+                            return
+            except _api.STREAM_ERRORS as exc:
+                breaks += 1
+                if breaks > _map.MAX_REOPEN:
+                    raise _api.stream_error(url, exc) from exc
+
     def list_executions(
         self,
         state: str | None = None,
@@ -241,3 +322,24 @@ class Client:
 
     def healthz(self) -> JSONObject:
         return self._send(_api.healthz())
+
+
+class Function:
+    """A function by name, as `Client.function` gives it."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def invoke(
+        self, args: Mapping[str, Any] | None = None, *, wait: float | None = None, **options: Any
+    ) -> JSONObject:
+        return self.client.invoke(self.name, args, wait=wait, **options)
+
+    def map(self, inputs: Iterable[Mapping[str, Any]], **options: Any) -> Iterator[Any]:
+        """`Client.map`: results in the order of `inputs`."""
+        return self.client.map(self.name, inputs, ordered=True, **options)
+
+    def map_unordered(self, inputs: Iterable[Mapping[str, Any]], **options: Any) -> Iterator[Any]:
+        """`Client.map` with results in the order they end."""
+        return self.client.map(self.name, inputs, ordered=False, **options)

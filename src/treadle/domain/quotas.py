@@ -20,7 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from treadle.domain.errors import LimitExceeded
 from treadle.domain.resources import Resources
 
-__all__ = ["BUDGET_EXCEEDED", "InUse", "TenantLimits", "admit", "over_budget", "period_start"]
+__all__ = [
+    "BUDGET_EXCEEDED",
+    "InUse",
+    "TenantLimits",
+    "admissible",
+    "admit",
+    "over_budget",
+    "period_start",
+]
 
 # Why a hard budget ended work: an execution's error, a sandbox's end reason.
 BUDGET_EXCEEDED = "budget_exceeded"
@@ -63,21 +71,18 @@ def period_start(period: str, now: float | None = None) -> float:
 def admit(limits: TenantLimits, used: InUse, asked: Resources, *, sandbox: bool) -> None:
     """Refuse (`LimitExceeded`, naming the limit and the use) new work that would pass one of
     `limits`: `asked` is what it reserves, `sandbox` whether it is a sandbox."""
-    checks = [
-        ("cpu_millicores", limits.cpu_millicores, used.cpu_millicores, asked.cpu_millicores),
-        ("memory_mib", limits.memory_mib, used.memory_mib, asked.memory_mib),
-        ("gpus", limits.gpus, used.gpus, asked.gpu_count),
-        ("sandboxes", limits.sandboxes, used.sandboxes, 1 if sandbox else 0),
-    ]
-    for name, limit, now, more in checks:
-        if limit is not None and more and now + more > limit:
-            raise LimitExceeded(
-                f"the tenant's {name} quota is {limit}: its work holds {now} and this asks "
-                f"{more} more",
-                details={"limit": name, "value": limit, "in_use": now, "asked": more},
-            )
+    admitted, refusal = admissible(limits, used, asked, 1, sandbox=sandbox)
+    if refusal is not None and admitted < 1:
+        raise refusal
+
+
+def admissible(
+    limits: TenantLimits, used: InUse, asked: Resources, count: int, *, sandbox: bool = False
+) -> tuple[int, LimitExceeded | None]:
+    """How many of `count` pieces of new work, each reserving `asked`, fit under `limits`
+    (the first ones of a batch), and the refusal the rest get (None when all fit)."""
     if limits.budget is not None and used.spent >= limits.budget:
-        raise LimitExceeded(
+        return 0, LimitExceeded(
             f"the tenant's budget of {limits.budget:g} a {limits.period} is spent "
             f"({used.spent:.6g} so far this {limits.period})",
             details={
@@ -87,6 +92,25 @@ def admit(limits: TenantLimits, used: InUse, asked: Resources, *, sandbox: bool)
                 "period": limits.period,
             },
         )
+    checks = [
+        ("cpu_millicores", limits.cpu_millicores, used.cpu_millicores, asked.cpu_millicores),
+        ("memory_mib", limits.memory_mib, used.memory_mib, asked.memory_mib),
+        ("gpus", limits.gpus, used.gpus, asked.gpu_count),
+        ("sandboxes", limits.sandboxes, used.sandboxes, 1 if sandbox else 0),
+    ]
+    admitted, refusal = count, None
+    for name, limit, now, more in checks:
+        if limit is None or not more:
+            continue
+        fits = max(0, (limit - now) // more)
+        if fits < admitted:
+            admitted = fits
+            refusal = LimitExceeded(
+                f"the tenant's {name} quota is {limit}: its work holds {now} and this asks "
+                f"{more} more",
+                details={"limit": name, "value": limit, "in_use": now, "asked": more},
+            )
+    return admitted, refusal
 
 
 def over_budget(limits: TenantLimits, spent: float) -> bool:

@@ -55,7 +55,7 @@ from treadle.protocol.messages import (
     decode_from_weaver,
     encode,
 )
-from treadle.shuttle import reaper
+from treadle.shuttle import reaper, stall
 from treadle.shuttle.backoff import Backoff
 from treadle.shuttle.benchmark import cpu_score
 from treadle.shuttle.capacity import detect_capacity
@@ -208,9 +208,11 @@ class Shuttle:
             capacity,
             ", ".join(settings.agent_urls),
         )
+        watchdog = asyncio.create_task(stall.watch())
         try:
             await self._stay_connected(supervisor, capacity, tiers)
         finally:
+            watchdog.cancel()
             await self._sandboxes.stop_all()
             await supervisor.shutdown()
             if pool is not None:

@@ -13,6 +13,7 @@ from treadle.weaver.events.nats import NatsBus
 from treadle.weaver.metrics import WeaverMetrics
 from treadle.weaver.providers.config import FleetConfig, load_fleet_config
 from treadle.weaver.services.auth import AuthService
+from treadle.weaver.services.batches import BatchService, Created, MapRequest
 from treadle.weaver.services.dispatcher import Dispatcher, Pending
 from treadle.weaver.services.executions import ExecutionService, InvokeRequest
 from treadle.weaver.services.export import UsageExporter
@@ -101,6 +102,10 @@ class Weaver:
         self._sandbox_task: asyncio.Task[None] | None = None
         self.quotas = QuotaService(self)
         self.executions.admit = self.quotas.admit
+        self.batches = BatchService(
+            self.db, self.writer, self.bus, self.functions, self.executions, settings
+        )
+        self.batches.admissible = self.quotas.admissible
         self.sandboxes.admit = self.quotas.admit
         self.usage = UsageService(self.db, self.metrics)
         self.exporter = (
@@ -179,6 +184,16 @@ class Weaver:
             row = invoked.row if invoked.created else None
             return await self.executions.wait(tenant_id, invoked.row.id, wait, row)
         return invoked.row
+
+    async def map(
+        self, tenant_id: str, name: str, body: MapRequest, version: int | None
+    ) -> Created:
+        """Store a batch's executions in one transaction and hand them to placement
+        together."""
+        created = await self.batches.submit(tenant_id, name, body, version)
+        for row in created.executions:
+            self.dispatcher.enqueue(Pending.from_row(row, created.function))
+        return created
 
     def _capacity_changed(self) -> None:
         self.dispatcher.wake()

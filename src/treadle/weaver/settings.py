@@ -51,6 +51,8 @@ class WeaverSettings(BaseSettings):
     max_body_bytes: int = 8 * 1024 * 1024
     max_args_bytes: int = 256 * 1024
     max_stdin_bytes: int = 6 * 1024 * 1024
+    # Items of one batch invoke (map); its body is bounded by max_body_bytes too.
+    max_batch_items: int = Field(default=10_000, ge=1, le=1_000_000)
     # Output stored per attempt (UTF-8 bytes, stdout and stderr together): past it the rest is
     # cut with a marker line and the execution says `output_truncated`.
     max_output_bytes: int = Field(default=16 * 1024 * 1024, ge=0, le=2**62)

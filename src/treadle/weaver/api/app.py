@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from treadle import __version__
 from treadle.weaver.api import (
     agent,
+    batches,
     e2b,
     executions,
     functions,
@@ -64,6 +65,7 @@ def create_app(settings: WeaverSettings, weaver: Weaver | None = None) -> FastAP
     app.add_middleware(EnvdRouting, weaver=core)
     routers = (
         functions,
+        batches,
         executions,
         sandboxes,
         sandbox_files,

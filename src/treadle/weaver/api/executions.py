@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Query, WebSocket
 from fastapi.responses import StreamingResponse
 
-from treadle.domain.errors import TreadleError
 from treadle.domain.execution import ExecutionState, is_terminal
-from treadle.weaver.api.deps import Caller, get_weaver, principal_of
-from treadle.weaver.api.errors import error_body
-from treadle.weaver.api.relays import until_either
+from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.relays import follow_for_caller
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.executions import OUTPUT_BATCH, output_complete
 from treadle.weaver.views import execution_view
@@ -100,42 +97,11 @@ async def follow_output(
     after_seq: Annotated[int, Query(ge=-1, le=_SEQ_MAX)] = -1,
 ) -> None:
     weaver = get_weaver(websocket)
-    try:
-        principal = await principal_of(websocket)
-    except TreadleError:
-        await websocket.close(code=1008)
-        return
-    await websocket.accept()
-    try:
-        await _until_gone(
-            websocket, _follow(websocket, weaver, principal.tenant_id, execution_id, after_seq)
-        )
-    except TreadleError as exc:
-        await websocket.send_json(error_body(exc.code, exc.message, exc.details))
-        await websocket.close(code=4000 + (404 if exc.code == "not_found" else 400))
-    except WebSocketDisconnect:
-        pass
 
+    async def follow(tenant_id: str) -> None:
+        await _follow(websocket, weaver, tenant_id, execution_id, after_seq)
 
-async def _until_gone(websocket: WebSocket, follow: Coroutine[Any, Any, None]) -> None:
-    """Run `follow` until it ends or the client disconnects, whichever comes first.
-
-    The follower only ever sends, and while an execution is silent it sends nothing, so it
-    would not learn that its client left until the execution ended, perhaps days later,
-    polling and holding its subscription all that time. Reading the socket is what reveals
-    the disconnect."""
-    # Both waited for, so the follower's subscription is closed before this returns.
-    follower, listener = await until_either(follow, _disconnected(websocket))
-    if not follower.cancelled():
-        follower.result()  # its own end, or its error for the caller to report
-    elif not listener.cancelled():
-        listener.result()
-
-
-async def _disconnected(websocket: WebSocket) -> None:
-    # Clients have nothing to say on this socket; anything they send is ignored.
-    while (await websocket.receive())["type"] != "websocket.disconnect":
-        pass
+    await follow_for_caller(websocket, follow)
 
 
 async def _follow(

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["until_either"]
+from fastapi import WebSocket, WebSocketDisconnect
+
+from treadle.domain.errors import TreadleError
+from treadle.weaver.api.deps import principal_of
+from treadle.weaver.api.errors import error_body
+
+__all__ = ["follow_for_caller", "until_either", "until_gone"]
 
 
 async def until_either(*directions: Coroutine[Any, Any, None]) -> list[asyncio.Task[None]]:
@@ -21,3 +27,45 @@ async def until_either(*directions: Coroutine[Any, Any, None]) -> list[asyncio.T
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return tasks
+
+
+async def until_gone(websocket: WebSocket, follow: Coroutine[Any, Any, None]) -> None:
+    """Run `follow` until it ends or the client disconnects, whichever comes first.
+
+    The follower only ever sends, and while an execution is silent it sends nothing, so it
+    would not learn that its client left until the execution ended, perhaps days later,
+    polling and holding its subscription all that time. Reading the socket is what reveals
+    the disconnect."""
+    # Both waited for, so the follower's subscription is closed before this returns.
+    follower, listener = await until_either(follow, _disconnected(websocket))
+    if not follower.cancelled():
+        follower.result()  # its own end, or its error for the caller to report
+    elif not listener.cancelled():
+        listener.result()
+
+
+async def _disconnected(websocket: WebSocket) -> None:
+    # Clients have nothing to say on this socket; anything they send is ignored.
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass
+
+
+async def follow_for_caller(
+    websocket: WebSocket, follow: Callable[[str], Coroutine[Any, Any, None]]
+) -> None:
+    """A socket that only sends: authenticate, accept, and run `follow` (given the caller's
+    tenant) until it ends or the client goes; a TreadleError it raises becomes an error body
+    and a 4xxx close code (4404 for not found)."""
+    try:
+        principal = await principal_of(websocket)
+    except TreadleError:
+        await websocket.close(code=1008)
+        return
+    await websocket.accept()
+    try:
+        await until_gone(websocket, follow(principal.tenant_id))
+    except TreadleError as exc:
+        await websocket.send_json(error_body(exc.code, exc.message, exc.details))
+        await websocket.close(code=4000 + (404 if exc.code == "not_found" else 400))
+    except WebSocketDisconnect:
+        pass

@@ -116,6 +116,8 @@ class Pending:
     hint: dict[str, Any] | None = None
     # When this replica queued it (monotonic): for the dispatch latency it measures.
     since: float = field(default_factory=time.monotonic)
+    # The batch that made it, if any.
+    batch: str | None = None
 
     @classmethod
     def from_row(cls, row: Any, function: FunctionRecord) -> Pending:
@@ -129,6 +131,7 @@ class Pending:
             stdin=row.stdin,
             reason=row.pending_reason,
             hint=hint,
+            batch=row.batch_id,
         )
 
     @property
@@ -333,6 +336,7 @@ class Dispatcher:
                     spec.resources,
                     pending.tenant_id,
                     (pending.tenant_id, spec.name, pending.function.version),
+                    batch=pending.batch,
                 )
                 fleet.update(session.view())
                 del self._pending[pending.id]
@@ -378,6 +382,7 @@ class Dispatcher:
                     decision.key,
                     decision.pending.function.spec.resources,
                     decision.pending.tenant_id,
+                    batch=decision.pending.batch,
                 )
             current.send(decision.pending.assignment(decision.tier))
             if self._metrics is not None:

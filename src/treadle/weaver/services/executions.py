@@ -8,9 +8,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import and_, func, select
 
 from treadle.domain.errors import InvalidTransition, NotFound, PayloadTooLarge
@@ -37,7 +44,13 @@ from treadle.weaver.views import execution_view
 # What checks a tenant's quotas and budget before new work is stored.
 Admission = Callable[..., Awaitable[None]]
 
-__all__ = ["ExecutionService", "InvokeRequest", "Invoked", "output_complete"]
+__all__ = [
+    "ExecutionService",
+    "IdempotencyKey",
+    "InvokeRequest",
+    "Invoked",
+    "output_complete",
+]
 
 _E = tables.executions
 _O = tables.output_chunks
@@ -55,12 +68,24 @@ def _new_row(values: dict[str, Any]) -> Any:
     return SimpleNamespace(**{**_UNSET, **values})
 
 
+def _text_key(value: str) -> str:
+    # PostgreSQL's text cannot hold NUL: refused here, not failed at the insert.
+    if "\x00" in value:
+        raise ValueError("the idempotency key cannot contain NUL characters")
+    return value
+
+
+# What an invoke, a batch and each of its items may be named by, to make a retry return the
+# execution (or batch) the first try made.
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_text_key)]
+
+
 class InvokeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     args: JsonObject = Field(default_factory=dict)
     stdin: str | None = None
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    idempotency_key: IdempotencyKey | None = None
     # Overrides the function's placement strategy for this execution (not `custom`, whose
     # weights belong to the function).
     strategy: PresetStrategy | None = None

@@ -47,6 +47,8 @@ class Held:
     tenant_id: str
     # What program it runs (tenant, function, version), for speed estimates; None: unknown.
     kind: tuple[str, str, int] | None = None
+    # The batch that made it, told when it ends (`transitions`); None: none, or unknown.
+    batch: str | None = None
 
 
 @dataclass(eq=False)
@@ -85,11 +87,12 @@ class NodeSession:
         resources: Resources,
         tenant_id: str,
         kind: tuple[str, str, int] | None = None,
+        batch: str | None = None,
     ) -> bool:
         """Hold `resources` for the attempt; False when it already held them."""
         if key in self.attempts:
             return False
-        self.attempts[key] = Held(resources, tenant_id, kind)
+        self.attempts[key] = Held(resources, tenant_id, kind, batch)
         self.allocated = self.allocated.plus(resources)
         return True
 

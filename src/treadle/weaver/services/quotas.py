@@ -14,9 +14,20 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 
-from treadle.domain.quotas import InUse, TenantLimits, admit, over_budget, period_start
+from treadle.domain.errors import LimitExceeded
+from treadle.domain.quotas import (
+    InUse,
+    TenantLimits,
+    admissible,
+    admit,
+    over_budget,
+    period_start,
+)
 from treadle.domain.resources import Resources
 from treadle.weaver.store import tables
+
+# How many of a batch's items are admitted, and the refusal of the rest.
+Admitted = tuple[int, LimitExceeded | None]
 
 if TYPE_CHECKING:
     from treadle.weaver.core import Weaver
@@ -96,6 +107,15 @@ class QuotaService:
         if limits is None:
             return
         admit(limits, await self.in_use(tenant_id, limits.period), asked, sandbox=sandbox)
+
+    async def admissible(self, tenant_id: str, asked: Resources, count: int) -> Admitted:
+        """How many of `count` executions, each reserving `asked`, the tenant's limits admit
+        now (the first ones of a batch), and the refusal of the rest."""
+        limits = await self.limits(tenant_id)
+        if limits is None:
+            return count, None
+        used = await self.in_use(tenant_id, limits.period)
+        return admissible(limits, used, asked, count)
 
     # a hard budget, enforced
 

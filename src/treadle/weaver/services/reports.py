@@ -69,7 +69,12 @@ class ReportService:
         for row in await self._active_on(tx, session.node_id):
             key = (row.id, row.attempt)
             if key in reported:
-                session.reserve(key, Resources.model_validate(row.resources), row.tenant_id)
+                session.reserve(
+                    key,
+                    Resources.model_validate(row.resources),
+                    row.tenant_id,
+                    batch=row.batch_id,
+                )
                 reported.discard(key)
                 if row.state == ExecutionState.OPEN.value:
                     # It started: its `started` report was lost with the old link.
@@ -86,7 +91,10 @@ class ReportService:
             row = await _current(tx, execution_id)
             if _is_current(row, session, attempt):
                 session.reserve(
-                    (execution_id, attempt), Resources.model_validate(row.resources), row.tenant_id
+                    (execution_id, attempt),
+                    Resources.model_validate(row.resources),
+                    row.tenant_id,
+                    batch=row.batch_id,
                 )
                 cancels.append(
                     Cancel(id=execution_id, attempt=attempt, reason=row.error or "ended")
@@ -158,7 +166,9 @@ class ReportService:
         held = session.attempts.get((msg.id, msg.attempt))
         if held is not None:
             # The usual case, decided without reading the row: open on this node, now running.
-            expected = Expected(msg.id, held.tenant_id, "open", msg.attempt, session.node_id)
+            expected = Expected(
+                msg.id, held.tenant_id, "open", msg.attempt, session.node_id, held.batch
+            )
             if await transition(tx, expected, Event.START):
                 return []
         row = await _current(tx, msg.id)
@@ -287,7 +297,9 @@ class ReportService:
             session.speed = self._speeds.sample(held.kind, msg.usage.cpu_ms, session.speed)
         if held is not None:
             # The usual case, decided without reading the row: running on this node, now ended.
-            expected = Expected(msg.id, held.tenant_id, "running", msg.attempt, session.node_id)
+            expected = Expected(
+                msg.id, held.tenant_id, "running", msg.attempt, session.node_id, held.batch
+            )
             ending = {
                 "result": msg.result,
                 "error": outcome.reason,

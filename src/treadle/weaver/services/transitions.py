@@ -39,6 +39,7 @@ class Expected:
     state: str
     attempt: int
     node_id: str
+    batch_id: str | None = None
 
 
 async def transition(tx: Tx, row: Any, event: Event, **values: Any) -> bool:
@@ -73,4 +74,8 @@ async def transition(tx: Tx, row: Any, event: Event, **values: Any) -> bool:
             "error": values.get("error"),
         },
     )
+    batch_id = getattr(row, "batch_id", None)
+    if batch_id is not None and is_terminal(state):
+        # Whoever gathers the batch's results reads this one now (`batches`).
+        tx.notify(f"batch.{batch_id}", batch_id, {"id": row.id})
     return True

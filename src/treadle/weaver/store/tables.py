@@ -24,6 +24,7 @@ from sqlalchemy import (
 
 __all__ = [
     "api_keys",
+    "batches",
     "events",
     "executions",
     "functions",
@@ -141,10 +142,31 @@ executions = Table(
     Column("ended_at", Float),
     Column("duration_ms", Float),
     Column("cost", Float),
+    # the batch that made it (`batches`), and its place there
+    Column("batch_id", String(40)),
+    Column("batch_index", Integer),
     UniqueConstraint("tenant_id", "idempotency_key", name="uq_executions_idempotency"),
 )
 Index("ix_executions_tenant_id", executions.c.tenant_id, executions.c.id)
 Index("ix_executions_state", executions.c.state, executions.c.node_id)
+Index("ix_executions_batch", executions.c.batch_id, executions.c.batch_index)
+
+# One batch invoke (map): its items are the executions that name it, except those refused or
+# answered by an execution that already existed, which `refused` and `reused` hold by index.
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id"), nullable=False),
+    Column("function", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("idempotency_key", String(255)),
+    Column("refused", JSON, nullable=False),
+    Column("reused", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("tenant_id", "idempotency_key", name="uq_batches_idempotency"),
+)
 
 # The usage ledger (DESIGN §13): one row per usage record a node sent, stored once (its key
 # is the record's), never updated, priced by Weaver when stored.

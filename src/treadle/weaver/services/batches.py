@@ -1,0 +1,442 @@
+"""Batch invoke (map): many executions of one function from one request, stored in one
+transaction and placed together, their results gathered as they end.
+
+A batch's items are checked one by one: an item that is invalid, too large or past the
+tenant's quota is refused alone, with the error a single invoke would have given, and the
+rest run. Only a batch malformed as a whole (no items, too many, an unknown function) is
+refused whole. An item with an idempotency key that an execution already holds is answered
+by that execution (`reused`), whichever batch or invoke made it; a batch's own key makes a
+retried request return the batch first made.
+
+The executions a batch made name it (`batch_id`, `batch_index`); when one ends, its
+transition notifies `batch.{id}` (`transitions`), which is how results are gathered as they
+end without a subscription per execution.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import bindparam, func, select
+
+from treadle.domain.errors import NotFound, PayloadTooLarge, TreadleError
+from treadle.domain.execution import TERMINAL_STATES, ExecutionState, is_terminal
+from treadle.domain.function import PresetStrategy, render_command
+from treadle.weaver.events.bus import EventBus
+from treadle.weaver.ids import new_id
+from treadle.weaver.services.executions import ExecutionService, IdempotencyKey, InvokeRequest
+from treadle.weaver.services.fleet import announce_open
+from treadle.weaver.services.functions import FunctionRecord, FunctionService
+from treadle.weaver.services.quotas import Admitted
+from treadle.weaver.settings import WeaverSettings
+from treadle.weaver.store import tables
+from treadle.weaver.store.database import Database
+from treadle.weaver.store.writer import Tx, Writer
+from treadle.weaver.views import execution_view
+
+__all__ = ["BatchService", "Created", "MapRequest", "item_error"]
+
+_B = tables.batches
+_E = tables.executions
+_TERMINAL = sorted(state.value for state in TERMINAL_STATES)
+# Executions read at a time while results are gathered.
+READ_CHUNK = 500
+# How long a gatherer trusts notifications alone before it reads the batch again: one from
+# another replica may not cross, and a slow reader's queue drops the oldest.
+RECHECK_S = 1.0
+
+_BY_KEY = select(_B).where(
+    _B.c.tenant_id == bindparam("_tenant"), _B.c.idempotency_key == bindparam("_key")
+)
+_BY_ID = select(_B).where(_B.c.tenant_id == bindparam("_tenant"), _B.c.id == bindparam("_id"))
+_EXECUTIONS_BY_KEYS = select(_E).where(
+    _E.c.tenant_id == bindparam("_tenant"),
+    _E.c.idempotency_key.in_(bindparam("_keys", expanding=True)),
+)
+_EXECUTIONS_BY_IDS = select(_E).where(_E.c.id.in_(bindparam("_ids", expanding=True)))
+_INSERT_EXECUTIONS = _E.insert()
+_INSERT_BATCH = _B.insert()
+# What a fresh execution row holds besides what the batch writes.
+_UNSET = {c.name: None for c in _E.columns}
+
+
+class MapRequest(BaseModel):
+    """`POST /v1/functions/{name}/map`. Items are checked one by one (`BatchService.submit`),
+    so they arrive here as any JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[Any] = Field(min_length=1)
+    idempotency_key: IdempotencyKey | None = None
+    # The placement strategy of items that name none.
+    strategy: PresetStrategy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """A batch as submitted: its row, the executions it made (to place), and whether this
+    request made it (False: its idempotency key named one made before)."""
+
+    batch: Any
+    executions: list[Any]
+    function: FunctionRecord
+    created: bool
+
+
+def item_error(exc: TreadleError) -> dict[str, Any]:
+    """What an item refused for `exc` says, as the error body of a single invoke would."""
+    return {"code": exc.code, "message": exc.message, "details": exc.details}
+
+
+def _validation(exc: ValidationError, index: int) -> dict[str, Any]:
+    details = [
+        {
+            "loc": ["body", "items", index, *err.get("loc", ())],
+            "msg": err.get("msg", ""),
+            "type": err.get("type", ""),
+        }
+        for err in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+    first = details[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return {"code": "validation_error", "message": f"{where}: {first['msg']}", "details": details}
+
+
+class BatchService:
+    def __init__(
+        self,
+        db: Database,
+        writer: Writer,
+        bus: EventBus,
+        functions: FunctionService,
+        executions: ExecutionService,
+        settings: WeaverSettings,
+    ) -> None:
+        self._db = db
+        self._writer = writer
+        self._bus = bus
+        self._functions = functions
+        self._executions = executions
+        self._settings = settings
+        # How many of a batch the tenant's quotas admit (`QuotaService.admissible`).
+        self.admissible: Any = None
+
+    # submitting
+
+    async def submit(
+        self, tenant_id: str, name: str, body: MapRequest, version: int | None = None
+    ) -> Created:
+        limit = self._settings.max_batch_items
+        if len(body.items) > limit:
+            raise PayloadTooLarge(
+                f"the batch has {len(body.items)} items; the limit is {limit}",
+                details=[{"loc": ["body", "items"], "limit": limit}],
+            )
+        function = await self._functions.get(tenant_id, name, version)
+        key = body.idempotency_key
+        if key is not None and (earlier := await self._by_key(tenant_id, key)) is not None:
+            return Created(earlier, [], function, created=False)
+        refused: dict[int, dict[str, Any]] = {}
+        valid: list[tuple[int, InvokeRequest]] = []
+        for index, raw in enumerate(body.items):
+            try:
+                item = InvokeRequest.model_validate(raw)
+                self._executions.check_limits(item)
+                render_command(function.spec.command, item.args)
+            except ValidationError as exc:
+                refused[index] = _validation(exc, index)
+                continue
+            except TreadleError as exc:
+                refused[index] = item_error(exc)
+                continue
+            valid.append((index, item))
+        if self.admissible is not None and valid:
+            admitted, refusal = await self._admit(tenant_id, function, len(valid))
+            if refusal is not None:
+                for index, _item in valid[admitted:]:
+                    refused[index] = item_error(refusal)
+                valid = valid[:admitted]
+        write = self._write(tenant_id, function, body, valid, refused)
+        batch, made, created = await self._writer.run(write)
+        return Created(batch, made, function, created)
+
+    async def _admit(self, tenant_id: str, function: FunctionRecord, count: int) -> Admitted:
+        admitted: Admitted = await self.admissible(tenant_id, function.spec.resources, count)
+        return admitted
+
+    def _write(
+        self,
+        tenant_id: str,
+        function: FunctionRecord,
+        body: MapRequest,
+        valid: list[tuple[int, InvokeRequest]],
+        refused: dict[int, dict[str, Any]],
+    ) -> Any:
+        spec = function.spec
+        key = body.idempotency_key
+        resources = spec.resources.model_dump(mode="json")
+        isolation = spec.isolation.value if spec.isolation else None
+
+        async def write(tx: Tx) -> tuple[Any, list[Any], bool]:
+            if key is not None:
+                by_key = {"_tenant": tenant_id, "_key": key}
+                earlier = (await tx.conn.execute(_BY_KEY, by_key)).first()
+                if earlier is not None:
+                    return earlier, [], False
+            batch_id = new_id("bt")
+            # Items whose key an execution already holds are answered by it; two items of
+            # this batch with one key share the execution the first one makes.
+            keys = sorted({item.idempotency_key for _, item in valid if item.idempotency_key})
+            held: dict[str, str] = {}
+            if keys:
+                params: dict[str, Any] = {"_tenant": tenant_id, "_keys": keys}
+                held = {
+                    row.idempotency_key: row.id
+                    for row in await tx.conn.execute(_EXECUTIONS_BY_KEYS, params)
+                }
+            reused: dict[str, str] = {}
+            rows: list[dict[str, Any]] = []
+            for index, item in valid:
+                item_key = item.idempotency_key
+                if item_key is not None and item_key in held:
+                    reused[str(index)] = held[item_key]
+                    continue
+                execution_id = new_id("ex")
+                if item_key is not None:
+                    held[item_key] = execution_id
+                strategy = item.strategy or body.strategy
+                rows.append(
+                    {
+                        "id": execution_id,
+                        "tenant_id": tenant_id,
+                        "function": spec.name,
+                        "version": function.version,
+                        "state": ExecutionState.OPEN.value,
+                        "attempt": 1,
+                        "max_attempts": spec.max_attempts,
+                        "args": item.args,
+                        "stdin": item.stdin,
+                        "idempotency_key": item_key,
+                        "cancel_requested": False,
+                        "resources": resources,
+                        "isolation": isolation,
+                        "placement": {"requested_strategy": strategy} if strategy else None,
+                        "created_at": tx.now,
+                        "queued_at": tx.now,
+                        "batch_id": batch_id,
+                        "batch_index": index,
+                    }
+                )
+            batch = {
+                "id": batch_id,
+                "tenant_id": tenant_id,
+                "function": spec.name,
+                "version": function.version,
+                "size": len(body.items),
+                "idempotency_key": key,
+                "refused": {str(index): error for index, error in sorted(refused.items())},
+                "reused": reused,
+                "created_at": tx.now,
+            }
+            await tx.conn.execute(_INSERT_BATCH, batch)
+            if rows:
+                await tx.conn.execute(_INSERT_EXECUTIONS, rows)
+                announce_open(tx)
+            # One event for the batch, not one per execution: its executions name it.
+            tx.emit(
+                "batch.open",
+                batch_id,
+                tenant_id,
+                {"function": spec.name, "size": len(body.items), "executions": len(rows)},
+            )
+            made = [SimpleNamespace(**{**_UNSET, **row}) for row in rows]
+            return SimpleNamespace(**batch), made, True
+
+        return write
+
+    async def _by_key(self, tenant_id: str, key: str) -> Any:
+        async with self._db.read() as conn:
+            return (await conn.execute(_BY_KEY, {"_tenant": tenant_id, "_key": key})).first()
+
+    # reading
+
+    async def get(self, tenant_id: str, batch_id: str) -> Any:
+        async with self._db.read() as conn:
+            row = (await conn.execute(_BY_ID, {"_tenant": tenant_id, "_id": batch_id})).first()
+        if row is None:
+            raise NotFound(f"batch {batch_id!r} not found", details={"id": batch_id})
+        return row
+
+    async def items(self, batch: Any, start: int, stop: int) -> list[dict[str, Any]]:
+        """The items of `batch` with indexes in [start, stop), in order, as the API shows
+        them."""
+        stop = min(stop, batch.size)
+        query = (
+            select(_E)
+            .where(_E.c.batch_id == batch.id, _E.c.batch_index >= start, _E.c.batch_index < stop)
+            .order_by(_E.c.batch_index)
+        )
+        reused = {
+            int(index): execution_id
+            for index, execution_id in batch.reused.items()
+            if start <= int(index) < stop
+        }
+        async with self._db.read() as conn:
+            made = {row.batch_index: row for row in await conn.execute(query)}
+            others = await self._read_ids(conn, set(reused.values()))
+        items = []
+        for index in range(start, stop):
+            row = made.get(index)
+            if row is None and index in reused:
+                row = others.get(reused[index])
+            items.append(self._item(batch, index, row))
+        return items
+
+    async def counts(self, batch: Any) -> dict[str, int]:
+        """How many of the batch's items are in each state (`refused` for those refused)."""
+        query = (
+            select(_E.c.state, func.count()).where(_E.c.batch_id == batch.id).group_by(_E.c.state)
+        )
+        async with self._db.read() as conn:
+            grouped: Any = await conn.execute(query)
+            counted = {str(state): int(n) for state, n in grouped}
+            others = await self._read_ids(conn, set(batch.reused.values()))
+        for execution_id in batch.reused.values():
+            row = others.get(execution_id)
+            if row is not None:
+                counted[row.state] = counted.get(row.state, 0) + 1
+        if batch.refused:
+            counted["refused"] = len(batch.refused)
+        return counted
+
+    @staticmethod
+    def finished(counts: dict[str, int], batch: Any) -> bool:
+        ended = sum(n for state, n in counts.items() if state == "refused" or state in _TERMINAL)
+        return bool(ended >= batch.size)
+
+    def _item(self, batch: Any, index: int, row: Any) -> dict[str, Any]:
+        error = batch.refused.get(str(index))
+        if error is not None:
+            return {"index": index, "execution": None, "error": error}
+        if row is None:  # only if the execution it names was deleted
+            missing = NotFound("the item's execution is gone", details={"index": index})
+            return {"index": index, "execution": None, "error": item_error(missing)}
+        item = {"index": index, "execution": execution_view(row), "error": None}
+        if str(index) in batch.reused:
+            item["reused"] = True
+        return item
+
+    @staticmethod
+    async def _read_ids(conn: Any, ids: Iterable[str]) -> dict[str, Any]:
+        wanted = sorted(ids)
+        found: dict[str, Any] = {}
+        for at in range(0, len(wanted), READ_CHUNK):
+            chunk = wanted[at : at + READ_CHUNK]
+            for row in await conn.execute(_EXECUTIONS_BY_IDS, {"_ids": chunk}):
+                found[row.id] = row
+        return found
+
+    # waiting and gathering
+
+    async def wait_for(
+        self, tenant_id: str, batch: Any, start: int, stop: int, within: float
+    ) -> list[dict[str, Any]]:
+        """The items in [start, stop) once all have ended, or as they are when `within`
+        seconds pass."""
+        deadline = time.monotonic() + within
+        subscription = self._bus.subscribe(self._topics(batch), max_queued=0)
+        try:
+            while True:
+                items = await self.items(batch, start, stop)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or all(_ended(item) for item in items):
+                    return items
+                await subscription.get(within=min(remaining, RECHECK_S))
+                subscription.drain()
+        finally:
+            subscription.close()
+
+    async def results(self, batch: Any) -> AsyncIterator[dict[str, Any]]:
+        """Every item of `batch` once it has ended, in the order they end (those refused and
+        those already ended first), each once."""
+        subscription = self._bus.subscribe(self._topics(batch), max_queued=0)
+        try:
+            left = set(range(batch.size))
+            for index in sorted(int(i) for i in batch.refused):
+                left.discard(index)
+                yield self._item(batch, index, None)
+            answers = _Answers(batch)
+            rows = await self._ended_rows(batch, answers, left)
+            checked = time.monotonic()
+            while True:
+                for row in sorted(rows, key=lambda r: (r.ended_at or 0.0, r.id)):
+                    if not is_terminal(ExecutionState(row.state)):
+                        continue
+                    for index in answers.of(row):
+                        if index in left:
+                            left.discard(index)
+                            yield self._item(batch, index, row)
+                if not left:
+                    return
+                event = await subscription.get(within=RECHECK_S)
+                ids: set[str] = set()
+                # Those already queued too (`get(within=0)` only takes what is there).
+                while event is not None:
+                    ids.add(str(event.data.get("id") or event.subject_id))
+                    if len(ids) >= READ_CHUNK:
+                        break
+                    event = await subscription.get(within=0)
+                if time.monotonic() - checked >= RECHECK_S:
+                    checked = time.monotonic()
+                    rows = await self._ended_rows(batch, answers, left)
+                else:
+                    async with self._db.read() as conn:
+                        rows = list((await self._read_ids(conn, ids)).values())
+        finally:
+            subscription.close()
+
+    async def _ended_rows(self, batch: Any, answers: _Answers, left: set[int]) -> list[Any]:
+        """The ended executions that answer items in `left`."""
+        if not left:
+            return []
+        query = select(_E).where(
+            _E.c.batch_id == batch.id,
+            _E.c.state.in_(_TERMINAL),
+            _E.c.batch_index >= min(left),
+        )
+        async with self._db.read() as conn:
+            rows = [row for row in await conn.execute(query) if row.batch_index in left]
+            others = await self._read_ids(conn, answers.reused_for(left))
+        return rows + list(others.values())
+
+    @staticmethod
+    def _topics(batch: Any) -> list[str]:
+        return [f"batch.{batch.id}", *(f"execution.{i}" for i in batch.reused.values())]
+
+
+def _ended(item: dict[str, Any]) -> bool:
+    execution = item["execution"]
+    return execution is None or is_terminal(ExecutionState(execution["state"]))
+
+
+class _Answers:
+    """Which items of a batch an execution answers: the one it was made for, and those
+    reusing it (an earlier execution with their key, or one of this batch's)."""
+
+    def __init__(self, batch: Any) -> None:
+        self._batch_id = batch.id
+        self._reused: dict[str, list[int]] = {}
+        for index, execution_id in batch.reused.items():
+            self._reused.setdefault(execution_id, []).append(int(index))
+
+    def of(self, row: Any) -> list[int]:
+        own = [int(row.batch_index)] if row.batch_id == self._batch_id else []
+        return own + self._reused.get(row.id, [])
+
+    def reused_for(self, left: set[int]) -> list[str]:
+        return [i for i, indexes in self._reused.items() if any(n in left for n in indexes)]
