@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Annotated, Any, Literal, Self
@@ -238,12 +239,18 @@ class FunctionSpec(WorkloadSpec):
 
 def placeholders(command: list[str]) -> set[str]:
     """The `{name}` placeholders used in a command."""
+    return set(_placeholders(tuple(command)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _placeholders(command: tuple[str, ...]) -> frozenset[str]:
+    # Every execution of a function renders the same command: parse it once.
     names: set[str] = set()
     for arg in command:
         for match in _PLACEHOLDER.finditer(arg):
             if match.group(1):
                 names.add(match.group(1))
-    return names
+    return frozenset(names)
 
 
 def _as_text(value: Any) -> str:

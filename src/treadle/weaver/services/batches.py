@@ -49,6 +49,7 @@ READ_CHUNK = 500
 # How long a gatherer trusts notifications alone before it reads the batch again: one from
 # another replica may not cross, and a slow reader's queue drops the oldest.
 RECHECK_S = 1.0
+_RESCAN_S = 5.0
 
 _BY_KEY = select(_B).where(
     _B.c.tenant_id == bindparam("_tenant"), _B.c.idempotency_key == bindparam("_key")
@@ -391,7 +392,9 @@ class BatchService:
                     if len(ids) >= READ_CHUNK:
                         break
                     event = await subscription.get(within=0)
-                if time.monotonic() - checked >= RECHECK_S:
+                if not ids or time.monotonic() - checked > _RESCAN_S:
+                    # Quiet for RECHECK_S, or long busy: read what ended, in case a notice
+                    # (another replica's) never came.
                     checked = time.monotonic()
                     rows = await self._ended_rows(batch, answers, left)
                 else:

@@ -307,24 +307,32 @@ class Dispatcher:
         sample = self._random if len(fleet) > _EXHAUSTIVE_UP_TO else None
         decisions: list[_Decision] = []
         reasons: list[Pending] = []
-        # Within a round, what did not fit for one shape of execution fits no better for the
-        # next one: remember the answer instead of scanning every node again.
-        unplaced: dict[tuple[Any, ...], Provision | Unschedulable | str] = {}
         provisioner = self._provisioner
         offers = provisioner.offers() if provisioner is not None and provisioner.enabled else ()
         # Whether this round's work could use the process tier: then the transaction that
         # records it reads the tenants' permission afresh.
         wants_process = False
-        for pending in list(self._pending.values()):
-            shape = pending.shape
-            spec = pending.function.spec
+        # Executions of one shape get the same answer from the same fleet: their tier rule is
+        # worked out once, and once one of them does not fit, none of the rest is tried.
+        shapes: dict[tuple[Any, ...], list[Pending]] = {}
+        for pending in self._pending.values():
+            shapes.setdefault(pending.shape, []).append(pending)
+        for members in shapes.values():
+            spec = members[0].function.spec
             rule = tiers.rule_for(spec, allow_process=True, default=self._default_tier)
             if rule.admits_process:
                 wants_process = True
-                if pending.tenant_id not in self._process_tenants:
+                if members[0].tenant_id not in self._process_tenants:
                     rule = tiers.rule_for(spec, allow_process=False, default=self._default_tier)
-            result = unplaced.get(shape) or self._place(pending, rule, fleet, offers, sample)
-            if isinstance(result, Placement):
+            for at, pending in enumerate(members):
+                result = self._place(pending, rule, fleet, offers, sample)
+                if not isinstance(result, Placement):
+                    reason = self._reason(result)
+                    for waiting in members[at:]:
+                        if waiting.reason != reason:
+                            waiting.reason = reason
+                            reasons.append(waiting)
+                    break
                 session = sessions[result.node_id]
                 hello = session.hello
                 tier = tiers.choose(rule, hello.runtimes, hello.network_tiers, network=spec.network)
@@ -341,17 +349,6 @@ class Dispatcher:
                 fleet.update(session.view())
                 del self._pending[pending.id]
                 decisions.append(_Decision(pending, session, result, tier, reserved))
-                continue
-            unplaced[shape] = result
-            if isinstance(result, str):
-                reason = result
-            elif isinstance(result, Provision) and provisioner is not None:
-                reason = provisioner.want(result)
-            else:
-                reason = result.message
-            if pending.reason != reason:
-                pending.reason = reason
-                reasons.append(pending)
         if not decisions and not reasons:
             return
         try:
@@ -388,6 +385,14 @@ class Dispatcher:
             if self._metrics is not None:
                 self._metrics.dispatched.inc()
                 self._metrics.dispatch_latency.observe(time.monotonic() - decision.pending.since)
+
+    def _reason(self, result: Provision | Unschedulable | str) -> str:
+        """What an execution that could not be placed says while it waits."""
+        if isinstance(result, str):
+            return result
+        if isinstance(result, Provision) and self._provisioner is not None:
+            return self._provisioner.want(result)
+        return result.message
 
     def _place(
         self,

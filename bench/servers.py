@@ -1,0 +1,156 @@
+"""What the benchmarks start for themselves: a Weaver on SQLite or on a private PostgreSQL
+server (the tests' own, `tests/support/postgres.py`), a real Shuttle, and the CPU each used."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "PY",
+    "Stack",
+    "WeaverProcess",
+    "cpu_seconds",
+    "database_for",
+    "free_port",
+    "local_stack",
+    "until",
+]
+
+PY = sys.executable
+_TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def until(check: Any, timeout: float, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = check()
+        except (httpx.HTTPError, OSError):
+            found = None
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(what or str(check))
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def database_for(store: str) -> Iterator[str | None]:
+    """The database URL for `store`: None for Weaver's own SQLite file, or a fresh database
+    on a private PostgreSQL server (tuned as the tests tune it: no fsync) for `postgresql`."""
+    if store == "sqlite":
+        yield None
+        return
+    sys.path.insert(0, str(_TESTS))
+    from support.postgres import Postgres, postgres_binaries
+
+    binaries = postgres_binaries()
+    if binaries is None:
+        raise SystemExit("PostgreSQL is not installed: scripts/test installs it")
+    server = Postgres(binaries).start()
+    try:
+        yield server.create_database()
+    finally:
+        server.stop()
+
+
+class WeaverProcess:
+    """`treadle weaver` on a free port, its settings as TREADLE_* variables."""
+
+    def __init__(self, home: Path, database_url: str | None, **settings: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.home = home
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TREADLE_")}
+        env.update({f"TREADLE_{k.upper()}": v for k, v in settings.items()})
+        if database_url:
+            env["TREADLE_DATABASE_URL"] = database_url
+        self.env = env
+        argv = [PY, "-m", "treadle", "weaver", "--home", str(home), "--port", str(self.port)]
+        self.log = (home.parent / f"{home.name}.log").open("ab")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        until(
+            lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200,
+            60,
+            "Weaver to answer",
+        )
+        self.key = (home / "admin.key").read_text().strip()
+        self.token = (home / "join.token").read_text().strip()
+        self.headers = {"Authorization": f"Bearer {self.key}"}
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=120)
+
+    def allow_process_tier(self) -> None:
+        with self.client() as api:
+            tenant = next(t for t in api.get("/v1/tenants").json()["items"])
+            api.patch(f"/v1/tenants/{tenant['id']}", json={"allow_process_tier": True})
+
+    def connected_nodes(self) -> int:
+        with self.client() as api:
+            nodes = api.get("/v1/nodes").json()["items"]
+        return sum(1 for node in nodes if node["connected"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+class Stack:
+    def __init__(self, weaver: WeaverProcess, shuttle: subprocess.Popen[bytes] | None) -> None:
+        self.weaver = weaver
+        self.shuttle = shuttle
+
+
+@contextlib.contextmanager
+def local_stack(store: str, *, shuttle: bool = True) -> Iterator[Stack]:
+    """Weaver on `store` and, with `shuttle`, one real Shuttle offering the process tier (as
+    `treadle up --allow-process-runtime` would), for the admin's tenant."""
+    with database_for(store) as url, tempfile.TemporaryDirectory(prefix="treadle-bench-") as tmp:
+        root = Path(tmp)
+        weaver = WeaverProcess(root / "weaver", url, default_min_isolation="process")
+        node: subprocess.Popen[bytes] | None = None
+        try:
+            weaver.allow_process_tier()
+            if shuttle:
+                env = dict(weaver.env, TREADLE_SHUTTLE_TOKEN=weaver.token)
+                argv = [PY, "-m", "treadle", "shuttle", "--weaver", weaver.url]
+                argv += ["--home", str(root / "node"), "--allow-process-runtime"]
+                log = (root / "node.log").open("ab")
+                node = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+                until(weaver.connected_nodes, 60, "the Shuttle to join")
+            yield Stack(weaver, node)
+        finally:
+            if node is not None:
+                node.terminate()
+                node.wait(30)
+            weaver.stop()
