@@ -200,7 +200,7 @@ def test_map_prints_a_line_per_input_in_order(cluster: Cluster, tmp_path: Path) 
     done = treadle(cluster, "map", "echoes", "--args-file", str(inputs), "--batch-size", "2")
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [line["args"] for line in lines] == [{"word": w} for w in "abc"]
+    assert [line["index"] for line in lines] == [0, 1, 2]
     assert {line["state"] for line in lines} == {"success"}
     # One input refused (its placeholder has no value): its line says why, the exit code 1.
     refused = treadle(cluster, "map", "echoes", "--args-file", "-", stdin='[{"word": "x"}, {}]')

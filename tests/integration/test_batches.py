@@ -156,8 +156,10 @@ def test_results_stream_over_a_websocket_as_they_end(cluster: Cluster) -> None:
     headers = {"Authorization": f"Bearer {cluster.admin_key}"}
     with connect(url, additional_headers=headers, open_timeout=10) as ws:
         messages = [json.loads(raw) for raw in ws]
-    results, end = messages[:-1], messages[-1]
+    end = messages[-1]
     assert end == {"type": "end", "counts": {"success": 8, "refused": 1}}
+    assert {m["type"] for m in messages[:-1]} == {"results"}
+    results = [item for m in messages[:-1] for item in m["items"]]
     assert sorted(m["index"] for m in results) == list(range(9))  # each once
     refused = [m for m in results if m["error"]]
     assert [m["index"] for m in refused] == [3]
@@ -225,9 +227,11 @@ def test_the_sdk_maps_in_order_unordered_and_in_batches(cluster: Cluster) -> Non
         double = client.function("double-sdk")
         ordered = list(double.map(inputs, batch_size=5))  # five batches
         assert [e["result"] for e in ordered] == [{"twice": 2 * n} for n in range(23)]
+        assert [e["index"] for e in ordered] == list(range(23))
         assert len({e["id"] for e in ordered}) == 23
         unordered = list(double.map_unordered(iter(inputs[:7])))
         assert sorted(e["result"]["twice"] for e in unordered) == [2 * n for n in range(7)]
+        assert all(e["result"]["twice"] == 2 * e["index"] for e in unordered)
         # A refused input raises, or is returned with `return_exceptions`.
         mixed = [{"n": 1}, {}, {"n": 2}]
         got = list(double.map(mixed, return_exceptions=True))

@@ -138,11 +138,13 @@ class AsyncClient:
         """As `Client.map`: `async for execution in treadle.map("f", inputs)`."""
         chunks = _map.batches(inputs, batch_size)
         ahead = await self._submit(name, next(chunks, None), version, strategy)
+        offset = 0
         while ahead is not None:
             current = ahead
             ahead = await self._submit(name, next(chunks, None), version, strategy)
-            async for value in self._gather(current, ordered, return_exceptions):
+            async for value in self._gather(current, ordered, return_exceptions, offset):
                 yield value
+            offset += current["size"]
 
     async def get_batch(
         self, batch_id: str, cursor: str | None = None, limit: int = 100, wait: float | None = None
@@ -167,13 +169,17 @@ class AsyncClient:
         raise AssertionError("unreachable")
 
     async def _gather(
-        self, batch: JSONObject, ordered: bool, return_exceptions: bool
+        self, batch: JSONObject, ordered: bool, return_exceptions: bool, offset: int
     ) -> AsyncIterator[Any]:
         from websockets.asyncio.client import connect
 
         url = _map.results_url(self.config.url, batch["id"])
         gather = _map.Gather(
-            batch["size"], ordered=ordered, return_exceptions=return_exceptions, url=url
+            batch["size"],
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            url=url,
+            offset=offset,
         )
         headers = {"Authorization": f"Bearer {self.config.require_api_key()}"}
         breaks = 0

@@ -106,8 +106,11 @@ class Gather:
     asked (`ordered`: by index, held back until those before it came), as the execution
     dict, or the item's refusal as a `TreadleAPIError` (raised, unless `return_exceptions`)."""
 
-    def __init__(self, size: int, *, ordered: bool, return_exceptions: bool, url: str) -> None:
+    def __init__(
+        self, size: int, *, ordered: bool, return_exceptions: bool, url: str, offset: int = 0
+    ) -> None:
         self.size = size
+        self._offset = offset  # where the batch's first input stands among all of them
         self._ordered = ordered
         self._return_exceptions = return_exceptions
         self._url = url
@@ -127,15 +130,18 @@ class Gather:
                     url=self._url,
                 )
             return []
-        index = message.get("index")
-        if not isinstance(index, int) or not 0 <= index < self.size or index in self._seen:
-            return []  # sent again after a reopen
-        self._seen.add(index)
-        value = self._value(message)
-        if not self._ordered:
-            return [value]
-        self._held[index] = value
+        items = message.get("items")
         ready = []
+        for item in items if isinstance(items, list) else []:
+            index = item.get("index") if isinstance(item, dict) else None
+            if not isinstance(index, int) or not 0 <= index < self.size or index in self._seen:
+                continue  # sent again after a reopen
+            self._seen.add(index)
+            value = self._value(item)
+            if self._ordered:
+                self._held[index] = value
+            else:
+                ready.append(value)
         while self._next in self._held:
             ready.append(self._held.pop(self._next))
             self._next += 1
@@ -155,7 +161,11 @@ class Gather:
             if not self._return_exceptions:
                 raise refused
             return refused
-        return message.get("execution")
+        execution = message.get("execution")
+        if isinstance(execution, dict):
+            # Its input's place among all those given to `map`, whatever batch it went in.
+            execution["index"] = self._offset + int(message.get("index") or 0)
+        return execution
 
 
 def _decode(raw: str | bytes, url: str) -> JSONObject:
@@ -171,6 +181,6 @@ def _decode(raw: str | bytes, url: str) -> JSONObject:
         error = message["error"]
         code = str(error.get("code") or "error")
         raise TreadleAPIError(_STATUS.get(code, 400), code, str(error.get("message")), None)
-    if not isinstance(message, dict) or message.get("type") not in ("result", "end"):
+    if not isinstance(message, dict) or message.get("type") not in ("results", "end"):
         raise TreadleConnectionError(f"unexpected frame on {url}: {raw!r:.200}", url=url)
     return message

@@ -157,10 +157,12 @@ class Client:
         Inputs go `batch_size` at a time, the next batch sent while the last one runs."""
         chunks = _map.batches(inputs, batch_size)
         ahead = self._submit(name, next(chunks, None), version, strategy)
+        offset = 0
         while ahead is not None:
             current = ahead
             ahead = self._submit(name, next(chunks, None), version, strategy)
-            yield from self._gather(current, ordered, return_exceptions)
+            yield from self._gather(current, ordered, return_exceptions, offset)
+            offset += current["size"]
 
     def get_batch(
         self, batch_id: str, cursor: str | None = None, limit: int = 100, wait: float | None = None
@@ -186,12 +188,18 @@ class Client:
                     raise
         raise AssertionError("unreachable")
 
-    def _gather(self, batch: JSONObject, ordered: bool, return_exceptions: bool) -> Iterator[Any]:
+    def _gather(
+        self, batch: JSONObject, ordered: bool, return_exceptions: bool, offset: int
+    ) -> Iterator[Any]:
         from websockets.sync.client import connect
 
         url = _map.results_url(self.config.url, batch["id"])
         gather = _map.Gather(
-            batch["size"], ordered=ordered, return_exceptions=return_exceptions, url=url
+            batch["size"],
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            url=url,
+            offset=offset,
         )
         headers = {"Authorization": f"Bearer {self.config.require_api_key()}"}
         breaks = 0

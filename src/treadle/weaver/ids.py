@@ -9,15 +9,24 @@ import time
 __all__ = ["new_id", "new_secret"]
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+# Two characters at a time: 13 lookups make the 26.
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+_SHIFTS = range(120, -1, -10)
+# Random bytes read from the kernel a page at a time, not with a system call per id: every
+# execution takes several ids (its own, its events'). Ids are not secrets (`new_secret` is).
+_POOL_BYTES = 4096
+_pool = b""
+_taken = _POOL_BYTES
 
 
 def new_id(prefix: str) -> str:
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return f"{prefix}_{''.join(reversed(chars))}"
+    global _pool, _taken
+    if _taken + 10 > len(_pool):
+        _pool, _taken = os.urandom(_POOL_BYTES), 0
+    noise = int.from_bytes(_pool[_taken : _taken + 10], "big")
+    _taken += 10
+    value = (time.time_ns() // 1_000_000) << 80 | noise
+    return prefix + "_" + "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
 
 
 def new_secret(prefix: str) -> str:

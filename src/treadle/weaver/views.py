@@ -7,7 +7,7 @@ from typing import Any
 
 from treadle.domain.execution import ExecutionState, is_terminal
 
-__all__ = ["execution_view", "iso"]
+__all__ = ["RESULT_COLUMNS", "execution_view", "iso", "result_view"]
 
 
 def iso(ts: float | None) -> str | None:
@@ -45,6 +45,40 @@ def execution_view(row: Any) -> dict[str, Any]:
         "placement": row.placement,
         "timestamps": timestamps,
         "created_at": iso(row.created_at),
+        "duration_ms": row.duration_ms,
+        "cost": row.cost,
+    }
+
+
+# What a batch's item shows of its execution (`result_view`): how it ended, not what it was
+# asked (its args the caller sent; the rest is one GET of the execution away).
+RESULT_COLUMNS = (
+    "id",
+    "state",
+    "attempt",
+    "node_id",
+    "exit_code",
+    "result",
+    "error",
+    "output_truncated",
+    "duration_ms",
+    "cost",
+    "batch_id",
+    "batch_index",
+    "ended_at",
+)
+
+
+def result_view(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "state": row.state,
+        "attempt": row.attempt,
+        "node_id": row.node_id,
+        "exit_code": row.exit_code,
+        "result": row.result,
+        "error": row.error,
+        "output_truncated": bool(row.output_truncated),
         "duration_ms": row.duration_ms,
         "cost": row.cost,
     }

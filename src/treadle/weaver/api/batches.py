@@ -61,13 +61,14 @@ async def get_batch(
 @router.websocket("/v1/batches/{batch_id}/results")
 async def batch_results(websocket: WebSocket, batch_id: str) -> None:
     """Each item once it has ended, in the order they end (refused and already ended ones
-    first, by index), then `{"type": "end"}` with the batch's counts."""
+    first), in `{"type": "results", "items": [...]}` messages of those that ended together,
+    then `{"type": "end"}` with the batch's counts."""
     weaver = get_weaver(websocket)
 
     async def send_all(tenant_id: str) -> None:
         batch = await weaver.batches.get(tenant_id, batch_id)
-        async for item in weaver.batches.results(batch):
-            await websocket.send_json({"type": "result", **item})
+        async for items in weaver.batches.results(batch):
+            await websocket.send_json({"type": "results", "items": items})
         counts = await weaver.batches.counts(batch)
         await websocket.send_json({"type": "end", "counts": counts})
         await websocket.close(code=1000)

@@ -37,7 +37,7 @@ from treadle.weaver.settings import WeaverSettings
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
 from treadle.weaver.store.writer import Tx, Writer
-from treadle.weaver.views import execution_view
+from treadle.weaver.views import RESULT_COLUMNS, result_view
 
 __all__ = ["BatchService", "Created", "MapRequest", "item_error"]
 
@@ -55,11 +55,13 @@ _BY_KEY = select(_B).where(
     _B.c.tenant_id == bindparam("_tenant"), _B.c.idempotency_key == bindparam("_key")
 )
 _BY_ID = select(_B).where(_B.c.tenant_id == bindparam("_tenant"), _B.c.id == bindparam("_id"))
-_EXECUTIONS_BY_KEYS = select(_E).where(
+_EXECUTIONS_BY_KEYS = select(_E.c.id, _E.c.idempotency_key).where(
     _E.c.tenant_id == bindparam("_tenant"),
     _E.c.idempotency_key.in_(bindparam("_keys", expanding=True)),
 )
-_EXECUTIONS_BY_IDS = select(_E).where(_E.c.id.in_(bindparam("_ids", expanding=True)))
+# Of an item's execution, what its result shows (`result_view`).
+_RESULT = [_E.c[name] for name in RESULT_COLUMNS]
+_EXECUTIONS_BY_IDS = select(*_RESULT).where(_E.c.id.in_(bindparam("_ids", expanding=True)))
 _INSERT_EXECUTIONS = _E.insert()
 _INSERT_BATCH = _B.insert()
 # What a fresh execution row holds besides what the batch writes.
@@ -278,7 +280,7 @@ class BatchService:
         them."""
         stop = min(stop, batch.size)
         query = (
-            select(_E)
+            select(*_RESULT)
             .where(_E.c.batch_id == batch.id, _E.c.batch_index >= start, _E.c.batch_index < stop)
             .order_by(_E.c.batch_index)
         )
@@ -327,7 +329,7 @@ class BatchService:
         if row is None:  # only if the execution it names was deleted
             missing = NotFound("the item's execution is gone", details={"index": index})
             return {"index": index, "execution": None, "error": item_error(missing)}
-        item = {"index": index, "execution": execution_view(row), "error": None}
+        item = {"index": index, "execution": result_view(row), "error": None}
         if str(index) in batch.reused:
             item["reused"] = True
         return item
@@ -362,26 +364,30 @@ class BatchService:
         finally:
             subscription.close()
 
-    async def results(self, batch: Any) -> AsyncIterator[dict[str, Any]]:
+    async def results(self, batch: Any) -> AsyncIterator[list[dict[str, Any]]]:
         """Every item of `batch` once it has ended, in the order they end (those refused and
-        those already ended first), each once."""
+        those already ended first), each once: in groups, of those found ended together."""
         subscription = self._bus.subscribe(self._topics(batch), max_queued=0)
         try:
             left = set(range(batch.size))
-            for index in sorted(int(i) for i in batch.refused):
-                left.discard(index)
-                yield self._item(batch, index, None)
+            refused = sorted(int(i) for i in batch.refused)
+            if refused:
+                left.difference_update(refused)
+                yield [self._item(batch, index, None) for index in refused]
             answers = _Answers(batch)
             rows = await self._ended_rows(batch, answers, left)
             checked = time.monotonic()
             while True:
+                ended = []
                 for row in sorted(rows, key=lambda r: (r.ended_at or 0.0, r.id)):
                     if not is_terminal(ExecutionState(row.state)):
                         continue
                     for index in answers.of(row):
                         if index in left:
                             left.discard(index)
-                            yield self._item(batch, index, row)
+                            ended.append(self._item(batch, index, row))
+                if ended:
+                    yield ended
                 if not left:
                     return
                 event = await subscription.get(within=RECHECK_S)
@@ -407,7 +413,7 @@ class BatchService:
         """The ended executions that answer items in `left`."""
         if not left:
             return []
-        query = select(_E).where(
+        query = select(*_RESULT).where(
             _E.c.batch_id == batch.id,
             _E.c.state.in_(_TERMINAL),
             _E.c.batch_index >= min(left),

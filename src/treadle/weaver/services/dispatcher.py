@@ -160,8 +160,10 @@ class Pending:
 
     def assignment(self, tier: Tier) -> Assign:
         spec = self.function.spec
-        return Assign(
-            spec=AssignSpec(
+        # Built from what was validated when stored (the function's spec, the invoke's args):
+        # validating it again for every execution was a tenth of placement's time.
+        return Assign.model_construct(
+            spec=AssignSpec.model_construct(
                 id=self.id,
                 attempt=self.attempt,
                 tenant_id=self.tenant_id,
