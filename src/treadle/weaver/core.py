@@ -197,7 +197,10 @@ class Weaver:
 
     def _capacity_changed(self) -> None:
         self.dispatcher.wake()
-        self._sandbox_wake.set()
+        # Every execution that ends frees capacity; the sandbox pass (reads of the store)
+        # runs for it only while sandboxes wait for a node, and once a second regardless.
+        if self.sandboxes.waiting:
+            self._sandbox_wake.set()
 
     def _sandboxes_changed(self) -> None:
         self._sandbox_wake.set()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, WebSocket
+from fastapi import APIRouter, Query, WebSocket
 from fastapi.responses import JSONResponse
 
 from treadle.domain.errors import InvalidRequest
-from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.deps import Caller, WeaverDep, get_weaver
 from treadle.weaver.api.relays import follow_for_caller
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.batches import MapRequest
@@ -19,7 +19,6 @@ from treadle.weaver.views import iso
 __all__ = ["router"]
 
 router = APIRouter(tags=["batches"])
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 Wait = Annotated[
     float | None,
     Query(ge=0, le=300, description="seconds to block until the items listed have ended"),

@@ -12,7 +12,15 @@ from treadle.domain.errors import Forbidden, Unauthenticated
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.auth import Principal
 
-__all__ = ["PRINCIPAL", "Admin", "Caller", "bearer", "get_weaver", "principal_of"]
+__all__ = [
+    "PRINCIPAL",
+    "Admin",
+    "Caller",
+    "WeaverDep",
+    "bearer",
+    "get_weaver",
+    "principal_of",
+]
 
 # Where `limits.RequestGuard` keeps the principal of a request it authenticated, in its scope.
 PRINCIPAL = "treadle.principal"
@@ -21,6 +29,15 @@ PRINCIPAL = "treadle.principal"
 def get_weaver(conn: HTTPConnection) -> Weaver:
     weaver: Weaver = conn.app.state.weaver
     return weaver
+
+
+async def _weaver(conn: HTTPConnection) -> Weaver:
+    # A coroutine, not a plain function: FastAPI runs those in its thread pool, two thread
+    # hand-offs on every request that asks for Weaver.
+    return get_weaver(conn)
+
+
+WeaverDep = Annotated[Weaver, Depends(_weaver)]
 
 
 def bearer(headers: Mapping[str, str]) -> str | None:

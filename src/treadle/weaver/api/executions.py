@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, WebSocket
+from fastapi import APIRouter, Query, WebSocket
 from fastapi.responses import StreamingResponse
 
 from treadle.domain.execution import ExecutionState, is_terminal
-from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.deps import Caller, WeaverDep, get_weaver
 from treadle.weaver.api.relays import follow_for_caller
 from treadle.weaver.core import Weaver
 from treadle.weaver.services.executions import OUTPUT_BATCH, output_complete
@@ -19,7 +19,6 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/executions", tags=["executions"])
 _SEQ_MAX = 2**62  # what every database's 64-bit integers hold
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 
 # A cancelled execution's node reports the end of its output shortly after the kill; a
 # follower waits this long for that report before it ends the stream anyway.

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 
 from treadle.domain.execution import ExecutionState, is_terminal
 from treadle.domain.function import NAME_PATTERN, FunctionSpec
-from treadle.weaver.api.deps import Caller, get_weaver
-from treadle.weaver.core import Weaver
+from treadle.weaver.api.deps import Caller, WeaverDep
 from treadle.weaver.services.executions import InvokeRequest
 from treadle.weaver.views import execution_view
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/functions", tags=["functions"])
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 Name = Annotated[str, Query(pattern=NAME_PATTERN)]
 
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.domain.quotas import TenantLimits
-from treadle.weaver.api.deps import Admin, get_weaver
+from treadle.weaver.api.deps import Admin, WeaverDep
 from treadle.weaver.core import Weaver
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", tags=["admin"])
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 
 
 class TenantRequest(BaseModel):

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import HTTPConnection
@@ -68,7 +68,6 @@ __all__ = ["NOVNC_PATH", "router"]
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandbox desktop"])
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 
 # Where Weaver serves noVNC's files (`app`) for the viewer page: public, as any static file.
 NOVNC_PATH = "/static/novnc"

@@ -10,14 +10,14 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket
+from fastapi import APIRouter, Query, Request, Response, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.domain import errors
 from treadle.protocol import FileStart
 from treadle.protocol.messages import USER_PATTERN
-from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.deps import Caller, WeaverDep, get_weaver
 from treadle.weaver.api.sandbox_errors import sandbox_error
 from treadle.weaver.api.sandboxes import running_node, serve_stream
 from treadle.weaver.core import Weaver
@@ -26,7 +26,6 @@ from treadle.weaver.services.streams import Ended, ExecStream
 __all__ = ["check_quota", "disk_quota_mib", "read_through", "router", "write_through"]
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandbox files"])
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 PathQuery = Annotated[str, Query(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
 # Whose request it is inside the sandbox (a name or uid there); none: the sandbox's user.
 UserQuery = Annotated[str | None, Query(pattern=USER_PATTERN)]

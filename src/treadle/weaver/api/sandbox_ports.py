@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import h11
-from fastapi import APIRouter, Depends, Path, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Path, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import MutableHeaders, QueryParams
@@ -37,7 +37,7 @@ from websockets.uri import parse_uri
 from treadle.domain.desktop import DESKTOP_PORTS
 from treadle.domain.errors import BadGateway, Forbidden, TreadleError, Unauthenticated
 from treadle.protocol import PortStart
-from treadle.weaver.api.deps import bearer, get_weaver
+from treadle.weaver.api.deps import WeaverDep, bearer, get_weaver
 from treadle.weaver.api.host_routing import HOST_ROUTED, host_for
 from treadle.weaver.api.port_auth import (
     COOKIE,
@@ -49,14 +49,12 @@ from treadle.weaver.api.port_auth import (
 )
 from treadle.weaver.api.relays import until_either
 from treadle.weaver.api.sandboxes import running_node
-from treadle.weaver.core import Weaver
 from treadle.weaver.services import port_access
 from treadle.weaver.services.streams import ExecStream
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandbox ports"])
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 Port = Annotated[int, Path(ge=1, le=65535)]
 
 # Headers that belong to one hop (RFC 9110 §7.6.1), or carry Weaver's own credentials.

@@ -6,22 +6,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, WebSocket
+from fastapi import APIRouter, Path, WebSocket
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.domain.errors import InvalidRequest, InvalidTransition, NotFound
 from treadle.protocol import ProcessCall
 from treadle.protocol.limits import INT32_MAX
-from treadle.weaver.api.deps import Caller, get_weaver
+from treadle.weaver.api.deps import Caller, WeaverDep, get_weaver
 from treadle.weaver.api.sandbox_errors import sandbox_error
 from treadle.weaver.api.sandboxes import running_node, serve_stream
-from treadle.weaver.core import Weaver
 from treadle.weaver.services.streams import Ended, ExecStream
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 Ref = Annotated[str, Path(min_length=1, max_length=256, description="a pid, or a tag")]
 # What a node may say of one process; anything else it sends is dropped.
 _FIELDS = {

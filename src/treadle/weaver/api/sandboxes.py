@@ -7,7 +7,7 @@ import base64
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from treadle.domain.errors import InvalidRequest, InvalidTransition, TreadleError, Unavailable
@@ -22,7 +22,7 @@ from treadle.domain.sandbox import (
     check_env,
 )
 from treadle.protocol.messages import USER_PATTERN
-from treadle.weaver.api.deps import Caller, get_weaver, principal_of
+from treadle.weaver.api.deps import Caller, WeaverDep, get_weaver, principal_of
 from treadle.weaver.api.errors import error_body
 from treadle.weaver.api.relays import until_either
 from treadle.weaver.api.sandbox_errors import sandbox_error
@@ -34,7 +34,6 @@ from treadle.weaver.services.streams import Ended, ExecStream
 __all__ = ["router", "running_node"]
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 # How long an exec waits for a sandbox that is still starting before it says so.
 _START_WAIT_S = 30.0
 

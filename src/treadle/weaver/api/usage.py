@@ -6,18 +6,16 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 
 from treadle.domain.errors import Forbidden, InvalidRequest
-from treadle.weaver.api.deps import Caller, get_weaver
-from treadle.weaver.core import Weaver
+from treadle.weaver.api.deps import Caller, WeaverDep
 from treadle.weaver.services.usage import GROUPS, LABEL_GROUP, LABEL_KEY
 from treadle.weaver.views import iso
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", tags=["usage"])
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 _DAY_S = 86400.0
 _MAX_PERIOD_S = 400 * _DAY_S
 

@@ -443,7 +443,10 @@ class Dispatcher:
                     "region": hello.region,
                     "spot": hello.spot,
                 }
-                result = await tx.conn.execute(
+                # Open and unassigned when placed, and claimed (PostgreSQL): deferred, the
+                # round's assignments go together (`Tx.swap`).
+                swapped = await tx.swap(
+                    d.pending.id,
                     EXECUTION_ASSIGN,
                     {
                         "_id": d.pending.id,
@@ -454,7 +457,7 @@ class Dispatcher:
                         "pending_reason": None,
                     },
                 )
-                if result.rowcount == 1:
+                if swapped:
                     assigned.add(d.pending.id)
             for pending in reasons:
                 # Only while still unplaced: another replica may have placed it meanwhile.

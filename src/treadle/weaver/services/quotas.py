@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
@@ -40,6 +41,10 @@ _T, _E, _S, _U = tables.tenants, tables.executions, tables.sandboxes, tables.usa
 _HOLDING = ("open", "running")
 _ENDED = ("stopped", "failed")
 _ENFORCE_S = 2.0
+# How long a tenant's limits, once read, stand on this replica: what another replica set
+# applies here within this time, what this one set at once.
+_LIMITS_TTL_S = 1.0
+_LIMITS_CACHED = 10_000
 
 
 class QuotaService:
@@ -47,11 +52,21 @@ class QuotaService:
         self._weaver = weaver
         self._task: asyncio.Task[None] | None = None
         self._warned: dict[str, float] = {}  # tenant -> the period it was warned in
+        # tenant -> its limits as last read, and until when they stand (monotonic)
+        self._limits: dict[str, tuple[TenantLimits | None, float]] = {}
 
     async def limits(self, tenant_id: str) -> TenantLimits | None:
+        # Every invoke asks: read at most once a second per tenant, not once per invoke.
+        cached = self._limits.get(tenant_id)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
         async with self._weaver.db.read() as conn:
             raw = (await conn.execute(select(_T.c.limits).where(_T.c.id == tenant_id))).scalar()
-        return None if not raw else TenantLimits.model_validate(raw)
+        found = None if not raw else TenantLimits.model_validate(raw)
+        if len(self._limits) > _LIMITS_CACHED:
+            self._limits.clear()
+        self._limits[tenant_id] = (found, time.monotonic() + _LIMITS_TTL_S)
+        return found
 
     async def set_limits(self, tenant_id: str, limits: TenantLimits | None) -> None:
         value = None if limits is None else limits.model_dump(exclude_none=True)
@@ -60,6 +75,7 @@ class QuotaService:
             await tx.conn.execute(update(_T).where(_T.c.id == tenant_id).values(limits=value))
 
         await self._weaver.writer.run(write)
+        self._limits.pop(tenant_id, None)
 
     async def in_use(self, tenant_id: str, period: str = "month") -> InUse:
         """What the tenant's work holds now (its open and running executions, its sandboxes

@@ -177,6 +177,8 @@ class SandboxService:
         self._max_per_tenant = max_per_tenant
         # The tenant's quotas and budget, checked before a sandbox is stored (`quotas`).
         self.admit: Callable[..., Awaitable[None]] | None = None
+        # Whether the last `place` found sandboxes waiting: only then is freed capacity news.
+        self.waiting = True
 
     # what users do
 
@@ -541,6 +543,7 @@ class SandboxService:
                 )
             )
             process_tenants = await process_tier_tenants(conn) if pending else frozenset()
+        self.waiting = bool(pending)
         if not pending:
             return
         fleet = Fleet(s.view() for s in sessions.values())

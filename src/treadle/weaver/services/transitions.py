@@ -56,10 +56,12 @@ async def transition(tx: Tx, row: Any, event: Event, **values: Any) -> bool:
         values.setdefault("ended_at", tx.now)
     params = {"_id": row.id, "_state": row.state, "_attempt": row.attempt, **values}
     if isinstance(row, Expected):
-        result = await tx.conn.execute(EXECUTION_CAS_ON_NODE, {"_node": row.node_id, **params})
+        # A node's report on an attempt it holds: it nearly always applies, so it may be
+        # deferred and sent with others like it (the writer's `swap`).
+        swapped = await tx.swap(row.id, EXECUTION_CAS_ON_NODE, {"_node": row.node_id, **params})
     else:
-        result = await tx.conn.execute(EXECUTION_CAS, params)
-    if result.rowcount != 1:
+        swapped = (await tx.conn.execute(EXECUTION_CAS, params)).rowcount == 1
+    if not swapped:
         return False
     tx.emit(
         f"execution.{state.value}",

@@ -4,6 +4,14 @@ only then publishes them and resolves the callers.
 
 A batch that raises is rolled back and its writes are retried one transaction each, so one
 bad write fails alone and never takes its neighbours with it.
+
+Compare-and-swap updates that nearly always succeed (a node's report on an attempt it holds,
+an assignment of claimed work) can be deferred (`Tx.swap`): they are taken to succeed, and
+sent together, one statement shape at a time (`executemany`: one round trip on PostgreSQL,
+where a batch's statements one by one cost a round trip each), before anything else reads or
+writes and before the commit. Each must change exactly one row; if any does not, the batch is
+rolled back and every write in it is run again alone, with its swaps done at once and
+answered truly. Two swaps of one row keep their order.
 """
 
 from __future__ import annotations
@@ -21,10 +29,53 @@ from treadle.weaver.ids import new_id
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Conn, Database
 
-__all__ = ["Tx", "WriteFn", "Writer"]
+__all__ = ["SwapMissed", "Tx", "WriteFn", "Writer"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class SwapMissed(Exception):
+    """A deferred compare-and-swap changed no row: the batch is run again, write by write."""
+
+
+class _Deferring:
+    """The transaction's connection as write functions see it: anything sent through it
+    first sends the swaps deferred until then, so every statement sees what came before."""
+
+    __slots__ = ("_conn", "_swaps")
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+        # Per row, its swaps in order: (statement, parameters).
+        self._swaps: dict[Any, list[tuple[Any, dict[str, Any]]]] = {}
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        await self.flush()
+        return await self._conn.execute(statement, parameters)
+
+    def defer(self, row: Any, statement: Any, parameters: dict[str, Any]) -> None:
+        self._swaps.setdefault(row, []).append((statement, parameters))
+
+    async def flush(self) -> None:
+        """Send the deferred swaps: the first of each row's together, then the second, …;
+        in each round, one `executemany` per statement and set of columns."""
+        pending = self._swaps
+        if not pending:
+            return
+        self._swaps = {}
+        rounds = max(len(swaps) for swaps in pending.values())
+        for turn in range(rounds):
+            groups: dict[tuple[int, tuple[str, ...]], tuple[Any, list[dict[str, Any]]]] = {}
+            for swaps in pending.values():
+                if turn < len(swaps):
+                    statement, parameters = swaps[turn]
+                    key = (id(statement), tuple(sorted(parameters)))
+                    groups.setdefault(key, (statement, []))[1].append(parameters)
+            for statement, many in groups.values():
+                result = await self._conn.execute(statement, many if len(many) > 1 else many[0])
+                if result.rowcount != len(many):
+                    raise SwapMissed(f"{len(many) - result.rowcount} of {len(many)} swaps missed")
 
 
 @dataclass(slots=True)
@@ -39,6 +90,18 @@ class Tx:
     stored: list[dict[str, Any]] = field(default_factory=list)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
     notified_once: set[tuple[str, str]] = field(default_factory=set)
+    # Whether `swap` may defer (see the module's docstring); off when a batch is run again.
+    optimistic: bool = False
+
+    async def swap(self, row: Any, statement: Any, parameters: dict[str, Any]) -> bool:
+        """A compare-and-swap `statement` on `row` (its key) expected to change it: True when
+        it did, or, deferred, once it will have (the commit fails otherwise)."""
+        conn = self.conn
+        if self.optimistic and isinstance(conn, _Deferring):
+            conn.defer(row, statement, parameters)
+            return True
+        result = await conn.execute(statement, parameters)
+        return bool(result.rowcount == 1)
 
     def emit(self, type: str, subject_id: str, tenant_id: str | None, data: dict[str, Any]) -> None:
         event = BusEvent(
@@ -97,6 +160,8 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         # how often a commit waited for a lock held by another process
         self.busy_waits = 0
+        # how often a batch was run again, write by write, because a deferred swap missed
+        self.swaps_missed = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="treadle-writer")
@@ -119,26 +184,31 @@ class Writer:
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._commit_when_free(batch)
+                await self._commit_when_free(batch, optimistic=True)
             except Exception as exc:
                 # One item at a time only finds a bad item; a lock held past the limit is
-                # nobody's fault and would just be waited out again, item by item.
-                if len(batch) == 1 or self._db.is_busy(exc):
+                # nobody's fault and would just be waited out again, item by item. A swap
+                # that missed is nobody's fault either, but whose it was, only one at a time
+                # tells.
+                missed = isinstance(exc, SwapMissed)
+                if (len(batch) == 1 and not missed) or self._db.is_busy(exc):
                     for item in batch:
                         self._fail(item, exc)
                     continue
+                if missed:
+                    self.swaps_missed += 1
                 for item in batch:
                     try:
-                        await self._commit_when_free([item])
+                        await self._commit_when_free([item], optimistic=False)
                     except Exception as item_exc:
                         self._fail(item, item_exc)
 
-    async def _commit_when_free(self, batch: list[_Item]) -> None:
+    async def _commit_when_free(self, batch: list[_Item], *, optimistic: bool) -> None:
         """Commit, waiting (without blocking the loop) while another process holds the lock."""
         delay, deadline = 0.005, time.monotonic() + _BUSY_LIMIT_S
         while True:
             try:
-                await self._commit(batch)
+                await self._commit(batch, optimistic)
                 return
             except Exception as exc:
                 if not self._db.is_busy(exc) or time.monotonic() > deadline:
@@ -147,12 +217,14 @@ class Writer:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
-    async def _commit(self, batch: list[_Item]) -> None:
+    async def _commit(self, batch: list[_Item], optimistic: bool) -> None:
         results: list[Any] = []
         async with self._db.transaction() as conn:
-            tx = Tx(conn=conn, db=self._db, now=time.time())
+            deferring = _Deferring(conn)
+            tx = Tx(conn=deferring, db=self._db, now=time.time(), optimistic=optimistic)
             for fn, _future in batch:
                 results.append(await fn(tx))
+            await deferring.flush()
             if tx.stored:
                 await conn.execute(_INSERT_EVENTS, tx.stored)
         await self._settle(batch, results, tx)

@@ -26,7 +26,7 @@ from treadle.domain.sandbox import (
     SandboxStatus,
 )
 from treadle.domain.templates import resolve
-from treadle.weaver.api.deps import PRINCIPAL, get_weaver
+from treadle.weaver.api.deps import PRINCIPAL, WeaverDep
 from treadle.weaver.api.e2b import views
 from treadle.weaver.api.e2b.errors import E2BAuthedRoute, e2b_error
 from treadle.weaver.api.e2b.models import (
@@ -44,7 +44,6 @@ from treadle.weaver.services.sandboxes import sandbox_view
 __all__ = ["router"]
 
 router = APIRouter(tags=["e2b"], route_class=E2BAuthedRoute)
-WeaverDep = Annotated[Weaver, Depends(get_weaver)]
 # How long pause and resume wait for the node to say it is done: E2B's answer them once it is.
 _SETTLE_S = 30.0
 # What the SDK's envVars and timeout are called in treadle's spec, for messages.
