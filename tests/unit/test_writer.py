@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, update
 
 from treadle.weaver.events.bus import BusEvent, InProcessBus
 from treadle.weaver.store import migrate, tables
@@ -110,3 +111,104 @@ async def test_a_write_waits_for_a_lock_held_elsewhere_and_reads_go_on(
         other.close()
         await writer.stop()
     assert await _tenants(db) == 2
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """On each store: their drivers count the rows an `executemany` changed each their way."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres").create_database()
+    else:
+        url = f"sqlite:///{tmp_path / 'swaps.db'}"
+    migrate.upgrade(url)
+    database = Database(url)
+    yield database
+    await database.close()
+
+
+# A compare-and-swap on a tenant's name, as `transitions` does on an execution's state.
+_RENAME = update(tables.tenants).where(
+    tables.tenants.c.id == bindparam("_id"), tables.tenants.c.name == bindparam("_old")
+)
+
+
+def _swap(tenant: str, old: str, new: str, seen: list[str] | None = None) -> WriteFn[bool]:
+    async def write(tx: Tx) -> bool:
+        swapped = await tx.swap(tenant, _RENAME, {"_id": tenant, "_old": old, "name": new})
+        if swapped:
+            tx.emit("tenant.renamed", tenant, None, {"name": new})
+        if seen is not None:  # what a statement after the swap sees
+            query = select(tables.tenants.c.name).where(tables.tenants.c.id == tenant)
+            seen.append((await tx.conn.execute(query)).scalar_one())
+        return swapped
+
+    return write
+
+
+async def _names(db: Database) -> dict[str, str]:
+    async with db.read() as conn:
+        rows = await conn.execute(select(tables.tenants.c.id, tables.tenants.c.name))
+        return {row.id: row.name for row in rows}
+
+
+async def _run_batch(writer: Writer, writes: list[WriteFn[bool]]) -> list[bool]:
+    # Queued before the writer's task first runs: one batch.
+    futures = [writer.submit(write) for write in writes]
+    writer.start()
+    return [await future for future in futures]
+
+
+async def test_deferred_swaps_that_all_hit_commit_together_in_order(any_db: Database) -> None:
+    db = any_db
+    seed = Writer(db, InProcessBus())
+    seed.start()
+    await asyncio.gather(*(seed.run(_insert(f"t{i}", [])) for i in range(3)))
+    await seed.stop()
+    writer, seen = Writer(db, InProcessBus()), []
+    try:
+        results = await _run_batch(
+            writer,
+            [
+                _swap("t0", "t0", "a"),
+                _swap("t1", "t1", "b"),
+                _swap("t0", "a", "c"),  # the same row again: after the first
+                _swap("t2", "t2", "d", seen),  # then read: the swaps before it are there
+            ],
+        )
+    finally:
+        await writer.stop()
+    assert results == [True, True, True, True]
+    assert seen == ["d"]
+    assert await _names(db) == {"t0": "c", "t1": "b", "t2": "d"}
+    assert writer.swaps_missed == 0
+
+
+async def test_a_swap_that_misses_makes_the_batch_run_again_write_by_write(
+    any_db: Database,
+) -> None:
+    db = any_db
+    seed = Writer(db, InProcessBus())
+    seed.start()
+    await asyncio.gather(*(seed.run(_insert(f"t{i}", [])) for i in range(3)))
+    await seed.stop()
+    bus = InProcessBus()
+    events = bus.subscribe(["tenant.t0", "tenant.t1", "tenant.t2"], max_queued=0)
+    writer = Writer(db, bus)
+    try:
+        results = await _run_batch(
+            writer,
+            [
+                _swap("t0", "t0", "a"),
+                _swap("t1", "not-its-name", "b"),  # misses
+                _swap("t2", "t2", "c"),
+            ],
+        )
+    finally:
+        await writer.stop()
+    assert results == [True, False, True]
+    assert writer.swaps_missed == 1
+    assert await _names(db) == {"t0": "a", "t1": "t1", "t2": "c"}
+    published = []
+    while (event := await events.get(within=0)) is not None:
+        published.append(event.subject_id)
+    assert sorted(published) == ["t0", "t2"]  # nothing of the rolled-back first try
