@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -32,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from servers import PY, WeaverProcess, cpu_seconds, database_for, until
+from servers import PY, WeaverProcess, cpu_seconds, database_for, until, wrk
 from treadle.client import AsyncClient
 
 FUNCTION = "noop"
@@ -91,6 +92,15 @@ async def sequential(api: httpx.AsyncClient, n: int) -> dict[str, Any]:
 async def single(
     weaver: WeaverProcess, api: httpx.AsyncClient, concurrency: int, seconds: float
 ) -> dict[str, Any]:
+    if shutil.which("wrk"):
+        # A lean client: a Python one needs more CPU per request than Weaver does.
+        cpu, started = cpu_seconds(weaver.proc.pid), time.perf_counter()
+        before = await _succeeded(api)
+        loaded = await wrk(weaver.url, weaver.headers, FUNCTION, concurrency, int(seconds))
+        done = await _succeeded(api) - before
+        return {"load": "wrk", "concurrency": concurrency, "wrk": loaded} | measured(
+            weaver, done, started, cpu
+        )
     deadline = time.monotonic() + seconds
     done = failed = 0
 
@@ -106,7 +116,27 @@ async def single(
 
     cpu, started = cpu_seconds(weaver.proc.pid), time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return {"concurrency": concurrency, "failed": failed, **measured(weaver, done, started, cpu)}
+    return {
+        "load": "httpx",
+        "concurrency": concurrency,
+        "failed": failed,
+        **measured(weaver, done, started, cpu),
+    }
+
+
+async def _succeeded(api: httpx.AsyncClient) -> int:
+    """Executions of FUNCTION that succeeded so far (the usage API would do; a page count
+    is enough for a benchmark that made all of them)."""
+    total, cursor = 0, None
+    while True:
+        params: dict[str, Any] = {"function": FUNCTION, "state": "success", "limit": 500}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await api.get("/v1/executions", params=params)).json()
+        total += len(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return total
 
 
 async def batch(weaver: WeaverProcess, size: int, in_flight: int, seconds: float) -> dict[str, Any]:

@@ -1,7 +1,11 @@
 """Dispatch latency and throughput against a running treadle (e.g. `treadle up`).
 
-    .venv/bin/python bench/dispatch.py [--url URL] [--sequential 1000] [--concurrency 32]
+    .venv/bin/python bench/dispatch.py [--url URL | --store sqlite|postgresql]
+                                       [--sequential 1000] [--concurrency 32]
                                        [--total 3000] [--isolation TIER]
+
+With `--store`, it starts its own Weaver on that store (PostgreSQL: a private server, as the
+tests start one) and one Shuttle offering the process tier, instead of using `--url`.
 
 Measures, for a function running `/bin/echo 13`:
   * sequential: N invocations one after another with `?wait`, client-side round trip
@@ -22,10 +26,8 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import statistics
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -34,7 +36,8 @@ from typing import Any
 
 import httpx
 
-from treadle.client.config import load_config
+from servers import cpu_seconds, local_stack, wrk
+from treadle.client.config import ClientConfig, load_config
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -126,14 +129,6 @@ async def throughput(
     }
 
 
-_WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = "{}"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "%s"
-"""
-
-
 async def count_states(api: httpx.AsyncClient, function: str) -> dict[str, int]:
     states: dict[str, int] = {}
     cursor = None
@@ -149,42 +144,10 @@ async def count_states(api: httpx.AsyncClient, function: str) -> dict[str, int]:
             return states
 
 
-def _ms(value: str, unit: str) -> float:
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
-
-
 async def round_trip_wrk(url: str, headers: dict[str, str], function: str) -> dict[str, Any]:
     """One connection, one invocation at a time: invoke → success as a lean client sees it."""
-    result = await _wrk(url, headers, function, connections=1, seconds=10)
+    result = await wrk(url, headers, function, connections=1, seconds=10)
     return {"load": "wrk -c1", **result}
-
-
-async def _wrk(
-    url: str, headers: dict[str, str], function: str, connections: int, seconds: int
-) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(_WRK_SCRIPT % headers["Authorization"])
-        script.flush()
-        wrk = await asyncio.create_subprocess_exec(
-            "wrk",
-            f"-t{min(2, connections)}",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            script.name,
-            f"{url}/v1/functions/{function}/invoke?wait=60",
-            stdout=asyncio.subprocess.PIPE,
-        )
-        out = (await wrk.communicate())[0].decode()
-    percentiles = re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)", out, re.M)
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    requests = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return {
-        "requests_per_s": float(requests.group(1)) if requests else 0.0,
-        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
-        "latency": {f"p{q}_ms": _ms(value, unit) for q, value, unit in percentiles},
-    }
 
 
 async def throughput_wrk(
@@ -196,7 +159,7 @@ async def throughput_wrk(
     seconds: int,
 ) -> dict[str, Any]:
     before = await count_states(api, function)
-    result = await _wrk(url, headers, function, concurrency, seconds)
+    result = await wrk(url, headers, function, concurrency, seconds)
     # wrk stops with requests in flight: let them end before counting what happened.
     deadline = time.monotonic() + 60
     while True:
@@ -218,6 +181,11 @@ async def throughput_wrk(
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url")
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgresql"],
+        help="start a Weaver on this store and a Shuttle for this run, instead of --url",
+    )
     parser.add_argument("--sequential", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -232,8 +200,21 @@ async def main() -> None:
         help="the tier to run in (default: the one Weaver picks)",
     )
     args = parser.parse_args()
+    if args.store is None:
+        await measure(args, load_config(args.url))
+        return
+    with local_stack(args.store) as stack:
+        pids = {"weaver": stack.weaver.proc.pid}
+        if stack.shuttle is not None:
+            pids["shuttle"] = stack.shuttle.pid
+        await measure(args, load_config(stack.weaver.url, stack.weaver.key), pids)
 
-    config = load_config(args.url)
+
+async def measure(
+    args: argparse.Namespace, config: ClientConfig, pids: dict[str, int] | None = None
+) -> None:
+    """The runs, against `config`'s Weaver; with `pids`, the CPU those processes spent per
+    execution of the sustained run too."""
     use_wrk = args.load == "wrk" or (args.load == "auto" and shutil.which("wrk") is not None)
     headers = {"Authorization": f"Bearer {config.require_api_key()}"}
     limits = httpx.Limits(max_connections=args.concurrency + 4, keepalive_expiry=15)
@@ -258,6 +239,7 @@ async def main() -> None:
         results = {
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "url": config.url,
+            "store": args.store,
             "command": args.command,
             "isolation": args.isolation,
             "cpus": os.cpu_count(),
@@ -265,11 +247,17 @@ async def main() -> None:
             "round_trip": (
                 await round_trip_wrk(config.url, headers, function) if use_wrk else None
             ),
-            "throughput": await (
-                throughput_wrk(api, config.url, headers, function, args.concurrency, args.seconds)
-                if use_wrk
-                else throughput(api, function, args.concurrency, args.total)
-            ),
+        }
+        before = {name: cpu_seconds(pid) for name, pid in (pids or {}).items()}
+        results["throughput"] = await (
+            throughput_wrk(api, config.url, headers, function, args.concurrency, args.seconds)
+            if use_wrk
+            else throughput(api, function, args.concurrency, args.total)
+        )
+        made = results["throughput"].get("final_states", {}).get("success") or args.total
+        results["cpu_ms_per_execution"] = {
+            name: round((cpu_seconds(pid) - before[name]) * 1000 / max(made, 1), 3)
+            for name, pid in (pids or {}).items()
         }
     print(json.dumps(results, indent=2))
     out = Path(__file__).parent / "results"

@@ -3,8 +3,10 @@ server (the tests' own, `tests/support/postgres.py`), a real Shuttle, and the CP
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,6 +27,7 @@ __all__ = [
     "free_port",
     "local_stack",
     "until",
+    "wrk",
 ]
 
 PY = sys.executable
@@ -154,3 +157,45 @@ def local_stack(store: str, *, shuttle: bool = True) -> Iterator[Stack]:
                 node.terminate()
                 node.wait(30)
             weaver.stop()
+
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = "{}"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "%s"
+"""
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+async def wrk(
+    url: str, headers: dict[str, str], function: str, connections: int, seconds: int
+) -> dict[str, Any]:
+    """`connections` clients invoking `function` with `?wait` in a closed loop for `seconds`,
+    from `wrk` (Debian package `wrk`): requests/s, non-2xx answers, latency percentiles."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(_WRK_SCRIPT % headers["Authorization"])
+        script.flush()
+        wrk = await asyncio.create_subprocess_exec(
+            "wrk",
+            f"-t{min(2, connections)}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            script.name,
+            f"{url}/v1/functions/{function}/invoke?wait=60",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out = (await wrk.communicate())[0].decode()
+    percentiles = re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)", out, re.M)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    requests = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return {
+        "requests_per_s": float(requests.group(1)) if requests else 0.0,
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "latency": {f"p{q}_ms": _ms(value, unit) for q, value, unit in percentiles},
+    }
