@@ -1,18 +1,21 @@
 """Weaver alone: executions/s through the real API and store, with simulated nodes whose
 runtime does nothing (`treadle.shuttle.simulate`), and what 1,000 nodes' heartbeats cost.
 
-    .venv/bin/python bench/control_plane.py [--store sqlite|postgresql] [--nodes 10]
-        [--seconds 10] [--concurrency 32] [--batch-size 1000] [--batches 4]
+    .venv/bin/python bench/control_plane.py [--store sqlite|postgresql] [--replicas 1]
+        [--nodes 10] [--seconds 10] [--concurrency 32] [--batch-size 1000] [--batches 4]
         [--fleet 1000] [--fleet-seconds 20]
 
-Starts its own Weaver (and, for `postgresql`, a private PostgreSQL server), then:
+Starts its own Weaver (and, for `postgresql`, a private PostgreSQL server; with `--replicas`,
+that many Weavers on it and a private NATS server, each holding its share of the nodes and
+taking its share of the load), then:
   * sequential: one `?wait` invoke after another, client round trip;
   * single: `--concurrency` clients each invoking with `?wait` in a closed loop;
   * batch: `--batches` SDK `map` calls at a time, `--batch-size` inputs each, results
     gathered over the results WebSocket as the SDK does;
   * fleet: `--fleet` simulated nodes with 1 s heartbeats, Weaver's CPU while they idle, then
     a batch placed across them.
-Weaver's CPU per execution comes from /proc. Prints JSON; writes it under bench/results/.
+Weaver's CPU per execution (all replicas' together) comes from /proc. Prints JSON; writes it
+under bench/results/.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from servers import PY, WeaverProcess, cpu_seconds, database_for, until, wrk
+from servers import PY, WeaverProcess, cpu_seconds, database_for, nats_for, until, wrk
 from treadle.client import AsyncClient
 
 FUNCTION = "noop"
@@ -66,9 +69,15 @@ class Fleet:
         self.proc.wait(60)
 
 
-def measured(weaver: WeaverProcess, done: int, started: float, cpu_before: float) -> dict[str, Any]:
+def weaver_cpu(weavers: list[WeaverProcess]) -> float:
+    return sum(cpu_seconds(weaver.proc.pid) for weaver in weavers)
+
+
+def measured(
+    weavers: list[WeaverProcess], done: int, started: float, cpu_before: float
+) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
-    cpu = cpu_seconds(weaver.proc.pid) - cpu_before
+    cpu = weaver_cpu(weavers) - cpu_before
     return {
         "executions": done,
         "seconds": round(elapsed, 2),
@@ -90,37 +99,44 @@ async def sequential(api: httpx.AsyncClient, n: int) -> dict[str, Any]:
 
 
 async def single(
-    weaver: WeaverProcess, api: httpx.AsyncClient, concurrency: int, seconds: float
+    weavers: list[WeaverProcess], api: httpx.AsyncClient, concurrency: int, seconds: float
 ) -> dict[str, Any]:
+    """`concurrency` clients, spread over the replicas, each invoking with `?wait`."""
+    share = max(1, concurrency // len(weavers))
     if shutil.which("wrk"):
         # A lean client: a Python one needs more CPU per request than Weaver does.
-        cpu, started = cpu_seconds(weaver.proc.pid), time.perf_counter()
+        cpu, started = weaver_cpu(weavers), time.perf_counter()
         before = await _succeeded(api)
-        loaded = await wrk(weaver.url, weaver.headers, FUNCTION, concurrency, int(seconds))
-        done = await _succeeded(api) - before
-        return {"load": "wrk", "concurrency": concurrency, "wrk": loaded} | measured(
-            weaver, done, started, cpu
+        loaded = await asyncio.gather(
+            *(wrk(w.url, w.headers, FUNCTION, share, int(seconds)) for w in weavers)
         )
+        done = await _succeeded(api) - before
+        return {
+            "load": "wrk",
+            "concurrency": share * len(weavers),
+            "wrk": loaded,
+            **measured(weavers, done, started, cpu),
+        }
     deadline = time.monotonic() + seconds
     done = failed = 0
 
-    async def client() -> None:
+    async def client(url: str) -> None:
         nonlocal done, failed
         while time.monotonic() < deadline:
             body = {"idempotency_key": uuid.uuid4().hex}
-            answer = await api.post(f"/v1/functions/{FUNCTION}/invoke?wait=60", json=body)
+            answer = await api.post(f"{url}/v1/functions/{FUNCTION}/invoke?wait=60", json=body)
             if answer.json().get("state") == "success":
                 done += 1
             else:
                 failed += 1
 
-    cpu, started = cpu_seconds(weaver.proc.pid), time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    cpu, started = weaver_cpu(weavers), time.perf_counter()
+    await asyncio.gather(*(client(w.url) for w in weavers for _ in range(share)))
     return {
         "load": "httpx",
-        "concurrency": concurrency,
+        "concurrency": share * len(weavers),
         "failed": failed,
-        **measured(weaver, done, started, cpu),
+        **measured(weavers, done, started, cpu),
     }
 
 
@@ -139,30 +155,33 @@ async def _succeeded(api: httpx.AsyncClient) -> int:
             return total
 
 
-async def batch(weaver: WeaverProcess, size: int, in_flight: int, seconds: float) -> dict[str, Any]:
+async def batch(
+    weavers: list[WeaverProcess], size: int, in_flight: int, seconds: float
+) -> dict[str, Any]:
+    """`in_flight` SDK `map` calls at a time, spread over the replicas."""
     deadline = time.monotonic() + seconds
     done = failed = batches = 0
 
-    async def mapper(client: AsyncClient) -> None:
+    async def mapper(weaver: WeaverProcess) -> None:
         nonlocal done, failed, batches
-        while time.monotonic() < deadline:
-            inputs = [{"i": i} for i in range(size)]
-            async for execution in client.map(FUNCTION, inputs, batch_size=size):
-                if execution["state"] == "success":
-                    done += 1
-                else:
-                    failed += 1
-            batches += 1
+        async with AsyncClient(weaver.url, weaver.key) as client:
+            while time.monotonic() < deadline:
+                inputs = [{"i": i} for i in range(size)]
+                async for execution in client.map(FUNCTION, inputs, batch_size=size):
+                    if execution["state"] == "success":
+                        done += 1
+                    else:
+                        failed += 1
+                batches += 1
 
-    cpu, started = cpu_seconds(weaver.proc.pid), time.perf_counter()
-    async with AsyncClient(weaver.url, weaver.key) as client:
-        await asyncio.gather(*(mapper(client) for _ in range(in_flight)))
+    cpu, started = weaver_cpu(weavers), time.perf_counter()
+    await asyncio.gather(*(mapper(weavers[n % len(weavers)]) for n in range(in_flight)))
     return {
         "batch_size": size,
         "in_flight": in_flight,
         "batches": batches,
         "failed": failed,
-        **measured(weaver, done, started, cpu),
+        **measured(weavers, done, started, cpu),
     }
 
 
@@ -195,19 +214,32 @@ async def fleet_cost(weaver: WeaverProcess, count: int, seconds: float) -> dict[
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    with database_for(args.store) as url, tempfile.TemporaryDirectory() as tmp:
-        weaver = WeaverProcess(Path(tmp) / "weaver", url, node_down_after_s="10")
+    if args.replicas > 1 and args.store != "postgresql":
+        raise SystemExit("replicas share a PostgreSQL database: --store postgresql")
+    with (
+        database_for(args.store) as url,
+        tempfile.TemporaryDirectory() as tmp,
+        nats_for(args.replicas) as nats,
+    ):
+        home = Path(tmp) / "weaver"
+        weavers: list[WeaverProcess] = []
+        fleets: list[Fleet] = []
         try:
-            fleet = Fleet(weaver, args.nodes, "sim")
+            for _ in range(args.replicas):
+                weavers.append(WeaverProcess(home, url, node_down_after_s="10", **nats))
+            for n, weaver in enumerate(weavers):
+                fleets.append(Fleet(weaver, max(1, args.nodes // len(weavers)), f"sim{n}"))
             results: dict[str, Any] = {
                 "when": datetime.now(UTC).isoformat(timespec="seconds"),
                 "store": args.store,
+                "replicas": args.replicas,
                 "cpus": os.cpu_count(),
                 "nodes": args.nodes,
             }
             limits = httpx.Limits(max_connections=args.concurrency + 4, keepalive_expiry=15)
+            first = weavers[0]
             async with httpx.AsyncClient(
-                base_url=weaver.url, headers=weaver.headers, timeout=120, limits=limits
+                base_url=first.url, headers=first.headers, timeout=120, limits=limits
             ) as api:
                 function = {
                     "name": FUNCTION,
@@ -218,19 +250,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 (await api.post("/v1/functions", json=function)).raise_for_status()
                 await sequential(api, 50)  # warm-up
                 results["sequential"] = await sequential(api, args.sequential)
-                results["single"] = await single(weaver, api, args.concurrency, args.seconds)
-            results["batch"] = await batch(weaver, args.batch_size, args.batches, args.seconds)
-            fleet.stop()
-            if args.fleet:
-                results["fleet"] = await fleet_cost(weaver, args.fleet, args.fleet_seconds)
+                results["single"] = await single(weavers, api, args.concurrency, args.seconds)
+            results["batch"] = await batch(weavers, args.batch_size, args.batches, args.seconds)
+            for fleet in fleets:
+                fleet.stop()
+            fleets = []
+            if args.fleet and args.replicas == 1:
+                results["fleet"] = await fleet_cost(first, args.fleet, args.fleet_seconds)
             return results
         finally:
-            weaver.stop()
+            for fleet in fleets:
+                fleet.stop()
+            for weaver in weavers:
+                weaver.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--replicas", type=int, default=1, help="Weavers (PostgreSQL + NATS)")
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--sequential", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=10)
@@ -244,9 +282,8 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / f"control-plane-{args.store}-{int(time.time())}.json").write_text(
-        json.dumps(results, indent=2)
-    )
+    name = f"control-plane-{args.store}-x{args.replicas}-{int(time.time())}.json"
+    (out / name).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

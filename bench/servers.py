@@ -26,6 +26,7 @@ __all__ = [
     "database_for",
     "free_port",
     "local_stack",
+    "nats_for",
     "until",
     "wrk",
 ]
@@ -77,6 +78,26 @@ def database_for(store: str) -> Iterator[str | None]:
     server = Postgres(binaries).start()
     try:
         yield server.create_database()
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def nats_for(replicas: int) -> Iterator[dict[str, str]]:
+    """The settings that join `replicas` Weavers by a private NATS server (the tests' own);
+    none for one."""
+    if replicas <= 1:
+        yield {}
+        return
+    sys.path.insert(0, str(_TESTS))
+    from support.nats import NatsServer, nats_binary
+
+    binary = nats_binary()
+    if binary is None:
+        raise SystemExit("nats-server is not installed: scripts/test installs it")
+    server = NatsServer(binary).start()
+    try:
+        yield {"nats_url": server.url, "nats_stream": server.new_stream()}
     finally:
         server.stop()
 

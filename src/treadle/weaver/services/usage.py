@@ -22,7 +22,7 @@ import re
 import time
 from typing import Any
 
-from sqlalchemy import Integer, case, func, select, update
+from sqlalchemy import Integer, bindparam, case, func, select, update
 from sqlalchemy import cast as sa_cast
 
 from treadle.domain import pricing
@@ -41,6 +41,18 @@ log = logging.getLogger(__name__)
 # How far a node's clock may be from Weaver's before its times are not believed.
 CLOCK_SKEW_S = 300.0
 _E, _S, _U = tables.executions, tables.sandboxes, tables.usage_records
+# Whose a record is, read for every record stored: built once.
+_EXECUTION_OWNER = select(
+    _E.c.tenant_id, _E.c.function, _E.c.resources, _E.c.attempt, _E.c.node_id, _E.c.created_at
+).where(_E.c.id == bindparam("_id"))
+_SANDBOX_OWNER = select(
+    _S.c.tenant_id,
+    _S.c.id.label("function"),
+    _S.c.spec,
+    _S.c.incarnation.label("attempt"),
+    _S.c.node_id,
+    _S.c.created_at,
+).where(_S.c.id == bindparam("_id"))
 
 
 # What `summary` totals, and what it may group by.
@@ -172,32 +184,10 @@ class UsageService:
     ) -> tuple[str, str, Resources] | None:
         """Whose record this is (tenant, what of, what it reserved), if the node may bill it."""
         if record.kind == "execution":
-            row = (
-                await tx.conn.execute(
-                    select(
-                        _E.c.tenant_id,
-                        _E.c.function,
-                        _E.c.resources,
-                        _E.c.attempt,
-                        _E.c.node_id,
-                        _E.c.created_at,
-                    ).where(_E.c.id == record.id)
-                )
-            ).first()
+            row = (await tx.conn.execute(_EXECUTION_OWNER, {"_id": record.id})).first()
             held = row is not None and row.attempt == record.generation
         else:
-            row = (
-                await tx.conn.execute(
-                    select(
-                        _S.c.tenant_id,
-                        _S.c.id.label("function"),
-                        _S.c.spec,
-                        _S.c.incarnation.label("attempt"),
-                        _S.c.node_id,
-                        _S.c.created_at,
-                    ).where(_S.c.id == record.id)
-                )
-            ).first()
+            row = (await tx.conn.execute(_SANDBOX_OWNER, {"_id": record.id})).first()
             held = row is not None and row.attempt == record.generation
         if row is None or not held or row.node_id != session.node_id:
             return self._refuse(session, record, "not a workload this node holds")
