@@ -186,11 +186,16 @@ class Weaver:
         return invoked.row
 
     async def map(
-        self, tenant_id: str, name: str, body: MapRequest, version: int | None
+        self,
+        tenant_id: str,
+        name: str,
+        body: MapRequest,
+        version: int | None,
+        body_bytes: int | None = None,
     ) -> Created:
         """Store a batch's executions in one transaction and hand them to placement
         together."""
-        created = await self.batches.submit(tenant_id, name, body, version)
+        created = await self.batches.submit(tenant_id, name, body, version, body_bytes)
         for row in created.executions:
             self.dispatcher.enqueue(Pending.from_row(row, created.function))
         return created

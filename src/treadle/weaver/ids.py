@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import time
 
-__all__ = ["new_id", "new_secret"]
+__all__ = ["new_id", "new_secret", "new_serial"]
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 # Two characters at a time: 13 lookups make the 26.
@@ -31,3 +32,14 @@ def new_id(prefix: str) -> str:
 
 def new_secret(prefix: str) -> str:
     return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+# What tells this process's serials from every other process's: random, drawn once.
+_PROCESS = new_id("p")[-12:]
+_SERIALS = itertools.count()
+
+
+def new_serial(prefix: str) -> str:
+    """An id unique among all processes' but not time-ordered: for what is published and
+    never stored (notifications), where an id only serves to drop a repeat."""
+    return f"{prefix}_{_PROCESS}{next(_SERIALS):x}"

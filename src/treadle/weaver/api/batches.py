@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, WebSocket
+from fastapi import APIRouter, Query, Request, WebSocket
 from fastapi.responses import JSONResponse
 
 from treadle.domain.errors import InvalidRequest
@@ -31,13 +31,17 @@ _DEFAULT_PAGE = 100
 async def map_function(
     name: str,
     body: MapRequest,
+    request: Request,
     caller: Caller,
     weaver: WeaverDep,
     wait: Wait = None,
     version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
     limit: Limit = _DEFAULT_PAGE,
 ) -> Any:
-    created = await weaver.map(caller.tenant_id, name, body, version)
+    # The guard (`limits`) has read the whole body by now: its size, when it was declared.
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else None
+    created = await weaver.map(caller.tenant_id, name, body, version, size)
     status = 202 if created.created else 200
     view = await _view(weaver, caller.tenant_id, created.batch, 0, limit, wait)
     return JSONResponse(view, status_code=200 if view["done"] else status)

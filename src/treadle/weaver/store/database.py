@@ -14,19 +14,30 @@ readers proceed beside the writer.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, Executable, Table, create_engine, event
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Engine,
+    Executable,
+    Insert,
+    Table,
+    Update,
+    create_engine,
+    event,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["Conn", "Database", "sync_url"]
+__all__ = ["Conn", "Database", "execute_many", "sync_url"]
 
 
 class Conn(Protocol):
@@ -45,6 +56,77 @@ class _Inline:
 
     async def execute(self, statement: Executable, parameters: Any = None) -> CursorResult[Any]:
         return self._conn.execute(statement, parameters)
+
+    def execute_many(self, statement: Insert | Update, rows: list[dict[str, Any]]) -> int:
+        """`statement` once per row, straight through the driver (`_BulkPlan`)."""
+        plan = _BulkPlan.of(statement, self._conn.dialect, rows[0].keys())
+        if not plan.usable:
+            return int(self._conn.execute(statement, rows).rowcount)
+        cursor = self._conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(plan.sql, [plan.values(row) for row in rows])
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
+
+class _BulkPlan:
+    """An INSERT or UPDATE run for many rows at once, compiled once per set of keys.
+
+    SQLAlchemy spends ~13 µs a row on an executemany (building each row's parameters through
+    its type machinery); SQLite itself ~4. The hot bulk statements (a batch's executions, the
+    events of a commit, deferred swaps) take this path on SQLite: the same SQL, the same
+    values, JSON serialized as SQLAlchemy's JSON type would (`json.dumps`, None as null).
+    """
+
+    _plans: dict[tuple[int, tuple[str, ...]], _BulkPlan] = {}
+
+    def __init__(self, statement: Insert | Update, dialect: Any, keys: tuple[str, ...]) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        self.sql = compiled.string
+        table = statement.table
+        names = list(compiled.positiontup or ())
+        # Literals of the statement itself (`state == "open"`) are binds with a value.
+        fixed = {name: bind.value for name, bind in compiled.binds.items() if name not in keys}
+        # Columns left out that have a default: a constant one is filled in here; any other
+        # (a function) leaves the statement to SQLAlchemy.
+        self.usable = True
+        for column in [*compiled.insert_prefetch, *compiled.update_prefetch]:
+            default = column.default if column.key not in keys else None
+            if default is not None and getattr(default, "is_scalar", False):
+                fixed[column.key] = default.arg  # type: ignore[attr-defined]
+            elif column.key not in keys:
+                self.usable = False
+        columns = {c.key: c for c in table.columns} if isinstance(table, Table) else {}
+        self._order = [
+            (name, fixed.get(name), isinstance(getattr(columns.get(name), "type", None), JSON))
+            for name in names
+        ]
+        self._statement = statement  # kept alive: its id() is the cache key
+
+    @classmethod
+    def of(cls, statement: Insert | Update, dialect: Any, keys: Iterable[str]) -> _BulkPlan:
+        ordered = tuple(sorted(keys))
+        key = (id(statement), ordered)
+        plan = cls._plans.get(key)
+        if plan is None or plan._statement is not statement:
+            plan = cls._plans[key] = cls(statement, dialect, ordered)
+        return plan
+
+    def values(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(
+            json.dumps(row[name]) if is_json else row.get(name, default)
+            for name, default, is_json in self._order
+        )
+
+
+async def execute_many(conn: Conn, statement: Insert | Update, rows: list[dict[str, Any]]) -> int:
+    """Run `statement` for each of `rows` (all with the same keys): how many rows it changed.
+    One driver call on SQLite (`_BulkPlan`), one `executemany` elsewhere (PostgreSQL
+    pipelines it: one round trip)."""
+    if isinstance(conn, _Inline) and len(rows) > 1:
+        return conn.execute_many(statement, rows)
+    return int((await conn.execute(statement, rows if len(rows) > 1 else rows[0])).rowcount)
 
 
 def sync_url(url: str) -> str:

@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.events.bus import BusEvent, EventBus
-from treadle.weaver.ids import new_id
+from treadle.weaver.ids import new_id, new_serial
 from treadle.weaver.store import tables
-from treadle.weaver.store.database import Conn, Database
+from treadle.weaver.store.database import Conn, Database, execute_many
 
 __all__ = ["SwapMissed", "Tx", "WriteFn", "Writer"]
 
@@ -73,9 +73,13 @@ class _Deferring:
                     key = (id(statement), tuple(sorted(parameters)))
                     groups.setdefault(key, (statement, []))[1].append(parameters)
             for statement, many in groups.values():
-                result = await self._conn.execute(statement, many if len(many) > 1 else many[0])
-                if result.rowcount != len(many):
-                    raise SwapMissed(f"{len(many) - result.rowcount} of {len(many)} swaps missed")
+                changed = await execute_many(self._conn, statement, many)
+                if changed != len(many):
+                    raise SwapMissed(f"{len(many) - changed} of {len(many)} swaps missed")
+
+    async def execute_many(self, statement: Any, rows: list[dict[str, Any]]) -> int:
+        await self.flush()
+        return await execute_many(self._conn, statement, rows)
 
 
 @dataclass(slots=True)
@@ -92,6 +96,14 @@ class Tx:
     notified_once: set[tuple[str, str]] = field(default_factory=set)
     # Whether `swap` may defer (see the module's docstring); off when a batch is run again.
     optimistic: bool = False
+
+    async def insert_many(self, statement: Any, rows: list[dict[str, Any]]) -> None:
+        """`statement` (an INSERT) for each of `rows`, all with the same keys, at once."""
+        conn = self.conn
+        if isinstance(conn, _Deferring):
+            await conn.execute_many(statement, rows)
+        else:
+            await conn.execute(statement, rows)
 
     async def swap(self, row: Any, statement: Any, parameters: dict[str, Any]) -> bool:
         """A compare-and-swap `statement` on `row` (its key) expected to change it: True when
@@ -128,7 +140,7 @@ class Tx:
     def notify(self, topic: str, subject_id: str, data: dict[str, Any]) -> None:
         self.events.append(
             BusEvent(
-                id=new_id("nt"),
+                id=new_serial("nt"),
                 type="notify",
                 topic=topic,
                 subject_id=subject_id,
@@ -226,7 +238,7 @@ class Writer:
                 results.append(await fn(tx))
             await deferring.flush()
             if tx.stored:
-                await conn.execute(_INSERT_EVENTS, tx.stored)
+                await execute_many(conn, _INSERT_EVENTS, tx.stored)
         await self._settle(batch, results, tx)
 
     async def _settle(self, batch: list[_Item], results: list[Any], tx: Tx) -> None:
