@@ -243,6 +243,11 @@ def placeholders(command: list[str]) -> set[str]:
 
 
 @functools.lru_cache(maxsize=1024)
+def _has_braces(command: tuple[str, ...]) -> bool:
+    return any("{" in arg or "}" in arg for arg in command)
+
+
+@functools.lru_cache(maxsize=1024)
 def _placeholders(command: tuple[str, ...]) -> frozenset[str]:
     # Every execution of a function renders the same command: parse it once.
     names: set[str] = set()
@@ -265,6 +270,8 @@ def render_command(command: list[str], args: dict[str, Any]) -> list[str]:
     `{{` and `}}` stand for literal braces. A placeholder without a matching arg is an
     InvalidRequest naming the missing args.
     """
+    if not _has_braces(tuple(command)):
+        return list(command)  # nothing to substitute: most commands, every execution
     missing = sorted(name for name in placeholders(command) if name not in args)
     if missing:
         raise InvalidRequest(
