@@ -169,6 +169,7 @@ class Database:
         self._sqlite_write: Engine | None = None
         self._sqlite_read: Engine | None = None
         self._async: AsyncEngine | None = None
+        self._async_read: AsyncEngine | None = None
         self._ignoring: dict[str, Any] = {}
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
@@ -184,6 +185,10 @@ class Database:
             event.listen(self._sqlite_write, "begin", _begin_immediate)
         else:
             self._async = create_async_engine(url, pool_size=8, max_overflow=8)
+            # Its own pool: a connection switched to autocommit and back costs round trips.
+            self._async_read = create_async_engine(
+                url, pool_size=8, max_overflow=8, isolation_level="AUTOCOMMIT"
+            )
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Conn]:
@@ -192,8 +197,10 @@ class Database:
                 yield _Inline(conn)
                 conn.rollback()
             return
-        assert self._async is not None
-        async with self._async.connect() as aconn:
+        # Autocommit, as the SQLite reader: a read is its statements, each on the latest
+        # committed state, not BEGIN … ROLLBACK around them (two more round trips each).
+        assert self._async_read is not None
+        async with self._async_read.connect() as aconn:
             yield aconn
 
     @asynccontextmanager
@@ -225,5 +232,6 @@ class Database:
         for engine in (self._sqlite_write, self._sqlite_read):
             if engine is not None:
                 engine.dispose()
-        if self._async is not None:
-            await self._async.dispose()
+        for async_engine in (self._async, self._async_read):
+            if async_engine is not None:
+                await async_engine.dispose()
