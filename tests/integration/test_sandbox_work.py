@@ -180,6 +180,31 @@ def test_processes_are_listed_reattached_and_signalled(cluster: Cluster) -> None
         api.delete(f"/v1/sandboxes/{sid}")
 
 
+def test_leaving_a_process_that_floods_its_output_leaves_the_node_answering(
+    cluster: Cluster,
+) -> None:
+    """A client that stops reading a chatty process and leaves: the node keeps what the
+    process writes for whoever attaches next, and goes on serving everything else (a Shuttle
+    once spun here, between the stream it was sending to and the one that had left)."""
+    with cluster.client() as api:
+        sid = create(api)["id"]
+        pids = []
+        for round in range(3):
+            with socket_to(cluster, f"/v1/sandboxes/{sid}/exec") as ws:
+                pids.append(start(ws, cmd=["yes", f"flood {round}"])["pid"])
+                read_until(ws, f"flood {round}".encode())
+                # Reads no more: the window fills, and the node waits to send the rest.
+        assert run(api, sid, "echo still here")["stdout"] == "still here\n"
+        with socket_to(cluster, f"/v1/sandboxes/{sid}/processes/{pids[0]}") as ws:
+            assert json.loads(ws.recv())["started"]["pid"] == pids[0]
+            assert read_until(ws, b"flood 0").count(b"flood 0") >= 1  # kept, then live
+        node = api.get(f"/v1/sandboxes/{sid}").json()["node_id"]
+        assert next(n for n in api.get("/v1/nodes").json()["items"] if n["id"] == node)["connected"]
+        for pid in pids:
+            api.post(f"/v1/sandboxes/{sid}/processes/{pid}/signal", json={"signal": 9})
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
 def test_a_process_ends_at_its_own_timeout(cluster: Cluster) -> None:
     with cluster.client() as api:
         sandbox = create(api)

@@ -465,6 +465,12 @@ class SandboxHost:
             async for channel, data in process.output():
                 while data:
                     follower = ex.follower
+                    if follower is not None and follower.closed:
+                        # Detached while output went to it. Its own task lets go of the
+                        # process once it runs, after its cancellation; a loop here that
+                        # never waits would never let it run, and the whole Shuttle, its
+                        # heartbeat too, would stop with it.
+                        ex.follower = follower = None
                     if follower is None:
                         ex.keep(channel, data)
                         break
