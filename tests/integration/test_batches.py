@@ -249,3 +249,40 @@ def test_the_sdk_maps_in_order_unordered_and_in_batches(cluster: Cluster) -> Non
 
     results = asyncio.run(async_map())
     assert [e["result"]["twice"] for e in results] == [0, 2, 4, 6, 8, 10]
+
+
+def test_hostile_items_are_refused_alone_and_the_batch_stays_readable(cluster: Cluster) -> None:
+    with cluster.client() as api:
+        doubler(api, "double-hostile")
+        many_fields = {"args": {"n": 1}, **{f"x{i}": 0 for i in range(20_000)}}
+        # A lone surrogate: JSON parsing lets it through, UTF-8 cannot carry it.
+        raw = (
+            '{"items": [{"args": {"n": 1}}, {"args": {"n": 2}, "\\ud800": 1},'
+            ' {"args": {"n": 3}, "idempotency_key": "\\udfff"}, ' + json.dumps(many_fields) + "]}"
+        )
+        made = api.post(
+            "/v1/functions/double-hostile/map",
+            params={"wait": 60},
+            content=raw.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert made.status_code == 200, made.text
+        batch = made.json()
+        assert batch["items"][0]["execution"]["state"] == "success"
+        refused = {item["index"]: item["error"] for item in batch["items"] if item["error"]}
+        assert sorted(refused) == [1, 2, 3]
+        assert {error["code"] for error in refused.values()} == {"validation_error"}
+        assert len(refused[3]["details"]) <= 5  # 20,000 unknown fields, a few listed
+        again = api.get(f"/v1/batches/{batch['id']}")
+        assert again.status_code == 200 and again.json()["counts"]["refused"] == 3
+        # A key of another function's batch is a conflict, not that batch.
+        doubler(api, "double-other")
+        first = submit(
+            api, "double-hostile", {"items": [{"args": {"n": 1}}], "idempotency_key": "k"}
+        )
+        assert first.status_code == 202, first.text
+        other = submit(api, "double-other", {"items": [{"args": {"n": 1}}], "idempotency_key": "k"})
+        assert other.status_code == 409, other.text
+        # A cursor whose digits are not ASCII ones.
+        odd = base64.urlsafe_b64encode("ix_²".encode()).decode()
+        assert api.get(f"/v1/batches/{batch['id']}", params={"cursor": odd}).status_code == 422

@@ -30,6 +30,7 @@ __all__ = [
     "PresetStrategy",
     "Strategy",
     "WorkloadSpec",
+    "check_placeholders",
     "ensure_json_safe",
     "placeholders",
     "render_command",
@@ -242,6 +243,19 @@ def placeholders(command: list[str]) -> set[str]:
     return set(_placeholders(tuple(command)))
 
 
+def check_placeholders(command: list[str], args: dict[str, Any]) -> None:
+    """An InvalidRequest naming the args `command`'s placeholders need and `args` lacks."""
+    missing = sorted(name for name in placeholders(command) if name not in args)
+    if missing:
+        raise InvalidRequest(
+            f"args missing for command placeholders: {', '.join(missing)}",
+            details=[
+                {"loc": ["body", "args", name], "msg": "required by the command"}
+                for name in missing
+            ],
+        )
+
+
 @functools.lru_cache(maxsize=1024)
 def _has_braces(command: tuple[str, ...]) -> bool:
     return any("{" in arg or "}" in arg for arg in command)
@@ -272,15 +286,7 @@ def render_command(command: list[str], args: dict[str, Any]) -> list[str]:
     """
     if not _has_braces(tuple(command)):
         return list(command)  # nothing to substitute: most commands, every execution
-    missing = sorted(name for name in placeholders(command) if name not in args)
-    if missing:
-        raise InvalidRequest(
-            f"args missing for command placeholders: {', '.join(missing)}",
-            details=[
-                {"loc": ["body", "args", name], "msg": "required by the command"}
-                for name in missing
-            ],
-        )
+    check_placeholders(command, args)
 
     def substitute(match: re.Match[str]) -> str:
         token = match.group(0)

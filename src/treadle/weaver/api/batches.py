@@ -40,7 +40,7 @@ async def map_function(
 ) -> Any:
     # The guard (`limits`) has read the whole body by now: its size, when it was declared.
     declared = request.headers.get("content-length", "")
-    size = int(declared) if declared.isdigit() else None
+    size = int(declared) if declared.isascii() and declared.isdigit() else None
     created = await weaver.map(caller.tenant_id, name, body, version, size)
     status = 202 if created.created else 200
     view = await _view(weaver, caller.tenant_id, created.batch, 0, limit, wait)
@@ -105,7 +105,7 @@ async def _view(
 
 def _index_of(cursor: str) -> int:
     value = decode_cursor(cursor, "ix")[3:]
-    if not value.isdigit() or len(value) > 9:
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:
         raise InvalidRequest(
             "cursor is not one this API returned",
             details=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],

@@ -23,10 +23,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import bindparam, func, select
+from sqlalchemy.exc import IntegrityError
 
-from treadle.domain.errors import NotFound, PayloadTooLarge, TreadleError
+from treadle.domain.errors import Conflict, NotFound, PayloadTooLarge, TreadleError
 from treadle.domain.execution import TERMINAL_STATES, ExecutionState, is_terminal
-from treadle.domain.function import PresetStrategy, render_command
+from treadle.domain.function import PresetStrategy, check_placeholders
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
 from treadle.weaver.services.executions import ExecutionService, IdempotencyKey, InvokeRequest
@@ -49,6 +50,9 @@ READ_CHUNK = 500
 # How long a gatherer trusts notifications alone before it reads the batch again: one from
 # another replica may not cross, and a slow reader's queue drops the oldest.
 RECHECK_S = 1.0
+# How much longer an item's JSON may be, measured, than its text in the body: `\u0001` for
+# a control character, `1000000000000000.0` for `1e15`.
+_EXPANSION = 8
 _RESCAN_S = 5.0
 
 _BY_KEY = select(_B).where(
@@ -62,6 +66,12 @@ _EXECUTIONS_BY_KEYS = select(_E.c.id, _E.c.idempotency_key).where(
 # Of an item's execution, what its result shows (`result_view`).
 _RESULT = [_E.c[name] for name in RESULT_COLUMNS]
 _EXECUTIONS_BY_IDS = select(*_RESULT).where(_E.c.id.in_(bindparam("_ids", expanding=True)))
+_ENDED_OF_BATCH = select(*_RESULT).where(
+    _E.c.batch_id == bindparam("_batch"),
+    _E.c.batch_index.in_(bindparam("_indexes", expanding=True)),
+    _E.c.state.in_(_TERMINAL),
+)
+_STATES_BY_IDS = select(_E.c.id, _E.c.state).where(_E.c.id.in_(bindparam("_ids", expanding=True)))
 _INSERT_EXECUTIONS = _E.insert()
 _INSERT_BATCH = _B.insert()
 # What a fresh execution row holds besides what the batch writes.
@@ -93,21 +103,45 @@ class Created:
 
 def item_error(exc: TreadleError) -> dict[str, Any]:
     """What an item refused for `exc` says, as the error body of a single invoke would."""
-    return {"code": exc.code, "message": exc.message, "details": exc.details}
+    return {"code": exc.code, "message": _text(exc.message), "details": exc.details}
+
+
+# What a refusal keeps of an item's errors: it is stored with the batch and sent with every
+# read of it, so an item with a million bad fields must not make it a million entries long.
+_ERRORS_KEPT = 5
+_LOC_KEPT = 12
+_TEXT_KEPT = 512
+
+
+def _text(value: Any) -> Any:
+    """A string as it can be stored and sent: cut short, and a lone surrogate (which JSON
+    parsing lets through, and UTF-8 cannot carry) written out as its escape."""
+    if not isinstance(value, str):
+        return value
+    return value[:_TEXT_KEPT].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _validation(exc: ValidationError, index: int) -> dict[str, Any]:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
     details = [
         {
-            "loc": ["body", "items", index, *err.get("loc", ())],
-            "msg": err.get("msg", ""),
-            "type": err.get("type", ""),
+            "loc": ["body", "items", index, *(_text(p) for p in err.get("loc", ())[:_LOC_KEPT])],
+            "msg": _text(err.get("msg", "")),
+            "type": _text(err.get("type", "")),
         }
-        for err in exc.errors(include_url=False, include_context=False, include_input=False)
+        for err in errors[:_ERRORS_KEPT]
     ]
     first = details[0]
     where = ".".join(str(part) for part in first["loc"])
-    return {"code": "validation_error", "message": f"{where}: {first['msg']}", "details": details}
+    message = f"{where}: {first['msg']}"
+    if len(errors) > _ERRORS_KEPT:
+        message += f" (and {len(errors) - 1} more errors; the first {_ERRORS_KEPT} are listed)"
+    return {"code": "validation_error", "message": message, "details": details}
+
+
+def _unreadable(exc: ValueError, index: int) -> dict[str, Any]:
+    message = f"body.items.{index}: {_text(str(exc))}"
+    return {"code": "validation_error", "message": message, "details": None}
 
 
 class BatchService:
@@ -147,29 +181,38 @@ class BatchService:
                 f"the batch has {len(body.items)} items; the limit is {limit}",
                 details=[{"loc": ["body", "items"], "limit": limit}],
             )
-        function = await self._functions.get(tenant_id, name, version)
         key = body.idempotency_key
         if key is not None and (earlier := await self._by_key(tenant_id, key)) is not None:
+            # A retry: the batch first made, whatever has happened to its function since.
+            self._same_function(earlier, name, key)
+            function = await self._functions.get(
+                tenant_id, name, earlier.version, include_deleted=True
+            )
             return Created(earlier, [], function, created=False)
+        function = await self._functions.get(tenant_id, name, version)
         refused: dict[int, dict[str, Any]] = {}
         valid: list[tuple[int, InvokeRequest]] = []
         settings = self._settings
-        # No item is larger than the whole body: when that is under both item limits, they
-        # need not be measured one by one (each a JSON serialization).
-        small = body_bytes is not None and body_bytes <= min(
+        # An item, measured as check_limits measures it (JSON, escaped), is at most
+        # _EXPANSION times its share of the body: under that, none needs measuring one by one.
+        small = body_bytes is not None and body_bytes * _EXPANSION <= min(
             settings.max_args_bytes, settings.max_stdin_bytes
         )
+        command = function.spec.command
         for index, raw in enumerate(body.items):
             try:
                 item = InvokeRequest.model_validate(raw)
                 if not small:
                     self._executions.check_limits(item)
-                render_command(function.spec.command, item.args)
+                check_placeholders(command, item.args)
             except ValidationError as exc:
                 refused[index] = _validation(exc, index)
                 continue
             except TreadleError as exc:
                 refused[index] = item_error(exc)
+                continue
+            except ValueError as exc:  # e.g. a string UTF-8 cannot carry
+                refused[index] = _unreadable(exc, index)
                 continue
             valid.append((index, item))
         if self.admissible is not None and valid:
@@ -179,8 +222,23 @@ class BatchService:
                     refused[index] = item_error(refusal)
                 valid = valid[:admitted]
         write = self._write(tenant_id, function, body, valid, refused)
-        batch, made, created = await self._writer.run(write)
+        try:
+            batch, made, created = await self._writer.run(write)
+        except IntegrityError:
+            # Another replica stored one of these keys (the batch's, an item's) meanwhile:
+            # run again, the write finds it and answers with it.
+            batch, made, created = await self._writer.run(write)
+        if not created:
+            self._same_function(batch, name, key)
         return Created(batch, made, function, created)
+
+    @staticmethod
+    def _same_function(batch: Any, name: str, key: str | None) -> None:
+        if batch.function != name:
+            raise Conflict(
+                f"the idempotency key {key!r} names a batch of function {batch.function!r}",
+                details={"idempotency_key": key, "batch": batch.id},
+            )
 
     async def _admit(self, tenant_id: str, function: FunctionRecord, count: int) -> Admitted:
         admitted: Admitted = await self.admissible(tenant_id, function.spec.resources, count)
@@ -210,12 +268,10 @@ class BatchService:
             # this batch with one key share the execution the first one makes.
             keys = sorted({item.idempotency_key for _, item in valid if item.idempotency_key})
             held: dict[str, str] = {}
-            if keys:
-                params: dict[str, Any] = {"_tenant": tenant_id, "_keys": keys}
-                held = {
-                    row.idempotency_key: row.id
-                    for row in await tx.conn.execute(_EXECUTIONS_BY_KEYS, params)
-                }
+            for at in range(0, len(keys), READ_CHUNK):
+                params: dict[str, Any] = {"_tenant": tenant_id, "_keys": keys[at : at + READ_CHUNK]}
+                for row in await tx.conn.execute(_EXECUTIONS_BY_KEYS, params):
+                    held[row.idempotency_key] = row.id
             reused: dict[str, str] = {}
             rows: list[dict[str, Any]] = []
             for index, item in valid:
@@ -322,11 +378,16 @@ class BatchService:
         async with self._db.read() as conn:
             grouped: Any = await conn.execute(query)
             counted = {str(state): int(n) for state, n in grouped}
-            others = await self._read_ids(conn, set(batch.reused.values()))
+            states: dict[str, str] = {}
+            reused = sorted(set(batch.reused.values()))
+            for at in range(0, len(reused), READ_CHUNK):
+                chunk = reused[at : at + READ_CHUNK]
+                for row in await conn.execute(_STATES_BY_IDS, {"_ids": chunk}):
+                    states[row.id] = row.state
         for execution_id in batch.reused.values():
-            row = others.get(execution_id)
-            if row is not None:
-                counted[row.state] = counted.get(row.state, 0) + 1
+            state = states.get(execution_id)
+            if state is not None:
+                counted[state] = counted.get(state, 0) + 1
         if batch.refused:
             counted["refused"] = len(batch.refused)
         return counted
@@ -387,7 +448,10 @@ class BatchService:
             refused = sorted(int(i) for i in batch.refused)
             if refused:
                 left.difference_update(refused)
-                yield [self._item(batch, index, None) for index in refused]
+                for at in range(0, len(refused), READ_CHUNK):
+                    yield [
+                        self._item(batch, index, None) for index in refused[at : at + READ_CHUNK]
+                    ]
             answers = _Answers(batch)
             rows = await self._ended_rows(batch, answers, left)
             checked = time.monotonic()
@@ -400,8 +464,8 @@ class BatchService:
                         if index in left:
                             left.discard(index)
                             ended.append(self._item(batch, index, row))
-                if ended:
-                    yield ended
+                for at in range(0, len(ended), READ_CHUNK):
+                    yield ended[at : at + READ_CHUNK]  # messages of a bounded size
                 if not left:
                     return
                 event = await subscription.get(within=RECHECK_S)
@@ -427,13 +491,14 @@ class BatchService:
         """The ended executions that answer items in `left`."""
         if not left:
             return []
-        query = select(*_RESULT).where(
-            _E.c.batch_id == batch.id,
-            _E.c.state.in_(_TERMINAL),
-            _E.c.batch_index >= min(left),
-        )
+        # Only the items still left, a chunk at a time by index: what ended before was sent,
+        # and a batch of finished items with large results is not read again every second.
+        wanted = sorted(left)
+        rows: list[Any] = []
         async with self._db.read() as conn:
-            rows = [row for row in await conn.execute(query) if row.batch_index in left]
+            for at in range(0, len(wanted), READ_CHUNK):
+                params = {"_batch": batch.id, "_indexes": wanted[at : at + READ_CHUNK]}
+                rows += list(await conn.execute(_ENDED_OF_BATCH, params))
             others = await self._read_ids(conn, answers.reused_for(left))
         return rows + list(others.values())
 

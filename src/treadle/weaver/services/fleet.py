@@ -103,6 +103,9 @@ class FleetListener:
         if session is None:
             return
         if kind == "cancel":
+            held = session.attempts.get((data["id"], int(data["attempt"])))
+            if held is not None:
+                held.settled = True
             session.send(
                 Cancel(
                     id=data["id"],

@@ -39,9 +39,10 @@ _ZERO = Resources.model_construct(
 AttemptKey = tuple[str, int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Held:
-    """An attempt placed on a node and not yet reported ended by it."""
+    """An attempt placed on a node and not yet reported ended by it (only `settled`
+    changes)."""
 
     resources: Resources
     tenant_id: str
@@ -49,6 +50,9 @@ class Held:
     kind: tuple[str, str, int] | None = None
     # The batch that made it, told when it ends (`transitions`); None: none, or unknown.
     batch: str | None = None
+    # Ended on Weaver's side (cancelled) while the node still runs it: its reports no longer
+    # find it as they expect, so they are checked against the store, not taken to apply.
+    settled: bool = False
 
 
 @dataclass(eq=False)

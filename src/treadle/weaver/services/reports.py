@@ -164,7 +164,7 @@ class ReportService:
 
     async def started(self, tx: Tx, session: NodeSession, msg: Started) -> list[WeaverMessage]:
         held = session.attempts.get((msg.id, msg.attempt))
-        if held is not None:
+        if held is not None and not held.settled:
             # The usual case, decided without reading the row: open on this node, now running.
             expected = Expected(
                 msg.id, held.tenant_id, "open", msg.attempt, session.node_id, held.batch
@@ -282,7 +282,8 @@ class ReportService:
 
         tx.after_commit.append(release)
         if session.reliability < 1.0:  # nothing to write while it has lost no work lately
-            session.observe(1.0)
+            # Observed once committed: a batch run again must not count it twice.
+            tx.after_commit.append(lambda: session.observe(1.0))
             # From the stored value: the reconciler of another replica may have lowered it.
             column = tables.nodes.c.reliability
             await tx.conn.execute(
@@ -294,8 +295,13 @@ class ReportService:
         outcome = exit_outcome(msg.exit_code, msg.reason and msg.reason[:_REASON_MAX])
         held = session.attempts.get(key)
         if held is not None and held.kind is not None and msg.exit_code == 0:
-            session.speed = self._speeds.sample(held.kind, msg.usage.cpu_ms, session.speed)
-        if held is not None:
+            kind, cpu_ms = held.kind, msg.usage.cpu_ms
+
+            def sample() -> None:
+                session.speed = self._speeds.sample(kind, cpu_ms, session.speed)
+
+            tx.after_commit.append(sample)
+        if held is not None and not held.settled:
             # The usual case, decided without reading the row: running on this node, now ended.
             expected = Expected(
                 msg.id, held.tenant_id, "running", msg.attempt, session.node_id, held.batch
