@@ -212,3 +212,55 @@ async def test_a_swap_that_misses_makes_the_batch_run_again_write_by_write(
     while (event := await events.get(within=0)) is not None:
         published.append(event.subject_id)
     assert sorted(published) == ["t0", "t2"]  # nothing of the rolled-back first try
+
+
+def _insert_later(name: str, then_swap: bool = False) -> WriteFn[bool]:
+    async def write(tx: Tx) -> bool:
+        await tx.insert_later(_INSERT_TENANT, {"id": name, "name": name, "created_at": 0.0})
+        if then_swap:  # a swap of the row just inserted goes after it
+            return await tx.swap(name, _RENAME, {"_id": name, "_old": name, "name": name + "!"})
+        return True
+
+    return write
+
+
+_INSERT_TENANT = tables.tenants.insert()
+
+
+async def test_deferred_inserts_go_out_before_the_swaps_and_statements_after_them(
+    any_db: Database,
+) -> None:
+    db = any_db
+    writer, seen = Writer(db, InProcessBus()), []
+
+    async def count_then(tx: Tx) -> bool:
+        seen.append(
+            (await tx.conn.execute(select(func.count()).select_from(tables.tenants))).scalar_one()
+        )
+        return True
+
+    try:
+        results = await _run_batch(
+            writer,
+            [_insert_later("t0"), _insert_later("t1", then_swap=True), count_then],
+        )
+    finally:
+        await writer.stop()
+    assert results == [True, True, True]
+    assert seen == [2]
+    assert await _names(db) == {"t0": "t0", "t1": "t1!"}
+    assert writer.swaps_missed == 0
+
+
+async def test_a_deferred_insert_that_fails_fails_alone(any_db: Database) -> None:
+    db = any_db
+    writer = Writer(db, InProcessBus())
+    try:
+        futures = [writer.submit(_insert_later(name)) for name in ("t0", "t0", "t1")]
+        writer.start()
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await writer.stop()
+    assert outcomes[0] is True and outcomes[2] is True
+    assert isinstance(outcomes[1], Exception)  # the second row of one key
+    assert await _names(db) == {"t0": "t0", "t1": "t1"}

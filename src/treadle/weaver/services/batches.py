@@ -30,7 +30,13 @@ from treadle.domain.execution import TERMINAL_STATES, ExecutionState, is_termina
 from treadle.domain.function import PresetStrategy, check_placeholders
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
-from treadle.weaver.services.executions import ExecutionService, IdempotencyKey, InvokeRequest
+from treadle.weaver.services.executions import (
+    ExecutionService,
+    IdempotencyKey,
+    InvokeRequest,
+    fresh_execution,
+    new_row,
+)
 from treadle.weaver.services.fleet import announce_open
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
 from treadle.weaver.services.quotas import Admitted
@@ -74,8 +80,6 @@ _ENDED_OF_BATCH = select(*_RESULT).where(
 _STATES_BY_IDS = select(_E.c.id, _E.c.state).where(_E.c.id.in_(bindparam("_ids", expanding=True)))
 _INSERT_EXECUTIONS = _E.insert()
 _INSERT_BATCH = _B.insert()
-# What a fresh execution row holds besides what the batch writes.
-_UNSET = {c.name: None for c in _E.columns}
 
 
 class MapRequest(BaseModel):
@@ -254,8 +258,6 @@ class BatchService:
     ) -> Any:
         spec = function.spec
         key = body.idempotency_key
-        resources = spec.resources.model_dump(mode="json")
-        isolation = spec.isolation.value if spec.isolation else None
 
         async def write(tx: Tx) -> tuple[Any, list[Any], bool]:
             if key is not None:
@@ -279,32 +281,17 @@ class BatchService:
                 if item_key is not None and item_key in held:
                     reused[str(index)] = held[item_key]
                     continue
-                execution_id = new_id("ex")
-                if item_key is not None:
-                    held[item_key] = execution_id
-                strategy = item.strategy or body.strategy
-                rows.append(
-                    {
-                        "id": execution_id,
-                        "tenant_id": tenant_id,
-                        "function": spec.name,
-                        "version": function.version,
-                        "state": ExecutionState.OPEN.value,
-                        "attempt": 1,
-                        "max_attempts": spec.max_attempts,
-                        "args": item.args,
-                        "stdin": item.stdin,
-                        "idempotency_key": item_key,
-                        "cancel_requested": False,
-                        "resources": resources,
-                        "isolation": isolation,
-                        "placement": {"requested_strategy": strategy} if strategy else None,
-                        "created_at": tx.now,
-                        "queued_at": tx.now,
-                        "batch_id": batch_id,
-                        "batch_index": index,
-                    }
+                values = fresh_execution(
+                    function,
+                    tenant_id,
+                    tx.now,
+                    item,
+                    strategy=body.strategy,
+                    batch=(batch_id, index),
                 )
+                if item_key is not None:
+                    held[item_key] = values["id"]
+                rows.append(values)
             batch = {
                 "id": batch_id,
                 "tenant_id": tenant_id,
@@ -327,7 +314,7 @@ class BatchService:
                 tenant_id,
                 {"function": spec.name, "size": len(body.items), "executions": len(rows)},
             )
-            made = [SimpleNamespace(**{**_UNSET, **row}) for row in rows]
+            made = [new_row(row) for row in rows]
             return SimpleNamespace(**batch), made, True
 
         return write

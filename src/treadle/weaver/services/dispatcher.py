@@ -40,7 +40,7 @@ from treadle.weaver.metrics import WeaverMetrics
 from treadle.weaver.services.auth import process_tier_tenants
 from treadle.weaver.services.executions import ExecutionService
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
-from treadle.weaver.services.nodes import NodeRegistry, NodeSession
+from treadle.weaver.services.nodes import NO_OUTPUT, NodeRegistry, NodeSession
 from treadle.weaver.services.provisioner import Provisioner
 from treadle.weaver.store import tables
 from treadle.weaver.store.statements import EXECUTION_ASSIGN
@@ -347,6 +347,8 @@ class Dispatcher:
                     pending.tenant_id,
                     (pending.tenant_id, spec.name, pending.function.version),
                     batch=pending.batch,
+                    # A fresh attempt has stored no output (a lost one's next is a new one).
+                    output=NO_OUTPUT,
                 )
                 fleet.update(session.view())
                 del self._pending[pending.id]

@@ -64,8 +64,46 @@ OUTPUT_BATCH = 256
 _UNSET = {c.name: None for c in _E.columns}
 
 
-def _new_row(values: dict[str, Any]) -> Any:
+def new_row(values: dict[str, Any]) -> Any:
+    """A fresh execution as a stored row would read, from the values inserted."""
     return SimpleNamespace(**{**_UNSET, **values})
+
+
+def fresh_execution(
+    function: FunctionRecord,
+    tenant_id: str,
+    now: float,
+    request: InvokeRequest,
+    *,
+    strategy: str | None = None,
+    batch: tuple[str, int] | None = None,
+) -> dict[str, Any]:
+    """The row of a new execution of `function` for `request` (an invoke, or a batch's item,
+    whose batch's `strategy` applies where the item names none)."""
+    spec = function.spec
+    strategy = request.strategy or strategy
+    values: dict[str, Any] = {
+        "id": new_id("ex"),
+        "tenant_id": tenant_id,
+        "function": spec.name,
+        "version": function.version,
+        "state": ExecutionState.OPEN.value,
+        "attempt": 1,
+        "max_attempts": spec.max_attempts,
+        "args": request.args,
+        "stdin": request.stdin,
+        "idempotency_key": request.idempotency_key,
+        "cancel_requested": False,
+        "resources": function.resources_json,
+        "isolation": spec.isolation.value if spec.isolation else None,
+        # Until it is placed, what the invoke asked of placement; then the decision.
+        "placement": {"requested_strategy": strategy} if strategy else None,
+        "created_at": now,
+        "queued_at": now,
+    }
+    if batch is not None:
+        values["batch_id"], values["batch_index"] = batch
+    return values
 
 
 def _text_key(value: str) -> str:
@@ -151,8 +189,6 @@ class ExecutionService:
         render_command(spec.command, body.args)  # a missing placeholder is a 422 now, not later
         if self.admit is not None:
             await self.admit(tenant_id, spec.resources, sandbox=False)
-        execution_id = new_id("ex")
-
         key = body.idempotency_key
 
         async def by_key(tx: Tx) -> Any:
@@ -160,27 +196,10 @@ class ExecutionService:
             return (await tx.conn.execute(EXECUTION_BY_IDEMPOTENCY_KEY, params)).first()
 
         async def write(tx: Tx) -> tuple[Any, bool]:
-            values = {
-                "id": execution_id,
-                "tenant_id": tenant_id,
-                "function": spec.name,
-                "version": function.version,
-                "state": ExecutionState.OPEN.value,
-                "attempt": 1,
-                "max_attempts": spec.max_attempts,
-                "args": body.args,
-                "stdin": body.stdin,
-                "idempotency_key": key,
-                "cancel_requested": False,
-                "resources": spec.resources.model_dump(mode="json"),
-                "isolation": spec.isolation.value if spec.isolation else None,
-                # Until it is placed, what the invoke asked of placement; then the decision.
-                "placement": {"requested_strategy": body.strategy} if body.strategy else None,
-                "created_at": tx.now,
-                "queued_at": tx.now,
-            }
+            values = fresh_execution(function, tenant_id, tx.now, body)
+            execution_id = values["id"]
             if key is None:
-                await tx.conn.execute(_INSERT, values)
+                await tx.insert_later(_INSERT, values)
             else:
                 # A key seen before, or one another replica is inserting right now: the
                 # insert stores nothing, and the execution that holds the key is returned.
@@ -202,7 +221,7 @@ class ExecutionService:
                 {"state": "open", "attempt": 1, "function": spec.name},
             )
             announce_open(tx)
-            return _new_row(values), True
+            return new_row(values), True
 
         row, created = await self._writer.run(write)
         return Invoked(row=row, function=function, created=created)

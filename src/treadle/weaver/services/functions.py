@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -29,6 +29,11 @@ class FunctionRecord:
     spec: FunctionSpec
     version: int
     created_at: float
+    # Its resources as stored on each execution: worked out once, shared by them all.
+    resources_json: dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resources_json", self.spec.resources.model_dump(mode="json"))
 
     def view(self) -> dict[str, Any]:
         body = self.spec.model_dump(mode="json")

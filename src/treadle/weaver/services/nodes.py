@@ -28,7 +28,15 @@ from treadle.weaver.store.database import Database
 from treadle.weaver.store.writer import Tx, Writer
 from treadle.weaver.views import iso
 
-__all__ = ["Held", "NodeRegistry", "NodeService", "NodeSession", "record_node_state"]
+__all__ = [
+    "NO_OUTPUT",
+    "Held",
+    "NodeRegistry",
+    "NodeService",
+    "NodeSession",
+    "OutputState",
+    "record_node_state",
+]
 
 _N = tables.nodes
 # Weight of the newest outcome: about the last ten attempts count.
@@ -41,8 +49,8 @@ AttemptKey = tuple[str, int]
 
 @dataclass(slots=True)
 class Held:
-    """An attempt placed on a node and not yet reported ended by it (only `settled`
-    changes)."""
+    """An attempt placed on a node and not yet reported ended by it (only `settled` and
+    `output` change)."""
 
     resources: Resources
     tenant_id: str
@@ -53,6 +61,24 @@ class Held:
     # Ended on Weaver's side (cancelled) while the node still runs it: its reports no longer
     # find it as they expect, so they are checked against the store, not taken to apply.
     settled: bool = False
+    # The output the attempt has stored, as committed (`OutputState`), while this session
+    # has seen all of it (placed by this session); None: unknown, read from the store.
+    output: OutputState | None = None
+    # When this session took it on (wall clock): no record of its use starts much earlier.
+    since: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputState:
+    """How much output an attempt has stored, whether it was cut at the cap, and the seq of
+    its last stored chunk (-1 before the first)."""
+
+    bytes: int = 0
+    truncated: bool = False
+    top: int = -1
+
+
+NO_OUTPUT = OutputState()
 
 
 @dataclass(eq=False)
@@ -92,11 +118,12 @@ class NodeSession:
         tenant_id: str,
         kind: tuple[str, str, int] | None = None,
         batch: str | None = None,
+        output: OutputState | None = None,
     ) -> bool:
         """Hold `resources` for the attempt; False when it already held them."""
         if key in self.attempts:
             return False
-        self.attempts[key] = Held(resources, tenant_id, kind, batch)
+        self.attempts[key] = Held(resources, tenant_id, kind, batch, output=output)
         self.allocated = self.allocated.plus(resources)
         return True
 

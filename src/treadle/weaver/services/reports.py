@@ -26,7 +26,7 @@ from treadle.domain.resources import Resources
 from treadle.protocol import Ack, Cancel, Exited, Output, Started, WeaverMessage, WorkloadRef
 from treadle.protocol.limits import INVALID_REPORT, OutputBudget
 from treadle.weaver.services.fleet import announce_open
-from treadle.weaver.services.nodes import RELIABILITY_ALPHA, NodeSession
+from treadle.weaver.services.nodes import RELIABILITY_ALPHA, NodeSession, OutputState
 from treadle.weaver.services.speed import SpeedObserver
 from treadle.weaver.services.transitions import Expected, transition
 from treadle.weaver.store import tables
@@ -35,6 +35,7 @@ from treadle.weaver.store.statements import (
     EXECUTION_BY_ID,
     EXECUTION_CAS,
     EXECUTION_UPDATE_ATTEMPT,
+    OUTPUT_COUNT_ON_NODE,
     OUTPUT_STATE,
 )
 from treadle.weaver.store.writer import Tx
@@ -190,17 +191,54 @@ class ReportService:
         the node drops it too)."""
         last = max(chunk.seq for chunk in msg.chunks)
         ack = Ack(id=msg.id, attempt=msg.attempt, seq=last)
+        key = (msg.id, msg.attempt)
+        held = session.attempts.get(key)
+        if held is not None and not held.settled and held.output is not None:
+            # The usual case, decided without reading the row: this session placed the
+            # attempt and saw all its output so far. The count is fenced like a report.
+            known = tx.scratch.get(("output", key), held.output)
+            kept = self._kept(tx, msg, known, max_bytes)
+            if kept is None:
+                return [ack]
+            rows, stored = kept
+            params = {"_node": session.node_id, **self._counted(msg, stored)}
+            if await tx.swap(msg.id, OUTPUT_COUNT_ON_NODE, params):
+                for row in rows:
+                    await tx.insert_later(tx.db.insert_ignoring_conflicts(_O), row)
+                tx.scratch[("output", key)] = stored
+                tx.after_commit.append(lambda: setattr(held, "output", stored))
+                tx.notify(f"output.{msg.id}", msg.id, {"attempt": msg.attempt, "seq": last})
+                return [ack]
         state = (
             await tx.conn.execute(OUTPUT_STATE, {"_id": msg.id, "_attempt": msg.attempt})
         ).first()
         if state is None or not _is_current(state, session, msg.attempt):
             return [ack, Cancel(id=msg.id, attempt=msg.attempt, reason="stale")]
-        stored_bytes = state.output_bytes or 0
-        budget = OutputBudget(max_bytes, stored_bytes, bool(state.output_truncated))
+        known = OutputState(
+            state.output_bytes or 0,
+            bool(state.output_truncated),
+            -1 if state.top is None else state.top,
+        )
+        kept = self._kept(tx, msg, known, max_bytes)
+        if kept is None:
+            return [ack]
+        rows, stored = kept
+        await tx.conn.execute(tx.db.insert_ignoring_conflicts(_O), rows)
+        await tx.conn.execute(EXECUTION_UPDATE_ATTEMPT, self._counted(msg, stored))
+        tx.notify(f"output.{msg.id}", msg.id, {"attempt": msg.attempt, "seq": last})
+        return [ack]
+
+    @staticmethod
+    def _kept(
+        tx: Tx, msg: Output, known: OutputState, max_bytes: int | None
+    ) -> tuple[list[dict[str, Any]], OutputState] | None:
+        """The rows of `msg`'s chunks to store, after what the attempt stored (`known`) and
+        within its budget, and what it will have stored then; None: nothing to store."""
+        budget = OutputBudget(max_bytes, known.bytes, known.truncated)
         # A node sends an attempt's chunks in order and Weaver applies one node's frames in
         # order, so a chunk at or below the last one stored is a replay: not stored again,
         # nor counted again.
-        top = -1 if state.top is None else state.top
+        top = known.top
         rows = []
         for chunk in sorted(msg.chunks, key=lambda c: c.seq):
             if chunk.seq <= top:
@@ -220,19 +258,17 @@ class ReportService:
                 }
             )
         if not rows:
-            return [ack]
-        await tx.conn.execute(tx.db.insert_ignoring_conflicts(_O), rows)
-        await tx.conn.execute(
-            EXECUTION_UPDATE_ATTEMPT,
-            {
-                "_id": msg.id,
-                "_attempt": msg.attempt,
-                "output_bytes": budget.used,
-                "output_truncated": budget.truncated,
-            },
-        )
-        tx.notify(f"output.{msg.id}", msg.id, {"attempt": msg.attempt, "seq": last})
-        return [ack]
+            return None
+        return rows, OutputState(budget.used, budget.truncated, top)
+
+    @staticmethod
+    def _counted(msg: Output, stored: OutputState) -> dict[str, Any]:
+        return {
+            "_id": msg.id,
+            "_attempt": msg.attempt,
+            "output_bytes": stored.bytes,
+            "output_truncated": stored.truncated,
+        }
 
     async def refused(
         self, tx: Tx, session: NodeSession, kind: str | None, execution_id: str, attempt: int

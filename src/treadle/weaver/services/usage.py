@@ -184,6 +184,13 @@ class UsageService:
     ) -> tuple[str, str, Resources] | None:
         """Whose record this is (tenant, what of, what it reserved), if the node may bill it."""
         if record.kind == "execution":
+            placed = session.attempts.get((record.id, record.generation))
+            if placed is not None and not placed.settled and placed.kind is not None:
+                # The usual case, decided without reading the row: an attempt this session
+                # placed and the node still holds. No use of it starts before it was placed.
+                if record.start < placed.since - CLOCK_SKEW_S or record.end > now + CLOCK_SKEW_S:
+                    return self._refuse(session, record, "outside the workload's life")
+                return placed.tenant_id, placed.kind[1], placed.resources
             row = (await tx.conn.execute(_EXECUTION_OWNER, {"_id": record.id})).first()
             held = row is not None and row.attempt == record.generation
         else:

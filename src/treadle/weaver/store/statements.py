@@ -18,6 +18,7 @@ __all__ = [
     "EXECUTION_CAS_ON_NODE",
     "EXECUTION_FENCE",
     "EXECUTION_UPDATE_ATTEMPT",
+    "OUTPUT_COUNT_ON_NODE",
     "OUTPUT_STATE",
 ]
 
@@ -70,3 +71,6 @@ EXECUTION_CAS_ON_NODE = EXECUTION_CAS.where(_E.c.node_id == bindparam("_node"))
 EXECUTION_UPDATE_ATTEMPT = update(_E).where(
     _E.c.id == bindparam("_id"), _E.c.attempt == bindparam("_attempt")
 )
+
+# An attempt's output count, fenced as a report on an attempt its node holds.
+OUTPUT_COUNT_ON_NODE = EXECUTION_UPDATE_ATTEMPT.where(_E.c.node_id == bindparam("_node"))

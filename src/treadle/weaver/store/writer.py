@@ -12,6 +12,11 @@ where a batch's statements one by one cost a round trip each), before anything e
 writes and before the commit. Each must change exactly one row; if any does not, the batch is
 rolled back and every write in it is run again alone, with its swaps done at once and
 answered truly. Two swaps of one row keep their order.
+
+Inserts whose outcome no write looks at (a new execution's row, output chunks) can be
+deferred the same way (`Tx.insert_later`): they go out first, one `executemany` per statement
+in the order each statement was first used, then the swaps. An insert that fails fails the
+batch, which is then run write by write, each insert at once.
 """
 
 from __future__ import annotations
@@ -43,12 +48,14 @@ class _Deferring:
     """The transaction's connection as write functions see it: anything sent through it
     first sends the swaps deferred until then, so every statement sees what came before."""
 
-    __slots__ = ("_conn", "_swaps")
+    __slots__ = ("_conn", "_inserts", "_swaps")
 
     def __init__(self, conn: Conn) -> None:
         self._conn = conn
         # Per row, its swaps in order: (statement, parameters).
         self._swaps: dict[Any, list[tuple[Any, dict[str, Any]]]] = {}
+        # Per statement and set of columns, its rows in order.
+        self._inserts: dict[tuple[int, tuple[str, ...]], tuple[Any, list[dict[str, Any]]]] = {}
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         await self.flush()
@@ -57,9 +64,19 @@ class _Deferring:
     def defer(self, row: Any, statement: Any, parameters: dict[str, Any]) -> None:
         self._swaps.setdefault(row, []).append((statement, parameters))
 
+    def defer_insert(self, statement: Any, row: dict[str, Any]) -> None:
+        key = (id(statement), tuple(sorted(row)))
+        self._inserts.setdefault(key, (statement, []))[1].append(row)
+
     async def flush(self) -> None:
-        """Send the deferred swaps: the first of each row's together, then the second, …;
-        in each round, one `executemany` per statement and set of columns."""
+        """Send the deferred inserts, then the deferred swaps: the first of each row's
+        together, then the second, …; in each round, one `executemany` per statement and
+        set of columns."""
+        inserts = self._inserts
+        if inserts:
+            self._inserts = {}
+            for statement, rows in inserts.values():
+                await execute_many(self._conn, statement, rows)
         pending = self._swaps
         if not pending:
             return
@@ -94,6 +111,9 @@ class Tx:
     stored: list[dict[str, Any]] = field(default_factory=list)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
     notified_once: set[tuple[str, str]] = field(default_factory=set)
+    # What writes of this transaction tell later ones of it, before it commits (forgotten
+    # if it does not).
+    scratch: dict[Any, Any] = field(default_factory=dict)
     # Whether `swap` may defer (see the module's docstring); off when a batch is run again.
     optimistic: bool = False
 
@@ -104,6 +124,15 @@ class Tx:
             await conn.execute_many(statement, rows)
         else:
             await conn.execute(statement, rows)
+
+    async def insert_later(self, statement: Any, row: dict[str, Any]) -> None:
+        """`statement` (an INSERT whose outcome nothing looks at) for `row`: deferred when
+        the batch may be (see the module's docstring), else at once."""
+        conn = self.conn
+        if self.optimistic and isinstance(conn, _Deferring):
+            conn.defer_insert(statement, row)
+        else:
+            await conn.execute(statement, row)
 
     async def swap(self, row: Any, statement: Any, parameters: dict[str, Any]) -> bool:
         """A compare-and-swap `statement` on `row` (its key) expected to change it: True when
