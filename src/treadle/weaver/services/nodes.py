@@ -66,6 +66,9 @@ class Held:
     output: OutputState | None = None
     # When this session took it on (wall clock): no record of its use starts much earlier.
     since: float = field(default_factory=time.time)
+    # The seqs of its usage records stored, as committed (`usage`), while this session has
+    # seen all of them (placed by this session).
+    metered: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)

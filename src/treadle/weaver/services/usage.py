@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Integer, bindparam, case, func, select, update
@@ -53,6 +54,12 @@ _SANDBOX_OWNER = select(
     _S.c.node_id,
     _S.c.created_at,
 ).where(_S.c.id == bindparam("_id"))
+
+_ADD_COST = (
+    update(_E)
+    .where(_E.c.id == bindparam("_id"))
+    .values(cost=func.coalesce(_E.c.cost, 0.0) + bindparam("_cost"))
+)
 
 
 # What `summary` totals, and what it may group by.
@@ -173,7 +180,16 @@ class UsageService:
             if owner is None:
                 continue
             tenant_id, subject, reserved = owner
-            await self._store(tx, session, record, tenant_id, subject, reserved, now)
+            await self._store(
+                tx,
+                session,
+                record,
+                tenant_id,
+                subject,
+                reserved,
+                now,
+                self._first(tx, session, record),
+            )
         keys = [
             UsageKey(kind=r.kind, id=r.id, generation=r.generation, seq=r.seq) for r in msg.records
         ]
@@ -208,6 +224,22 @@ class UsageService:
         return row.tenant_id, str(row.function), reserved
 
     @staticmethod
+    def _first(tx: Tx, session: NodeSession, record: UsageRecord) -> Callable[[], None] | None:
+        """For a record of an attempt this session placed, whose seq it has not stored yet:
+        what marks it stored once committed. (Every record of such an attempt came over this
+        link, so it is new for sure.) None: the store tells."""
+        if record.kind != "execution":
+            return None
+        placed = session.attempts.get((record.id, record.generation))
+        if placed is None or placed.settled or placed.kind is None:
+            return None
+        seen = tx.scratch.setdefault(("usage", record.id, record.generation), set())
+        if record.seq in placed.metered or record.seq in seen:
+            return None
+        seen.add(record.seq)
+        return lambda: placed.metered.add(record.seq)
+
+    @staticmethod
     def _refuse(session: NodeSession, record: UsageRecord, why: str) -> None:
         log.warning(
             "node %s: usage record %s refused: %s",
@@ -226,6 +258,7 @@ class UsageService:
         subject: str,
         reserved: Resources,
         now: float,
+        first: Callable[[], None] | None,
     ) -> None:
         hello = session.hello
         price = pricing.node_price(hello.price_per_hour, hello.spot, hello.spot_price_per_hour)
@@ -249,17 +282,19 @@ class UsageService:
             "cost": cost,
             "recorded_at": now,
         }
-        statement = self._db.insert_ignoring_conflicts(_U).returning(_U.c.seq)
-        inserted = (await tx.conn.execute(statement, values)).first() is not None
+        if first is not None:
+            # New for sure: stored, and its cost added, with the batch's other writes.
+            await tx.insert_later(self._db.insert_ignoring_conflicts(_U), values)
+            tx.after_commit.append(first)
+            inserted = True
+        else:
+            statement = self._db.insert_ignoring_conflicts(_U).returning(_U.c.seq)
+            inserted = (await tx.conn.execute(statement, values)).first() is not None
         if inserted and self._metrics is not None:
             self._metrics.ledger_delay.observe(max(0.0, now - record.end))
         if inserted and record.kind == "execution" and cost:
-            # Once per record: the insert just made is what says it is new.
-            await tx.conn.execute(
-                update(_E)
-                .where(_E.c.id == record.id)
-                .values(cost=func.coalesce(_E.c.cost, 0.0) + cost)
-            )
+            # Once per record: the insert just made, or this link, is what says it is new.
+            await tx.swap(record.id, _ADD_COST, {"_id": record.id, "_cost": cost})
 
 
 _GROUP_COLUMNS = {
