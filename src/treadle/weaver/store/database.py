@@ -157,6 +157,10 @@ def _set_pragmas(dbapi_connection: Any, busy_timeout_ms: int) -> None:
     cursor.close()
 
 
+# PostgreSQL reads kept open at once (see `Database`).
+_READ_POOL = 24
+
+
 def _begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -186,8 +190,11 @@ class Database:
         else:
             self._async = create_async_engine(url, pool_size=8, max_overflow=8)
             # Its own pool: a connection switched to autocommit and back costs round trips.
+            # Kept large enough for the reads of a busy API (each `?wait` ends in one): a
+            # connection past the pool is opened and closed per read, which costs the server
+            # a backend process each time.
             self._async_read = create_async_engine(
-                url, pool_size=8, max_overflow=8, isolation_level="AUTOCOMMIT"
+                url, pool_size=_READ_POOL, max_overflow=8, isolation_level="AUTOCOMMIT"
             )
 
     @asynccontextmanager
