@@ -264,3 +264,34 @@ async def test_a_deferred_insert_that_fails_fails_alone(any_db: Database) -> Non
     assert outcomes[0] is True and outcomes[2] is True
     assert isinstance(outcomes[1], Exception)  # the second row of one key
     assert await _names(db) == {"t0": "t0", "t1": "t1"}
+
+
+async def test_what_a_write_did_in_memory_is_undone_when_its_transaction_does_not_commit(
+    db: Database,
+) -> None:
+    held: list[str] = []
+
+    def holding(name: str, fail: bool = False) -> WriteFn[str]:
+        async def write(tx: Tx) -> str:
+            held.append(name)  # as placement reserves a node's capacity
+            tx.undo.append(lambda: held.remove(name))
+            if fail:
+                raise RuntimeError("this write fails")
+            await tx.conn.execute(
+                tables.tenants.insert().values(id=name, name=name, created_at=0.0)
+            )
+            return name
+
+        return write
+
+    writer = Writer(db, InProcessBus())
+    try:
+        futures = [writer.submit(holding("a")), writer.submit(holding("b", fail=True))]
+        writer.start()
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await writer.stop()
+    # The batch failed and ran again write by write: "a" once held, "b" not at all.
+    assert outcomes[0] == "a" and isinstance(outcomes[1], RuntimeError)
+    assert held == ["a"]
+    assert await _tenants(db) == 1

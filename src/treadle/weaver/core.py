@@ -175,12 +175,15 @@ class Weaver:
         version: int | None,
         wait: float | None,
     ) -> Any:
-        invoked = await self.executions.invoke(tenant_id, name, body, version)
-        if invoked.created:
+        invoked = await self.executions.invoke(
+            tenant_id, name, body, version, place=self.dispatcher.place_new
+        )
+        if invoked.created and not invoked.placed:
             self.dispatcher.enqueue(Pending.from_row(invoked.row, invoked.function))
         if wait:
-            # A fresh execution cannot have ended before it was dispatched, which happens
-            # only after this call subscribes: no need to read it back first.
+            # A fresh execution cannot have ended before this call subscribes: its node hears
+            # of it only once the commit that stores it is done, and the node's reports
+            # come back over the network after this task has run on. No need to read it.
             row = invoked.row if invoked.created else None
             return await self.executions.wait(tenant_id, invoked.row.id, wait, row)
         return invoked.row

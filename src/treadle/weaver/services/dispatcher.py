@@ -188,7 +188,7 @@ class Pending:
 class _Decision:
     pending: Pending
     session: NodeSession
-    placement: Placement
+    placement_result: Placement
     tier: Tier
     # False when the node already held this attempt (it was placed twice): then this
     # decision must not release what the first placement reserved.
@@ -208,7 +208,19 @@ class _Decision:
 
     def undo(self) -> None:
         if self.reserved:
+            self.reserved = False
             self.session.release(self.key)
+
+    def placement(self) -> dict[str, Any]:
+        """The decision as stored on the execution."""
+        hello = self.session.hello
+        return {
+            **self.placement_result.to_dict(),
+            **(self.pending.hint or {}),
+            "tier": self.tier.value,
+            "region": hello.region,
+            "spot": hello.spot,
+        }
 
 
 class Dispatcher:
@@ -320,39 +332,21 @@ class Dispatcher:
         for pending in self._pending.values():
             shapes.setdefault(pending.shape, []).append(pending)
         for members in shapes.values():
-            spec = members[0].function.spec
-            rule = tiers.rule_for(spec, allow_process=True, default=self._default_tier)
-            if rule.admits_process:
-                wants_process = True
-                if members[0].tenant_id not in self._process_tenants:
-                    rule = tiers.rule_for(spec, allow_process=False, default=self._default_tier)
+            rule, could_use_process = self._rule(members[0])
+            wants_process |= could_use_process
             for at, pending in enumerate(members):
-                result = self._place(pending, rule, fleet, offers, sample)
-                if not isinstance(result, Placement):
-                    reason = self._reason(result)
+                decided = self._decide(pending, rule, fleet, sessions, offers, sample)
+                if decided is None:
+                    continue
+                if not isinstance(decided, _Decision):
+                    reason = self._reason(decided)
                     for waiting in members[at:]:
                         if waiting.reason != reason:
                             waiting.reason = reason
                             reasons.append(waiting)
                     break
-                session = sessions[result.node_id]
-                hello = session.hello
-                tier = tiers.choose(rule, hello.runtimes, hello.network_tiers, network=spec.network)
-                if tier is None:  # placement and the rule disagree: a bug, not the work's fault
-                    log.error("no tier on %s admits %s (%s)", result.node_id, pending.id, rule)
-                    continue
-                reserved = session.reserve(
-                    (pending.id, pending.attempt),
-                    spec.resources,
-                    pending.tenant_id,
-                    (pending.tenant_id, spec.name, pending.function.version),
-                    batch=pending.batch,
-                    # A fresh attempt has stored no output (a lost one's next is a new one).
-                    output=NO_OUTPUT,
-                )
-                fleet.update(session.view())
                 del self._pending[pending.id]
-                decisions.append(_Decision(pending, session, result, tier, reserved))
+                decisions.append(decided)
         if not decisions and not reasons:
             return
         try:
@@ -373,22 +367,113 @@ class Dispatcher:
                 if decision.forbidden(process_tenants):
                     self._pending.setdefault(decision.pending.id, decision.pending)
                 continue
-            current = self._registry.get(decision.session.node_id)
-            if current is None:
-                continue  # gone while this was committed: the reconciler moves the work
-            if current is not decision.session:
-                # The node reconnected meanwhile; its new session must hold and send it.
-                decision.undo()
-                current.reserve(
-                    decision.key,
-                    decision.pending.function.spec.resources,
-                    decision.pending.tenant_id,
-                    batch=decision.pending.batch,
-                )
-            current.send(decision.pending.assignment(decision.tier))
-            if self._metrics is not None:
-                self._metrics.dispatched.inc()
-                self._metrics.dispatch_latency.observe(time.monotonic() - decision.pending.since)
+            self._send(decision)
+
+    def _decide(
+        self,
+        pending: Pending,
+        rule: tiers.TierRule,
+        fleet: Fleet,
+        sessions: dict[str, NodeSession],
+        offers: Sequence[Offer],
+        sample: random.Random | None,
+    ) -> _Decision | Provision | Unschedulable | str | None:
+        """Where `pending` goes under `rule`: a decision, its node's capacity reserved for it
+        (and `fleet` told); or why it cannot be placed; None: a bug, logged."""
+        result = self._place(pending, rule, fleet, offers, sample)
+        if not isinstance(result, Placement):
+            return result
+        session = sessions[result.node_id]
+        hello = session.hello
+        spec = pending.function.spec
+        tier = tiers.choose(rule, hello.runtimes, hello.network_tiers, network=spec.network)
+        if tier is None:  # placement and the rule disagree: a bug, not the work's fault
+            log.error("no tier on %s admits %s (%s)", result.node_id, pending.id, rule)
+            return None
+        reserved = session.reserve(
+            (pending.id, pending.attempt),
+            spec.resources,
+            pending.tenant_id,
+            (pending.tenant_id, spec.name, pending.function.version),
+            batch=pending.batch,
+            # A fresh attempt has stored no output (a lost one's next is a new one).
+            output=NO_OUTPUT,
+        )
+        fleet.update(session.view())
+        return _Decision(pending, session, result, tier, reserved)
+
+    def _send(self, decision: _Decision) -> None:
+        """Once its assignment is committed: to the node, wherever its link is now."""
+        current = self._registry.get(decision.session.node_id)
+        if current is None:
+            return  # gone while this was committed: the reconciler moves the work
+        if current is not decision.session:
+            # The node reconnected meanwhile; its new session must hold and send it.
+            decision.undo()
+            current.reserve(
+                decision.key,
+                decision.pending.function.spec.resources,
+                decision.pending.tenant_id,
+                batch=decision.pending.batch,
+            )
+        current.send(decision.pending.assignment(decision.tier))
+        if self._metrics is not None:
+            self._metrics.dispatched.inc()
+            self._metrics.dispatch_latency.observe(time.monotonic() - decision.pending.since)
+
+    async def place_new(
+        self, tx: Tx, values: dict[str, Any], function: FunctionRecord
+    ) -> _Decision | None:
+        """Place a new execution in the transaction that stores it (`values`, its row, is
+        given its node), when nothing waits before it and a node has room: it saves the
+        round's transaction. None: it goes the usual way (`enqueue` once stored). A decision
+        is sent once committed; forgotten (its capacity freed) if the transaction fails, or
+        when the caller does not store the row after all (`_Decision.undo`)."""
+        sessions = {s.node_id: s for s in self._registry.sessions()}
+        if self._pending or not sessions or len(sessions) > _EXHAUSTIVE_UP_TO:
+            return None  # work that waits goes first; a large fleet is placed in rounds
+        pending = Pending(
+            id=values["id"],
+            tenant_id=values["tenant_id"],
+            attempt=values["attempt"],
+            function=function,
+            args=values["args"],
+            stdin=values["stdin"],
+            hint=values["placement"],
+        )
+        rule, _ = self._rule(pending)
+        fleet = Fleet(s.view() for s in sessions.values())
+        decided = self._decide(pending, rule, fleet, sessions, (), None)
+        if not isinstance(decided, _Decision):
+            return None
+        tx.undo.append(decided.undo)
+        if decided.tier is Tier.PROCESS and decided.forbidden(await process_tier_tenants(tx.conn)):
+            decided.undo()
+            return None
+        values.update(
+            node_id=decided.session.node_id,
+            placement=decided.placement(),
+            isolation=decided.tier.value,
+        )
+
+        def send() -> None:
+            if decided.reserved:  # not undone: the row was stored as placed
+                self._send(decided)
+
+        tx.after_commit.append(send)
+        return decided
+
+    def _rule(self, pending: Pending) -> tuple[tiers.TierRule, bool]:
+        """The tiers `pending` may use, as far as this replica last read its tenant's
+        permission (the transaction that assigns the process tier reads it again), and
+        whether it could use the process tier with the permission."""
+        spec = pending.function.spec
+        rule = tiers.rule_for(spec, allow_process=True, default=self._default_tier)
+        if not rule.admits_process:
+            return rule, False
+        if pending.tenant_id not in self._process_tenants:
+            rule = tiers.rule_for(spec, allow_process=False, default=self._default_tier)
+        return rule, True
 
     def _reason(self, result: Provision | Unschedulable | str) -> str:
         """What an execution that could not be placed says while it waits."""
@@ -437,14 +522,7 @@ class Dispatcher:
                     continue
                 if d.forbidden(process_tenants):
                     continue
-                hello = d.session.hello
-                placement = {
-                    **d.placement.to_dict(),
-                    **(d.pending.hint or {}),
-                    "tier": d.tier.value,
-                    "region": hello.region,
-                    "spot": hello.spot,
-                }
+                placement = d.placement()
                 # Open and unassigned when placed, and claimed (PostgreSQL): deferred, the
                 # round's assignments go together (`Tx.swap`).
                 swapped = await tx.swap(

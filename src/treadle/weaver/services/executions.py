@@ -146,6 +146,13 @@ class Invoked:
     row: Any
     function: FunctionRecord
     created: bool
+    # Placed in the transaction that stored it (`PlaceNew`): not for the dispatcher's queue.
+    placed: bool = False
+
+
+# Places a new execution in the transaction that stores it (the dispatcher's `place_new`):
+# given its row's values, which it may complete with a node; what undoes it, or None.
+PlaceNew = Callable[[Tx, dict[str, Any], FunctionRecord], Awaitable[Any]]
 
 
 class ExecutionService:
@@ -181,7 +188,12 @@ class ExecutionService:
             )
 
     async def invoke(
-        self, tenant_id: str, name: str, body: InvokeRequest, version: int | None = None
+        self,
+        tenant_id: str,
+        name: str,
+        body: InvokeRequest,
+        version: int | None = None,
+        place: PlaceNew | None = None,
     ) -> Invoked:
         self.check_limits(body)
         function = await self._functions.get(tenant_id, name, version)
@@ -195,9 +207,10 @@ class ExecutionService:
             params = {"_tenant": tenant_id, "_key": key}
             return (await tx.conn.execute(EXECUTION_BY_IDEMPOTENCY_KEY, params)).first()
 
-        async def write(tx: Tx) -> tuple[Any, bool]:
+        async def write(tx: Tx) -> tuple[Any, bool, bool]:
             values = fresh_execution(function, tenant_id, tx.now, body)
             execution_id = values["id"]
+            placed = await place(tx, values, function) if place is not None else None
             if key is None:
                 await tx.insert_later(_INSERT, values)
             else:
@@ -208,8 +221,10 @@ class ExecutionService:
                 # rowcount of a skipped row was seen to read 1.
                 statement = tx.db.insert_ignoring_conflicts(_E).returning(_E.c.id)
                 if (await tx.conn.execute(statement, values)).first() is None:
+                    if placed is not None:
+                        placed.undo()  # the key's execution is placed already
                     if (existing := await by_key(tx)) is not None:
-                        return existing, False
+                        return existing, False, False
                     raise InvalidTransition(
                         "the execution with this idempotency key could not be read; try again",
                         details={"idempotency_key": key},
@@ -220,11 +235,12 @@ class ExecutionService:
                 tenant_id,
                 {"state": "open", "attempt": 1, "function": spec.name},
             )
-            announce_open(tx)
-            return new_row(values), True
+            if placed is None:
+                announce_open(tx)
+            return new_row(values), True, placed is not None
 
-        row, created = await self._writer.run(write)
-        return Invoked(row=row, function=function, created=created)
+        row, created, placed = await self._writer.run(write)
+        return Invoked(row=row, function=function, created=created, placed=placed)
 
     async def get(self, tenant_id: str, execution_id: str) -> Any:
         async with self._db.read() as conn:

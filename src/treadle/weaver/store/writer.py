@@ -114,6 +114,8 @@ class Tx:
     # What writes of this transaction tell later ones of it, before it commits (forgotten
     # if it does not).
     scratch: dict[Any, Any] = field(default_factory=dict)
+    # What undoes, in memory, what writes did for a transaction that then did not commit.
+    undo: list[Callable[[], None]] = field(default_factory=list)
     # Whether `swap` may defer (see the module's docstring); off when a batch is run again.
     optimistic: bool = False
 
@@ -260,14 +262,24 @@ class Writer:
 
     async def _commit(self, batch: list[_Item], optimistic: bool) -> None:
         results: list[Any] = []
-        async with self._db.transaction() as conn:
-            deferring = _Deferring(conn)
-            tx = Tx(conn=deferring, db=self._db, now=time.time(), optimistic=optimistic)
-            for fn, _future in batch:
-                results.append(await fn(tx))
-            await deferring.flush()
-            if tx.stored:
-                await execute_many(conn, _INSERT_EVENTS, tx.stored)
+        undo: list[Callable[[], None]] = []
+        try:
+            async with self._db.transaction() as conn:
+                deferring = _Deferring(conn)
+                tx = Tx(conn=deferring, db=self._db, now=time.time(), optimistic=optimistic)
+                undo = tx.undo
+                for fn, _future in batch:
+                    results.append(await fn(tx))
+                await deferring.flush()
+                if tx.stored:
+                    await execute_many(conn, _INSERT_EVENTS, tx.stored)
+        except BaseException:
+            for callback in reversed(undo):
+                try:
+                    callback()
+                except Exception:
+                    log.exception("undoing a write that did not commit failed")
+            raise
         await self._settle(batch, results, tx)
 
     async def _settle(self, batch: list[_Item], results: list[Any], tx: Tx) -> None:
