@@ -15,11 +15,13 @@ readers proceed beside the writer.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 from sqlalchemy import (
     JSON,
     Connection,
@@ -34,10 +36,19 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, make_url
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["Conn", "Database", "execute_many", "sync_url"]
+__all__ = [
+    "Conn",
+    "Database",
+    "Group",
+    "execute_groups",
+    "execute_many",
+    "json_text",
+    "json_value",
+    "sync_url",
+]
 
 
 class Conn(Protocol):
@@ -70,36 +81,62 @@ class _Inline:
             cursor.close()
 
 
+def json_text(value: Any) -> str:
+    """A JSON column's value as stored (every store, every path): orjson's text, or
+    json's for what orjson does not take (integers past 64 bits, keys that are not
+    strings)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
+def json_value(text: str | bytes) -> Any:
+    """A JSON column's value as read."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # what json wrote and orjson does not read (NaN)
+        return json.loads(text)
+
+
+_NAMED = re.compile(r"%\((\w+)\)s")
+
+
 class _BulkPlan:
     """An INSERT or UPDATE run for many rows at once, compiled once per set of keys.
 
     SQLAlchemy spends ~13 µs a row on an executemany (building each row's parameters through
     its type machinery); SQLite itself ~4. The hot bulk statements (a batch's executions, the
-    events of a commit, deferred swaps) take this path on SQLite: the same SQL, the same
-    values, JSON serialized as SQLAlchemy's JSON type would (`json.dumps`, None as null).
+    events of a commit, deferred swaps) take this path: the same SQL, the same values, JSON
+    serialized as SQLAlchemy's JSON type does (`json_text`, None as null): positional for
+    SQLite's driver, by name for psycopg's.
     """
 
-    _plans: dict[tuple[int, tuple[str, ...]], _BulkPlan] = {}
+    _plans: dict[tuple[int, str, tuple[str, ...]], _BulkPlan] = {}
 
     def __init__(self, statement: Insert | Update, dialect: Any, keys: tuple[str, ...]) -> None:
         compiled = statement.compile(dialect=dialect, column_keys=list(keys))
         self.sql = compiled.string
-        table = statement.table
-        names = list(compiled.positiontup or ())
+        self.named = compiled.positiontup is None
+        names = _NAMED.findall(self.sql) if self.named else list(compiled.positiontup or ())
+        names = list(dict.fromkeys(names))
         # Literals of the statement itself (`state == "open"`) are binds with a value.
         fixed = {name: bind.value for name, bind in compiled.binds.items() if name not in keys}
         # Columns left out that have a default: a constant one is filled in here; any other
         # (a function) leaves the statement to SQLAlchemy.
-        self.usable = True
+        self.usable = all(name in keys or name in compiled.binds for name in names)
         for column in [*compiled.insert_prefetch, *compiled.update_prefetch]:
             default = column.default if column.key not in keys else None
             if default is not None and getattr(default, "is_scalar", False):
                 fixed[column.key] = default.arg  # type: ignore[attr-defined]
             elif column.key not in keys:
                 self.usable = False
-        columns = {c.key: c for c in table.columns} if isinstance(table, Table) else {}
         self._order = [
-            (name, fixed.get(name), isinstance(getattr(columns.get(name), "type", None), JSON))
+            (
+                name,
+                fixed.get(name),
+                isinstance(getattr(compiled.binds.get(name), "type", None), JSON),
+            )
             for name in names
         ]
         self._statement = statement  # kept alive: its id() is the cache key
@@ -107,7 +144,7 @@ class _BulkPlan:
     @classmethod
     def of(cls, statement: Insert | Update, dialect: Any, keys: Iterable[str]) -> _BulkPlan:
         ordered = tuple(sorted(keys))
-        key = (id(statement), ordered)
+        key = (id(statement), dialect.name, ordered)
         plan = cls._plans.get(key)
         if plan is None or plan._statement is not statement:
             plan = cls._plans[key] = cls(statement, dialect, ordered)
@@ -115,9 +152,15 @@ class _BulkPlan:
 
     def values(self, row: dict[str, Any]) -> tuple[Any, ...]:
         return tuple(
-            json.dumps(row[name]) if is_json else row.get(name, default)
+            json_text(row[name]) if is_json else row.get(name, default)
             for name, default, is_json in self._order
         )
+
+    def named_values(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            name: json_text(row[name]) if is_json else row.get(name, default)
+            for name, default, is_json in self._order
+        }
 
 
 async def execute_many(conn: Conn, statement: Insert | Update, rows: list[dict[str, Any]]) -> int:
@@ -127,6 +170,30 @@ async def execute_many(conn: Conn, statement: Insert | Update, rows: list[dict[s
     if isinstance(conn, _Inline) and len(rows) > 1:
         return conn.execute_many(statement, rows)
     return int((await conn.execute(statement, rows if len(rows) > 1 else rows[0])).rowcount)
+
+
+Group = tuple[Insert | Update, list[dict[str, Any]]]
+
+
+async def execute_groups(conn: Conn, groups: list[Group]) -> list[int]:
+    """Each group's statement for each of its rows (each group's rows with the same keys),
+    group after group: how many rows each group changed. On PostgreSQL they go in one
+    pipeline, one round trip for them all, instead of one a group."""
+    if isinstance(conn, AsyncConnection) and conn.dialect.name == "postgresql" and len(groups) > 1:
+        plans = [
+            _BulkPlan.of(statement, conn.dialect, rows[0].keys()) for statement, rows in groups
+        ]
+        if all(plan.usable for plan in plans):
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            cursors = []
+            async with driver.pipeline():
+                for plan, (_statement, rows) in zip(plans, groups, strict=True):
+                    cursor = driver.cursor()
+                    cursors.append(cursor)
+                    await cursor.executemany(plan.sql, [plan.named_values(row) for row in rows])
+            return [int(cursor.rowcount) for cursor in cursors]
+    return [await execute_many(conn, statement, rows) for statement, rows in groups]
 
 
 def sync_url(url: str) -> str:
@@ -157,6 +224,8 @@ def _set_pragmas(dbapi_connection: Any, busy_timeout_ms: int) -> None:
     cursor.close()
 
 
+# Every engine writes and reads JSON columns the same way.
+_JSON: dict[str, Any] = {"json_serializer": json_text, "json_deserializer": json_value}
 # PostgreSQL reads kept open at once (see `Database`).
 _READ_POOL = 24
 
@@ -179,8 +248,8 @@ class Database:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             plain = sync_url(url)
-            self._sqlite_write = create_engine(plain, poolclass=StaticPool)
-            self._sqlite_read = create_engine(plain, poolclass=StaticPool)
+            self._sqlite_write = create_engine(plain, poolclass=StaticPool, **_JSON)
+            self._sqlite_read = create_engine(plain, poolclass=StaticPool, **_JSON)
             # The writer must not wait inside SQLite for a lock another process holds: that
             # wait would stop the whole event loop. It is told at once and retries with
             # asyncio.sleep (Writer). Readers in WAL mode are rarely locked out at all.
@@ -188,13 +257,13 @@ class Database:
             event.listen(self._sqlite_read, "connect", _sqlite_pragmas(busy_timeout_ms=5000))
             event.listen(self._sqlite_write, "begin", _begin_immediate)
         else:
-            self._async = create_async_engine(url, pool_size=8, max_overflow=8)
+            self._async = create_async_engine(url, pool_size=8, max_overflow=8, **_JSON)
             # Its own pool: a connection switched to autocommit and back costs round trips.
             # Kept large enough for the reads of a busy API (each `?wait` ends in one): a
             # connection past the pool is opened and closed per read, which costs the server
             # a backend process each time.
             self._async_read = create_async_engine(
-                url, pool_size=_READ_POOL, max_overflow=8, isolation_level="AUTOCOMMIT"
+                url, pool_size=_READ_POOL, max_overflow=8, isolation_level="AUTOCOMMIT", **_JSON
             )
 
     @asynccontextmanager

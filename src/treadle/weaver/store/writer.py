@@ -32,7 +32,7 @@ from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.events.bus import BusEvent, EventBus
 from treadle.weaver.ids import new_id, new_serial
 from treadle.weaver.store import tables
-from treadle.weaver.store.database import Conn, Database, execute_many
+from treadle.weaver.store.database import Conn, Database, Group, execute_groups, execute_many
 
 __all__ = ["SwapMissed", "Tx", "WriteFn", "Writer"]
 
@@ -68,31 +68,33 @@ class _Deferring:
         key = (id(statement), tuple(sorted(row)))
         self._inserts.setdefault(key, (statement, []))[1].append(row)
 
-    async def flush(self) -> None:
+    async def flush(self, then: list[Group] | None = None) -> None:
         """Send the deferred inserts, then the deferred swaps: the first of each row's
-        together, then the second, …; in each round, one `executemany` per statement and
-        set of columns."""
-        inserts = self._inserts
-        if inserts:
-            self._inserts = {}
-            for statement, rows in inserts.values():
-                await execute_many(self._conn, statement, rows)
-        pending = self._swaps
-        if not pending:
-            return
-        self._swaps = {}
-        rounds = max(len(swaps) for swaps in pending.values())
+        together, then the second, …; each an `executemany` per statement and set of
+        columns; then the groups of `then`. On PostgreSQL all in one round trip."""
+        groups: list[Group] = list(self._inserts.values())
+        self._inserts = {}
+        pending, self._swaps = self._swaps, {}
+        swaps_from = len(groups)
+        rounds = max((len(swaps) for swaps in pending.values()), default=0)
         for turn in range(rounds):
-            groups: dict[tuple[int, tuple[str, ...]], tuple[Any, list[dict[str, Any]]]] = {}
+            shapes: dict[tuple[int, tuple[str, ...]], Group] = {}
             for swaps in pending.values():
                 if turn < len(swaps):
                     statement, parameters = swaps[turn]
                     key = (id(statement), tuple(sorted(parameters)))
-                    groups.setdefault(key, (statement, []))[1].append(parameters)
-            for statement, many in groups.values():
-                changed = await execute_many(self._conn, statement, many)
-                if changed != len(many):
-                    raise SwapMissed(f"{len(many) - changed} of {len(many)} swaps missed")
+                    shapes.setdefault(key, (statement, []))[1].append(parameters)
+            groups.extend(shapes.values())
+        swaps_to = len(groups)
+        groups.extend(then or ())
+        if not groups:
+            return
+        changed = await execute_groups(self._conn, groups)
+        for count, (_statement, many) in zip(
+            changed[swaps_from:swaps_to], groups[swaps_from:swaps_to], strict=True
+        ):
+            if count != len(many):
+                raise SwapMissed(f"{len(many) - count} of {len(many)} swaps missed")
 
     async def execute_many(self, statement: Any, rows: list[dict[str, Any]]) -> int:
         await self.flush()
@@ -270,9 +272,7 @@ class Writer:
                 undo = tx.undo
                 for fn, _future in batch:
                     results.append(await fn(tx))
-                await deferring.flush()
-                if tx.stored:
-                    await execute_many(conn, _INSERT_EVENTS, tx.stored)
+                await deferring.flush(then=[(_INSERT_EVENTS, tx.stored)] if tx.stored else None)
         except BaseException:
             for callback in reversed(undo):
                 try:
