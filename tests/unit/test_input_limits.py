@@ -80,7 +80,10 @@ def test_far_too_deep_json_is_refused_without_recursing() -> None:
         check_json(nested(200_000))
 
 
-@pytest.mark.parametrize("value", [float("nan"), [float("inf")], {"k": "\ud800"}])
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), [float("inf")], {"k": (1, -float("inf"))}, {"k": "\ud800"}, {"\udfff": 1}],
+)
 def test_json_must_be_representable(value: Any) -> None:
     with pytest.raises(ValueError, match="not representable"):
         check_json(value)

@@ -73,9 +73,7 @@ def json_depth_within(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
 def check_json(value: Any) -> Any:
     """`value` unchanged, or ValueError when it is nested past MAX_JSON_DEPTH or holds what
     standard JSON cannot carry (NaN, infinities, unpaired surrogates)."""
-    if not json_depth_within(value):
-        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects")
-    ensure_json_safe(value)
+    ensure_json_safe(value, MAX_JSON_DEPTH)
     return value
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from treadle.domain.errors import Conflict, NotFound, PayloadTooLarge, TreadleError
 from treadle.domain.execution import TERMINAL_STATES, ExecutionState, is_terminal
-from treadle.domain.function import PresetStrategy, check_placeholders
+from treadle.domain.function import PresetStrategy, check_placeholders, placeholders
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
 from treadle.weaver.services.executions import (
@@ -203,12 +203,15 @@ class BatchService:
             settings.max_args_bytes, settings.max_stdin_bytes
         )
         command = function.spec.command
+        # Most commands take no placeholders: then no item needs checking for them.
+        needs_args = bool(placeholders(command))
         for index, raw in enumerate(body.items):
             try:
                 item = InvokeRequest.model_validate(raw)
                 if not small:
                     self._executions.check_limits(item)
-                check_placeholders(command, item.args)
+                if needs_args:
+                    check_placeholders(command, item.args)
             except ValidationError as exc:
                 refused[index] = _validation(exc, index)
                 continue

@@ -425,13 +425,20 @@ class Dispatcher:
         self, tx: Tx, values: dict[str, Any], function: FunctionRecord
     ) -> _Decision | None:
         """Place a new execution in the transaction that stores it (`values`, its row, is
-        given its node), when nothing waits before it and a node has room: it saves the
-        round's transaction. None: it goes the usual way (`enqueue` once stored). A decision
-        is sent once committed; forgotten (its capacity freed) if the transaction fails, or
-        when the caller does not store the row after all (`_Decision.undo`)."""
+        given its node), when nothing waits before it, it is the transaction's first, and a
+        node has room: it saves the round's transaction, and its latency. None: it goes the
+        usual way (`enqueue` once stored). A decision is sent once committed; forgotten (its
+        capacity freed) if the transaction fails, or when the caller does not store the row
+        after all (`_Decision.undo`)."""
+        if self._pending or _PLACED_NEW in tx.scratch:
+            # Work that waits goes first. And one invoke a transaction: under load, when
+            # transactions hold many, rounds place them for less (one view of the fleet
+            # for them all, not one each).
+            return None
+        tx.scratch[_PLACED_NEW] = True
         sessions = {s.node_id: s for s in self._registry.sessions()}
-        if self._pending or not sessions or len(sessions) > _EXHAUSTIVE_UP_TO:
-            return None  # work that waits goes first; a large fleet is placed in rounds
+        if not sessions or len(sessions) > _EXHAUSTIVE_UP_TO:
+            return None  # a large fleet is placed in rounds
         pending = Pending(
             id=values["id"],
             tenant_id=values["tenant_id"],
@@ -447,7 +454,7 @@ class Dispatcher:
         if not isinstance(decided, _Decision):
             return None
         tx.undo.append(decided.undo)
-        if decided.tier is Tier.PROCESS and decided.forbidden(await process_tier_tenants(tx.conn)):
+        if decided.tier is Tier.PROCESS and decided.forbidden(await _process_tenants_in(tx)):
             decided.undo()
             return None
         values.update(
@@ -513,7 +520,7 @@ class Dispatcher:
             assigned: set[str] = set()
             claimed: set[str] | None = None
             verify = wants_process or any(d.tier is Tier.PROCESS for d in decisions)
-            process_tenants = await process_tier_tenants(tx.conn) if verify else None
+            process_tenants = await _process_tenants_in(tx) if verify else None
             if decisions and tx.db.dialect == "postgresql":
                 ids = [d.pending.id for d in decisions]
                 claimed = set((await tx.conn.execute(_CLAIM, {"ids": ids})).scalars())
@@ -556,3 +563,16 @@ class Dispatcher:
 
 async def _read_process_tenants(tx: Tx) -> frozenset[str]:
     return await process_tier_tenants(tx.conn)
+
+
+async def _process_tenants_in(tx: Tx) -> frozenset[str]:
+    """The tenants allowed the process tier, read once per transaction (a batch of invokes
+    placed as they are stored asks for each)."""
+    allowed: frozenset[str] | None = tx.scratch.get(_PROCESS_TENANTS)
+    if allowed is None:
+        allowed = tx.scratch[_PROCESS_TENANTS] = await process_tier_tenants(tx.conn)
+    return allowed
+
+
+_PROCESS_TENANTS = "process-tenants"
+_PLACED_NEW = "placed-new"
