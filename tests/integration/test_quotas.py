@@ -4,6 +4,7 @@ tenant's running sandboxes and cancels its executions; a soft one refuses new wo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import httpx
@@ -127,3 +128,42 @@ def test_a_batch_past_a_quota_runs_the_items_that_fit_and_refuses_the_rest(
         assert {error["code"] for error in refused} == {"limit_exceeded"}
         assert refused[0]["details"]["limit"] == "cpu_millicores"
         assert batch["counts"] == {"success": 2, "refused": 3}
+
+
+def test_requests_at_once_are_admitted_one_after_another_within_the_quota(
+    cluster: Cluster,
+) -> None:
+    """Each admission counts what the ones before it stored: of invokes and batches sent
+    together, no more run than the quota holds."""
+    tenant_id, api = tenant(cluster, "quota-at-once")
+    with api:
+        limit(cluster, tenant_id, cpu_millicores=1000)
+        register(
+            api,
+            "hold",
+            [PYTHON, "-c", "import time; time.sleep(60)"],
+            resources={"cpu_millicores": 250},
+        )
+        key = api.headers["Authorization"]
+
+        async def at_once() -> list[httpx.Response]:
+            async with httpx.AsyncClient(
+                base_url=str(api.base_url), headers={"Authorization": key}, timeout=60
+            ) as client:
+                invokes = [client.post("/v1/functions/hold/invoke", json={}) for _ in range(6)]
+                batches = [
+                    client.post("/v1/functions/hold/map", json={"items": [{}, {}]})
+                    for _ in range(3)
+                ]
+                return list(await asyncio.gather(*invokes, *batches))
+
+        answers = asyncio.run(at_once())
+        invoked = [a for a in answers[:6] if a.status_code == 202]
+        assert {a.status_code for a in answers[:6]} <= {202, 429}
+        mapped = [a.json() for a in answers[6:]]
+        ran = [item["execution"]["id"] for b in mapped for item in b["items"] if item["execution"]]
+        # 1,000 millicores hold four of 250, whoever asked first.
+        assert len(invoked) + len(ran) == 4
+        held = [a.json()["id"] for a in invoked] + ran
+        for execution_id in held:
+            api.post(f"/v1/executions/{execution_id}/cancel")

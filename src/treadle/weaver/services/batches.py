@@ -15,8 +15,9 @@ end without a subscription per execution.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -164,8 +165,11 @@ class BatchService:
         self._functions = functions
         self._executions = executions
         self._settings = settings
-        # How many of a batch the tenant's quotas admit (`QuotaService.admissible`).
-        self.admissible: Any = None
+        # How many of a batch the tenant's quotas admit, stored within
+        # (`QuotaService.admissible`).
+        self.admissible: Callable[..., contextlib.AbstractAsyncContextManager[Admitted]] | None = (
+            None
+        )
 
     # submitting
 
@@ -222,19 +226,23 @@ class BatchService:
                 refused[index] = _unreadable(exc, index)
                 continue
             valid.append((index, item))
-        if self.admissible is not None and valid:
-            admitted, refusal = await self._admit(tenant_id, function, len(valid))
+        admission = (
+            self.admissible(tenant_id, function.spec.resources, len(valid))
+            if self.admissible is not None and valid
+            else contextlib.nullcontext((len(valid), None))
+        )
+        async with admission as (admitted, refusal):
             if refusal is not None:
                 for index, _item in valid[admitted:]:
                     refused[index] = item_error(refusal)
                 valid = valid[:admitted]
-        write = self._write(tenant_id, function, body, valid, refused)
-        try:
-            batch, made, created = await self._writer.run(write)
-        except IntegrityError:
-            # Another replica stored one of these keys (the batch's, an item's) meanwhile:
-            # run again, the write finds it and answers with it.
-            batch, made, created = await self._writer.run(write)
+            write = self._write(tenant_id, function, body, valid, refused)
+            try:
+                batch, made, created = await self._writer.run(write)
+            except IntegrityError:
+                # Another replica stored one of these keys (the batch's, an item's) meanwhile:
+                # run again, the write finds it and answers with it.
+                batch, made, created = await self._writer.run(write)
         if not created:
             self._same_function(batch, name, key)
         return Created(batch, made, function, created)
@@ -246,10 +254,6 @@ class BatchService:
                 f"the idempotency key {key!r} names a batch of function {batch.function!r}",
                 details={"idempotency_key": key, "batch": batch.id},
             )
-
-    async def _admit(self, tenant_id: str, function: FunctionRecord, count: int) -> Admitted:
-        admitted: Admitted = await self.admissible(tenant_id, function.spec.resources, count)
-        return admitted
 
     def _write(
         self,

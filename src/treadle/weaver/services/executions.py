@@ -42,7 +42,8 @@ from treadle.weaver.store.writer import Tx, Writer
 from treadle.weaver.views import execution_view
 
 # What checks a tenant's quotas and budget before new work is stored.
-Admission = Callable[..., Awaitable[None]]
+# The tenant's quotas (`QuotaService.admit`): refuses, or admits work stored within.
+Admission = Callable[..., contextlib.AbstractAsyncContextManager[None]]
 
 __all__ = [
     "ExecutionService",
@@ -199,8 +200,6 @@ class ExecutionService:
         function = await self._functions.get(tenant_id, name, version)
         spec = function.spec
         render_command(spec.command, body.args)  # a missing placeholder is a 422 now, not later
-        if self.admit is not None:
-            await self.admit(tenant_id, spec.resources, sandbox=False)
         key = body.idempotency_key
 
         async def by_key(tx: Tx) -> Any:
@@ -239,7 +238,13 @@ class ExecutionService:
                 announce_open(tx)
             return new_row(values), True, placed is not None
 
-        row, created, placed = await self._writer.run(write)
+        admitted = (
+            self.admit(tenant_id, spec.resources, sandbox=False)
+            if self.admit is not None
+            else contextlib.nullcontext()
+        )
+        async with admitted:
+            row, created, placed = await self._writer.run(write)
         return Invoked(row=row, function=function, created=created, placed=placed)
 
     async def get(self, tenant_id: str, execution_id: str) -> Any:

@@ -2,8 +2,10 @@
 tenant's work holds and spent, checked before new work is stored, and a hard budget enforced
 on running work by the leading replica.
 
-Admission reads the use at the moment of the request: two requests at once may both pass
-where only one fits (as with `max_sandboxes_per_tenant`), by at most one workload each.
+Admission reads the use and stores the new work under one lock per tenant (with limits) on
+each replica: two requests at once on one replica are admitted one after the other, the
+second counting what the first stored. Requests to different replicas at once may still both
+pass where only one fits, by at most one workload (or batch) each.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
@@ -54,6 +59,8 @@ class QuotaService:
         self._warned: dict[str, float] = {}  # tenant -> the period it was warned in
         # tenant -> its limits as last read, and until when they stand (monotonic)
         self._limits: dict[str, tuple[TenantLimits | None, float]] = {}
+        # tenant -> the lock its admissions take turns by (while any holds or waits for it)
+        self._turns: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def limits(self, tenant_id: str) -> TenantLimits | None:
         # Every invoke asks: read at most once a second per tenant, not once per invoke.
@@ -117,21 +124,39 @@ class QuotaService:
             used.gpus += held.gpu_count
         return used
 
-    async def admit(self, tenant_id: str, asked: Resources, *, sandbox: bool) -> None:
-        """Refuse (`LimitExceeded`) new work of the tenant's that would pass a limit."""
+    @asynccontextmanager
+    async def admit(
+        self, tenant_id: str, asked: Resources, *, sandbox: bool
+    ) -> AsyncIterator[None]:
+        """Refuse (`LimitExceeded`) new work of the tenant's that would pass a limit; what
+        is admitted is to be stored within, the tenant's next admission waiting for it."""
         limits = await self.limits(tenant_id)
         if limits is None:
+            yield
             return
-        admit(limits, await self.in_use(tenant_id, limits.period), asked, sandbox=sandbox)
+        async with self._turn(tenant_id):
+            admit(limits, await self.in_use(tenant_id, limits.period), asked, sandbox=sandbox)
+            yield
 
-    async def admissible(self, tenant_id: str, asked: Resources, count: int) -> Admitted:
+    @asynccontextmanager
+    async def admissible(
+        self, tenant_id: str, asked: Resources, count: int
+    ) -> AsyncIterator[Admitted]:
         """How many of `count` executions, each reserving `asked`, the tenant's limits admit
-        now (the first ones of a batch), and the refusal of the rest."""
+        now (the first ones of a batch), and the refusal of the rest; what is admitted is to
+        be stored within, as with `admit`."""
         limits = await self.limits(tenant_id)
         if limits is None:
-            return count, None
-        used = await self.in_use(tenant_id, limits.period)
-        return admissible(limits, used, asked, count)
+            yield count, None
+            return
+        async with self._turn(tenant_id):
+            yield admissible(limits, await self.in_use(tenant_id, limits.period), asked, count)
+
+    def _turn(self, tenant_id: str) -> asyncio.Lock:
+        lock = self._turns.get(tenant_id)
+        if lock is None:
+            lock = self._turns[tenant_id] = asyncio.Lock()
+        return lock
 
     # a hard budget, enforced
 

@@ -14,11 +14,12 @@ pause/resume/stop to the nodes whose links are on this replica, and apply TTLs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from sqlalchemy import and_, func, select, update
@@ -175,8 +176,8 @@ class SandboxService:
         self._default_tier = default_min_isolation
         self._on_change = on_change
         self._max_per_tenant = max_per_tenant
-        # The tenant's quotas and budget, checked before a sandbox is stored (`quotas`).
-        self.admit: Callable[..., Awaitable[None]] | None = None
+        # The tenant's quotas and budget: refuse, or admit a sandbox stored within (`quotas`).
+        self.admit: Callable[..., contextlib.AbstractAsyncContextManager[None]] | None = None
         # Whether the last `place` found sandboxes waiting: only then is freed capacity news.
         self.waiting = True
 
@@ -184,8 +185,6 @@ class SandboxService:
 
     async def create(self, tenant_id: str, spec: SandboxSpec) -> Any:
         sandbox_id = new_id("sbx")
-        if self.admit is not None:
-            await self.admit(tenant_id, spec.resources, sandbox=True)
 
         async def write(tx: Tx) -> Any:
             if tiers.names_process(spec) and tenant_id not in await process_tier_tenants(tx.conn):
@@ -225,7 +224,13 @@ class SandboxService:
             tx.emit("sandbox.pending", sandbox_id, tenant_id, {"status": "pending"})
             return await _load(tx, sandbox_id)
 
-        row = await self._writer.run(write)
+        admitted = (
+            self.admit(tenant_id, spec.resources, sandbox=True)
+            if self.admit is not None
+            else contextlib.nullcontext()
+        )
+        async with admitted:
+            row = await self._writer.run(write)
         self._on_change()
         return row
 
