@@ -10,10 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from integration.test_executions import register
-from support.cluster import PYTHON, Cluster
+from support.cluster import PYTHON, Cluster, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -286,3 +287,42 @@ def test_hostile_items_are_refused_alone_and_the_batch_stays_readable(cluster: C
         # A cursor whose digits are not ASCII ones.
         odd = base64.urlsafe_b64encode("ix_²".encode()).decode()
         assert api.get(f"/v1/batches/{batch['id']}", params={"cursor": odd}).status_code == 422
+
+
+def test_a_tenant_holds_only_so_many_follow_sockets_at_once(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Past TREADLE_MAX_FOLLOWERS_PER_TENANT, a results (or output) socket is closed with
+    4429 and a limit_exceeded body; one closed makes room for the next."""
+    lone = Cluster(tmp_path_factory.mktemp("followers"))
+    try:
+        lone.start_weaver(max_followers_per_tenant="2")  # and no node: nothing ends
+        with lone.client() as api:
+            doubler(api, "stays-open")
+            # One item waits for ever; the refused one is what an admitted socket sends first.
+            items = [{"args": {"n": 1}}, {"args": "not an object"}]
+            batch = submit(api, "stays-open", {"items": items}).json()
+        url = lone.url.replace("http", "ws", 1) + f"/v1/batches/{batch['id']}/results"
+        headers = {"Authorization": f"Bearer {lone.admin_key}"}
+
+        def opened() -> Any:
+            return connect(url, additional_headers=headers, open_timeout=10)
+
+        with opened() as first, opened():
+            with opened() as third:
+                refusal = json.loads(third.recv(timeout=10))
+                with pytest.raises(ConnectionClosed) as closed:
+                    third.recv(timeout=10)
+            assert refusal["error"]["code"] == "limit_exceeded"
+            assert refusal["error"]["details"]["limit"] == "max_followers_per_tenant"
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4429
+            assert json.loads(first.recv(timeout=10))["type"] == "results"
+            first.close()
+
+            def admitted() -> bool:  # once Weaver has seen the first one go
+                with opened() as again:
+                    return bool(json.loads(again.recv(timeout=10)).get("type") == "results")
+
+            eventually(admitted, what="the first socket's place to be free")
+    finally:
+        lone.stop()

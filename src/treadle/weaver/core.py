@@ -18,6 +18,7 @@ from treadle.weaver.services.dispatcher import Dispatcher, Pending
 from treadle.weaver.services.executions import ExecutionService, InvokeRequest
 from treadle.weaver.services.export import UsageExporter
 from treadle.weaver.services.fleet import FleetListener
+from treadle.weaver.services.followers import Followers
 from treadle.weaver.services.functions import FunctionService
 from treadle.weaver.services.leadership import leadership_for
 from treadle.weaver.services.nodes import NodeRegistry, NodeService
@@ -98,6 +99,7 @@ class Weaver:
             max_per_tenant=settings.max_sandboxes_per_tenant,
         )
         self.streams = StreamHub(settings.max_exec_streams_per_tenant)
+        self.followers = Followers(settings.max_followers_per_tenant)
         self._sandbox_wake = asyncio.Event()
         self._sandbox_task: asyncio.Task[None] | None = None
         self.quotas = QuotaService(self)

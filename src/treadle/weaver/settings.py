@@ -57,9 +57,11 @@ class WeaverSettings(BaseSettings):
     # cut with a marker line and the execution says `output_truncated`.
     max_output_bytes: int = Field(default=16 * 1024 * 1024, ge=0, le=2**62)
     max_wait_s: float = 300.0
-    # Per tenant: sandboxes not yet ended, and exec streams open at once (on this replica).
+    # Per tenant: sandboxes not yet ended, exec streams open at once, and sockets following
+    # an execution's output or a batch's results open at once (on this replica).
     max_sandboxes_per_tenant: int = Field(default=100, ge=0)
     max_exec_streams_per_tenant: int = Field(default=64, ge=0)
+    max_followers_per_tenant: int = Field(default=256, ge=0)
     # Where a wildcard DNS name points at Weaver: `{port}-{id}.{domain}` then reaches a
     # sandbox's port as `/v1/sandboxes/sbx_{id}/ports/{port}/` does (None: path routing only).
     sandbox_domain: str | None = Field(

@@ -9,10 +9,13 @@ from typing import Any
 from fastapi import WebSocket, WebSocketDisconnect
 
 from treadle.domain.errors import TreadleError
-from treadle.weaver.api.deps import principal_of
+from treadle.weaver.api.deps import get_weaver, principal_of
 from treadle.weaver.api.errors import error_body
 
 __all__ = ["follow_for_caller", "until_either", "until_gone"]
+
+# Close codes past 4000 for errors that have an HTTP status of their own (else 4400).
+_CLOSE_CODES = {"not_found": 404, "limit_exceeded": 429}
 
 
 async def until_either(*directions: Coroutine[Any, Any, None]) -> list[asyncio.Task[None]]:
@@ -55,7 +58,7 @@ async def follow_for_caller(
 ) -> None:
     """A socket that only sends: authenticate, accept, and run `follow` (given the caller's
     tenant) until it ends or the client goes; a TreadleError it raises becomes an error body
-    and a 4xxx close code (4404 for not found)."""
+    and a 4xxx close code (4404 for not found, 4429 past the tenant's follow sockets)."""
     try:
         principal = await principal_of(websocket)
     except TreadleError:
@@ -63,9 +66,10 @@ async def follow_for_caller(
         return
     await websocket.accept()
     try:
-        await until_gone(websocket, follow(principal.tenant_id))
+        with get_weaver(websocket).followers.held(principal.tenant_id):
+            await until_gone(websocket, follow(principal.tenant_id))
     except TreadleError as exc:
         await websocket.send_json(error_body(exc.code, exc.message, exc.details))
-        await websocket.close(code=4000 + (404 if exc.code == "not_found" else 400))
+        await websocket.close(code=4000 + _CLOSE_CODES.get(exc.code, 400))
     except WebSocketDisconnect:
         pass

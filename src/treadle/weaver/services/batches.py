@@ -16,6 +16,7 @@ end without a subscription per execution.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ _ENDED_OF_BATCH = select(*_RESULT).where(
 _STATES_BY_IDS = select(_E.c.id, _E.c.state).where(_E.c.id.in_(bindparam("_ids", expanding=True)))
 _INSERT_EXECUTIONS = _E.insert()
 _INSERT_BATCH = _B.insert()
+# Reused executions a results socket subscribes to (`BatchService._topics`).
+_REUSED_HEARD = 64
 
 
 class MapRequest(BaseModel):
@@ -498,7 +501,13 @@ class BatchService:
 
     @staticmethod
     def _topics(batch: Any) -> list[str]:
-        return [f"batch.{batch.id}", *(f"execution.{i}" for i in batch.reused.values())]
+        # The first few reused executions are heard at once; the rest, by the periodic
+        # read of what ended (a batch reusing 10,000 would hold 10,000 subscriptions).
+        reused = dict.fromkeys(batch.reused.values())
+        return [
+            f"batch.{batch.id}",
+            *(f"execution.{i}" for i in itertools.islice(reused, _REUSED_HEARD)),
+        ]
 
 
 def _ended(item: dict[str, Any]) -> bool:
