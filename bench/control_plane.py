@@ -36,7 +36,16 @@ from typing import Any
 
 import httpx
 
-from servers import PY, WeaverProcess, cpu_seconds, database_for, nats_for, until, wrk
+from servers import (
+    PY,
+    WeaverProcess,
+    cpu_seconds,
+    database_cpu_seconds,
+    database_for,
+    nats_for,
+    until,
+    wrk,
+)
 from treadle.client import AsyncClient
 
 FUNCTION = "noop"
@@ -78,13 +87,25 @@ def measured(
 ) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     cpu = weaver_cpu(weavers) - cpu_before
+    database = database_cpu_seconds() - _database_before
     return {
         "executions": done,
         "seconds": round(elapsed, 2),
         "executions_per_s": round(done / elapsed, 1),
         "weaver_cpu_ms_per_execution": round(cpu * 1000 / max(done, 1), 3),
         "weaver_cores": round(cpu / elapsed, 2),
+        "database_cpu_ms_per_execution": round(database * 1000 / max(done, 1), 3),
     }
+
+
+_database_before = 0.0
+
+
+def weaver_cpu_now(weavers: list[WeaverProcess]) -> float:
+    """Weaver's CPU so far; and the database server's, kept for `measured`."""
+    global _database_before
+    _database_before = database_cpu_seconds()
+    return weaver_cpu(weavers)
 
 
 async def sequential(api: httpx.AsyncClient, n: int) -> dict[str, Any]:
@@ -105,7 +126,7 @@ async def single(
     share = max(1, concurrency // len(weavers))
     if shutil.which("wrk"):
         # A lean client: a Python one needs more CPU per request than Weaver does.
-        cpu, started = weaver_cpu(weavers), time.perf_counter()
+        cpu, started = weaver_cpu_now(weavers), time.perf_counter()
         before = await _succeeded(api)
         loaded = await asyncio.gather(
             *(wrk(w.url, w.headers, FUNCTION, share, int(seconds)) for w in weavers)
@@ -130,7 +151,7 @@ async def single(
             else:
                 failed += 1
 
-    cpu, started = weaver_cpu(weavers), time.perf_counter()
+    cpu, started = weaver_cpu_now(weavers), time.perf_counter()
     await asyncio.gather(*(client(w.url) for w in weavers for _ in range(share)))
     return {
         "load": "httpx",
@@ -174,7 +195,7 @@ async def batch(
                         failed += 1
                 batches += 1
 
-    cpu, started = weaver_cpu(weavers), time.perf_counter()
+    cpu, started = weaver_cpu_now(weavers), time.perf_counter()
     await asyncio.gather(*(mapper(weavers[n % len(weavers)]) for n in range(in_flight)))
     return {
         "batch_size": size,

@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from servers import cpu_seconds, local_stack, wrk
+from servers import cpu_seconds, database_cpu_seconds, local_stack, wrk
 from treadle.client.config import ClientConfig, load_config
 
 
@@ -249,6 +249,7 @@ async def measure(
             ),
         }
         before = {name: cpu_seconds(pid) for name, pid in (pids or {}).items()}
+        database_before = database_cpu_seconds()
         results["throughput"] = await (
             throughput_wrk(api, config.url, headers, function, args.concurrency, args.seconds)
             if use_wrk
@@ -259,6 +260,9 @@ async def measure(
             name: round((cpu_seconds(pid) - before[name]) * 1000 / max(made, 1), 3)
             for name, pid in (pids or {}).items()
         }
+        if args.store == "postgresql":
+            spent = database_cpu_seconds() - database_before
+            results["cpu_ms_per_execution"]["database"] = round(spent * 1000 / max(made, 1), 3)
     print(json.dumps(results, indent=2))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -48,6 +48,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def database_cpu_seconds() -> float:
+    """CPU time so far of the PostgreSQL server processes on this machine (the benchmark's
+    own server; its backends that ended count in their parent's): 0 with SQLite, whose work
+    is Weaver's own."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, _, rest = text.partition("(")[2].rpartition(")")
+        if name == "postgres":
+            fields = rest.split()
+            total += sum(int(value) for value in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def until(check: Any, timeout: float, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while True:
