@@ -298,9 +298,15 @@ class FakeNode:
     what the node would report. Its taint keeps other tests' work off it."""
 
     def __init__(
-        self, ws: ClientConnection, *, cpu_millicores: int = 64_000, price_per_hour: float = 0.0
+        self,
+        ws: ClientConnection,
+        *,
+        cpu_millicores: int = 64_000,
+        price_per_hour: float = 0.0,
+        tag: str | None = None,
     ) -> None:
-        self.tag = uuid.uuid4().hex[:12]
+        # The same tag again (and the node's credential on the socket): the node reconnects.
+        self.tag = tag or uuid.uuid4().hex[:12]
         self.ws = ws
         capacity = Resources(cpu_millicores=cpu_millicores, memory_mib=65_536, disk_mib=1_000_000)
         hello = Hello(
@@ -315,6 +321,7 @@ class FakeNode:
         self.ws.send(encode(hello))
         welcome = self.receive(lambda m: isinstance(m, Welcome))
         assert isinstance(welcome, Welcome)
+        self.welcome = welcome
         self.placement = {"labels": {"fake": self.tag}, "tolerations": ["fake"]}
 
     def send(self, frame: str) -> None:
@@ -510,6 +517,36 @@ def test_weaver_enforces_the_output_cap_on_a_node_that_ignores_it(
         got = api.get(f"/v1/executions/{spec.id}/output").json()
         assert got["stdout"] == "a" * 600 + "b" * 400 + "\n" + output_marker(MAX_OUTPUT)
         assert (got["complete"], got["next_seq"]) == (True, 2)
+
+
+def test_an_attempt_given_back_and_placed_again_keeps_what_its_output_used(
+    cluster: Cluster, node: FakeNode
+) -> None:
+    """A node that sent output for an attempt, then leaves it out of its hello (never
+    started, it says), gets it back with the same attempt: its output budget is what the
+    attempt already stored, not a fresh one."""
+    with cluster.client() as api:
+        register(api, "given-back", ["/bin/true"], placement=node.placement)
+        invoked = api.post("/v1/functions/given-back/invoke", json={})
+        assert invoked.status_code == 202, invoked.text
+        spec = node.assigned()
+        for seq, piece in enumerate(["a" * 600, "b" * 600]):  # the cap (1,000) reached
+            node.send(output(spec, seq, piece))
+        node.receive(lambda m: isinstance(m, Ack) and m.id == spec.id and m.seq == 1)
+        welcome = node.welcome
+        node.ws.close()
+        url = cluster.url.replace("http", "ws") + "/v1/agent"
+        credential = {"Authorization": f"Bearer {welcome.node_id}:{welcome.node_secret}"}
+        with ws_client.connect(url, additional_headers=credential) as ws:
+            again = FakeNode(ws, tag=node.tag)
+            assert again.welcome.node_id == welcome.node_id
+            placed = again.assigned()  # given back, placed again: the same attempt
+            assert (placed.id, placed.attempt) == (spec.id, spec.attempt)
+            again.send(output(placed, 2, "c" * 600))
+            again.send(json.dumps(exited(placed, chunks=3)))
+            assert ended(api, spec)["output_truncated"] is True
+            got = api.get(f"/v1/executions/{spec.id}/output").json()
+            assert got["stdout"] == "a" * 600 + "b" * 400 + "\n" + output_marker(MAX_OUTPUT)
 
 
 def test_output_is_streamed_whole_across_batches_and_resumes(

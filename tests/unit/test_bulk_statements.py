@@ -115,3 +115,34 @@ async def test_the_driver_paths_store_and_count_what_sqlalchemy_does(
         assert rows == stored, mode
         assert counts[1:] == [6, 0, 6], mode
         assert counts[0] in (12, counted[0]), mode
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_json_columns_read_back_what_was_written_big_integers_too(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = (
+        str(request.getfixturevalue("postgres").create_database())
+        if store == "postgresql"
+        else f"sqlite:///{tmp_path / 'json.db'}"
+    )
+    migrate.upgrade(url)
+    db = Database(url)
+    rows = _executions(3)
+    # orjson alone would read the first two back as floats.
+    rows[0]["args"] = {"big": 2**70, "neg": -(2**64), "in": [2**63 - 1, "9" * 30]}
+    rows[1]["args"] = {"u64": 2**64 - 1, "float": 1e300, "text": "1234567890123456789012"}
+    try:
+        async with db.transaction() as conn:
+            await conn.execute(
+                tables.tenants.insert(),
+                {"id": "tn_1", "name": "t", "created_at": 0.0, "allow_process_tier": False},
+            )
+            await execute_many(conn, tables.executions.insert(), rows)
+        async with db.read() as conn:
+            query = sa.select(tables.executions.c.args).order_by(tables.executions.c.id)
+            read = [row.args for row in await conn.execute(query)]
+    finally:
+        await db.close()
+    assert read == [row["args"] for row in rows]
+    assert isinstance(read[0]["big"], int) and isinstance(read[1]["u64"], int)

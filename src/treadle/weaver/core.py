@@ -181,7 +181,7 @@ class Weaver:
             tenant_id, name, body, version, place=self.dispatcher.place_new
         )
         if invoked.created and not invoked.placed:
-            self.dispatcher.enqueue(Pending.from_row(invoked.row, invoked.function))
+            self.dispatcher.enqueue(Pending.from_row(invoked.row, invoked.function, fresh=True))
         if wait:
             # A fresh execution cannot have ended before this call subscribes: its node hears
             # of it only once the commit that stores it is done, and the node's reports
@@ -202,7 +202,7 @@ class Weaver:
         together."""
         created = await self.batches.submit(tenant_id, name, body, version, body_bytes)
         for row in created.executions:
-            self.dispatcher.enqueue(Pending.from_row(row, created.function))
+            self.dispatcher.enqueue(Pending.from_row(row, created.function, fresh=True))
         return created
 
     def _capacity_changed(self) -> None:

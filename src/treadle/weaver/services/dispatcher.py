@@ -118,9 +118,12 @@ class Pending:
     since: float = field(default_factory=time.monotonic)
     # The batch that made it, if any.
     batch: str | None = None
+    # Just made by this replica (an invoke, a batch): its attempt has reported nothing, to
+    # anyone. One found by a scan may be an attempt placed before and given back.
+    fresh: bool = False
 
     @classmethod
-    def from_row(cls, row: Any, function: FunctionRecord) -> Pending:
+    def from_row(cls, row: Any, function: FunctionRecord, *, fresh: bool = False) -> Pending:
         hint = row.placement if row.node_id is None and isinstance(row.placement, dict) else None
         return cls(
             id=row.id,
@@ -132,6 +135,7 @@ class Pending:
             reason=row.pending_reason,
             hint=hint,
             batch=row.batch_id,
+            fresh=fresh,
         )
 
     @property
@@ -396,8 +400,9 @@ class Dispatcher:
             pending.tenant_id,
             (pending.tenant_id, spec.name, pending.function.version),
             batch=pending.batch,
-            # A fresh attempt has stored no output (a lost one's next is a new one).
-            output=NO_OUTPUT,
+            # A fresh attempt has stored no output and billed no use: its reports need not
+            # read the row. Anything else may have (an attempt given back keeps its number).
+            output=NO_OUTPUT if pending.fresh else None,
         )
         fleet.update(session.view())
         return _Decision(pending, session, result, tier, reserved)
@@ -447,6 +452,7 @@ class Dispatcher:
             args=values["args"],
             stdin=values["stdin"],
             hint=values["placement"],
+            fresh=True,
         )
         rule, _ = self._rule(pending)
         fleet = Fleet(s.view() for s in sessions.values())

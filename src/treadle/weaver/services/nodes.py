@@ -62,12 +62,12 @@ class Held:
     # find it as they expect, so they are checked against the store, not taken to apply.
     settled: bool = False
     # The output the attempt has stored, as committed (`OutputState`), while this session
-    # has seen all of it (placed by this session); None: unknown, read from the store.
+    # has seen all of its reports (a fresh attempt it placed); None: unknown, read from the
+    # store. Its usage records' seqs stored (`metered`) are known while this is not None.
     output: OutputState | None = None
     # When this session took it on (wall clock): no record of its use starts much earlier.
     since: float = field(default_factory=time.time)
-    # The seqs of its usage records stored, as committed (`usage`), while this session has
-    # seen all of them (placed by this session).
+    # The seqs of its usage records stored, as committed (`usage`), while `output` is known.
     metered: set[int] = field(default_factory=set)
 
 

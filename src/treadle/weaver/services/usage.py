@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Integer, bindparam, case, func, select, update
@@ -60,6 +59,11 @@ _ADD_COST = (
     .where(_E.c.id == bindparam("_id"))
     .values(cost=func.coalesce(_E.c.cost, 0.0) + bindparam("_cost"))
 )
+# The same, only while the execution's attempt is on that node (the fence of a record stored
+# without reading the row); with nothing to add, the fence alone.
+_ON_NODE = (_E.c.attempt == bindparam("_attempt"), _E.c.node_id == bindparam("_node"))
+_ADD_COST_ON_NODE = _ADD_COST.where(*_ON_NODE)
+_HELD_ON_NODE = update(_E).where(_E.c.id == bindparam("_id"), *_ON_NODE).values(cost=_E.c.cost)
 
 
 # What `summary` totals, and what it may group by.
@@ -176,42 +180,69 @@ class UsageService:
     async def report(self, tx: Tx, session: NodeSession, msg: UsageReport) -> list[WeaverMessage]:
         now = time.time()
         for record in msg.records:
+            if await self._store_new(tx, session, record, now):
+                continue
             owner = await self._owner(tx, session, record, now)
             if owner is None:
                 continue
             tenant_id, subject, reserved = owner
-            await self._store(
-                tx,
-                session,
-                record,
-                tenant_id,
-                subject,
-                reserved,
-                now,
-                self._first(tx, session, record),
-            )
+            values, cost = self._priced(session, record, tenant_id, subject, reserved, now)
+            statement = self._db.insert_ignoring_conflicts(_U).returning(_U.c.seq)
+            if (await tx.conn.execute(statement, values)).first() is None:
+                continue  # stored before: counted once
+            self._stored(record, now)
+            if record.kind == "execution" and cost:
+                # Once per record: the insert just made is what says it is new.
+                await tx.swap(record.id, _ADD_COST, {"_id": record.id, "_cost": cost})
         keys = [
             UsageKey(kind=r.kind, id=r.id, generation=r.generation, seq=r.seq) for r in msg.records
         ]
         return [UsageAck(keys=keys)]
+
+    async def _store_new(
+        self, tx: Tx, session: NodeSession, record: UsageRecord, now: float
+    ) -> bool:
+        """The usual case, decided without reading the row: a record of a fresh attempt this
+        session placed (every record of it came over this link), with a seq it has not
+        stored. Fenced in the store on (execution, attempt, node) as the read would have
+        been, and stored with the batch's other writes. False: the store must tell."""
+        if record.kind != "execution":
+            return False
+        placed = session.attempts.get((record.id, record.generation))
+        if placed is None or placed.settled or placed.output is None or placed.kind is None:
+            return False
+        seen: set[int] = tx.scratch.setdefault(("usage", record.id, record.generation), set())
+        if record.seq in placed.metered or record.seq in seen:
+            return False  # sent again: the store tells it stored once
+        # No use of it starts before this session placed it.
+        if record.start < placed.since - CLOCK_SKEW_S or record.end > now + CLOCK_SKEW_S:
+            self._refuse(session, record, "outside the workload's life")
+            return True
+        values, cost = self._priced(
+            session, record, placed.tenant_id, placed.kind[1], placed.resources, now
+        )
+        fence = {"_id": record.id, "_attempt": record.generation, "_node": session.node_id}
+        if cost:
+            held = await tx.swap(record.id, _ADD_COST_ON_NODE, {**fence, "_cost": cost})
+        else:
+            held = await tx.swap(record.id, _HELD_ON_NODE, fence)
+        if not held:
+            return False  # the attempt moved: the slow way refuses it
+        seen.add(record.seq)
+        await tx.insert_later(self._db.insert_ignoring_conflicts(_U), values)
+        tx.after_commit.append(lambda: placed.metered.add(record.seq))
+        self._stored(record, now)
+        return True
 
     async def _owner(
         self, tx: Tx, session: NodeSession, record: UsageRecord, now: float
     ) -> tuple[str, str, Resources] | None:
         """Whose record this is (tenant, what of, what it reserved), if the node may bill it."""
         if record.kind == "execution":
-            placed = session.attempts.get((record.id, record.generation))
-            if placed is not None and not placed.settled and placed.kind is not None:
-                # The usual case, decided without reading the row: an attempt this session
-                # placed and the node still holds. No use of it starts before it was placed.
-                if record.start < placed.since - CLOCK_SKEW_S or record.end > now + CLOCK_SKEW_S:
-                    return self._refuse(session, record, "outside the workload's life")
-                return placed.tenant_id, placed.kind[1], placed.resources
             row = (await tx.conn.execute(_EXECUTION_OWNER, {"_id": record.id})).first()
-            held = row is not None and row.attempt == record.generation
         else:
             row = (await tx.conn.execute(_SANDBOX_OWNER, {"_id": record.id})).first()
-            held = row is not None and row.attempt == record.generation
+        held = row is not None and row.attempt == record.generation
         if row is None or not held or row.node_id != session.node_id:
             return self._refuse(session, record, "not a workload this node holds")
         if record.start < row.created_at - CLOCK_SKEW_S or record.end > now + CLOCK_SKEW_S:
@@ -224,22 +255,6 @@ class UsageService:
         return row.tenant_id, str(row.function), reserved
 
     @staticmethod
-    def _first(tx: Tx, session: NodeSession, record: UsageRecord) -> Callable[[], None] | None:
-        """For a record of an attempt this session placed, whose seq it has not stored yet:
-        what marks it stored once committed. (Every record of such an attempt came over this
-        link, so it is new for sure.) None: the store tells."""
-        if record.kind != "execution":
-            return None
-        placed = session.attempts.get((record.id, record.generation))
-        if placed is None or placed.settled or placed.kind is None:
-            return None
-        seen = tx.scratch.setdefault(("usage", record.id, record.generation), set())
-        if record.seq in placed.metered or record.seq in seen:
-            return None
-        seen.add(record.seq)
-        return lambda: placed.metered.add(record.seq)
-
-    @staticmethod
     def _refuse(session: NodeSession, record: UsageRecord, why: str) -> None:
         log.warning(
             "node %s: usage record %s refused: %s",
@@ -249,17 +264,20 @@ class UsageService:
         )
         return None
 
-    async def _store(
-        self,
-        tx: Tx,
+    def _stored(self, record: UsageRecord, now: float) -> None:
+        if self._metrics is not None:
+            self._metrics.ledger_delay.observe(max(0.0, now - record.end))
+
+    @staticmethod
+    def _priced(
         session: NodeSession,
         record: UsageRecord,
         tenant_id: str,
         subject: str,
         reserved: Resources,
         now: float,
-        first: Callable[[], None] | None,
-    ) -> None:
+    ) -> tuple[dict[str, Any], float]:
+        """The ledger row of `record`, priced at its node's price, and its cost."""
         hello = session.hello
         price = pricing.node_price(hello.price_per_hour, hello.spot, hello.spot_price_per_hour)
         share = pricing.share(reserved, session.capacity)
@@ -282,19 +300,7 @@ class UsageService:
             "cost": cost,
             "recorded_at": now,
         }
-        if first is not None:
-            # New for sure: stored, and its cost added, with the batch's other writes.
-            await tx.insert_later(self._db.insert_ignoring_conflicts(_U), values)
-            tx.after_commit.append(first)
-            inserted = True
-        else:
-            statement = self._db.insert_ignoring_conflicts(_U).returning(_U.c.seq)
-            inserted = (await tx.conn.execute(statement, values)).first() is not None
-        if inserted and self._metrics is not None:
-            self._metrics.ledger_delay.observe(max(0.0, now - record.end))
-        if inserted and record.kind == "execution" and cost:
-            # Once per record: the insert just made, or this link, is what says it is new.
-            await tx.swap(record.id, _ADD_COST, {"_id": record.id, "_cost": cost})
+        return values, cost
 
 
 _GROUP_COLUMNS = {

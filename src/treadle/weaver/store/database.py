@@ -92,11 +92,18 @@ def json_text(value: Any) -> str:
 
 
 def json_value(text: str | bytes) -> Any:
-    """A JSON column's value as read."""
+    """A JSON column's value as read. orjson reads an integer past 64 bits as a float, so
+    text with a run of 19 digits or more (such an integer, or merely a long number or
+    string) goes to json, which reads every integer exactly."""
+    if _LONG_DIGITS.search(text if isinstance(text, str) else text.decode()):
+        return json.loads(text)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:  # what json wrote and orjson does not read (NaN)
         return json.loads(text)
+
+
+_LONG_DIGITS = re.compile(r"\d{19}")
 
 
 _NAMED = re.compile(r"%\((\w+)\)s")
@@ -118,8 +125,12 @@ class _BulkPlan:
         compiled = statement.compile(dialect=dialect, column_keys=list(keys))
         self.sql = compiled.string
         self.named = compiled.positiontup is None
-        names = _NAMED.findall(self.sql) if self.named else list(compiled.positiontup or ())
-        names = list(dict.fromkeys(names))
+        # A named bind used twice is given once; a positional one, once per use.
+        names = (
+            list(dict.fromkeys(_NAMED.findall(self.sql)))
+            if self.named
+            else list(compiled.positiontup or ())
+        )
         # Literals of the statement itself (`state == "open"`) are binds with a value.
         fixed = {name: bind.value for name, bind in compiled.binds.items() if name not in keys}
         # Columns left out that have a default: a constant one is filled in here; any other
@@ -186,13 +197,17 @@ async def execute_groups(conn: Conn, groups: list[Group]) -> list[int]:
         if all(plan.usable for plan in plans):
             driver = (await conn.get_raw_connection()).driver_connection
             assert driver is not None
-            cursors = []
-            async with driver.pipeline():
-                for plan, (_statement, rows) in zip(plans, groups, strict=True):
-                    cursor = driver.cursor()
-                    cursors.append(cursor)
-                    await cursor.executemany(plan.sql, [plan.named_values(row) for row in rows])
-            return [int(cursor.rowcount) for cursor in cursors]
+            cursors = [driver.cursor() for _ in plans]
+            try:
+                async with driver.pipeline():
+                    for plan, cursor, (_statement, rows) in zip(
+                        plans, cursors, groups, strict=True
+                    ):
+                        await cursor.executemany(plan.sql, [plan.named_values(row) for row in rows])
+                return [int(cursor.rowcount) for cursor in cursors]
+            finally:
+                for cursor in cursors:
+                    await cursor.close()
     return [await execute_many(conn, statement, rows) for statement, rows in groups]
 
 
@@ -226,8 +241,9 @@ def _set_pragmas(dbapi_connection: Any, busy_timeout_ms: int) -> None:
 
 # Every engine writes and reads JSON columns the same way.
 _JSON: dict[str, Any] = {"json_serializer": json_text, "json_deserializer": json_value}
-# PostgreSQL reads kept open at once (see `Database`).
-_READ_POOL = 24
+# PostgreSQL reads kept open at once (see `Database`): with the writer's, at most 32
+# connections a replica, so three replicas fit PostgreSQL's default max_connections (100).
+_READ_POOL = 20
 
 
 def _begin_immediate(conn: Connection) -> None:
@@ -257,13 +273,14 @@ class Database:
             event.listen(self._sqlite_read, "connect", _sqlite_pragmas(busy_timeout_ms=5000))
             event.listen(self._sqlite_write, "begin", _begin_immediate)
         else:
-            self._async = create_async_engine(url, pool_size=8, max_overflow=8, **_JSON)
+            # The writer holds one connection at a time; a few more for what else writes.
+            self._async = create_async_engine(url, pool_size=4, max_overflow=4, **_JSON)
             # Its own pool: a connection switched to autocommit and back costs round trips.
             # Kept large enough for the reads of a busy API (each `?wait` ends in one): a
             # connection past the pool is opened and closed per read, which costs the server
             # a backend process each time.
             self._async_read = create_async_engine(
-                url, pool_size=_READ_POOL, max_overflow=8, isolation_level="AUTOCOMMIT", **_JSON
+                url, pool_size=_READ_POOL, max_overflow=4, isolation_level="AUTOCOMMIT", **_JSON
             )
 
     @asynccontextmanager
