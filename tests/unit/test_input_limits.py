@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from treadle.domain.errors import ProtocolError
-from treadle.domain.function import FunctionSpec
+from treadle.domain.function import FunctionSpec, ensure_json_safe
 from treadle.domain.images import (
     MAX_NAME_LENGTH,
     MAX_TAG_LENGTH,
@@ -82,7 +82,14 @@ def test_far_too_deep_json_is_refused_without_recursing() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [float("nan"), [float("inf")], {"k": (1, -float("inf"))}, {"k": "\ud800"}, {"\udfff": 1}],
+    [
+        float("nan"),
+        [float("inf")],
+        {"k": (1, -float("inf"))},
+        {"k": "\ud800"},
+        {"\udfff": 1},
+        {float("nan"): 1},
+    ],
 )
 def test_json_must_be_representable(value: Any) -> None:
     with pytest.raises(ValueError, match="not representable"):
@@ -428,3 +435,10 @@ async def test_output_within_the_cap_is_whole(tmp_path: Path) -> None:
     chunks = [chunk for frame in frames if isinstance(frame, Output) for chunk in frame.chunks]
     assert chunks and all(isinstance(chunk, Chunk) for chunk in chunks)
     assert "".join(chunk.data for chunk in chunks) == "x" * 999
+
+
+def test_a_value_that_contains_itself_is_refused_not_walked_for_ever() -> None:
+    looped: list[Any] = []
+    looped.append(looped)
+    with pytest.raises(ValueError, match="deeper"):
+        ensure_json_safe(looped)
