@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -43,21 +42,13 @@ from servers import (
     database_cpu_seconds,
     database_for,
     nats_for,
+    summary,
     until,
     wrk,
 )
 from treadle.client import AsyncClient
 
 FUNCTION = "noop"
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 2)
-
-    return {"p50_ms": at(50), "p99_ms": at(99), "mean_ms": round(statistics.fmean(values), 2)}
 
 
 class Fleet:

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 import httpx
 from websockets.sync.client import connect
 
+from servers import free_port, until
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol import (
     PROTOCOL_VERSION,
@@ -55,13 +55,6 @@ from treadle.protocol import (
 )
 
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Weaver:
@@ -89,20 +82,6 @@ class Weaver:
         self.api.close()
         self.proc.terminate()
         self.proc.wait(30)
-
-
-def until(check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            found = check()
-        except (httpx.HTTPError, OSError):
-            found = None
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise TimeoutError(str(check))
-        time.sleep(0.05)
 
 
 def ledger_rate(weaver: Weaver, records: int) -> dict[str, Any]:

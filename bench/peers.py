@@ -29,16 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from servers import PY, free_port, until
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 2)
-
-    return {"p50_ms": at(50), "p99_ms": at(99)}
+from servers import PY, free_port, summary, until
 
 
 def timed(call: Callable[[], Any], n: int) -> dict[str, float]:

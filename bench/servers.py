@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,16 @@ def cpu_seconds(pid: int) -> float:
     """User and system CPU time of `pid` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """p50, p99 and mean of times in milliseconds."""
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 2)
+
+    return {"p50_ms": at(50), "p99_ms": at(99), "mean_ms": round(statistics.fmean(values), 2)}
 
 
 def database_cpu_seconds() -> float:
