@@ -132,6 +132,9 @@ async def test_json_columns_read_back_what_was_written_big_integers_too(
     # orjson alone would read the first two back as floats.
     rows[0]["args"] = {"big": 2**70, "neg": -(2**64), "in": [2**63 - 1, "9" * 30]}
     rows[1]["args"] = {"u64": 2**64 - 1, "float": 1e300, "text": "1234567890123456789012"}
+    # A result that is a bare number (SQLite keeps one as a number, not as text).
+    for row, result in zip(rows, [7, {"big": 2**70}, 2.5], strict=True):
+        row["result"] = result
     try:
         async with db.transaction() as conn:
             await conn.execute(
@@ -140,9 +143,11 @@ async def test_json_columns_read_back_what_was_written_big_integers_too(
             )
             await execute_many(conn, tables.executions.insert(), rows)
         async with db.read() as conn:
-            query = sa.select(tables.executions.c.args).order_by(tables.executions.c.id)
-            read = [row.args for row in await conn.execute(query)]
+            executions = tables.executions
+            query = sa.select(executions.c.args, executions.c.result).order_by(executions.c.id)
+            read = [(row.args, row.result) for row in await conn.execute(query)]
     finally:
         await db.close()
-    assert read == [row["args"] for row in rows]
-    assert isinstance(read[0]["big"], int) and isinstance(read[1]["u64"], int)
+    assert read == [(row["args"], row["result"]) for row in rows]
+    assert isinstance(read[0][0]["big"], int) and isinstance(read[1][0]["u64"], int)
+    assert read[0][1] == 7 and isinstance(read[1][1]["big"], int)

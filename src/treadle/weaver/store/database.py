@@ -95,7 +95,13 @@ def json_value(text: str | bytes) -> Any:
     """A JSON column's value as read. orjson reads an integer past 64 bits as a float, so
     text with a run of 19 digits or more (such an integer, or merely a long number or
     string) goes to json, which reads every integer exactly."""
-    if _LONG_DIGITS.search(text if isinstance(text, str) else text.decode()):
+    if isinstance(text, bytes | bytearray):
+        probe = text.decode()
+    elif isinstance(text, str):
+        probe = text
+    else:  # what the driver gave is no text (SQLite hands back a stored number as one)
+        return json.loads(text)  # its TypeError is what SQLAlchemy's SQLite JSON expects
+    if _LONG_DIGITS.search(probe):
         return json.loads(text)
     try:
         return orjson.loads(text)
