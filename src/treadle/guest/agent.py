@@ -397,6 +397,22 @@ class Process:
         self._drop_stdin()
         self.maybe_done()
 
+    def _drain_terminal(self) -> None:
+        """What the terminal holds when its process is reaped, read now (within the window):
+        the process may have written its last output and exited before the selector saw
+        the terminal readable, and closing it would drop that output. Only what is there:
+        a background process that keeps the terminal open is not waited for."""
+        fd = self.pty_fd
+        while fd in self.streams and fd not in self.paused and self.window > 0:
+            try:
+                data = os.read(fd, min(READ_SIZE, self.window))
+            except OSError:  # EAGAIN: nothing more now; EIO: nobody holds the terminal
+                return
+            if not data:
+                return
+            self.window -= len(data)
+            self.agent.channel.send({"ev": "out", "pid": self.id, "stream": "stdout"}, data)
+
     def maybe_done(self, force: bool = False) -> None:
         # The exit is reported once the process is gone and its output read to the end
         # (a PTY's output ends when the last holder of the terminal is gone, or at once),
@@ -408,6 +424,8 @@ class Process:
                 self.deadline = time.monotonic() + max(0.0, min(self.drain_s, 3600.0))
             return
         self.deadline = None
+        if self.pty_fd is not None:
+            self._drain_terminal()
         for fd in list(self.streams):
             if fd in self.paused:
                 self.paused.discard(fd)
