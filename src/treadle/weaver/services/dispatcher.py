@@ -38,7 +38,7 @@ from treadle.scheduler import (
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.metrics import WeaverMetrics
 from treadle.weaver.services.auth import process_tier_tenants
-from treadle.weaver.services.executions import ExecutionService
+from treadle.weaver.services.executions import ExecutionService, new_row
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
 from treadle.weaver.services.nodes import NO_OUTPUT, NodeRegistry, NodeSession
 from treadle.weaver.services.provisioner import Provisioner
@@ -300,7 +300,7 @@ class Dispatcher:
                 self.scan_soon()
 
     async def _scan(self) -> None:
-        self._process_tenants = await self._writer.run(_read_process_tenants)
+        self._process_tenants = await self._writer.run(_process_tenants_in)
         # After a restart every open execution comes through here: read each function
         # version once, not once per execution.
         versions: dict[tuple[str, str, int], FunctionRecord | None] = {}
@@ -444,16 +444,7 @@ class Dispatcher:
         sessions = {s.node_id: s for s in self._registry.sessions()}
         if not sessions or len(sessions) > _EXHAUSTIVE_UP_TO:
             return None  # a large fleet is placed in rounds
-        pending = Pending(
-            id=values["id"],
-            tenant_id=values["tenant_id"],
-            attempt=values["attempt"],
-            function=function,
-            args=values["args"],
-            stdin=values["stdin"],
-            hint=values["placement"],
-            fresh=True,
-        )
+        pending = Pending.from_row(new_row(values), function, fresh=True)
         rule, _ = self._rule(pending)
         fleet = Fleet(s.view() for s in sessions.values())
         decided = self._decide(pending, rule, fleet, sessions, (), None)
@@ -567,13 +558,9 @@ class Dispatcher:
         return write
 
 
-async def _read_process_tenants(tx: Tx) -> frozenset[str]:
-    return await process_tier_tenants(tx.conn)
-
-
 async def _process_tenants_in(tx: Tx) -> frozenset[str]:
-    """The tenants allowed the process tier, read once per transaction (a batch of invokes
-    placed as they are stored asks for each)."""
+    """The tenants allowed the process tier, read once per transaction (an invoke placed as
+    it is stored and a round's assignments, committed together, both ask)."""
     allowed: frozenset[str] | None = tx.scratch.get(_PROCESS_TENANTS)
     if allowed is None:
         allowed = tx.scratch[_PROCESS_TENANTS] = await process_tier_tenants(tx.conn)

@@ -197,7 +197,7 @@ class ReportService:
             # The usual case, decided without reading the row: this session placed the
             # attempt and saw all its output so far. The count is fenced like a report.
             known = tx.scratch.get(("output", key), held.output)
-            kept = self._kept(tx, msg, known, max_bytes)
+            kept = self._kept(msg, known, max_bytes)
             if kept is None:
                 return [ack]
             rows, stored = kept
@@ -219,7 +219,7 @@ class ReportService:
             bool(state.output_truncated),
             -1 if state.top is None else state.top,
         )
-        kept = self._kept(tx, msg, known, max_bytes)
+        kept = self._kept(msg, known, max_bytes)
         if kept is None:
             return [ack]
         rows, stored = kept
@@ -230,7 +230,7 @@ class ReportService:
 
     @staticmethod
     def _kept(
-        tx: Tx, msg: Output, known: OutputState, max_bytes: int | None
+        msg: Output, known: OutputState, max_bytes: int | None
     ) -> tuple[list[dict[str, Any]], OutputState] | None:
         """The rows of `msg`'s chunks to store, after what the attempt stored (`known`) and
         within its budget, and what it will have stored then; None: nothing to store."""

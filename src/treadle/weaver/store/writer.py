@@ -44,6 +44,11 @@ class SwapMissed(Exception):
     """A deferred compare-and-swap changed no row: the batch is run again, write by write."""
 
 
+def _shape(statement: Any, row: dict[str, Any]) -> tuple[int, tuple[str, ...]]:
+    """What rows one `executemany` may take together: one statement, the same columns."""
+    return id(statement), tuple(sorted(row))
+
+
 class _Deferring:
     """The transaction's connection as write functions see it: anything sent through it
     first sends the swaps deferred until then, so every statement sees what came before."""
@@ -55,7 +60,7 @@ class _Deferring:
         # Per row, its swaps in order: (statement, parameters).
         self._swaps: dict[Any, list[tuple[Any, dict[str, Any]]]] = {}
         # Per statement and set of columns, its rows in order.
-        self._inserts: dict[tuple[int, tuple[str, ...]], tuple[Any, list[dict[str, Any]]]] = {}
+        self._inserts: dict[tuple[int, tuple[str, ...]], Group] = {}
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         await self.flush()
@@ -65,8 +70,7 @@ class _Deferring:
         self._swaps.setdefault(row, []).append((statement, parameters))
 
     def defer_insert(self, statement: Any, row: dict[str, Any]) -> None:
-        key = (id(statement), tuple(sorted(row)))
-        self._inserts.setdefault(key, (statement, []))[1].append(row)
+        self._inserts.setdefault(_shape(statement, row), (statement, []))[1].append(row)
 
     async def flush(self, then: list[Group] | None = None) -> None:
         """Send the deferred inserts, then the deferred swaps: the first of each row's
@@ -82,8 +86,9 @@ class _Deferring:
             for swaps in pending.values():
                 if turn < len(swaps):
                     statement, parameters = swaps[turn]
-                    key = (id(statement), tuple(sorted(parameters)))
-                    shapes.setdefault(key, (statement, []))[1].append(parameters)
+                    shapes.setdefault(_shape(statement, parameters), (statement, []))[1].append(
+                        parameters
+                    )
             groups.extend(shapes.values())
         swaps_to = len(groups)
         groups.extend(then or ())
