@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from pydantic import BaseModel, ValidationError
 
+from treadle import serving
+
 if TYPE_CHECKING:
     from treadle.domain.resources import Tier
     from treadle.weaver.core import Weaver
@@ -158,7 +160,7 @@ def weaver_command(
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(2) from None
     _require_free_port(settings.host, settings.port)
-    asyncio.run(serve(settings))
+    serving.run(serve(settings))
 
 
 def _parse_labels(values: list[str], option: str = "--label") -> dict[str, str]:
@@ -372,7 +374,7 @@ def shuttle_command(
     _exit_with_parent()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_until_terminated(Shuttle(settings).run()))
+            serving.run(_until_terminated(Shuttle(settings).run()))
     except ShuttleError as exc:
         typer.secho(f"error: {exc.message}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -417,7 +419,7 @@ def up_command(
     if microvm_warm:
         flags += ("--microvm-warm", str(microvm_warm))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_up(settings, weaver, flags))
+        serving.run(_up(settings, weaver, flags))
 
 
 def _spawn_shuttle(

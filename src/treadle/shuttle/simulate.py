@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from treadle import serving
 from treadle.domain.resources import Resources, Tier
 from treadle.protocol import (
     PROTOCOL_VERSION,
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     token = args.token or os.environ.get("TREADLE_SHUTTLE_TOKEN")
     if not token:
         parser.error("a join token is needed: --token or TREADLE_SHUTTLE_TOKEN")
-    asyncio.run(_serve(args, token))
+    serving.run(_serve(args, token))
 
 
 if __name__ == "__main__":

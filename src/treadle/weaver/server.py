@@ -13,14 +13,6 @@ from treadle.weaver.settings import WeaverSettings
 __all__ = ["serve"]
 
 
-def _loop() -> str:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
-
-
 class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None] | None) -> None:
         super().__init__(config)
@@ -42,7 +34,7 @@ async def serve(
         create_app(settings, weaver),
         host=settings.host,
         port=settings.port,
-        loop=_loop(),
+        loop="none",  # the caller's: `treadle.serving.run` picks it
         http="httptools",
         ws="websockets-sansio",
         log_level=settings.log_level,
