@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from integration.test_executions import register, run
 from support.cluster import PYTHON, Cluster, eventually
+from treadle.domain.errors import LimitExceeded
+from treadle.domain.function import FunctionSpec
+from treadle.domain.quotas import TenantLimits
+from treadle.domain.resources import Resources
+from treadle.weaver.core import Weaver
+from treadle.weaver.services.executions import InvokeRequest
+from treadle.weaver.settings import WeaverSettings
+from treadle.weaver.store.writer import Tx
 
 pytestmark = pytest.mark.integration
 
@@ -167,3 +177,72 @@ def test_requests_at_once_are_admitted_one_after_another_within_the_quota(
         held = [a.json()["id"] for a in invoked] + ran
         for execution_id in held:
             api.post(f"/v1/executions/{execution_id}/cancel")
+
+
+async def test_a_cancelled_invoke_keeps_its_tenants_admission_until_its_write_is_decided(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request cancelled (its client gone) while its execution's write is queued: the write
+    still lands, so the tenant's next admission must not read its use before it does."""
+    weaver = Weaver(WeaverSettings(home=tmp_path / "weaver"))
+    await weaver.start()
+    try:
+        made, _ = await weaver.auth.create_tenant("hasty")
+        tenant_id = made["id"]
+        await weaver.quotas.set_limits(tenant_id, TenantLimits(cpu_millicores=1000))
+        one_core = Resources(cpu_millicores=1000, memory_mib=64)
+        spec = FunctionSpec(name="f", command=["true"], resources=one_core)
+        await weaver.functions.create(tenant_id, spec)
+
+        # The writer held busy, so what is submitted next waits in its queue.
+        gate = asyncio.Event()
+
+        async def busy(_tx: Tx) -> None:
+            await gate.wait()
+
+        held = weaver.writer.submit(busy)
+        submitted: list[object] = []
+        queued = [asyncio.Event(), asyncio.Event()]
+        submit = weaver.writer.submit
+
+        def watched(fn: Any) -> asyncio.Future[Any]:
+            submitted.append(fn)
+            queued[min(len(submitted), 2) - 1].set()
+            return submit(fn)
+
+        waiting = asyncio.Event()
+
+        class Turn(asyncio.Lock):
+            """The tenant's turn, saying when an admission has to wait for it."""
+
+            async def acquire(self) -> bool:
+                if self.locked():
+                    waiting.set()
+                return await super().acquire()
+
+        turn = Turn()
+        monkeypatch.setattr(weaver.writer, "submit", watched)
+        monkeypatch.setattr(weaver.quotas, "_turn", lambda _tenant: turn)
+
+        def invoke() -> asyncio.Task[Any]:
+            return asyncio.create_task(weaver.invoke(tenant_id, "f", InvokeRequest(), None, None))
+
+        first = invoke()
+        await queued[0].wait()  # admitted: its write queued
+        first.cancel()
+        second = invoke()
+        # Until the second either waits for the tenant's turn or has a write of its own queued.
+        either = [asyncio.ensure_future(event.wait()) for event in (waiting, queued[1])]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        for pending in either:
+            pending.cancel()
+        gate.set()
+        await held
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        with pytest.raises(LimitExceeded):
+            await second
+        assert len(submitted) == 1
+        assert (await weaver.quotas.in_use(tenant_id)).cpu_millicores == 1000
+    finally:
+        await weaver.stop()

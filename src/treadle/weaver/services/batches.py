@@ -241,11 +241,11 @@ class BatchService:
                 valid = valid[:admitted]
             write = self._write(tenant_id, function, body, valid, refused)
             try:
-                batch, made, created = await self._writer.run(write)
+                batch, made, created = await self._writer.decided(write)
             except IntegrityError:
                 # Another replica stored one of these keys (the batch's, an item's) meanwhile:
                 # run again, the write finds it and answers with it.
-                batch, made, created = await self._writer.run(write)
+                batch, made, created = await self._writer.decided(write)
         if not created:
             self._same_function(batch, name, key)
         return Created(batch, made, function, created)

@@ -244,7 +244,7 @@ class ExecutionService:
             else contextlib.nullcontext()
         )
         async with admitted:
-            row, created, placed = await self._writer.run(write)
+            row, created, placed = await self._writer.decided(write)
         return Invoked(row=row, function=function, created=created, placed=placed)
 
     async def get(self, tenant_id: str, execution_id: str) -> Any:

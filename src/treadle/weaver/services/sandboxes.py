@@ -230,7 +230,7 @@ class SandboxService:
             else contextlib.nullcontext()
         )
         async with admitted:
-            row = await self._writer.run(write)
+            row = await self._writer.decided(write)
         self._on_change()
         return row
 

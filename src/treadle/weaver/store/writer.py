@@ -228,6 +228,21 @@ class Writer:
     async def run(self, fn: WriteFn[T]) -> T:
         return await self.submit(fn)
 
+    async def decided(self, fn: WriteFn[T]) -> T:
+        """`run`, for a caller that holds a lock across the write (a tenant's admission). A
+        queued write runs even when its caller is cancelled; cancelled, this caller still
+        waits until the write has committed or failed (for at most the writer's own limit
+        on waiting for the database), so that the lock never lets the next caller read the
+        store before the write it guards is in it."""
+        future = self.submit(fn)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait({future}, timeout=_BUSY_LIMIT_S)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: its caller has gone
+            raise
+
     async def _loop(self) -> None:
         while True:
             batch = [await self._queue.get()]
