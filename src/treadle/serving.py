@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -29,7 +30,9 @@ YOUNG_THRESHOLD = 10_000
 
 def settle_heap() -> None:
     """Freeze what exists now out of future collections and collect young objects less
-    often. Garbage is still collected: the older generations keep CPython's ratios."""
+    often. Garbage is still collected: the older generations keep CPython's ratios. Called
+    before the loop starts and again by a server once it has started (what it built while
+    starting lives as long as it does)."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
@@ -46,7 +49,16 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run `main` to completion as a server process's whole life (what `asyncio.run` is
-    for a script)."""
+    for a script). The SIGINT and SIGTERM handlers are as they were once it returns:
+    uvloop, unlike asyncio, leaves its own in place when its loop closes, and they then
+    ignore the signal (a Shuttle stuck in its interpreter's shutdown would heed only
+    SIGKILL)."""
     settle_heap()
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(main)
+    kept = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(main)
+    finally:
+        for number, handler in kept.items():
+            if handler is not None:
+                signal.signal(number, handler)

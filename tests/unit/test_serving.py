@@ -1,5 +1,6 @@
 """How a server process runs: on uvloop (a dependency), with a collector that still
-collects. Each case runs in a process of its own, since both settings are process-wide."""
+collects, and the signal handlers as they were once it returns. The probe runs in a
+process of its own: all of these are process-wide."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from typing import Any
 
 _PROBE = """
-import asyncio, gc, json, weakref
+import asyncio, gc, json, signal, weakref
 from treadle import serving
 
 class Node:
@@ -22,6 +23,8 @@ async def main():
     gone = weakref.ref(a)
     del a, b
     gc.collect()
+    # As `treadle shuttle` does: SIGTERM handled by the loop while it runs.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: None)
     return {
         "loop": type(asyncio.get_running_loop()).__module__,
         "collected": gone() is None,
@@ -29,7 +32,9 @@ async def main():
         "young": gc.get_threshold()[0],
     }
 
-print(json.dumps(serving.run(main())))
+seen = serving.run(main())
+seen["sigterm_default"] = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+print(json.dumps(seen))
 """
 
 
@@ -40,9 +45,11 @@ def _probe() -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def test_a_server_runs_on_uvloop_and_still_collects_cycles() -> None:
+def test_a_server_runs_on_uvloop_still_collects_cycles_and_leaves_signals_as_they_were() -> None:
     seen = _probe()
     assert seen["loop"].startswith("uvloop")
     assert seen["enabled"] is True
     assert seen["collected"] is True
     assert seen["young"] == 10_000
+    # Once it has returned, SIGTERM ends the process again (uvloop leaves its own handler).
+    assert seen["sigterm_default"] is True

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import bindparam, func, select, update
 
+from treadle.domain.errors import Unavailable
 from treadle.weaver.events.bus import BusEvent, InProcessBus
 from treadle.weaver.store import migrate, tables
 from treadle.weaver.store.database import Database
@@ -297,3 +298,57 @@ async def test_what_a_write_did_in_memory_is_undone_when_its_transaction_does_no
     assert outcomes[0] == "a" and isinstance(outcomes[1], RuntimeError)
     assert held == ["a"]
     assert await _tenants(db) == 1
+
+
+def _holding(gate: asyncio.Event, entered: asyncio.Event) -> WriteFn[None]:
+    """A write that keeps the writer busy until `gate` is set."""
+
+    async def held(tx: Tx) -> None:
+        entered.set()
+        await gate.wait()
+
+    return held
+
+
+async def test_a_writer_stopped_fails_the_writes_it_will_not_run(db: Database) -> None:
+    writer = Writer(db, InProcessBus())
+    writer.start()
+    gate, entered = asyncio.Event(), asyncio.Event()
+    held = _holding(gate, entered)
+    in_flight = writer.submit(held)
+    await entered.wait()
+    queued = writer.submit(_insert("t0", []))
+    await writer.stop()
+    for future in (in_flight, queued):
+        with pytest.raises(Unavailable):
+            async with asyncio.timeout(30):  # a bound, so that a future never failed shows
+                await future
+    assert await _tenants(db) == 0
+
+
+async def test_a_caller_cancelled_twice_still_waits_for_its_write_to_be_decided(
+    db: Database,
+) -> None:
+    """What `decided` is for: a lock held across the write is let go only once the write is
+    in the store (or failed)."""
+    writer = Writer(db, InProcessBus())
+    writer.start()
+    gate, entered = asyncio.Event(), asyncio.Event()
+    held = _holding(gate, entered)
+    try:
+        writer.submit(held)
+        await entered.wait()
+        caller = asyncio.create_task(writer.decided(_insert("t0", [])))
+        await asyncio.sleep(0)  # the caller's write is queued
+        caller.cancel()
+        await asyncio.sleep(0)
+        caller.cancel()
+        waiting = asyncio.ensure_future(asyncio.wait({caller}))
+        await asyncio.sleep(0)
+        assert not caller.done()
+        gate.set()
+        await waiting
+        assert caller.cancelled()
+        assert await _tenants(db) == 1  # its write was stored before it let go
+    finally:
+        await writer.stop()

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import uvicorn
 
+from treadle import serving
 from treadle.weaver.api.app import create_app
 from treadle.weaver.core import Weaver
 from treadle.weaver.settings import WeaverSettings
@@ -20,6 +21,7 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         await super().startup(sockets=sockets)  # type: ignore[arg-type]
+        serving.settle_heap()  # the app and Weaver's services, built while starting
         if self._on_ready is not None and self.started:
             self._on_ready()
 

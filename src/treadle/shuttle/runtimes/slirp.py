@@ -342,7 +342,9 @@ class Link:
         """Returns once the sandbox's network is configured; raises SlirpFailed (having
         stopped slirp4netns) when it will not be."""
         assert self._ready is not None
-        fd = self._ready
+        # Owned here from now on: `close` meanwhile must not close it under its reader (and
+        # this `finally` then close the same number again, by then perhaps another file's).
+        fd, self._ready = self._ready, None
         report: asyncio.Future[bytes] = self._loop.create_future()
 
         def readable() -> None:
@@ -366,7 +368,6 @@ class Link:
         finally:
             self._loop.remove_reader(fd)
             os.close(fd)
-            self._ready = None
         if said.startswith(b"1"):
             self._up = True
             return
@@ -486,11 +487,14 @@ async def _exit_code(pid: int) -> int:
 
     loop.add_reader(pidfd, readable)
     try:
-        async with asyncio.timeout(_FENCE_TIMEOUT_S):
+        try:
+            async with asyncio.timeout(_FENCE_TIMEOUT_S):
+                await asyncio.shield(ended)  # the timeout must not cancel `ended` itself
+        except TimeoutError:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            # Through the loop, not a blocking waitid: uvloop's add_reader leaves the pidfd
+            # non-blocking, and waitid on it then fails at once while the child still lives.
             await ended
-    except TimeoutError:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        await asyncio.to_thread(os.waitid, os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT)
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)

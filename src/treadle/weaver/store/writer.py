@@ -22,12 +22,14 @@ batch, which is then run write by write, each insert at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from treadle.domain.errors import Unavailable
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.events.bus import BusEvent, EventBus
 from treadle.weaver.ids import new_id, new_serial
@@ -208,6 +210,7 @@ class Writer:
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._in_flight: list[_Item] = []  # the batch being committed
         # how often a commit waited for a lock held by another process
         self.busy_waits = 0
         # how often a batch was run again, write by write, because a deferred swap missed
@@ -219,6 +222,13 @@ class Writer:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        # Whoever waits on a write the writer will not run now hears so, and never waits on.
+        stopped = Unavailable("the store's writer stopped; the write may not have been stored")
+        for item in self._in_flight:
+            self._fail(item, stopped)
+        self._in_flight = []
+        while not self._queue.empty():
+            self._fail(self._queue.get_nowait(), stopped)
 
     def submit(self, fn: WriteFn[T]) -> asyncio.Future[T]:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -230,17 +240,17 @@ class Writer:
 
     async def decided(self, fn: WriteFn[T]) -> T:
         """`run`, for a caller that holds a lock across the write (a tenant's admission). A
-        queued write runs even when its caller is cancelled; cancelled, this caller still
-        waits until the write has committed or failed (for at most the writer's own limit
-        on waiting for the database), so that the lock never lets the next caller read the
-        store before the write it guards is in it."""
+        queued write runs even when its caller is cancelled; cancelled (once or again), this
+        caller still waits until the write has committed or failed, or the writer has
+        stopped, so that the lock never lets the next caller read the store before the write
+        it guards is in it."""
         future = self.submit(fn)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            await asyncio.wait({future}, timeout=_BUSY_LIMIT_S)
-            if future.done() and not future.cancelled():
-                future.exception()  # retrieved: its caller has gone
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({future})
             raise
 
     async def _loop(self) -> None:
@@ -248,25 +258,30 @@ class Writer:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            try:
-                await self._commit_when_free(batch, optimistic=True)
-            except Exception as exc:
-                # One item at a time only finds a bad item; a lock held past the limit is
-                # nobody's fault and would just be waited out again, item by item. A swap
-                # that missed is nobody's fault either, but whose it was, only one at a time
-                # tells.
-                missed = isinstance(exc, SwapMissed)
-                if (len(batch) == 1 and not missed) or self._db.is_busy(exc):
-                    for item in batch:
-                        self._fail(item, exc)
-                    continue
-                if missed:
-                    self.swaps_missed += 1
+            self._in_flight = batch
+            await self._run_batch(batch)
+            self._in_flight = []
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        try:
+            await self._commit_when_free(batch, optimistic=True)
+        except Exception as exc:
+            # One item at a time only finds a bad item; a lock held past the limit is
+            # nobody's fault and would just be waited out again, item by item. A swap
+            # that missed is nobody's fault either, but whose it was, only one at a time
+            # tells.
+            missed = isinstance(exc, SwapMissed)
+            if (len(batch) == 1 and not missed) or self._db.is_busy(exc):
                 for item in batch:
-                    try:
-                        await self._commit_when_free([item], optimistic=False)
-                    except Exception as item_exc:
-                        self._fail(item, item_exc)
+                    self._fail(item, exc)
+                return
+            if missed:
+                self.swaps_missed += 1
+            for item in batch:
+                try:
+                    await self._commit_when_free([item], optimistic=False)
+                except Exception as item_exc:
+                    self._fail(item, item_exc)
 
     async def _commit_when_free(self, batch: list[_Item], *, optimistic: bool) -> None:
         """Commit, waiting (without blocking the loop) while another process holds the lock."""
