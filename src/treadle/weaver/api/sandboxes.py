@@ -350,4 +350,10 @@ async def _running(weaver: Weaver, tenant_id: str, sandbox_id: str) -> Any:
             f"sandbox {sandbox_id} is {row.status}, not running",
             details={"id": sandbox_id, "state": row.status},
         )
+    if row.desired != Desired.RUNNING.value:
+        # Asked to stop (E2B's kill) or pause: it takes no more work while its node ends it.
+        raise InvalidTransition(
+            f"sandbox {sandbox_id} is to be {row.desired}, and takes no more work",
+            details={"id": sandbox_id, "state": row.status, "desired": row.desired},
+        )
     return row
