@@ -117,31 +117,41 @@ async def test_the_driver_paths_store_and_count_what_sqlalchemy_does(
         assert counts[0] in (12, counted[0]), mode
 
 
+async def _stored(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path, rows: list[dict[str, Any]]
+) -> Database:
+    """A migrated database of `store` holding tenant tn_1 and `rows` of executions."""
+    url = (
+        str(request.getfixturevalue("postgres").create_database())
+        if store == "postgresql"
+        else f"sqlite:///{tmp_path / 'store.db'}"
+    )
+    migrate.upgrade(url)
+    db = Database(url)
+    async with db.transaction() as conn:
+        await conn.execute(
+            tables.tenants.insert(),
+            {"id": "tn_1", "name": "t", "created_at": 0.0, "allow_process_tier": False},
+        )
+        await execute_many(conn, tables.executions.insert(), rows)
+    return db
+
+
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 async def test_json_columns_read_back_what_was_written_big_integers_too(
     store: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    url = (
-        str(request.getfixturevalue("postgres").create_database())
-        if store == "postgresql"
-        else f"sqlite:///{tmp_path / 'json.db'}"
-    )
-    migrate.upgrade(url)
-    db = Database(url)
-    rows = _executions(3)
+    rows = _executions(6)
     # orjson alone would read the first two back as floats.
     rows[0]["args"] = {"big": 2**70, "neg": -(2**64), "in": [2**63 - 1, "9" * 30]}
     rows[1]["args"] = {"u64": 2**64 - 1, "float": 1e300, "text": "1234567890123456789012"}
-    # A result that is a bare number (SQLite keeps one as a number, not as text).
-    for row, result in zip(rows, [7, {"big": 2**70}, 2.5], strict=True):
+    # A result that is a bare number: a column of numeric affinity would read back the
+    # first of the last three as 1, and the other two as floats.
+    results = [7, {"big": 2**70}, 2.5, 1.0, 2**70, -(2**64) - 1]
+    for row, result in zip(rows, results, strict=True):
         row["result"] = result
+    db = await _stored(store, request, tmp_path, rows)
     try:
-        async with db.transaction() as conn:
-            await conn.execute(
-                tables.tenants.insert(),
-                {"id": "tn_1", "name": "t", "created_at": 0.0, "allow_process_tier": False},
-            )
-            await execute_many(conn, tables.executions.insert(), rows)
         async with db.read() as conn:
             executions = tables.executions
             query = sa.select(executions.c.args, executions.c.result).order_by(executions.c.id)
@@ -151,3 +161,44 @@ async def test_json_columns_read_back_what_was_written_big_integers_too(
     assert read == [(row["args"], row["result"]) for row in rows]
     assert isinstance(read[0][0]["big"], int) and isinstance(read[1][0]["u64"], int)
     assert read[0][1] == 7 and isinstance(read[1][1]["big"], int)
+    assert [type(result) for _args, result in read[3:]] == [float, int, int]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_a_row_that_breaks_a_constraint_fails_as_through_sqlalchemy(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The paths past SQLAlchemy raise its IntegrityError, as its own path does: a batch
+    whose item key another replica stored meanwhile is written again, not answered 500."""
+    rows = _executions(3)
+    again = [*_executions(2), rows[0]]  # new rows, then one whose id is taken
+    for row in again[:2]:
+        row["id"] = row["id"].replace("ex_", "ex_n")
+    db = await _stored(store, request, tmp_path, rows)
+    try:
+        for run in (
+            lambda conn: execute_many(conn, tables.executions.insert(), again),
+            lambda conn: execute_groups(
+                conn, [(tables.executions.insert(), again), (EXECUTION_ASSIGN, [_ASSIGN])]
+            ),
+        ):
+            with pytest.raises(sa.exc.IntegrityError):
+                async with db.transaction() as conn:
+                    await run(conn)
+        async with db.read() as conn:
+            stored = (
+                await conn.execute(sa.select(sa.func.count()).select_from(tables.executions))
+            ).scalar_one()
+    finally:
+        await db.close()
+    assert stored == 3  # neither failed write left a row
+
+
+_ASSIGN = {
+    "_id": "ex_000",
+    "_attempt": 1,
+    "node_id": "nd_1",
+    "placement": None,
+    "isolation": "namespace",
+    "pending_reason": None,
+}

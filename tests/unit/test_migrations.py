@@ -28,6 +28,9 @@ def test_upgrade_from_the_first_schema_backfills_and_downgrade_works(tmp_path: P
     upgrade(url)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT queued_at FROM executions")).scalar_one() == 123.5
+        # A result is kept as the text written, not as the number SQLite would make of it.
+        conn.execute(text("UPDATE executions SET result = '1.0'"))
+        assert conn.execute(text("SELECT typeof(result) FROM executions")).scalar_one() == "text"
     command.downgrade(config, "base")
     assert inspect(engine).get_table_names() == ["alembic_version"]
     engine.dispose()

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,14 +35,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import StaticPool
 
 __all__ = [
     "Conn",
     "Database",
     "Group",
+    "JSONValue",
     "execute_groups",
     "execute_many",
     "json_text",
@@ -75,10 +77,24 @@ class _Inline:
             return int(self._conn.execute(statement, rows).rowcount)
         cursor = self._conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.executemany(plan.sql, [plan.values(row) for row in rows])
+            with _as_sqlalchemy_errors(self._conn.dialect, plan.sql):
+                cursor.executemany(plan.sql, [plan.values(row) for row in rows])
             return int(cursor.rowcount)
         finally:
             cursor.close()
+
+
+@contextmanager
+def _as_sqlalchemy_errors(dialect: Any, sql: str) -> Iterator[None]:
+    """A driver's error raised as SQLAlchemy raises it (IntegrityError, OperationalError…),
+    so that statements sent past SQLAlchemy fail as those sent through it: callers (a
+    batch's retry on a key stored meanwhile, the writer's busy check) catch one kind."""
+    try:
+        yield
+    except dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(
+            sql, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
+        ) from exc
 
 
 def json_text(value: Any) -> str:
@@ -110,6 +126,20 @@ def json_value(text: str | bytes) -> Any:
 
 
 _LONG_DIGITS = re.compile(r"\d{19}")
+
+
+class JSONValue(JSON):
+    """A JSON column that may hold a bare number (an execution's result). SQLite gives a
+    column declared JSON numeric affinity, so it stored the text `1.0` as the integer 1
+    and `2**70` as a float: on SQLite this column is declared TEXT, which keeps the text
+    as written. PostgreSQL's json keeps it anyway."""
+
+    cache_ok = True
+
+
+@compiles(JSONValue, "sqlite")
+def _json_value_as_text(_type: JSONValue, _compiler: Any, **_kw: Any) -> str:
+    return "TEXT"
 
 
 _NAMED = re.compile(r"%\((\w+)\)s")
@@ -205,11 +235,13 @@ async def execute_groups(conn: Conn, groups: list[Group]) -> list[int]:
             assert driver is not None
             cursors = [driver.cursor() for _ in plans]
             try:
-                async with driver.pipeline():
-                    for plan, cursor, (_statement, rows) in zip(
-                        plans, cursors, groups, strict=True
-                    ):
-                        await cursor.executemany(plan.sql, [plan.named_values(row) for row in rows])
+                with _as_sqlalchemy_errors(conn.dialect, "; ".join(plan.sql for plan in plans)):
+                    async with driver.pipeline():
+                        for plan, cursor, (_statement, rows) in zip(
+                            plans, cursors, groups, strict=True
+                        ):
+                            values = [plan.named_values(row) for row in rows]
+                            await cursor.executemany(plan.sql, values)
                 return [int(cursor.rowcount) for cursor in cursors]
             finally:
                 for cursor in cursors:

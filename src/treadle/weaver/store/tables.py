@@ -22,6 +22,8 @@ from sqlalchemy import (
     false,
 )
 
+from treadle.weaver.store.database import JSONValue
+
 __all__ = [
     "api_keys",
     "batches",
@@ -128,7 +130,7 @@ executions = Table(
     Column("idempotency_key", String(255)),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("exit_code", Integer),
-    Column("result", JSON),
+    Column("result", JSONValue),
     Column("error", String(255)),
     Column("output_chunks", Integer),
     # output characters stored; past the cap the rest is dropped and `output_truncated` set
