@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from treadle.domain.sandbox import IDLE_CPU_CORES, SandboxSpec, awake_reasons, check_home
+from treadle.domain.errors import InvalidTransition
+from treadle.domain.sandbox import (
+    IDLE_CPU_CORES,
+    Desired,
+    SandboxSpec,
+    SandboxStatus,
+    awake_reasons,
+    check_home,
+    check_takes_work,
+)
 from treadle.weaver.services import port_access
 
 
@@ -21,6 +30,18 @@ def test_a_sandbox_is_idle_only_when_nothing_keeps_it_awake() -> None:
         "1 file transfer open",
         "CPU use above 5% of a core",
     ]
+
+
+def test_only_a_running_sandbox_that_is_to_go_on_running_takes_work() -> None:
+    check_takes_work("sbx", SandboxStatus.RUNNING, Desired.RUNNING)
+    for status in set(SandboxStatus) - {SandboxStatus.RUNNING}:
+        with pytest.raises(InvalidTransition, match=f"is {status.value}, not running"):
+            check_takes_work("sbx", status, Desired.RUNNING)
+    # Killed or pausing while its node still runs it: refused from the moment it was asked.
+    for desired in (Desired.STOPPED, Desired.PAUSED):
+        with pytest.raises(InvalidTransition, match=f"to be {desired.value}") as refused:
+            check_takes_work("sbx", SandboxStatus.RUNNING, desired)
+        assert refused.value.details == {"id": "sbx", "state": "running", "desired": desired.value}
 
 
 def test_a_signed_url_opens_one_port_of_one_sandbox_until_it_expires() -> None:

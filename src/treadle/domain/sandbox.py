@@ -40,6 +40,7 @@ __all__ = [
     "LIVE_STATUSES",
     "ON_NODE_STATUSES",
     "PAUSABLE_TIERS",
+    "STARTING_STATUSES",
     "TERMINAL_STATUSES",
     "Decision",
     "Desired",
@@ -55,6 +56,7 @@ __all__ = [
     "awake_reasons",
     "boundary_resources",
     "check_home",
+    "check_takes_work",
     "desire",
     "next_step",
 ]
@@ -221,6 +223,25 @@ def desire(
             details={"state": status.value, "desired": wanted.value},
         )
     return wanted
+
+
+STARTING_STATUSES = frozenset({SandboxStatus.PENDING, SandboxStatus.STARTING})
+
+
+def check_takes_work(sandbox_id: str, status: SandboxStatus, desired: Desired) -> None:
+    """InvalidTransition unless the sandbox takes work (exec, files, envd, ports): it runs
+    and is to go on running. One asked to stop (E2B's kill) or pause takes none while its
+    node ends it, so a killed sandbox's token opens nothing from the moment of the kill."""
+    if status != SandboxStatus.RUNNING:
+        raise InvalidTransition(
+            f"sandbox {sandbox_id} is {status.value}, not running",
+            details={"id": sandbox_id, "state": status.value},
+        )
+    if desired != Desired.RUNNING:
+        raise InvalidTransition(
+            f"sandbox {sandbox_id} is to be {desired.value}, and takes no more work",
+            details={"id": sandbox_id, "state": status.value, "desired": desired.value},
+        )
 
 
 class Step(StrEnum):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -10,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from treadle.domain.errors import InvalidRequest, InvalidTransition, TreadleError, Unavailable
+from treadle.domain.errors import InvalidRequest, TreadleError, Unavailable
 from treadle.domain.sandbox import (
     MAX_CWD,
     MAX_TAG,
@@ -34,8 +33,6 @@ from treadle.weaver.services.streams import Ended, ExecStream
 __all__ = ["router", "running_node"]
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
-# How long an exec waits for a sandbox that is still starting before it says so.
-_START_WAIT_S = 30.0
 
 
 @router.post("", status_code=201, summary="Create a sandbox")
@@ -338,22 +335,4 @@ async def running_node(weaver: Weaver, tenant_id: str, sandbox_id: str) -> tuple
 
 async def _running(weaver: Weaver, tenant_id: str, sandbox_id: str) -> Any:
     """The sandbox once it runs; 409 when it is not running (or not soon)."""
-    row = await weaver.sandboxes.get(tenant_id, sandbox_id)
-    deadline = asyncio.get_running_loop().time() + _START_WAIT_S
-    while row.status in (SandboxStatus.PENDING.value, SandboxStatus.STARTING.value):
-        if row.desired != Desired.RUNNING.value or asyncio.get_running_loop().time() > deadline:
-            break
-        await weaver.sandboxes.changed(sandbox_id, within=1.0)
-        row = await weaver.sandboxes.get(tenant_id, sandbox_id)
-    if row.status != SandboxStatus.RUNNING.value:
-        raise InvalidTransition(
-            f"sandbox {sandbox_id} is {row.status}, not running",
-            details={"id": sandbox_id, "state": row.status},
-        )
-    if row.desired != Desired.RUNNING.value:
-        # Asked to stop (E2B's kill) or pause: it takes no more work while its node ends it.
-        raise InvalidTransition(
-            f"sandbox {sandbox_id} is to be {row.desired}, and takes no more work",
-            details={"id": sandbox_id, "state": row.status, "desired": row.desired},
-        )
-    return row
+    return await weaver.sandboxes.running(await weaver.sandboxes.get(tenant_id, sandbox_id))

@@ -31,6 +31,7 @@ from treadle.domain.sandbox import (
     DEFAULT_HOME,
     ON_NODE_STATUSES,
     PAUSABLE_TIERS,
+    STARTING_STATUSES,
     TERMINAL_STATUSES,
     Desired,
     End,
@@ -41,6 +42,7 @@ from treadle.domain.sandbox import (
     Step,
     after_end,
     apply,
+    check_takes_work,
     desire,
     next_step,
 )
@@ -68,6 +70,8 @@ from treadle.weaver.views import iso
 __all__ = ["SandboxService", "sandbox_view"]
 
 log = logging.getLogger(__name__)
+# How long a call that needs a running sandbox waits for one still starting.
+START_WAIT_S = 30.0
 _S = tables.sandboxes
 _ON_NODE = [s.value for s in ON_NODE_STATUSES]
 _LIVE = [s.value for s in SandboxStatus if s not in TERMINAL_STATUSES]
@@ -334,6 +338,26 @@ class SandboxService:
 
         row = await self._writer.run(write)
         self._on_change()
+        return row
+
+    async def started(self, row: Any, within: float = START_WAIT_S) -> Any:
+        """`row` read again once it is past starting, or asked to stop or pause, or after
+        `within` seconds: calls that need a running sandbox wait out its start, as E2B's
+        create answers only once envd does."""
+        deadline = time.monotonic() + within
+        while (
+            SandboxStatus(row.status) in STARTING_STATUSES
+            and row.desired == Desired.RUNNING.value
+            and time.monotonic() < deadline
+        ):
+            await self.changed(row.id, within=min(1.0, max(0.0, deadline - time.monotonic())))
+            row = await self.get(row.tenant_id, row.id)
+        return row
+
+    async def running(self, row: Any) -> Any:
+        """`row` once it has started; InvalidTransition (409) unless it then takes work."""
+        row = await self.started(row)
+        check_takes_work(row.id, SandboxStatus(row.status), Desired(row.desired))
         return row
 
     async def changed(self, sandbox_id: str, within: float) -> None:

@@ -10,13 +10,11 @@ is the control plane's own health check.
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from treadle.domain.errors import NotFound
-from treadle.domain.sandbox import Desired, SandboxStatus
+from treadle.domain.errors import InvalidTransition, NotFound
+from treadle.domain.sandbox import Desired, SandboxStatus, check_takes_work
 from treadle.weaver.api.deps import bearer, get_weaver
 from treadle.weaver.api.e2b import views
 from treadle.weaver.api.e2b.errors import E2BRoute, e2b_error
@@ -26,10 +24,6 @@ from treadle.weaver.services.sandboxes import sandbox_view
 __all__ = ["SANDBOX_HEADER", "router"]
 
 SANDBOX_HEADER = "e2b-sandbox-id"
-# A sandbox still starting is waited for, as envd's other calls wait for it (E2B's create
-# answers only once envd does, so the SDK takes a created sandbox to be running).
-_START_WAIT_S = 30.0
-_STARTING = (SandboxStatus.PENDING.value, SandboxStatus.STARTING.value)
 
 router = APIRouter(tags=["e2b"], route_class=E2BRoute)
 
@@ -56,15 +50,11 @@ async def health(request: Request) -> Response:
         return _not_running(value, "was not found")
     if row.tenant_id != tenant and not port_access.valid_token(row.access_token, token):
         return _not_running(value, "was not found")
-    deadline = asyncio.get_running_loop().time() + _START_WAIT_S
-    while row.status in _STARTING and row.desired == Desired.RUNNING.value:
-        if asyncio.get_running_loop().time() > deadline:
-            break
-        await weaver.sandboxes.changed(row.id, within=1.0)
-        row = await weaver.sandboxes.get(None, row.id)
-    state = views.state_of(sandbox_view(row))
-    if state is None:
+    row = await weaver.sandboxes.started(row)
+    if views.state_of(sandbox_view(row)) is None:
         return _not_running(value, "was not found")
-    if row.status != SandboxStatus.RUNNING.value:
-        return _not_running(value, f"is {row.status}, not running")
+    try:
+        check_takes_work(row.id, SandboxStatus(row.status), Desired(row.desired))
+    except InvalidTransition:
+        return _not_running(value, f"is {row.status} (to be {row.desired}), not running")
     return Response(status_code=204)
