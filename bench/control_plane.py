@@ -3,7 +3,7 @@ runtime does nothing (`treadle.shuttle.simulate`), and what 1,000 nodes' heartbe
 
     .venv/bin/python bench/control_plane.py [--store sqlite|postgresql] [--replicas 1]
         [--nodes 10] [--seconds 10] [--concurrency 32] [--batch-size 1000] [--batches 4]
-        [--fleet 1000] [--fleet-seconds 20]
+        [--fleet 1000] [--fleet-seconds 20] [--database-cpu N]
 
 Starts its own Weaver (and, for `postgresql`, a private PostgreSQL server; with `--replicas`,
 that many Weavers on it and a private NATS server, each holding its share of the nodes and
@@ -14,8 +14,10 @@ taking its share of the load), then:
     gathered over the results WebSocket as the SDK does;
   * fleet: `--fleet` simulated nodes with 1 s heartbeats, Weaver's CPU while they idle, then
     a batch placed across them.
-Weaver's CPU per execution (all replicas' together) comes from /proc. Prints JSON; writes it
-under bench/results/.
+Weaver's CPU per execution (all replicas' together) comes from /proc. With
+`--database-cpu N`, CPU N runs PostgreSQL alone and everything else runs on the others (on
+SQLite too, so that both give Weaver the same CPUs). Prints JSON; writes it under
+bench/results/.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from servers import (
     database_cpu_seconds,
     database_for,
     nats_for,
+    own_cpu,
     summary,
     until,
     wrk,
@@ -228,8 +231,9 @@ async def fleet_cost(weaver: WeaverProcess, count: int, seconds: float) -> dict[
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.replicas > 1 and args.store != "postgresql":
         raise SystemExit("replicas share a PostgreSQL database: --store postgresql")
+    own_cpu(args.database_cpu)
     with (
-        database_for(args.store) as url,
+        database_for(args.store, args.database_cpu) as url,
         tempfile.TemporaryDirectory() as tmp,
         nats_for(args.replicas) as nats,
     ):
@@ -246,6 +250,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "store": args.store,
                 "replicas": args.replicas,
                 "cpus": os.cpu_count(),
+                "database_cpu": args.database_cpu,
                 "nodes": args.nodes,
             }
             limits = httpx.Limits(max_connections=args.concurrency + 4, keepalive_expiry=15)
@@ -289,6 +294,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="batches in flight at once")
     parser.add_argument("--fleet", type=int, default=1000, help="0 to skip")
     parser.add_argument("--fleet-seconds", type=float, default=20)
+    parser.add_argument(
+        "--database-cpu", type=int, help="a CPU for PostgreSQL alone; the rest run the others"
+    )
     args = parser.parse_args()
     results = asyncio.run(run(args))
     print(json.dumps(results, indent=2))

@@ -1,7 +1,8 @@
 """What one statement costs Weaver's process on PostgreSQL, by the way it is sent: through
-SQLAlchemy's asyncio engine (as most of Weaver's statements go), through psycopg alone, and
-inside a psycopg pipeline (as a transaction's deferred writes go). CPU of this process only;
-the server's is apart.
+SQLAlchemy's asyncio engine (as most of Weaver's statements go), through psycopg alone,
+inside a psycopg pipeline (as a transaction's deferred writes go), and through treadle's
+`Database` as a statement of its own and marked `direct` (as the hot paths' go), an update
+and a read of a row with JSON each. CPU of this process only; the server's is apart.
 
     .venv/bin/python bench/pg_driver.py [--statements 3000]
 
@@ -18,10 +19,11 @@ import time
 from typing import Any
 
 import psycopg
-from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, update
+from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from servers import database_for
+from treadle.weaver.store.database import Database, direct
 
 
 def _cpu() -> float:
@@ -30,11 +32,20 @@ def _cpu() -> float:
 
 
 async def _measure(url: str, n: int) -> dict[str, Any]:
-    table = Table("t", MetaData(), Column("id", String, primary_key=True), Column("n", Integer))
+    table = Table(
+        "t",
+        MetaData(),
+        Column("id", String, primary_key=True),
+        Column("n", Integer),
+        Column("doc", JSON),
+    )
     engine = create_async_engine(url)
     async with engine.begin() as conn:
         await conn.run_sync(table.metadata.create_all)
-        await conn.execute(table.insert(), [{"id": f"k{i}", "n": 0} for i in range(100)])
+        rows = [
+            {"id": f"k{i}", "n": 0, "doc": {"args": {"i": i}, "tags": ["a"]}} for i in range(100)
+        ]
+        await conn.execute(table.insert(), rows)
     statement = update(table).where(table.c.id == bindparam("_id")).values(n=table.c.n + 1)
     sql = "UPDATE t SET n = n + 1 WHERE id = %s"
     results: dict[str, Any] = {}
@@ -65,6 +76,21 @@ async def _measure(url: str, n: int) -> dict[str, Any]:
                 await cursor.execute(sql, (f"k{i % 100}",))
         record("psycopg_pipeline", cpu, wall)
     await engine.dispose()
+    db = Database(url)
+    read = select(table).where(table.c.id == bindparam("_id"))
+    ways = (("treadle", statement, read), ("treadle_direct", direct(statement), direct(read)))
+    for name, change, look in ways:
+        cpu, wall = _cpu(), time.perf_counter()
+        async with db.transaction() as conn:
+            for i in range(n):
+                await conn.execute(change, {"_id": f"k{i % 100}"})
+        record(f"{name}_update", cpu, wall)
+        cpu, wall = _cpu(), time.perf_counter()
+        async with db.read() as conn:
+            for i in range(n):
+                (await conn.execute(look, {"_id": f"k{i % 100}"})).one()
+        record(f"{name}_read", cpu, wall)
+    await db.close()
     return results
 
 

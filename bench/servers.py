@@ -28,6 +28,7 @@ __all__ = [
     "free_port",
     "local_stack",
     "nats_for",
+    "own_cpu",
     "until",
     "wrk",
 ]
@@ -90,10 +91,34 @@ def until(check: Any, timeout: float, what: str = "") -> Any:
         time.sleep(0.05)
 
 
+def _server_pids(data: Path) -> list[int]:
+    """The PostgreSQL server of data directory `data`: its postmaster and their children."""
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == postmaster:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def own_cpu(cpu: int | None) -> None:
+    """With `cpu`, this process and all it starts from now on (Weaver, the load, the nodes)
+    keep off that CPU, which is left to the database: as in production, where PostgreSQL
+    has cores of its own. SQLite runs are given the same: Weaver's share is then the same."""
+    if cpu is None:
+        return
+    others = set(range(os.cpu_count() or 1)) - {cpu}
+    if cpu not in os.sched_getaffinity(0) or not others:
+        raise SystemExit(f"--database-cpu {cpu}: this machine has no such CPU to set apart")
+    os.sched_setaffinity(0, others)
+
+
 @contextlib.contextmanager
-def database_for(store: str) -> Iterator[str | None]:
+def database_for(store: str, cpu: int | None = None) -> Iterator[str | None]:
     """The database URL for `store`: None for Weaver's own SQLite file, or a fresh database
-    on a private PostgreSQL server (tuned as the tests tune it: no fsync) for `postgresql`."""
+    on a private PostgreSQL server (tuned as the tests tune it: no fsync) for `postgresql`,
+    its processes (and the backends they start) on `cpu` alone when given (`own_cpu`)."""
     if store == "sqlite":
         yield None
         return
@@ -104,6 +129,10 @@ def database_for(store: str) -> Iterator[str | None]:
     if binaries is None:
         raise SystemExit("PostgreSQL is not installed: scripts/test installs it")
     server = Postgres(binaries).start()
+    if cpu is not None:
+        for pid in _server_pids(server.data):  # the backends to come inherit it
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(pid, {cpu})
     try:
         yield server.create_database()
     finally:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +50,19 @@ def store_settings(request: pytest.FixtureRequest) -> dict[str, str]:
     if request.param == "postgresql":
         return {"database_url": request.getfixturevalue("postgres").create_database()}
     return {}
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., str]:
+    """`database_url(store, name)`: the URL of a fresh, empty database of `store` (the
+    session's PostgreSQL server, or a SQLite file under the test's directory)."""
+
+    def make(store: str, name: str = "store") -> str:
+        if store == "postgresql":
+            return str(request.getfixturevalue("postgres").create_database())
+        return f"sqlite:///{tmp_path / name}.db"
+
+    return make
 
 
 @pytest.fixture(params=STORES)

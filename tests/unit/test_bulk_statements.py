@@ -4,41 +4,16 @@ stores, and count the rows each statement changed the same way."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from support.rows import execution_rows
 from treadle.weaver.store import migrate, tables
 from treadle.weaver.store.database import Database, Group, execute_groups, execute_many, sync_url
 from treadle.weaver.store.statements import EXECUTION_ASSIGN, EXECUTION_CAS_ON_NODE
-
-
-def _executions(n: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": f"ex_{i:03}",
-            "tenant_id": "tn_1",
-            "function": "f",
-            "version": 1,
-            "state": "open",
-            "attempt": 1,
-            "max_attempts": 2,
-            "args": {"i": i, "text": "é\u2028\"'", "nested": [1, None, {"x": 1.5}]},
-            "stdin": None if i % 2 else "in",
-            "idempotency_key": None,
-            "cancel_requested": False,
-            "resources": {"cpu_millicores": 10},
-            "isolation": None,
-            "placement": None if i % 3 else {"requested_strategy": "balanced"},
-            "created_at": 1.25 + i,
-            "queued_at": 1.25 + i,
-            "batch_id": "bt_1",
-            "batch_index": i,
-        }
-        for i in range(n)
-    ]
 
 
 async def _apply(url: str, mode: str) -> tuple[list[tuple[Any, ...]], list[int]]:
@@ -68,7 +43,7 @@ async def _apply(url: str, mode: str) -> tuple[list[tuple[Any, ...]], list[int]]
         for i in range(12)  # half on no node: those miss
     ]
     groups: list[Group] = [
-        (tables.executions.insert(), _executions(12)),
+        (tables.executions.insert(), execution_rows(12)),
         (EXECUTION_ASSIGN, assign),
         (EXECUTION_ASSIGN, assign),  # none is open and free now
         (EXECUTION_CAS_ON_NODE, start),
@@ -99,33 +74,24 @@ async def _apply(url: str, mode: str) -> tuple[list[tuple[Any, ...]], list[int]]
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 async def test_the_driver_paths_store_and_count_what_sqlalchemy_does(
-    store: str, request: pytest.FixtureRequest, tmp_path: Path
+    store: str, database_url: Callable[..., str]
 ) -> None:
     def url(name: str) -> str:
-        if store == "postgresql":
-            return str(request.getfixturevalue("postgres").create_database())
-        return f"sqlite:///{tmp_path / name}"
+        return database_url(store, name)
 
-    stored, counted = await _apply(url("a.db"), "sqlalchemy")
+    stored, counted = await _apply(url("a"), "sqlalchemy")
     assert len(stored) == 12
     # SQLAlchemy's own count of a multi-row insert on psycopg is -1 (unknown).
     assert counted[1:] == [6, 0, 6]
     for mode in ("bulk", "groups"):
-        rows, counts = await _apply(url(f"{mode}.db"), mode)
+        rows, counts = await _apply(url(mode), mode)
         assert rows == stored, mode
         assert counts[1:] == [6, 0, 6], mode
         assert counts[0] in (12, counted[0]), mode
 
 
-async def _stored(
-    store: str, request: pytest.FixtureRequest, tmp_path: Path, rows: list[dict[str, Any]]
-) -> Database:
-    """A migrated database of `store` holding tenant tn_1 and `rows` of executions."""
-    url = (
-        str(request.getfixturevalue("postgres").create_database())
-        if store == "postgresql"
-        else f"sqlite:///{tmp_path / 'store.db'}"
-    )
+async def _stored(url: str, rows: list[dict[str, Any]]) -> Database:
+    """The database at `url`, migrated, holding tenant tn_1 and `rows` of executions."""
     migrate.upgrade(url)
     db = Database(url)
     async with db.transaction() as conn:
@@ -139,9 +105,9 @@ async def _stored(
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 async def test_json_columns_read_back_what_was_written_big_integers_too(
-    store: str, request: pytest.FixtureRequest, tmp_path: Path
+    store: str, database_url: Callable[..., str]
 ) -> None:
-    rows = _executions(6)
+    rows = execution_rows(6)
     # orjson alone would read the first two back as floats.
     rows[0]["args"] = {"big": 2**70, "neg": -(2**64), "in": [2**63 - 1, "9" * 30]}
     rows[1]["args"] = {"u64": 2**64 - 1, "float": 1e300, "text": "1234567890123456789012"}
@@ -150,7 +116,7 @@ async def test_json_columns_read_back_what_was_written_big_integers_too(
     results = [7, {"big": 2**70}, 2.5, 1.0, 2**70, -(2**64) - 1]
     for row, result in zip(rows, results, strict=True):
         row["result"] = result
-    db = await _stored(store, request, tmp_path, rows)
+    db = await _stored(database_url(store), rows)
     try:
         async with db.read() as conn:
             executions = tables.executions
@@ -166,15 +132,15 @@ async def test_json_columns_read_back_what_was_written_big_integers_too(
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 async def test_a_row_that_breaks_a_constraint_fails_as_through_sqlalchemy(
-    store: str, request: pytest.FixtureRequest, tmp_path: Path
+    store: str, database_url: Callable[..., str]
 ) -> None:
     """The paths past SQLAlchemy raise its IntegrityError, as its own path does: a batch
     whose item key another replica stored meanwhile is written again, not answered 500."""
-    rows = _executions(3)
-    again = [*_executions(2), rows[0]]  # new rows, then one whose id is taken
+    rows = execution_rows(3)
+    again = [*execution_rows(2), rows[0]]  # new rows, then one whose id is taken
     for row in again[:2]:
         row["id"] = row["id"].replace("ex_", "ex_n")
-    db = await _stored(store, request, tmp_path, rows)
+    db = await _stored(database_url(store), rows)
     try:
         for run in (
             lambda conn: execute_many(conn, tables.executions.insert(), again),

@@ -16,7 +16,7 @@ from sqlalchemy import or_, select, update
 from treadle.domain.errors import Conflict, NotFound, Unauthenticated
 from treadle.weaver.ids import new_id, new_secret
 from treadle.weaver.store import tables
-from treadle.weaver.store.database import Conn, Database
+from treadle.weaver.store.database import Conn, Database, direct
 from treadle.weaver.store.writer import Tx, Writer
 from treadle.weaver.views import iso
 
@@ -40,8 +40,11 @@ class Principal:
 
 async def process_tier_tenants(conn: Conn) -> frozenset[str]:
     """The ids of the tenants the operator allows the process tier (few, usually none)."""
-    rows = await conn.execute(select(_T.c.id).where(_T.c.allow_process_tier))
-    return frozenset(rows.scalars())
+    return frozenset((await conn.execute(_PROCESS_TIER_TENANTS)).scalars())
+
+
+# Read for each placement that may use the process tier: built once.
+_PROCESS_TIER_TENANTS = direct(select(_T.c.id).where(_T.c.allow_process_tier))
 
 
 def _tenant_view(row: Any) -> dict[str, Any]:

@@ -218,7 +218,7 @@ class ExecutionService:
                 # Inserting first costs a new key one statement, not two. RETURNING, not
                 # rowcount, tells whether this statement stored the row: with psycopg the
                 # rowcount of a skipped row was seen to read 1.
-                statement = tx.db.insert_ignoring_conflicts(_E).returning(_E.c.id)
+                statement = tx.db.insert_ignoring_conflicts(_E, returning=_E.c.id)
                 if (await tx.conn.execute(statement, values)).first() is None:
                     if placed is not None:
                         placed.undo()  # the key's execution is placed already

@@ -31,7 +31,7 @@ from treadle.protocol import UsageAck, UsageKey, UsageRecord, UsageReport, Weave
 from treadle.weaver.metrics import WeaverMetrics
 from treadle.weaver.services.nodes import NodeSession
 from treadle.weaver.store import tables
-from treadle.weaver.store.database import Database
+from treadle.weaver.store.database import Database, direct
 from treadle.weaver.store.writer import Tx
 
 __all__ = ["CLOCK_SKEW_S", "UsageService"]
@@ -42,17 +42,21 @@ log = logging.getLogger(__name__)
 CLOCK_SKEW_S = 300.0
 _E, _S, _U = tables.executions, tables.sandboxes, tables.usage_records
 # Whose a record is, read for every record stored: built once.
-_EXECUTION_OWNER = select(
-    _E.c.tenant_id, _E.c.function, _E.c.resources, _E.c.attempt, _E.c.node_id, _E.c.created_at
-).where(_E.c.id == bindparam("_id"))
-_SANDBOX_OWNER = select(
-    _S.c.tenant_id,
-    _S.c.id.label("function"),
-    _S.c.spec,
-    _S.c.incarnation.label("attempt"),
-    _S.c.node_id,
-    _S.c.created_at,
-).where(_S.c.id == bindparam("_id"))
+_EXECUTION_OWNER = direct(
+    select(
+        _E.c.tenant_id, _E.c.function, _E.c.resources, _E.c.attempt, _E.c.node_id, _E.c.created_at
+    ).where(_E.c.id == bindparam("_id"))
+)
+_SANDBOX_OWNER = direct(
+    select(
+        _S.c.tenant_id,
+        _S.c.id.label("function"),
+        _S.c.spec,
+        _S.c.incarnation.label("attempt"),
+        _S.c.node_id,
+        _S.c.created_at,
+    ).where(_S.c.id == bindparam("_id"))
+)
 
 _ADD_COST = (
     update(_E)
@@ -187,7 +191,7 @@ class UsageService:
                 continue
             tenant_id, subject, reserved = owner
             values, cost = self._priced(session, record, tenant_id, subject, reserved, now)
-            statement = self._db.insert_ignoring_conflicts(_U).returning(_U.c.seq)
+            statement = self._db.insert_ignoring_conflicts(_U, returning=_U.c.seq)
             if (await tx.conn.execute(statement, values)).first() is None:
                 continue  # stored before: counted once
             self._stored(record, now)

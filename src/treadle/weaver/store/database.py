@@ -14,19 +14,25 @@ readers proceed beside the writer.
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
+import keyword
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from sqlalchemy import (
     JSON,
+    Boolean,
+    Column,
     Connection,
     Engine,
     Executable,
+    Float,
     Insert,
     Table,
     Update,
@@ -35,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import StaticPool
@@ -45,6 +51,7 @@ __all__ = [
     "Database",
     "Group",
     "JSONValue",
+    "direct",
     "execute_groups",
     "execute_many",
     "json_text",
@@ -93,7 +100,12 @@ def _as_sqlalchemy_errors(dialect: Any, sql: str) -> Iterator[None]:
         yield
     except dialect.loaded_dbapi.Error as exc:
         raise DBAPIError.instance(
-            sql, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
+            sql,
+            None,
+            exc,
+            dialect.loaded_dbapi.Error,
+            connection_invalidated=dialect.is_disconnect(exc, None, None),
+            dialect=dialect,
         ) from exc
 
 
@@ -143,6 +155,8 @@ def _json_value_as_text(_type: JSONValue, _compiler: Any, **_kw: Any) -> str:
 
 
 _NAMED = re.compile(r"%\((\w+)\)s")
+_MAX_PLANS = 1024
+S = TypeVar("S", bound=Executable)
 
 
 class _BulkPlan:
@@ -187,6 +201,23 @@ class _BulkPlan:
             for name in names
         ]
         self._statement = statement  # kept alive: its id() is the cache key
+        # Whether psycopg, given these values, gives what SQLAlchemy would (`direct`): every
+        # value a caller must give given (SQLAlchemy refuses a missing one, and NULL in its
+        # place would read as a lost race), no RETURNING the caller did not ask for.
+        self.direct = (
+            self.usable
+            and "POSTCOMPILE" not in self.sql
+            and self.named
+            and not getattr(compiled, "implicit_returning", None)
+            and all(
+                name in keys or not (is_json or compiled.binds[name].required)
+                for name, _default, is_json in self._order
+            )
+            and _plain(compiled, dialect)
+        )
+        if self.direct:
+            row = _row_class(tuple(entry.keyname for entry in compiled._result_columns))
+            self.make_row: Any = lambda _cursor: row._make
 
     @classmethod
     def of(cls, statement: Insert | Update, dialect: Any, keys: Iterable[str]) -> _BulkPlan:
@@ -194,6 +225,8 @@ class _BulkPlan:
         key = (id(statement), dialect.name, ordered)
         plan = cls._plans.get(key)
         if plan is None or plan._statement is not statement:
+            if len(cls._plans) >= _MAX_PLANS:  # statements built per call: a mistake, bounded
+                cls._plans.clear()
             plan = cls._plans[key] = cls(statement, dialect, ordered)
         return plan
 
@@ -208,6 +241,141 @@ class _BulkPlan:
             name: json_text(row[name]) if is_json else row.get(name, default)
             for name, default, is_json in self._order
         }
+
+
+def _plain(compiled: Any, dialect: Any) -> bool:
+    """Whether SQLAlchemy would hand every bind of `compiled` to the driver as it is and
+    every column it reads back as the driver gave it, under a name that can be an attribute.
+    JSON binds `_BulkPlan` serializes as SQLAlchemy does; a boolean's bind processor only
+    refuses what is not one, and the hot paths give booleans."""
+    try:
+        for bind in compiled.binds.values():
+            if isinstance(bind.type, JSON | Boolean):
+                continue
+            if bind.type.dialect_impl(dialect).bind_processor(dialect) is not None:
+                return False
+        for entry in compiled._result_columns:
+            name = entry.keyname
+            if name != entry.name or not _ATTRIBUTE.match(name) or keyword.iskeyword(name):
+                return False
+            # A float column of a table is read as a float by both. (PostgreSQL's result
+            # processor goes by the type the server names, known only once rows come.)
+            if isinstance(entry.type, Float) and not entry.type.asdecimal:
+                if any(isinstance(found, Column) for found in entry.objects):
+                    continue
+                return False
+            if entry.type.dialect_impl(dialect).result_processor(dialect, None) is not None:
+                return False
+    except (TypeError, ValueError, NotImplementedError):
+        return False  # a type that cannot say without the server: SQLAlchemy's path
+    return len({entry.keyname for entry in compiled._result_columns}) == len(
+        compiled._result_columns
+    )
+
+
+_ATTRIBUTE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+@functools.cache
+def _row_class(names: tuple[str, ...]) -> Any:
+    """A row as SQLAlchemy's reads: by position, by attribute, and `_mapping`."""
+    base = collections.namedtuple("Row", names)  # type: ignore[misc]
+    return type("Row", (base,), {"__slots__": (), "_mapping": property(base._asdict)})
+
+
+_DIRECT = "treadle_direct"
+
+
+def direct(statement: S) -> S:
+    """`statement`, to be sent through psycopg itself on PostgreSQL: compiled once, without
+    SQLAlchemy's execution and result machinery, which cost Weaver about twice psycopg's CPU
+    a statement (`bench/pg_driver.py`). Only where psycopg gives what SQLAlchemy would
+    (`_plain`); everywhere else, and on SQLite, it runs as any statement does. For the
+    statements of the hot paths, built once (module constants), not per call."""
+    return statement.execution_options(**{_DIRECT: True})
+
+
+class _Rows:
+    """What store code reads of a result, for rows that came straight from psycopg."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+    def all(self) -> list[Any]:
+        return list(self._rows)
+
+    fetchall = all
+
+    def first(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def one_or_none(self) -> Any:
+        if len(self._rows) > 1:
+            raise MultipleResultsFound("Multiple rows were found when one or none was required")
+        return self.first()
+
+    def one(self) -> Any:
+        if not self._rows:
+            raise NoResultFound("No row was found when one was required")
+        return self.one_or_none()
+
+    def scalar(self) -> Any:
+        return None if not self._rows else self._rows[0][0]
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+    def scalar_one_or_none(self) -> Any:
+        row = self.one_or_none()
+        return None if row is None else row[0]
+
+    def scalars(self) -> _Rows:
+        return _Rows([row[0] for row in self._rows], self.rowcount)
+
+
+class _Driven:
+    """A PostgreSQL connection of SQLAlchemy's, whose statements marked `direct` go
+    through its psycopg connection itself; the same transaction either way. One task's, as
+    the connection under it is: its statements one after another."""
+
+    __slots__ = ("_aconn", "_cursor", "dialect", "driver")
+
+    def __init__(self, aconn: AsyncConnection, driver: Any) -> None:
+        self._aconn = aconn
+        self.dialect = aconn.dialect
+        self.driver = driver
+        self._cursor: Any = None
+
+    @classmethod
+    async def over(cls, aconn: AsyncConnection) -> _Driven:
+        return cls(aconn, (await aconn.get_raw_connection()).driver_connection)
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> Any:
+        if not isinstance(parameters, list) and statement._execution_options.get(_DIRECT):
+            keys = () if parameters is None else parameters.keys()
+            plan = _BulkPlan.of(statement, self.dialect, keys)  # type: ignore[arg-type]
+            if plan.direct:
+                # One cursor for the connection's turn: its rows are all read before the next.
+                cursor = self._cursor
+                if cursor is None:
+                    cursor = self._cursor = self.driver.cursor()
+                cursor.row_factory = plan.make_row
+                try:
+                    with _as_sqlalchemy_errors(self.dialect, plan.sql):
+                        await cursor.execute(plan.sql, plan.named_values(parameters or {}))
+                        rows = await cursor.fetchall() if cursor.pgresult.nfields else []
+                except DBAPIError as exc:
+                    if exc.connection_invalidated:  # as SQLAlchemy does: not back to the pool
+                        await self._aconn.invalidate()
+                    raise
+                return _Rows(rows, cursor.rowcount)
+        return await self._aconn.execute(statement, parameters)
 
 
 async def execute_many(conn: Conn, statement: Insert | Update, rows: list[dict[str, Any]]) -> int:
@@ -226,13 +394,12 @@ async def execute_groups(conn: Conn, groups: list[Group]) -> list[int]:
     """Each group's statement for each of its rows (each group's rows with the same keys),
     group after group: how many rows each group changed. On PostgreSQL they go in one
     pipeline, one round trip for them all, instead of one a group."""
-    if isinstance(conn, AsyncConnection) and conn.dialect.name == "postgresql" and len(groups) > 1:
+    if isinstance(conn, _Driven) and len(groups) > 1:
         plans = [
             _BulkPlan.of(statement, conn.dialect, rows[0].keys()) for statement, rows in groups
         ]
         if all(plan.usable for plan in plans):
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
+            driver = conn.driver
             cursors = [driver.cursor() for _ in plans]
             try:
                 with _as_sqlalchemy_errors(conn.dialect, "; ".join(plan.sql for plan in plans)):
@@ -297,7 +464,7 @@ class Database:
         self._sqlite_read: Engine | None = None
         self._async: AsyncEngine | None = None
         self._async_read: AsyncEngine | None = None
-        self._ignoring: dict[str, Any] = {}
+        self._ignoring: dict[tuple[str, str | None], Any] = {}
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -332,7 +499,7 @@ class Database:
         # committed state, not BEGIN … ROLLBACK around them (two more round trips each).
         assert self._async_read is not None
         async with self._async_read.connect() as aconn:
-            yield aconn
+            yield await _Driven.over(aconn)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:
@@ -342,7 +509,7 @@ class Database:
             return
         assert self._async is not None
         async with self._async.begin() as aconn:
-            yield aconn
+            yield await _Driven.over(aconn)
 
     def is_busy(self, exc: BaseException) -> bool:
         """Whether `exc` says another connection holds the lock (so trying again may work)."""
@@ -351,12 +518,17 @@ class Database:
         message = str(exc.orig).lower()
         return "locked" in message or "busy" in message
 
-    def insert_ignoring_conflicts(self, table: Table) -> Any:
-        """INSERT … ON CONFLICT DO NOTHING, for idempotent stores (built once per table)."""
-        statement = self._ignoring.get(table.name)
+    def insert_ignoring_conflicts(self, table: Table, returning: Column[Any] | None = None) -> Any:
+        """INSERT … ON CONFLICT DO NOTHING, for idempotent stores; with `returning`, that
+        column of a row stored (none when it was there before). Built once each, `direct`."""
+        key = (table.name, None if returning is None else returning.name)
+        statement = self._ignoring.get(key)
         if statement is None:
             dialect = postgresql if self.dialect == "postgresql" else sqlite
-            statement = self._ignoring[table.name] = dialect.insert(table).on_conflict_do_nothing()
+            statement = dialect.insert(table).on_conflict_do_nothing()
+            if returning is not None:
+                statement = statement.returning(returning)
+            statement = self._ignoring[key] = direct(statement)
         return statement
 
     async def close(self) -> None:
