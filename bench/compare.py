@@ -5,8 +5,10 @@
 Runs, one after another so they never share the CPUs: bench/peers.py (Ray, Celery + Redis,
 a spawn per task), bench/dispatch.py --store sqlite and --store postgresql (a real Shuttle,
 the process tier, `/bin/echo 13`), and bench/control_plane.py on each store and with two
-replicas (simulated nodes: Weaver alone). Prints the table as Markdown and writes every
-figure as JSON under bench/results/.
+replicas (simulated nodes: Weaver alone), and again on each store with the database's CPU
+set apart (`--database-cpu 1`: PostgreSQL on a core of its own, Weaver on the other, SQLite
+given the same one). Prints the table as Markdown and writes every figure as JSON under
+bench/results/.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def main() -> None:
         "--fleet",
         "0",
     )
+    for store in ("sqlite", "postgresql"):
+        figures[f"control-{store}-own-cpu"] = run(
+            "control_plane.py",
+            *("--store", store, "--sequential", seq, "--seconds", secs, "--fleet", "0"),
+            *("--database-cpu", "1"),
+        )
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / f"compare-{int(time.time())}.json").write_text(json.dumps(figures, indent=2))
@@ -108,7 +116,11 @@ def table(f: dict[str, Any]) -> str:
         ("control-sqlite", "sqlite"),
         ("control-postgresql", "postgresql"),
         ("control-postgresql-x2", "postgresql, 2 replicas"),
+        ("control-sqlite-own-cpu", "sqlite, one core"),
+        ("control-postgresql-own-cpu", "postgresql, one core and one for the database"),
     ):
+        if key not in f:
+            continue
         c = f[key]
         lines.append(
             row(
