@@ -92,15 +92,16 @@ class _Inline:
 
 
 @contextmanager
-def _as_sqlalchemy_errors(dialect: Any, sql: str) -> Iterator[None]:
+def _as_sqlalchemy_errors(dialect: Any, *sql: str) -> Iterator[None]:
     """A driver's error raised as SQLAlchemy raises it (IntegrityError, OperationalError…),
     so that statements sent past SQLAlchemy fail as those sent through it: callers (a
-    batch's retry on a key stored meanwhile, the writer's busy check) catch one kind."""
+    batch's retry on a key stored meanwhile, the writer's busy check) catch one kind. `sql`,
+    the statements sent, is joined for the message only when one fails."""
     try:
         yield
     except dialect.loaded_dbapi.Error as exc:
         raise DBAPIError.instance(
-            sql,
+            "; ".join(sql),
             None,
             exc,
             dialect.loaded_dbapi.Error,
@@ -344,17 +345,20 @@ class _Driven:
     through its psycopg connection itself; the same transaction either way. One task's, as
     the connection under it is: its statements one after another."""
 
-    __slots__ = ("_aconn", "_cursor", "dialect", "driver")
+    __slots__ = ("_aconn", "_cursor", "_driver", "dialect")
 
-    def __init__(self, aconn: AsyncConnection, driver: Any) -> None:
+    def __init__(self, aconn: AsyncConnection) -> None:
         self._aconn = aconn
         self.dialect = aconn.dialect
-        self.driver = driver
+        self._driver: Any = None
         self._cursor: Any = None
 
-    @classmethod
-    async def over(cls, aconn: AsyncConnection) -> _Driven:
-        return cls(aconn, (await aconn.get_raw_connection()).driver_connection)
+    async def driver(self) -> Any:
+        """The psycopg connection under SQLAlchemy's, fetched once a turn and only when a
+        statement needs it (fetching it costs a hop through SQLAlchemy's greenlet)."""
+        if self._driver is None:
+            self._driver = (await self._aconn.get_raw_connection()).driver_connection
+        return self._driver
 
     async def execute(self, statement: Executable, parameters: Any = None) -> Any:
         if not isinstance(parameters, list) and statement._execution_options.get(_DIRECT):
@@ -364,7 +368,7 @@ class _Driven:
                 # One cursor for the connection's turn: its rows are all read before the next.
                 cursor = self._cursor
                 if cursor is None:
-                    cursor = self._cursor = self.driver.cursor()
+                    cursor = self._cursor = (await self.driver()).cursor()
                 cursor.row_factory = plan.make_row
                 try:
                     with _as_sqlalchemy_errors(self.dialect, plan.sql):
@@ -399,10 +403,10 @@ async def execute_groups(conn: Conn, groups: list[Group]) -> list[int]:
             _BulkPlan.of(statement, conn.dialect, rows[0].keys()) for statement, rows in groups
         ]
         if all(plan.usable for plan in plans):
-            driver = conn.driver
+            driver = await conn.driver()
             cursors = [driver.cursor() for _ in plans]
             try:
-                with _as_sqlalchemy_errors(conn.dialect, "; ".join(plan.sql for plan in plans)):
+                with _as_sqlalchemy_errors(conn.dialect, *(plan.sql for plan in plans)):
                     async with driver.pipeline():
                         for plan, cursor, (_statement, rows) in zip(
                             plans, cursors, groups, strict=True
@@ -499,7 +503,7 @@ class Database:
         # committed state, not BEGIN … ROLLBACK around them (two more round trips each).
         assert self._async_read is not None
         async with self._async_read.connect() as aconn:
-            yield await _Driven.over(aconn)
+            yield _Driven(aconn)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:
@@ -509,7 +513,7 @@ class Database:
             return
         assert self._async is not None
         async with self._async.begin() as aconn:
-            yield await _Driven.over(aconn)
+            yield _Driven(aconn)
 
     def is_busy(self, exc: BaseException) -> bool:
         """Whether `exc` says another connection holds the lock (so trying again may work)."""
