@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from sqlalchemy import bindparam, func, select, update
 
-from treadle.domain.execution import ACTIVE_STATES
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import direct
 
@@ -27,8 +26,7 @@ __all__ = [
 _E = tables.executions
 _O = tables.output_chunks
 
-# The states of executions a node can hold, as stored (for `state IN (...)`).
-ACTIVE_STATE_VALUES = sorted(state.value for state in ACTIVE_STATES)
+ACTIVE_STATE_VALUES = tables.ACTIVE_STATE_VALUES
 
 EXECUTION_BY_ID = direct(select(_E).where(_E.c.id == bindparam("_id")))
 EXECUTION_BY_TENANT_AND_ID = EXECUTION_BY_ID.where(_E.c.tenant_id == bindparam("_tenant"))

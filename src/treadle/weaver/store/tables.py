@@ -22,9 +22,11 @@ from sqlalchemy import (
     false,
 )
 
+from treadle.domain.execution import ACTIVE_STATES
 from treadle.weaver.store.database import JSONValue
 
 __all__ = [
+    "ACTIVE_STATE_VALUES",
     "api_keys",
     "batches",
     "events",
@@ -37,6 +39,9 @@ __all__ = [
     "sandboxes",
     "tenants",
 ]
+
+# The states of executions a node can hold, as stored (for `state IN (...)`).
+ACTIVE_STATE_VALUES = sorted(state.value for state in ACTIVE_STATES)
 
 metadata = MetaData()
 
@@ -150,7 +155,13 @@ executions = Table(
     UniqueConstraint("tenant_id", "idempotency_key", name="uq_executions_idempotency"),
 )
 Index("ix_executions_tenant_id", executions.c.tenant_id, executions.c.id)
-Index("ix_executions_state", executions.c.state, executions.c.node_id)
+# On PostgreSQL, active executions alone (migration 0012 says why).
+Index(
+    "ix_executions_state",
+    executions.c.state,
+    executions.c.node_id,
+    postgresql_where=executions.c.state.in_(ACTIVE_STATE_VALUES),
+)
 Index("ix_executions_batch", executions.c.batch_id, executions.c.batch_index)
 
 # One batch invoke (map): its items are the executions that name it, except those refused or
