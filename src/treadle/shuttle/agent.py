@@ -127,15 +127,18 @@ class Shuttle:
         settings = self._settings
         runtimes = self._runtimes
         if runtimes is None:
-            runtimes = available_runtimes(settings)
+            # Trial runs and a sweep can take seconds: off the event loop, which an
+            # embedding program may share.
+            runtimes = await asyncio.to_thread(available_runtimes, settings)
         if settings.runtimes is not None:
-            working = ", ".join(sorted(runtimes)) or "none"
             runtimes = {tier: rt for tier, rt in runtimes.items() if tier in settings.runtimes}
             if not runtimes:
                 asked = ", ".join(sorted(settings.runtimes))
+                every = settings.model_copy(update={"runtimes": None})
+                working = await asyncio.to_thread(available_runtimes, every)
                 raise ShuttleError(
                     f"none of the runtimes asked for ({asked}) works on this host; "
-                    f"these do: {working}"
+                    f"these do: {', '.join(sorted(working)) or 'none'}"
                 )
         if not runtimes:
             raise ShuttleError(

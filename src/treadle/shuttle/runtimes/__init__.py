@@ -8,7 +8,7 @@ from treadle.domain.resources import Tier
 from treadle.shuttle.runtimes._spawn import unsupported_reason
 from treadle.shuttle.runtimes.base import ExitStatus, Runtime, RuntimeHandle, SpawnFailed, Stream
 from treadle.shuttle.runtimes.namespace import NamespaceRuntime, Unavailable
-from treadle.shuttle.runtimes.oci import OciRuntime, oci_runtimes
+from treadle.shuttle.runtimes.oci import OciRuntime, oci_runtimes, sweep_dead_shuttles
 from treadle.shuttle.runtimes.process import ProcessRuntime
 from treadle.shuttle.settings import ShuttleSettings
 
@@ -38,22 +38,34 @@ def gives_network(runtime: Runtime) -> bool:
 
 
 def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:
-    """The runtimes this host can run and the operator allows, weakest tier first."""
+    """The runtimes this host can run and the operator allows (`settings.runtimes`, when it
+    names some: only those are tried), weakest tier first. Blocking: trial runs of each tier
+    and a sweep of what dead Shuttles' containers left behind."""
+    wanted = settings.runtimes
+
+    def wants(*tiers: Tier) -> bool:
+        return wanted is None or any(tier in wanted for tier in tiers)
+
     runtimes: dict[Tier, Runtime] = {}
-    if settings.allow_process_runtime:
+    if settings.allow_process_runtime and wants(Tier.PROCESS):
         reason = unsupported_reason()
         if reason is None:
             runtimes[Tier.PROCESS] = ProcessRuntime()
         else:
             log.warning("process runtime unavailable: %s", reason)
-    namespace = _namespace_runtime(settings)
-    if namespace is not None:
+    # The microvm tier jails QEMU with the namespace tier's launcher.
+    wants_microvm = settings.microvm and wants(Tier.MICROVM)
+    namespace = _namespace_runtime(settings) if wants(Tier.NAMESPACE) or wants_microvm else None
+    if namespace is not None and wants(Tier.NAMESPACE):
         runtimes[Tier.NAMESPACE] = namespace
     try:
-        runtimes.update(oci_runtimes(settings))
+        if wants(Tier.OCI, Tier.GVISOR):
+            runtimes.update(oci_runtimes(settings))
+        else:
+            sweep_dead_shuttles()
     except (Unavailable, OSError) as exc:
         log.warning("oci and gvisor runtimes unavailable: %s", exc)
-    if settings.microvm:
+    if wants_microvm:
         microvm = _microvm_runtime(namespace, settings)
         if microvm is not None:
             runtimes[Tier.MICROVM] = microvm

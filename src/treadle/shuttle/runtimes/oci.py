@@ -485,6 +485,14 @@ def _probe(tool: OciTool, rootfs: Rootfs, base: Path) -> ProbeResult:
         return result
 
 
+def sweep_dead_shuttles() -> None:
+    """What containers of dead Shuttles left behind, removed (as `oci_runtimes` does first),
+    for a Shuttle that offers neither oci tier: a container can outlive its Shuttle and go
+    on running its workload."""
+    if unsupported_reason() is None:
+        _sweep_dead(private_dir(_state_base() / "shuttles"))
+
+
 def _sweep_dead(owned: Path) -> None:
     """Remove what the containers of gone Shuttles left behind, whatever their home: a dead
     process's containers are nobody's."""
