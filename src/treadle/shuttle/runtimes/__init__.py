@@ -58,13 +58,16 @@ def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:
     namespace = _namespace_runtime(settings) if wants(Tier.NAMESPACE) or wants_microvm else None
     if namespace is not None and wants(Tier.NAMESPACE):
         runtimes[Tier.NAMESPACE] = namespace
-    try:
-        if wants(Tier.OCI, Tier.GVISOR):
+    if wants(Tier.OCI, Tier.GVISOR):
+        try:
             runtimes.update(oci_runtimes(settings))
-        else:
+        except (Unavailable, OSError) as exc:
+            log.warning("oci and gvisor runtimes unavailable: %s", exc)
+    else:
+        try:
             sweep_dead_shuttles()
-    except (Unavailable, OSError) as exc:
-        log.warning("oci and gvisor runtimes unavailable: %s", exc)
+        except OSError as exc:
+            log.warning("sweeping up after dead Shuttles: %s", exc)
     if wants_microvm:
         microvm = _microvm_runtime(namespace, settings)
         if microvm is not None:
