@@ -13,7 +13,7 @@ from sqlalchemy.engine import CursorResult
 
 from support.rows import execution_rows
 from treadle.weaver.store import migrate, statements, tables
-from treadle.weaver.store.database import Database, execute_many
+from treadle.weaver.store.database import Database, execute_groups, execute_many
 
 
 def _plain(statement: Any) -> Any:
@@ -110,3 +110,38 @@ async def test_a_direct_statement_gives_what_sqlalchemy_gives(
     assert result == {"r": [None, 1.5]} and placement["score"] == 0.5 and cancel is False
     assert mapping["args"]["big"] == 2**70 and mapping["node_id"] == "nd_1"
     assert seen[11:] == [None, ["ex_002"], 1, (1, None, 2**40, True, None), []]
+
+
+async def test_a_connection_that_died_under_psycopg_leaves_the_pool(
+    database_url: Callable[..., str],
+) -> None:
+    url = database_url("postgresql")
+    migrate.upgrade(url)
+    db = Database(url)
+    pid = sa.text("SELECT pg_backend_pid()")
+    kill = sa.text("SELECT pg_terminate_backend(:pid)")
+    swap = {"_id": "ex_000", "_state": "open", "_attempt": 1, "state": "running"}
+    ways = {
+        "one statement": (db.transaction, lambda c: c.execute(statements.EXECUTION_CAS, swap)),
+        "a pipeline": (
+            db.transaction,
+            lambda c: execute_groups(
+                c, [(statements.EXECUTION_CAS, [swap]), (statements.EXECUTION_CAS, [swap])]
+            ),
+        ),
+        "a read": (db.read, lambda c: c.execute(statements.EXECUTION_FENCE, {"_id": "ex_000"})),
+    }
+    try:
+        for way, (open_, send) in ways.items():
+            async with open_() as conn:
+                dead = (await conn.execute(pid)).scalar_one()
+            async with db.transaction() if open_ == db.read else db.read() as other:
+                await other.execute(kill, {"pid": dead})
+            # The pool's one connection, dead: psycopg's own path is the first to find it.
+            with pytest.raises(sa.exc.OperationalError):
+                async with open_() as conn:
+                    await send(conn)
+            async with open_() as conn:  # a new connection, not the dead one
+                assert (await conn.execute(pid)).scalar_one() != dead, way
+    finally:
+        await db.close()

@@ -370,14 +370,11 @@ class _Driven:
                 if cursor is None:
                     cursor = self._cursor = (await self.driver()).cursor()
                 cursor.row_factory = plan.make_row
-                try:
-                    with _as_sqlalchemy_errors(self.dialect, plan.sql):
-                        await cursor.execute(plan.sql, plan.named_values(parameters or {}))
-                        rows = await cursor.fetchall() if cursor.pgresult.nfields else []
-                except DBAPIError as exc:
-                    if exc.connection_invalidated:  # as SQLAlchemy does: not back to the pool
-                        await self._aconn.invalidate()
-                    raise
+                # A connection found dead leaves the pool as on SQLAlchemy's own path: its
+                # reset, when handed back, fails.
+                with _as_sqlalchemy_errors(self.dialect, plan.sql):
+                    await cursor.execute(plan.sql, plan.named_values(parameters or {}))
+                    rows = await cursor.fetchall() if cursor.pgresult.nfields else []
                 return _Rows(rows, cursor.rowcount)
         return await self._aconn.execute(statement, parameters)
 
