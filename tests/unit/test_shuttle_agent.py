@@ -51,6 +51,7 @@ class FakeWeaver:
         self.bearers: list[str] = []  # every handshake's Authorization, refused ones included
         self.refuse: set[str] = set()
         self.url = ""
+        self.shuttles: list[asyncio.Task[None]] = []  # those started against it
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         bearer = request.headers.get("Authorization", "")
@@ -64,7 +65,20 @@ class FakeWeaver:
         await ws.wait_closed()
 
     async def accept(self) -> ServerConnection:
-        return await asyncio.wait_for(self.connections.get(), 10)
+        """The next Shuttle's connection. A Shuttle that stops instead fails this at once
+        with its error, and a wait past 10 s with every stopped Shuttle's."""
+        connection = asyncio.ensure_future(self.connections.get())
+        running = {task for task in self.shuttles if not task.done()}
+        await asyncio.wait({connection, *running}, timeout=10, return_when="FIRST_COMPLETED")
+        if not connection.done():
+            connection.cancel()
+            stopped = [task for task in self.shuttles if task.done() and not task.cancelled()]
+            for task in stopped:
+                if task in running:
+                    task.result()  # raises what stopped it
+            errors = [task.exception() for task in stopped]
+            raise AssertionError(f"no Shuttle connected in 10 s; stopped ones raised {errors}")
+        return connection.result()
 
 
 @pytest.fixture
@@ -101,6 +115,7 @@ async def start_shuttle(
         fields.update(overrides)
         task = asyncio.create_task(Shuttle(ShuttleSettings(**fields)).run())
         tasks.append(task)
+        weaver.shuttles.append(task)
         return task
 
     yield start
