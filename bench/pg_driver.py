@@ -2,7 +2,9 @@
 SQLAlchemy's asyncio engine (as most of Weaver's statements go), through psycopg alone,
 inside a psycopg pipeline (as a transaction's deferred writes go), and through treadle's
 `Database` as a statement of its own and marked `direct` (as the hot paths' go), an update
-and a read of a row with JSON each. CPU of this process only; the server's is apart.
+and a read of a row with JSON each; and a row inserted 500 at a time, in a pipeline and as a
+COPY (as a commit's events and a batch's executions go). CPU of this process only; the
+server's is apart.
 
     .venv/bin/python bench/pg_driver.py [--statements 3000]
 
@@ -23,7 +25,10 @@ from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, bindparam
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from servers import database_for
-from treadle.weaver.store.database import Database, direct
+from treadle.weaver.store.database import Database, direct, execute_many
+
+# Rows inserted a transaction, as a busy commit's events.
+_GROUP = 500
 
 
 def _cpu() -> float:
@@ -75,8 +80,34 @@ async def _measure(url: str, n: int) -> dict[str, Any]:
             for i in range(n):
                 await cursor.execute(sql, (f"k{i % 100}",))
         record("psycopg_pipeline", cpu, wall)
+        rows = [(f"i{i}", '{"args": {"i": 1}, "tags": ["a"]}', 1.5) for i in range(n)]
+        await raw.execute("CREATE TABLE e (id text PRIMARY KEY, doc json, at float8)")
+        await raw.commit()
+        cpu, wall = _cpu(), time.perf_counter()
+        for start in range(0, n, _GROUP):
+            async with raw.transaction(), raw.pipeline():
+                await raw.cursor().executemany(
+                    "INSERT INTO e (id, doc, at) VALUES (%s, %s, %s)",
+                    [(f"p{key}", doc, at) for key, doc, at in rows[start : start + _GROUP]],
+                )
+        record("psycopg_pipeline_insert", cpu, wall)
+        cpu, wall = _cpu(), time.perf_counter()
+        for start in range(0, n, _GROUP):
+            async with (
+                raw.transaction(),
+                raw.cursor().copy("COPY e (id, doc, at) FROM STDIN") as copy,
+            ):
+                for row in rows[start : start + _GROUP]:
+                    await copy.write_row(row)
+        record("psycopg_copy_insert", cpu, wall)
     await engine.dispose()
     db = Database(url)
+    cpu, wall = _cpu(), time.perf_counter()
+    for start in range(0, n, _GROUP):
+        async with db.transaction() as conn:
+            docs = [{"id": f"m{i}", "n": i, "doc": {"i": i}} for i in range(start, start + _GROUP)]
+            await execute_many(conn, table.insert(), docs)
+    record("treadle_insert_many", cpu, wall)
     read = select(table).where(table.c.id == bindparam("_id"))
     ways = (("treadle", statement, read), ("treadle_direct", direct(statement), direct(read)))
     for name, change, look in ways:

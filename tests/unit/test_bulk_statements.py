@@ -1,6 +1,7 @@
 """`execute_many`'s SQLite path (straight through the driver) and `execute_groups` (on
-PostgreSQL, one pipeline for all its statements) store exactly what SQLAlchemy's executemany
-stores, and count the rows each statement changed the same way."""
+PostgreSQL, one pipeline for its statements, and a COPY for an insert of many rows) store
+exactly what SQLAlchemy's executemany stores, and count the rows each statement changed the
+same way."""
 
 from __future__ import annotations
 
@@ -9,14 +10,23 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from support.rows import execution_rows
 from treadle.weaver.store import migrate, tables
-from treadle.weaver.store.database import Database, Group, execute_groups, execute_many, sync_url
+from treadle.weaver.store.database import (
+    COPY_FROM,
+    Database,
+    Group,
+    _BulkPlan,
+    execute_groups,
+    execute_many,
+    sync_url,
+)
 from treadle.weaver.store.statements import EXECUTION_ASSIGN, EXECUTION_CAS_ON_NODE
 
 
-async def _apply(url: str, mode: str) -> tuple[list[tuple[Any, ...]], list[int]]:
+async def _apply(url: str, mode: str, n: int = 12) -> tuple[list[tuple[Any, ...]], list[int]]:
     migrate.upgrade(url)
     db = Database(url)
     counts: list[int] = []
@@ -43,7 +53,7 @@ async def _apply(url: str, mode: str) -> tuple[list[tuple[Any, ...]], list[int]]
         for i in range(12)  # half on no node: those miss
     ]
     groups: list[Group] = [
-        (tables.executions.insert(), execution_rows(12)),
+        (tables.executions.insert(), _awkward(execution_rows(n))),
         (EXECUTION_ASSIGN, assign),
         (EXECUTION_ASSIGN, assign),  # none is open and free now
         (EXECUTION_CAS_ON_NODE, start),
@@ -72,22 +82,59 @@ async def _apply(url: str, mode: str) -> tuple[list[tuple[Any, ...]], list[int]]
     return [tuple(row) for row in rows], counts
 
 
+# What a COPY's text format escapes or reads specially, in text and in JSON.
+_AWKWARD = "".join(map(chr, range(1, 128))) + "\\N \\. \\\\ \\t é\u2028\U0001f600"
+
+
+def _awkward(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for i, row in enumerate(rows):
+        row["stdin"] = None if i % 3 == 1 else ("" if i % 3 == 2 else _AWKWARD[i:])
+        row["args"] = {"text": _AWKWARD, "i": i, "big": 2**70}
+        row["idempotency_key"] = None if i % 2 else f"\\N{i}"
+    return rows
+
+
+# Fewer rows than a COPY takes (one pipeline for all), and enough for the insert's COPY.
+@pytest.mark.parametrize("n", [12, COPY_FROM + 4])
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 async def test_the_driver_paths_store_and_count_what_sqlalchemy_does(
-    store: str, database_url: Callable[..., str]
+    store: str, n: int, database_url: Callable[..., str]
 ) -> None:
     def url(name: str) -> str:
         return database_url(store, name)
 
-    stored, counted = await _apply(url("a"), "sqlalchemy")
-    assert len(stored) == 12
+    stored, counted = await _apply(url("a"), "sqlalchemy", n)
+    assert len(stored) == n
     # SQLAlchemy's own count of a multi-row insert on psycopg is -1 (unknown).
     assert counted[1:] == [6, 0, 6]
     for mode in ("bulk", "groups"):
-        rows, counts = await _apply(url(mode), mode)
+        rows, counts = await _apply(url(mode), mode, n)
         assert rows == stored, mode
         assert counts[1:] == [6, 0, 6], mode
-        assert counts[0] in (12, counted[0]), mode
+        assert counts[0] in (n, counted[0]), mode
+
+
+def test_only_a_plain_insert_goes_as_a_copy() -> None:
+    """A COPY stores rows and nothing more: an insert that skips conflicts or returns what
+    it stored, and any update, keep the pipeline."""
+    dialect = postgresql.psycopg.dialect()  # type: ignore[attr-defined]
+    keys = list(execution_rows(1)[0])
+    event = ["id", "type", "tenant_id", "subject_id", "data", "created_at"]
+    copy = _BulkPlan.of(tables.executions.insert(), dialect, keys).copy
+    assert copy is not None and copy.startswith("COPY executions (")
+    # A column left out that has a constant default is given it, as SQLAlchemy gives it.
+    columns = copy.removeprefix("COPY executions (").removesuffix(") FROM STDIN").split(", ")
+    assert sorted(columns) == sorted([*keys, "output_truncated"])
+    # Its key's RETURNING, which SQLAlchemy adds itself, is read by no caller.
+    assert _BulkPlan.of(tables.events.insert(), dialect, event).copy is not None
+    for statement, columns in (
+        (tables.events.insert().returning(tables.events.c.seq), event),
+        (postgresql.insert(tables.executions).on_conflict_do_nothing(), keys),
+        (tables.executions.insert().values(created_at=sa.func.now()), keys[:-4]),
+        (EXECUTION_ASSIGN, list(_ASSIGN)),
+    ):
+        assert _BulkPlan.of(statement, dialect, columns).copy is None, statement
+    assert _BulkPlan.of(tables.events.insert(), sqlite.dialect(), event).copy is None
 
 
 async def _stored(url: str, rows: list[dict[str, Any]]) -> Database:
@@ -130,15 +177,16 @@ async def test_json_columns_read_back_what_was_written_big_integers_too(
     assert [type(result) for _args, result in read[3:]] == [float, int, int]
 
 
+@pytest.mark.parametrize("n", [3, COPY_FROM])
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 async def test_a_row_that_breaks_a_constraint_fails_as_through_sqlalchemy(
-    store: str, database_url: Callable[..., str]
+    store: str, n: int, database_url: Callable[..., str]
 ) -> None:
     """The paths past SQLAlchemy raise its IntegrityError, as its own path does: a batch
     whose item key another replica stored meanwhile is written again, not answered 500."""
     rows = execution_rows(3)
-    again = [*execution_rows(2), rows[0]]  # new rows, then one whose id is taken
-    for row in again[:2]:
+    again = [*execution_rows(n - 1), rows[0]]  # new rows, then one whose id is taken
+    for row in again[:-1]:
         row["id"] = row["id"].replace("ex_", "ex_n")
     db = await _stored(database_url(store), rows)
     try:

@@ -219,6 +219,17 @@ class _BulkPlan:
         if self.direct:
             row = _row_class(tuple(entry.keyname for entry in compiled._result_columns))
             self.make_row: Any = lambda _cursor: row._make
+        # On PostgreSQL, an INSERT of bound values and nothing more may go as a COPY.
+        # A RETURNING of the key that SQLAlchemy adds itself reads nothing any caller of
+        # these plans reads; one the statement asks for is read.
+        self.copy = (
+            _copy_of(self.sql, names, implicit=getattr(compiled, "implicit_returning", None))
+            if self.usable
+            and self.named
+            and dialect.name == "postgresql"
+            and not getattr(statement, "_returning", ())
+            else None
+        )
 
     @classmethod
     def of(cls, statement: Insert | Update, dialect: Any, keys: Iterable[str]) -> _BulkPlan:
@@ -242,6 +253,27 @@ class _BulkPlan:
             name: json_text(row[name]) if is_json else row.get(name, default)
             for name, default, is_json in self._order
         }
+
+
+_PLAIN_INSERT = re.compile(
+    r"INSERT INTO (\S+) \(([^()]*)\) VALUES \((.*?)\)(?P<returning> RETURNING [\w.]+)?"
+)
+_BIND = re.compile(r"%\((\w+)\)s(?:::\w+)?")
+
+
+def _copy_of(sql: str, names: list[str], implicit: Any) -> str | None:
+    """The COPY that stores what `sql` stores, given `names`' values in order: where `sql`
+    is `INSERT INTO t (columns) VALUES (one bind each)`, each bind at most cast to its
+    column's type (which a COPY's text is read as), with no clause after but the RETURNING
+    SQLAlchemy adds itself (`implicit`); not one that conflicts may skip (ON CONFLICT)."""
+    match = _PLAIN_INSERT.fullmatch(sql)
+    if match is None or (match["returning"] and not implicit):
+        return None
+    table, columns, values = match.group(1, 2, 3)
+    binds = [_BIND.fullmatch(value.strip()) for value in values.split(",")]
+    if [bind and bind[1] for bind in binds] != names:
+        return None
+    return f"COPY {table} ({columns}) FROM STDIN"
 
 
 def _plain(compiled: Any, dialect: Any) -> bool:
@@ -381,40 +413,86 @@ class _Driven:
 
 async def execute_many(conn: Conn, statement: Insert | Update, rows: list[dict[str, Any]]) -> int:
     """Run `statement` for each of `rows` (all with the same keys): how many rows it changed.
-    One driver call on SQLite (`_BulkPlan`), one `executemany` elsewhere (PostgreSQL
-    pipelines it: one round trip)."""
+    One driver call on SQLite (`_BulkPlan`); on PostgreSQL a COPY where it can be one
+    (`COPY_FROM`), else one `executemany` (psycopg pipelines it: one round trip)."""
     if isinstance(conn, _Inline) and len(rows) > 1:
         return conn.execute_many(statement, rows)
+    if isinstance(conn, _Driven) and len(rows) >= COPY_FROM:
+        counts = await _driven_groups(conn, [(statement, rows)])
+        if counts is not None:
+            return counts[0]
     return int((await conn.execute(statement, rows if len(rows) > 1 else rows[0])).rowcount)
 
 
 Group = tuple[Insert | Update, list[dict[str, Any]]]
+# Rows from which an INSERT's group goes as a COPY on PostgreSQL. A row in a pipelined
+# `executemany` costs Weaver ~12 µs of CPU, in a COPY ~3 (`bench/pg_driver.py`), but a COPY
+# cannot share the pipeline's round trip: a round trip of its own is worth it for a few
+# rows only.
+COPY_FROM = 16
 
 
 async def execute_groups(conn: Conn, groups: list[Group]) -> list[int]:
     """Each group's statement for each of its rows (each group's rows with the same keys),
-    group after group: how many rows each group changed. On PostgreSQL they go in one
-    pipeline, one round trip for them all, instead of one a group."""
-    if isinstance(conn, _Driven) and len(groups) > 1:
-        plans = [
-            _BulkPlan.of(statement, conn.dialect, rows[0].keys()) for statement, rows in groups
-        ]
-        if all(plan.usable for plan in plans):
-            driver = await conn.driver()
-            cursors = [driver.cursor() for _ in plans]
-            try:
-                with _as_sqlalchemy_errors(conn.dialect, *(plan.sql for plan in plans)):
-                    async with driver.pipeline():
-                        for plan, cursor, (_statement, rows) in zip(
-                            plans, cursors, groups, strict=True
-                        ):
-                            values = [plan.named_values(row) for row in rows]
-                            await cursor.executemany(plan.sql, values)
-                return [int(cursor.rowcount) for cursor in cursors]
-            finally:
-                for cursor in cursors:
-                    await cursor.close()
+    group after group: how many rows each group changed. On PostgreSQL, consecutive groups
+    go in one pipeline, one round trip for them all, instead of one a group; an INSERT's
+    group of many rows goes as a COPY between them (a round trip of its own)."""
+    if isinstance(conn, _Driven) and groups:
+        counts = await _driven_groups(conn, groups)
+        if counts is not None:
+            return counts
     return [await execute_many(conn, statement, rows) for statement, rows in groups]
+
+
+async def _driven_groups(conn: _Driven, groups: list[Group]) -> list[int] | None:
+    """`execute_groups` past SQLAlchemy, or None where a statement needs SQLAlchemy's."""
+    plans = [_BulkPlan.of(statement, conn.dialect, rows[0].keys()) for statement, rows in groups]
+    if not all(plan.usable for plan in plans):
+        return None
+    copies = [
+        plan.copy is not None and len(rows) >= COPY_FROM
+        for plan, (_, rows) in zip(plans, groups, strict=True)
+    ]
+    if len(groups) == 1 and not copies[0]:
+        return None  # one group gains nothing from a pipeline
+    driver = await conn.driver()
+    counts: list[int] = []
+    start = 0
+    while start < len(groups):
+        end = start + 1
+        while end < len(groups) and not copies[start] and not copies[end]:
+            end += 1
+        run = list(zip(plans[start:end], groups[start:end], strict=True))
+        if copies[start]:
+            counts.append(await _copy(driver, conn.dialect, *run[0]))
+        else:
+            counts.extend(await _pipeline(driver, conn.dialect, run))
+        start = end
+    return counts
+
+
+async def _copy(driver: Any, dialect: Any, plan: _BulkPlan, group: Group) -> int:
+    assert plan.copy is not None
+    async with driver.cursor() as cursor:
+        with _as_sqlalchemy_errors(dialect, plan.copy):
+            async with cursor.copy(plan.copy) as copy:
+                for row in group[1]:
+                    await copy.write_row(plan.values(row))
+        return int(cursor.rowcount)
+
+
+async def _pipeline(driver: Any, dialect: Any, run: list[tuple[_BulkPlan, Group]]) -> list[int]:
+    cursors = [driver.cursor() for _ in run]
+    try:
+        with _as_sqlalchemy_errors(dialect, *(plan.sql for plan, _group in run)):
+            async with driver.pipeline():
+                for (plan, (_statement, rows)), cursor in zip(run, cursors, strict=True):
+                    values = [plan.named_values(row) for row in rows]
+                    await cursor.executemany(plan.sql, values)
+        return [int(cursor.rowcount) for cursor in cursors]
+    finally:
+        for cursor in cursors:
+            await cursor.close()
 
 
 def sync_url(url: str) -> str:

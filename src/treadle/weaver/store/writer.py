@@ -74,11 +74,12 @@ class _Deferring:
     def defer_insert(self, statement: Any, row: dict[str, Any]) -> None:
         self._inserts.setdefault(_shape(statement, row), (statement, []))[1].append(row)
 
-    async def flush(self, then: list[Group] | None = None) -> None:
-        """Send the deferred inserts, then the deferred swaps: the first of each row's
-        together, then the second, …; each an `executemany` per statement and set of
-        columns; then the groups of `then`. On PostgreSQL all in one round trip."""
-        groups: list[Group] = list(self._inserts.values())
+    async def flush(self, inserts: list[Group] | None = None) -> None:
+        """Send the deferred inserts and the groups of `inserts` (whose rows no swap
+        touches), then the deferred swaps: the first of each row's together, then the
+        second, …; each an `executemany` per statement and set of columns. On PostgreSQL
+        in one round trip, but for a COPY's own (`execute_groups`)."""
+        groups: list[Group] = [*self._inserts.values(), *(inserts or ())]
         self._inserts = {}
         pending, self._swaps = self._swaps, {}
         swaps_from = len(groups)
@@ -92,13 +93,11 @@ class _Deferring:
                         parameters
                     )
             groups.extend(shapes.values())
-        swaps_to = len(groups)
-        groups.extend(then or ())
         if not groups:
             return
         changed = await execute_groups(self._conn, groups)
         for count, (_statement, many) in zip(
-            changed[swaps_from:swaps_to], groups[swaps_from:swaps_to], strict=True
+            changed[swaps_from:], groups[swaps_from:], strict=True
         ):
             if count != len(many):
                 raise SwapMissed(f"{len(many) - count} of {len(many)} swaps missed")
@@ -307,7 +306,7 @@ class Writer:
                 undo = tx.undo
                 for fn, _future in batch:
                     results.append(await fn(tx))
-                await deferring.flush(then=[(_INSERT_EVENTS, tx.stored)] if tx.stored else None)
+                await deferring.flush([(_INSERT_EVENTS, tx.stored)] if tx.stored else None)
         except BaseException:
             for callback in reversed(undo):
                 try:
