@@ -216,3 +216,35 @@ _ASSIGN = {
     "isolation": "namespace",
     "pending_reason": None,
 }
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_rows_inserted_together_keep_their_order(
+    store: str, database_url: Callable[..., str]
+) -> None:
+    """A commit's events are numbered in the order they were emitted: subscribers and the
+    outbox read them by that number."""
+    ids = [f"ev_{i:02}" for i in reversed(range(COPY_FROM + 4))]  # enough for a COPY
+    events = [
+        {
+            "id": id_,
+            "type": "t",
+            "tenant_id": None,
+            "subject_id": "s",
+            "data": {},
+            "created_at": 1.0,
+        }
+        for id_ in ids
+    ]
+    db = await _stored(database_url(store), execution_rows(1))
+    try:
+        async with db.transaction() as conn:
+            await execute_groups(
+                conn, [(tables.events.insert(), events), (EXECUTION_ASSIGN, [_ASSIGN])]
+            )
+        async with db.read() as conn:
+            query = sa.select(tables.events.c.id).order_by(tables.events.c.seq)
+            stored = (await conn.execute(query)).scalars().all()
+    finally:
+        await db.close()
+    assert stored == ids
