@@ -27,7 +27,12 @@ from treadle.domain.quotas import BUDGET_EXCEEDED
 from treadle.protocol.limits import JsonObject
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
-from treadle.weaver.services.cursors import decode_cursor, encode_cursor
+from treadle.weaver.services.cursors import (
+    SCAN_WINDOW,
+    ScanWindow,
+    decode_cursor,
+    encode_cursor,
+)
 from treadle.weaver.services.fleet import announce_open, order_cancel
 from treadle.weaver.services.functions import FunctionRecord, FunctionService
 from treadle.weaver.services.transitions import load_execution, transition
@@ -268,19 +273,26 @@ class ExecutionService:
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        query = select(_E).where(_E.c.tenant_id == tenant_id)
-        if state is not None:
-            query = query.where(_E.c.state == state.value)
-        if function is not None:
-            query = query.where(_E.c.function == function)
-        if node_id is not None:
-            query = query.where(_E.c.node_id == node_id)
+        bounds = [_E.c.tenant_id == tenant_id]
         if cursor is not None:
-            query = query.where(_E.c.id < decode_cursor(cursor, "ex"))
-        query = query.order_by(_E.c.id.desc()).limit(limit + 1)
+            bounds.append(_E.c.id < decode_cursor(cursor, "ex"))
+        window = ScanWindow(_E, bounds, SCAN_WINDOW)
+        given = {"state": getattr(state, "value", None), "function": function, "node_id": node_id}
+        wanted = {column: value for column, value in given.items() if value is not None}
+        if wanted:
+            rows_of = window.rows.c
+            query = select(window.rows).where(*(rows_of[k] == v for k, v in wanted.items()))
+        else:
+            rows_of = _E.c
+            query = select(_E).where(*bounds)
+        query = query.order_by(rows_of.id.desc()).limit(limit + 1)
         async with self._db.read() as conn:
             rows = list(await conn.execute(query))
-        next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+            next_cursor: str | None = None
+            if len(rows) > limit:
+                next_cursor = encode_cursor(rows[limit - 1].id)
+            elif wanted:
+                next_cursor = await window.cursor_after(conn)
         return [execution_view(row) for row in rows[:limit]], next_cursor
 
     async def over_budget(self, tenant_id: str) -> None:

@@ -59,7 +59,12 @@ from treadle.scheduler import Fleet, Placement, place, tiers
 from treadle.weaver.events.bus import EventBus
 from treadle.weaver.ids import new_id
 from treadle.weaver.services.auth import process_tier_tenants
-from treadle.weaver.services.cursors import decode_cursor, encode_cursor
+from treadle.weaver.services.cursors import (
+    SCAN_WINDOW,
+    ScanWindow,
+    decode_cursor,
+    encode_cursor,
+)
 from treadle.weaver.services.dispatcher import request_for, strategy_of
 from treadle.weaver.services.nodes import NodeRegistry, NodeSession
 from treadle.weaver.store import tables
@@ -157,6 +162,10 @@ async def _swap(tx: Tx, row: Any, **values: Any) -> bool:
 
 def _spec(row: Any) -> SandboxSpec:
     return SandboxSpec.model_validate(row.spec, context={"stored": True})
+
+
+# The first part of a window read for a metadata filter; each next one twice the last.
+_PART = 200
 
 
 class SandboxService:
@@ -259,28 +268,42 @@ class SandboxService:
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        query = select(_S).where(_S.c.tenant_id == tenant_id)
-        wanted = [s.value for s in statuses]
-        if wanted:
-            query = query.where(_S.c.status.in_(wanted))
+        bounds = [_S.c.tenant_id == tenant_id]
         if cursor is not None:
-            query = query.where(_S.c.id < decode_cursor(cursor, "sbx"))
-        query = query.order_by(_S.c.id.desc())
-        found: list[Any] = []
-        last_seen: str | None = None
-        # Metadata is matched here, not in SQL (JSON queries differ by database): pages are
-        # read until enough rows match.
+            bounds.append(_S.c.id < decode_cursor(cursor, "sbx"))
+        wanted = [s.value for s in statuses]
+        labels = list((metadata or {}).items())
+        if not wanted and not labels:
+            query = select(_S).where(*bounds).order_by(_S.c.id.desc()).limit(limit + 1)
+            async with self._db.read() as conn:
+                found = list(await conn.execute(query))
+            next_cursor = encode_cursor(found[limit - 1].id) if len(found) > limit else None
+            return [sandbox_view(row) for row in found[:limit]], next_cursor
+        # Metadata is matched here, not in SQL (JSON queries differ by database): the window
+        # is read in parts, each past the last, until enough rows match or it is all read.
+        found = []
+        next_cursor = None
+        read, part = 0, max(limit + 1, _PART)
         async with self._db.read() as conn:
-            while len(found) <= limit:
-                batch = query if last_seen is None else query.where(_S.c.id < last_seen)
-                rows = list(await conn.execute(batch.limit(max(limit + 1, 200))))
-                if not rows:
-                    break
-                last_seen = rows[-1].id
-                for row in rows:
-                    if all(row.metadata.get(k) == v for k, v in (metadata or {}).items()):
+            while True:
+                size = min(part, SCAN_WINDOW - read)
+                window = ScanWindow(_S, bounds, size)
+                query = select(window.rows).order_by(window.rows.c.id.desc())
+                if wanted:
+                    query = query.where(window.rows.c.status.in_(wanted))
+                for row in await conn.execute(query):
+                    if all(row.metadata.get(k) == v for k, v in labels):
                         found.append(row)
-        next_cursor = encode_cursor(found[limit - 1].id) if len(found) > limit else None
+                if len(found) > limit:
+                    next_cursor = encode_cursor(found[limit - 1].id)
+                    break
+                last = await window.end(conn)
+                read += size
+                if last is None or read >= SCAN_WINDOW:
+                    next_cursor = None if last is None else encode_cursor(last)
+                    break
+                bounds = [_S.c.tenant_id == tenant_id, _S.c.id < last]
+                part *= 2
         return [sandbox_view(row) for row in found[:limit]], next_cursor
 
     async def over_budget(self, tenant_id: str, action: str) -> None:
