@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import stat
+import sys
+import traceback
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -77,8 +80,21 @@ class FakeWeaver:
                 if task in running:
                     task.result()  # raises what stopped it
             errors = [task.exception() for task in stopped]
-            raise AssertionError(f"no Shuttle connected in 10 s; stopped ones raised {errors}")
+            raise AssertionError(
+                f"no Shuttle connected in 10 s; stopped ones raised {errors}; "
+                f"where the running ones are:\n{_where(running)}"
+            )
         return connection.result()
+
+
+def _where(tasks: set[asyncio.Task[None]]) -> str:
+    """Each task's stack, and every thread's (a task may wait on one of them)."""
+    out = io.StringIO()
+    for task in tasks:
+        task.print_stack(file=out)
+    for ident, frame in sys._current_frames().items():
+        out.write(f"thread {ident}:\n{''.join(traceback.format_stack(frame))}")
+    return out.getvalue()
 
 
 @pytest.fixture
