@@ -8,6 +8,7 @@ import json
 import socket
 import stat
 import sys
+import threading
 import traceback
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
@@ -40,7 +41,7 @@ from treadle.protocol.messages import (
     decode_from_shuttle,
     encode,
 )
-from treadle.shuttle import Shuttle, ShuttleError, ShuttleSettings
+from treadle.shuttle import Shuttle, ShuttleError, ShuttleSettings, runtimes
 from treadle.shuttle.credentials import NodeCredential, save_credential
 
 PY = "/usr/bin/python3"
@@ -183,6 +184,29 @@ def assign(argv: list[str], *, id: str = "ex_1", attempt: int = 1, **extra: Any)
         **extra,
     )
     return encode(Assign(spec=spec))
+
+
+async def test_a_shuttle_without_oci_tiers_connects_before_it_sweeps_up_after_dead_ones(
+    weaver: FakeWeaver,
+    start_shuttle: Callable[..., asyncio.Task[None]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What dead Shuttles' containers left is swept up, but the sweep (each of the tools'
+    commands may take up to 30 s) does not hold up a Shuttle that starts no container."""
+    release, finished = threading.Event(), threading.Event()
+
+    def slow_sweep() -> None:
+        release.wait(30)
+        finished.set()
+
+    monkeypatch.setattr(runtimes, "sweep_dead_shuttles", slow_sweep)
+    try:
+        start_shuttle()
+        await welcome(weaver)
+        assert not finished.is_set()  # connected while the sweep still runs
+    finally:
+        release.set()
+    assert await asyncio.to_thread(finished.wait, 10)  # and it runs to its end
 
 
 async def test_registers_runs_echo_and_reports(

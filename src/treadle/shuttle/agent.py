@@ -67,7 +67,12 @@ from treadle.shuttle.live.host import SandboxHost
 from treadle.shuttle.live.pool import WarmPool
 from treadle.shuttle.metrics import ShuttleMetrics
 from treadle.shuttle.microvm.runtime import MicrovmRuntime
-from treadle.shuttle.runtimes import Runtime, available_runtimes, gives_network
+from treadle.shuttle.runtimes import (
+    Runtime,
+    available_runtimes,
+    gives_network,
+    sweep_after_dead_shuttles,
+)
 from treadle.shuttle.sandbox import cleanup
 from treadle.shuttle.settings import ShuttleSettings
 from treadle.shuttle.supervisor import Supervisor
@@ -126,6 +131,7 @@ class Shuttle:
     async def run(self) -> None:
         settings = self._settings
         runtimes = self._runtimes
+        tried = runtimes is None
         if runtimes is None:
             # Trial runs and a sweep can take seconds: off the event loop, which an
             # embedding program may share.
@@ -153,8 +159,17 @@ class Shuttle:
                 f"registration the node credential is kept in {settings.home}/node.json."
             )
         settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with _exclusive(settings.home):
-            await self._run(settings, runtimes)
+        sweep = (
+            asyncio.ensure_future(asyncio.to_thread(sweep_after_dead_shuttles, settings))
+            if tried
+            else None
+        )
+        try:
+            with _exclusive(settings.home):
+                await self._run(settings, runtimes)
+        finally:
+            if sweep is not None:
+                sweep.cancel()  # its thread runs on to the end of its commands
 
     async def _run(self, settings: ShuttleSettings, runtimes: dict[Tier, Runtime]) -> None:
         work_root = settings.home / "work"

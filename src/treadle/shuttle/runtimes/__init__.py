@@ -23,6 +23,7 @@ __all__ = [
     "Stream",
     "available_runtimes",
     "gives_network",
+    "sweep_after_dead_shuttles",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def gives_network(runtime: Runtime) -> bool:
 def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:
     """The runtimes this host can run and the operator allows (`settings.runtimes`, when it
     names some: only those are tried), weakest tier first. Blocking: trial runs of each tier
-    and a sweep of what dead Shuttles' containers left behind."""
+    and, with the oci tiers, a sweep of what dead Shuttles' containers left behind (without
+    them, `sweep_after_dead_shuttles` does that)."""
     wanted = settings.runtimes
 
     def wants(*tiers: Tier) -> bool:
@@ -63,11 +65,6 @@ def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:
             runtimes.update(oci_runtimes(settings))
         except (Unavailable, OSError) as exc:
             log.warning("oci and gvisor runtimes unavailable: %s", exc)
-    else:
-        try:
-            sweep_dead_shuttles()
-        except OSError as exc:
-            log.warning("sweeping up after dead Shuttles: %s", exc)
     if wants_microvm:
         microvm = _microvm_runtime(namespace, settings)
         if microvm is not None:
@@ -117,3 +114,18 @@ def _namespace_runtime(settings: ShuttleSettings) -> NamespaceRuntime | None:
         return None
     log.info("namespace runtime available; limits through %s", runtime.limits)
     return runtime
+
+
+def sweep_after_dead_shuttles(settings: ShuttleSettings) -> None:
+    """For a Shuttle that offers neither oci tier, and so never tried them
+    (`available_runtimes`): remove what dead Shuttles' containers left behind, which can
+    go on running their workloads. Blocking, and it may take long (each of the tools'
+    commands may take up to 30 s), which is why this Shuttle does it in the background,
+    not before it connects: it starts no container that the sweep could touch."""
+    wanted = settings.runtimes
+    if wanted is None or Tier.OCI in wanted or Tier.GVISOR in wanted:
+        return
+    try:
+        sweep_dead_shuttles()
+    except OSError as exc:
+        log.warning("sweeping up after dead Shuttles: %s", exc)
