@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from support.cluster import eventually
 from support.runtimes import (
     GATED,
     PY,
@@ -260,8 +261,14 @@ time.sleep(30)
             os.close(pidfd)
 
     assert status.reason == "cancelled"
-    reap_orphans()  # had its zombie been re-parented to us, it must not linger
-    assert gone(f"/proc/{grandchild}")
+
+    def reaped() -> bool:
+        reap_orphans()  # had its zombie been re-parented to us, it must not linger
+        return gone(f"/proc/{grandchild}")
+
+    # Ended, it is a zombie until its parent reaps it: in a container, the container's
+    # init, itself being killed, reaps it a moment after the pidfd turned readable.
+    eventually(reaped, timeout=10, what=f"process {grandchild} reaped")
 
 
 async def test_exit_kills_what_is_left_of_the_group(runtime: Runtime, workdir: Path) -> None:
