@@ -60,7 +60,7 @@ def available_runtimes(settings: ShuttleSettings) -> dict[Tier, Runtime]:
     namespace = _namespace_runtime(settings) if wants(Tier.NAMESPACE) or wants_microvm else None
     if namespace is not None and wants(Tier.NAMESPACE):
         runtimes[Tier.NAMESPACE] = namespace
-    if wants(Tier.OCI, Tier.GVISOR):
+    if _tries_oci(settings):
         try:
             runtimes.update(oci_runtimes(settings))
         except (Unavailable, OSError) as exc:
@@ -122,10 +122,15 @@ def sweep_after_dead_shuttles(settings: ShuttleSettings) -> None:
     go on running their workloads. Blocking, and it may take long (each of the tools'
     commands may take up to 30 s), which is why this Shuttle does it in the background,
     not before it connects: it starts no container that the sweep could touch."""
-    wanted = settings.runtimes
-    if wanted is None or Tier.OCI in wanted or Tier.GVISOR in wanted:
+    if _tries_oci(settings):
         return
     try:
         sweep_dead_shuttles()
     except OSError as exc:
         log.warning("sweeping up after dead Shuttles: %s", exc)
+
+
+def _tries_oci(settings: ShuttleSettings) -> bool:
+    """Whether `available_runtimes` tries the oci tiers, and so sweeps first."""
+    wanted = settings.runtimes
+    return wanted is None or Tier.OCI in wanted or Tier.GVISOR in wanted
