@@ -26,6 +26,7 @@ from treadle.weaver.services.provisioner import Provisioner
 from treadle.weaver.services.quotas import QuotaService
 from treadle.weaver.services.reconciler import Reconciler
 from treadle.weaver.services.reports import ReportService
+from treadle.weaver.services.retention import Retention
 from treadle.weaver.services.sandboxes import SandboxService
 from treadle.weaver.services.streams import StreamHub
 from treadle.weaver.services.usage import UsageService
@@ -132,6 +133,7 @@ class Weaver:
             forget=self.dispatcher.forget,
             leadership=leadership_for(self.db.url, self.db.dialect),
             sandboxes=self.sandboxes,
+            retention=Retention(self.writer, settings.history_retention_s),
         )
         self.fleet = FleetListener(
             self.bus, self.registry, on_remote_open=self.dispatcher.scan_soon

@@ -7,7 +7,7 @@ import os
 import secrets
 import time
 
-__all__ = ["new_id", "new_secret", "new_serial"]
+__all__ = ["first_id_at", "new_id", "new_secret", "new_serial"]
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 # Two characters at a time: 13 lookups make the 26.
@@ -20,13 +20,24 @@ _pool = b""
 _taken = _POOL_BYTES
 
 
-def new_id(prefix: str) -> str:
+def new_id(prefix: str, at: float | None = None) -> str:
+    """A new id, made now (or, for tests and imports, at `at`, Unix seconds)."""
     global _pool, _taken
     if _taken + 10 > len(_pool):
         _pool, _taken = os.urandom(_POOL_BYTES), 0
     noise = int.from_bytes(_pool[_taken : _taken + 10], "big")
     _taken += 10
-    value = (time.time_ns() // 1_000_000) << 80 | noise
+    ms = time.time_ns() // 1_000_000 if at is None else int(at * 1000)
+    return _encode(prefix, ms << 80 | noise)
+
+
+def first_id_at(prefix: str, at: float) -> str:
+    """The least id `new_id(prefix)` can make at `at` (Unix seconds): every id made
+    before then sorts below it (before 1970, none)."""
+    return _encode(prefix, max(0, int(at * 1000)) << 80)
+
+
+def _encode(prefix: str, value: int) -> str:
     return prefix + "_" + "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
 
 

@@ -36,6 +36,11 @@ class WeaverSettings(BaseSettings):
     node_startup_grace_s: float = Field(default=10.0, ge=0)
     # an execution no node can take fails `unschedulable` after waiting this long
     unschedulable_after_s: float = Field(default=600.0, gt=0)
+    # What has ended (executions with their output, sandboxes, batches, events) is removed
+    # this long after it ended; 0 keeps it forever. The usage ledger is always kept.
+    history_retention_s: float = Field(
+        default=30 * 86400.0, ge=0, le=100 * 365 * 86400.0, allow_inf_nan=False
+    )
     # NATS JetStream for events between Weaver replicas (with PostgreSQL); none: in-process
     # The placement strategy of functions that name none (DESIGN §5).
     default_strategy: PresetStrategy = "balanced"

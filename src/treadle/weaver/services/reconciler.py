@@ -39,6 +39,7 @@ from treadle.weaver.services.nodes import (
     record_node_state,
 )
 from treadle.weaver.services.reports import ReportService
+from treadle.weaver.services.retention import Retention
 from treadle.weaver.services.sandboxes import SandboxService
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
@@ -81,6 +82,7 @@ class Reconciler:
         forget: Callable[[str], None],
         leadership: Leadership,
         sandboxes: SandboxService | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._db = db
         self._writer = writer
@@ -93,6 +95,7 @@ class Reconciler:
         self._forget = forget
         self._leadership = leadership
         self._sandboxes = sandboxes
+        self._retention = retention
         # wall-clock time this replica began to lead; None while it follows
         self.leading_since: float | None = None
         self._next_expiry = 0.0
@@ -134,6 +137,11 @@ class Reconciler:
         if now >= self._next_expiry:
             self._next_expiry = now + self._unschedulable_after_s / 10
             await self._expire_unschedulable()
+        if self._retention is not None:
+            try:
+                await self._retention.tick()
+            except Exception:
+                log.exception("removing ended history failed; trying again")
 
     async def _expire_unschedulable(self) -> None:
         stale = await self._executions.unschedulable(time.time() - self._unschedulable_after_s)
