@@ -319,6 +319,17 @@ class _OciAttempt:
         self._released()
 
 
+def _holds_anything(directory: Path) -> bool:
+    """Whether `directory` holds an entry; one that cannot be read, as far as is known."""
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+
+
 def _remove_workdir(workdir: Path) -> None:
     try:
         for point in mounts_under(workdir):
@@ -511,10 +522,13 @@ def _sweep_dead(owned: Path) -> None:
 
 
 def _sweep_entry(entry: Path) -> None:
-    # Finding the tools runs them; where none kept state, there is nothing to ask.
-    kept = any((entry / kind.value).is_dir() for kind in ToolKind)
+    # Finding the tools runs them, and asking each for its containers runs it again: only
+    # the tools whose state directory holds anything (a container) are asked. A Shuttle's
+    # trial runs leave each tool's directory, empty.
+    kept = {kind for kind in ToolKind if _holds_anything(entry / kind.value)}
+    tools = find_tools(entry, search_path=_search_path()) if kept else []
     report = sweep(
-        find_tools(entry, search_path=_search_path()) if kept else [],
+        [tool for tool in tools if tool.kind in kept],
         bundles_dir=entry / "bundles",
         cgroup_parent=f"{CGROUP_PARENT}/{entry.name}",
     )
