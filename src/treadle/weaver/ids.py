@@ -7,7 +7,23 @@ import os
 import secrets
 import time
 
-__all__ = ["first_id_at", "new_id", "new_secret", "new_serial"]
+__all__ = [
+    "BATCH",
+    "EVENT",
+    "EXECUTION",
+    "SANDBOX",
+    "first_id_at",
+    "new_id",
+    "new_secret",
+    "new_serial",
+]
+
+# The prefixes of the ids of what is kept by id and read back in id order (listing cursors,
+# retention): whoever makes, reads or compares one uses these.
+EXECUTION = "ex"
+SANDBOX = "sbx"
+BATCH = "bt"
+EVENT = "ev"
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 # Two characters at a time: 13 lookups make the 26.

@@ -31,7 +31,7 @@ from treadle.domain.errors import Conflict, NotFound, PayloadTooLarge, TreadleEr
 from treadle.domain.execution import TERMINAL_STATES, ExecutionState, is_terminal
 from treadle.domain.function import PresetStrategy, check_placeholders, placeholders
 from treadle.weaver.events.bus import EventBus
-from treadle.weaver.ids import new_id
+from treadle.weaver.ids import BATCH, new_id
 from treadle.weaver.services.executions import (
     ExecutionService,
     IdempotencyKey,
@@ -275,7 +275,7 @@ class BatchService:
                 earlier = (await tx.conn.execute(_BY_KEY, by_key)).first()
                 if earlier is not None:
                     return earlier, [], False
-            batch_id = new_id("bt")
+            batch_id = new_id(BATCH)
             # Items whose key an execution already holds are answered by it; two items of
             # this batch with one key share the execution the first one makes.
             keys = sorted({item.idempotency_key for _, item in valid if item.idempotency_key})

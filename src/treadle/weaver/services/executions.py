@@ -26,7 +26,7 @@ from treadle.domain.function import PresetStrategy, ensure_json_safe, render_com
 from treadle.domain.quotas import BUDGET_EXCEEDED
 from treadle.protocol.limits import JsonObject
 from treadle.weaver.events.bus import EventBus
-from treadle.weaver.ids import new_id
+from treadle.weaver.ids import EXECUTION, new_id
 from treadle.weaver.services.cursors import (
     SCAN_WINDOW,
     ScanWindow,
@@ -89,7 +89,7 @@ def fresh_execution(
     spec = function.spec
     strategy = request.strategy or strategy
     values: dict[str, Any] = {
-        "id": new_id("ex"),
+        "id": new_id(EXECUTION),
         "tenant_id": tenant_id,
         "function": spec.name,
         "version": function.version,
@@ -275,7 +275,7 @@ class ExecutionService:
     ) -> tuple[list[dict[str, Any]], str | None]:
         bounds = [_E.c.tenant_id == tenant_id]
         if cursor is not None:
-            bounds.append(_E.c.id < decode_cursor(cursor, "ex"))
+            bounds.append(_E.c.id < decode_cursor(cursor, EXECUTION))
         window = ScanWindow(_E, bounds, SCAN_WINDOW)
         given = {"state": getattr(state, "value", None), "function": function, "node_id": node_id}
         wanted = {column: value for column, value in given.items() if value is not None}

@@ -20,7 +20,7 @@ from sqlalchemy import delete, exists, func, select
 
 from treadle.domain.execution import TERMINAL_STATES
 from treadle.domain.sandbox import TERMINAL_STATUSES
-from treadle.weaver.ids import first_id_at
+from treadle.weaver.ids import BATCH, EVENT, EXECUTION, SANDBOX, first_id_at
 from treadle.weaver.store import tables
 from treadle.weaver.store.writer import Tx, Writer
 
@@ -75,16 +75,16 @@ class Retention:
             # Executions before batches: a batch goes once none of its executions is left.
             ended_executions = [_E.c.state.in_(_ENDED), _ended_at(_E) < cutoff]
             return {
-                "executions": await remove("ex", _E.c.id, ended_executions, _O.c.execution_id),
+                "executions": await remove(EXECUTION, _E.c.id, ended_executions, _O.c.execution_id),
                 "batches": await remove(
-                    "bt",
+                    BATCH,
                     _B.c.id,
                     [_B.c.created_at < cutoff, ~exists().where(_E.c.batch_id == _B.c.id)],
                 ),
                 "sandboxes": await remove(
-                    "sbx", _SB.c.id, [_SB.c.status.in_(_STOPPED), _ended_at(_SB) < cutoff]
+                    SANDBOX, _SB.c.id, [_SB.c.status.in_(_STOPPED), _ended_at(_SB) < cutoff]
                 ),
-                "events": await remove("ev", _EV.c.seq, []),
+                "events": await remove(EVENT, _EV.c.seq, []),
             }
 
         return await self._writer.run(write)

@@ -57,7 +57,7 @@ from treadle.protocol import (
 from treadle.protocol import SandboxSpec as NodeSandboxSpec
 from treadle.scheduler import Fleet, Placement, place, tiers
 from treadle.weaver.events.bus import EventBus
-from treadle.weaver.ids import new_id
+from treadle.weaver.ids import SANDBOX, new_id
 from treadle.weaver.services.auth import process_tier_tenants
 from treadle.weaver.services.cursors import (
     SCAN_WINDOW,
@@ -197,7 +197,7 @@ class SandboxService:
     # what users do
 
     async def create(self, tenant_id: str, spec: SandboxSpec) -> Any:
-        sandbox_id = new_id("sbx")
+        sandbox_id = new_id(SANDBOX)
 
         async def write(tx: Tx) -> Any:
             if tiers.names_process(spec) and tenant_id not in await process_tier_tenants(tx.conn):
@@ -270,7 +270,7 @@ class SandboxService:
     ) -> tuple[list[dict[str, Any]], str | None]:
         bounds = [_S.c.tenant_id == tenant_id]
         if cursor is not None:
-            bounds.append(_S.c.id < decode_cursor(cursor, "sbx"))
+            bounds.append(_S.c.id < decode_cursor(cursor, SANDBOX))
         wanted = [s.value for s in statuses]
         labels = list((metadata or {}).items())
         if not wanted and not labels:

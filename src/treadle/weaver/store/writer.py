@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from treadle.domain.errors import Unavailable
 from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.events.bus import BusEvent, EventBus
-from treadle.weaver.ids import new_id, new_serial
+from treadle.weaver.ids import EVENT, new_id, new_serial
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Conn, Database, Group, execute_groups, execute_many
 
@@ -156,7 +156,7 @@ class Tx:
 
     def emit(self, type: str, subject_id: str, tenant_id: str | None, data: dict[str, Any]) -> None:
         event = BusEvent(
-            id=new_id("ev"),
+            id=new_id(EVENT),
             type=type,
             topic=f"{type.split('.', 1)[0]}.{subject_id}",
             subject_id=subject_id,

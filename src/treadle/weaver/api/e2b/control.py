@@ -37,6 +37,7 @@ from treadle.weaver.api.e2b.models import (
     TimeoutBody,
 )
 from treadle.weaver.core import Weaver
+from treadle.weaver.ids import SANDBOX
 from treadle.weaver.services.auth import Principal
 from treadle.weaver.services.cursors import decode_cursor
 from treadle.weaver.services.sandboxes import sandbox_view
@@ -156,7 +157,7 @@ async def list_v2(
     statuses = [s for state_ in _states(state) for s in _LISTED_STATUSES[state_]]
     try:
         if next_token:
-            decode_cursor(next_token, "sbx")
+            decode_cursor(next_token, SANDBOX)
     except InvalidRequest:
         raise InvalidRequest("nextToken: not one this API returned") from None
     items, cursor = await weaver.sandboxes.page(
