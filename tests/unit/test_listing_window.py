@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from support.rows import execution_rows
+from support.weaver import running_weaver
 from treadle.domain.execution import ExecutionState
 from treadle.domain.sandbox import SandboxStatus
 from treadle.weaver.core import Weaver
 from treadle.weaver.services import executions, sandboxes
-from treadle.weaver.settings import WeaverSettings
 from treadle.weaver.store import tables
 
 WINDOW = 5
@@ -46,13 +46,8 @@ async def weaver(
     monkeypatch.setattr(executions, "SCAN_WINDOW", WINDOW)
     monkeypatch.setattr(sandboxes, "SCAN_WINDOW", WINDOW)
     monkeypatch.setattr(sandboxes, "_PART", 2)  # a window read in parts: 2 rows, then 3
-    url = database_url(request.param)
-    started = Weaver(WeaverSettings(home=tmp_path / "weaver", database_url=url))
-    await started.start()
-    try:
+    async with running_weaver(tmp_path / "weaver", database_url(request.param)) as started:
         yield started
-    finally:
-        await started.stop()
 
 
 @pytest.mark.parametrize("weaver", ["sqlite", "postgresql"], indirect=True)

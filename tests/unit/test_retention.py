@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from support.rows import execution_rows
+from support.weaver import running_weaver
 from treadle.domain.errors import NotFound
 from treadle.weaver.core import Weaver
 from treadle.weaver.ids import new_id
@@ -29,15 +30,9 @@ async def weaver(
     request: pytest.FixtureRequest, database_url: Callable[..., str], tmp_path: Path
 ) -> Any:
     store, keep_s = request.param
-    settings = WeaverSettings(
-        home=tmp_path / "weaver", database_url=database_url(store), history_retention_s=keep_s
-    )
-    started = Weaver(settings)
-    await started.start()
-    try:
+    url = database_url(store)
+    async with running_weaver(tmp_path / "weaver", url, history_retention_s=keep_s) as started:
         yield started
-    finally:
-        await started.stop()
 
 
 def _execution(tenant: str, made: float, state: str, ended: float | None, **more: Any) -> Any:

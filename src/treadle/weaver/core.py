@@ -33,6 +33,7 @@ from treadle.weaver.services.usage import UsageService
 from treadle.weaver.settings import WeaverSettings
 from treadle.weaver.store import migrate
 from treadle.weaver.store.database import Database
+from treadle.weaver.store.finals import Finals
 from treadle.weaver.store.writer import Writer
 
 __all__ = ["Weaver"]
@@ -53,7 +54,8 @@ class Weaver:
                 settings.nats_url, stream=settings.nats_stream, prefix=prefix
             )
         self.bus: EventBus = bus or InProcessBus()
-        self.writer = Writer(self.db, self.bus)
+        finals = Finals()
+        self.writer = Writer(self.db, self.bus, finals=finals)
         self.auth = AuthService(self.db, self.writer)
         self.functions = FunctionService(self.db, self.writer)
         self.registry = NodeRegistry(on_change=self._capacity_changed)
@@ -61,7 +63,13 @@ class Weaver:
             self.db, self.writer, self.registry, down_after_s=settings.node_down_after_s
         )
         self.executions = ExecutionService(
-            self.db, self.writer, self.bus, self.functions, settings, on_cancel=self._cancelled
+            self.db,
+            self.writer,
+            self.bus,
+            self.functions,
+            settings,
+            on_cancel=self._cancelled,
+            finals=finals,
         )
         fleet_config = (
             load_fleet_config(settings.providers_file)

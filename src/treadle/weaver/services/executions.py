@@ -39,6 +39,7 @@ from treadle.weaver.services.transitions import load_execution, transition
 from treadle.weaver.settings import WeaverSettings
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Database
+from treadle.weaver.store.finals import Finals
 from treadle.weaver.store.statements import (
     EXECUTION_BY_IDEMPOTENCY_KEY,
     EXECUTION_BY_TENANT_AND_ID,
@@ -170,10 +171,13 @@ class ExecutionService:
         functions: FunctionService,
         settings: WeaverSettings,
         on_cancel: Callable[[Any], None],
+        finals: Finals | None = None,
     ) -> None:
         self._db = db
         self._writer = writer
         self._bus = bus
+        # Rows of ended executions the writer read for this replica's waiters.
+        self._finals = finals if finals is not None else Finals()
         self._functions = functions
         self._settings = settings
         self._on_cancel = on_cancel
@@ -336,7 +340,9 @@ class ExecutionService:
         """The execution once terminal, or as it is when `within` seconds pass. `row`, when
         given, is the execution as the caller last saw it, before it subscribed."""
         deadline = time.monotonic() + within
+        finals = self._finals
         subscription = self._bus.subscribe([f"execution.{execution_id}"])
+        finals.watch(execution_id)
         try:
             if row is None:
                 row = await self.get(tenant_id, execution_id)
@@ -348,9 +354,11 @@ class ExecutionService:
                 # must not leave the caller waiting until the deadline.
                 event = await subscription.get(within=min(remaining, _RECHECK_S))
                 if event is None or is_terminal(ExecutionState(event.data["state"])):
-                    row = await self.get(tenant_id, execution_id)
+                    kept = finals.take(execution_id, tenant_id)
+                    row = kept if kept is not None else await self.get(tenant_id, execution_id)
             return row
         finally:
+            finals.unwatch(execution_id)
             subscription.close()
 
     async def output(self, row: Any, after_seq: int | None = None) -> AsyncIterator[bytes]:

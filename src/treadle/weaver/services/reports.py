@@ -365,6 +365,7 @@ class ReportService:
             await tx.conn.execute(
                 EXECUTION_UPDATE_ATTEMPT, {"_id": msg.id, "_attempt": msg.attempt, **facts}
             )
+            tx.ended(msg.id)
             tx.notify(f"execution.{msg.id}", msg.id, {"state": row.state, "settled": True})
         return ack
 

@@ -76,6 +76,8 @@ async def transition(tx: Tx, row: Any, event: Event, **values: Any) -> bool:
             "error": values.get("error"),
         },
     )
+    if is_terminal(state):
+        tx.ended(row.id)
     batch_id = getattr(row, "batch_id", None)
     if batch_id is not None and is_terminal(state):
         # Whoever gathers the batch's results reads this one now (`batches`).

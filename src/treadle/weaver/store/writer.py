@@ -13,6 +13,9 @@ writes and before the commit. Each must change exactly one row; if any does not,
 rolled back and every write in it is run again alone, with its swaps done at once and
 answered truly. Two swaps of one row keep their order.
 
+A transaction that ends an execution a request of this replica waits for reads its row back
+before it commits, one statement for all of them, and hands it to the waiter (`finals`).
+
 Inserts whose outcome no write looks at (a new execution's row, output chunks) can be
 deferred the same way (`Tx.insert_later`): they go out first, one `executemany` per statement
 in the order each statement was first used, then the swaps. An insert that fails fails the
@@ -35,6 +38,7 @@ from treadle.weaver.events.bus import BusEvent, EventBus
 from treadle.weaver.ids import EVENT, new_id, new_serial
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Conn, Database, Group, execute_groups, execute_many
+from treadle.weaver.store.finals import FINAL_ROWS, Finals
 
 __all__ = ["SwapMissed", "Tx", "WriteFn", "Writer"]
 
@@ -126,6 +130,14 @@ class Tx:
     undo: list[Callable[[], None]] = field(default_factory=list)
     # Whether `swap` may defer (see the module's docstring); off when a batch is run again.
     optimistic: bool = False
+    finals: Finals | None = None
+    # Executions this transaction ended that a request of this replica waits for.
+    read_back: list[str] = field(default_factory=list)
+
+    def ended(self, execution_id: str) -> None:
+        """`execution_id` ended, or what is stored of its end changed, in this transaction."""
+        if self.finals is not None and self.finals.wants(execution_id):
+            self.read_back.append(execution_id)
 
     async def insert_many(self, statement: Any, rows: list[dict[str, Any]]) -> None:
         """`statement` (an INSERT) for each of `rows`, all with the same keys, at once."""
@@ -203,9 +215,12 @@ _Item = tuple[WriteFn[Any], "asyncio.Future[Any]"]
 
 
 class Writer:
-    def __init__(self, db: Database, bus: EventBus, max_batch: int = 512) -> None:
+    def __init__(
+        self, db: Database, bus: EventBus, max_batch: int = 512, finals: Finals | None = None
+    ) -> None:
         self._db = db
         self._bus = bus
+        self._finals = finals
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -299,14 +314,24 @@ class Writer:
     async def _commit(self, batch: list[_Item], optimistic: bool) -> None:
         results: list[Any] = []
         undo: list[Callable[[], None]] = []
+        finals: list[Any] = []
         try:
             async with self._db.transaction() as conn:
                 deferring = _Deferring(conn)
-                tx = Tx(conn=deferring, db=self._db, now=time.time(), optimistic=optimistic)
+                tx = Tx(
+                    conn=deferring,
+                    db=self._db,
+                    now=time.time(),
+                    optimistic=optimistic,
+                    finals=self._finals,
+                )
                 undo = tx.undo
                 for fn, _future in batch:
                     results.append(await fn(tx))
                 await deferring.flush([(_INSERT_EVENTS, tx.stored)] if tx.stored else None)
+                if tx.read_back:
+                    read = await conn.execute(FINAL_ROWS, {"_ids": list(set(tx.read_back))})
+                    finals = list(read.all())
         except BaseException:
             for callback in reversed(undo):
                 try:
@@ -314,11 +339,16 @@ class Writer:
                 except Exception:
                     log.exception("undoing a write that did not commit failed")
             raise
-        await self._settle(batch, results, tx)
+        await self._settle(batch, results, tx, finals)
 
-    async def _settle(self, batch: list[_Item], results: list[Any], tx: Tx) -> None:
+    async def _settle(
+        self, batch: list[_Item], results: list[Any], tx: Tx, finals: list[Any]
+    ) -> None:
         """After the commit: a failure here must not fail the batch, or its writes, already
         stored, would be retried."""
+        if finals and self._finals is not None:
+            # Before the events that wake the waiters.
+            self._finals.keep(finals)
         for callback in tx.after_commit:
             try:
                 callback()
