@@ -12,15 +12,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import any_, bindparam, select
 
 from treadle.weaver.store import tables
+from treadle.weaver.store.database import direct
 
-__all__ = ["FINAL_ROWS", "Finals"]
+__all__ = ["Finals", "final_rows"]
 
 _E = tables.executions
-# The same columns a read of one execution gives (`statements.EXECUTION_BY_ID`).
-FINAL_ROWS = select(_E).where(_E.c.id.in_(bindparam("_ids", expanding=True)))
+# The same columns a read of one execution gives (`statements.EXECUTION_BY_ID`). On
+# PostgreSQL one array parameter (psycopg makes the list one), so that the statement is
+# compiled once and goes through psycopg itself (`direct`); SQLite has no arrays.
+_ANY_OF = direct(select(_E).where(_E.c.id == any_(bindparam("_ids"))))
+_IN = select(_E).where(_E.c.id.in_(bindparam("_ids", expanding=True)))
+
+
+def final_rows(dialect: str) -> Any:
+    """The statement that reads the executions `_ids` (a list) on `dialect`."""
+    return _ANY_OF if dialect == "postgresql" else _IN
 
 
 class Finals:

@@ -38,7 +38,7 @@ from treadle.weaver.events.bus import BusEvent, EventBus
 from treadle.weaver.ids import EVENT, new_id, new_serial
 from treadle.weaver.store import tables
 from treadle.weaver.store.database import Conn, Database, Group, execute_groups, execute_many
-from treadle.weaver.store.finals import FINAL_ROWS, Finals
+from treadle.weaver.store.finals import Finals, final_rows
 
 __all__ = ["SwapMissed", "Tx", "WriteFn", "Writer"]
 
@@ -330,7 +330,8 @@ class Writer:
                     results.append(await fn(tx))
                 await deferring.flush([(_INSERT_EVENTS, tx.stored)] if tx.stored else None)
                 if tx.read_back:
-                    read = await conn.execute(FINAL_ROWS, {"_ids": list(set(tx.read_back))})
+                    statement = final_rows(self._db.dialect)
+                    read = await conn.execute(statement, {"_ids": list(set(tx.read_back))})
                     finals = list(read.all())
         except BaseException:
             for callback in reversed(undo):
