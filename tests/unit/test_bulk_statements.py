@@ -23,6 +23,7 @@ from treadle.weaver.store.database import (
     execute_many,
     sync_url,
 )
+from treadle.weaver.store.finals import final_rows
 from treadle.weaver.store.statements import EXECUTION_ASSIGN, EXECUTION_CAS_ON_NODE
 
 
@@ -65,7 +66,7 @@ async def _apply(url: str, mode: str, n: int = 12) -> tuple[list[tuple[Any, ...]
                 {"id": "tn_1", "name": "t", "created_at": 0.0, "allow_process_tier": False},
             )
             if mode == "groups":
-                counts = await execute_groups(conn, groups)
+                counts, _read = await execute_groups(conn, groups)
             for statement, rows in groups if mode != "groups" else ():
                 if mode == "bulk":
                     counts.append(await execute_many(conn, statement, rows))
@@ -248,3 +249,40 @@ async def test_rows_inserted_together_keep_their_order(
     finally:
         await db.close()
     assert stored == ids
+
+
+# No group; a few rows and a swap (one pipeline, the read in it); enough rows for a COPY,
+# which is last (the read then goes on its own).
+@pytest.mark.parametrize("shape", ["read alone", "pipeline", "copy last"])
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_a_read_after_the_groups_sees_them_and_gives_what_a_read_gives(
+    store: str, shape: str, database_url: Callable[..., str]
+) -> None:
+    """The rows a commit reads for its waiters (`finals`), sent after its groups: on
+    PostgreSQL in their pipeline, through psycopg itself."""
+    db = await _stored(database_url(store), execution_rows(2))
+    new = execution_rows(3 if shape == "pipeline" else COPY_FROM + 1)
+    for row in new:
+        row["id"] = row["id"].replace("ex_", "ex_n")
+    groups: list[Group] = []
+    if shape != "read alone":
+        groups.append((tables.executions.insert(), new))
+    if shape == "pipeline":
+        groups.append((EXECUTION_ASSIGN, [_ASSIGN]))
+    wanted = ["ex_000", "ex_001", new[0]["id"], new[-1]["id"]]
+    try:
+        async with db.transaction() as conn:
+            counts, read = await execute_groups(
+                conn, groups, (final_rows(db.dialect), {"_ids": wanted})
+            )
+        async with db.read() as conn:
+            query = sa.select(tables.executions).where(tables.executions.c.id.in_(wanted))
+            stored = {row.id: row._asdict() for row in await conn.execute(query)}
+    finally:
+        await db.close()
+    assert counts == [len(rows) for _statement, rows in groups]
+    expected_ids = wanted if shape != "read alone" else wanted[:2]
+    assert sorted(row.id for row in read) == sorted(expected_ids)
+    assert {row.id: row._asdict() for row in read} == stored
+    if shape == "pipeline":
+        assert stored["ex_000"]["node_id"] == "nd_1"  # the swap before it, seen

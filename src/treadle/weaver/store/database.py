@@ -51,6 +51,7 @@ __all__ = [
     "Database",
     "Group",
     "JSONValue",
+    "Read",
     "direct",
     "execute_groups",
     "execute_many",
@@ -418,9 +419,9 @@ async def execute_many(conn: Conn, statement: Insert | Update, rows: list[dict[s
     if isinstance(conn, _Inline) and len(rows) > 1:
         return conn.execute_many(statement, rows)
     if isinstance(conn, _Driven) and len(rows) >= COPY_FROM:
-        counts = await _driven_groups(conn, [(statement, rows)])
-        if counts is not None:
-            return counts[0]
+        sent = await _driven_groups(conn, [(statement, rows)])
+        if sent is not None:
+            return sent[0][0]
     return int((await conn.execute(statement, rows if len(rows) > 1 else rows[0])).rowcount)
 
 
@@ -432,31 +433,49 @@ Group = tuple[Insert | Update, list[dict[str, Any]]]
 COPY_FROM = 16
 
 
-async def execute_groups(conn: Conn, groups: list[Group]) -> list[int]:
+# A read sent after a transaction's groups: a `direct` SELECT and its parameters.
+Read = tuple[Executable, dict[str, Any]]
+
+
+async def execute_groups(
+    conn: Conn, groups: list[Group], read: Read | None = None
+) -> tuple[list[int], list[Any]]:
     """Each group's statement for each of its rows (each group's rows with the same keys),
-    group after group: how many rows each group changed. On PostgreSQL, consecutive groups
-    go in one pipeline, one round trip for them all, instead of one a group; an INSERT's
-    group of many rows goes as a COPY between them (a round trip of its own)."""
-    if isinstance(conn, _Driven) and groups:
-        counts = await _driven_groups(conn, groups)
-        if counts is not None:
-            return counts
-    return [await execute_many(conn, statement, rows) for statement, rows in groups]
+    group after group, then `read`: how many rows each group changed, and the rows read. On
+    PostgreSQL, consecutive groups (and the read after the last) go in one pipeline, one
+    round trip for them all, instead of one each; an INSERT's group of many rows goes as a
+    COPY between them (a round trip of its own)."""
+    if isinstance(conn, _Driven) and (groups or read):
+        sent = await _driven_groups(conn, groups, read)
+        if sent is not None:
+            return sent
+    counts = [await execute_many(conn, statement, rows) for statement, rows in groups]
+    return counts, [] if read is None else list((await conn.execute(*read)).all())
 
 
-async def _driven_groups(conn: _Driven, groups: list[Group]) -> list[int] | None:
+async def _driven_groups(
+    conn: _Driven, groups: list[Group], read: Read | None = None
+) -> tuple[list[int], list[Any]] | None:
     """`execute_groups` past SQLAlchemy, or None where a statement needs SQLAlchemy's."""
     plans = [_BulkPlan.of(statement, conn.dialect, rows[0].keys()) for statement, rows in groups]
     if not all(plan.usable for plan in plans):
         return None
+    then = None
+    if read is not None:
+        reading = _BulkPlan.of(read[0], conn.dialect, read[1].keys())  # type: ignore[arg-type]
+        if not reading.direct:
+            return None
+        then = (reading, read[1])
     copies = [
         plan.copy is not None and len(rows) >= COPY_FROM
         for plan, (_, rows) in zip(plans, groups, strict=True)
     ]
-    if len(groups) == 1 and not copies[0]:
+    if len(groups) == 1 and not copies[0] and then is None:
         return None  # one group gains nothing from a pipeline
     driver = await conn.driver()
     counts: list[int] = []
+    read_rows: list[Any] = []
+    read_sent = False
     start = 0
     while start < len(groups):
         end = start + 1
@@ -466,9 +485,15 @@ async def _driven_groups(conn: _Driven, groups: list[Group]) -> list[int] | None
         if copies[start]:
             counts.append(await _copy(driver, conn.dialect, *run[0]))
         else:
-            counts.extend(await _pipeline(driver, conn.dialect, run))
+            read_sent = end == len(groups)
+            sent, read_rows = await _pipeline(
+                driver, conn.dialect, run, then if read_sent else None
+            )
+            counts.extend(sent)
         start = end
-    return counts
+    if then is not None and not read_sent:  # no groups, or a COPY last
+        read_rows = (await _pipeline(driver, conn.dialect, [], then))[1]
+    return counts, read_rows
 
 
 async def _copy(driver: Any, dialect: Any, plan: _BulkPlan, group: Group) -> int:
@@ -481,17 +506,29 @@ async def _copy(driver: Any, dialect: Any, plan: _BulkPlan, group: Group) -> int
         return int(cursor.rowcount)
 
 
-async def _pipeline(driver: Any, dialect: Any, run: list[tuple[_BulkPlan, Group]]) -> list[int]:
+async def _pipeline(
+    driver: Any,
+    dialect: Any,
+    run: list[tuple[_BulkPlan, Group]],
+    then: tuple[_BulkPlan, dict[str, Any]] | None = None,
+) -> tuple[list[int], list[Any]]:
     cursors = [driver.cursor() for _ in run]
+    reader = driver.cursor() if then is not None else None
+    sqls = [plan.sql for plan, _group in run] + ([then[0].sql] if then is not None else [])
     try:
-        with _as_sqlalchemy_errors(dialect, *(plan.sql for plan, _group in run)):
+        with _as_sqlalchemy_errors(dialect, *sqls):
             async with driver.pipeline():
                 for (plan, (_statement, rows)), cursor in zip(run, cursors, strict=True):
                     values = [plan.named_values(row) for row in rows]
                     await cursor.executemany(plan.sql, values)
-        return [int(cursor.rowcount) for cursor in cursors]
+                if reader is not None and then is not None:
+                    plan, parameters = then
+                    reader.row_factory = plan.make_row
+                    await reader.execute(plan.sql, plan.named_values(parameters))
+            read = await reader.fetchall() if reader is not None else []
+        return [int(cursor.rowcount) for cursor in cursors], read
     finally:
-        for cursor in cursors:
+        for cursor in [*cursors, *([reader] if reader is not None else [])]:
             await cursor.close()
 
 

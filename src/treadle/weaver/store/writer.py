@@ -37,7 +37,14 @@ from treadle.weaver.background import cancel_and_wait
 from treadle.weaver.events.bus import BusEvent, EventBus
 from treadle.weaver.ids import EVENT, new_id, new_serial
 from treadle.weaver.store import tables
-from treadle.weaver.store.database import Conn, Database, Group, execute_groups, execute_many
+from treadle.weaver.store.database import (
+    Conn,
+    Database,
+    Group,
+    Read,
+    execute_groups,
+    execute_many,
+)
 from treadle.weaver.store.finals import Finals, final_rows
 
 __all__ = ["SwapMissed", "Tx", "WriteFn", "Writer"]
@@ -78,11 +85,14 @@ class _Deferring:
     def defer_insert(self, statement: Any, row: dict[str, Any]) -> None:
         self._inserts.setdefault(_shape(statement, row), (statement, []))[1].append(row)
 
-    async def flush(self, inserts: list[Group] | None = None) -> None:
+    async def flush(
+        self, inserts: list[Group] | None = None, read: Read | None = None
+    ) -> list[Any]:
         """Send the deferred inserts and the groups of `inserts` (whose rows no swap
         touches), then the deferred swaps: the first of each row's together, then the
-        second, …; each an `executemany` per statement and set of columns. On PostgreSQL
-        in one round trip, but for a COPY's own (`execute_groups`)."""
+        second, …; each an `executemany` per statement and set of columns; then `read`,
+        whose rows it returns. On PostgreSQL in one round trip, but for a COPY's own
+        (`execute_groups`)."""
         groups: list[Group] = [*self._inserts.values(), *(inserts or ())]
         self._inserts = {}
         pending, self._swaps = self._swaps, {}
@@ -97,14 +107,15 @@ class _Deferring:
                         parameters
                     )
             groups.extend(shapes.values())
-        if not groups:
-            return
-        changed = await execute_groups(self._conn, groups)
+        if not groups and read is None:
+            return []
+        changed, rows = await execute_groups(self._conn, groups, read)
         for count, (_statement, many) in zip(
             changed[swaps_from:], groups[swaps_from:], strict=True
         ):
             if count != len(many):
                 raise SwapMissed(f"{len(many) - count} of {len(many)} swaps missed")
+        return rows
 
     async def execute_many(self, statement: Any, rows: list[dict[str, Any]]) -> int:
         await self.flush()
@@ -328,11 +339,14 @@ class Writer:
                 undo = tx.undo
                 for fn, _future in batch:
                     results.append(await fn(tx))
-                await deferring.flush([(_INSERT_EVENTS, tx.stored)] if tx.stored else None)
+                # The rows ended for this replica's waiters are read after everything else,
+                # in the same round trip on PostgreSQL.
+                read: Read | None = None
                 if tx.read_back:
-                    statement = final_rows(self._db.dialect)
-                    read = await conn.execute(statement, {"_ids": list(set(tx.read_back))})
-                    finals = list(read.all())
+                    read = (final_rows(self._db.dialect), {"_ids": list(set(tx.read_back))})
+                finals = await deferring.flush(
+                    [(_INSERT_EVENTS, tx.stored)] if tx.stored else None, read
+                )
         except BaseException:
             for callback in reversed(undo):
                 try:
