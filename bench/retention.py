@@ -28,7 +28,7 @@ from sqlalchemy import create_engine
 
 from servers import database_for
 from treadle.weaver.events.bus import InProcessBus
-from treadle.weaver.ids import first_id_at, new_id
+from treadle.weaver.ids import EVENT, EXECUTION, first_id_at, new_id
 from treadle.weaver.services.retention import CHUNK, Retention
 from treadle.weaver.store import migrate, tables
 from treadle.weaver.store.database import Database, sync_url
@@ -45,7 +45,7 @@ def _fill(url: str, n: int, now: float) -> None:
         executions, chunks, events = [], [], []
         for i in range(start, min(n, start + 5000)):
             for made in (now - 40 * DAY + i * 0.01, now - 3600 + i * 0.0001):
-                ex = new_id("ex", at=made)
+                ex = new_id(EXECUTION, at=made)
                 executions.append(
                     {
                         "id": ex,
@@ -69,7 +69,7 @@ def _fill(url: str, n: int, now: float) -> None:
                 ]
                 events += [
                     {
-                        "id": new_id("ev", at=made),
+                        "id": new_id(EVENT, at=made),
                         "type": t,
                         "tenant_id": "tn_b",
                         "subject_id": ex,
@@ -125,7 +125,10 @@ def _raw(url: str, cutoff: float) -> dict[str, Any]:
             "ev",
         ),
     ]
-    cuts = {"ex": (first_id_at("ex", cutoff), cutoff), "ev": (first_id_at("ev", cutoff),)}
+    cuts = {
+        "ex": (first_id_at(EXECUTION, cutoff), cutoff),
+        "ev": (first_id_at(EVENT, cutoff),),
+    }
     passes: list[float] = []
     removed = 0
     started = time.perf_counter()

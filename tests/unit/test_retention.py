@@ -15,7 +15,7 @@ from support.rows import execution_rows
 from support.weaver import running_weaver
 from treadle.domain.errors import NotFound
 from treadle.weaver.core import Weaver
-from treadle.weaver.ids import new_id
+from treadle.weaver.ids import BATCH, EVENT, EXECUTION, SANDBOX, new_id
 from treadle.weaver.services.retention import Retention
 from treadle.weaver.settings import WeaverSettings
 from treadle.weaver.store import tables
@@ -38,7 +38,7 @@ async def weaver(
 def _execution(tenant: str, made: float, state: str, ended: float | None, **more: Any) -> Any:
     row = execution_rows(1)[0] | {"tenant_id": tenant, "batch_id": None, "batch_index": None}
     return row | {
-        "id": new_id("ex", at=made),
+        "id": new_id(EXECUTION, at=made),
         "state": state,
         "created_at": made,
         "ended_at": ended,
@@ -48,7 +48,7 @@ def _execution(tenant: str, made: float, state: str, ended: float | None, **more
 
 def _sandbox(tenant: str, made: float, status: str, ended: float | None) -> dict[str, Any]:
     return {
-        "id": new_id("sbx", at=made),
+        "id": new_id(SANDBOX, at=made),
         "tenant_id": tenant,
         "status": status,
         "desired": "stopped" if ended else "running",
@@ -63,7 +63,7 @@ def _sandbox(tenant: str, made: float, status: str, ended: float | None) -> dict
 
 def _batch(tenant: str, made: float) -> dict[str, Any]:
     return {
-        "id": new_id("bt", at=made),
+        "id": new_id(BATCH, at=made),
         "tenant_id": tenant,
         "function": "f",
         "version": 1,
@@ -76,7 +76,7 @@ def _batch(tenant: str, made: float) -> dict[str, Any]:
 
 def _event(made: float) -> dict[str, Any]:
     return {
-        "id": new_id("ev", at=made),
+        "id": new_id(EVENT, at=made),
         "type": "x.y",
         "subject_id": "s",
         "data": {},
@@ -93,7 +93,7 @@ def _usage(tenant: str, made: float) -> dict[str, Any]:
     )
     return {
         "kind": "execution",
-        "workload_id": new_id("ex", at=made),
+        "workload_id": new_id(EXECUTION, at=made),
         "generation": 1,
         "seq": 1,
         "tenant_id": tenant,

@@ -171,13 +171,13 @@ class ExecutionService:
         functions: FunctionService,
         settings: WeaverSettings,
         on_cancel: Callable[[Any], None],
-        finals: Finals | None = None,
+        finals: Finals,
     ) -> None:
         self._db = db
         self._writer = writer
         self._bus = bus
         # Rows of ended executions the writer read for this replica's waiters.
-        self._finals = finals if finals is not None else Finals()
+        self._finals = finals
         self._functions = functions
         self._settings = settings
         self._on_cancel = on_cancel

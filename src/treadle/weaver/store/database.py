@@ -513,8 +513,8 @@ async def _pipeline(
     then: tuple[_BulkPlan, dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[Any]]:
     cursors = [driver.cursor() for _ in run]
-    reader = driver.cursor() if then is not None else None
-    sqls = [plan.sql for plan, _group in run] + ([then[0].sql] if then is not None else [])
+    reader = None if then is None else driver.cursor()
+    sqls = [plan.sql for plan, _group in run] + ([] if then is None else [then[0].sql])
     try:
         with _as_sqlalchemy_errors(dialect, *sqls):
             async with driver.pipeline():
@@ -522,13 +522,13 @@ async def _pipeline(
                     values = [plan.named_values(row) for row in rows]
                     await cursor.executemany(plan.sql, values)
                 if reader is not None and then is not None:
-                    plan, parameters = then
-                    reader.row_factory = plan.make_row
-                    await reader.execute(plan.sql, plan.named_values(parameters))
-            read = await reader.fetchall() if reader is not None else []
+                    reading, parameters = then
+                    reader.row_factory = reading.make_row
+                    await reader.execute(reading.sql, reading.named_values(parameters))
+            read = [] if reader is None else await reader.fetchall()
         return [int(cursor.rowcount) for cursor in cursors], read
     finally:
-        for cursor in [*cursors, *([reader] if reader is not None else [])]:
+        for cursor in cursors if reader is None else [*cursors, reader]:
             await cursor.close()
 
 

@@ -143,12 +143,12 @@ class Tx:
     optimistic: bool = False
     finals: Finals | None = None
     # Executions this transaction ended that a request of this replica waits for.
-    read_back: list[str] = field(default_factory=list)
+    read_back: set[str] = field(default_factory=set)
 
     def ended(self, execution_id: str) -> None:
         """`execution_id` ended, or what is stored of its end changed, in this transaction."""
         if self.finals is not None and self.finals.wants(execution_id):
-            self.read_back.append(execution_id)
+            self.read_back.add(execution_id)
 
     async def insert_many(self, statement: Any, rows: list[dict[str, Any]]) -> None:
         """`statement` (an INSERT) for each of `rows`, all with the same keys, at once."""
@@ -343,7 +343,7 @@ class Writer:
                 # in the same round trip on PostgreSQL.
                 read: Read | None = None
                 if tx.read_back:
-                    read = (final_rows(self._db.dialect), {"_ids": list(set(tx.read_back))})
+                    read = (final_rows(self._db.dialect), {"_ids": list(tx.read_back)})
                 finals = await deferring.flush(
                     [(_INSERT_EVENTS, tx.stored)] if tx.stored else None, read
                 )
